@@ -1,0 +1,79 @@
+//! What every command needs: the repository, the state directory, the hosts.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use plasmavmc_specs::{Desired, Diagnostic};
+
+use super::RepoArgs;
+use crate::host::LocalHost;
+use crate::source::{Source, Target, TargetError};
+use crate::state::StateDir;
+
+/// The repository and the state directory of one command.
+pub struct Ctx {
+    pub source: Source,
+    pub state: PathBuf,
+    pub rev: String,
+}
+
+impl Ctx {
+    pub fn open(args: &RepoArgs) -> anyhow::Result<Self> {
+        let source = Source::open(&args.repo, args.path.as_deref())?;
+        let state = match (&args.state_dir, source.spec_root()) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(root)) => root.join(".plasmavmc"),
+            (None, None) => anyhow::bail!("the repository has no working tree; pass --state-dir"),
+        };
+        Ok(Self { source, state, rev: args.rev.clone() })
+    }
+
+    /// Reads and validates the commit; `Ok(Err(..))` carries the diagnostics of an invalid one.
+    pub fn target(&self) -> anyhow::Result<Result<Target, (String, Vec<Diagnostic>)>> {
+        match Target::load(&self.source, &self.rev) {
+            Ok(t) => Ok(Ok(t)),
+            Err(TargetError::Invalid { commit, diagnostics }) => Ok(Err((commit, diagnostics))),
+            Err(TargetError::Source(e)) => Err(e.into()),
+        }
+    }
+
+    pub fn state_dir(&self) -> anyhow::Result<StateDir> {
+        StateDir::open(&self.state).with_context(|| format!("state directory {}", self.state.display()))
+    }
+
+    /// The hosts this engine reaches: every `address = "local"` host of `desired`.
+    pub fn hosts(&self, desired: &Desired) -> BTreeMap<String, LocalHost> {
+        let state = StateDir::at(&self.state);
+        desired
+            .hosts
+            .values()
+            .filter(|h| h.spec.address.as_deref() == Some("local"))
+            .map(|h| {
+                let root = h.spec.root.as_ref().map_or_else(|| state.host_root(&h.name), PathBuf::from);
+                let host = LocalHost::new(&h.name, &root, h.spec.accel, desired.cluster.timeouts.qmp_ready.0);
+                (h.name.clone(), host)
+            })
+            .collect()
+    }
+
+    /// Prints a note about uncommitted spec changes (they are never used).
+    pub fn warn_uncommitted(&self) {
+        let changed = self.source.uncommitted();
+        if !changed.is_empty() {
+            eprintln!("note: uncommitted changes are not used (only committed specs count):");
+            for path in changed {
+                eprintln!("  {path}");
+            }
+        }
+    }
+}
+
+/// Prints each diagnostic on its own line, then a summary.
+pub fn print_invalid(commit: &str, diags: &[Diagnostic]) {
+    for d in diags {
+        eprintln!("{d}");
+    }
+    let n = diags.len();
+    eprintln!("error: commit {commit} is invalid ({n} error{}); nothing was changed", if n == 1 { "" } else { "s" });
+}

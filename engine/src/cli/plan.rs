@@ -1,0 +1,231 @@
+//! `validate`, `plan` and `apply`.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Args;
+
+use super::context::{print_invalid, Ctx};
+use super::{RepoArgs, EXIT_CHANGES};
+use crate::execute::{execute, Outcome, Report, Step};
+use crate::host::LocalHost;
+use crate::observe::Observed;
+use crate::plan::{plan as make_plan, Plan, SavedPlan};
+use crate::source::Target;
+use crate::state::StateLock;
+use crate::status::StatusDir;
+
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Save the plan to FILE for `apply FILE`.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print the plan as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Exit 2 when there are changes, 0 when none, 1 on error.
+    #[arg(long)]
+    detailed_exitcode: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Apply without asking.
+    #[arg(long)]
+    auto_approve: bool,
+    /// A plan saved by `plan --out`; refused when the hosts changed since.
+    plan_file: Option<PathBuf>,
+}
+
+pub fn validate(args: &RepoArgs) -> anyhow::Result<u8> {
+    let ctx = Ctx::open(args)?;
+    match ctx.target()? {
+        Ok(t) => {
+            println!("commit {}: {} VMs, {} hosts: valid", t.commit.short(), t.desired.vms.len(), t.desired.hosts.len());
+            Ok(0)
+        }
+        Err((commit, diags)) => {
+            print_invalid(&commit, &diags);
+            Ok(1)
+        }
+    }
+}
+
+/// Takes the lock and looks at every host.
+async fn observe(ctx: &Ctx, target: &Target, what: &str) -> anyhow::Result<(StateLock, BTreeMap<String, LocalHost>, Observed)> {
+    let state = ctx.state_dir()?;
+    let lock = StateLock::acquire(&state.lock_path(), what)?;
+    let hosts = ctx.hosts(&target.desired);
+    let observed = Observed::gather(hosts.values()).await.context("observing the hosts")?;
+    Ok((lock, hosts, observed))
+}
+
+pub async fn plan(args: &PlanArgs) -> anyhow::Result<u8> {
+    let ctx = Ctx::open(&args.repo)?;
+    let target = match ctx.target()? {
+        Ok(t) => t,
+        Err((commit, diags)) => {
+            print_invalid(&commit, &diags);
+            return Ok(1);
+        }
+    };
+    ctx.warn_uncommitted();
+    let (_lock, _hosts, observed) = observe(&ctx, &target, "plasmavmc plan").await?;
+    let plan = make_plan(&target.desired, &observed);
+    if args.json {
+        let json = serde_json::json!({
+            "revision": target.commit.id,
+            "spec_dir": ctx.source.spec_dir(),
+            "actions": plan.actions,
+            "notes": plan.notes,
+        });
+        println!("{}", serde_json::to_string_pretty(&json)?);
+    } else {
+        print_plan(&target, &plan);
+    }
+    if let Some(out) = &args.out {
+        let saved = SavedPlan::new(&target.commit.id, ctx.source.spec_dir(), &observed, plan.clone());
+        let text = serde_json::to_string_pretty(&saved)?;
+        std::fs::write(out, text + "\n").with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("saved the plan to {}; apply it with: plasmavmc apply {}", out.display(), out.display());
+    }
+    Ok(if args.detailed_exitcode && !plan.is_empty() { EXIT_CHANGES } else { 0 })
+}
+
+fn print_plan(target: &Target, plan: &Plan) {
+    let summary = if target.commit.summary.is_empty() { String::new() } else { format!(" ({})", target.commit.summary) };
+    println!("commit {}{summary}", target.commit.short());
+    if plan.is_empty() {
+        println!("No changes: the hosts match this commit.");
+    } else {
+        let n = plan.actions.len();
+        println!("Plan: {n} action{}", if n == 1 { "" } else { "s" });
+        for action in &plan.actions {
+            println!("  {}", action.describe());
+            for line in action.diff().unwrap_or("").lines() {
+                println!("      {line}");
+            }
+        }
+    }
+    if !plan.notes.is_empty() {
+        println!("Notes:");
+        for note in &plan.notes {
+            println!("  {note}");
+        }
+    }
+}
+
+pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
+    let ctx = Ctx::open(&args.repo)?;
+    let saved = match &args.plan_file {
+        None => None,
+        Some(path) => {
+            let text = std::fs::read_to_string(path).with_context(|| format!("reading plan file {}", path.display()))?;
+            Some(serde_json::from_str::<SavedPlan>(&text).with_context(|| format!("{} is not a plan file", path.display()))?)
+        }
+    };
+    let ctx = match &saved {
+        Some(s) => Ctx { rev: s.revision.clone(), ..ctx },
+        None => ctx,
+    };
+    let state = ctx.state_dir()?;
+    let status = StatusDir::new(&state.status_dir());
+    let mut engine = status.read().map(|s| s.engine).unwrap_or_default();
+    let target = match ctx.target()? {
+        Ok(t) => t,
+        Err((commit, diags)) => {
+            print_invalid(&commit, &diags);
+            let _lock = StateLock::acquire(&state.lock_path(), "plasmavmc apply")?;
+            engine.last_attempted_revision = ctx.source.resolve(&ctx.rev).ok();
+            engine.last_error = Some(diags.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
+            engine.updated_at = crate::time::now();
+            status.write_engine(&engine)?;
+            return Ok(1);
+        }
+    };
+    ctx.warn_uncommitted();
+    let (_lock, hosts, observed) = observe(&ctx, &target, "plasmavmc apply").await?;
+    let plan = if let Some(saved) = &saved {
+        saved.check(ctx.source.spec_dir(), &observed)?;
+        let again = make_plan(&target.desired, &observed);
+        anyhow::ensure!(again == saved.plan, "the plan file does not match what this engine plans for the same commit and hosts; run plan again");
+        print_plan(&target, &saved.plan);
+        saved.plan.clone()
+    } else {
+        let plan = make_plan(&target.desired, &observed);
+        print_plan(&target, &plan);
+        if !plan.is_empty() && !args.auto_approve && !confirm(plan.actions.len())? {
+            return Ok(1);
+        }
+        plan
+    };
+    let report = execute(&plan, &target, &hosts, print_step).await;
+    let after = Observed::gather(hosts.values()).await.context("observing the hosts after applying")?;
+    engine.version = env!("CARGO_PKG_VERSION").to_owned();
+    engine.updated_at = crate::time::now();
+    engine.spec_dir = ctx.source.spec_dir().to_owned();
+    engine.revision_seen = Some(target.commit.id.clone());
+    engine.last_attempted_revision = Some(target.commit.id.clone());
+    if report.failed() {
+        engine.last_error = Some(failures(&report));
+    } else {
+        engine.last_applied_revision = Some(target.commit.id.clone());
+        engine.last_error = None;
+    }
+    let snap = status.build(engine, Some(&target.desired), &after, Some(&report));
+    status.write(&snap)?;
+    if report.failed() {
+        eprintln!("error: some actions failed:\n{}", failures(&report));
+        return Ok(1);
+    }
+    if !plan.is_empty() {
+        println!("Applied commit {}.", target.commit.short());
+    }
+    Ok(0)
+}
+
+/// Asks on the terminal; refuses without one.
+fn confirm(n: usize) -> anyhow::Result<bool> {
+    if !std::io::stdin().is_terminal() {
+        eprintln!("error: refusing to apply without --auto-approve: stdin is not a terminal (or save a plan with `plan --out FILE` and `apply FILE`)");
+        return Ok(false);
+    }
+    print!("Apply these {n} actions? Only 'yes' is accepted: ");
+    std::io::stdout().flush()?;
+    let mut answer = String::new();
+    std::io::stdin().lock().read_line(&mut answer)?;
+    if answer.trim() == "yes" {
+        Ok(true)
+    } else {
+        eprintln!("Apply cancelled; nothing was changed.");
+        Ok(false)
+    }
+}
+
+fn print_step(step: &Step) {
+    let a = &step.action;
+    match &step.outcome {
+        Outcome::Done { detail, took } => println!("  ok   {} {} ({:.1}s): {detail}", a.op(), a.vm(), took.as_secs_f64()),
+        Outcome::Failed { error } => println!("  FAIL {} {}: {error}", a.op(), a.vm()),
+        Outcome::Skipped { why } => println!("  skip {} {}: {why}", a.op(), a.vm()),
+    }
+}
+
+fn failures(report: &Report) -> String {
+    report
+        .steps
+        .iter()
+        .filter_map(|s| match &s.outcome {
+            Outcome::Failed { error } => Some(format!("{} {}: {error}", s.action.op(), s.action.vm())),
+            _ => None,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+

@@ -1,0 +1,55 @@
+//! `status`: a fresh look at the hosts when no other engine holds the state directory,
+//! else what the status files say.
+
+use anyhow::Context as _;
+use clap::Args;
+
+use super::context::Ctx;
+use super::RepoArgs;
+use crate::observe::Observed;
+use crate::state::{LockError, StateLock};
+use crate::status::{print_table, StatusDir};
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    repo: RepoArgs,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn status(args: &StatusArgs) -> anyhow::Result<u8> {
+    let ctx = Ctx::open(&args.repo)?;
+    let state = ctx.state_dir()?;
+    let dir = StatusDir::new(&state.status_dir());
+    let snap = match StateLock::acquire(&state.lock_path(), "plasmavmc status") {
+        Ok(_lock) => {
+            let target = ctx.target()?.ok();
+            let desired = match &target {
+                Some(t) => t.desired.clone(),
+                None => plasmavmc_specs::load(&[]).map_err(|_| anyhow::anyhow!("empty desired state is valid"))?,
+            };
+            let hosts = ctx.hosts(&desired);
+            let observed = Observed::gather(hosts.values()).await.context("observing the hosts")?;
+            let mut engine = dir.read().map(|s| s.engine).unwrap_or_default();
+            engine.updated_at = crate::time::now();
+            engine.version = env!("CARGO_PKG_VERSION").to_owned();
+            engine.spec_dir = ctx.source.spec_dir().to_owned();
+            let snap = dir.build(engine, target.as_ref().map(|t| &t.desired), &observed, None);
+            dir.write(&snap)?;
+            snap
+        }
+        Err(LockError::Held { holder, .. }) => {
+            eprintln!("note: {holder} holds the state directory; showing its status files");
+            dir.read()?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&snap)?);
+    } else {
+        print!("{}", print_table(&snap));
+    }
+    Ok(0)
+}

@@ -1,0 +1,137 @@
+//! The executor: carries out a plan's actions through the [`Host`] trait.
+//!
+//! In: a [`Plan`], the [`Target`] it was made from (specs + files), the hosts by name.
+//! Out: one [`Outcome`] per action. Actions run in plan order; when a step of a VM
+//! fails, that VM's later steps are skipped and the other VMs go on. Every host call is
+//! idempotent, so running a half-done plan again finishes it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use tracing::{error, info, info_span, Instrument};
+
+use crate::host::{Host, HostError, StopOutcome};
+use crate::plan::{Action, Plan};
+use crate::source::Target;
+
+/// What happened to one action.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Done { detail: String, took: Duration },
+    Failed { error: String },
+    Skipped { why: String },
+}
+
+/// An action and what came of it.
+#[derive(Debug, Clone)]
+pub struct Step {
+    pub action: Action,
+    pub outcome: Outcome,
+}
+
+/// The result of executing a plan.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub steps: Vec<Step>,
+}
+
+impl Report {
+    pub fn failed(&self) -> bool {
+        self.steps.iter().any(|s| !matches!(s.outcome, Outcome::Done { .. }))
+    }
+}
+
+/// Errors of one action; the executor turns them into [`Outcome::Failed`].
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error("host {host} is not managed by this engine")]
+    NoHost { host: String },
+    #[error("VM {vm} is not in commit {commit}")]
+    NotInCommit { vm: String, commit: String },
+    #[error(transparent)]
+    Host(#[from] HostError),
+}
+
+/// Runs `plan`; `progress` is told about each step as it finishes.
+pub async fn execute<H: Host>(plan: &Plan, target: &Target, hosts: &BTreeMap<String, H>, mut progress: impl FnMut(&Step)) -> Report {
+    let stop_timeout = target.desired.cluster.timeouts.stop.0;
+    let mut report = Report::default();
+    let mut broken: BTreeSet<String> = BTreeSet::new();
+    for action in &plan.actions {
+        let outcome = if broken.contains(action.vm()) {
+            Outcome::Skipped { why: "an earlier step of this VM failed".to_owned() }
+        } else {
+            let span = info_span!("action", op = action.op(), vm = action.vm(), host = action.host());
+            let started = Instant::now();
+            match run(action, target, hosts, stop_timeout).instrument(span).await {
+                Ok(detail) => {
+                    info!(op = action.op(), vm = action.vm(), %detail, "done");
+                    Outcome::Done { detail, took: started.elapsed() }
+                }
+                Err(e) => {
+                    let error = error_chain(&e);
+                    error!(op = action.op(), vm = action.vm(), %error, "failed");
+                    broken.insert(action.vm().to_owned());
+                    Outcome::Failed { error }
+                }
+            }
+        };
+        let step = Step { action: action.clone(), outcome };
+        progress(&step);
+        report.steps.push(step);
+    }
+    report
+}
+
+async fn run<H: Host>(action: &Action, target: &Target, hosts: &BTreeMap<String, H>, stop_timeout: Duration) -> Result<String, ExecError> {
+    let host = hosts.get(action.host()).ok_or_else(|| ExecError::NoHost { host: action.host().to_owned() })?;
+    let vm = action.vm();
+    let instance = || target.instance(vm).ok_or_else(|| ExecError::NotInCommit { vm: vm.to_owned(), commit: target.commit.short().to_owned() });
+    Ok(match action {
+        Action::Create { .. } => {
+            host.create(&instance()?).await?;
+            "instance and disks created".to_owned()
+        }
+        Action::Start { .. } => format!("running, pid {}", host.start(vm).await?),
+        Action::Stop { .. } => describe_stop(host.stop(vm, stop_timeout).await?).to_owned(),
+        Action::Restart { .. } => {
+            let inst = instance()?;
+            let how = describe_stop(host.stop(vm, stop_timeout).await?);
+            host.update(&inst).await?;
+            let pid = host.start(vm).await?;
+            format!("{how}; running the new spec, pid {pid}")
+        }
+        Action::Update { .. } => {
+            host.update(&instance()?).await?;
+            "spec updated".to_owned()
+        }
+        Action::Delete { .. } => match host.delete(vm).await? {
+            Some(kept) => format!("instance removed; disks retained in {}", kept.display()),
+            None => "instance removed (it had no disks)".to_owned(),
+        },
+    })
+}
+
+fn describe_stop(outcome: StopOutcome) -> &'static str {
+    match outcome {
+        StopOutcome::AlreadyStopped => "was not running",
+        StopOutcome::Graceful => "stopped gracefully",
+        StopOutcome::Quit => "guest ignored the power button; QEMU quit after the stop timeout",
+        StopOutcome::Killed => "QEMU did not quit and was killed",
+    }
+}
+
+/// `error: cause: cause`, the whole `source()` chain on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,353 @@
+//! [`Host`] on this machine: QEMU processes in instance folders under a root.
+//!
+//! Layout and instance file: [`crate::qemu::instance`]. Every method re-reads the
+//! folder, so a restarted engine (or a second one after the first died) sees the same
+//! truth. The power state is written to `instance.toml` *before* acting, so a stop the
+//! engine asked for is never mistaken for a crash, and a crash mid-start is visible.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use plasmavmc_specs::{Power, Storage};
+use tracing::{debug, info, warn};
+
+use super::{Host, HostError, StopOutcome};
+use crate::observe::{Capacity, Inventory, ObservedVm, Retained, RunState};
+use crate::qemu::args::{qemu_args, Accel};
+use crate::qemu::instance::{self, InstanceDir, InstanceFile, VmInstance, QEMU_LOG, QMP_SOCKET, SERIAL_LOG};
+use crate::qemu::qmp::Qmp;
+use crate::qemu::{img, process};
+
+/// How long to wait for a QMP answer when only asking what QEMU does.
+const QMP_PROBE: Duration = Duration::from_secs(3);
+/// How long QEMU may take to exit after `quit` or SIGKILL.
+const EXIT_GRACE: Duration = Duration::from_secs(10);
+
+/// This machine, rooted at a folder.
+#[derive(Debug, Clone)]
+pub struct LocalHost {
+    name: String,
+    root: PathBuf,
+    accel: plasmavmc_specs::Accel,
+    qmp_ready: Duration,
+}
+
+impl LocalHost {
+    /// `accel` is the host's default for VMs whose spec says `auto`; `qmp_ready` bounds
+    /// spawn → QMP answering.
+    pub fn new(name: &str, root: &Path, accel: plasmavmc_specs::Accel, qmp_ready: Duration) -> Self {
+        Self { name: name.to_owned(), root: root.to_path_buf(), accel, qmp_ready }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn dir(&self, vm: &str) -> InstanceDir {
+        InstanceDir::new(&self.root, vm)
+    }
+
+    fn read(&self, vm: &str) -> Result<(InstanceDir, InstanceFile), HostError> {
+        let dir = self.dir(vm);
+        if !dir.exists() {
+            return Err(HostError::NoInstance { vm: vm.to_owned() });
+        }
+        let inst = dir.read().map_err(|source| HostError::Instance { vm: vm.to_owned(), source })?;
+        Ok((dir, inst))
+    }
+
+    fn write(dir: &InstanceDir, inst: &InstanceFile) -> Result<(), HostError> {
+        dir.write(inst).map_err(|source| HostError::Instance { vm: inst.vm.name.clone(), source })
+    }
+
+    /// The pid of this instance's QEMU when it is alive (checked by uuid).
+    fn live_pid(dir: &InstanceDir, inst: &InstanceFile) -> Option<u32> {
+        dir.pid().filter(|pid| process::is_instance(*pid, &inst.uuid))
+    }
+
+    fn accel_for(&self, inst: &InstanceFile) -> Accel {
+        let wanted = match inst.vm.spec.qemu.accel {
+            plasmavmc_specs::Accel::Auto => self.accel,
+            other => other,
+        };
+        match wanted {
+            plasmavmc_specs::Accel::Tcg => Accel::Tcg,
+            plasmavmc_specs::Accel::Kvm => Accel::Kvm,
+            plasmavmc_specs::Accel::Auto => {
+                let kvm = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
+                if kvm { Accel::Kvm } else { Accel::Tcg }
+            }
+        }
+    }
+
+    async fn observe_one(dir: &InstanceDir, inst: InstanceFile) -> ObservedVm {
+        let pid = Self::live_pid(dir, &inst);
+        let (state, detail) = match pid {
+            None if inst.power == Power::Running => (RunState::Exited, Some("QEMU is not running".to_owned())),
+            None => (RunState::Stopped, None),
+            Some(_) => match Qmp::connect(&dir.file(QMP_SOCKET), QMP_PROBE).await {
+                Ok(qmp) => match qmp.query_status().await {
+                    Ok(s) if s.running => (RunState::Running, None),
+                    Ok(s) => (RunState::Paused, Some(s.status)),
+                    Err(e) => (RunState::Unresponsive, Some(format!("query-status: {e}"))),
+                },
+                Err(e) => (RunState::Unresponsive, Some(format!("QMP: {e}"))),
+            },
+        };
+        ObservedVm {
+            name: inst.vm.name,
+            uuid: inst.uuid,
+            state,
+            pid,
+            power: inst.power,
+            revision: inst.vm.revision,
+            spec_hash: inst.vm.spec_hash,
+            spec: inst.vm.spec,
+            started_at: inst.started_at,
+            detail,
+        }
+    }
+
+    /// Creates missing disks and grows enlarged ones. Never shrinks, never deletes.
+    async fn ensure_disks(&self, dir: &InstanceDir, vm: &VmInstance) -> Result<(), HostError> {
+        let io_err = |what: &str, source| HostError::Io { vm: vm.name.clone(), what: what.to_owned(), source };
+        fs::create_dir_all(dir.dir.join(instance::DISKS_DIR)).map_err(|e| io_err("cannot create disks folder", e))?;
+        for disk in &vm.spec.disks {
+            if disk.storage == Storage::Shared {
+                return Err(HostError::Refused { vm: vm.name.clone(), reason: format!("disk {} wants shared storage; host {} has none", disk.name, self.name) });
+            }
+            let path = dir.disk(&disk.name);
+            let disk_err = |source| HostError::Disk { vm: vm.name.clone(), disk: disk.name.clone(), source };
+            if !path.exists() {
+                match (disk.size_gb, vm.files.images.get(&disk.name)) {
+                    (_, Some(base)) => img::create_overlay(&path, base).await.map_err(disk_err)?,
+                    (Some(gb), None) => img::create(&path, gb).await.map_err(disk_err)?,
+                    (None, None) => return Err(HostError::Refused { vm: vm.name.clone(), reason: format!("disk {} has no size and no image", disk.name) }),
+                }
+                info!(vm = %vm.name, disk = %disk.name, "created disk");
+            } else if let Some(gb) = disk.size_gb {
+                let current = img::info(&path).await.map_err(disk_err)?.virtual_size;
+                if current < gb << 30 {
+                    img::grow(&path, gb).await.map_err(disk_err)?;
+                    info!(vm = %vm.name, disk = %disk.name, size_gb = gb, "grew disk");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Moves `what` (a disk file or a disks folder) to `retained/<vm>-<time>/`, with a
+    /// note saying why. Returns the new folder.
+    fn retain(&self, vm: &str, what: &Path, reason: &str) -> Result<PathBuf, HostError> {
+        let io_err = |source| HostError::Io { vm: vm.to_owned(), what: format!("cannot retain {}", what.display()), source };
+        let base = instance::retained_dir(&self.root);
+        let stamp = crate::time::now_compact();
+        let mut target = base.join(format!("{vm}-{stamp}"));
+        let mut n = 1;
+        while target.exists() {
+            n += 1;
+            target = base.join(format!("{vm}-{stamp}-{n}"));
+        }
+        fs::create_dir_all(&target).map_err(io_err)?;
+        let name = what.file_name().map_or_else(|| "disks".into(), std::ffi::OsStr::to_os_string);
+        fs::rename(what, target.join(name)).map_err(io_err)?;
+        let note = Retained { vm: vm.to_owned(), path: target.clone(), since: crate::time::now(), reason: reason.to_owned() };
+        let text = toml::to_string(&note).expect("a retained note serialises");
+        crate::state::write_atomic(&target.join("retained.toml"), text.as_bytes())
+            .map_err(|source| HostError::State { vm: vm.to_owned(), source })?;
+        info!(vm, path = %target.display(), reason, "retained disks");
+        Ok(target)
+    }
+
+    fn scan_retained(&self) -> Vec<Retained> {
+        let Ok(entries) = fs::read_dir(instance::retained_dir(&self.root)) else { return Vec::new() };
+        let mut out: Vec<Retained> = entries
+            .flatten()
+            .filter_map(|e| fs::read_to_string(e.path().join("retained.toml")).ok())
+            .filter_map(|t| toml::from_str(&t).ok())
+            .collect();
+        out.sort_by(|a, b| a.path.cmp(&b.path));
+        out
+    }
+
+    fn failure_reason(dir: &InstanceDir) -> String {
+        let log = fs::read_to_string(dir.file(QEMU_LOG)).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(5).collect();
+        if tail.is_empty() {
+            "QEMU exited without a message".to_owned()
+        } else {
+            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+        }
+    }
+
+    async fn wait_ready(&self, dir: &InstanceDir, vm: &str, pid: u32) -> Result<(), HostError> {
+        let deadline = Instant::now() + self.qmp_ready;
+        loop {
+            if !process::is_alive(pid) {
+                return Err(HostError::StartFailed { vm: vm.to_owned(), reason: Self::failure_reason(dir) });
+            }
+            if let Ok(qmp) = Qmp::connect(&dir.file(QMP_SOCKET), Duration::from_secs(1)).await {
+                let status = qmp.query_status().await.map_err(|source| HostError::Qmp { vm: vm.to_owned(), source })?;
+                if status.running {
+                    return Ok(());
+                }
+                debug!(vm, status = %status.status, "QEMU up, guest not running yet");
+            }
+            if Instant::now() >= deadline {
+                process::kill_hard(pid);
+                return Err(HostError::StartFailed { vm: vm.to_owned(), reason: format!("QMP did not answer within {:?}; QEMU killed", self.qmp_ready) });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+fn rotate(dir: &InstanceDir, file: &str) {
+    let from = dir.file(file);
+    if from.exists() {
+        let _ = fs::rename(&from, dir.file(&format!("{file}.1")));
+    }
+}
+
+fn host_capacity() -> Capacity {
+    let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
+    let memory_mb = fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .map_or(0, |kb| kb / 1024);
+    Capacity { vcpus, memory_mb }
+}
+
+impl Host for LocalHost {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn inventory(&self) -> Result<Inventory, HostError> {
+        let mut inv = Inventory { capacity: host_capacity(), retained: self.scan_retained(), ..Inventory::default() };
+        let vms = instance::vms_dir(&self.root);
+        let entries = match fs::read_dir(&vms) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(inv),
+            Err(source) => return Err(HostError::Scan { path: vms, source }),
+        };
+        for entry in entries.flatten() {
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let dir = self.dir(&name);
+            if !dir.exists() {
+                continue;
+            }
+            match dir.read() {
+                Ok(inst) if inst.vm.name == name => {
+                    inv.vms.insert(name, Self::observe_one(&dir, inst).await);
+                }
+                Ok(inst) => warn!(folder = %dir.dir.display(), vm = %inst.vm.name, "instance folder and VM name differ; ignored"),
+                Err(e) => warn!(folder = %dir.dir.display(), error = %e, "unreadable instance; ignored"),
+            }
+        }
+        Ok(inv)
+    }
+
+    async fn create(&self, vm: &VmInstance) -> Result<(), HostError> {
+        let dir = self.dir(&vm.name);
+        if dir.exists() {
+            return self.update(vm).await;
+        }
+        crate::state::create_private_dir(&dir.dir)
+            .map_err(|source| HostError::State { vm: vm.name.clone(), source })?;
+        let inst = InstanceFile {
+            uuid: uuid::Uuid::new_v4().to_string(),
+            created_at: crate::time::now(),
+            power: Power::Stopped,
+            started_at: None,
+            vm: vm.clone(),
+        };
+        Self::write(&dir, &inst)?;
+        self.ensure_disks(&dir, vm).await
+    }
+
+    async fn update(&self, vm: &VmInstance) -> Result<(), HostError> {
+        let (dir, mut inst) = self.read(&vm.name)?;
+        for old in &inst.vm.spec.disks {
+            let path = dir.disk(&old.name);
+            if path.exists() && !vm.spec.disks.iter().any(|d| d.name == old.name) {
+                self.retain(&vm.name, &path, &format!("disk {} removed from the spec", old.name))?;
+            }
+        }
+        inst.vm = vm.clone();
+        Self::write(&dir, &inst)?;
+        if Self::live_pid(&dir, &inst).is_none() {
+            self.ensure_disks(&dir, vm).await?;
+        }
+        Ok(())
+    }
+
+    async fn start(&self, vm: &str) -> Result<u32, HostError> {
+        let (dir, mut inst) = self.read(vm)?;
+        if let Some(pid) = Self::live_pid(&dir, &inst) {
+            debug!(vm, pid, "already running");
+            return Ok(pid);
+        }
+        self.ensure_disks(&dir, &inst.vm).await?;
+        rotate(&dir, SERIAL_LOG);
+        rotate(&dir, QEMU_LOG);
+        for stale in [QMP_SOCKET, instance::PID_FILE] {
+            let _ = fs::remove_file(dir.file(stale));
+        }
+        inst.power = Power::Running;
+        inst.started_at = Some(crate::time::now());
+        Self::write(&dir, &inst)?;
+        let args = qemu_args(&inst, self.accel_for(&inst));
+        let pid = process::spawn_detached(&process::qemu_binary(), &args, &dir.dir, &dir.file(QEMU_LOG))
+            .map_err(|source| HostError::Io { vm: vm.to_owned(), what: format!("cannot run {}", process::qemu_binary()), source })?;
+        self.wait_ready(&dir, vm, pid).await?;
+        info!(vm, pid, "started");
+        Ok(pid)
+    }
+
+    async fn stop(&self, vm: &str, timeout: Duration) -> Result<StopOutcome, HostError> {
+        let (dir, mut inst) = self.read(vm)?;
+        if inst.power != Power::Stopped {
+            inst.power = Power::Stopped;
+            Self::write(&dir, &inst)?;
+        }
+        let Some(pid) = Self::live_pid(&dir, &inst) else { return Ok(StopOutcome::AlreadyStopped) };
+        let qmp = Qmp::connect(&dir.file(QMP_SOCKET), QMP_PROBE).await;
+        if let Ok(qmp) = &qmp {
+            if qmp.system_powerdown().await.is_ok() && process::wait_gone(pid, timeout).await {
+                info!(vm, pid, "stopped gracefully");
+                return Ok(StopOutcome::Graceful);
+            }
+            warn!(vm, pid, ?timeout, "guest ignored the ACPI power button; quitting QEMU");
+            if qmp.quit().await.is_ok() && process::wait_gone(pid, EXIT_GRACE).await {
+                return Ok(StopOutcome::Quit);
+            }
+        }
+        warn!(vm, pid, "QEMU did not quit; killing it");
+        process::kill_hard(pid);
+        if process::wait_gone(pid, EXIT_GRACE).await {
+            Ok(StopOutcome::Killed)
+        } else {
+            Err(HostError::StopFailed { vm: vm.to_owned(), pid })
+        }
+    }
+
+    async fn delete(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {
+        let dir = self.dir(vm);
+        if !dir.dir.exists() {
+            return Ok(None);
+        }
+        if let Ok(inst) = dir.read() {
+            if let Some(pid) = Self::live_pid(&dir, &inst) {
+                return Err(HostError::Refused { vm: vm.to_owned(), reason: format!("still running (pid {pid}); stop it first") });
+            }
+        }
+        let disks = dir.dir.join(instance::DISKS_DIR);
+        let has_disks = fs::read_dir(&disks).is_ok_and(|mut d| d.next().is_some());
+        let kept = if has_disks { Some(self.retain(vm, &disks, "VM removed from the specs")?) } else { None };
+        fs::remove_dir_all(&dir.dir).map_err(|source| HostError::Io { vm: vm.to_owned(), what: "cannot remove instance folder".to_owned(), source })?;
+        info!(vm, "deleted instance");
+        Ok(kept)
+    }
+}

@@ -1,0 +1,81 @@
+//! The only way the engine touches a hypervisor: the [`Host`] trait.
+//!
+//! In: requests about one VM instance. Out: inventories and outcomes. One
+//! implementation runs QEMU on this machine ([`LocalHost`]); tests use a fake that
+//! records calls. Every request is idempotent: asking twice is harmless.
+
+mod local;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+pub use local::LocalHost;
+
+use crate::observe::Inventory;
+use crate::qemu::instance::VmInstance;
+
+/// Errors a host reports.
+#[derive(Debug, thiserror::Error)]
+pub enum HostError {
+    #[error("VM {vm}: no instance on this host")]
+    NoInstance { vm: String },
+    #[error("VM {vm}: {what}")]
+    Io { vm: String, what: String, #[source] source: std::io::Error },
+    #[error("VM {vm}")]
+    Instance { vm: String, #[source] source: crate::qemu::instance::InstanceError },
+    #[error("VM {vm}: disk {disk}")]
+    Disk { vm: String, disk: String, #[source] source: crate::qemu::img::ImgError },
+    #[error("VM {vm}: QEMU failed to start: {reason}")]
+    StartFailed { vm: String, reason: String },
+    #[error("VM {vm}: QMP")]
+    Qmp { vm: String, #[source] source: crate::qemu::qmp::QmpError },
+    #[error("VM {vm}: QEMU (pid {pid}) did not exit")]
+    StopFailed { vm: String, pid: u32 },
+    #[error("cannot scan {path}")]
+    Scan { path: PathBuf, #[source] source: std::io::Error },
+    #[error("VM {vm}")]
+    State { vm: String, #[source] source: crate::state::StateError },
+    #[error("VM {vm}: {reason}")]
+    Refused { vm: String, reason: String },
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// It was not running.
+    AlreadyStopped,
+    /// The guest shut down after the ACPI power button.
+    Graceful,
+    /// The guest ignored the power button until the timeout; QEMU was told to quit.
+    Quit,
+    /// QEMU did not quit either and was killed.
+    Killed,
+}
+
+/// A hypervisor host.
+pub trait Host: Send + Sync {
+    /// The host's name in the specs.
+    fn name(&self) -> &str;
+
+    /// Every instance on the host, its real state, and the retained disks.
+    fn inventory(&self) -> impl Future<Output = Result<Inventory, HostError>> + Send;
+
+    /// Creates the instance folder and its disks; does not start it. Creating an
+    /// instance that exists only updates its spec.
+    fn create(&self, vm: &VmInstance) -> impl Future<Output = Result<(), HostError>> + Send;
+
+    /// Replaces the spec of an existing instance (effective at its next start); creates
+    /// disks the new spec adds, grows disks it enlarges, retains disks it drops.
+    fn update(&self, vm: &VmInstance) -> impl Future<Output = Result<(), HostError>> + Send;
+
+    /// Starts QEMU and waits until QMP answers and the guest runs; returns the pid.
+    /// Starting a running instance returns its pid and starts nothing.
+    fn start(&self, vm: &str) -> impl Future<Output = Result<u32, HostError>> + Send;
+
+    /// ACPI power-down, QMP `quit` after `timeout`, SIGKILL as a last resort.
+    fn stop(&self, vm: &str, timeout: Duration) -> impl Future<Output = Result<StopOutcome, HostError>> + Send;
+
+    /// Removes a stopped instance's folder; its disks move to `retained/`. Returns where.
+    fn delete(&self, vm: &str) -> impl Future<Output = Result<Option<PathBuf>, HostError>> + Send;
+}

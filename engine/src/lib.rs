@@ -1,0 +1,19 @@
+//! PlasmaVMC engine: reads a commit, observes the hosts, plans, executes, writes status.
+//!
+//! ```text
+//! source (git2: commit -> files) ─┐
+//! specs  (TOML -> Desired)        ├─> plan (pure) ─> execute (Host calls) ─> status files
+//! observe (hosts -> Observed)     ─┘
+//! ```
+//! `cli` parses arguments and calls these stages; nothing else lives in the binary.
+
+pub mod cli;
+pub mod execute;
+pub mod host;
+pub mod observe;
+pub mod plan;
+pub mod qemu;
+pub mod source;
+pub mod state;
+pub mod status;
+pub mod time;

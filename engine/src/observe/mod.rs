@@ -1,0 +1,123 @@
+//! What the hosts really run, as data.
+//!
+//! In: one [`Inventory`] per host, each gathered by its [`Host`](crate::host::Host)
+//! (instance folders + QMP). Out: [`Observed`], the planner's second input, and a
+//! fingerprint that saved plans record to detect that the world moved on.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use plasmavmc_specs::{Power, VmSpec};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::host::Host;
+
+/// What QEMU is doing for one instance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RunState {
+    /// QEMU alive and the guest running.
+    Running,
+    /// QEMU alive but the guest not running (paused, in migration, ...).
+    Paused,
+    /// QEMU alive but its QMP socket does not answer.
+    Unresponsive,
+    /// No QEMU, and the engine last asked it to stop (or never started it).
+    Stopped,
+    /// No QEMU, but the engine last asked it to run: it exited on its own.
+    Exited,
+}
+
+impl RunState {
+    /// True when a QEMU process exists for the instance.
+    pub fn has_process(self) -> bool {
+        matches!(self, RunState::Running | RunState::Paused | RunState::Unresponsive)
+    }
+}
+
+/// One instance found on a host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedVm {
+    pub name: String,
+    pub uuid: String,
+    pub state: RunState,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// The last power state the engine commanded.
+    pub power: Power,
+    pub revision: String,
+    pub spec_hash: String,
+    pub spec: VmSpec,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// QEMU's own words for its state (`query-status`), or why it could not be asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+/// Disks kept after their VM (or the disk) was removed from the specs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Retained {
+    pub vm: String,
+    pub path: PathBuf,
+    pub since: String,
+    pub reason: String,
+}
+
+/// Everything one host runs and keeps.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub vms: BTreeMap<String, ObservedVm>,
+    pub retained: Vec<Retained>,
+    /// vCPUs and memory the host has (what it reports).
+    pub capacity: Capacity,
+}
+
+/// Host resources.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Capacity {
+    pub vcpus: u32,
+    pub memory_mb: u64,
+}
+
+/// The observed state of every reachable host.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Observed {
+    pub hosts: BTreeMap<String, Inventory>,
+}
+
+impl Observed {
+    /// Gathers the inventory of each host.
+    pub async fn gather<'a, H: Host + 'a>(hosts: impl IntoIterator<Item = &'a H>) -> Result<Self, crate::host::HostError> {
+        let mut out = Self::default();
+        for host in hosts {
+            out.hosts.insert(host.name().to_owned(), host.inventory().await?);
+        }
+        Ok(out)
+    }
+
+    /// Where `vm` runs or is kept, if anywhere.
+    pub fn find(&self, vm: &str) -> Option<(&str, &ObservedVm)> {
+        self.hosts.iter().find_map(|(h, inv)| inv.vms.get(vm).map(|o| (h.as_str(), o)))
+    }
+
+    /// One line per VM (`host/vm state pid spec`), the facts a saved plan depends on.
+    pub fn summary(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (host, inv) in &self.hosts {
+            for (name, vm) in &inv.vms {
+                let state = serde_json::to_value(vm.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                let pid = vm.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
+                out.insert(format!("{host}/{name}"), format!("{state} pid {pid} spec {}", vm.spec_hash));
+            }
+        }
+        out
+    }
+
+    /// Hash of [`Observed::summary`].
+    pub fn fingerprint(&self) -> String {
+        let json = serde_json::to_vec(&self.summary()).expect("a map of strings serialises");
+        Sha256::digest(json).iter().take(12).map(|b| format!("{b:02x}")).collect()
+    }
+}

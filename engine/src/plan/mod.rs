@@ -1,0 +1,175 @@
+//! The planner: a pure function from (desired, observed) to a list of actions.
+//!
+//! In: the validated specs of one commit and what the hosts run. Out: a [`Plan`] —
+//! actions with their reasons, and notes on what the planner will not do. It never
+//! touches a socket, a file or a clock, so the same inputs always give the same plan.
+//!
+//! Per VM (sorted by name):
+//! ```text
+//! in specs, no instance         -> create, then start if power = running
+//! same spec hash                -> start / stop to match power
+//! spec changed, needs a reboot  -> restart (running) | update (+ start/stop)
+//! spec changed, no reboot       -> update (+ start/stop)
+//! instance, not in specs        -> stop if it runs, then delete (disks retained)
+//! ```
+
+mod action;
+mod saved;
+
+use std::collections::BTreeSet;
+
+use plasmavmc_specs::{Desired, Power, VmEntry, VmSpec};
+use serde::{Deserialize, Serialize};
+
+pub use action::Action;
+pub use saved::{SavedPlan, StalePlan};
+
+use crate::observe::{Observed, ObservedVm, RunState};
+
+/// What to do, in order, and what was left undone and why.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub actions: Vec<Action>,
+    /// Things the planner saw and will not act on (unreachable host, refused change).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notes: Vec<String>,
+}
+
+impl Plan {
+    pub fn is_empty(&self) -> bool {
+        self.actions.is_empty()
+    }
+}
+
+/// Plans the changes that make `observed` equal to `desired`.
+pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+    let mut out = Plan::default();
+    let names: BTreeSet<&str> = desired
+        .vms
+        .keys()
+        .map(String::as_str)
+        .chain(observed.hosts.values().flat_map(|inv| inv.vms.keys().map(String::as_str)))
+        .collect();
+    for name in names {
+        match (desired.vms.get(name), observed.find(name)) {
+            (Some(want), None) => plan_new(desired, observed, want, &mut out),
+            (Some(want), Some((host, have))) => plan_existing(want, host, have, &mut out),
+            (None, Some((host, have))) => plan_removed(host, have, &mut out),
+            (None, None) => {}
+        }
+    }
+    out
+}
+
+fn plan_new(desired: &Desired, observed: &Observed, want: &VmEntry, out: &mut Plan) {
+    let vm = want.name.clone();
+    let host = match &want.spec.host {
+        Some(pin) => pin.clone(),
+        None if desired.hosts.len() == 1 => desired.hosts.keys().next().cloned().unwrap_or_default(),
+        None => {
+            out.notes.push(format!("{vm}: not placed: several hosts and no `host` pin; automatic placement is not available yet"));
+            return;
+        }
+    };
+    if !observed.hosts.contains_key(&host) {
+        out.notes.push(format!("{vm}: host {host} is not reachable; the VM waits for it"));
+        return;
+    }
+    out.actions.push(Action::Create { vm: vm.clone(), host: host.clone(), reason: format!("new VM ({})", want.file) });
+    if want.spec.power == Power::Running {
+        out.actions.push(Action::Start { vm, host, reason: "new VM, power = \"running\"".to_owned() });
+    }
+}
+
+fn plan_existing(want: &VmEntry, host: &str, have: &ObservedVm, out: &mut Plan) {
+    let vm = want.name.clone();
+    let host = host.to_owned();
+    if let Some(pin) = &want.spec.host {
+        if *pin != host {
+            out.notes.push(format!("{vm}: runs on {host} but is pinned to {pin}; moving VMs is not available yet"));
+        }
+    }
+    let runs = have.state.has_process();
+    let wants_run = want.spec.power == Power::Running;
+    if have.spec_hash != want.hash {
+        let diff = spec_diff(&have.spec, &have.revision, &want.spec, &want.file);
+        let changed = changed_fields(&have.spec, &want.spec);
+        if runs && wants_run && needs_reboot(&have.spec, &want.spec) {
+            let reason = format!("{} changed; needs a reboot (disks are kept)", changed.join(", "));
+            out.actions.push(Action::Restart { vm, host, reason, diff });
+            return;
+        }
+        if runs && !wants_run {
+            out.actions.push(Action::Stop { vm: vm.clone(), host: host.clone(), reason: "power = \"stopped\"".to_owned() });
+        }
+        let reason = if runs && wants_run { format!("{} changed; no reboot needed", changed.join(", ")) } else { format!("{} changed", changed.join(", ")) };
+        out.actions.push(Action::Update { vm: vm.clone(), host: host.clone(), reason, diff });
+        if !runs && wants_run {
+            out.actions.push(Action::Start { vm, host, reason: start_reason(have) });
+        }
+        return;
+    }
+    if wants_run && !runs {
+        out.actions.push(Action::Start { vm, host, reason: start_reason(have) });
+    } else if !wants_run && runs {
+        out.actions.push(Action::Stop { vm, host, reason: "power = \"stopped\"".to_owned() });
+    } else if have.state == RunState::Unresponsive || have.state == RunState::Paused {
+        let detail = have.detail.as_deref().unwrap_or("not running");
+        out.notes.push(format!("{vm}: QEMU (pid {}) is alive but {detail}; left alone", have.pid.unwrap_or(0)));
+    }
+}
+
+fn start_reason(have: &ObservedVm) -> String {
+    match have.state {
+        RunState::Exited => "QEMU exited without being asked to; power = \"running\"".to_owned(),
+        _ => "stopped; power = \"running\"".to_owned(),
+    }
+}
+
+fn plan_removed(host: &str, have: &ObservedVm, out: &mut Plan) {
+    let vm = have.name.clone();
+    let host = host.to_owned();
+    if have.state.has_process() {
+        out.actions.push(Action::Stop { vm: vm.clone(), host: host.clone(), reason: "its spec file was removed".to_owned() });
+    }
+    out.actions.push(Action::Delete { vm, host, reason: "its spec file was removed; disks are retained".to_owned() });
+}
+
+/// True when QEMU must restart for `new` to take effect.
+pub fn needs_reboot(old: &VmSpec, new: &VmSpec) -> bool {
+    old.vcpus != new.vcpus
+        || old.memory_mb != new.memory_mb
+        || old.boot != new.boot
+        || old.disks != new.disks
+        || old.nics != new.nics
+        || old.qemu != new.qemu
+}
+
+/// Top-level fields that differ, in spec order.
+fn changed_fields(old: &VmSpec, new: &VmSpec) -> Vec<String> {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (serde_json::to_value(old), serde_json::to_value(new)) else {
+        return vec!["spec".to_owned()];
+    };
+    let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let changed: Vec<String> = keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
+    if changed.is_empty() {
+        vec!["spec".to_owned()]
+    } else {
+        changed
+    }
+}
+
+/// Unified diff of the running spec against the committed one, both as canonical TOML.
+pub fn spec_diff(old: &VmSpec, old_rev: &str, new: &VmSpec, new_file: &str) -> String {
+    let a = toml::to_string_pretty(old).unwrap_or_default();
+    let b = toml::to_string_pretty(new).unwrap_or_default();
+    let short = old_rev.get(..12).unwrap_or(old_rev);
+    similar::TextDiff::from_lines(&a, &b)
+        .unified_diff()
+        .context_radius(3)
+        .header(&format!("running (commit {short})"), new_file)
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,147 @@
+//! Table tests of the pure planner: (desired, observed) -> actions.
+
+use std::collections::BTreeMap;
+
+use plasmavmc_specs::{load, Desired, Power, SourceFile};
+
+use super::{plan, Action, SavedPlan, StalePlan};
+use crate::observe::{Inventory, Observed, ObservedVm, RunState};
+
+fn desired(files: &[(&str, &str)]) -> Desired {
+    let files: Vec<SourceFile> = files
+        .iter()
+        .map(|(rel, text)| SourceFile { path: (*rel).to_owned(), rel: (*rel).to_owned(), bytes: text.as_bytes().to_vec() })
+        .collect();
+    load(&files).expect("valid specs")
+}
+
+/// An instance observed on `local` as it would be after applying `vm` from `d`.
+fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
+    let e = &d.vms[vm];
+    ObservedVm {
+        name: vm.to_owned(),
+        uuid: format!("uuid-{vm}"),
+        state,
+        pid: state.has_process().then_some(100),
+        power: if state.has_process() || state == RunState::Exited { Power::Running } else { Power::Stopped },
+        revision: "0123456789abcdef".to_owned(),
+        spec_hash: e.hash.clone(),
+        spec: e.spec.clone(),
+        started_at: None,
+        detail: None,
+    }
+}
+
+fn observed(vms: Vec<ObservedVm>) -> Observed {
+    let inv = Inventory { vms: vms.into_iter().map(|v| (v.name.clone(), v)).collect(), ..Inventory::default() };
+    Observed { hosts: BTreeMap::from([("local".to_owned(), inv)]) }
+}
+
+fn ops(p: &super::Plan) -> Vec<String> {
+    p.actions.iter().map(|a| format!("{} {}", a.op(), a.vm())).collect()
+}
+
+#[test]
+fn new_vms_are_created_and_started_when_running() {
+    let d = desired(&[("vms/a.toml", ""), ("vms/b.toml", "power = \"stopped\"")]);
+    let p = plan(&d, &observed(vec![]));
+    assert_eq!(ops(&p), ["create a", "start a", "create b"]);
+    assert!(p.actions[0].reason().contains("vms/a.toml"));
+}
+
+#[test]
+fn nothing_to_do_when_observed_matches() {
+    let d = desired(&[("vms/a.toml", ""), ("vms/b.toml", "power = \"stopped\"")]);
+    let o = observed(vec![running(&d, "a", RunState::Running), running(&d, "b", RunState::Stopped)]);
+    assert!(plan(&d, &o).is_empty());
+}
+
+#[test]
+fn power_changes_start_and_stop() {
+    let d = desired(&[("vms/a.toml", ""), ("vms/b.toml", "power = \"stopped\"")]);
+    let o = observed(vec![running(&d, "a", RunState::Stopped), running(&d, "b", RunState::Running)]);
+    assert_eq!(ops(&plan(&d, &o)), ["start a", "stop b"]);
+}
+
+#[test]
+fn an_exited_vm_is_started_again_and_the_reason_says_so() {
+    let d = desired(&[("vms/a.toml", "")]);
+    let p = plan(&d, &observed(vec![running(&d, "a", RunState::Exited)]));
+    assert_eq!(ops(&p), ["start a"]);
+    assert!(p.actions[0].reason().contains("exited"));
+}
+
+#[test]
+fn memory_change_on_a_running_vm_restarts_it_with_a_diff() {
+    let old = desired(&[("vms/a.toml", "memory_mb = 128")]);
+    let new = desired(&[("vms/a.toml", "memory_mb = 256")]);
+    let p = plan(&new, &observed(vec![running(&old, "a", RunState::Running)]));
+    assert_eq!(ops(&p), ["restart a"]);
+    let Action::Restart { reason, diff, .. } = &p.actions[0] else { panic!("restart expected") };
+    assert!(reason.starts_with("memory_mb changed"), "{reason}");
+    assert!(diff.contains("-memory_mb = 128") && diff.contains("+memory_mb = 256"), "{diff}");
+}
+
+#[test]
+fn changes_that_need_no_reboot_update_in_place() {
+    let old = desired(&[("vms/a.toml", "restart = \"always\"")]);
+    let new = desired(&[("vms/a.toml", "restart = \"never\"")]);
+    let p = plan(&new, &observed(vec![running(&old, "a", RunState::Running)]));
+    assert_eq!(ops(&p), ["update a"]);
+}
+
+#[test]
+fn a_change_with_power_off_stops_then_updates() {
+    let old = desired(&[("vms/a.toml", "memory_mb = 128")]);
+    let new = desired(&[("vms/a.toml", "memory_mb = 256\npower = \"stopped\"")]);
+    let p = plan(&new, &observed(vec![running(&old, "a", RunState::Running)]));
+    assert_eq!(ops(&p), ["stop a", "update a"]);
+    let p = plan(&desired(&[("vms/a.toml", "memory_mb = 256")]), &observed(vec![running(&old, "a", RunState::Stopped)]));
+    assert_eq!(ops(&p), ["update a", "start a"]);
+}
+
+#[test]
+fn removed_files_stop_then_delete_and_say_disks_are_kept() {
+    let old = desired(&[("vms/a.toml", ""), ("vms/b.toml", "")]);
+    let new = desired(&[("vms/b.toml", "")]);
+    let p = plan(&new, &observed(vec![running(&old, "a", RunState::Running), running(&old, "b", RunState::Running)]));
+    assert_eq!(ops(&p), ["stop a", "delete a"]);
+    assert!(p.actions[1].reason().contains("retained"));
+    let p = plan(&new, &observed(vec![running(&old, "a", RunState::Stopped), running(&old, "b", RunState::Running)]));
+    assert_eq!(ops(&p), ["delete a"]);
+}
+
+#[test]
+fn an_unresponsive_qemu_is_reported_not_touched() {
+    let d = desired(&[("vms/a.toml", "")]);
+    let p = plan(&d, &observed(vec![running(&d, "a", RunState::Unresponsive)]));
+    assert!(p.actions.is_empty());
+    assert_eq!(p.notes.len(), 1);
+}
+
+#[test]
+fn unreachable_or_unplaceable_hosts_give_notes_not_actions() {
+    let d = desired(&[("hosts/hv1.toml", "address = \"local\""), ("hosts/hv2.toml", "address = \"local\""), ("vms/a.toml", ""), ("vms/b.toml", "host = \"hv2\"")]);
+    let p = plan(&d, &Observed::default());
+    assert!(p.actions.is_empty());
+    assert_eq!(p.notes.len(), 2, "{:?}", p.notes);
+}
+
+#[test]
+fn planning_is_deterministic() {
+    let d = desired(&[("vms/c.toml", ""), ("vms/a.toml", ""), ("vms/b.toml", "power = \"stopped\"")]);
+    let o = observed(vec![]);
+    assert_eq!(plan(&d, &o), plan(&d, &o));
+}
+
+#[test]
+fn a_saved_plan_is_refused_when_the_hosts_changed() {
+    let d = desired(&[("vms/a.toml", "")]);
+    let before = observed(vec![running(&d, "a", RunState::Running)]);
+    let saved = SavedPlan::new("abc", "", &before, plan(&d, &before));
+    assert_eq!(saved.check("", &before), Ok(()));
+    let after = observed(vec![running(&d, "a", RunState::Exited)]);
+    let Err(StalePlan::Observed { changes }) = saved.check("", &after) else { panic!("stale expected") };
+    assert_eq!(changes, ["  local/a: was running pid 100 spec ".to_owned() + &d.vms["a"].hash + ", now exited pid - spec " + &d.vms["a"].hash]);
+    assert!(matches!(saved.check("other", &before), Err(StalePlan::Folder { .. })));
+}

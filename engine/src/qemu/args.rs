@@ -1,0 +1,125 @@
+//! The QEMU command line of an instance: pure, argv only, never a shell.
+//!
+//! QEMU runs with its working directory in the instance folder, so the socket, pid
+//! file, logs and disks are relative paths (unix socket paths are limited to 108
+//! bytes; instance folders can be deeper than that).
+
+use plasmavmc_specs::Forward;
+
+use super::instance::{InstanceFile, PID_FILE, QMP_SOCKET, SERIAL_LOG};
+
+/// The accelerator actually used (the spec's `auto` resolved on the host).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    Kvm,
+    Tcg,
+}
+
+impl Accel {
+    fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// QEMU option values are comma-separated lists; a comma inside a value is written twice.
+fn escape(value: &str) -> String {
+    value.replace(',', ",,")
+}
+
+/// The arguments (without the program) that start `inst`.
+pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
+    let vm = &inst.vm;
+    let spec = &vm.spec;
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
+    push(&["-name", &format!("guest={},debug-threads=on", vm.name)]);
+    push(&["-uuid", &inst.uuid]);
+    push(&["-machine", &format!("{},accel={}", spec.qemu.machine, accel.as_str())]);
+    if accel == Accel::Kvm {
+        push(&["-cpu", "host"]);
+    }
+    push(&["-m", &spec.memory_mb.to_string(), "-smp", &spec.vcpus.to_string()]);
+    push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    push(&["-chardev", &format!("socket,id=qmp,path={QMP_SOCKET},server=on,wait=off")]);
+    push(&["-mon", "chardev=qmp,mode=control"]);
+    push(&["-pidfile", PID_FILE]);
+    push(&["-chardev", &format!("file,id=serial0,path={SERIAL_LOG}")]);
+    push(&["-serial", "chardev:serial0"]);
+    // A guest panic ends QEMU with a failure status instead of hanging (exit classification).
+    push(&["-device", "pvpanic", "-action", "panic=exit-failure"]);
+    if let Some(boot) = &spec.boot {
+        if let Some(kernel) = &vm.files.kernel {
+            push(&["-kernel", &kernel.to_string_lossy()]);
+        }
+        if let Some(initrd) = &vm.files.initrd {
+            push(&["-initrd", &initrd.to_string_lossy()]);
+        }
+        if let Some(cmdline) = &boot.cmdline {
+            push(&["-append", cmdline]);
+        }
+    }
+    for disk in &spec.disks {
+        let file = format!("disks/{}.qcow2", disk.name);
+        push(&["-blockdev", &format!("driver=file,filename={},node-name=file-{}", escape(&file), disk.name)]);
+        push(&["-blockdev", &format!("driver=qcow2,file=file-{0},node-name=disk-{0}", disk.name)]);
+        push(&["-device", &format!("virtio-blk-pci,drive=disk-{0},id=dev-{0}", disk.name)]);
+    }
+    for (i, nic) in spec.nics.iter().enumerate() {
+        let mut netdev = format!("user,id=net{i}");
+        for fwd in nic.forward.iter().filter_map(|f| Forward::parse(f).ok()) {
+            let proto = if fwd.udp { "udp" } else { "tcp" };
+            netdev.push_str(&format!(",hostfwd={proto}::{}-:{}", fwd.host_port, fwd.guest_port));
+        }
+        push(&["-netdev", &netdev]);
+        push(&["-device", &format!("virtio-net-pci,netdev=net{i},id=nic{i}")]);
+    }
+    a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu::instance::{ResolvedFiles, VmInstance};
+    use plasmavmc_specs::{Boot, Disk, Nic, Power, VmSpec};
+
+    fn instance() -> InstanceFile {
+        let mut spec: VmSpec = toml::from_str("vcpus = 2\nmemory_mb = 128\n").expect("spec");
+        spec.name = Some("web".into());
+        spec.boot = Some(Boot { kernel: "k".into(), initrd: Some("i".into()), cmdline: Some("console=ttyS0 a=b,c".into()) });
+        spec.disks = vec![Disk { name: "root".into(), size_gb: Some(1), image: None, storage: plasmavmc_specs::Storage::Auto }];
+        spec.nics = vec![Nic { network: plasmavmc_specs::Network::User, forward: vec!["tcp:2222:22".into()] }];
+        InstanceFile {
+            uuid: "0f0e0d0c-0000-4000-8000-000000000001".into(),
+            created_at: "now".into(),
+            power: Power::Running,
+            started_at: None,
+            vm: VmInstance {
+                name: "web".into(),
+                revision: "abc".into(),
+                spec_hash: "h".into(),
+                spec,
+                files: ResolvedFiles { kernel: Some("/g/vmlinuz".into()), initrd: Some("/g/initrd,x".into()), images: Default::default() },
+            },
+        }
+    }
+
+    #[test]
+    fn argv_carries_identity_sizes_and_relative_paths() {
+        let a = qemu_args(&instance(), Accel::Tcg);
+        let joined = a.join(" ");
+        assert!(joined.contains("-uuid 0f0e0d0c-0000-4000-8000-000000000001"), "{joined}");
+        assert!(joined.contains("-machine q35,accel=tcg -m 128 -smp 2"), "{joined}");
+        assert!(joined.contains("path=qmp.sock"), "{joined}");
+        assert!(joined.contains("-pidfile qemu.pid"), "{joined}");
+        assert!(joined.contains("filename=disks/root.qcow2"), "{joined}");
+        assert!(joined.contains("hostfwd=tcp::2222-:22"), "{joined}");
+        // The kernel command line is one argv element, untouched.
+        assert!(a.iter().any(|x| x == "console=ttyS0 a=b,c"));
+        assert!(a.iter().any(|x| x == "/g/initrd,x"));
+        assert!(!a.iter().any(|x| x == "-cpu"));
+        assert!(qemu_args(&instance(), Accel::Kvm).iter().any(|x| x == "-cpu"));
+    }
+}

@@ -1,0 +1,130 @@
+//! A VM instance on a host is a folder, `<root>/vms/<name>/`:
+//!
+//! ```text
+//! instance.toml   spec snapshot, uuid, revision, last power command (this file)
+//! qemu.pid        written by QEMU (-pidfile)
+//! qmp.sock        QMP control socket
+//! serial.log      the guest's serial console (previous run: serial.log.1)
+//! qemu.log        QEMU's stdout/stderr (previous run: qemu.log.1)
+//! disks/          the VM's local disks, <disk>.qcow2
+//! ```
+//! Inventory is scanning these folders; nothing else is needed to rediscover every
+//! VM after any restart. This module only knows the layout and the instance file.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use plasmavmc_specs::{Power, VmSpec};
+use serde::{Deserialize, Serialize};
+
+use crate::state::{write_atomic, StateError};
+
+pub const INSTANCE_FILE: &str = "instance.toml";
+pub const PID_FILE: &str = "qemu.pid";
+pub const QMP_SOCKET: &str = "qmp.sock";
+pub const SERIAL_LOG: &str = "serial.log";
+pub const QEMU_LOG: &str = "qemu.log";
+pub const DISKS_DIR: &str = "disks";
+
+/// Errors reading or writing an instance folder.
+#[derive(Debug, thiserror::Error)]
+pub enum InstanceError {
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, #[source] source: io::Error },
+    #[error("{path} is damaged")]
+    Parse { path: PathBuf, #[source] source: toml::de::Error },
+    #[error(transparent)]
+    Write(#[from] StateError),
+}
+
+/// What the engine asks a host to run: the spec of one commit plus the files it names,
+/// resolved to absolute paths on that host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmInstance {
+    pub name: String,
+    /// Commit the spec came from.
+    pub revision: String,
+    pub spec_hash: String,
+    pub spec: VmSpec,
+    #[serde(default)]
+    pub files: ResolvedFiles,
+}
+
+/// Kernel, initrd and base images named by a spec, as absolute paths.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResolvedFiles {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kernel: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Base image per disk name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub images: BTreeMap<String, PathBuf>,
+}
+
+/// `instance.toml`: the durable record of one instance.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceFile {
+    /// Identity of this instance: passed to QEMU as `-uuid`, so a pid can be checked to be
+    /// really this VM's QEMU (its cmdline holds the uuid).
+    pub uuid: String,
+    pub created_at: String,
+    /// The last power state the engine commanded. `running` with no QEMU alive means the
+    /// VM exited without the engine asking.
+    pub power: Power,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    pub vm: VmInstance,
+}
+
+/// Paths of one instance folder.
+#[derive(Debug, Clone)]
+pub struct InstanceDir {
+    pub dir: PathBuf,
+}
+
+impl InstanceDir {
+    pub fn new(root: &Path, name: &str) -> Self {
+        Self { dir: vms_dir(root).join(name) }
+    }
+
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    pub fn disk(&self, disk: &str) -> PathBuf {
+        self.dir.join(DISKS_DIR).join(format!("{disk}.qcow2"))
+    }
+
+    pub fn exists(&self) -> bool {
+        self.file(INSTANCE_FILE).exists()
+    }
+
+    pub fn read(&self) -> Result<InstanceFile, InstanceError> {
+        let path = self.file(INSTANCE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| InstanceError::Read { path: path.clone(), source })?;
+        toml::from_str(&text).map_err(|source| InstanceError::Parse { path, source })
+    }
+
+    pub fn write(&self, inst: &InstanceFile) -> Result<(), InstanceError> {
+        let text = toml::to_string_pretty(inst).expect("an instance file always serialises");
+        write_atomic(&self.file(INSTANCE_FILE), text.as_bytes())?;
+        Ok(())
+    }
+
+    /// The pid QEMU wrote, if the file exists and holds a number.
+    pub fn pid(&self) -> Option<u32> {
+        std::fs::read_to_string(self.file(PID_FILE)).ok()?.trim().parse().ok()
+    }
+}
+
+/// `<root>/vms`: one folder per instance.
+pub fn vms_dir(root: &Path) -> PathBuf {
+    root.join("vms")
+}
+
+/// `<root>/retained`: disks of deleted VMs and disks removed from specs, never deleted.
+pub fn retained_dir(root: &Path) -> PathBuf {
+    root.join("retained")
+}

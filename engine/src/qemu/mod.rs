@@ -1,0 +1,8 @@
+//! Everything that knows QEMU: its command line, its processes, its disk images, its
+//! instance folders and its QMP socket. Used by the local host implementation only.
+
+pub mod args;
+pub mod img;
+pub mod instance;
+pub mod process;
+pub mod qmp;

@@ -1,0 +1,122 @@
+//! QEMU processes: spawn in their own session, find them again, tell whether they live.
+//!
+//! QEMU is started as a child with `setsid` (so a terminal's Ctrl-C or hang-up and the
+//! engine's own death never reach it), stdout/stderr into `qemu.log`, `-pidfile` and no
+//! `-daemonize` (its errors would be lost). Liveness reads `/proc/PID/stat`: a zombie
+//! counts as dead (`kill(pid, 0)` says alive for seconds here), and the cmdline must
+//! hold the instance's uuid, so a recycled pid is never mistaken for our QEMU.
+
+use std::fs::{self, File};
+use std::io;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+/// The QEMU binary: `$PLASMAVMC_QEMU` or `qemu-system-x86_64` from `PATH`.
+pub fn qemu_binary() -> String {
+    std::env::var("PLASMAVMC_QEMU").unwrap_or_else(|_| "qemu-system-x86_64".to_owned())
+}
+
+/// Spawns `program args` in `dir` in a new session, output appended to `log`. A thread
+/// reaps the child when it exits, so it never lingers as a zombie of the engine.
+pub fn spawn_detached(program: &str, args: &[String], dir: &Path, log: &Path) -> io::Result<u32> {
+    let out = File::options().create(true).append(true).open(log)?;
+    let err = out.try_clone()?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).current_dir(dir).stdin(Stdio::null()).stdout(out).stderr(err);
+    new_session(&mut cmd);
+    let mut child = cmd.spawn()?;
+    let pid = child.id();
+    std::thread::Builder::new()
+        .name(format!("reap-{pid}"))
+        .spawn(move || {
+            // The status is read by whoever watches the VM (QMP EOF, /proc); this thread
+            // only releases the process table entry.
+            let _ = child.wait();
+        })?;
+    Ok(pid)
+}
+
+#[allow(unsafe_code)]
+fn new_session(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: `umask` and `setsid` are async-signal-safe and touch no memory of the
+    // parent; they are all that runs between fork and exec (umask 077: QEMU's logs and
+    // sockets are created 0600). This is the one unsafe block of the engine: std offers
+    // process groups but not sessions.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+            nix::unistd::setsid().map(|_| ()).map_err(io::Error::from)
+        });
+    }
+}
+
+/// The one-letter state of `pid` from `/proc/PID/stat` (`R`, `S`, `Z`, ...), or `None`
+/// when there is no such process.
+pub fn proc_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may hold spaces: the state follows the last ')'.
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// True when `pid` exists and is not a zombie.
+pub fn is_alive(pid: u32) -> bool {
+    proc_state(pid).is_some_and(|s| s != 'Z' && s != 'X')
+}
+
+/// True when `pid` is alive and its command line holds `uuid` (our QEMU for that VM).
+pub fn is_instance(pid: u32, uuid: &str) -> bool {
+    if !is_alive(pid) {
+        return false;
+    }
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    cmdline.split(|b| *b == 0).any(|arg| arg == uuid.as_bytes())
+}
+
+/// Waits until `pid` is gone (or a zombie), polling; false when `timeout` passed first.
+pub async fn wait_gone(pid: u32, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if !is_alive(pid) {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Sends SIGKILL; a process already gone is not an error.
+pub fn kill_hard(pid: u32) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    let _ = kill(Pid::from_raw(raw), Signal::SIGKILL);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn spawned_process_is_alive_in_its_own_session_then_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = dir.path().join("out.log");
+        let args = vec!["-c".to_owned(), "echo hi; exec sleep 30".to_owned()];
+        let pid = spawn_detached("sh", &args, dir.path(), &log).expect("spawn");
+        assert!(is_alive(pid));
+        let sid = nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).expect("sid");
+        assert_eq!(sid.as_raw(), pid as i32, "child leads its own session");
+        assert!(!is_instance(pid, "no-such-uuid"));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !fs::read_to_string(&log).expect("log").contains("hi") {
+            assert!(Instant::now() < deadline, "child output never reached the log");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        kill_hard(pid);
+        assert!(wait_gone(pid, Duration::from_secs(5)).await);
+    }
+}

@@ -1,0 +1,206 @@
+//! Where desired state comes from: one commit of a git repository.
+//!
+//! In: a repository path, the folder of it that holds the specs, a revision. Out: the
+//! committed files below that folder ([`Commit`]) — only committed content counts —
+//! plus the list of uncommitted changes to specs, which are reported and never used.
+//! Reads git only; [`files`] then checks the kernels and images specs name on disk.
+
+pub mod files;
+mod target;
+
+pub use target::{Target, TargetError};
+
+use std::path::{Component, Path, PathBuf};
+
+use git2::{ObjectType, Repository, Status, StatusOptions, TreeWalkMode, TreeWalkResult};
+use plasmavmc_specs::SourceFile;
+
+/// Errors reading the repository.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("{}: not a git repository (or any parent)", path.display())]
+    NotARepo { path: PathBuf, #[source] source: git2::Error },
+    #[error("{}: the repository has no commits yet; commit your specs first", path.display())]
+    NoCommits { path: PathBuf },
+    #[error("revision {rev:?} not found in {}", repo.display())]
+    NoRevision { rev: String, repo: PathBuf, #[source] source: git2::Error },
+    #[error("spec folder {path:?} is not a folder of commit {commit}")]
+    NoSpecFolder { path: String, commit: String },
+    #[error("spec folder {} is outside the repository {}", path.display(), repo.display())]
+    Outside { path: PathBuf, repo: PathBuf },
+    #[error("reading commit {commit}")]
+    Git { commit: String, #[source] source: git2::Error },
+}
+
+/// The files of one commit below the spec folder.
+#[derive(Debug, Clone)]
+pub struct Commit {
+    /// Full commit id.
+    pub id: String,
+    pub summary: String,
+    pub files: Vec<SourceFile>,
+    /// Spec paths that are symbolic links: never followed, refused by validation.
+    pub symlinks: Vec<String>,
+}
+
+impl Commit {
+    /// The first 12 digits of the id.
+    pub fn short(&self) -> &str {
+        self.id.get(..12).unwrap_or(&self.id)
+    }
+}
+
+/// A repository and the folder of it that holds the specs.
+pub struct Source {
+    repo: Repository,
+    /// Path of the spec folder relative to the repository root, `/`-separated, "" for the root.
+    spec_dir: String,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source").field("repo", &self.repo.path()).field("spec_dir", &self.spec_dir).finish()
+    }
+}
+
+impl Source {
+    /// Opens the repository containing `repo` (searching parent folders). The spec folder
+    /// is `repo` itself joined with `path`, relative to the repository's top.
+    pub fn open(repo: &Path, path: Option<&Path>) -> Result<Self, SourceError> {
+        let git = Repository::discover(repo).map_err(|source| SourceError::NotARepo { path: repo.to_path_buf(), source })?;
+        let top = git.workdir().map_or_else(|| git.path().to_path_buf(), Path::to_path_buf);
+        let top = top.canonicalize().unwrap_or(top);
+        let start = repo.canonicalize().unwrap_or_else(|_| repo.to_path_buf());
+        let mut rel = start.strip_prefix(&top).map(Path::to_path_buf).unwrap_or_default();
+        if let Some(p) = path {
+            rel.push(p);
+        }
+        let spec_dir = normalise(&rel).ok_or_else(|| SourceError::Outside { path: rel.clone(), repo: top.clone() })?;
+        Ok(Self { repo: git, spec_dir })
+    }
+
+    /// The spec folder in the working tree (where relative kernel/image paths point), or
+    /// `None` for a bare repository.
+    pub fn spec_root(&self) -> Option<PathBuf> {
+        self.repo.workdir().map(|w| w.join(&self.spec_dir))
+    }
+
+    /// The spec folder relative to the repository top ("" for the top itself).
+    pub fn spec_dir(&self) -> &str {
+        &self.spec_dir
+    }
+
+    fn repo_path(&self) -> PathBuf {
+        self.repo.workdir().unwrap_or_else(|| self.repo.path()).to_path_buf()
+    }
+
+    /// Resolves `rev` to a commit id without reading files.
+    pub fn resolve(&self, rev: &str) -> Result<String, SourceError> {
+        Ok(self.commit(rev)?.id().to_string())
+    }
+
+    fn commit(&self, rev: &str) -> Result<git2::Commit<'_>, SourceError> {
+        if self.repo.head().is_err() && self.repo.is_empty().unwrap_or(false) {
+            return Err(SourceError::NoCommits { path: self.repo_path() });
+        }
+        self.repo
+            .revparse_single(rev)
+            .and_then(|o| o.peel_to_commit())
+            .map_err(|source| SourceError::NoRevision { rev: rev.to_owned(), repo: self.repo_path(), source })
+    }
+
+    /// Reads every blob below the spec folder at `rev` that is a spec file (`plasmavmc.toml`,
+    /// `hosts/**`, `vms/**`). Symlinks are listed apart and never followed.
+    pub fn read(&self, rev: &str) -> Result<Commit, SourceError> {
+        let commit = self.commit(rev)?;
+        let id = commit.id().to_string();
+        let git_err = |source| SourceError::Git { commit: id.clone(), source };
+        let tree = commit.tree().map_err(git_err)?;
+        let tree = if self.spec_dir.is_empty() {
+            tree
+        } else {
+            let entry = tree.get_path(Path::new(&self.spec_dir)).map_err(|_| SourceError::NoSpecFolder { path: self.spec_dir.clone(), commit: id.clone() })?;
+            let obj = entry.to_object(&self.repo).map_err(git_err)?;
+            obj.into_tree().map_err(|_| SourceError::NoSpecFolder { path: self.spec_dir.clone(), commit: id.clone() })?
+        };
+        let mut files = Vec::new();
+        let mut symlinks = Vec::new();
+        let mut failure = None;
+        tree.walk(TreeWalkMode::PreOrder, |dir, entry| {
+            let rel = format!("{dir}{}", entry.name().unwrap_or("\u{fffd}"));
+            if !is_spec_path(&rel) {
+                // Prune folders that can hold no spec.
+                let keep_going = entry.kind() == Some(ObjectType::Tree) && (rel == "vms" || rel == "hosts");
+                return if entry.kind() == Some(ObjectType::Tree) && !keep_going { TreeWalkResult::Skip } else { TreeWalkResult::Ok };
+            }
+            if entry.kind() != Some(ObjectType::Blob) {
+                return TreeWalkResult::Ok;
+            }
+            let path = self.display_path(&rel);
+            if entry.filemode() == 0o120_000 {
+                symlinks.push(path);
+                return TreeWalkResult::Ok;
+            }
+            match entry.to_object(&self.repo).and_then(|o| o.peel_to_blob()) {
+                Ok(blob) => files.push(SourceFile { path, rel, bytes: blob.content().to_vec() }),
+                Err(e) => {
+                    failure = Some(e);
+                    return TreeWalkResult::Abort;
+                }
+            }
+            TreeWalkResult::Ok
+        })
+        .map_err(git_err)?;
+        if let Some(e) = failure {
+            return Err(git_err(e));
+        }
+        let summary = commit.summary().unwrap_or("").to_owned();
+        Ok(Commit { id, summary, files, symlinks })
+    }
+
+    /// Paths (relative to the repository top) of spec files changed but not committed.
+    pub fn uncommitted(&self) -> Vec<String> {
+        if self.repo.is_bare() {
+            return Vec::new();
+        }
+        let mut opts = StatusOptions::new();
+        opts.include_untracked(true).recurse_untracked_dirs(true).include_ignored(false);
+        for p in ["vms", "hosts", "plasmavmc.toml"] {
+            opts.pathspec(self.display_path(p));
+        }
+        let Ok(statuses) = self.repo.statuses(Some(&mut opts)) else { return Vec::new() };
+        statuses
+            .iter()
+            .filter(|s| s.status() != Status::CURRENT && !s.status().contains(Status::IGNORED))
+            .filter_map(|s| s.path().map(str::to_owned))
+            .collect()
+    }
+
+    fn display_path(&self, rel: &str) -> String {
+        if self.spec_dir.is_empty() {
+            rel.to_owned()
+        } else {
+            format!("{}/{rel}", self.spec_dir)
+        }
+    }
+}
+
+fn is_spec_path(rel: &str) -> bool {
+    rel == "plasmavmc.toml" || rel.starts_with("vms/") || rel.starts_with("hosts/")
+}
+
+/// `a/./b/../c` → `a/c`; `None` when it climbs above its start.
+fn normalise(path: &Path) -> Option<String> {
+    let mut parts: Vec<String> = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => parts.push(p.to_string_lossy().into_owned()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            Component::RootDir | Component::Prefix(_) => return None,
+        }
+    }
+    Some(parts.join("/"))
+}

@@ -1,0 +1,69 @@
+//! One commit, read and validated: the desired state the planner works toward.
+
+use std::collections::BTreeMap;
+
+use plasmavmc_specs::{Desired, Diagnostic};
+
+use super::{files, Commit, Source, SourceError};
+use crate::qemu::instance::{ResolvedFiles, VmInstance};
+
+/// Why a commit cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TargetError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error("commit {commit} is invalid ({} error{}); nothing was changed", diagnostics.len(), if diagnostics.len() == 1 { "" } else { "s" })]
+    Invalid { commit: String, diagnostics: Vec<Diagnostic> },
+}
+
+/// A validated commit: specs plus the on-disk files they name.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub commit: Commit,
+    pub desired: Desired,
+    pub files: BTreeMap<String, ResolvedFiles>,
+}
+
+impl Target {
+    /// Reads `rev`, validates every file, checks every kernel/initrd/image exists.
+    pub fn load(source: &Source, rev: &str) -> Result<Self, TargetError> {
+        let commit = source.read(rev)?;
+        let invalid = |diagnostics| TargetError::Invalid { commit: commit.short().to_owned(), diagnostics };
+        let mut diags: Vec<Diagnostic> = commit
+            .symlinks
+            .iter()
+            .map(|p| Diagnostic::file(p, "is a symbolic link; spec files must be regular files (links are never followed)"))
+            .collect();
+        let desired = match plasmavmc_specs::load(&commit.files) {
+            Ok(d) => d,
+            Err(mut more) => {
+                diags.append(&mut more);
+                return Err(invalid(diags));
+            }
+        };
+        let files = match files::resolve(&desired, &commit.files, source.spec_root().as_deref()) {
+            Ok(f) => f,
+            Err(mut more) => {
+                diags.append(&mut more);
+                BTreeMap::new()
+            }
+        };
+        if !diags.is_empty() {
+            diags.sort();
+            return Err(invalid(diags));
+        }
+        Ok(Self { commit, desired, files })
+    }
+
+    /// What a host needs to run `vm` as this commit says.
+    pub fn instance(&self, vm: &str) -> Option<VmInstance> {
+        let entry = self.desired.vms.get(vm)?;
+        Some(VmInstance {
+            name: entry.name.clone(),
+            revision: self.commit.id.clone(),
+            spec_hash: entry.hash.clone(),
+            spec: entry.spec.clone(),
+            files: self.files.get(vm).cloned().unwrap_or_default(),
+        })
+    }
+}

@@ -1,0 +1,69 @@
+//! One engine at a time per state directory.
+//!
+//! An exclusive `flock` on `<state>/lock`, held for the life of the command; the file
+//! says who holds it so a second engine can name the holder in its refusal. The kernel
+//! drops the lock when the holder dies, even by `kill -9`: no stale locks.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{Flock, FlockArg};
+
+/// Errors taking the state lock.
+#[derive(Debug, thiserror::Error)]
+pub enum LockError {
+    #[error("state directory {} is in use by {holder}; wait for it to finish (or stop it) and retry", path.display())]
+    Held { path: PathBuf, holder: String },
+    #[error("cannot open lock file {path}")]
+    Open { path: PathBuf, #[source] source: io::Error },
+}
+
+/// The held lock; released on drop.
+#[derive(Debug)]
+pub struct StateLock {
+    _lock: Flock<File>,
+}
+
+impl StateLock {
+    /// Takes the lock without waiting, recording `what` (e.g. "plasmavmc apply") as the holder.
+    pub fn acquire(path: &Path, what: &str) -> Result<Self, LockError> {
+        let open_err = |source| LockError::Open { path: path.to_path_buf(), source };
+        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path).map_err(open_err)?;
+        let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => lock,
+            Err((mut file, _errno)) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() { "another process".to_owned() } else { holder.to_owned() };
+                return Err(LockError::Held { path: path.to_path_buf(), holder });
+            }
+        };
+        let since = humantime::format_rfc3339_seconds(std::time::SystemTime::now());
+        let text = format!("{what} (pid {}, since {since})\n", std::process::id());
+        let file: &mut File = &mut lock;
+        file.set_len(0).map_err(open_err)?;
+        file.rewind().map_err(open_err)?;
+        file.write_all(text.as_bytes()).map_err(open_err)?;
+        Ok(Self { _lock: lock })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_holder_is_refused_and_named() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("lock");
+        let first = StateLock::acquire(&path, "plasmavmc apply").expect("first");
+        let err = StateLock::acquire(&path, "plasmavmc plan").expect_err("second must fail");
+        let msg = err.to_string();
+        assert!(msg.contains("in use by plasmavmc apply (pid "), "{msg}");
+        drop(first);
+        StateLock::acquire(&path, "plasmavmc plan").expect("free again");
+    }
+}

@@ -1,0 +1,90 @@
+//! The engine's state directory: where status files, saved-plan checks, the lock and
+//! the embedded local host's root live.
+//!
+//! In: a path chosen by the CLI. Out: the folder, created 0700 and git-ignored, and
+//! the paths inside it. Touches only that folder.
+
+mod lock;
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+pub use lock::{LockError, StateLock};
+
+/// Errors preparing the state directory.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("cannot create state directory {path}")]
+    Create { path: PathBuf, #[source] source: io::Error },
+    #[error("cannot write {path}")]
+    Write { path: PathBuf, #[source] source: io::Error },
+}
+
+/// The state directory and the well-known paths inside it.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    root: PathBuf,
+}
+
+impl StateDir {
+    /// Opens (creating when missing) the state directory at `root`: mode 0700, with a
+    /// `.gitignore` that keeps it out of the repository it usually sits in.
+    pub fn open(root: &Path) -> Result<Self, StateError> {
+        create_private_dir(root)?;
+        let ignore = root.join(".gitignore");
+        if !ignore.exists() {
+            write_atomic(&ignore, b"# PlasmaVMC state: never commit it.\n*\n")?;
+        }
+        Ok(Self { root: root.to_path_buf() })
+    }
+
+    /// A state directory that may not exist (for read-only commands).
+    pub fn at(root: &Path) -> Self {
+        Self { root: root.to_path_buf() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Root of the embedded `local` host (and of `address = "local"` hosts without `root`).
+    pub fn host_root(&self, host: &str) -> PathBuf {
+        self.root.join(host)
+    }
+
+    pub fn status_dir(&self) -> PathBuf {
+        self.root.join("status")
+    }
+
+    pub fn lock_path(&self) -> PathBuf {
+        self.root.join("lock")
+    }
+}
+
+/// Creates `path` and its parents; the last component gets mode 0700.
+pub fn create_private_dir(path: &Path) -> Result<(), StateError> {
+    let err = |source| StateError::Create { path: path.to_path_buf(), source };
+    fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(err)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(err)
+}
+
+/// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync,
+/// rename, fsync of the folder. Readers see the old or the new content, never half.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
+    use io::Write;
+    let err = |source| StateError::Write { path: path.to_path_buf(), source };
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path.file_name().map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
+    file.write_all(bytes).map_err(err)?;
+    file.sync_all().map_err(err)?;
+    fs::rename(&tmp, path).map_err(err)?;
+    if let Ok(d) = fs::File::open(dir) {
+        // Durability of the rename; a failure here loses nothing already visible.
+        let _ = d.sync_all();
+    }
+    Ok(())
+}

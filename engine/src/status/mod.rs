@@ -1,0 +1,325 @@
+//! Status files: what really runs, written back for operators and tools.
+//!
+//! In: the observed hosts (fresh, after acting), the desired state when the commit was
+//! valid, and what this run did. Out: `<state>/status/engine.toml`,
+//! `status/vms/<name>.toml`, `status/hosts/<name>.toml`, each written atomically.
+//! Events of earlier runs are kept (the most recent [`MAX_EVENTS`]).
+
+mod table;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use plasmavmc_specs::Desired;
+use serde::{Deserialize, Serialize};
+
+pub use table::print_table;
+
+use crate::execute::{Outcome, Report};
+use crate::observe::{Capacity, Observed, Retained, RunState};
+use crate::plan::Action;
+use crate::state::{create_private_dir, write_atomic, StateError};
+
+/// Events kept per VM.
+pub const MAX_EVENTS: usize = 20;
+
+/// `status/engine.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineStatus {
+    pub version: String,
+    pub updated_at: String,
+    /// Spec folder, relative to the repository top.
+    pub spec_dir: String,
+    /// The newest commit the engine read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision_seen: Option<String>,
+    /// The newest commit applied completely.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_applied_revision: Option<String>,
+    /// The newest commit the engine tried to apply (valid or not).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_attempted_revision: Option<String>,
+    /// Why the last attempt failed (validation errors as `path:line:col: message`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+}
+
+/// Phase of a VM as status reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmPhase {
+    Pending,
+    Starting,
+    Running,
+    Stopping,
+    Stopped,
+    Migrating,
+    Crashed,
+    Failed,
+    Unknown,
+}
+
+impl VmPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VmPhase::Pending => "pending",
+            VmPhase::Starting => "starting",
+            VmPhase::Running => "running",
+            VmPhase::Stopping => "stopping",
+            VmPhase::Stopped => "stopped",
+            VmPhase::Migrating => "migrating",
+            VmPhase::Crashed => "crashed",
+            VmPhase::Failed => "failed",
+            VmPhase::Unknown => "unknown",
+        }
+    }
+}
+
+/// One thing that happened to a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmEvent {
+    pub at: String,
+    pub kind: String,
+    pub message: String,
+}
+
+/// `status/vms/<name>.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmStatus {
+    pub name: String,
+    pub phase: VmPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// When the current QEMU started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    /// Starts after an exit the engine did not ask for.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Commit of the spec the instance runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_revision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spec_hash: Option<String>,
+    /// True when the instance runs the committed spec.
+    #[serde(default)]
+    pub up_to_date: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub events: Vec<VmEvent>,
+}
+
+/// `status/hosts/<name>.toml`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostStatus {
+    pub name: String,
+    pub phase: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat: Option<String>,
+    pub capacity: Capacity,
+    pub allocated: Capacity,
+    pub vms: Vec<String>,
+    /// Disks kept after their VM or disk left the specs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retained: Vec<Retained>,
+}
+
+/// Everything the status folder holds.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub engine: EngineStatus,
+    pub vms: Vec<VmStatus>,
+    pub hosts: Vec<HostStatus>,
+}
+
+/// Errors reading or writing status files.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusError {
+    #[error(transparent)]
+    Write(#[from] StateError),
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, #[source] source: std::io::Error },
+    #[error("{path} is damaged")]
+    Parse { path: PathBuf, #[source] source: toml::de::Error },
+}
+
+/// The status folder.
+#[derive(Debug, Clone)]
+pub struct StatusDir {
+    dir: PathBuf,
+}
+
+impl StatusDir {
+    pub fn new(dir: &Path) -> Self {
+        Self { dir: dir.to_path_buf() }
+    }
+
+    fn vm_path(&self, vm: &str) -> PathBuf {
+        self.dir.join("vms").join(format!("{vm}.toml"))
+    }
+
+    /// Reads what the status folder holds; missing files give defaults.
+    pub fn read(&self) -> Result<Snapshot, StatusError> {
+        let mut snap = Snapshot { engine: read_toml(&self.dir.join("engine.toml"))?.unwrap_or_default(), ..Snapshot::default() };
+        for (sub, push) in [("vms", 0), ("hosts", 1)] {
+            let Ok(entries) = fs::read_dir(self.dir.join(sub)) else { continue };
+            let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect();
+            paths.sort();
+            for path in paths {
+                if push == 0 {
+                    snap.vms.extend(read_toml::<VmStatus>(&path)?);
+                } else {
+                    snap.hosts.extend(read_toml::<HostStatus>(&path)?);
+                }
+            }
+        }
+        Ok(snap)
+    }
+
+    /// Writes the engine file only (e.g. after a refused commit).
+    pub fn write_engine(&self, engine: &EngineStatus) -> Result<(), StatusError> {
+        create_private_dir(&self.dir)?;
+        write_toml(&self.dir.join("engine.toml"), engine)
+    }
+
+    /// Writes every file of `snap` and removes VM/host files that are no longer in it.
+    pub fn write(&self, snap: &Snapshot) -> Result<(), StatusError> {
+        self.write_engine(&snap.engine)?;
+        for (sub, names) in [("vms", snap.vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>()), ("hosts", snap.hosts.iter().map(|h| h.name.as_str()).collect())] {
+            let dir = self.dir.join(sub);
+            create_private_dir(&dir)?;
+            for entry in fs::read_dir(&dir).map_err(|source| StatusError::Read { path: dir.clone(), source })?.flatten() {
+                let path = entry.path();
+                let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+                if path.extension().is_some_and(|e| e == "toml") && !names.contains(&stem) {
+                    let _ = fs::remove_file(&path);
+                }
+            }
+        }
+        for vm in &snap.vms {
+            write_toml(&self.vm_path(&vm.name), vm)?;
+        }
+        for host in &snap.hosts {
+            write_toml(&self.dir.join("hosts").join(format!("{}.toml", host.name)), host)?;
+        }
+        Ok(())
+    }
+
+    /// Builds the new snapshot from what runs now, keeping earlier events and counters.
+    pub fn build(&self, engine: EngineStatus, desired: Option<&Desired>, observed: &Observed, report: Option<&Report>) -> Snapshot {
+        let mut vms: BTreeMap<String, VmStatus> = BTreeMap::new();
+        let previous = |name: &str| read_toml::<VmStatus>(&self.vm_path(name)).ok().flatten();
+        for (host, inv) in &observed.hosts {
+            for (name, o) in &inv.vms {
+                let prev = previous(name);
+                let want = desired.and_then(|d| d.vms.get(name));
+                let (phase, message) = match o.state {
+                    RunState::Running => (VmPhase::Running, None),
+                    RunState::Paused => (VmPhase::Starting, o.detail.clone()),
+                    RunState::Unresponsive => (VmPhase::Unknown, o.detail.clone()),
+                    RunState::Stopped => (VmPhase::Stopped, None),
+                    RunState::Exited => (VmPhase::Crashed, Some("QEMU exited without the engine asking".to_owned())),
+                };
+                vms.insert(
+                    name.clone(),
+                    VmStatus {
+                        name: name.clone(),
+                        phase,
+                        host: Some(host.clone()),
+                        pid: o.pid,
+                        since: o.started_at.clone().filter(|_| o.state.has_process()),
+                        restarts: prev.as_ref().map_or(0, |p| p.restarts),
+                        spec_revision: Some(o.revision.clone()),
+                        spec_hash: Some(o.spec_hash.clone()),
+                        up_to_date: want.is_some_and(|w| w.hash == o.spec_hash),
+                        message,
+                        events: prev.map(|p| p.events).unwrap_or_default(),
+                    },
+                );
+            }
+        }
+        if let Some(d) = desired {
+            let missing: Vec<&String> = d.vms.keys().filter(|n| !vms.contains_key(*n)).collect();
+            for name in missing {
+                let prev = previous(name);
+                vms.insert(
+                    name.clone(),
+                    VmStatus {
+                        name: name.clone(),
+                        phase: VmPhase::Pending,
+                        host: d.vms[name].spec.host.clone(),
+                        pid: None,
+                        since: None,
+                        restarts: prev.as_ref().map_or(0, |p| p.restarts),
+                        spec_revision: None,
+                        spec_hash: None,
+                        up_to_date: false,
+                        message: Some("not created yet".to_owned()),
+                        events: prev.map(|p| p.events).unwrap_or_default(),
+                    },
+                );
+            }
+        }
+        if let Some(report) = report {
+            apply_report(&mut vms, report);
+        }
+        let hosts = observed
+            .hosts
+            .iter()
+            .map(|(name, inv)| {
+                let running: Vec<_> = inv.vms.values().filter(|v| v.state.has_process()).collect();
+                HostStatus {
+                    name: name.clone(),
+                    phase: "ready".to_owned(),
+                    last_heartbeat: Some(crate::time::now()),
+                    capacity: inv.capacity,
+                    allocated: Capacity { vcpus: running.iter().map(|v| v.spec.vcpus).sum(), memory_mb: running.iter().map(|v| v.spec.memory_mb).sum() },
+                    vms: inv.vms.keys().cloned().collect(),
+                    retained: inv.retained.clone(),
+                }
+            })
+            .collect();
+        Snapshot { engine, vms: vms.into_values().collect(), hosts }
+    }
+}
+
+/// Records this run's steps as events; a failure becomes the VM's message.
+fn apply_report(vms: &mut BTreeMap<String, VmStatus>, report: &Report) {
+    let now = crate::time::now();
+    for step in &report.steps {
+        let Some(status) = vms.get_mut(step.action.vm()) else { continue };
+        let (kind, message) = match &step.outcome {
+            Outcome::Done { detail, .. } => (step.action.op().to_owned(), detail.clone()),
+            Outcome::Failed { error } => {
+                status.message = Some(format!("{} failed: {error}", step.action.op()));
+                (format!("{}-failed", step.action.op()), error.clone())
+            }
+            Outcome::Skipped { .. } => continue,
+        };
+        if matches!(step.action, Action::Start { .. }) && step.action.reason().contains("exited") && matches!(step.outcome, Outcome::Done { .. }) {
+            status.restarts += 1;
+        }
+        status.events.push(VmEvent { at: now.clone(), kind, message });
+    }
+    for status in vms.values_mut() {
+        let excess = status.events.len().saturating_sub(MAX_EVENTS);
+        status.events.drain(..excess);
+    }
+}
+
+fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, StatusError> {
+    match fs::read_to_string(path) {
+        Ok(text) => toml::from_str(&text).map(Some).map_err(|source| StatusError::Parse { path: path.to_path_buf(), source }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StatusError::Read { path: path.to_path_buf(), source }),
+    }
+}
+
+fn write_toml<T: Serialize>(path: &Path, value: &T) -> Result<(), StatusError> {
+    let text = toml::to_string_pretty(value).expect("status always serialises");
+    Ok(write_atomic(path, text.as_bytes())?)
+}

@@ -1,0 +1,63 @@
+//! `plasmavmc status` for humans: one table of VMs, one line per host.
+
+use std::fmt::Write;
+
+use super::Snapshot;
+
+/// Renders the snapshot as text.
+pub fn print_table(snap: &Snapshot) -> String {
+    let mut out = String::new();
+    let e = &snap.engine;
+    let short = |r: &Option<String>| r.as_deref().map_or("-".to_owned(), |r| r.get(..12).unwrap_or(r).to_owned());
+    let _ = writeln!(out, "applied {}  attempted {}  updated {}", short(&e.last_applied_revision), short(&e.last_attempted_revision), e.updated_at);
+    if let Some(err) = &e.last_error {
+        let _ = writeln!(out, "last error:\n{err}");
+    }
+    let rows: Vec<[String; 7]> = snap
+        .vms
+        .iter()
+        .map(|v| {
+            [
+                v.name.clone(),
+                v.phase.as_str().to_owned(),
+                v.host.clone().unwrap_or_else(|| "-".to_owned()),
+                v.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
+                v.since.clone().unwrap_or_else(|| "-".to_owned()),
+                v.restarts.to_string(),
+                v.message.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let header = ["VM", "PHASE", "HOST", "PID", "SINCE", "RESTARTS", "MESSAGE"].map(str::to_owned);
+    let mut widths = header.clone().map(|h| h.len());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    out.push('\n');
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let _ = writeln!(out, "{}", line.join("  ").trim_end());
+    }
+    if rows.is_empty() {
+        let _ = writeln!(out, "(no VMs)");
+    }
+    for h in &snap.hosts {
+        let _ = writeln!(
+            out,
+            "\nhost {}: {}, {} VMs, {}/{} vCPUs and {}/{} MiB allocated",
+            h.name,
+            h.phase,
+            h.vms.len(),
+            h.allocated.vcpus,
+            h.capacity.vcpus,
+            h.allocated.memory_mb,
+            h.capacity.memory_mb
+        );
+        for r in &h.retained {
+            let _ = writeln!(out, "  retained disks of {} in {} ({})", r.vm, r.path.display(), r.reason);
+        }
+    }
+    out
+}

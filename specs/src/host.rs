@@ -1,0 +1,145 @@
+//! The host spec: one `hosts/<name>.toml` file.
+//!
+//! With no `hosts/` folder the repository has one implicit host, `local`: this
+//! machine, rooted at `<state>/local`.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::diag::Seg;
+use crate::vm::{Accel, Problem};
+
+/// Name of the implicit host used when the repository has no `hosts/` folder.
+pub const LOCAL_HOST: &str = "local";
+
+/// A hypervisor host the engine places VMs on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HostSpec {
+    /// The host's name. Defaults to the file name without `.toml`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// How to reach the host: `local` (this machine) or `ssh://user@host[:port]`.
+    /// Exactly one of `address` and `exec` must be set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub address: Option<String>,
+    /// A command (argv, never a shell line) whose stdin/stdout speak the agent protocol.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exec: Option<Vec<String>>,
+    /// Folder on the host where instances and local disks live (absolute).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
+    /// Schedulable vCPUs. Default: what the host reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vcpus: Option<u32>,
+    /// Schedulable memory in MiB. Default: what the host reports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    /// `active`, or `maintenance` to drain it: every VM moves off and nothing new lands.
+    #[serde(default)]
+    pub state: HostState,
+    /// A path every host of `storage_pool` sees (e.g. an NFS mount).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_storage: Option<String>,
+    /// Name of the shared storage pool this host belongs to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_pool: Option<String>,
+    /// Fencing command (argv); exit 0 means the host is powered off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<Vec<String>>,
+    /// Default accelerator for VMs on this host.
+    #[serde(default)]
+    pub accel: Accel,
+    /// Free-form labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Administrative state of a host.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostState {
+    /// Receives and runs VMs.
+    #[default]
+    Active,
+    /// Drained: its VMs move elsewhere, nothing new is placed on it.
+    Maintenance,
+}
+
+impl HostSpec {
+    /// The implicit `local` host of a repository without `hosts/`.
+    pub fn implicit_local() -> Self {
+        Self {
+            name: Some(LOCAL_HOST.to_owned()),
+            address: Some("local".to_owned()),
+            exec: None,
+            root: None,
+            vcpus: None,
+            memory_mb: None,
+            state: HostState::Active,
+            shared_storage: None,
+            storage_pool: None,
+            fence: None,
+            accel: Accel::Auto,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Everything wrong with this spec on its own.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out: Vec<Problem> = Vec::new();
+        if let Some(p) = self.name.as_deref().and_then(crate::name::name_problem) {
+            out.push((vec![Seg::Key("name")], p));
+        }
+        match (&self.address, &self.exec) {
+            (Some(_), Some(_)) => out.push((vec![Seg::Key("exec")], "set either `address` or `exec`, not both".to_owned())),
+            (None, None) => out.push((vec![], "a host needs `address` (\"local\" or \"ssh://user@host\") or `exec`".to_owned())),
+            (Some(addr), None) => {
+                if let Some(p) = address_problem(addr) {
+                    out.push((vec![Seg::Key("address")], p));
+                }
+            }
+            (None, Some(argv)) => {
+                if argv.is_empty() || argv[0].is_empty() {
+                    out.push((vec![Seg::Key("exec")], "exec needs at least a program".to_owned()));
+                }
+            }
+        }
+        for (key, path) in [("root", &self.root), ("shared_storage", &self.shared_storage)] {
+            if let Some(path) = path {
+                if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+                    out.push((vec![Seg::Key(key)], format!("{key} {path:?} must be an absolute path without '..'")));
+                }
+            }
+        }
+        if self.shared_storage.is_some() != self.storage_pool.is_some() {
+            out.push((vec![Seg::Key("storage_pool")], "shared_storage and storage_pool go together".to_owned()));
+        }
+        if self.fence.as_ref().is_some_and(|f| f.is_empty() || f[0].is_empty()) {
+            out.push((vec![Seg::Key("fence")], "fence needs at least a program".to_owned()));
+        }
+        if self.vcpus == Some(0) {
+            out.push((vec![Seg::Key("vcpus")], "vcpus must be at least 1".to_owned()));
+        }
+        if self.memory_mb.is_some_and(|m| m < 16) {
+            out.push((vec![Seg::Key("memory_mb")], "memory_mb must be at least 16".to_owned()));
+        }
+        out
+    }
+}
+
+fn address_problem(addr: &str) -> Option<String> {
+    if addr == "local" {
+        return None;
+    }
+    let Some(rest) = addr.strip_prefix("ssh://") else {
+        return Some(format!("address {addr:?} must be \"local\" or \"ssh://user@host[:port]\""));
+    };
+    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+    let ok = !host.is_empty()
+        && !rest.starts_with('-')
+        && rest.chars().all(|c| c.is_ascii_alphanumeric() || "@.:-_[]".contains(c));
+    (!ok).then(|| format!("address {addr:?} is not a valid ssh://user@host[:port]"))
+}

@@ -1,0 +1,21 @@
+//! PlasmaVMC spec model: the TOML files operators commit, their validation and their
+//! JSON Schema.
+//!
+//! In: file paths and bytes of one commit. Out: a validated [`Desired`] state or every
+//! [`Diagnostic`] as `path:line:col: message`. This crate does no I/O beyond parsing
+//! the text it is given: no filesystem, no git, no clock.
+
+pub mod cluster;
+pub mod diag;
+pub mod host;
+pub mod load;
+pub mod name;
+pub mod schema;
+pub mod vm;
+
+pub use cluster::{ClusterSpec, HumanDuration, Timeouts};
+pub use diag::{Diagnostic, Seg};
+pub use host::{HostSpec, HostState, LOCAL_HOST};
+pub use load::{load, spec_hash, Desired, HostEntry, SourceFile, VmEntry};
+pub use name::name_problem;
+pub use vm::{Accel, Boot, Disk, Forward, MigrationPolicy, Network, Nic, Power, QemuSettings, RestartPolicy, Storage, VmSpec};

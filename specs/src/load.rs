@@ -1,0 +1,254 @@
+//! From the files of one commit to a validated [`Desired`] state, or every error.
+//!
+//! In: the committed files below the spec folder (path + bytes). Out: [`Desired`]
+//! or all [`Diagnostic`]s at once — one bad file refuses the whole commit, and a file
+//! that fails to parse is never read as "this VM was deleted". No I/O here: checks
+//! that need the filesystem (kernel files exist) are the engine's.
+
+use std::collections::BTreeMap;
+
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use crate::cluster::ClusterSpec;
+use crate::diag::{Diagnostic, Seg};
+use crate::host::{HostSpec, LOCAL_HOST};
+use crate::name::name_problem;
+use crate::vm::{Problem, VmSpec};
+
+/// Largest spec file accepted, in bytes.
+pub const MAX_FILE_BYTES: usize = 1 << 20;
+
+/// One committed file below the spec folder.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// Path for messages: relative to the repository root, as git shows it.
+    pub path: String,
+    /// Path relative to the spec folder (`vms/web/a.toml`); decides what the file is.
+    pub rel: String,
+    pub bytes: Vec<u8>,
+}
+
+/// The validated desired state of one commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Desired {
+    pub cluster: ClusterSpec,
+    pub hosts: BTreeMap<String, HostEntry>,
+    pub vms: BTreeMap<String, VmEntry>,
+    /// True when the repository has no `hosts/`: one implicit host, `local`.
+    pub implicit_local: bool,
+}
+
+/// A host and the file it came from (`None` for the implicit `local`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostEntry {
+    pub name: String,
+    pub file: Option<String>,
+    pub spec: HostSpec,
+}
+
+/// A VM, its file, and the hash of its normalised spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmEntry {
+    pub name: String,
+    pub file: String,
+    /// The spec with `name` filled in.
+    pub spec: VmSpec,
+    pub hash: String,
+}
+
+impl Desired {
+    /// The source text of every file, kept so later checks can locate keys.
+    pub fn empty() -> Self {
+        Self { cluster: ClusterSpec::default(), hosts: BTreeMap::new(), vms: BTreeMap::new(), implicit_local: true }
+    }
+}
+
+/// Stable short hash of a VM spec (hex, 16 digits): equal specs, equal hashes.
+pub fn spec_hash(spec: &VmSpec) -> String {
+    let json = serde_json::to_vec(spec).expect("a VmSpec always serialises");
+    let digest = Sha256::digest(json);
+    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+}
+
+enum Kind {
+    Cluster,
+    Host,
+    Vm,
+    Ignored,
+}
+
+fn kind_of(rel: &str) -> Result<Kind, String> {
+    if rel == "plasmavmc.toml" {
+        return Ok(Kind::Cluster);
+    }
+    if let Some(rest) = rel.strip_prefix("hosts/") {
+        if !rest.ends_with(".toml") {
+            return Ok(Kind::Ignored);
+        }
+        if rest.contains('/') {
+            return Err("host files must sit directly in hosts/, not in subfolders".to_owned());
+        }
+        return Ok(Kind::Host);
+    }
+    if let Some(rest) = rel.strip_prefix("vms/") {
+        return Ok(if rest.ends_with(".toml") { Kind::Vm } else { Kind::Ignored });
+    }
+    Ok(Kind::Ignored)
+}
+
+/// Validates the whole commit: every file on its own, then names, duplicates and pins
+/// across files. Returns every problem found, sorted by file and position.
+pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
+    let mut diags = Vec::new();
+    let mut desired = Desired::empty();
+    let mut texts: BTreeMap<&str, String> = BTreeMap::new();
+    let mut vm_files: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    let mut host_files: BTreeMap<String, Vec<&str>> = BTreeMap::new();
+    let mut vms = Vec::new();
+
+    for file in files {
+        let kind = match kind_of(&file.rel) {
+            Ok(Kind::Ignored) => continue,
+            Ok(kind) => kind,
+            Err(msg) => {
+                diags.push(Diagnostic::file(&file.path, msg));
+                continue;
+            }
+        };
+        let Some(text) = file_text(file, &mut diags) else { continue };
+        match kind {
+            Kind::Cluster => {
+                if let Some(spec) = parse::<ClusterSpec>(file, &text, &mut diags) {
+                    desired.cluster = spec;
+                }
+            }
+            Kind::Host => {
+                let Some(mut spec) = parse::<HostSpec>(file, &text, &mut diags) else { continue };
+                push_problems(file, &text, spec.problems(), &mut diags);
+                let Some(name) = entry_name(file, &text, spec.name.as_deref(), &mut diags) else { continue };
+                spec.name = Some(name.clone());
+                host_files.entry(name.clone()).or_default().push(&file.path);
+                desired.hosts.insert(name.clone(), HostEntry { name, file: Some(file.path.clone()), spec });
+            }
+            Kind::Vm => {
+                let Some(mut spec) = parse::<VmSpec>(file, &text, &mut diags) else { continue };
+                push_problems(file, &text, spec.problems(), &mut diags);
+                let Some(name) = entry_name(file, &text, spec.name.as_deref(), &mut diags) else { continue };
+                spec.name = Some(name.clone());
+                vm_files.entry(name.clone()).or_default().push(&file.path);
+                vms.push((file, name, spec));
+            }
+            Kind::Ignored => {}
+        }
+        texts.insert(&file.path, text);
+    }
+
+    for (what, map) in [("VM", &vm_files), ("host", &host_files)] {
+        for (name, paths) in map.iter().filter(|(_, p)| p.len() > 1) {
+            for path in paths {
+                let others: Vec<&str> = paths.iter().copied().filter(|p| p != path).collect();
+                diags.push(Diagnostic::file(path, format!("{what} name {name:?} is also used by {}", others.join(", "))));
+            }
+        }
+    }
+
+    desired.implicit_local = desired.hosts.is_empty() && host_files.is_empty();
+    if desired.implicit_local {
+        desired.hosts.insert(
+            LOCAL_HOST.to_owned(),
+            HostEntry { name: LOCAL_HOST.to_owned(), file: None, spec: HostSpec::implicit_local() },
+        );
+    }
+
+    let mut ports: BTreeMap<(bool, u16), &str> = BTreeMap::new();
+    for (file, name, spec) in &vms {
+        let text = texts.get(file.path.as_str()).map_or("", String::as_str);
+        if let Some(host) = &spec.host {
+            if !desired.hosts.contains_key(host) {
+                let known: Vec<&str> = desired.hosts.keys().map(String::as_str).collect();
+                diags.push(Diagnostic::at_key(
+                    &file.path,
+                    text,
+                    &[Seg::Key("host")],
+                    format!("unknown host {host:?}; known hosts: {}", known.join(", ")),
+                ));
+            }
+        }
+        if desired.implicit_local {
+            for fwd in spec.forwards() {
+                if let Some(other) = ports.insert((fwd.udp, fwd.host_port), name) {
+                    diags.push(Diagnostic::at_key(
+                        &file.path,
+                        text,
+                        &[Seg::Key("nics")],
+                        format!("host port {} is already forwarded by VM {other:?}", fwd.host_port),
+                    ));
+                }
+            }
+        }
+    }
+
+    if !diags.is_empty() {
+        diags.sort();
+        diags.dedup();
+        return Err(diags);
+    }
+    for (file, name, spec) in vms {
+        let hash = spec_hash(&spec);
+        desired.vms.insert(name.clone(), VmEntry { name, file: file.path.clone(), spec, hash });
+    }
+    Ok(desired)
+}
+
+fn file_text(file: &SourceFile, diags: &mut Vec<Diagnostic>) -> Option<String> {
+    if file.bytes.len() > MAX_FILE_BYTES {
+        diags.push(Diagnostic::file(
+            &file.path,
+            format!("file is {} bytes; spec files are limited to {MAX_FILE_BYTES} bytes", file.bytes.len()),
+        ));
+        return None;
+    }
+    match String::from_utf8(file.bytes.clone()) {
+        Ok(text) => Some(text),
+        Err(e) => {
+            let offset = e.utf8_error().valid_up_to();
+            let valid = String::from_utf8_lossy(&file.bytes[..offset]).into_owned();
+            diags.push(Diagnostic::at_offset(&file.path, &valid, offset, "file is not valid UTF-8 text"));
+            None
+        }
+    }
+}
+
+fn parse<T: DeserializeOwned>(file: &SourceFile, text: &str, diags: &mut Vec<Diagnostic>) -> Option<T> {
+    match toml::from_str::<T>(text) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let offset = e.span().map_or(0, |s| s.start);
+            diags.push(Diagnostic::at_offset(&file.path, text, offset, e.message().trim().to_owned()));
+            None
+        }
+    }
+}
+
+fn push_problems(file: &SourceFile, text: &str, problems: Vec<Problem>, diags: &mut Vec<Diagnostic>) {
+    for (key, msg) in problems {
+        diags.push(Diagnostic::at_key(&file.path, text, &key, msg));
+    }
+}
+
+/// The entry's name: `name` when set, else the file stem; both must be valid names.
+fn entry_name(file: &SourceFile, text: &str, set: Option<&str>, diags: &mut Vec<Diagnostic>) -> Option<String> {
+    if let Some(name) = set {
+        // Problems with an explicit name were reported by `problems()`.
+        return name_problem(name).is_none().then(|| name.to_owned());
+    }
+    let stem = file.rel.rsplit('/').next().unwrap_or(&file.rel).trim_end_matches(".toml");
+    match name_problem(stem) {
+        None => Some(stem.to_owned()),
+        Some(p) => {
+            diags.push(Diagnostic::at_offset(&file.path, text, 0, format!("file name gives the {p}; rename the file or set `name`")));
+            None
+        }
+    }
+}

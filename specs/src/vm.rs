@@ -1,0 +1,341 @@
+//! The VM spec: one `vms/**/<name>.toml` file.
+//!
+//! Types only, strict (`deny_unknown_fields`) and schema-backed; the doc comments
+//! become the JSON Schema descriptions editors show. Cross-field checks live in
+//! [`VmSpec::problems`]; checks across files live in `load`.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::diag::Seg;
+use crate::name::name_problem;
+
+/// A virtual machine: what should run, how big, and what to do when it stops.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VmSpec {
+    /// The VM's name. Defaults to the file name without `.toml`. Must match
+    /// `^[a-z][a-z0-9-]{0,62}$` and be unique across the repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Number of virtual CPUs (at least 1).
+    #[serde(default = "default_vcpus")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub vcpus: u32,
+    /// Guest memory in MiB (at least 16).
+    #[serde(default = "default_memory_mb")]
+    #[schemars(range(min = 16))]
+    pub memory_mb: u64,
+    /// Whether the VM should be running or stopped.
+    #[serde(default)]
+    pub power: Power,
+    /// Pin the VM to this host (a name from `hosts/`). Absent: the scheduler places it and
+    /// keeps it there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// What to do after the VM stops without the engine asking it to.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Recover the VM on another host when its host is lost (after fencing).
+    #[serde(default)]
+    pub ha: bool,
+    /// How to move the VM when its placement changes.
+    #[serde(default)]
+    pub migration: MigrationPolicy,
+    /// Anti-affinity group: VMs of one group are spread over different hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Direct kernel boot. Absent: the VM boots from its first disk (firmware).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot: Option<Boot>,
+    /// Disks, attached as virtio block devices in this order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<Disk>,
+    /// Network interfaces, attached as virtio-net devices in this order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<Nic>,
+    /// QEMU machine settings.
+    #[serde(default)]
+    pub qemu: QemuSettings,
+}
+
+fn default_vcpus() -> u32 {
+    1
+}
+
+fn default_memory_mb() -> u64 {
+    256
+}
+
+/// Desired power state.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Power {
+    /// The VM should run.
+    #[default]
+    Running,
+    /// The VM should be stopped (gracefully, by ACPI power-down).
+    Stopped,
+}
+
+/// Restart policy after an exit the engine did not ask for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restart after any exit, including the guest powering itself off.
+    #[default]
+    Always,
+    /// Restart only after a crash or a guest panic.
+    OnFailure,
+    /// Never restart; the VM stays stopped and status says why.
+    Never,
+}
+
+/// How to move a VM between hosts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPolicy {
+    /// Live migration: the guest keeps running.
+    #[default]
+    Live,
+    /// Stop, copy the disks, start on the target.
+    Cold,
+    /// Never move automatically: the plan says a restart elsewhere is needed.
+    None,
+}
+
+/// Direct kernel boot. Paths are read from the filesystem, never from git: absolute, or
+/// relative to the spec folder (the `--path` folder of the repository), inside it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Boot {
+    /// Kernel image (bzImage/vmlinuz).
+    pub kernel: String,
+    /// Initial ramdisk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<String>,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmdline: Option<String>,
+}
+
+/// A disk. Exactly one of `size_gb` (a new empty disk) or `image` (a copy-on-write
+/// overlay of a base image) must be set. Disks are never deleted implicitly.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Disk {
+    /// Disk name, unique within the VM; the file is `<name>.qcow2`.
+    pub name: String,
+    /// Size of a new empty qcow2 disk, in GiB (at least 1). Growing it later resizes the
+    /// disk on the next restart; shrinking is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub size_gb: Option<u64>,
+    /// Base image (qcow2 or raw) the disk is created from as a qcow2 overlay. Read from the
+    /// filesystem like `boot.kernel`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Where the disk lives.
+    #[serde(default)]
+    pub storage: Storage,
+}
+
+/// Disk placement.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Storage {
+    /// Shared when the host has `shared_storage`, else local.
+    #[default]
+    Auto,
+    /// On the host's shared storage (required).
+    Shared,
+    /// Under the host's root.
+    Local,
+}
+
+/// A network interface.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Nic {
+    /// Network kind. Only user-mode networking (`user`) exists so far.
+    #[serde(default)]
+    pub network: Network,
+    /// Port forwards from the host to the guest: `"tcp:HOSTPORT:GUESTPORT"` or
+    /// `"udp:HOSTPORT:GUESTPORT"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forward: Vec<String>,
+}
+
+/// Network kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Network {
+    /// QEMU user-mode networking (slirp): outbound access and port forwards.
+    #[default]
+    User,
+}
+
+/// QEMU settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QemuSettings {
+    /// Accelerator: `kvm`, `tcg` (software emulation) or `auto` (kvm when /dev/kvm opens).
+    #[serde(default)]
+    pub accel: Accel,
+    /// QEMU machine type, e.g. `q35` or `pc`.
+    #[serde(default = "default_machine")]
+    pub machine: String,
+}
+
+impl Default for QemuSettings {
+    fn default() -> Self {
+        Self { accel: Accel::default(), machine: default_machine() }
+    }
+}
+
+fn default_machine() -> String {
+    "q35".to_owned()
+}
+
+/// CPU accelerator.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Accel {
+    /// KVM when /dev/kvm can be opened, else TCG.
+    #[default]
+    Auto,
+    /// Hardware virtualisation.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// A port forward parsed from `"tcp:2222:22"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Forward {
+    pub udp: bool,
+    pub host_port: u16,
+    pub guest_port: u16,
+}
+
+impl Forward {
+    /// Parses `"tcp:HOSTPORT:GUESTPORT"` / `"udp:HOSTPORT:GUESTPORT"`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = text.split(':').collect();
+        let [proto, host, guest] = parts.as_slice() else {
+            return Err(format!("forward {text:?} must look like \"tcp:2222:22\""));
+        };
+        let udp = match *proto {
+            "tcp" => false,
+            "udp" => true,
+            other => return Err(format!("forward protocol {other:?} must be \"tcp\" or \"udp\"")),
+        };
+        let port = |p: &str| match p.parse::<u16>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => Err(format!("port {p:?} in forward {text:?} must be a number 1-65535")),
+        };
+        Ok(Self { udp, host_port: port(host)?, guest_port: port(guest)? })
+    }
+}
+
+/// A problem inside one VM spec: where (key path) and what.
+pub type Problem = (Vec<Seg<'static>>, String);
+
+impl VmSpec {
+    /// Everything wrong with this spec on its own (not counting other files or the
+    /// filesystem), each with the key path it concerns.
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out: Vec<Problem> = Vec::new();
+        let mut bad = |key: Vec<Seg<'static>>, msg: String| out.push((key, msg));
+        if let Some(name) = &self.name {
+            if let Some(p) = name_problem(name) {
+                bad(vec![Seg::Key("name")], p);
+            }
+        }
+        if self.vcpus == 0 || self.vcpus > 1024 {
+            bad(vec![Seg::Key("vcpus")], format!("vcpus = {} must be between 1 and 1024", self.vcpus));
+        }
+        if self.memory_mb < 16 {
+            bad(vec![Seg::Key("memory_mb")], format!("memory_mb = {} must be at least 16", self.memory_mb));
+        }
+        if let Some(group) = &self.group {
+            if let Some(p) = name_problem(group) {
+                bad(vec![Seg::Key("group")], format!("group: {p}"));
+            }
+        }
+        if let Some(boot) = &self.boot {
+            for (key, value) in [("kernel", Some(&boot.kernel)), ("initrd", boot.initrd.as_ref())] {
+                if let Some(p) = value.and_then(|v| path_problem(v)) {
+                    bad(vec![Seg::Key("boot"), Seg::Key(key)], p);
+                }
+            }
+            if boot.cmdline.as_deref().is_some_and(|c| c.contains(['\n', '\0'])) {
+                bad(vec![Seg::Key("boot"), Seg::Key("cmdline")], "cmdline must be one line".to_owned());
+            }
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, disk) in self.disks.iter().enumerate() {
+            let at = |k: &'static str| vec![Seg::Key("disks"), Seg::Index(i), Seg::Key(k)];
+            if let Some(p) = name_problem(&disk.name) {
+                bad(at("name"), format!("disk {p}"));
+            } else if !seen.insert(disk.name.as_str()) {
+                bad(at("name"), format!("disk name {:?} is used twice in this VM", disk.name));
+            }
+            match (disk.size_gb, &disk.image) {
+                (None, None) => bad(at("name"), "disk needs `size_gb` or `image`".to_owned()),
+                (Some(_), Some(_)) => {
+                    bad(at("image"), "set either `size_gb` or `image`, not both".to_owned());
+                }
+                (Some(0), None) => bad(at("size_gb"), "size_gb must be at least 1".to_owned()),
+                (Some(n), None) if n > 64 * 1024 => {
+                    bad(at("size_gb"), format!("size_gb = {n} is larger than 64 TiB"));
+                }
+                (None, Some(image)) => {
+                    if let Some(p) = path_problem(image) {
+                        bad(at("image"), p);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut ports = std::collections::BTreeSet::new();
+        for (i, nic) in self.nics.iter().enumerate() {
+            for (j, fwd) in nic.forward.iter().enumerate() {
+                let at = vec![Seg::Key("nics"), Seg::Index(i), Seg::Key("forward"), Seg::Index(j)];
+                match Forward::parse(fwd) {
+                    Err(p) => bad(at, p),
+                    Ok(f) if !ports.insert((f.udp, f.host_port)) => {
+                        bad(at, format!("host port {} is forwarded twice", f.host_port));
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+        let machine = &self.qemu.machine;
+        if machine.is_empty()
+            || !machine.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+        {
+            bad(
+                vec![Seg::Key("qemu"), Seg::Key("machine")],
+                format!("machine {machine:?} may only hold letters, digits, '.', '-' and '_'"),
+            );
+        }
+        out
+    }
+
+    /// All host ports this VM forwards.
+    pub fn forwards(&self) -> impl Iterator<Item = Forward> + '_ {
+        self.nics.iter().flat_map(|n| n.forward.iter()).filter_map(|f| Forward::parse(f).ok())
+    }
+}
+
+/// Why a file path given in a spec is unusable on its own, or `None`.
+fn path_problem(path: &str) -> Option<String> {
+    if path.is_empty() {
+        return Some("path is empty".to_owned());
+    }
+    if path.contains(['\0', '\n']) {
+        return Some(format!("path {path:?} contains a control character"));
+    }
+    None
+}

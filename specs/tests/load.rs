@@ -1,0 +1,100 @@
+//! Validation of whole commits: every error, located, and nothing half-read.
+
+use plasmavmc_specs::{load, Diagnostic, SourceFile};
+
+fn file(rel: &str, text: &str) -> SourceFile {
+    SourceFile { path: format!("repo/{rel}"), rel: rel.to_owned(), bytes: text.as_bytes().to_vec() }
+}
+
+fn errors(files: &[SourceFile]) -> Vec<String> {
+    load(files).expect_err("must be refused").iter().map(Diagnostic::to_string).collect()
+}
+
+#[test]
+fn a_valid_commit_loads_with_defaults_and_names_from_files() {
+    let d = load(&[
+        file("vms/web/a.toml", "memory_mb = 128\n"),
+        file("vms/b.toml", "name = \"bee\"\npower = \"stopped\"\n"),
+        file("README.md", "not a spec"),
+    ])
+    .expect("valid");
+    assert!(d.implicit_local);
+    assert_eq!(d.hosts.keys().collect::<Vec<_>>(), ["local"]);
+    assert_eq!(d.vms.keys().collect::<Vec<_>>(), ["a", "bee"]);
+    assert_eq!(d.vms["a"].spec.vcpus, 1);
+    assert_eq!(d.vms["a"].file, "repo/vms/web/a.toml");
+    assert_eq!(d.vms["a"].hash.len(), 16);
+}
+
+#[test]
+fn every_error_of_every_file_is_reported_with_its_position() {
+    let errs = errors(&[
+        file("vms/a.toml", "vcpus = 1\nmemroy_mb = 64\n"),
+        file("vms/b.toml", "vcpus = \"two\"\n"),
+        file("vms/c.toml", "memory_mb = 0\n"),
+        file("vms/Bad_Name.toml", "vcpus = 1\n"),
+        file("vms/d.toml", "host = \"hv9\"\n"),
+        file("vms/ok.toml", "vcpus = 2\n"),
+    ]);
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+    assert!(errs[0].starts_with("repo/vms/Bad_Name.toml:1:1: file name gives the name \"Bad_Name\""), "{errs:#?}");
+    assert!(errs[1].starts_with("repo/vms/a.toml:2:1: unknown field `memroy_mb`"), "{errs:#?}");
+    assert!(errs[2].starts_with("repo/vms/b.toml:1:9: invalid type"), "{errs:#?}");
+    assert_eq!(errs[3], "repo/vms/c.toml:1:1: memory_mb = 0 must be at least 16");
+    assert!(errs[4].starts_with("repo/vms/d.toml:1:1: unknown host \"hv9\""), "{errs:#?}");
+}
+
+#[test]
+fn duplicate_names_name_both_files() {
+    let errs = errors(&[file("vms/x/a.toml", ""), file("vms/y/a.toml", ""), file("vms/z.toml", "name = \"a\"")]);
+    assert_eq!(errs.len(), 3, "{errs:#?}");
+    assert!(errs[0].contains("repo/vms/x/a.toml: VM name \"a\" is also used by repo/vms/y/a.toml, repo/vms/z.toml"), "{errs:#?}");
+}
+
+#[test]
+fn disk_and_nic_problems_point_into_arrays() {
+    let text = "[[disks]]\nname = \"root\"\nsize_gb = 1\n\n[[disks]]\nname = \"root\"\nimage = \"x\"\nsize_gb = 2\n\n[[nics]]\nforward = [\"tcp:22\"]\n";
+    let errs = errors(&[file("vms/a.toml", text)]);
+    assert_eq!(
+        errs,
+        [
+            "repo/vms/a.toml:6:1: disk name \"root\" is used twice in this VM",
+            "repo/vms/a.toml:7:1: set either `size_gb` or `image`, not both",
+            "repo/vms/a.toml:11:12: forward \"tcp:22\" must look like \"tcp:2222:22\"",
+        ]
+    );
+}
+
+#[test]
+fn binary_garbage_and_huge_files_are_refused_by_path() {
+    let mut huge = "# x\n".repeat(300_000);
+    huge.push_str("vcpus = 1\n");
+    let errs = errors(&[
+        SourceFile { path: "repo/vms/bin.toml".into(), rel: "vms/bin.toml".into(), bytes: vec![b'a', b'=', 0xff, 0xfe] },
+        file("vms/huge.toml", &huge),
+    ]);
+    assert_eq!(errs.len(), 2, "{errs:#?}");
+    assert!(errs[0].contains("not valid UTF-8"), "{errs:#?}");
+    assert!(errs[1].contains("limited to"), "{errs:#?}");
+}
+
+#[test]
+fn hosts_replace_the_implicit_local_host() {
+    let d = load(&[
+        file("hosts/hv1.toml", "address = \"ssh://root@hv1\"\nroot = \"/var/lib/plasmavmc\"\n"),
+        file("vms/a.toml", "host = \"hv1\"\n"),
+    ])
+    .expect("valid");
+    assert!(!d.implicit_local);
+    assert_eq!(d.hosts.keys().collect::<Vec<_>>(), ["hv1"]);
+    let errs = errors(&[file("hosts/hv2.toml", "address = \"ssh://-oProxyCommand=x\"\n")]);
+    assert!(errs[0].contains("not a valid ssh://"), "{errs:#?}");
+}
+
+#[test]
+fn durations_in_cluster_settings_are_checked() {
+    let errs = errors(&[file("plasmavmc.toml", "[timeouts]\nstop = \"soon\"\n")]);
+    assert!(errs[0].starts_with("repo/plasmavmc.toml:2:8: invalid duration \"soon\""), "{errs:#?}");
+    let d = load(&[file("plasmavmc.toml", "[timeouts]\nstop = \"5s\"\n")]).expect("valid");
+    assert_eq!(d.cluster.timeouts.stop.0.as_secs(), 5);
+}
