@@ -111,8 +111,7 @@ impl LocalHost {
 
     /// Creates missing disks and grows enlarged ones. Never shrinks, never deletes.
     async fn ensure_disks(&self, dir: &InstanceDir, vm: &VmInstance) -> Result<(), HostError> {
-        let io_err = |what: &str, source| HostError::Io { vm: vm.name.clone(), what: what.to_owned(), source };
-        fs::create_dir_all(dir.dir.join(instance::DISKS_DIR)).map_err(|e| io_err("cannot create disks folder", e))?;
+        crate::state::create_private_dir(&dir.dir.join(instance::DISKS_DIR)).map_err(|source| HostError::State { vm: vm.name.clone(), source })?;
         for disk in &vm.spec.disks {
             if disk.storage == Storage::Shared {
                 return Err(HostError::Refused { vm: vm.name.clone(), reason: format!("disk {} wants shared storage; host {} has none", disk.name, self.name) });

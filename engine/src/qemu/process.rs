@@ -7,6 +7,7 @@
 //! hold the instance's uuid, so a recycled pid is never mistaken for our QEMU.
 
 use std::fs::{self, File};
+use std::os::unix::fs::OpenOptionsExt;
 use std::io;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -23,7 +24,7 @@ pub fn qemu_binary() -> String {
 /// Spawns `program args` in `dir` in a new session, output appended to `log`. A thread
 /// reaps the child when it exits, so it never lingers as a zombie of the engine.
 pub fn spawn_detached(program: &str, args: &[String], dir: &Path, log: &Path) -> io::Result<u32> {
-    let out = File::options().create(true).append(true).open(log)?;
+    let out = File::options().create(true).append(true).mode(0o600).open(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(program);
     cmd.args(args).current_dir(dir).stdin(Stdio::null()).stdout(out).stderr(err);

@@ -1,0 +1,50 @@
+# Task runner: every recipe CI runs is here. `make help` lists them.
+.PHONY: help deps build guest demo demo-stop test lint bench
+
+CARGO ?= cargo
+QUICKSTART := examples/quickstart
+SERIAL := $(QUICKSTART)/.plasmavmc/local/vms/hello/serial.log
+
+help:
+	@echo "make demo       set up this machine, boot the quickstart VM, show its serial console"
+	@echo "make demo-stop  stop the quickstart VM and forget its state (disks included)"
+	@echo "make test       set up this machine and run every test (real QEMU)"
+	@echo "make lint       rustfmt and clippy, as CI runs them"
+	@echo "make bench      the benchmarks quoted in the README"
+
+deps:
+	@bash .ci/install-deps
+
+build:
+	$(CARGO) build -p plasmavmc --bin plasmavmc
+
+guest:
+	bash tests/guest/build.sh
+
+demo: deps build
+	bash tests/guest/build.sh --install $(QUICKSTART)/guest
+	target/debug/plasmavmc apply --path $(QUICKSTART) --auto-approve
+	@echo "waiting for the guest to tick on its serial console ($(SERIAL))..."
+	@timeout 120 sh -c 'until grep -q "tick 5" "$(SERIAL)" 2>/dev/null; do sleep 0.2; done' \
+		|| { echo "the guest did not tick within 120 s; see $(QUICKSTART)/.plasmavmc/local/vms/hello/qemu.log"; exit 1; }
+	@tail -n 4 $(SERIAL)
+	target/debug/plasmavmc status --path $(QUICKSTART)
+	@echo
+	@echo "The VM runs on without this command. Try: edit memory_mb in $(QUICKSTART)/vms/hello.toml, commit,"
+	@echo "then 'target/debug/plasmavmc plan --path $(QUICKSTART)'. Stop it all with 'make demo-stop'."
+
+demo-stop:
+	@pidfile=$(QUICKSTART)/.plasmavmc/local/vms/hello/qemu.pid; \
+	if [ -f $$pidfile ] && grep -qs "$(CURDIR)/$(QUICKSTART)" /proc/$$(cat $$pidfile)/environ 2>/dev/null || [ -f $$pidfile ]; then \
+		kill $$(cat $$pidfile) 2>/dev/null || true; fi
+	rm -rf $(QUICKSTART)/.plasmavmc
+
+test: deps guest
+	$(CARGO) test --workspace
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+bench:
+	$(CARGO) bench -p plasmavmc --bench plan10k

@@ -1,0 +1,34 @@
+//! Test harness for the end-to-end tests: the real `plasmavmc` binary, real git
+//! repositories (git2) and real QEMU running the tiny test guest.
+//!
+//! - [`artifacts`] finds (and builds once, if needed) the binary and the guest.
+//! - [`TestRepo`] is a temp folder holding a git repository and a state dir; it runs
+//!   the binary against them and reads what the engine left behind (instance folders,
+//!   serial logs, status files). Dropping it kills every process it owns, even when
+//!   the test panicked.
+//! - [`VmSpec`] writes VM specs that boot the test guest under TCG.
+//! - [`proc`] inspects processes through `/proc`; [`wait`] polls with deadlines
+//!   (tests never sleep to synchronise).
+
+pub mod artifacts;
+pub mod proc;
+mod repo;
+mod run;
+mod spec;
+pub mod wait;
+
+pub use artifacts::Guest;
+pub use proc::{cmdline, is_alive};
+pub use repo::TestRepo;
+pub use run::{Output, Running};
+pub use spec::{VmSpec, MEMORY_LINE};
+pub use wait::{poll_for, wait_for};
+
+use std::time::Duration;
+
+/// Generous bound for a guest to boot and print its first ticks under TCG, with
+/// other tests sharing the two cores.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Bound for one run of the binary before the harness kills it.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);

@@ -1,0 +1,345 @@
+//! [`TestRepo`]: one test's world — a temp folder holding a git repository (`repo/`)
+//! and a state dir (`state/`) — plus the binary run against them.
+//!
+//! Dropping it kills every process it owns: each QEMU named by a
+//! `state/local/vms/*/qemu.pid` whose cwd or argv points into the temp folder, and
+//! any other process (engine, agent, orphaned QEMU) whose cwd or argv does. Set
+//! `PLASMAVMC_E2E_KEEP=1` to keep the temp folder for a post-mortem.
+
+use std::cell::Cell;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use git2::{IndexAddOption, Repository, Signature, Time};
+use tempfile::TempDir;
+
+use crate::artifacts::{self, Guest};
+use crate::proc;
+use crate::run::{Output, Running};
+use crate::spec::VmSpec;
+use crate::wait::{poll_for, wait_for};
+use crate::RUN_TIMEOUT;
+
+/// Subcommands that take `--repo`; those also in [`TAKES_STATE`] take `--state-dir`.
+const TAKES_REPO: &[&str] = &["validate", "plan", "apply", "status"];
+const TAKES_STATE: &[&str] = &["plan", "apply", "status"];
+
+/// A git repository and a state dir in a temp folder, and the binary to run on them.
+#[derive(Debug)]
+pub struct TestRepo {
+    tmp: TempDir,
+    guest: Guest,
+    bin: PathBuf,
+    commits: Cell<i64>,
+}
+
+impl TestRepo {
+    /// A fresh repository whose working tree holds `plasmavmc.toml` with a 2 s stop
+    /// timeout (the guest ignores the ACPI power button), nothing committed yet.
+    pub fn new() -> Result<Self> {
+        let bin = artifacts::binary()?;
+        let guest = artifacts::guest()?;
+        let tmp = tempfile::Builder::new()
+            .prefix("plasmavmc-e2e-")
+            .tempdir()
+            .context("creating temp dir")?;
+        Repository::init(tmp.path().join("repo")).context("git init")?;
+        let repo = Self {
+            tmp,
+            guest,
+            bin,
+            commits: Cell::new(0),
+        };
+        repo.set_stop_timeout("2s")?;
+        Ok(repo)
+    }
+
+    /// The temp folder holding everything.
+    pub fn root(&self) -> &Path {
+        self.tmp.path()
+    }
+
+    /// The git working tree.
+    pub fn repo_dir(&self) -> PathBuf {
+        self.root().join("repo")
+    }
+
+    /// The state dir passed as `--state-dir`.
+    pub fn state_dir(&self) -> PathBuf {
+        self.root().join("state")
+    }
+
+    pub fn guest(&self) -> &Guest {
+        &self.guest
+    }
+
+    // ---- the repository -------------------------------------------------------
+
+    /// Writes `text` to `path` (relative to the working tree), creating folders.
+    pub fn write(&self, path: &str, text: &str) -> Result<()> {
+        let full = self.repo_dir().join(path);
+        if let Some(parent) = full.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::write(&full, text).with_context(|| format!("writing {}", full.display()))
+    }
+
+    /// Removes `path` from the working tree.
+    pub fn remove(&self, path: &str) -> Result<()> {
+        let full = self.repo_dir().join(path);
+        fs::remove_file(&full).with_context(|| format!("removing {}", full.display()))
+    }
+
+    /// Writes `vms/<name>.toml`.
+    pub fn write_vm(&self, name: &str, spec: &VmSpec) -> Result<()> {
+        self.write(&format!("vms/{name}.toml"), &spec.to_toml(&self.guest))
+    }
+
+    /// Writes `plasmavmc.toml` with `[timeouts] stop = <stop>`.
+    pub fn set_stop_timeout(&self, stop: &str) -> Result<()> {
+        self.write("plasmavmc.toml", &format!("[timeouts]\nstop = {stop:?}\n"))
+    }
+
+    /// Stages every change of the working tree (additions, edits, removals) and
+    /// commits it with a fixed author; returns the commit id.
+    pub fn commit(&self, message: &str) -> Result<String> {
+        let git = Repository::open(self.repo_dir()).context("opening the test repository")?;
+        let mut index = git.index()?;
+        index.add_all(["*"], IndexAddOption::DEFAULT, None)?;
+        index.update_all(["*"], None)?;
+        index.write()?;
+        let tree = git.find_tree(index.write_tree()?)?;
+        let n = self.commits.get() + 1;
+        self.commits.set(n);
+        let who = Signature::new(
+            "PlasmaVMC E2E",
+            "e2e@plasmavmc.invalid",
+            &Time::new(1_700_000_000 + n * 60, 0),
+        )?;
+        let parent = match git.head() {
+            Ok(head) => Some(head.peel_to_commit()?),
+            Err(_) => None,
+        };
+        let parents: Vec<_> = parent.iter().collect();
+        let id = git.commit(Some("HEAD"), &who, &who, message, &tree, &parents)?;
+        Ok(id.to_string())
+    }
+
+    // ---- running the binary ---------------------------------------------------
+
+    /// The binary with `args`, plus `--repo` / `--state-dir` right after the
+    /// subcommand when it takes them.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&self.bin);
+        let mut args = args.iter();
+        if let Some(sub) = args.next() {
+            cmd.arg(sub);
+            if TAKES_REPO.contains(sub) {
+                cmd.arg("--repo").arg(self.repo_dir());
+            }
+            if TAKES_STATE.contains(sub) {
+                cmd.arg("--state-dir").arg(self.state_dir());
+            }
+        }
+        cmd.args(args)
+            .current_dir(self.root())
+            .env_remove("PLASMAVMC_STATE_DIR");
+        cmd
+    }
+
+    /// Runs the binary to the end (killed after [`RUN_TIMEOUT`]).
+    pub fn run(&self, args: &[&str]) -> Result<Output> {
+        Running::spawn(self.command(args))?.finish(RUN_TIMEOUT)
+    }
+
+    /// Starts the binary without waiting for it.
+    pub fn spawn(&self, args: &[&str]) -> Result<Running> {
+        Running::spawn(self.command(args))
+    }
+
+    // ---- what the engine left behind ------------------------------------------
+
+    /// `<state>/local/vms/<vm>`.
+    pub fn instance_dir(&self, vm: &str) -> PathBuf {
+        self.state_dir().join("local").join("vms").join(vm)
+    }
+
+    /// The pid in the VM's `qemu.pid`, if the file exists and parses.
+    pub fn try_qemu_pid(&self, vm: &str) -> Option<i32> {
+        fs::read_to_string(self.instance_dir(vm).join("qemu.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The pid in the VM's `qemu.pid`.
+    pub fn qemu_pid(&self, vm: &str) -> Result<i32> {
+        let path = self.instance_dir(vm).join("qemu.pid");
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("{} holds {text:?}", path.display()))
+    }
+
+    /// The guest's serial console of the current run (empty if none yet).
+    pub fn serial(&self, vm: &str) -> String {
+        read_lossy(&self.instance_dir(vm).join("serial.log"))
+    }
+
+    /// Waits until the serial log has a line containing `needle`.
+    pub fn wait_serial(&self, vm: &str, needle: &str, timeout: Duration) -> Result<()> {
+        self.wait_serial_seq(vm, &[needle], timeout)
+    }
+
+    /// Waits until the serial log has lines containing each of `needles`, in order.
+    pub fn wait_serial_seq(&self, vm: &str, needles: &[&str], timeout: Duration) -> Result<()> {
+        let found = |log: &str| {
+            let mut lines = log.lines();
+            needles.iter().all(|n| lines.any(|l| l.contains(n)))
+        };
+        wait_for(
+            format!("{needles:?} on the serial console of {vm}"),
+            timeout,
+            || found(&self.serial(vm)),
+        )
+        .map_err(|e| anyhow!("{e}\n{}", self.describe_vm(vm)))
+    }
+
+    /// A status file (`status/<rel>.toml`) as a table, `None` if absent.
+    pub fn status_file(&self, rel: &str) -> Result<Option<toml::Table>> {
+        let path = self.state_dir().join("status").join(format!("{rel}.toml"));
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                Ok(Some(text.parse().with_context(|| {
+                    format!("parsing {}:\n{text}", path.display())
+                })?))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// `status/vms/<vm>.toml`.
+    pub fn vm_status(&self, vm: &str) -> Result<Option<toml::Table>> {
+        self.status_file(&format!("vms/{vm}"))
+    }
+
+    /// `status/engine.toml`.
+    pub fn engine_status(&self) -> Result<Option<toml::Table>> {
+        self.status_file("engine")
+    }
+
+    /// The `phase` of `status/vms/<vm>.toml`, `None` if the file or field is absent.
+    pub fn vm_phase(&self, vm: &str) -> Result<Option<String>> {
+        Ok(self
+            .vm_status(vm)?
+            .and_then(|t| t.get("phase")?.as_str().map(str::to_owned)))
+    }
+
+    /// `status --json`, parsed.
+    pub fn status_json(&self) -> Result<serde_json::Value> {
+        let out = self.run(&["status", "--json"])?;
+        out.expect_code(0)?;
+        serde_json::from_str(&out.stdout)
+            .with_context(|| format!("status --json is not JSON\n{out}"))
+    }
+
+    /// Waits until the VM's QEMU (from `qemu.pid`) is alive; returns its pid.
+    pub fn wait_qemu_alive(&self, vm: &str, timeout: Duration) -> Result<i32> {
+        poll_for(format!("a live QEMU for {vm}"), timeout, || {
+            self.try_qemu_pid(vm).filter(|&p| proc::is_alive(p))
+        })
+        .map_err(|e| anyhow!("{e}\n{}", self.describe_vm(vm)))
+    }
+
+    /// The VM's files, for failure messages: status, the tail of serial.log and
+    /// qemu.log.
+    pub fn describe_vm(&self, vm: &str) -> String {
+        let dir = self.instance_dir(vm);
+        let tail = |name: &str| {
+            let text = read_lossy(&dir.join(name));
+            let lines: Vec<_> = text.lines().collect();
+            lines[lines.len().saturating_sub(15)..].join("\n")
+        };
+        let status = read_lossy(
+            &self
+                .state_dir()
+                .join("status/vms")
+                .join(format!("{vm}.toml")),
+        );
+        format!(
+            "--- {vm}: status ---\n{status}\n--- serial.log (tail) ---\n{}\n--- qemu.log (tail) ---\n{}",
+            tail("serial.log"),
+            tail("qemu.log")
+        )
+    }
+
+    /// Every QEMU pid named by a `qemu.pid` under the local host, owned by this test.
+    pub fn qemu_pids(&self) -> Vec<i32> {
+        let vms = self.state_dir().join("local").join("vms");
+        let Ok(entries) = fs::read_dir(&vms) else {
+            return Vec::new();
+        };
+        entries
+            .filter_map(|e| {
+                fs::read_to_string(e.ok()?.path().join("qemu.pid"))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .filter(|&pid| self.owns(pid))
+            .collect()
+    }
+
+    /// True if `pid` runs in, or names, this test's temp folder (not a reused pid).
+    pub fn owns(&self, pid: i32) -> bool {
+        let root = self.root();
+        let needle = root.to_string_lossy().into_owned();
+        proc::is_alive(pid)
+            && (proc::cwd(pid).is_some_and(|c| c.starts_with(root))
+                || proc::cmdline(pid).is_ok_and(|a| a.iter().any(|s| s.contains(&needle))))
+    }
+
+    /// Kills everything this test owns and waits for it to be gone.
+    pub fn cleanup(&self) -> Result<()> {
+        let mut pids = self.qemu_pids();
+        pids.extend(proc::processes_under(self.root()));
+        pids.sort_unstable();
+        pids.dedup();
+        let mut errors = Vec::new();
+        for pid in pids {
+            if let Err(e) = proc::kill_and_wait(pid, Duration::from_secs(10)) {
+                errors.push(e.to_string());
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("cleanup: {}", errors.join("; "))
+        }
+    }
+}
+
+impl Drop for TestRepo {
+    fn drop(&mut self) {
+        if let Err(e) = self.cleanup() {
+            eprintln!("{e:#}");
+        }
+        if std::env::var_os("PLASMAVMC_E2E_KEEP").is_some() {
+            self.tmp.disable_cleanup(true);
+            eprintln!("kept {}", self.root().display());
+        }
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
