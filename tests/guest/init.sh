@@ -28,17 +28,34 @@ fi
 
 echo "plasmavmc-guest: booted"
 
+
 # --- kernel command line -------------------------------------------------
 poweroff_after=0
 panic_after=0
+ignore_acpi=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         plasmavmc.poweroff=*) poweroff_after=${arg#plasmavmc.poweroff=} ;;
         plasmavmc.panic=*) panic_after=${arg#plasmavmc.panic=} ;;
+        plasmavmc.ignore_acpi=*) ignore_acpi=${arg#plasmavmc.ignore_acpi=} ;;
     esac
 done
 case "$poweroff_after" in ''|*[!0-9]*) poweroff_after=0 ;; esac
 case "$panic_after" in ''|*[!0-9]*) panic_after=0 ;; esac
+
+# --- ACPI power button -------------------------------------------------------
+# The engine stops a VM gracefully with the ACPI power button (QMP
+# system_powerdown). Any event from the "Power Button" input device powers the
+# guest off cleanly, so QEMU reports SHUTDOWN reason "guest-shutdown".
+# plasmavmc.ignore_acpi=1 leaves the button dead (a guest that will not stop).
+[ "$ignore_acpi" = 1 ] || for ev in /sys/class/input/event*; do
+    [ -f "$ev/device/name" ] || continue
+    case "$(cat "$ev/device/name")" in
+        "Power Button")
+            ( head -c 1 "/dev/input/${ev##*/}" >/dev/null && echo "plasmavmc-guest: power button, powering off" && sync && poweroff -f ) &
+            ;;
+    esac
+done
 
 # --- data disk -------------------------------------------------------------
 DISK=/dev/vda

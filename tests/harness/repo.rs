@@ -38,7 +38,8 @@ pub struct TestRepo {
 
 impl TestRepo {
     /// A fresh repository whose working tree holds `plasmavmc.toml` with a 2 s stop
-    /// timeout (the guest ignores the ACPI power button), nothing committed yet.
+    /// timeout (short, for guests started with `plasmavmc.ignore_acpi=1`), nothing
+    /// committed yet.
     pub fn new() -> Result<Self> {
         let bin = artifacts::binary()?;
         let guest = artifacts::guest()?;
