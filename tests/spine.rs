@@ -59,12 +59,12 @@ fn status_pid(table: &toml::Table) -> Option<i64> {
 /// A repository with one committed VM `web` (default spec) applied and booted past
 /// its disk header (`disk: boots=1`) and `tick 3`. Returns the repo and QEMU's pid.
 fn running_web() -> Result<(TestRepo, i32)> {
-    running_web_with(VmSpec::new())
+    running_web_with(&VmSpec::new())
 }
 
-fn running_web_with(spec: VmSpec) -> Result<(TestRepo, i32)> {
+fn running_web_with(spec: &VmSpec) -> Result<(TestRepo, i32)> {
     let repo = TestRepo::new()?;
-    repo.write_vm("web", &spec)?;
+    repo.write_vm("web", spec)?;
     repo.commit("add web")?;
     repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
     let pid = repo.wait_qemu_alive("web", Duration::from_secs(10))?;
@@ -210,7 +210,10 @@ fn power_stopped_then_file_removed() -> Result<()> {
     let apply = repo.run(&["apply", "--auto-approve"])?;
     apply.expect_code(0)?;
     // The stop is graceful: the guest saw the ACPI power button and powered off.
-    ensure!(apply.stdout.contains("stopped gracefully"), "not a graceful stop\n{apply}");
+    ensure!(
+        apply.stdout.contains("stopped gracefully"),
+        "not a graceful stop\n{apply}"
+    );
     ensure!(
         repo.serial("web").contains("power button, powering off"),
         "the guest never saw the power button"
@@ -419,7 +422,7 @@ fn second_apply_is_refused_while_one_runs() -> Result<()> {
     // A guest that ignores the ACPI power button: stopping it waits the whole stop
     // timeout, which keeps the first apply (and its lock) busy for 10 s.
     let slow = || VmSpec::new().cmdline("plasmavmc.ignore_acpi=1");
-    let (repo, pid) = running_web_with(slow())?;
+    let (repo, pid) = running_web_with(&slow())?;
     repo.set_stop_timeout("10s")?;
     repo.write_vm("web", &slow().power("stopped"))?;
     repo.commit("web: stopped, slowly")?;

@@ -52,14 +52,20 @@ fn main() {
     let dir = tempfile::tempdir().expect("tempdir");
     make_repo(dir.path()).expect("synthetic repository");
     let source = Source::open(dir.path(), None).expect("open");
-    let (mut read, mut load, mut plan_new, mut plan_same, mut total) = (vec![], vec![], vec![], vec![], vec![]);
+    let (mut read, mut load, mut plan_new, mut plan_same, mut total) =
+        (vec![], vec![], vec![], vec![], vec![]);
     for _ in 0..RUNS {
         let t0 = Instant::now();
         let commit = source.read("HEAD").expect("read");
         let t1 = Instant::now();
         let desired = plasmavmc_specs::load(&commit.files).expect("valid");
         let t2 = Instant::now();
-        let p = plan(&desired, &Observed { hosts: BTreeMap::from([("local".to_owned(), Inventory::default())]) });
+        let p = plan(
+            &desired,
+            &Observed {
+                hosts: BTreeMap::from([("local".to_owned(), Inventory::default())]),
+            },
+        );
         let t3 = Instant::now();
         assert_eq!(p.actions.len(), 2 * VMS);
         read.push(t1 - t0);
@@ -85,15 +91,38 @@ fn main() {
                 (e.name.clone(), o)
             })
             .collect();
-        let observed = Observed { hosts: BTreeMap::from([("local".to_owned(), Inventory { vms, ..Inventory::default() })]) };
+        let observed = Observed {
+            hosts: BTreeMap::from([(
+                "local".to_owned(),
+                Inventory {
+                    vms,
+                    ..Inventory::default()
+                },
+            )]),
+        };
         let t4 = Instant::now();
         assert!(plan(&desired, &observed).is_empty());
         plan_same.push(t4.elapsed());
     }
     println!("plan10k: {VMS} VMs, median of {RUNS} runs");
-    println!("  read commit (git2)      {:>8.1} ms", median(read).as_secs_f64() * 1e3);
-    println!("  parse + validate        {:>8.1} ms", median(load).as_secs_f64() * 1e3);
-    println!("  plan, all new           {:>8.1} ms", median(plan_new).as_secs_f64() * 1e3);
-    println!("  plan, all up to date    {:>8.1} ms", median(plan_same).as_secs_f64() * 1e3);
-    println!("  read + validate + plan  {:>8.1} ms  (goal: < 1000 ms)", median(total).as_secs_f64() * 1e3);
+    println!(
+        "  read commit (git2)      {:>8.1} ms",
+        median(read).as_secs_f64() * 1e3
+    );
+    println!(
+        "  parse + validate        {:>8.1} ms",
+        median(load).as_secs_f64() * 1e3
+    );
+    println!(
+        "  plan, all new           {:>8.1} ms",
+        median(plan_new).as_secs_f64() * 1e3
+    );
+    println!(
+        "  plan, all up to date    {:>8.1} ms",
+        median(plan_same).as_secs_f64() * 1e3
+    );
+    println!(
+        "  read + validate + plan  {:>8.1} ms  (goal: < 1000 ms)",
+        median(total).as_secs_f64() * 1e3
+    );
 }

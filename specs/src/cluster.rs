@@ -28,7 +28,10 @@ pub struct Timeouts {
 
 impl Default for Timeouts {
     fn default() -> Self {
-        Self { stop: default_stop(), qmp_ready: default_qmp_ready() }
+        Self {
+            stop: default_stop(),
+            qmp_ready: default_qmp_ready(),
+        }
     }
 }
 
@@ -42,7 +45,10 @@ fn default_qmp_ready() -> HumanDuration {
 
 /// A duration written for humans: `"30s"`, `"500ms"`, `"2m 30s"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, JsonSchema)]
-#[schemars(with = "String", description = "A duration such as \"30s\", \"500ms\" or \"2m\".")]
+#[schemars(
+    with = "String",
+    description = "A duration such as \"30s\", \"500ms\" or \"2m\"."
+)]
 pub struct HumanDuration(pub Duration);
 
 impl Serialize for HumanDuration {
@@ -54,8 +60,12 @@ impl Serialize for HumanDuration {
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text).map(HumanDuration).map_err(|e| {
-            serde::de::Error::custom(format!("invalid duration {text:?} ({e}); write e.g. \"30s\" or \"500ms\""))
-        })
+        humantime::parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {text:?} ({e}); write e.g. \"30s\" or \"500ms\""
+                ))
+            })
     }
 }

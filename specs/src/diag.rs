@@ -22,13 +22,23 @@ pub struct Diagnostic {
 impl Diagnostic {
     /// A diagnostic about the file as a whole (no position).
     pub fn file(path: &str, message: impl Into<String>) -> Self {
-        Self { path: path.to_owned(), line: 0, col: 0, message: message.into() }
+        Self {
+            path: path.to_owned(),
+            line: 0,
+            col: 0,
+            message: message.into(),
+        }
     }
 
     /// A diagnostic at a byte offset of `text`.
     pub fn at_offset(path: &str, text: &str, offset: usize, message: impl Into<String>) -> Self {
         let (line, col) = line_col(text, offset);
-        Self { path: path.to_owned(), line, col, message: message.into() }
+        Self {
+            path: path.to_owned(),
+            line,
+            col,
+            message: message.into(),
+        }
     }
 
     /// A diagnostic at the value found under `key` in the TOML `text`; falls back to the
@@ -44,7 +54,11 @@ impl fmt::Display for Diagnostic {
         if self.line == 0 {
             write!(f, "{}: {}", self.path, self.message)
         } else {
-            write!(f, "{}:{}:{}: {}", self.path, self.line, self.col, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.path, self.line, self.col, self.message
+            )
         }
     }
 }
@@ -132,15 +146,29 @@ mod tests {
         let text = "vcpus = 1\nmemory_mb = 0\n\n[[disks]]\nname = \"a\"\n\n[[disks]]\nname = \"b\"\nsize_gb = 0\n";
         let at = |k: &[Seg<'_>]| line_col(text, locate(text, k).expect("found"));
         assert_eq!(at(&[Seg::Key("memory_mb")]), (2, 1));
-        assert_eq!(at(&[Seg::Key("disks"), Seg::Index(1), Seg::Key("size_gb")]), (9, 1));
+        assert_eq!(
+            at(&[Seg::Key("disks"), Seg::Index(1), Seg::Key("size_gb")]),
+            (9, 1)
+        );
         // A missing key falls back to its nearest parent that exists.
-        assert_eq!(at(&[Seg::Key("disks"), Seg::Index(0), Seg::Key("size_gb")]).0, 4);
+        assert_eq!(
+            at(&[Seg::Key("disks"), Seg::Index(0), Seg::Key("size_gb")]).0,
+            4
+        );
     }
 
     #[test]
     fn display_is_path_line_col_message() {
-        let d = Diagnostic::at_key("vms/a.toml", "x = 1\nmemory_mb = 0\n", &[Seg::Key("memory_mb")], "too small");
+        let d = Diagnostic::at_key(
+            "vms/a.toml",
+            "x = 1\nmemory_mb = 0\n",
+            &[Seg::Key("memory_mb")],
+            "too small",
+        );
         assert_eq!(d.to_string(), "vms/a.toml:2:1: too small");
-        assert_eq!(Diagnostic::file("vms/b.toml", "bad").to_string(), "vms/b.toml: bad");
+        assert_eq!(
+            Diagnostic::file("vms/b.toml", "bad").to_string(),
+            "vms/b.toml: bad"
+        );
     }
 }

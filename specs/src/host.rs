@@ -94,8 +94,14 @@ impl HostSpec {
             out.push((vec![Seg::Key("name")], p));
         }
         match (&self.address, &self.exec) {
-            (Some(_), Some(_)) => out.push((vec![Seg::Key("exec")], "set either `address` or `exec`, not both".to_owned())),
-            (None, None) => out.push((vec![], "a host needs `address` (\"local\" or \"ssh://user@host\") or `exec`".to_owned())),
+            (Some(_), Some(_)) => out.push((
+                vec![Seg::Key("exec")],
+                "set either `address` or `exec`, not both".to_owned(),
+            )),
+            (None, None) => out.push((
+                vec![],
+                "a host needs `address` (\"local\" or \"ssh://user@host\") or `exec`".to_owned(),
+            )),
             (Some(addr), None) => {
                 if let Some(p) = address_problem(addr) {
                     out.push((vec![Seg::Key("address")], p));
@@ -103,28 +109,53 @@ impl HostSpec {
             }
             (None, Some(argv)) => {
                 if argv.is_empty() || argv[0].is_empty() {
-                    out.push((vec![Seg::Key("exec")], "exec needs at least a program".to_owned()));
+                    out.push((
+                        vec![Seg::Key("exec")],
+                        "exec needs at least a program".to_owned(),
+                    ));
                 }
             }
         }
-        for (key, path) in [("root", &self.root), ("shared_storage", &self.shared_storage)] {
+        for (key, path) in [
+            ("root", &self.root),
+            ("shared_storage", &self.shared_storage),
+        ] {
             if let Some(path) = path {
                 if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
-                    out.push((vec![Seg::Key(key)], format!("{key} {path:?} must be an absolute path without '..'")));
+                    out.push((
+                        vec![Seg::Key(key)],
+                        format!("{key} {path:?} must be an absolute path without '..'"),
+                    ));
                 }
             }
         }
         if self.shared_storage.is_some() != self.storage_pool.is_some() {
-            out.push((vec![Seg::Key("storage_pool")], "shared_storage and storage_pool go together".to_owned()));
+            out.push((
+                vec![Seg::Key("storage_pool")],
+                "shared_storage and storage_pool go together".to_owned(),
+            ));
         }
-        if self.fence.as_ref().is_some_and(|f| f.is_empty() || f[0].is_empty()) {
-            out.push((vec![Seg::Key("fence")], "fence needs at least a program".to_owned()));
+        if self
+            .fence
+            .as_ref()
+            .is_some_and(|f| f.is_empty() || f[0].is_empty())
+        {
+            out.push((
+                vec![Seg::Key("fence")],
+                "fence needs at least a program".to_owned(),
+            ));
         }
         if self.vcpus == Some(0) {
-            out.push((vec![Seg::Key("vcpus")], "vcpus must be at least 1".to_owned()));
+            out.push((
+                vec![Seg::Key("vcpus")],
+                "vcpus must be at least 1".to_owned(),
+            ));
         }
         if self.memory_mb.is_some_and(|m| m < 16) {
-            out.push((vec![Seg::Key("memory_mb")], "memory_mb must be at least 16".to_owned()));
+            out.push((
+                vec![Seg::Key("memory_mb")],
+                "memory_mb must be at least 16".to_owned(),
+            ));
         }
         out
     }
@@ -135,11 +166,15 @@ fn address_problem(addr: &str) -> Option<String> {
         return None;
     }
     let Some(rest) = addr.strip_prefix("ssh://") else {
-        return Some(format!("address {addr:?} must be \"local\" or \"ssh://user@host[:port]\""));
+        return Some(format!(
+            "address {addr:?} must be \"local\" or \"ssh://user@host[:port]\""
+        ));
     };
     let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
     let ok = !host.is_empty()
         && !rest.starts_with('-')
-        && rest.chars().all(|c| c.is_ascii_alphanumeric() || "@.:-_[]".contains(c));
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "@.:-_[]".contains(c));
     (!ok).then(|| format!("address {addr:?} is not a valid ssh://user@host[:port]"))
 }

@@ -16,6 +16,9 @@ pub mod vm;
 pub use cluster::{ClusterSpec, HumanDuration, Timeouts};
 pub use diag::{Diagnostic, Seg};
 pub use host::{HostSpec, HostState, LOCAL_HOST};
-pub use load::{load, spec_hash, Desired, HostEntry, SourceFile, VmEntry};
+pub use load::{load, short_hash, spec_hash, Desired, HostEntry, SourceFile, VmEntry};
 pub use name::name_problem;
-pub use vm::{Accel, Boot, Disk, Forward, MigrationPolicy, Network, Nic, Power, QemuSettings, RestartPolicy, Storage, VmSpec};
+pub use vm::{
+    Accel, Boot, Disk, Forward, MigrationPolicy, Network, Nic, Power, QemuSettings, RestartPolicy,
+    Storage, VmSpec,
+};

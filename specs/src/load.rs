@@ -6,6 +6,7 @@
 //! that need the filesystem (kernel files exist) are the engine's.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
@@ -60,15 +61,30 @@ pub struct VmEntry {
 impl Desired {
     /// The source text of every file, kept so later checks can locate keys.
     pub fn empty() -> Self {
-        Self { cluster: ClusterSpec::default(), hosts: BTreeMap::new(), vms: BTreeMap::new(), implicit_local: true }
+        Self {
+            cluster: ClusterSpec::default(),
+            hosts: BTreeMap::new(),
+            vms: BTreeMap::new(),
+            implicit_local: true,
+        }
     }
 }
 
 /// Stable short hash of a VM spec (hex, 16 digits): equal specs, equal hashes.
 pub fn spec_hash(spec: &VmSpec) -> String {
     let json = serde_json::to_vec(spec).expect("a VmSpec always serialises");
-    let digest = Sha256::digest(json);
-    digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    short_hash(&json, 8)
+}
+
+/// The first `bytes` bytes of the SHA-256 of `data`, in hex.
+pub fn short_hash(data: &[u8], bytes: usize) -> String {
+    Sha256::digest(data)
+        .iter()
+        .take(bytes)
+        .fold(String::with_capacity(2 * bytes), |mut hex, b| {
+            let _ = write!(hex, "{b:02x}");
+            hex
+        })
 }
 
 enum Kind {
@@ -92,7 +108,11 @@ fn kind_of(rel: &str) -> Result<Kind, String> {
         return Ok(Kind::Host);
     }
     if let Some(rest) = rel.strip_prefix("vms/") {
-        return Ok(if rest.ends_with(".toml") { Kind::Vm } else { Kind::Ignored });
+        return Ok(if rest.ends_with(".toml") {
+            Kind::Vm
+        } else {
+            Kind::Ignored
+        });
     }
     Ok(Kind::Ignored)
 }
@@ -116,7 +136,9 @@ pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
                 continue;
             }
         };
-        let Some(text) = file_text(file, &mut diags) else { continue };
+        let Some(text) = file_text(file, &mut diags) else {
+            continue;
+        };
         match kind {
             Kind::Cluster => {
                 if let Some(spec) = parse::<ClusterSpec>(file, &text, &mut diags) {
@@ -124,17 +146,32 @@ pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
                 }
             }
             Kind::Host => {
-                let Some(mut spec) = parse::<HostSpec>(file, &text, &mut diags) else { continue };
+                let Some(mut spec) = parse::<HostSpec>(file, &text, &mut diags) else {
+                    continue;
+                };
                 push_problems(file, &text, spec.problems(), &mut diags);
-                let Some(name) = entry_name(file, &text, spec.name.as_deref(), &mut diags) else { continue };
+                let Some(name) = entry_name(file, &text, spec.name.as_deref(), &mut diags) else {
+                    continue;
+                };
                 spec.name = Some(name.clone());
                 host_files.entry(name.clone()).or_default().push(&file.path);
-                desired.hosts.insert(name.clone(), HostEntry { name, file: Some(file.path.clone()), spec });
+                desired.hosts.insert(
+                    name.clone(),
+                    HostEntry {
+                        name,
+                        file: Some(file.path.clone()),
+                        spec,
+                    },
+                );
             }
             Kind::Vm => {
-                let Some(mut spec) = parse::<VmSpec>(file, &text, &mut diags) else { continue };
+                let Some(mut spec) = parse::<VmSpec>(file, &text, &mut diags) else {
+                    continue;
+                };
                 push_problems(file, &text, spec.problems(), &mut diags);
-                let Some(name) = entry_name(file, &text, spec.name.as_deref(), &mut diags) else { continue };
+                let Some(name) = entry_name(file, &text, spec.name.as_deref(), &mut diags) else {
+                    continue;
+                };
                 spec.name = Some(name.clone());
                 vm_files.entry(name.clone()).or_default().push(&file.path);
                 vms.push((file, name, spec));
@@ -148,7 +185,10 @@ pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
         for (name, paths) in map.iter().filter(|(_, p)| p.len() > 1) {
             for path in paths {
                 let others: Vec<&str> = paths.iter().copied().filter(|p| p != path).collect();
-                diags.push(Diagnostic::file(path, format!("{what} name {name:?} is also used by {}", others.join(", "))));
+                diags.push(Diagnostic::file(
+                    path,
+                    format!("{what} name {name:?} is also used by {}", others.join(", ")),
+                ));
             }
         }
     }
@@ -157,12 +197,46 @@ pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
     if desired.implicit_local {
         desired.hosts.insert(
             LOCAL_HOST.to_owned(),
-            HostEntry { name: LOCAL_HOST.to_owned(), file: None, spec: HostSpec::implicit_local() },
+            HostEntry {
+                name: LOCAL_HOST.to_owned(),
+                file: None,
+                spec: HostSpec::implicit_local(),
+            },
         );
     }
 
+    check_across(&desired, &vms, &texts, &mut diags);
+
+    if !diags.is_empty() {
+        diags.sort();
+        diags.dedup();
+        return Err(diags);
+    }
+    for (file, name, spec) in vms {
+        let hash = spec_hash(&spec);
+        desired.vms.insert(
+            name.clone(),
+            VmEntry {
+                name,
+                file: file.path.clone(),
+                spec,
+                hash,
+            },
+        );
+    }
+    Ok(desired)
+}
+
+/// Checks between files: host pins exist; on the implicit local host, no two VMs
+/// forward the same host port.
+fn check_across(
+    desired: &Desired,
+    vms: &[(&SourceFile, String, VmSpec)],
+    texts: &BTreeMap<&str, String>,
+    diags: &mut Vec<Diagnostic>,
+) {
     let mut ports: BTreeMap<(bool, u16), &str> = BTreeMap::new();
-    for (file, name, spec) in &vms {
+    for (file, name, spec) in vms {
         let text = texts.get(file.path.as_str()).map_or("", String::as_str);
         if let Some(host) = &spec.host {
             if !desired.hosts.contains_key(host) {
@@ -182,30 +256,25 @@ pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
                         &file.path,
                         text,
                         &[Seg::Key("nics")],
-                        format!("host port {} is already forwarded by VM {other:?}", fwd.host_port),
+                        format!(
+                            "host port {} is already forwarded by VM {other:?}",
+                            fwd.host_port
+                        ),
                     ));
                 }
             }
         }
     }
-
-    if !diags.is_empty() {
-        diags.sort();
-        diags.dedup();
-        return Err(diags);
-    }
-    for (file, name, spec) in vms {
-        let hash = spec_hash(&spec);
-        desired.vms.insert(name.clone(), VmEntry { name, file: file.path.clone(), spec, hash });
-    }
-    Ok(desired)
 }
 
 fn file_text(file: &SourceFile, diags: &mut Vec<Diagnostic>) -> Option<String> {
     if file.bytes.len() > MAX_FILE_BYTES {
         diags.push(Diagnostic::file(
             &file.path,
-            format!("file is {} bytes; spec files are limited to {MAX_FILE_BYTES} bytes", file.bytes.len()),
+            format!(
+                "file is {} bytes; spec files are limited to {MAX_FILE_BYTES} bytes",
+                file.bytes.len()
+            ),
         ));
         return None;
     }
@@ -214,40 +283,74 @@ fn file_text(file: &SourceFile, diags: &mut Vec<Diagnostic>) -> Option<String> {
         Err(e) => {
             let offset = e.utf8_error().valid_up_to();
             let valid = String::from_utf8_lossy(&file.bytes[..offset]).into_owned();
-            diags.push(Diagnostic::at_offset(&file.path, &valid, offset, "file is not valid UTF-8 text"));
+            diags.push(Diagnostic::at_offset(
+                &file.path,
+                &valid,
+                offset,
+                "file is not valid UTF-8 text",
+            ));
             None
         }
     }
 }
 
-fn parse<T: DeserializeOwned>(file: &SourceFile, text: &str, diags: &mut Vec<Diagnostic>) -> Option<T> {
+fn parse<T: DeserializeOwned>(
+    file: &SourceFile,
+    text: &str,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<T> {
     match toml::from_str::<T>(text) {
         Ok(v) => Some(v),
         Err(e) => {
             let offset = e.span().map_or(0, |s| s.start);
-            diags.push(Diagnostic::at_offset(&file.path, text, offset, e.message().trim().to_owned()));
+            diags.push(Diagnostic::at_offset(
+                &file.path,
+                text,
+                offset,
+                e.message().trim().to_owned(),
+            ));
             None
         }
     }
 }
 
-fn push_problems(file: &SourceFile, text: &str, problems: Vec<Problem>, diags: &mut Vec<Diagnostic>) {
+fn push_problems(
+    file: &SourceFile,
+    text: &str,
+    problems: Vec<Problem>,
+    diags: &mut Vec<Diagnostic>,
+) {
     for (key, msg) in problems {
         diags.push(Diagnostic::at_key(&file.path, text, &key, msg));
     }
 }
 
 /// The entry's name: `name` when set, else the file stem; both must be valid names.
-fn entry_name(file: &SourceFile, text: &str, set: Option<&str>, diags: &mut Vec<Diagnostic>) -> Option<String> {
+fn entry_name(
+    file: &SourceFile,
+    text: &str,
+    set: Option<&str>,
+    diags: &mut Vec<Diagnostic>,
+) -> Option<String> {
     if let Some(name) = set {
         // Problems with an explicit name were reported by `problems()`.
         return name_problem(name).is_none().then(|| name.to_owned());
     }
-    let stem = file.rel.rsplit('/').next().unwrap_or(&file.rel).trim_end_matches(".toml");
+    let stem = file
+        .rel
+        .rsplit('/')
+        .next()
+        .unwrap_or(&file.rel)
+        .trim_end_matches(".toml");
     match name_problem(stem) {
         None => Some(stem.to_owned()),
         Some(p) => {
-            diags.push(Diagnostic::at_offset(&file.path, text, 0, format!("file name gives the {p}; rename the file or set `name`")));
+            diags.push(Diagnostic::at_offset(
+                &file.path,
+                text,
+                0,
+                format!("file name gives the {p}; rename the file or set `name`"),
+            ));
             None
         }
     }

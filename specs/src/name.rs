@@ -13,12 +13,20 @@ pub fn name_problem(name: &str) -> Option<String> {
         return Some("name is empty".to_owned());
     };
     if name.len() > MAX_NAME_LEN {
-        return Some(format!("name is {} bytes long; at most {MAX_NAME_LEN} allowed", name.len()));
+        return Some(format!(
+            "name is {} bytes long; at most {MAX_NAME_LEN} allowed",
+            name.len()
+        ));
     }
     if !first.is_ascii_lowercase() {
-        return Some(format!("name {name:?} must start with a lowercase letter a-z"));
+        return Some(format!(
+            "name {name:?} must start with a lowercase letter a-z"
+        ));
     }
-    if let Some(bad) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+    if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-'))
+    {
         return Some(format!(
             "name {name:?} contains {bad:?}; only lowercase letters a-z, digits and '-' are allowed"
         ));
@@ -39,7 +47,20 @@ mod tests {
 
     #[test]
     fn rejects_everything_else() {
-        for bad in ["", "1a", "-a", "A", "a/b", "..", "a b", "a.b", "a,b", "а", "a_b", &"a".repeat(64)] {
+        for bad in [
+            "",
+            "1a",
+            "-a",
+            "A",
+            "a/b",
+            "..",
+            "a b",
+            "a.b",
+            "a,b",
+            "а",
+            "a_b",
+            &"a".repeat(64),
+        ] {
             assert!(name_problem(bad).is_some(), "{bad:?} accepted");
         }
     }

@@ -12,6 +12,9 @@ pub fn all() -> Vec<(&'static str, String)> {
     vec![
         ("vm.schema.json", render(schemars::schema_for!(VmSpec))),
         ("host.schema.json", render(schemars::schema_for!(HostSpec))),
-        ("cluster.schema.json", render(schemars::schema_for!(ClusterSpec))),
+        (
+            "cluster.schema.json",
+            render(schemars::schema_for!(ClusterSpec)),
+        ),
     ]
 }

@@ -189,7 +189,10 @@ pub struct QemuSettings {
 
 impl Default for QemuSettings {
     fn default() -> Self {
-        Self { accel: Accel::default(), machine: default_machine() }
+        Self {
+            accel: Accel::default(),
+            machine: default_machine(),
+        }
     }
 }
 
@@ -228,13 +231,23 @@ impl Forward {
         let udp = match *proto {
             "tcp" => false,
             "udp" => true,
-            other => return Err(format!("forward protocol {other:?} must be \"tcp\" or \"udp\"")),
+            other => {
+                return Err(format!(
+                    "forward protocol {other:?} must be \"tcp\" or \"udp\""
+                ))
+            }
         };
         let port = |p: &str| match p.parse::<u16>() {
             Ok(n) if n > 0 => Ok(n),
-            _ => Err(format!("port {p:?} in forward {text:?} must be a number 1-65535")),
+            _ => Err(format!(
+                "port {p:?} in forward {text:?} must be a number 1-65535"
+            )),
         };
-        Ok(Self { udp, host_port: port(host)?, guest_port: port(guest)? })
+        Ok(Self {
+            udp,
+            host_port: port(host)?,
+            guest_port: port(guest)?,
+        })
     }
 }
 
@@ -253,10 +266,16 @@ impl VmSpec {
             }
         }
         if self.vcpus == 0 || self.vcpus > 1024 {
-            bad(vec![Seg::Key("vcpus")], format!("vcpus = {} must be between 1 and 1024", self.vcpus));
+            bad(
+                vec![Seg::Key("vcpus")],
+                format!("vcpus = {} must be between 1 and 1024", self.vcpus),
+            );
         }
         if self.memory_mb < 16 {
-            bad(vec![Seg::Key("memory_mb")], format!("memory_mb = {} must be at least 16", self.memory_mb));
+            bad(
+                vec![Seg::Key("memory_mb")],
+                format!("memory_mb = {} must be at least 16", self.memory_mb),
+            );
         }
         if let Some(group) = &self.group {
             if let Some(p) = name_problem(group) {
@@ -264,56 +283,32 @@ impl VmSpec {
             }
         }
         if let Some(boot) = &self.boot {
-            for (key, value) in [("kernel", Some(&boot.kernel)), ("initrd", boot.initrd.as_ref())] {
+            for (key, value) in [
+                ("kernel", Some(&boot.kernel)),
+                ("initrd", boot.initrd.as_ref()),
+            ] {
                 if let Some(p) = value.and_then(|v| path_problem(v)) {
                     bad(vec![Seg::Key("boot"), Seg::Key(key)], p);
                 }
             }
-            if boot.cmdline.as_deref().is_some_and(|c| c.contains(['\n', '\0'])) {
-                bad(vec![Seg::Key("boot"), Seg::Key("cmdline")], "cmdline must be one line".to_owned());
+            if boot
+                .cmdline
+                .as_deref()
+                .is_some_and(|c| c.contains(['\n', '\0']))
+            {
+                bad(
+                    vec![Seg::Key("boot"), Seg::Key("cmdline")],
+                    "cmdline must be one line".to_owned(),
+                );
             }
         }
-        let mut seen = std::collections::BTreeSet::new();
-        for (i, disk) in self.disks.iter().enumerate() {
-            let at = |k: &'static str| vec![Seg::Key("disks"), Seg::Index(i), Seg::Key(k)];
-            if let Some(p) = name_problem(&disk.name) {
-                bad(at("name"), format!("disk {p}"));
-            } else if !seen.insert(disk.name.as_str()) {
-                bad(at("name"), format!("disk name {:?} is used twice in this VM", disk.name));
-            }
-            match (disk.size_gb, &disk.image) {
-                (None, None) => bad(at("name"), "disk needs `size_gb` or `image`".to_owned()),
-                (Some(_), Some(_)) => {
-                    bad(at("image"), "set either `size_gb` or `image`, not both".to_owned());
-                }
-                (Some(0), None) => bad(at("size_gb"), "size_gb must be at least 1".to_owned()),
-                (Some(n), None) if n > 64 * 1024 => {
-                    bad(at("size_gb"), format!("size_gb = {n} is larger than 64 TiB"));
-                }
-                (None, Some(image)) => {
-                    if let Some(p) = path_problem(image) {
-                        bad(at("image"), p);
-                    }
-                }
-                _ => {}
-            }
-        }
-        let mut ports = std::collections::BTreeSet::new();
-        for (i, nic) in self.nics.iter().enumerate() {
-            for (j, fwd) in nic.forward.iter().enumerate() {
-                let at = vec![Seg::Key("nics"), Seg::Index(i), Seg::Key("forward"), Seg::Index(j)];
-                match Forward::parse(fwd) {
-                    Err(p) => bad(at, p),
-                    Ok(f) if !ports.insert((f.udp, f.host_port)) => {
-                        bad(at, format!("host port {} is forwarded twice", f.host_port));
-                    }
-                    Ok(_) => {}
-                }
-            }
-        }
+        self.disk_problems(&mut bad);
+        self.nic_problems(&mut bad);
         let machine = &self.qemu.machine;
         if machine.is_empty()
-            || !machine.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+            || !machine
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
         {
             bad(
                 vec![Seg::Key("qemu"), Seg::Key("machine")],
@@ -323,9 +318,70 @@ impl VmSpec {
         out
     }
 
+    fn disk_problems(&self, bad: &mut impl FnMut(Vec<Seg<'static>>, String)) {
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, disk) in self.disks.iter().enumerate() {
+            let at = |k: &'static str| vec![Seg::Key("disks"), Seg::Index(i), Seg::Key(k)];
+            if let Some(p) = name_problem(&disk.name) {
+                bad(at("name"), format!("disk {p}"));
+            } else if !seen.insert(disk.name.as_str()) {
+                bad(
+                    at("name"),
+                    format!("disk name {:?} is used twice in this VM", disk.name),
+                );
+            }
+            match (disk.size_gb, &disk.image) {
+                (None, None) => bad(at("name"), "disk needs `size_gb` or `image`".to_owned()),
+                (Some(_), Some(_)) => {
+                    bad(
+                        at("image"),
+                        "set either `size_gb` or `image`, not both".to_owned(),
+                    );
+                }
+                (Some(0), None) => bad(at("size_gb"), "size_gb must be at least 1".to_owned()),
+                (Some(n), None) if n > 64 * 1024 => {
+                    bad(
+                        at("size_gb"),
+                        format!("size_gb = {n} is larger than 64 TiB"),
+                    );
+                }
+                (None, Some(image)) => {
+                    if let Some(p) = path_problem(image) {
+                        bad(at("image"), p);
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    fn nic_problems(&self, bad: &mut impl FnMut(Vec<Seg<'static>>, String)) {
+        let mut ports = std::collections::BTreeSet::new();
+        for (i, nic) in self.nics.iter().enumerate() {
+            for (j, fwd) in nic.forward.iter().enumerate() {
+                let at = vec![
+                    Seg::Key("nics"),
+                    Seg::Index(i),
+                    Seg::Key("forward"),
+                    Seg::Index(j),
+                ];
+                match Forward::parse(fwd) {
+                    Err(p) => bad(at, p),
+                    Ok(f) if !ports.insert((f.udp, f.host_port)) => {
+                        bad(at, format!("host port {} is forwarded twice", f.host_port));
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
+    }
+
     /// All host ports this VM forwards.
     pub fn forwards(&self) -> impl Iterator<Item = Forward> + '_ {
-        self.nics.iter().flat_map(|n| n.forward.iter()).filter_map(|f| Forward::parse(f).ok())
+        self.nics
+            .iter()
+            .flat_map(|n| n.forward.iter())
+            .filter_map(|f| Forward::parse(f).ok())
     }
 }
 

@@ -3,11 +3,19 @@
 use plasmavmc_specs::{load, Diagnostic, SourceFile};
 
 fn file(rel: &str, text: &str) -> SourceFile {
-    SourceFile { path: format!("repo/{rel}"), rel: rel.to_owned(), bytes: text.as_bytes().to_vec() }
+    SourceFile {
+        path: format!("repo/{rel}"),
+        rel: rel.to_owned(),
+        bytes: text.as_bytes().to_vec(),
+    }
 }
 
 fn errors(files: &[SourceFile]) -> Vec<String> {
-    load(files).expect_err("must be refused").iter().map(Diagnostic::to_string).collect()
+    load(files)
+        .expect_err("must be refused")
+        .iter()
+        .map(Diagnostic::to_string)
+        .collect()
 }
 
 #[test]
@@ -37,18 +45,42 @@ fn every_error_of_every_file_is_reported_with_its_position() {
         file("vms/ok.toml", "vcpus = 2\n"),
     ]);
     assert_eq!(errs.len(), 5, "{errs:#?}");
-    assert!(errs[0].starts_with("repo/vms/Bad_Name.toml:1:1: file name gives the name \"Bad_Name\""), "{errs:#?}");
-    assert!(errs[1].starts_with("repo/vms/a.toml:2:1: unknown field `memroy_mb`"), "{errs:#?}");
-    assert!(errs[2].starts_with("repo/vms/b.toml:1:9: invalid type"), "{errs:#?}");
-    assert_eq!(errs[3], "repo/vms/c.toml:1:1: memory_mb = 0 must be at least 16");
-    assert!(errs[4].starts_with("repo/vms/d.toml:1:1: unknown host \"hv9\""), "{errs:#?}");
+    assert!(
+        errs[0].starts_with("repo/vms/Bad_Name.toml:1:1: file name gives the name \"Bad_Name\""),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[1].starts_with("repo/vms/a.toml:2:1: unknown field `memroy_mb`"),
+        "{errs:#?}"
+    );
+    assert!(
+        errs[2].starts_with("repo/vms/b.toml:1:9: invalid type"),
+        "{errs:#?}"
+    );
+    assert_eq!(
+        errs[3],
+        "repo/vms/c.toml:1:1: memory_mb = 0 must be at least 16"
+    );
+    assert!(
+        errs[4].starts_with("repo/vms/d.toml:1:1: unknown host \"hv9\""),
+        "{errs:#?}"
+    );
 }
 
 #[test]
 fn duplicate_names_name_both_files() {
-    let errs = errors(&[file("vms/x/a.toml", ""), file("vms/y/a.toml", ""), file("vms/z.toml", "name = \"a\"")]);
+    let errs = errors(&[
+        file("vms/x/a.toml", ""),
+        file("vms/y/a.toml", ""),
+        file("vms/z.toml", "name = \"a\""),
+    ]);
     assert_eq!(errs.len(), 3, "{errs:#?}");
-    assert!(errs[0].contains("repo/vms/x/a.toml: VM name \"a\" is also used by repo/vms/y/a.toml, repo/vms/z.toml"), "{errs:#?}");
+    assert!(
+        errs[0].contains(
+            "repo/vms/x/a.toml: VM name \"a\" is also used by repo/vms/y/a.toml, repo/vms/z.toml"
+        ),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -70,7 +102,11 @@ fn binary_garbage_and_huge_files_are_refused_by_path() {
     let mut huge = "# x\n".repeat(300_000);
     huge.push_str("vcpus = 1\n");
     let errs = errors(&[
-        SourceFile { path: "repo/vms/bin.toml".into(), rel: "vms/bin.toml".into(), bytes: vec![b'a', b'=', 0xff, 0xfe] },
+        SourceFile {
+            path: "repo/vms/bin.toml".into(),
+            rel: "vms/bin.toml".into(),
+            bytes: vec![b'a', b'=', 0xff, 0xfe],
+        },
         file("vms/huge.toml", &huge),
     ]);
     assert_eq!(errs.len(), 2, "{errs:#?}");
@@ -81,20 +117,29 @@ fn binary_garbage_and_huge_files_are_refused_by_path() {
 #[test]
 fn hosts_replace_the_implicit_local_host() {
     let d = load(&[
-        file("hosts/hv1.toml", "address = \"ssh://root@hv1\"\nroot = \"/var/lib/plasmavmc\"\n"),
+        file(
+            "hosts/hv1.toml",
+            "address = \"ssh://root@hv1\"\nroot = \"/var/lib/plasmavmc\"\n",
+        ),
         file("vms/a.toml", "host = \"hv1\"\n"),
     ])
     .expect("valid");
     assert!(!d.implicit_local);
     assert_eq!(d.hosts.keys().collect::<Vec<_>>(), ["hv1"]);
-    let errs = errors(&[file("hosts/hv2.toml", "address = \"ssh://-oProxyCommand=x\"\n")]);
+    let errs = errors(&[file(
+        "hosts/hv2.toml",
+        "address = \"ssh://-oProxyCommand=x\"\n",
+    )]);
     assert!(errs[0].contains("not a valid ssh://"), "{errs:#?}");
 }
 
 #[test]
 fn durations_in_cluster_settings_are_checked() {
     let errs = errors(&[file("plasmavmc.toml", "[timeouts]\nstop = \"soon\"\n")]);
-    assert!(errs[0].starts_with("repo/plasmavmc.toml:2:8: invalid duration \"soon\""), "{errs:#?}");
+    assert!(
+        errs[0].starts_with("repo/plasmavmc.toml:2:8: invalid duration \"soon\""),
+        "{errs:#?}"
+    );
     let d = load(&[file("plasmavmc.toml", "[timeouts]\nstop = \"5s\"\n")]).expect("valid");
     assert_eq!(d.cluster.timeouts.stop.0.as_secs(), 5);
 }

@@ -22,7 +22,10 @@ fn committed_schemas_are_up_to_date() {
 }
 
 fn collect(dir: &Path, base: &Path, out: &mut Vec<SourceFile>) {
-    for entry in std::fs::read_dir(dir).expect("readable example folder").flatten() {
+    for entry in std::fs::read_dir(dir)
+        .expect("readable example folder")
+        .flatten()
+    {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         if name.starts_with('.') || name == "guest" {
@@ -31,8 +34,16 @@ fn collect(dir: &Path, base: &Path, out: &mut Vec<SourceFile>) {
         if path.is_dir() {
             collect(&path, base, out);
         } else if name.ends_with(".toml") {
-            let rel = path.strip_prefix(base).expect("inside").to_string_lossy().into_owned();
-            out.push(SourceFile { path: path.display().to_string(), rel, bytes: std::fs::read(&path).expect("readable") });
+            let rel = path
+                .strip_prefix(base)
+                .expect("inside")
+                .to_string_lossy()
+                .into_owned();
+            out.push(SourceFile {
+                path: path.display().to_string(),
+                rel,
+                bytes: std::fs::read(&path).expect("readable"),
+            });
         }
     }
 }
@@ -50,9 +61,14 @@ fn every_example_is_valid_and_points_editors_at_the_schema() {
         collect(&dir, &dir, &mut files);
         for f in &files {
             let text = String::from_utf8_lossy(&f.bytes);
-            assert!(text.starts_with("#:schema "), "{} lacks a #:schema directive on its first line", f.path);
+            assert!(
+                text.starts_with("#:schema "),
+                "{} lacks a #:schema directive on its first line",
+                f.path
+            );
         }
-        let desired = load(&files).unwrap_or_else(|e| panic!("{} is invalid: {e:#?}", dir.display()));
+        let desired =
+            load(&files).unwrap_or_else(|e| panic!("{} is invalid: {e:#?}", dir.display()));
         seen += desired.vms.len();
     }
     assert!(seen > 0, "no example VM found");

@@ -26,20 +26,28 @@ impl Ctx {
             (None, Some(root)) => root.join(".plasmavmc"),
             (None, None) => anyhow::bail!("the repository has no working tree; pass --state-dir"),
         };
-        Ok(Self { source, state, rev: args.rev.clone() })
+        Ok(Self {
+            source,
+            state,
+            rev: args.rev.clone(),
+        })
     }
 
     /// Reads and validates the commit; `Ok(Err(..))` carries the diagnostics of an invalid one.
     pub fn target(&self) -> anyhow::Result<Result<Target, (String, Vec<Diagnostic>)>> {
         match Target::load(&self.source, &self.rev) {
             Ok(t) => Ok(Ok(t)),
-            Err(TargetError::Invalid { commit, diagnostics }) => Ok(Err((commit, diagnostics))),
+            Err(TargetError::Invalid {
+                commit,
+                diagnostics,
+            }) => Ok(Err((commit, diagnostics))),
             Err(TargetError::Source(e)) => Err(e.into()),
         }
     }
 
     pub fn state_dir(&self) -> anyhow::Result<StateDir> {
-        StateDir::open(&self.state).with_context(|| format!("state directory {}", self.state.display()))
+        StateDir::open(&self.state)
+            .with_context(|| format!("state directory {}", self.state.display()))
     }
 
     /// The hosts this engine reaches: every `address = "local"` host of `desired`.
@@ -50,8 +58,17 @@ impl Ctx {
             .values()
             .filter(|h| h.spec.address.as_deref() == Some("local"))
             .map(|h| {
-                let root = h.spec.root.as_ref().map_or_else(|| state.host_root(&h.name), PathBuf::from);
-                let host = LocalHost::new(&h.name, &root, h.spec.accel, desired.cluster.timeouts.qmp_ready.0);
+                let root = h
+                    .spec
+                    .root
+                    .as_ref()
+                    .map_or_else(|| state.host_root(&h.name), PathBuf::from);
+                let host = LocalHost::new(
+                    &h.name,
+                    &root,
+                    h.spec.accel,
+                    desired.cluster.timeouts.qmp_ready.0,
+                );
                 (h.name.clone(), host)
             })
             .collect()
@@ -75,5 +92,8 @@ pub fn print_invalid(commit: &str, diags: &[Diagnostic]) {
         eprintln!("{d}");
     }
     let n = diags.len();
-    eprintln!("error: commit {commit} is invalid ({n} error{}); nothing was changed", if n == 1 { "" } else { "s" });
+    eprintln!(
+        "error: commit {commit} is invalid ({n} error{}); nothing was changed",
+        if n == 1 { "" } else { "s" }
+    );
 }

@@ -47,7 +47,12 @@ pub fn validate(args: &RepoArgs) -> anyhow::Result<u8> {
     let ctx = Ctx::open(args)?;
     match ctx.target()? {
         Ok(t) => {
-            println!("commit {}: {} VMs, {} hosts: valid", t.commit.short(), t.desired.vms.len(), t.desired.hosts.len());
+            println!(
+                "commit {}: {} VMs, {} hosts: valid",
+                t.commit.short(),
+                t.desired.vms.len(),
+                t.desired.hosts.len()
+            );
             Ok(0)
         }
         Err((commit, diags)) => {
@@ -58,11 +63,17 @@ pub fn validate(args: &RepoArgs) -> anyhow::Result<u8> {
 }
 
 /// Takes the lock and looks at every host.
-async fn observe(ctx: &Ctx, target: &Target, what: &str) -> anyhow::Result<(StateLock, BTreeMap<String, LocalHost>, Observed)> {
+async fn observe(
+    ctx: &Ctx,
+    target: &Target,
+    what: &str,
+) -> anyhow::Result<(StateLock, BTreeMap<String, LocalHost>, Observed)> {
     let state = ctx.state_dir()?;
     let lock = StateLock::acquire(&state.lock_path(), what)?;
     let hosts = ctx.hosts(&target.desired);
-    let observed = Observed::gather(hosts.values()).await.context("observing the hosts")?;
+    let observed = Observed::gather(hosts.values())
+        .await
+        .context("observing the hosts")?;
     Ok((lock, hosts, observed))
 }
 
@@ -90,16 +101,33 @@ pub async fn plan(args: &PlanArgs) -> anyhow::Result<u8> {
         print_plan(&target, &plan);
     }
     if let Some(out) = &args.out {
-        let saved = SavedPlan::new(&target.commit.id, ctx.source.spec_dir(), &observed, plan.clone());
+        let saved = SavedPlan::new(
+            &target.commit.id,
+            ctx.source.spec_dir(),
+            &observed,
+            plan.clone(),
+        );
         let text = serde_json::to_string_pretty(&saved)?;
         std::fs::write(out, text + "\n").with_context(|| format!("writing {}", out.display()))?;
-        eprintln!("saved the plan to {}; apply it with: plasmavmc apply {}", out.display(), out.display());
+        eprintln!(
+            "saved the plan to {}; apply it with: plasmavmc apply {}",
+            out.display(),
+            out.display()
+        );
     }
-    Ok(if args.detailed_exitcode && !plan.is_empty() { EXIT_CHANGES } else { 0 })
+    Ok(if args.detailed_exitcode && !plan.is_empty() {
+        EXIT_CHANGES
+    } else {
+        0
+    })
 }
 
 fn print_plan(target: &Target, plan: &Plan) {
-    let summary = if target.commit.summary.is_empty() { String::new() } else { format!(" ({})", target.commit.summary) };
+    let summary = if target.commit.summary.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", target.commit.summary)
+    };
     println!("commit {}{summary}", target.commit.short());
     if plan.is_empty() {
         println!("No changes: the hosts match this commit.");
@@ -126,12 +154,19 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
     let saved = match &args.plan_file {
         None => None,
         Some(path) => {
-            let text = std::fs::read_to_string(path).with_context(|| format!("reading plan file {}", path.display()))?;
-            Some(serde_json::from_str::<SavedPlan>(&text).with_context(|| format!("{} is not a plan file", path.display()))?)
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading plan file {}", path.display()))?;
+            Some(
+                serde_json::from_str::<SavedPlan>(&text)
+                    .with_context(|| format!("{} is not a plan file", path.display()))?,
+            )
         }
     };
     let ctx = match &saved {
-        Some(s) => Ctx { rev: s.revision.clone(), ..ctx },
+        Some(s) => Ctx {
+            rev: s.revision.clone(),
+            ..ctx
+        },
         None => ctx,
     };
     let state = ctx.state_dir()?;
@@ -143,7 +178,13 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
             print_invalid(&commit, &diags);
             let _lock = StateLock::acquire(&state.lock_path(), "plasmavmc apply")?;
             engine.last_attempted_revision = ctx.source.resolve(&ctx.rev).ok();
-            engine.last_error = Some(diags.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"));
+            engine.last_error = Some(
+                diags
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            );
             engine.updated_at = crate::time::now();
             status.write_engine(&engine)?;
             return Ok(1);
@@ -166,10 +207,12 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
         plan
     };
     let report = execute(&plan, &target, &hosts, print_step).await;
-    let after = Observed::gather(hosts.values()).await.context("observing the hosts after applying")?;
-    engine.version = env!("CARGO_PKG_VERSION").to_owned();
+    let after = Observed::gather(hosts.values())
+        .await
+        .context("observing the hosts after applying")?;
+    env!("CARGO_PKG_VERSION").clone_into(&mut engine.version);
     engine.updated_at = crate::time::now();
-    engine.spec_dir = ctx.source.spec_dir().to_owned();
+    ctx.source.spec_dir().clone_into(&mut engine.spec_dir);
     engine.revision_seen = Some(target.commit.id.clone());
     engine.last_attempted_revision = Some(target.commit.id.clone());
     if report.failed() {
@@ -211,7 +254,12 @@ fn confirm(n: usize) -> anyhow::Result<bool> {
 fn print_step(step: &Step) {
     let a = &step.action;
     match &step.outcome {
-        Outcome::Done { detail, took } => println!("  ok   {} {} ({:.1}s): {detail}", a.op(), a.vm(), took.as_secs_f64()),
+        Outcome::Done { detail, took } => println!(
+            "  ok   {} {} ({:.1}s): {detail}",
+            a.op(),
+            a.vm(),
+            took.as_secs_f64()
+        ),
         Outcome::Failed { error } => println!("  FAIL {} {}: {error}", a.op(), a.vm()),
         Outcome::Skipped { why } => println!("  skip {} {}: {why}", a.op(), a.vm()),
     }
@@ -222,10 +270,11 @@ fn failures(report: &Report) -> String {
         .steps
         .iter()
         .filter_map(|s| match &s.outcome {
-            Outcome::Failed { error } => Some(format!("{} {}: {error}", s.action.op(), s.action.vm())),
+            Outcome::Failed { error } => {
+                Some(format!("{} {}: {error}", s.action.op(), s.action.vm()))
+            }
             _ => None,
         })
         .collect::<Vec<_>>()
         .join("\n")
 }
-

@@ -28,14 +28,17 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<u8> {
             let target = ctx.target()?.ok();
             let desired = match &target {
                 Some(t) => t.desired.clone(),
-                None => plasmavmc_specs::load(&[]).map_err(|_| anyhow::anyhow!("empty desired state is valid"))?,
+                None => plasmavmc_specs::load(&[])
+                    .map_err(|_| anyhow::anyhow!("empty desired state is valid"))?,
             };
             let hosts = ctx.hosts(&desired);
-            let observed = Observed::gather(hosts.values()).await.context("observing the hosts")?;
+            let observed = Observed::gather(hosts.values())
+                .await
+                .context("observing the hosts")?;
             let mut engine = dir.read().map(|s| s.engine).unwrap_or_default();
             engine.updated_at = crate::time::now();
-            engine.version = env!("CARGO_PKG_VERSION").to_owned();
-            engine.spec_dir = ctx.source.spec_dir().to_owned();
+            env!("CARGO_PKG_VERSION").clone_into(&mut engine.version);
+            ctx.source.spec_dir().clone_into(&mut engine.spec_dir);
             let snap = dir.build(engine, target.as_ref().map(|t| &t.desired), &observed, None);
             dir.write(&snap)?;
             snap

@@ -37,7 +37,9 @@ pub struct Report {
 
 impl Report {
     pub fn failed(&self) -> bool {
-        self.steps.iter().any(|s| !matches!(s.outcome, Outcome::Done { .. }))
+        self.steps
+            .iter()
+            .any(|s| !matches!(s.outcome, Outcome::Done { .. }))
     }
 }
 
@@ -53,20 +55,38 @@ pub enum ExecError {
 }
 
 /// Runs `plan`; `progress` is told about each step as it finishes.
-pub async fn execute<H: Host>(plan: &Plan, target: &Target, hosts: &BTreeMap<String, H>, mut progress: impl FnMut(&Step)) -> Report {
+pub async fn execute<H: Host>(
+    plan: &Plan,
+    target: &Target,
+    hosts: &BTreeMap<String, H>,
+    mut progress: impl FnMut(&Step),
+) -> Report {
     let stop_timeout = target.desired.cluster.timeouts.stop.0;
     let mut report = Report::default();
     let mut broken: BTreeSet<String> = BTreeSet::new();
     for action in &plan.actions {
         let outcome = if broken.contains(action.vm()) {
-            Outcome::Skipped { why: "an earlier step of this VM failed".to_owned() }
+            Outcome::Skipped {
+                why: "an earlier step of this VM failed".to_owned(),
+            }
         } else {
-            let span = info_span!("action", op = action.op(), vm = action.vm(), host = action.host());
+            let span = info_span!(
+                "action",
+                op = action.op(),
+                vm = action.vm(),
+                host = action.host()
+            );
             let started = Instant::now();
-            match run(action, target, hosts, stop_timeout).instrument(span).await {
+            match run(action, target, hosts, stop_timeout)
+                .instrument(span)
+                .await
+            {
                 Ok(detail) => {
                     info!(op = action.op(), vm = action.vm(), %detail, "done");
-                    Outcome::Done { detail, took: started.elapsed() }
+                    Outcome::Done {
+                        detail,
+                        took: started.elapsed(),
+                    }
                 }
                 Err(e) => {
                     let error = error_chain(&e);
@@ -76,17 +96,32 @@ pub async fn execute<H: Host>(plan: &Plan, target: &Target, hosts: &BTreeMap<Str
                 }
             }
         };
-        let step = Step { action: action.clone(), outcome };
+        let step = Step {
+            action: action.clone(),
+            outcome,
+        };
         progress(&step);
         report.steps.push(step);
     }
     report
 }
 
-async fn run<H: Host>(action: &Action, target: &Target, hosts: &BTreeMap<String, H>, stop_timeout: Duration) -> Result<String, ExecError> {
-    let host = hosts.get(action.host()).ok_or_else(|| ExecError::NoHost { host: action.host().to_owned() })?;
+async fn run<H: Host>(
+    action: &Action,
+    target: &Target,
+    hosts: &BTreeMap<String, H>,
+    stop_timeout: Duration,
+) -> Result<String, ExecError> {
+    let host = hosts.get(action.host()).ok_or_else(|| ExecError::NoHost {
+        host: action.host().to_owned(),
+    })?;
     let vm = action.vm();
-    let instance = || target.instance(vm).ok_or_else(|| ExecError::NotInCommit { vm: vm.to_owned(), commit: target.commit.short().to_owned() });
+    let instance = || {
+        target.instance(vm).ok_or_else(|| ExecError::NotInCommit {
+            vm: vm.to_owned(),
+            commit: target.commit.short().to_owned(),
+        })
+    };
     Ok(match action {
         Action::Create { .. } => {
             host.create(&instance()?).await?;

@@ -22,15 +22,21 @@ struct FakeHost {
 
 impl FakeHost {
     fn record(&self, call: String) -> Result<(), HostError> {
-        self.calls.lock().expect("lock").push(call.clone());
-        if self.fail_on.as_deref() == Some(call.as_str()) {
-            return Err(HostError::Refused { vm: "x".into(), reason: format!("{call} failed on purpose") });
+        let fail = self.fail_on.as_deref() == Some(call.as_str());
+        let reason = format!("{call} failed on purpose");
+        self.calls.lock().expect("lock").push(call);
+        if fail {
+            return Err(HostError::Refused {
+                vm: "x".into(),
+                reason,
+            });
         }
         Ok(())
     }
 }
 
 impl Host for FakeHost {
+    #[allow(clippy::unnecessary_literal_bound)] // the trait returns a borrowed name
     fn name(&self) -> &str {
         "local"
     }
@@ -47,61 +53,149 @@ impl Host for FakeHost {
         self.record(format!("start {vm}")).map(|()| 42)
     }
     async fn stop(&self, vm: &str, timeout: Duration) -> Result<StopOutcome, HostError> {
-        self.record(format!("stop {vm} {}s", timeout.as_secs())).map(|()| StopOutcome::Quit)
+        self.record(format!("stop {vm} {}s", timeout.as_secs()))
+            .map(|()| StopOutcome::Quit)
     }
     async fn delete(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {
-        self.record(format!("delete {vm}")).map(|()| Some(PathBuf::from("/r")))
+        self.record(format!("delete {vm}"))
+            .map(|()| Some(PathBuf::from("/r")))
     }
 }
 
 fn target(files: &[(&str, &str)]) -> Target {
-    let files: Vec<SourceFile> = files.iter().map(|(r, t)| SourceFile { path: (*r).into(), rel: (*r).into(), bytes: t.as_bytes().to_vec() }).collect();
+    let files: Vec<SourceFile> = files
+        .iter()
+        .map(|(r, t)| SourceFile {
+            path: (*r).into(),
+            rel: (*r).into(),
+            bytes: t.as_bytes().to_vec(),
+        })
+        .collect();
     let desired = load(&files).expect("valid");
-    Target { commit: Commit { id: "c0ffee".into(), summary: String::new(), files, symlinks: vec![] }, desired, files: BTreeMap::new() }
+    Target {
+        commit: Commit {
+            id: "c0ffee".into(),
+            summary: String::new(),
+            files,
+            symlinks: vec![],
+        },
+        desired,
+        files: BTreeMap::new(),
+    }
 }
 
 fn act(op: &str, vm: &str) -> Action {
-    let (vm, host, reason, diff) = (vm.to_owned(), "local".to_owned(), "test".to_owned(), String::new());
+    let (vm, host, reason, diff) = (
+        vm.to_owned(),
+        "local".to_owned(),
+        "test".to_owned(),
+        String::new(),
+    );
     match op {
         "create" => Action::Create { vm, host, reason },
         "start" => Action::Start { vm, host, reason },
         "stop" => Action::Stop { vm, host, reason },
-        "restart" => Action::Restart { vm, host, reason, diff },
-        "update" => Action::Update { vm, host, reason, diff },
+        "restart" => Action::Restart {
+            vm,
+            host,
+            reason,
+            diff,
+        },
+        "update" => Action::Update {
+            vm,
+            host,
+            reason,
+            diff,
+        },
         _ => Action::Delete { vm, host, reason },
     }
 }
 
 #[tokio::test]
 async fn actions_become_host_calls_in_order_with_the_commit_spec() {
-    let t = target(&[("plasmavmc.toml", "[timeouts]\nstop = \"7s\""), ("vms/a.toml", "memory_mb = 64"), ("vms/b.toml", "")]);
-    let plan = Plan { actions: vec![act("create", "a"), act("start", "a"), act("restart", "b"), act("stop", "c"), act("delete", "c")], notes: vec![] };
+    let t = target(&[
+        ("plasmavmc.toml", "[timeouts]\nstop = \"7s\""),
+        ("vms/a.toml", "memory_mb = 64"),
+        ("vms/b.toml", ""),
+    ]);
+    let plan = Plan {
+        actions: vec![
+            act("create", "a"),
+            act("start", "a"),
+            act("restart", "b"),
+            act("stop", "c"),
+            act("delete", "c"),
+        ],
+        notes: vec![],
+    };
     let hosts = BTreeMap::from([("local".to_owned(), FakeHost::default())]);
     let mut seen = 0;
     let report = execute(&plan, &t, &hosts, |_| seen += 1).await;
     assert!(!report.failed());
     assert_eq!(seen, 5);
     let calls = hosts["local"].calls.lock().expect("lock").clone();
-    assert_eq!(calls, ["create a 64", "start a", "stop b 7s", "update b 256", "start b", "stop c 7s", "delete c"]);
+    assert_eq!(
+        calls,
+        [
+            "create a 64",
+            "start a",
+            "stop b 7s",
+            "update b 256",
+            "start b",
+            "stop c 7s",
+            "delete c"
+        ]
+    );
 }
 
 #[tokio::test]
 async fn a_failed_step_skips_the_rest_of_that_vm_only() {
     let t = target(&[("vms/a.toml", ""), ("vms/b.toml", "")]);
-    let plan = Plan { actions: vec![act("create", "a"), act("start", "a"), act("create", "b"), act("start", "b")], notes: vec![] };
-    let hosts = BTreeMap::from([("local".to_owned(), FakeHost { fail_on: Some("create a 256".into()), ..FakeHost::default() })]);
+    let plan = Plan {
+        actions: vec![
+            act("create", "a"),
+            act("start", "a"),
+            act("create", "b"),
+            act("start", "b"),
+        ],
+        notes: vec![],
+    };
+    let hosts = BTreeMap::from([(
+        "local".to_owned(),
+        FakeHost {
+            fail_on: Some("create a 256".into()),
+            ..FakeHost::default()
+        },
+    )]);
     let report = execute(&plan, &t, &hosts, |_| {}).await;
     assert!(report.failed());
-    let outcomes: Vec<&str> = report.steps.iter().map(|s| match s.outcome { Outcome::Done { .. } => "done", Outcome::Failed { .. } => "failed", Outcome::Skipped { .. } => "skipped" }).collect();
+    let outcomes: Vec<&str> = report
+        .steps
+        .iter()
+        .map(|s| match s.outcome {
+            Outcome::Done { .. } => "done",
+            Outcome::Failed { .. } => "failed",
+            Outcome::Skipped { .. } => "skipped",
+        })
+        .collect();
     assert_eq!(outcomes, ["failed", "skipped", "done", "done"]);
-    let Outcome::Failed { error } = &report.steps[0].outcome else { panic!("failed expected") };
+    let Outcome::Failed { error } = &report.steps[0].outcome else {
+        panic!("failed expected")
+    };
     assert!(error.contains("failed on purpose"), "{error}");
 }
 
 #[tokio::test]
 async fn unknown_hosts_fail_the_action_without_calls() {
     let t = target(&[("vms/a.toml", "")]);
-    let plan = Plan { actions: vec![Action::Start { vm: "a".into(), host: "hv9".into(), reason: String::new() }], notes: vec![] };
+    let plan = Plan {
+        actions: vec![Action::Start {
+            vm: "a".into(),
+            host: "hv9".into(),
+            reason: String::new(),
+        }],
+        notes: vec![],
+    };
     let hosts = BTreeMap::from([("local".to_owned(), FakeHost::default())]);
     let report = execute(&plan, &t, &hosts, |_| {}).await;
     assert!(report.failed());

@@ -15,7 +15,9 @@ use tracing::{debug, info, warn};
 use super::{Host, HostError, StopOutcome};
 use crate::observe::{Capacity, Inventory, ObservedVm, Retained, RunState};
 use crate::qemu::args::{qemu_args, Accel};
-use crate::qemu::instance::{self, InstanceDir, InstanceFile, VmInstance, QEMU_LOG, QMP_SOCKET, SERIAL_LOG};
+use crate::qemu::instance::{
+    self, InstanceDir, InstanceFile, VmInstance, QEMU_LOG, QMP_SOCKET, SERIAL_LOG,
+};
 use crate::qemu::qmp::Qmp;
 use crate::qemu::{img, process};
 
@@ -36,8 +38,18 @@ pub struct LocalHost {
 impl LocalHost {
     /// `accel` is the host's default for VMs whose spec says `auto`; `qmp_ready` bounds
     /// spawn → QMP answering.
-    pub fn new(name: &str, root: &Path, accel: plasmavmc_specs::Accel, qmp_ready: Duration) -> Self {
-        Self { name: name.to_owned(), root: root.to_path_buf(), accel, qmp_ready }
+    pub fn new(
+        name: &str,
+        root: &Path,
+        accel: plasmavmc_specs::Accel,
+        qmp_ready: Duration,
+    ) -> Self {
+        Self {
+            name: name.to_owned(),
+            root: root.to_path_buf(),
+            accel,
+            qmp_ready,
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -53,17 +65,24 @@ impl LocalHost {
         if !dir.exists() {
             return Err(HostError::NoInstance { vm: vm.to_owned() });
         }
-        let inst = dir.read().map_err(|source| HostError::Instance { vm: vm.to_owned(), source })?;
+        let inst = dir.read().map_err(|source| HostError::Instance {
+            vm: vm.to_owned(),
+            source: Box::new(source),
+        })?;
         Ok((dir, inst))
     }
 
     fn write(dir: &InstanceDir, inst: &InstanceFile) -> Result<(), HostError> {
-        dir.write(inst).map_err(|source| HostError::Instance { vm: inst.vm.name.clone(), source })
+        dir.write(inst).map_err(|source| HostError::Instance {
+            vm: inst.vm.name.clone(),
+            source: Box::new(source),
+        })
     }
 
     /// The pid of this instance's QEMU when it is alive (checked by uuid).
     fn live_pid(dir: &InstanceDir, inst: &InstanceFile) -> Option<u32> {
-        dir.pid().filter(|pid| process::is_instance(*pid, &inst.uuid))
+        dir.pid()
+            .filter(|pid| process::is_instance(*pid, &inst.uuid))
     }
 
     fn accel_for(&self, inst: &InstanceFile) -> Accel {
@@ -75,8 +94,16 @@ impl LocalHost {
             plasmavmc_specs::Accel::Tcg => Accel::Tcg,
             plasmavmc_specs::Accel::Kvm => Accel::Kvm,
             plasmavmc_specs::Accel::Auto => {
-                let kvm = fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok();
-                if kvm { Accel::Kvm } else { Accel::Tcg }
+                let kvm = fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .open("/dev/kvm")
+                    .is_ok();
+                if kvm {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                }
             }
         }
     }
@@ -84,7 +111,9 @@ impl LocalHost {
     async fn observe_one(dir: &InstanceDir, inst: InstanceFile) -> ObservedVm {
         let pid = Self::live_pid(dir, &inst);
         let (state, detail) = match pid {
-            None if inst.power == Power::Running => (RunState::Exited, Some("QEMU is not running".to_owned())),
+            None if inst.power == Power::Running => {
+                (RunState::Exited, Some("QEMU is not running".to_owned()))
+            }
             None => (RunState::Stopped, None),
             Some(_) => match Qmp::connect(&dir.file(QMP_SOCKET), QMP_PROBE).await {
                 Ok(qmp) => match qmp.query_status().await {
@@ -111,18 +140,38 @@ impl LocalHost {
 
     /// Creates missing disks and grows enlarged ones. Never shrinks, never deletes.
     async fn ensure_disks(&self, dir: &InstanceDir, vm: &VmInstance) -> Result<(), HostError> {
-        crate::state::create_private_dir(&dir.dir.join(instance::DISKS_DIR)).map_err(|source| HostError::State { vm: vm.name.clone(), source })?;
+        crate::state::create_private_dir(&dir.dir.join(instance::DISKS_DIR)).map_err(|source| {
+            HostError::State {
+                vm: vm.name.clone(),
+                source: Box::new(source),
+            }
+        })?;
         for disk in &vm.spec.disks {
             if disk.storage == Storage::Shared {
-                return Err(HostError::Refused { vm: vm.name.clone(), reason: format!("disk {} wants shared storage; host {} has none", disk.name, self.name) });
+                return Err(HostError::Refused {
+                    vm: vm.name.clone(),
+                    reason: format!(
+                        "disk {} wants shared storage; host {} has none",
+                        disk.name, self.name
+                    ),
+                });
             }
             let path = dir.disk(&disk.name);
-            let disk_err = |source| HostError::Disk { vm: vm.name.clone(), disk: disk.name.clone(), source };
+            let disk_err = |source| HostError::Disk {
+                vm: vm.name.clone(),
+                disk: disk.name.clone(),
+                source: Box::new(source),
+            };
             if !path.exists() {
                 match (disk.size_gb, vm.files.images.get(&disk.name)) {
                     (_, Some(base)) => img::create_overlay(&path, base).await.map_err(disk_err)?,
                     (Some(gb), None) => img::create(&path, gb).await.map_err(disk_err)?,
-                    (None, None) => return Err(HostError::Refused { vm: vm.name.clone(), reason: format!("disk {} has no size and no image", disk.name) }),
+                    (None, None) => {
+                        return Err(HostError::Refused {
+                            vm: vm.name.clone(),
+                            reason: format!("disk {} has no size and no image", disk.name),
+                        })
+                    }
                 }
                 info!(vm = %vm.name, disk = %disk.name, "created disk");
             } else if let Some(gb) = disk.size_gb {
@@ -139,7 +188,11 @@ impl LocalHost {
     /// Moves `what` (a disk file or a disks folder) to `retained/<vm>-<time>/`, with a
     /// note saying why. Returns the new folder.
     fn retain(&self, vm: &str, what: &Path, reason: &str) -> Result<PathBuf, HostError> {
-        let io_err = |source| HostError::Io { vm: vm.to_owned(), what: format!("cannot retain {}", what.display()), source };
+        let io_err = |source| HostError::Io {
+            vm: vm.to_owned(),
+            what: format!("cannot retain {}", what.display()),
+            source,
+        };
         let base = instance::retained_dir(&self.root);
         let stamp = crate::time::now_compact();
         let mut target = base.join(format!("{vm}-{stamp}"));
@@ -149,18 +202,31 @@ impl LocalHost {
             target = base.join(format!("{vm}-{stamp}-{n}"));
         }
         fs::create_dir_all(&target).map_err(io_err)?;
-        let name = what.file_name().map_or_else(|| "disks".into(), std::ffi::OsStr::to_os_string);
+        let name = what
+            .file_name()
+            .map_or_else(|| "disks".into(), std::ffi::OsStr::to_os_string);
         fs::rename(what, target.join(name)).map_err(io_err)?;
-        let note = Retained { vm: vm.to_owned(), path: target.clone(), since: crate::time::now(), reason: reason.to_owned() };
+        let note = Retained {
+            vm: vm.to_owned(),
+            path: target.clone(),
+            since: crate::time::now(),
+            reason: reason.to_owned(),
+        };
         let text = toml::to_string(&note).expect("a retained note serialises");
-        crate::state::write_atomic(&target.join("retained.toml"), text.as_bytes())
-            .map_err(|source| HostError::State { vm: vm.to_owned(), source })?;
+        crate::state::write_atomic(&target.join("retained.toml"), text.as_bytes()).map_err(
+            |source| HostError::State {
+                vm: vm.to_owned(),
+                source: Box::new(source),
+            },
+        )?;
         info!(vm, path = %target.display(), reason, "retained disks");
         Ok(target)
     }
 
     fn scan_retained(&self) -> Vec<Retained> {
-        let Ok(entries) = fs::read_dir(instance::retained_dir(&self.root)) else { return Vec::new() };
+        let Ok(entries) = fs::read_dir(instance::retained_dir(&self.root)) else {
+            return Vec::new();
+        };
         let mut out: Vec<Retained> = entries
             .flatten()
             .filter_map(|e| fs::read_to_string(e.path().join("retained.toml")).ok())
@@ -184,10 +250,16 @@ impl LocalHost {
         let deadline = Instant::now() + self.qmp_ready;
         loop {
             if !process::is_alive(pid) {
-                return Err(HostError::StartFailed { vm: vm.to_owned(), reason: Self::failure_reason(dir) });
+                return Err(HostError::StartFailed {
+                    vm: vm.to_owned(),
+                    reason: Self::failure_reason(dir),
+                });
             }
             if let Ok(qmp) = Qmp::connect(&dir.file(QMP_SOCKET), Duration::from_secs(1)).await {
-                let status = qmp.query_status().await.map_err(|source| HostError::Qmp { vm: vm.to_owned(), source })?;
+                let status = qmp.query_status().await.map_err(|source| HostError::Qmp {
+                    vm: vm.to_owned(),
+                    source: Box::new(source),
+                })?;
                 if status.running {
                     return Ok(());
                 }
@@ -195,7 +267,13 @@ impl LocalHost {
             }
             if Instant::now() >= deadline {
                 process::kill_hard(pid);
-                return Err(HostError::StartFailed { vm: vm.to_owned(), reason: format!("QMP did not answer within {:?}; QEMU killed", self.qmp_ready) });
+                return Err(HostError::StartFailed {
+                    vm: vm.to_owned(),
+                    reason: format!(
+                        "QMP did not answer within {:?}; QEMU killed",
+                        self.qmp_ready
+                    ),
+                });
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -213,7 +291,11 @@ fn host_capacity() -> Capacity {
     let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let memory_mb = fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok()))
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
         .map_or(0, |kb| kb / 1024);
     Capacity { vcpus, memory_mb }
 }
@@ -224,7 +306,11 @@ impl Host for LocalHost {
     }
 
     async fn inventory(&self) -> Result<Inventory, HostError> {
-        let mut inv = Inventory { capacity: host_capacity(), retained: self.scan_retained(), ..Inventory::default() };
+        let mut inv = Inventory {
+            capacity: host_capacity(),
+            retained: self.scan_retained(),
+            ..Inventory::default()
+        };
         let vms = instance::vms_dir(&self.root);
         let entries = match fs::read_dir(&vms) {
             Ok(e) => e,
@@ -232,7 +318,9 @@ impl Host for LocalHost {
             Err(source) => return Err(HostError::Scan { path: vms, source }),
         };
         for entry in entries.flatten() {
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+                continue;
+            };
             let dir = self.dir(&name);
             if !dir.exists() {
                 continue;
@@ -241,8 +329,12 @@ impl Host for LocalHost {
                 Ok(inst) if inst.vm.name == name => {
                     inv.vms.insert(name, Self::observe_one(&dir, inst).await);
                 }
-                Ok(inst) => warn!(folder = %dir.dir.display(), vm = %inst.vm.name, "instance folder and VM name differ; ignored"),
-                Err(e) => warn!(folder = %dir.dir.display(), error = %e, "unreadable instance; ignored"),
+                Ok(inst) => {
+                    warn!(folder = %dir.dir.display(), vm = %inst.vm.name, "instance folder and VM name differ; ignored");
+                }
+                Err(e) => {
+                    warn!(folder = %dir.dir.display(), error = %e, "unreadable instance; ignored");
+                }
             }
         }
         Ok(inv)
@@ -253,8 +345,10 @@ impl Host for LocalHost {
         if dir.exists() {
             return self.update(vm).await;
         }
-        crate::state::create_private_dir(&dir.dir)
-            .map_err(|source| HostError::State { vm: vm.name.clone(), source })?;
+        crate::state::create_private_dir(&dir.dir).map_err(|source| HostError::State {
+            vm: vm.name.clone(),
+            source: Box::new(source),
+        })?;
         let inst = InstanceFile {
             uuid: uuid::Uuid::new_v4().to_string(),
             created_at: crate::time::now(),
@@ -271,7 +365,11 @@ impl Host for LocalHost {
         for old in &inst.vm.spec.disks {
             let path = dir.disk(&old.name);
             if path.exists() && !vm.spec.disks.iter().any(|d| d.name == old.name) {
-                self.retain(&vm.name, &path, &format!("disk {} removed from the spec", old.name))?;
+                self.retain(
+                    &vm.name,
+                    &path,
+                    &format!("disk {} removed from the spec", old.name),
+                )?;
             }
         }
         inst.vm = vm.clone();
@@ -298,8 +396,17 @@ impl Host for LocalHost {
         inst.started_at = Some(crate::time::now());
         Self::write(&dir, &inst)?;
         let args = qemu_args(&inst, self.accel_for(&inst));
-        let pid = process::spawn_detached(&process::qemu_binary(), &args, &dir.dir, &dir.file(QEMU_LOG))
-            .map_err(|source| HostError::Io { vm: vm.to_owned(), what: format!("cannot run {}", process::qemu_binary()), source })?;
+        let pid = process::spawn_detached(
+            &process::qemu_binary(),
+            &args,
+            &dir.dir,
+            &dir.file(QEMU_LOG),
+        )
+        .map_err(|source| HostError::Io {
+            vm: vm.to_owned(),
+            what: format!("cannot run {}", process::qemu_binary()),
+            source,
+        })?;
         self.wait_ready(&dir, vm, pid).await?;
         info!(vm, pid, "started");
         Ok(pid)
@@ -311,14 +418,21 @@ impl Host for LocalHost {
             inst.power = Power::Stopped;
             Self::write(&dir, &inst)?;
         }
-        let Some(pid) = Self::live_pid(&dir, &inst) else { return Ok(StopOutcome::AlreadyStopped) };
+        let Some(pid) = Self::live_pid(&dir, &inst) else {
+            return Ok(StopOutcome::AlreadyStopped);
+        };
         let qmp = Qmp::connect(&dir.file(QMP_SOCKET), QMP_PROBE).await;
         if let Ok(qmp) = &qmp {
             if qmp.system_powerdown().await.is_ok() && process::wait_gone(pid, timeout).await {
                 info!(vm, pid, "stopped gracefully");
                 return Ok(StopOutcome::Graceful);
             }
-            warn!(vm, pid, ?timeout, "guest ignored the ACPI power button; quitting QEMU");
+            warn!(
+                vm,
+                pid,
+                ?timeout,
+                "guest ignored the ACPI power button; quitting QEMU"
+            );
             if qmp.quit().await.is_ok() && process::wait_gone(pid, EXIT_GRACE).await {
                 return Ok(StopOutcome::Quit);
             }
@@ -328,7 +442,10 @@ impl Host for LocalHost {
         if process::wait_gone(pid, EXIT_GRACE).await {
             Ok(StopOutcome::Killed)
         } else {
-            Err(HostError::StopFailed { vm: vm.to_owned(), pid })
+            Err(HostError::StopFailed {
+                vm: vm.to_owned(),
+                pid,
+            })
         }
     }
 
@@ -339,13 +456,24 @@ impl Host for LocalHost {
         }
         if let Ok(inst) = dir.read() {
             if let Some(pid) = Self::live_pid(&dir, &inst) {
-                return Err(HostError::Refused { vm: vm.to_owned(), reason: format!("still running (pid {pid}); stop it first") });
+                return Err(HostError::Refused {
+                    vm: vm.to_owned(),
+                    reason: format!("still running (pid {pid}); stop it first"),
+                });
             }
         }
         let disks = dir.dir.join(instance::DISKS_DIR);
         let has_disks = fs::read_dir(&disks).is_ok_and(|mut d| d.next().is_some());
-        let kept = if has_disks { Some(self.retain(vm, &disks, "VM removed from the specs")?) } else { None };
-        fs::remove_dir_all(&dir.dir).map_err(|source| HostError::Io { vm: vm.to_owned(), what: "cannot remove instance folder".to_owned(), source })?;
+        let kept = if has_disks {
+            Some(self.retain(vm, &disks, "VM removed from the specs")?)
+        } else {
+            None
+        };
+        fs::remove_dir_all(&dir.dir).map_err(|source| HostError::Io {
+            vm: vm.to_owned(),
+            what: "cannot remove instance folder".to_owned(),
+            source,
+        })?;
         info!(vm, "deleted instance");
         Ok(kept)
     }

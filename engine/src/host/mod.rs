@@ -21,21 +21,47 @@ pub enum HostError {
     #[error("VM {vm}: no instance on this host")]
     NoInstance { vm: String },
     #[error("VM {vm}: {what}")]
-    Io { vm: String, what: String, #[source] source: std::io::Error },
+    Io {
+        vm: String,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("VM {vm}")]
-    Instance { vm: String, #[source] source: crate::qemu::instance::InstanceError },
+    Instance {
+        vm: String,
+        #[source]
+        source: Box<crate::qemu::instance::InstanceError>,
+    },
     #[error("VM {vm}: disk {disk}")]
-    Disk { vm: String, disk: String, #[source] source: crate::qemu::img::ImgError },
+    Disk {
+        vm: String,
+        disk: String,
+        #[source]
+        source: Box<crate::qemu::img::ImgError>,
+    },
     #[error("VM {vm}: QEMU failed to start: {reason}")]
     StartFailed { vm: String, reason: String },
     #[error("VM {vm}: QMP")]
-    Qmp { vm: String, #[source] source: crate::qemu::qmp::QmpError },
+    Qmp {
+        vm: String,
+        #[source]
+        source: Box<crate::qemu::qmp::QmpError>,
+    },
     #[error("VM {vm}: QEMU (pid {pid}) did not exit")]
     StopFailed { vm: String, pid: u32 },
     #[error("cannot scan {path}")]
-    Scan { path: PathBuf, #[source] source: std::io::Error },
+    Scan {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("VM {vm}")]
-    State { vm: String, #[source] source: crate::state::StateError },
+    State {
+        vm: String,
+        #[source]
+        source: Box<crate::state::StateError>,
+    },
     #[error("VM {vm}: {reason}")]
     Refused { vm: String, reason: String },
 }
@@ -74,7 +100,11 @@ pub trait Host: Send + Sync {
     fn start(&self, vm: &str) -> impl Future<Output = Result<u32, HostError>> + Send;
 
     /// ACPI power-down, QMP `quit` after `timeout`, SIGKILL as a last resort.
-    fn stop(&self, vm: &str, timeout: Duration) -> impl Future<Output = Result<StopOutcome, HostError>> + Send;
+    fn stop(
+        &self,
+        vm: &str,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<StopOutcome, HostError>> + Send;
 
     /// Removes a stopped instance's folder; its disks move to `retained/`. Returns where.
     fn delete(&self, vm: &str) -> impl Future<Output = Result<Option<PathBuf>, HostError>> + Send;

@@ -9,7 +9,6 @@ use std::path::PathBuf;
 
 use plasmavmc_specs::{Power, VmSpec};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::host::Host;
 
@@ -32,7 +31,10 @@ pub enum RunState {
 impl RunState {
     /// True when a QEMU process exists for the instance.
     pub fn has_process(self) -> bool {
-        matches!(self, RunState::Running | RunState::Paused | RunState::Unresponsive)
+        matches!(
+            self,
+            RunState::Running | RunState::Paused | RunState::Unresponsive
+        )
     }
 }
 
@@ -89,17 +91,22 @@ pub struct Observed {
 
 impl Observed {
     /// Gathers the inventory of each host.
-    pub async fn gather<'a, H: Host + 'a>(hosts: impl IntoIterator<Item = &'a H>) -> Result<Self, crate::host::HostError> {
+    pub async fn gather<'a, H: Host + 'a>(
+        hosts: impl IntoIterator<Item = &'a H>,
+    ) -> Result<Self, crate::host::HostError> {
         let mut out = Self::default();
         for host in hosts {
-            out.hosts.insert(host.name().to_owned(), host.inventory().await?);
+            out.hosts
+                .insert(host.name().to_owned(), host.inventory().await?);
         }
         Ok(out)
     }
 
     /// Where `vm` runs or is kept, if anywhere.
     pub fn find(&self, vm: &str) -> Option<(&str, &ObservedVm)> {
-        self.hosts.iter().find_map(|(h, inv)| inv.vms.get(vm).map(|o| (h.as_str(), o)))
+        self.hosts
+            .iter()
+            .find_map(|(h, inv)| inv.vms.get(vm).map(|o| (h.as_str(), o)))
     }
 
     /// One line per VM (`host/vm state pid spec`), the facts a saved plan depends on.
@@ -107,9 +114,15 @@ impl Observed {
         let mut out = BTreeMap::new();
         for (host, inv) in &self.hosts {
             for (name, vm) in &inv.vms {
-                let state = serde_json::to_value(vm.state).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default();
+                let state = serde_json::to_value(vm.state)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default();
                 let pid = vm.pid.map_or_else(|| "-".to_owned(), |p| p.to_string());
-                out.insert(format!("{host}/{name}"), format!("{state} pid {pid} spec {}", vm.spec_hash));
+                out.insert(
+                    format!("{host}/{name}"),
+                    format!("{state} pid {pid} spec {}", vm.spec_hash),
+                );
             }
         }
         out
@@ -118,6 +131,6 @@ impl Observed {
     /// Hash of [`Observed::summary`].
     pub fn fingerprint(&self) -> String {
         let json = serde_json::to_vec(&self.summary()).expect("a map of strings serialises");
-        Sha256::digest(json).iter().take(12).map(|b| format!("{b:02x}")).collect()
+        plasmavmc_specs::short_hash(&json, 12)
     }
 }

@@ -10,17 +10,43 @@ use serde::{Deserialize, Serialize};
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Action {
     /// Create the instance folder and disks (does not start it).
-    Create { vm: String, host: String, reason: String },
+    Create {
+        vm: String,
+        host: String,
+        reason: String,
+    },
     /// Start QEMU.
-    Start { vm: String, host: String, reason: String },
+    Start {
+        vm: String,
+        host: String,
+        reason: String,
+    },
     /// Stop QEMU gracefully (ACPI, then quit after the stop timeout).
-    Stop { vm: String, host: String, reason: String },
+    Stop {
+        vm: String,
+        host: String,
+        reason: String,
+    },
     /// Stop, apply the new spec, start again: the change needs a reboot. Disks are kept.
-    Restart { vm: String, host: String, reason: String, diff: String },
+    Restart {
+        vm: String,
+        host: String,
+        reason: String,
+        diff: String,
+    },
     /// Apply a new spec that needs no reboot (or to a stopped VM).
-    Update { vm: String, host: String, reason: String, diff: String },
+    Update {
+        vm: String,
+        host: String,
+        reason: String,
+        diff: String,
+    },
     /// Remove a stopped instance; its disks move to `retained/`, never deleted.
-    Delete { vm: String, host: String, reason: String },
+    Delete {
+        vm: String,
+        host: String,
+        reason: String,
+    },
 }
 
 impl Action {
@@ -83,11 +109,16 @@ impl Action {
             Action::Create { .. } => '+',
             Action::Start { .. } => '>',
             Action::Stop { .. } => '.',
-            Action::Restart { .. } => '~',
-            Action::Update { .. } => '~',
+            Action::Restart { .. } | Action::Update { .. } => '~',
             Action::Delete { .. } => '-',
         };
-        format!("{sign} {} {} on {}: {}", self.op(), self.vm(), self.host(), self.reason())
+        format!(
+            "{sign} {} {} on {}: {}",
+            self.op(),
+            self.vm(),
+            self.host(),
+            self.reason()
+        )
     }
 }
 
@@ -110,7 +141,8 @@ mod tests {
         let actions: Vec<Action> = serde_json::from_str(FROZEN).expect("frozen fixture parses");
         assert_eq!(actions.len(), 6);
         assert_eq!(actions[3].diff(), Some("-memory_mb = 1\n+memory_mb = 2\n"));
-        let again: Vec<Action> = serde_json::from_str(&serde_json::to_string(&actions).expect("ser")).expect("de");
+        let again: Vec<Action> =
+            serde_json::from_str(&serde_json::to_string(&actions).expect("ser")).expect("de");
         assert_eq!(actions, again);
         assert_eq!(actions[0].describe(), "+ create a on local: new VM");
     }

@@ -48,7 +48,12 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
         .vms
         .keys()
         .map(String::as_str)
-        .chain(observed.hosts.values().flat_map(|inv| inv.vms.keys().map(String::as_str)))
+        .chain(
+            observed
+                .hosts
+                .values()
+                .flat_map(|inv| inv.vms.keys().map(String::as_str)),
+        )
         .collect();
     for name in names {
         match (desired.vms.get(name), observed.find(name)) {
@@ -65,19 +70,31 @@ fn plan_new(desired: &Desired, observed: &Observed, want: &VmEntry, out: &mut Pl
     let vm = want.name.clone();
     let host = match &want.spec.host {
         Some(pin) => pin.clone(),
-        None if desired.hosts.len() == 1 => desired.hosts.keys().next().cloned().unwrap_or_default(),
+        None if desired.hosts.len() == 1 => {
+            desired.hosts.keys().next().cloned().unwrap_or_default()
+        }
         None => {
             out.notes.push(format!("{vm}: not placed: several hosts and no `host` pin; automatic placement is not available yet"));
             return;
         }
     };
     if !observed.hosts.contains_key(&host) {
-        out.notes.push(format!("{vm}: host {host} is not reachable; the VM waits for it"));
+        out.notes.push(format!(
+            "{vm}: host {host} is not reachable; the VM waits for it"
+        ));
         return;
     }
-    out.actions.push(Action::Create { vm: vm.clone(), host: host.clone(), reason: format!("new VM ({})", want.file) });
+    out.actions.push(Action::Create {
+        vm: vm.clone(),
+        host: host.clone(),
+        reason: format!("new VM ({})", want.file),
+    });
     if want.spec.power == Power::Running {
-        out.actions.push(Action::Start { vm, host, reason: "new VM, power = \"running\"".to_owned() });
+        out.actions.push(Action::Start {
+            vm,
+            host,
+            reason: "new VM, power = \"running\"".to_owned(),
+        });
     }
 }
 
@@ -86,7 +103,9 @@ fn plan_existing(want: &VmEntry, host: &str, have: &ObservedVm, out: &mut Plan) 
     let host = host.to_owned();
     if let Some(pin) = &want.spec.host {
         if *pin != host {
-            out.notes.push(format!("{vm}: runs on {host} but is pinned to {pin}; moving VMs is not available yet"));
+            out.notes.push(format!(
+                "{vm}: runs on {host} but is pinned to {pin}; moving VMs is not available yet"
+            ));
         }
     }
     let runs = have.state.has_process();
@@ -95,27 +114,63 @@ fn plan_existing(want: &VmEntry, host: &str, have: &ObservedVm, out: &mut Plan) 
         let diff = spec_diff(&have.spec, &have.revision, &want.spec, &want.file);
         let changed = changed_fields(&have.spec, &want.spec);
         if runs && wants_run && needs_reboot(&have.spec, &want.spec) {
-            let reason = format!("{} changed; needs a reboot (disks are kept)", changed.join(", "));
-            out.actions.push(Action::Restart { vm, host, reason, diff });
+            let reason = format!(
+                "{} changed; needs a reboot (disks are kept)",
+                changed.join(", ")
+            );
+            out.actions.push(Action::Restart {
+                vm,
+                host,
+                reason,
+                diff,
+            });
             return;
         }
         if runs && !wants_run {
-            out.actions.push(Action::Stop { vm: vm.clone(), host: host.clone(), reason: "power = \"stopped\"".to_owned() });
+            out.actions.push(Action::Stop {
+                vm: vm.clone(),
+                host: host.clone(),
+                reason: "power = \"stopped\"".to_owned(),
+            });
         }
-        let reason = if runs && wants_run { format!("{} changed; no reboot needed", changed.join(", ")) } else { format!("{} changed", changed.join(", ")) };
-        out.actions.push(Action::Update { vm: vm.clone(), host: host.clone(), reason, diff });
+        let reason = if runs && wants_run {
+            format!("{} changed; no reboot needed", changed.join(", "))
+        } else {
+            format!("{} changed", changed.join(", "))
+        };
+        out.actions.push(Action::Update {
+            vm: vm.clone(),
+            host: host.clone(),
+            reason,
+            diff,
+        });
         if !runs && wants_run {
-            out.actions.push(Action::Start { vm, host, reason: start_reason(have) });
+            out.actions.push(Action::Start {
+                vm,
+                host,
+                reason: start_reason(have),
+            });
         }
         return;
     }
     if wants_run && !runs {
-        out.actions.push(Action::Start { vm, host, reason: start_reason(have) });
+        out.actions.push(Action::Start {
+            vm,
+            host,
+            reason: start_reason(have),
+        });
     } else if !wants_run && runs {
-        out.actions.push(Action::Stop { vm, host, reason: "power = \"stopped\"".to_owned() });
+        out.actions.push(Action::Stop {
+            vm,
+            host,
+            reason: "power = \"stopped\"".to_owned(),
+        });
     } else if have.state == RunState::Unresponsive || have.state == RunState::Paused {
         let detail = have.detail.as_deref().unwrap_or("not running");
-        out.notes.push(format!("{vm}: QEMU (pid {}) is alive but {detail}; left alone", have.pid.unwrap_or(0)));
+        out.notes.push(format!(
+            "{vm}: QEMU (pid {}) is alive but {detail}; left alone",
+            have.pid.unwrap_or(0)
+        ));
     }
 }
 
@@ -130,9 +185,17 @@ fn plan_removed(host: &str, have: &ObservedVm, out: &mut Plan) {
     let vm = have.name.clone();
     let host = host.to_owned();
     if have.state.has_process() {
-        out.actions.push(Action::Stop { vm: vm.clone(), host: host.clone(), reason: "its spec file was removed".to_owned() });
+        out.actions.push(Action::Stop {
+            vm: vm.clone(),
+            host: host.clone(),
+            reason: "its spec file was removed".to_owned(),
+        });
     }
-    out.actions.push(Action::Delete { vm, host, reason: "its spec file was removed; disks are retained".to_owned() });
+    out.actions.push(Action::Delete {
+        vm,
+        host,
+        reason: "its spec file was removed; disks are retained".to_owned(),
+    });
 }
 
 /// True when QEMU must restart for `new` to take effect.
@@ -147,11 +210,17 @@ pub fn needs_reboot(old: &VmSpec, new: &VmSpec) -> bool {
 
 /// Top-level fields that differ, in spec order.
 fn changed_fields(old: &VmSpec, new: &VmSpec) -> Vec<String> {
-    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) = (serde_json::to_value(old), serde_json::to_value(new)) else {
+    let (Ok(serde_json::Value::Object(a)), Ok(serde_json::Value::Object(b))) =
+        (serde_json::to_value(old), serde_json::to_value(new))
+    else {
         return vec!["spec".to_owned()];
     };
     let keys: BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    let changed: Vec<String> = keys.into_iter().filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
+    let changed: Vec<String> = keys
+        .into_iter()
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect();
     if changed.is_empty() {
         vec!["spec".to_owned()]
     } else {

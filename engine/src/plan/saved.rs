@@ -61,7 +61,10 @@ impl SavedPlan {
             return Err(StalePlan::Format { found: self.format });
         }
         if self.spec_dir != spec_dir {
-            return Err(StalePlan::Folder { planned: self.spec_dir.clone(), current: spec_dir.to_owned() });
+            return Err(StalePlan::Folder {
+                planned: self.spec_dir.clone(),
+                current: spec_dir.to_owned(),
+            });
         }
         if observed.fingerprint() == self.fingerprint {
             return Ok(());
@@ -75,7 +78,10 @@ impl SavedPlan {
                 Some(_) => {}
             }
         }
-        for (vm, is) in now.iter().filter(|(vm, _)| !self.observed.contains_key(*vm)) {
+        for (vm, is) in now
+            .iter()
+            .filter(|(vm, _)| !self.observed.contains_key(*vm))
+        {
             changes.push(format!("  {vm}: new since the plan, now {is}"));
         }
         Err(StalePlan::Observed { changes })

@@ -10,7 +10,11 @@ use crate::observe::{Inventory, Observed, ObservedVm, RunState};
 fn desired(files: &[(&str, &str)]) -> Desired {
     let files: Vec<SourceFile> = files
         .iter()
-        .map(|(rel, text)| SourceFile { path: (*rel).to_owned(), rel: (*rel).to_owned(), bytes: text.as_bytes().to_vec() })
+        .map(|(rel, text)| SourceFile {
+            path: (*rel).to_owned(),
+            rel: (*rel).to_owned(),
+            bytes: text.as_bytes().to_vec(),
+        })
         .collect();
     load(&files).expect("valid specs")
 }
@@ -23,7 +27,11 @@ fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
         uuid: format!("uuid-{vm}"),
         state,
         pid: state.has_process().then_some(100),
-        power: if state.has_process() || state == RunState::Exited { Power::Running } else { Power::Stopped },
+        power: if state.has_process() || state == RunState::Exited {
+            Power::Running
+        } else {
+            Power::Stopped
+        },
         revision: "0123456789abcdef".to_owned(),
         spec_hash: e.hash.clone(),
         spec: e.spec.clone(),
@@ -33,12 +41,20 @@ fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
 }
 
 fn observed(vms: Vec<ObservedVm>) -> Observed {
-    let inv = Inventory { vms: vms.into_iter().map(|v| (v.name.clone(), v)).collect(), ..Inventory::default() };
-    Observed { hosts: BTreeMap::from([("local".to_owned(), inv)]) }
+    let inv = Inventory {
+        vms: vms.into_iter().map(|v| (v.name.clone(), v)).collect(),
+        ..Inventory::default()
+    };
+    Observed {
+        hosts: BTreeMap::from([("local".to_owned(), inv)]),
+    }
 }
 
 fn ops(p: &super::Plan) -> Vec<String> {
-    p.actions.iter().map(|a| format!("{} {}", a.op(), a.vm())).collect()
+    p.actions
+        .iter()
+        .map(|a| format!("{} {}", a.op(), a.vm()))
+        .collect()
 }
 
 #[test]
@@ -52,14 +68,20 @@ fn new_vms_are_created_and_started_when_running() {
 #[test]
 fn nothing_to_do_when_observed_matches() {
     let d = desired(&[("vms/a.toml", ""), ("vms/b.toml", "power = \"stopped\"")]);
-    let o = observed(vec![running(&d, "a", RunState::Running), running(&d, "b", RunState::Stopped)]);
+    let o = observed(vec![
+        running(&d, "a", RunState::Running),
+        running(&d, "b", RunState::Stopped),
+    ]);
     assert!(plan(&d, &o).is_empty());
 }
 
 #[test]
 fn power_changes_start_and_stop() {
     let d = desired(&[("vms/a.toml", ""), ("vms/b.toml", "power = \"stopped\"")]);
-    let o = observed(vec![running(&d, "a", RunState::Stopped), running(&d, "b", RunState::Running)]);
+    let o = observed(vec![
+        running(&d, "a", RunState::Stopped),
+        running(&d, "b", RunState::Running),
+    ]);
     assert_eq!(ops(&plan(&d, &o)), ["start a", "stop b"]);
 }
 
@@ -77,9 +99,14 @@ fn memory_change_on_a_running_vm_restarts_it_with_a_diff() {
     let new = desired(&[("vms/a.toml", "memory_mb = 256")]);
     let p = plan(&new, &observed(vec![running(&old, "a", RunState::Running)]));
     assert_eq!(ops(&p), ["restart a"]);
-    let Action::Restart { reason, diff, .. } = &p.actions[0] else { panic!("restart expected") };
+    let Action::Restart { reason, diff, .. } = &p.actions[0] else {
+        panic!("restart expected")
+    };
     assert!(reason.starts_with("memory_mb changed"), "{reason}");
-    assert!(diff.contains("-memory_mb = 128") && diff.contains("+memory_mb = 256"), "{diff}");
+    assert!(
+        diff.contains("-memory_mb = 128") && diff.contains("+memory_mb = 256"),
+        "{diff}"
+    );
 }
 
 #[test]
@@ -96,7 +123,10 @@ fn a_change_with_power_off_stops_then_updates() {
     let new = desired(&[("vms/a.toml", "memory_mb = 256\npower = \"stopped\"")]);
     let p = plan(&new, &observed(vec![running(&old, "a", RunState::Running)]));
     assert_eq!(ops(&p), ["stop a", "update a"]);
-    let p = plan(&desired(&[("vms/a.toml", "memory_mb = 256")]), &observed(vec![running(&old, "a", RunState::Stopped)]));
+    let p = plan(
+        &desired(&[("vms/a.toml", "memory_mb = 256")]),
+        &observed(vec![running(&old, "a", RunState::Stopped)]),
+    );
     assert_eq!(ops(&p), ["update a", "start a"]);
 }
 
@@ -104,24 +134,44 @@ fn a_change_with_power_off_stops_then_updates() {
 fn removed_files_stop_then_delete_and_say_disks_are_kept() {
     let old = desired(&[("vms/a.toml", ""), ("vms/b.toml", "")]);
     let new = desired(&[("vms/b.toml", "")]);
-    let p = plan(&new, &observed(vec![running(&old, "a", RunState::Running), running(&old, "b", RunState::Running)]));
+    let p = plan(
+        &new,
+        &observed(vec![
+            running(&old, "a", RunState::Running),
+            running(&old, "b", RunState::Running),
+        ]),
+    );
     assert_eq!(ops(&p), ["stop a", "delete a"]);
     assert!(p.actions[1].reason().contains("retained"));
-    let p = plan(&new, &observed(vec![running(&old, "a", RunState::Stopped), running(&old, "b", RunState::Running)]));
+    let p = plan(
+        &new,
+        &observed(vec![
+            running(&old, "a", RunState::Stopped),
+            running(&old, "b", RunState::Running),
+        ]),
+    );
     assert_eq!(ops(&p), ["delete a"]);
 }
 
 #[test]
 fn an_unresponsive_qemu_is_reported_not_touched() {
     let d = desired(&[("vms/a.toml", "")]);
-    let p = plan(&d, &observed(vec![running(&d, "a", RunState::Unresponsive)]));
+    let p = plan(
+        &d,
+        &observed(vec![running(&d, "a", RunState::Unresponsive)]),
+    );
     assert!(p.actions.is_empty());
     assert_eq!(p.notes.len(), 1);
 }
 
 #[test]
 fn unreachable_or_unplaceable_hosts_give_notes_not_actions() {
-    let d = desired(&[("hosts/hv1.toml", "address = \"local\""), ("hosts/hv2.toml", "address = \"local\""), ("vms/a.toml", ""), ("vms/b.toml", "host = \"hv2\"")]);
+    let d = desired(&[
+        ("hosts/hv1.toml", "address = \"local\""),
+        ("hosts/hv2.toml", "address = \"local\""),
+        ("vms/a.toml", ""),
+        ("vms/b.toml", "host = \"hv2\""),
+    ]);
     let p = plan(&d, &Observed::default());
     assert!(p.actions.is_empty());
     assert_eq!(p.notes.len(), 2, "{:?}", p.notes);
@@ -129,7 +179,11 @@ fn unreachable_or_unplaceable_hosts_give_notes_not_actions() {
 
 #[test]
 fn planning_is_deterministic() {
-    let d = desired(&[("vms/c.toml", ""), ("vms/a.toml", ""), ("vms/b.toml", "power = \"stopped\"")]);
+    let d = desired(&[
+        ("vms/c.toml", ""),
+        ("vms/a.toml", ""),
+        ("vms/b.toml", "power = \"stopped\""),
+    ]);
     let o = observed(vec![]);
     assert_eq!(plan(&d, &o), plan(&d, &o));
 }
@@ -141,7 +195,18 @@ fn a_saved_plan_is_refused_when_the_hosts_changed() {
     let saved = SavedPlan::new("abc", "", &before, plan(&d, &before));
     assert_eq!(saved.check("", &before), Ok(()));
     let after = observed(vec![running(&d, "a", RunState::Exited)]);
-    let Err(StalePlan::Observed { changes }) = saved.check("", &after) else { panic!("stale expected") };
-    assert_eq!(changes, ["  local/a: was running pid 100 spec ".to_owned() + &d.vms["a"].hash + ", now exited pid - spec " + &d.vms["a"].hash]);
-    assert!(matches!(saved.check("other", &before), Err(StalePlan::Folder { .. })));
+    let Err(StalePlan::Observed { changes }) = saved.check("", &after) else {
+        panic!("stale expected")
+    };
+    assert_eq!(
+        changes,
+        ["  local/a: was running pid 100 spec ".to_owned()
+            + &d.vms["a"].hash
+            + ", now exited pid - spec "
+            + &d.vms["a"].hash]
+    );
+    assert!(matches!(
+        saved.check("other", &before),
+        Err(StalePlan::Folder { .. })
+    ));
 }

@@ -4,6 +4,8 @@
 //! file, logs and disks are relative paths (unix socket paths are limited to 108
 //! bytes; instance folders can be deeper than that).
 
+use std::fmt::Write as _;
+
 use plasmavmc_specs::Forward;
 
 use super::instance::{InstanceFile, PID_FILE, QMP_SOCKET, SERIAL_LOG};
@@ -37,13 +39,24 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
     let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
     push(&["-name", &format!("guest={},debug-threads=on", vm.name)]);
     push(&["-uuid", &inst.uuid]);
-    push(&["-machine", &format!("{},accel={}", spec.qemu.machine, accel.as_str())]);
+    push(&[
+        "-machine",
+        &format!("{},accel={}", spec.qemu.machine, accel.as_str()),
+    ]);
     if accel == Accel::Kvm {
         push(&["-cpu", "host"]);
     }
-    push(&["-m", &spec.memory_mb.to_string(), "-smp", &spec.vcpus.to_string()]);
+    push(&[
+        "-m",
+        &spec.memory_mb.to_string(),
+        "-smp",
+        &spec.vcpus.to_string(),
+    ]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
-    push(&["-chardev", &format!("socket,id=qmp,path={QMP_SOCKET},server=on,wait=off")]);
+    push(&[
+        "-chardev",
+        &format!("socket,id=qmp,path={QMP_SOCKET},server=on,wait=off"),
+    ]);
     push(&["-mon", "chardev=qmp,mode=control"]);
     push(&["-pidfile", PID_FILE]);
     push(&["-chardev", &format!("file,id=serial0,path={SERIAL_LOG}")]);
@@ -63,18 +76,38 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
     }
     for disk in &spec.disks {
         let file = format!("disks/{}.qcow2", disk.name);
-        push(&["-blockdev", &format!("driver=file,filename={},node-name=file-{}", escape(&file), disk.name)]);
-        push(&["-blockdev", &format!("driver=qcow2,file=file-{0},node-name=disk-{0}", disk.name)]);
-        push(&["-device", &format!("virtio-blk-pci,drive=disk-{0},id=dev-{0}", disk.name)]);
+        push(&[
+            "-blockdev",
+            &format!(
+                "driver=file,filename={},node-name=file-{}",
+                escape(&file),
+                disk.name
+            ),
+        ]);
+        push(&[
+            "-blockdev",
+            &format!("driver=qcow2,file=file-{0},node-name=disk-{0}", disk.name),
+        ]);
+        push(&[
+            "-device",
+            &format!("virtio-blk-pci,drive=disk-{0},id=dev-{0}", disk.name),
+        ]);
     }
     for (i, nic) in spec.nics.iter().enumerate() {
         let mut netdev = format!("user,id=net{i}");
         for fwd in nic.forward.iter().filter_map(|f| Forward::parse(f).ok()) {
             let proto = if fwd.udp { "udp" } else { "tcp" };
-            netdev.push_str(&format!(",hostfwd={proto}::{}-:{}", fwd.host_port, fwd.guest_port));
+            let _ = write!(
+                netdev,
+                ",hostfwd={proto}::{}-:{}",
+                fwd.host_port, fwd.guest_port
+            );
         }
         push(&["-netdev", &netdev]);
-        push(&["-device", &format!("virtio-net-pci,netdev=net{i},id=nic{i}")]);
+        push(&[
+            "-device",
+            &format!("virtio-net-pci,netdev=net{i},id=nic{i}"),
+        ]);
     }
     a
 }
@@ -88,9 +121,21 @@ mod tests {
     fn instance() -> InstanceFile {
         let mut spec: VmSpec = toml::from_str("vcpus = 2\nmemory_mb = 128\n").expect("spec");
         spec.name = Some("web".into());
-        spec.boot = Some(Boot { kernel: "k".into(), initrd: Some("i".into()), cmdline: Some("console=ttyS0 a=b,c".into()) });
-        spec.disks = vec![Disk { name: "root".into(), size_gb: Some(1), image: None, storage: plasmavmc_specs::Storage::Auto }];
-        spec.nics = vec![Nic { network: plasmavmc_specs::Network::User, forward: vec!["tcp:2222:22".into()] }];
+        spec.boot = Some(Boot {
+            kernel: "k".into(),
+            initrd: Some("i".into()),
+            cmdline: Some("console=ttyS0 a=b,c".into()),
+        });
+        spec.disks = vec![Disk {
+            name: "root".into(),
+            size_gb: Some(1),
+            image: None,
+            storage: plasmavmc_specs::Storage::Auto,
+        }];
+        spec.nics = vec![Nic {
+            network: plasmavmc_specs::Network::User,
+            forward: vec!["tcp:2222:22".into()],
+        }];
         InstanceFile {
             uuid: "0f0e0d0c-0000-4000-8000-000000000001".into(),
             created_at: "now".into(),
@@ -101,7 +146,11 @@ mod tests {
                 revision: "abc".into(),
                 spec_hash: "h".into(),
                 spec,
-                files: ResolvedFiles { kernel: Some("/g/vmlinuz".into()), initrd: Some("/g/initrd,x".into()), images: Default::default() },
+                files: ResolvedFiles {
+                    kernel: Some("/g/vmlinuz".into()),
+                    initrd: Some("/g/initrd,x".into()),
+                    images: std::collections::BTreeMap::default(),
+                },
             },
         }
     }
@@ -110,8 +159,14 @@ mod tests {
     fn argv_carries_identity_sizes_and_relative_paths() {
         let a = qemu_args(&instance(), Accel::Tcg);
         let joined = a.join(" ");
-        assert!(joined.contains("-uuid 0f0e0d0c-0000-4000-8000-000000000001"), "{joined}");
-        assert!(joined.contains("-machine q35,accel=tcg -m 128 -smp 2"), "{joined}");
+        assert!(
+            joined.contains("-uuid 0f0e0d0c-0000-4000-8000-000000000001"),
+            "{joined}"
+        );
+        assert!(
+            joined.contains("-machine q35,accel=tcg -m 128 -smp 2"),
+            "{joined}"
+        );
         assert!(joined.contains("path=qmp.sock"), "{joined}");
         assert!(joined.contains("-pidfile qemu.pid"), "{joined}");
         assert!(joined.contains("filename=disks/root.qcow2"), "{joined}");
@@ -120,6 +175,8 @@ mod tests {
         assert!(a.iter().any(|x| x == "console=ttyS0 a=b,c"));
         assert!(a.iter().any(|x| x == "/g/initrd,x"));
         assert!(!a.iter().any(|x| x == "-cpu"));
-        assert!(qemu_args(&instance(), Accel::Kvm).iter().any(|x| x == "-cpu"));
+        assert!(qemu_args(&instance(), Accel::Kvm)
+            .iter()
+            .any(|x| x == "-cpu"));
     }
 }

@@ -31,9 +31,17 @@ pub const DISKS_DIR: &str = "disks";
 #[derive(Debug, thiserror::Error)]
 pub enum InstanceError {
     #[error("cannot read {path}")]
-    Read { path: PathBuf, #[source] source: io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("{path} is damaged")]
-    Parse { path: PathBuf, #[source] source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
     #[error(transparent)]
     Write(#[from] StateError),
 }
@@ -86,7 +94,9 @@ pub struct InstanceDir {
 
 impl InstanceDir {
     pub fn new(root: &Path, name: &str) -> Self {
-        Self { dir: vms_dir(root).join(name) }
+        Self {
+            dir: vms_dir(root).join(name),
+        }
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -103,7 +113,10 @@ impl InstanceDir {
 
     pub fn read(&self) -> Result<InstanceFile, InstanceError> {
         let path = self.file(INSTANCE_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| InstanceError::Read { path: path.clone(), source })?;
+        let text = std::fs::read_to_string(&path).map_err(|source| InstanceError::Read {
+            path: path.clone(),
+            source,
+        })?;
         toml::from_str(&text).map_err(|source| InstanceError::Parse { path, source })
     }
 
@@ -115,7 +128,11 @@ impl InstanceDir {
 
     /// The pid QEMU wrote, if the file exists and holds a number.
     pub fn pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.file(PID_FILE)).ok()?.trim().parse().ok()
+        std::fs::read_to_string(self.file(PID_FILE))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
     }
 }
 

@@ -7,8 +7,8 @@
 //! hold the instance's uuid, so a recycled pid is never mistaken for our QEMU.
 
 use std::fs::{self, File};
-use std::os::unix::fs::OpenOptionsExt;
 use std::io;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,10 +24,18 @@ pub fn qemu_binary() -> String {
 /// Spawns `program args` in `dir` in a new session, output appended to `log`. A thread
 /// reaps the child when it exits, so it never lingers as a zombie of the engine.
 pub fn spawn_detached(program: &str, args: &[String], dir: &Path, log: &Path) -> io::Result<u32> {
-    let out = File::options().create(true).append(true).mode(0o600).open(log)?;
+    let out = File::options()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(log)?;
     let err = out.try_clone()?;
     let mut cmd = Command::new(program);
-    cmd.args(args).current_dir(dir).stdin(Stdio::null()).stdout(out).stderr(err);
+    cmd.args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err);
     new_session(&mut cmd);
     let mut child = cmd.spawn()?;
     let pid = child.id();
@@ -74,7 +82,9 @@ pub fn is_instance(pid: u32, uuid: &str) -> bool {
     if !is_alive(pid) {
         return false;
     }
-    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
     cmdline.split(|b| *b == 0).any(|arg| arg == uuid.as_bytes())
 }
 
@@ -109,12 +119,16 @@ mod tests {
         let args = vec!["-c".to_owned(), "echo hi; exec sleep 30".to_owned()];
         let pid = spawn_detached("sh", &args, dir.path(), &log).expect("spawn");
         assert!(is_alive(pid));
-        let sid = nix::unistd::getsid(Some(Pid::from_raw(pid as i32))).expect("sid");
-        assert_eq!(sid.as_raw(), pid as i32, "child leads its own session");
+        let raw = i32::try_from(pid).expect("pids fit in i32");
+        let sid = nix::unistd::getsid(Some(Pid::from_raw(raw))).expect("sid");
+        assert_eq!(sid.as_raw(), raw, "child leads its own session");
         assert!(!is_instance(pid, "no-such-uuid"));
         let deadline = Instant::now() + Duration::from_secs(10);
         while !fs::read_to_string(&log).expect("log").contains("hi") {
-            assert!(Instant::now() < deadline, "child output never reached the log");
+            assert!(
+                Instant::now() < deadline,
+                "child output never reached the log"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         kill_hard(pid);

@@ -12,12 +12,20 @@ use plasmavmc_specs::{Desired, Diagnostic, Seg, SourceFile};
 use crate::qemu::instance::ResolvedFiles;
 
 /// Resolves every file named by every VM of `desired`.
-pub fn resolve(desired: &Desired, sources: &[SourceFile], spec_root: Option<&Path>) -> Result<BTreeMap<String, ResolvedFiles>, Vec<Diagnostic>> {
+pub fn resolve(
+    desired: &Desired,
+    sources: &[SourceFile],
+    spec_root: Option<&Path>,
+) -> Result<BTreeMap<String, ResolvedFiles>, Vec<Diagnostic>> {
     let root = spec_root.and_then(|r| r.canonicalize().ok());
     let mut out = BTreeMap::new();
     let mut diags = Vec::new();
     for (name, vm) in &desired.vms {
-        let text = sources.iter().find(|f| f.path == vm.file).and_then(|f| std::str::from_utf8(&f.bytes).ok()).unwrap_or("");
+        let text = sources
+            .iter()
+            .find(|f| f.path == vm.file)
+            .and_then(|f| std::str::from_utf8(&f.bytes).ok())
+            .unwrap_or("");
         let mut check = |value: &str, key: &[Seg<'_>]| match find(value, root.as_deref()) {
             Ok(path) => Some(path),
             Err(msg) => {
@@ -34,7 +42,10 @@ pub fn resolve(desired: &Desired, sources: &[SourceFile], spec_root: Option<&Pat
         }
         for (i, disk) in vm.spec.disks.iter().enumerate() {
             if let Some(image) = &disk.image {
-                if let Some(path) = check(image, &[Seg::Key("disks"), Seg::Index(i), Seg::Key("image")]) {
+                if let Some(path) = check(
+                    image,
+                    &[Seg::Key("disks"), Seg::Index(i), Seg::Key("image")],
+                ) {
                     files.images.insert(disk.name.clone(), path);
                 }
             }
@@ -64,11 +75,15 @@ fn find(value: &str, root: Option<&Path>) -> Result<PathBuf, String> {
     if !given.is_absolute() {
         if let Some(root) = root {
             if !real.starts_with(root) {
-                return Err(format!("{value:?} leads outside the spec folder {}; use an absolute path", root.display()));
+                return Err(format!(
+                    "{value:?} leads outside the spec folder {}; use an absolute path",
+                    root.display()
+                ));
             }
         }
     }
-    let meta = std::fs::metadata(&real).map_err(|e| format!("cannot read {value:?}: {}", plain(&e)))?;
+    let meta =
+        std::fs::metadata(&real).map_err(|e| format!("cannot read {value:?}: {}", plain(&e)))?;
     if !meta.is_file() {
         return Err(format!("{value:?} is not a regular file"));
     }
@@ -95,13 +110,25 @@ mod tests {
         std::fs::create_dir_all(root.join("guest")).expect("mkdir");
         std::fs::write(root.join("guest/k"), b"k").expect("write");
         std::fs::write(dir.path().join("outside"), b"o").expect("write");
-        std::os::unix::fs::symlink(dir.path().join("outside"), root.join("guest/link")).expect("symlink");
+        std::os::unix::fs::symlink(dir.path().join("outside"), root.join("guest/link"))
+            .expect("symlink");
         let root = root.canonicalize().expect("canon");
         assert!(find("guest/k", Some(&root)).is_ok());
-        assert!(find("../outside", Some(&root)).expect_err("escape").contains("outside the spec folder"));
-        assert!(find("guest/link", Some(&root)).expect_err("symlink escape").contains("outside the spec folder"));
-        assert!(find("guest/missing", Some(&root)).expect_err("missing").contains("not found"));
-        assert!(find("guest", Some(&root)).expect_err("dir").contains("not a regular file"));
-        assert!(find(&dir.path().join("outside").to_string_lossy(), Some(&root)).is_ok(), "absolute paths are allowed");
+        assert!(find("../outside", Some(&root))
+            .expect_err("escape")
+            .contains("outside the spec folder"));
+        assert!(find("guest/link", Some(&root))
+            .expect_err("symlink escape")
+            .contains("outside the spec folder"));
+        assert!(find("guest/missing", Some(&root))
+            .expect_err("missing")
+            .contains("not found"));
+        assert!(find("guest", Some(&root))
+            .expect_err("dir")
+            .contains("not a regular file"));
+        assert!(
+            find(&dir.path().join("outside").to_string_lossy(), Some(&root)).is_ok(),
+            "absolute paths are allowed"
+        );
     }
 }

@@ -19,17 +19,30 @@ use plasmavmc_specs::SourceFile;
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     #[error("{}: not a git repository (or any parent)", path.display())]
-    NotARepo { path: PathBuf, #[source] source: git2::Error },
+    NotARepo {
+        path: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
     #[error("{}: the repository has no commits yet; commit your specs first", path.display())]
     NoCommits { path: PathBuf },
     #[error("revision {rev:?} not found in {}", repo.display())]
-    NoRevision { rev: String, repo: PathBuf, #[source] source: git2::Error },
+    NoRevision {
+        rev: String,
+        repo: PathBuf,
+        #[source]
+        source: git2::Error,
+    },
     #[error("spec folder {path:?} is not a folder of commit {commit}")]
     NoSpecFolder { path: String, commit: String },
     #[error("spec folder {} is outside the repository {}", path.display(), repo.display())]
     Outside { path: PathBuf, repo: PathBuf },
     #[error("reading commit {commit}")]
-    Git { commit: String, #[source] source: git2::Error },
+    Git {
+        commit: String,
+        #[source]
+        source: git2::Error,
+    },
 }
 
 /// The files of one commit below the spec folder.
@@ -59,7 +72,10 @@ pub struct Source {
 
 impl std::fmt::Debug for Source {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Source").field("repo", &self.repo.path()).field("spec_dir", &self.spec_dir).finish()
+        f.debug_struct("Source")
+            .field("repo", &self.repo.path())
+            .field("spec_dir", &self.spec_dir)
+            .finish()
     }
 }
 
@@ -67,16 +83,30 @@ impl Source {
     /// Opens the repository containing `repo` (searching parent folders). The spec folder
     /// is `repo` itself joined with `path`, relative to the repository's top.
     pub fn open(repo: &Path, path: Option<&Path>) -> Result<Self, SourceError> {
-        let git = Repository::discover(repo).map_err(|source| SourceError::NotARepo { path: repo.to_path_buf(), source })?;
-        let top = git.workdir().map_or_else(|| git.path().to_path_buf(), Path::to_path_buf);
+        let git = Repository::discover(repo).map_err(|source| SourceError::NotARepo {
+            path: repo.to_path_buf(),
+            source,
+        })?;
+        let top = git
+            .workdir()
+            .map_or_else(|| git.path().to_path_buf(), Path::to_path_buf);
         let top = top.canonicalize().unwrap_or(top);
         let start = repo.canonicalize().unwrap_or_else(|_| repo.to_path_buf());
-        let mut rel = start.strip_prefix(&top).map(Path::to_path_buf).unwrap_or_default();
+        let mut rel = start
+            .strip_prefix(&top)
+            .map(Path::to_path_buf)
+            .unwrap_or_default();
         if let Some(p) = path {
             rel.push(p);
         }
-        let spec_dir = normalise(&rel).ok_or_else(|| SourceError::Outside { path: rel.clone(), repo: top.clone() })?;
-        Ok(Self { repo: git, spec_dir })
+        let spec_dir = normalise(&rel).ok_or_else(|| SourceError::Outside {
+            path: rel.clone(),
+            repo: top.clone(),
+        })?;
+        Ok(Self {
+            repo: git,
+            spec_dir,
+        })
     }
 
     /// The spec folder in the working tree (where relative kernel/image paths point), or
@@ -91,7 +121,10 @@ impl Source {
     }
 
     fn repo_path(&self) -> PathBuf {
-        self.repo.workdir().unwrap_or_else(|| self.repo.path()).to_path_buf()
+        self.repo
+            .workdir()
+            .unwrap_or_else(|| self.repo.path())
+            .to_path_buf()
     }
 
     /// Resolves `rev` to a commit id without reading files.
@@ -101,12 +134,18 @@ impl Source {
 
     fn commit(&self, rev: &str) -> Result<git2::Commit<'_>, SourceError> {
         if self.repo.head().is_err() && self.repo.is_empty().unwrap_or(false) {
-            return Err(SourceError::NoCommits { path: self.repo_path() });
+            return Err(SourceError::NoCommits {
+                path: self.repo_path(),
+            });
         }
         self.repo
             .revparse_single(rev)
             .and_then(|o| o.peel_to_commit())
-            .map_err(|source| SourceError::NoRevision { rev: rev.to_owned(), repo: self.repo_path(), source })
+            .map_err(|source| SourceError::NoRevision {
+                rev: rev.to_owned(),
+                repo: self.repo_path(),
+                source,
+            })
     }
 
     /// Reads every blob below the spec folder at `rev` that is a spec file (`plasmavmc.toml`,
@@ -114,14 +153,25 @@ impl Source {
     pub fn read(&self, rev: &str) -> Result<Commit, SourceError> {
         let commit = self.commit(rev)?;
         let id = commit.id().to_string();
-        let git_err = |source| SourceError::Git { commit: id.clone(), source };
+        let git_err = |source| SourceError::Git {
+            commit: id.clone(),
+            source,
+        };
         let tree = commit.tree().map_err(git_err)?;
         let tree = if self.spec_dir.is_empty() {
             tree
         } else {
-            let entry = tree.get_path(Path::new(&self.spec_dir)).map_err(|_| SourceError::NoSpecFolder { path: self.spec_dir.clone(), commit: id.clone() })?;
+            let entry = tree.get_path(Path::new(&self.spec_dir)).map_err(|_| {
+                SourceError::NoSpecFolder {
+                    path: self.spec_dir.clone(),
+                    commit: id.clone(),
+                }
+            })?;
             let obj = entry.to_object(&self.repo).map_err(git_err)?;
-            obj.into_tree().map_err(|_| SourceError::NoSpecFolder { path: self.spec_dir.clone(), commit: id.clone() })?
+            obj.into_tree().map_err(|_| SourceError::NoSpecFolder {
+                path: self.spec_dir.clone(),
+                commit: id.clone(),
+            })?
         };
         let mut files = Vec::new();
         let mut symlinks = Vec::new();
@@ -130,8 +180,13 @@ impl Source {
             let rel = format!("{dir}{}", entry.name().unwrap_or("\u{fffd}"));
             if !is_spec_path(&rel) {
                 // Prune folders that can hold no spec.
-                let keep_going = entry.kind() == Some(ObjectType::Tree) && (rel == "vms" || rel == "hosts");
-                return if entry.kind() == Some(ObjectType::Tree) && !keep_going { TreeWalkResult::Skip } else { TreeWalkResult::Ok };
+                let keep_going =
+                    entry.kind() == Some(ObjectType::Tree) && (rel == "vms" || rel == "hosts");
+                return if entry.kind() == Some(ObjectType::Tree) && !keep_going {
+                    TreeWalkResult::Skip
+                } else {
+                    TreeWalkResult::Ok
+                };
             }
             if entry.kind() != Some(ObjectType::Blob) {
                 return TreeWalkResult::Ok;
@@ -142,7 +197,11 @@ impl Source {
                 return TreeWalkResult::Ok;
             }
             match entry.to_object(&self.repo).and_then(|o| o.peel_to_blob()) {
-                Ok(blob) => files.push(SourceFile { path, rel, bytes: blob.content().to_vec() }),
+                Ok(blob) => files.push(SourceFile {
+                    path,
+                    rel,
+                    bytes: blob.content().to_vec(),
+                }),
                 Err(e) => {
                     failure = Some(e);
                     return TreeWalkResult::Abort;
@@ -155,7 +214,12 @@ impl Source {
             return Err(git_err(e));
         }
         let summary = commit.summary().unwrap_or("").to_owned();
-        Ok(Commit { id, summary, files, symlinks })
+        Ok(Commit {
+            id,
+            summary,
+            files,
+            symlinks,
+        })
     }
 
     /// Paths (relative to the repository top) of spec files changed but not committed.
@@ -164,11 +228,15 @@ impl Source {
             return Vec::new();
         }
         let mut opts = StatusOptions::new();
-        opts.include_untracked(true).recurse_untracked_dirs(true).include_ignored(false);
+        opts.include_untracked(true)
+            .recurse_untracked_dirs(true)
+            .include_ignored(false);
         for p in ["vms", "hosts", "plasmavmc.toml"] {
             opts.pathspec(self.display_path(p));
         }
-        let Ok(statuses) = self.repo.statuses(Some(&mut opts)) else { return Vec::new() };
+        let Ok(statuses) = self.repo.statuses(Some(&mut opts)) else {
+            return Vec::new();
+        };
         statuses
             .iter()
             .filter(|s| s.status() != Status::CURRENT && !s.status().contains(Status::IGNORED))

@@ -13,7 +13,10 @@ pub enum TargetError {
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error("commit {commit} is invalid ({} error{}); nothing was changed", diagnostics.len(), if diagnostics.len() == 1 { "" } else { "s" })]
-    Invalid { commit: String, diagnostics: Vec<Diagnostic> },
+    Invalid {
+        commit: String,
+        diagnostics: Vec<Diagnostic>,
+    },
 }
 
 /// A validated commit: specs plus the on-disk files they name.
@@ -28,7 +31,10 @@ impl Target {
     /// Reads `rev`, validates every file, checks every kernel/initrd/image exists.
     pub fn load(source: &Source, rev: &str) -> Result<Self, TargetError> {
         let commit = source.read(rev)?;
-        let invalid = |diagnostics| TargetError::Invalid { commit: commit.short().to_owned(), diagnostics };
+        let invalid = |diagnostics| TargetError::Invalid {
+            commit: commit.short().to_owned(),
+            diagnostics,
+        };
         let mut diags: Vec<Diagnostic> = commit
             .symlinks
             .iter()
@@ -52,7 +58,11 @@ impl Target {
             diags.sort();
             return Err(invalid(diags));
         }
-        Ok(Self { commit, desired, files })
+        Ok(Self {
+            commit,
+            desired,
+            files,
+        })
     }
 
     /// What a host needs to run `vm` as this commit says.

@@ -17,7 +17,11 @@ pub enum LockError {
     #[error("state directory {} is in use by {holder}; wait for it to finish (or stop it) and retry", path.display())]
     Held { path: PathBuf, holder: String },
     #[error("cannot open lock file {path}")]
-    Open { path: PathBuf, #[source] source: io::Error },
+    Open {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The held lock; released on drop.
@@ -29,16 +33,33 @@ pub struct StateLock {
 impl StateLock {
     /// Takes the lock without waiting, recording `what` (e.g. "plasmavmc apply") as the holder.
     pub fn acquire(path: &Path, what: &str) -> Result<Self, LockError> {
-        let open_err = |source| LockError::Open { path: path.to_path_buf(), source };
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(path).map_err(open_err)?;
+        let open_err = |source| LockError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(path)
+            .map_err(open_err)?;
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => lock,
             Err((mut file, _errno)) => {
                 let mut holder = String::new();
                 let _ = file.read_to_string(&mut holder);
                 let holder = holder.trim();
-                let holder = if holder.is_empty() { "another process".to_owned() } else { holder.to_owned() };
-                return Err(LockError::Held { path: path.to_path_buf(), holder });
+                let holder = if holder.is_empty() {
+                    "another process".to_owned()
+                } else {
+                    holder.to_owned()
+                };
+                return Err(LockError::Held {
+                    path: path.to_path_buf(),
+                    holder,
+                });
             }
         };
         let since = humantime::format_rfc3339_seconds(std::time::SystemTime::now());

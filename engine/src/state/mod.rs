@@ -17,9 +17,17 @@ pub use lock::{LockError, StateLock};
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("cannot create state directory {path}")]
-    Create { path: PathBuf, #[source] source: io::Error },
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot write {path}")]
-    Write { path: PathBuf, #[source] source: io::Error },
+    Write {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The state directory and the well-known paths inside it.
@@ -37,12 +45,16 @@ impl StateDir {
         if !ignore.exists() {
             write_atomic(&ignore, b"# PlasmaVMC state: never commit it.\n*\n")?;
         }
-        Ok(Self { root: root.to_path_buf() })
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
     }
 
     /// A state directory that may not exist (for read-only commands).
     pub fn at(root: &Path) -> Self {
-        Self { root: root.to_path_buf() }
+        Self {
+            root: root.to_path_buf(),
+        }
     }
 
     pub fn root(&self) -> &Path {
@@ -65,8 +77,15 @@ impl StateDir {
 
 /// Creates `path` and its parents; the last component gets mode 0700.
 pub fn create_private_dir(path: &Path) -> Result<(), StateError> {
-    let err = |source| StateError::Create { path: path.to_path_buf(), source };
-    fs::DirBuilder::new().recursive(true).mode(0o700).create(path).map_err(err)?;
+    let err = |source| StateError::Create {
+        path: path.to_path_buf(),
+        source,
+    };
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)
+        .map_err(err)?;
     fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(err)
 }
 
@@ -74,11 +93,22 @@ pub fn create_private_dir(path: &Path) -> Result<(), StateError> {
 /// rename, fsync of the folder. Readers see the old or the new content, never half.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
     use io::Write;
-    let err = |source| StateError::Write { path: path.to_path_buf(), source };
+    let err = |source| StateError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
+    let name = path
+        .file_name()
+        .map_or_else(|| "file".into(), |n| n.to_string_lossy().into_owned());
     let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
-    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(err)?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
     file.write_all(bytes).map_err(err)?;
     file.sync_all().map_err(err)?;
     fs::rename(&tmp, path).map_err(err)?;

@@ -142,9 +142,17 @@ pub enum StatusError {
     #[error(transparent)]
     Write(#[from] StateError),
     #[error("cannot read {path}")]
-    Read { path: PathBuf, #[source] source: std::io::Error },
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is damaged")]
-    Parse { path: PathBuf, #[source] source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
 }
 
 /// The status folder.
@@ -155,7 +163,9 @@ pub struct StatusDir {
 
 impl StatusDir {
     pub fn new(dir: &Path) -> Self {
-        Self { dir: dir.to_path_buf() }
+        Self {
+            dir: dir.to_path_buf(),
+        }
     }
 
     fn vm_path(&self, vm: &str) -> PathBuf {
@@ -164,10 +174,19 @@ impl StatusDir {
 
     /// Reads what the status folder holds; missing files give defaults.
     pub fn read(&self) -> Result<Snapshot, StatusError> {
-        let mut snap = Snapshot { engine: read_toml(&self.dir.join("engine.toml"))?.unwrap_or_default(), ..Snapshot::default() };
+        let mut snap = Snapshot {
+            engine: read_toml(&self.dir.join("engine.toml"))?.unwrap_or_default(),
+            ..Snapshot::default()
+        };
         for (sub, push) in [("vms", 0), ("hosts", 1)] {
-            let Ok(entries) = fs::read_dir(self.dir.join(sub)) else { continue };
-            let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|e| e == "toml")).collect();
+            let Ok(entries) = fs::read_dir(self.dir.join(sub)) else {
+                continue;
+            };
+            let mut paths: Vec<PathBuf> = entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+                .collect();
             paths.sort();
             for path in paths {
                 if push == 0 {
@@ -189,10 +208,25 @@ impl StatusDir {
     /// Writes every file of `snap` and removes VM/host files that are no longer in it.
     pub fn write(&self, snap: &Snapshot) -> Result<(), StatusError> {
         self.write_engine(&snap.engine)?;
-        for (sub, names) in [("vms", snap.vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>()), ("hosts", snap.hosts.iter().map(|h| h.name.as_str()).collect())] {
+        for (sub, names) in [
+            (
+                "vms",
+                snap.vms.iter().map(|v| v.name.as_str()).collect::<Vec<_>>(),
+            ),
+            (
+                "hosts",
+                snap.hosts.iter().map(|h| h.name.as_str()).collect(),
+            ),
+        ] {
             let dir = self.dir.join(sub);
             create_private_dir(&dir)?;
-            for entry in fs::read_dir(&dir).map_err(|source| StatusError::Read { path: dir.clone(), source })?.flatten() {
+            for entry in fs::read_dir(&dir)
+                .map_err(|source| StatusError::Read {
+                    path: dir.clone(),
+                    source,
+                })?
+                .flatten()
+            {
                 let path = entry.path();
                 let stem = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
                 if path.extension().is_some_and(|e| e == "toml") && !names.contains(&stem) {
@@ -204,13 +238,22 @@ impl StatusDir {
             write_toml(&self.vm_path(&vm.name), vm)?;
         }
         for host in &snap.hosts {
-            write_toml(&self.dir.join("hosts").join(format!("{}.toml", host.name)), host)?;
+            write_toml(
+                &self.dir.join("hosts").join(format!("{}.toml", host.name)),
+                host,
+            )?;
         }
         Ok(())
     }
 
     /// Builds the new snapshot from what runs now, keeping earlier events and counters.
-    pub fn build(&self, engine: EngineStatus, desired: Option<&Desired>, observed: &Observed, report: Option<&Report>) -> Snapshot {
+    pub fn build(
+        &self,
+        engine: EngineStatus,
+        desired: Option<&Desired>,
+        observed: &Observed,
+        report: Option<&Report>,
+    ) -> Snapshot {
         let mut vms: BTreeMap<String, VmStatus> = BTreeMap::new();
         let previous = |name: &str| read_toml::<VmStatus>(&self.vm_path(name)).ok().flatten();
         for (host, inv) in &observed.hosts {
@@ -222,7 +265,10 @@ impl StatusDir {
                     RunState::Paused => (VmPhase::Starting, o.detail.clone()),
                     RunState::Unresponsive => (VmPhase::Unknown, o.detail.clone()),
                     RunState::Stopped => (VmPhase::Stopped, None),
-                    RunState::Exited => (VmPhase::Crashed, Some("QEMU exited without the engine asking".to_owned())),
+                    RunState::Exited => (
+                        VmPhase::Crashed,
+                        Some("QEMU exited without the engine asking".to_owned()),
+                    ),
                 };
                 vms.insert(
                     name.clone(),
@@ -277,13 +323,20 @@ impl StatusDir {
                     phase: "ready".to_owned(),
                     last_heartbeat: Some(crate::time::now()),
                     capacity: inv.capacity,
-                    allocated: Capacity { vcpus: running.iter().map(|v| v.spec.vcpus).sum(), memory_mb: running.iter().map(|v| v.spec.memory_mb).sum() },
+                    allocated: Capacity {
+                        vcpus: running.iter().map(|v| v.spec.vcpus).sum(),
+                        memory_mb: running.iter().map(|v| v.spec.memory_mb).sum(),
+                    },
                     vms: inv.vms.keys().cloned().collect(),
                     retained: inv.retained.clone(),
                 }
             })
             .collect();
-        Snapshot { engine, vms: vms.into_values().collect(), hosts }
+        Snapshot {
+            engine,
+            vms: vms.into_values().collect(),
+            hosts,
+        }
     }
 }
 
@@ -291,7 +344,9 @@ impl StatusDir {
 fn apply_report(vms: &mut BTreeMap<String, VmStatus>, report: &Report) {
     let now = crate::time::now();
     for step in &report.steps {
-        let Some(status) = vms.get_mut(step.action.vm()) else { continue };
+        let Some(status) = vms.get_mut(step.action.vm()) else {
+            continue;
+        };
         let (kind, message) = match &step.outcome {
             Outcome::Done { detail, .. } => (step.action.op().to_owned(), detail.clone()),
             Outcome::Failed { error } => {
@@ -300,10 +355,17 @@ fn apply_report(vms: &mut BTreeMap<String, VmStatus>, report: &Report) {
             }
             Outcome::Skipped { .. } => continue,
         };
-        if matches!(step.action, Action::Start { .. }) && step.action.reason().contains("exited") && matches!(step.outcome, Outcome::Done { .. }) {
+        if matches!(step.action, Action::Start { .. })
+            && step.action.reason().contains("exited")
+            && matches!(step.outcome, Outcome::Done { .. })
+        {
             status.restarts += 1;
         }
-        status.events.push(VmEvent { at: now.clone(), kind, message });
+        status.events.push(VmEvent {
+            at: now.clone(),
+            kind,
+            message,
+        });
     }
     for status in vms.values_mut() {
         let excess = status.events.len().saturating_sub(MAX_EVENTS);
@@ -313,9 +375,17 @@ fn apply_report(vms: &mut BTreeMap<String, VmStatus>, report: &Report) {
 
 fn read_toml<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<Option<T>, StatusError> {
     match fs::read_to_string(path) {
-        Ok(text) => toml::from_str(&text).map(Some).map_err(|source| StatusError::Parse { path: path.to_path_buf(), source }),
+        Ok(text) => toml::from_str(&text)
+            .map(Some)
+            .map_err(|source| StatusError::Parse {
+                path: path.to_path_buf(),
+                source,
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(StatusError::Read { path: path.to_path_buf(), source }),
+        Err(source) => Err(StatusError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
     }
 }
 

@@ -8,8 +8,17 @@ use super::Snapshot;
 pub fn print_table(snap: &Snapshot) -> String {
     let mut out = String::new();
     let e = &snap.engine;
-    let short = |r: &Option<String>| r.as_deref().map_or("-".to_owned(), |r| r.get(..12).unwrap_or(r).to_owned());
-    let _ = writeln!(out, "applied {}  attempted {}  updated {}", short(&e.last_applied_revision), short(&e.last_attempted_revision), e.updated_at);
+    let short = |r: &Option<String>| {
+        r.as_deref()
+            .map_or("-".to_owned(), |r| r.get(..12).unwrap_or(r).to_owned())
+    };
+    let _ = writeln!(
+        out,
+        "applied {}  attempted {}  updated {}",
+        short(&e.last_applied_revision),
+        short(&e.last_attempted_revision),
+        e.updated_at
+    );
     if let Some(err) = &e.last_error {
         let _ = writeln!(out, "last error:\n{err}");
     }
@@ -37,7 +46,11 @@ pub fn print_table(snap: &Snapshot) -> String {
     }
     out.push('\n');
     for row in std::iter::once(&header).chain(&rows) {
-        let line: Vec<String> = row.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         let _ = writeln!(out, "{}", line.join("  ").trim_end());
     }
     if rows.is_empty() {
@@ -56,7 +69,13 @@ pub fn print_table(snap: &Snapshot) -> String {
             h.capacity.memory_mb
         );
         for r in &h.retained {
-            let _ = writeln!(out, "  retained disks of {} in {} ({})", r.vm, r.path.display(), r.reason);
+            let _ = writeln!(
+                out,
+                "  retained disks of {} in {} ({})",
+                r.vm,
+                r.path.display(),
+                r.reason
+            );
         }
     }
     out
