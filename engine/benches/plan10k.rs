@@ -65,6 +65,7 @@ fn main() {
             &Observed {
                 hosts: BTreeMap::from([("local".to_owned(), Inventory::default())]),
             },
+            0,
         );
         let t3 = Instant::now();
         assert_eq!(p.actions.len(), 2 * VMS);
@@ -87,6 +88,9 @@ fn main() {
                     spec: e.spec.clone(),
                     started_at: None,
                     detail: None,
+                    last_exit: None,
+                    exits: vec![],
+                    restarts: 0,
                 };
                 (e.name.clone(), o)
             })
@@ -101,7 +105,7 @@ fn main() {
             )]),
         };
         let t4 = Instant::now();
-        assert!(plan(&desired, &observed).is_empty());
+        assert!(plan(&desired, &observed, 0).is_empty());
         plan_same.push(t4.elapsed());
     }
     println!("plan10k: {VMS} VMs, median of {RUNS} runs");

@@ -12,6 +12,79 @@ pub struct ClusterSpec {
     /// Timeouts for VM operations.
     #[serde(default)]
     pub timeouts: Timeouts,
+    /// How the engine restarts VMs that exit without being asked to.
+    #[serde(default)]
+    pub restart: RestartSettings,
+}
+
+/// Restart backoff and give-up rule, for VMs whose `restart` policy asks for restarts.
+/// The first restart after an exit is immediate; each further exit within `window`
+/// waits twice as long as the one before (from `backoff`, at most `backoff_max`); after
+/// `max_failures` exits within `window` the VM is `failed` until a commit changes its spec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RestartSettings {
+    /// Wait before the second restart; doubles for each further one.
+    #[serde(default = "default_backoff")]
+    pub backoff: HumanDuration,
+    /// Longest wait between restarts.
+    #[serde(default = "default_backoff_max")]
+    pub backoff_max: HumanDuration,
+    /// Unexpected exits within `window` after which the engine gives up (phase `failed`).
+    #[serde(default = "default_max_failures")]
+    #[schemars(range(min = 1))]
+    pub max_failures: u32,
+    /// The window `max_failures` counts in.
+    #[serde(default = "default_window")]
+    pub window: HumanDuration,
+}
+
+impl ClusterSpec {
+    /// Everything wrong with these settings on their own.
+    pub fn problems(&self) -> Vec<crate::vm::Problem> {
+        use crate::diag::Seg;
+        let mut out = Vec::new();
+        if self.restart.max_failures == 0 {
+            out.push((
+                vec![Seg::Key("restart"), Seg::Key("max_failures")],
+                "max_failures must be at least 1".to_owned(),
+            ));
+        }
+        if self.restart.backoff_max < self.restart.backoff {
+            out.push((
+                vec![Seg::Key("restart"), Seg::Key("backoff_max")],
+                "backoff_max must not be shorter than backoff".to_owned(),
+            ));
+        }
+        out
+    }
+}
+
+impl Default for RestartSettings {
+    fn default() -> Self {
+        Self {
+            backoff: default_backoff(),
+            backoff_max: default_backoff_max(),
+            max_failures: default_max_failures(),
+            window: default_window(),
+        }
+    }
+}
+
+fn default_backoff() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+
+fn default_backoff_max() -> HumanDuration {
+    HumanDuration(Duration::from_secs(60))
+}
+
+fn default_max_failures() -> u32 {
+    5
+}
+
+fn default_window() -> HumanDuration {
+    HumanDuration(Duration::from_secs(600))
 }
 
 /// Timeouts for VM operations.

@@ -142,6 +142,7 @@ pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
         match kind {
             Kind::Cluster => {
                 if let Some(spec) = parse::<ClusterSpec>(file, &text, &mut diags) {
+                    push_problems(file, &text, spec.problems(), &mut diags);
                     desired.cluster = spec;
                 }
             }

@@ -52,26 +52,7 @@ impl Ctx {
 
     /// The hosts this engine reaches: every `address = "local"` host of `desired`.
     pub fn hosts(&self, desired: &Desired) -> BTreeMap<String, LocalHost> {
-        let state = StateDir::at(&self.state);
-        desired
-            .hosts
-            .values()
-            .filter(|h| h.spec.address.as_deref() == Some("local"))
-            .map(|h| {
-                let root = h
-                    .spec
-                    .root
-                    .as_ref()
-                    .map_or_else(|| state.host_root(&h.name), PathBuf::from);
-                let host = LocalHost::new(
-                    &h.name,
-                    &root,
-                    h.spec.accel,
-                    desired.cluster.timeouts.qmp_ready.0,
-                );
-                (h.name.clone(), host)
-            })
-            .collect()
+        crate::host::local_hosts(desired, &StateDir::at(&self.state))
     }
 
     /// Prints a note about uncommitted spec changes (they are never used).

@@ -20,8 +20,17 @@ pub const EXIT_CHANGES: u8 = 2;
     about = "Declarative, git-driven QEMU virtual machines"
 )]
 struct Cli {
+    /// Log format on stderr: `text` for people, `json` (one object per line) for journald/Loki.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -35,6 +44,9 @@ enum Command {
     /// Show what runs, from a fresh look at the hosts (or the status files while another
     /// engine holds the state directory).
     Status(status::StatusArgs),
+    /// Keep the hosts equal to the newest valid commit of a branch, and heal them: restart
+    /// crashed VMs by policy, adopt running ones after a restart of the engine.
+    Watch(WatchArgs),
     /// Write the JSON Schemas of the spec files.
     Schema {
         /// Folder to write vm/host/cluster.schema.json into.
@@ -60,10 +72,34 @@ pub struct RepoArgs {
     state_dir: Option<PathBuf>,
 }
 
+/// `watch` arguments.
+#[derive(Debug, Args)]
+struct WatchArgs {
+    /// The git repository (a local path, or a URL: ssh://, https://, file://, user@host:path).
+    #[arg(long, default_value = ".")]
+    repo: String,
+    /// Folder of the repository that holds the specs.
+    #[arg(long)]
+    path: Option<PathBuf>,
+    /// Branch to follow (default: the checked-out branch; `main` for a URL).
+    #[arg(long)]
+    branch: Option<String>,
+    /// Periodic resync (and fetch, for a URL), e.g. 15s, 1m.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    interval: std::time::Duration,
+    /// State directory (default: <repo>/<path>/.plasmavmc; required for a URL).
+    #[arg(long, env = "PLASMAVMC_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// After each change, commit the status files to this branch (working tree untouched).
+    #[arg(long)]
+    status_branch: Option<String>,
+}
+
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    let default_level = if matches!(cli.command, Command::Watch(_)) { "info" } else { "warn" };
+    init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -81,6 +117,7 @@ pub fn main() -> ExitCode {
             Command::Plan(args) => plan::plan(&args).await,
             Command::Apply(args) => plan::apply(&args).await,
             Command::Status(args) => status::status(&args).await,
+            Command::Watch(args) => watch(args).await,
             Command::Schema { out } => schema(&out),
         }
     });
@@ -93,14 +130,29 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging() {
+fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
         .with_target(false)
-        .try_init();
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init(),
+    };
+}
+
+async fn watch(args: WatchArgs) -> anyhow::Result<u8> {
+    let cfg = crate::watch::WatchConfig {
+        repo: args.repo,
+        path: args.path,
+        branch: args.branch,
+        interval: args.interval,
+        state_dir: args.state_dir,
+        status_branch: args.status_branch,
+    };
+    crate::watch::run(cfg).await?;
+    Ok(0)
 }
 
 fn schema(out: &std::path::Path) -> anyhow::Result<u8> {

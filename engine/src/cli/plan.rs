@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::context::{print_invalid, Ctx};
 use super::{RepoArgs, EXIT_CHANGES};
-use crate::execute::{execute, Outcome, Report, Step};
+use crate::execute::{execute, Outcome, Step};
 use crate::host::LocalHost;
 use crate::observe::Observed;
 use crate::plan::{plan as make_plan, Plan, SavedPlan};
@@ -88,7 +88,7 @@ pub async fn plan(args: &PlanArgs) -> anyhow::Result<u8> {
     };
     ctx.warn_uncommitted();
     let (_lock, _hosts, observed) = observe(&ctx, &target, "plasmavmc plan").await?;
-    let plan = make_plan(&target.desired, &observed);
+    let plan = make_plan(&target.desired, &observed, crate::host::now_ms());
     if args.json {
         let json = serde_json::json!({
             "revision": target.commit.id,
@@ -194,12 +194,12 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
     let (_lock, hosts, observed) = observe(&ctx, &target, "plasmavmc apply").await?;
     let plan = if let Some(saved) = &saved {
         saved.check(ctx.source.spec_dir(), &observed)?;
-        let again = make_plan(&target.desired, &observed);
+        let again = make_plan(&target.desired, &observed, crate::host::now_ms());
         anyhow::ensure!(again == saved.plan, "the plan file does not match what this engine plans for the same commit and hosts; run plan again");
         print_plan(&target, &saved.plan);
         saved.plan.clone()
     } else {
-        let plan = make_plan(&target.desired, &observed);
+        let plan = make_plan(&target.desired, &observed, crate::host::now_ms());
         print_plan(&target, &plan);
         if !plan.is_empty() && !args.auto_approve && !confirm(plan.actions.len())? {
             return Ok(1);
@@ -216,15 +216,15 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
     engine.revision_seen = Some(target.commit.id.clone());
     engine.last_attempted_revision = Some(target.commit.id.clone());
     if report.failed() {
-        engine.last_error = Some(failures(&report));
+        engine.last_error = Some(report.failures());
     } else {
         engine.last_applied_revision = Some(target.commit.id.clone());
         engine.last_error = None;
     }
-    let snap = status.build(engine, Some(&target.desired), &after, Some(&report));
+    let snap = status.build(engine, Some(&target.desired), &after, Some(&report), &[]);
     status.write(&snap)?;
     if report.failed() {
-        eprintln!("error: some actions failed:\n{}", failures(&report));
+        eprintln!("error: some actions failed:\n{}", report.failures());
         return Ok(1);
     }
     if !plan.is_empty() {
@@ -265,16 +265,3 @@ fn print_step(step: &Step) {
     }
 }
 
-fn failures(report: &Report) -> String {
-    report
-        .steps
-        .iter()
-        .filter_map(|s| match &s.outcome {
-            Outcome::Failed { error } => {
-                Some(format!("{} {}: {error}", s.action.op(), s.action.vm()))
-            }
-            _ => None,
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
-}

@@ -5,6 +5,8 @@
 //! fails, that VM's later steps are skipped and the other VMs go on. Every host call is
 //! idempotent, so running a half-done plan again finishes it.
 
+pub mod journal;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -40,6 +42,19 @@ impl Report {
         self.steps
             .iter()
             .any(|s| !matches!(s.outcome, Outcome::Done { .. }))
+    }
+
+    /// One line per failed action: `start web: VM web: QEMU failed to start: ...`.
+    pub fn failures(&self) -> String {
+        let lines: Vec<String> = self
+            .steps
+            .iter()
+            .filter_map(|s| match &s.outcome {
+                Outcome::Failed { error } => Some(format!("{} {}: {error}", s.action.op(), s.action.vm())),
+                _ => None,
+            })
+            .collect();
+        lines.join("\n")
     }
 }
 
@@ -104,6 +119,34 @@ pub async fn execute<H: Host>(
         report.steps.push(step);
     }
     report
+}
+
+/// [`execute`], journaled: the plan is written to `journal` before the first action and
+/// after each, and removed at the end. Refuses to act when the journal cannot be written.
+pub async fn execute_journaled<H: Host>(
+    plan: &Plan,
+    target: &Target,
+    hosts: &BTreeMap<String, H>,
+    journal: &journal::JournalFile,
+    mut progress: impl FnMut(&Step),
+) -> Result<Report, crate::state::StateError> {
+    let mut entry = journal::Journal {
+        revision: target.commit.id.clone(),
+        started_at: crate::time::now(),
+        actions: plan.actions.clone(),
+        done: 0,
+    };
+    journal.write(&entry)?;
+    let report = execute(plan, target, hosts, |step| {
+        entry.done += 1;
+        if let Err(e) = journal.write(&entry) {
+            error!(error = %e, "cannot update the journal");
+        }
+        progress(step);
+    })
+    .await;
+    journal.clear();
+    Ok(report)
 }
 
 async fn run<H: Host>(

@@ -40,6 +40,9 @@ impl Host for FakeHost {
     fn name(&self) -> &str {
         "local"
     }
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::host::HostEvent> {
+        tokio::sync::broadcast::channel(1).1
+    }
     async fn inventory(&self) -> Result<Inventory, HostError> {
         Ok(Inventory::default())
     }
@@ -127,6 +130,7 @@ async fn actions_become_host_calls_in_order_with_the_commit_spec() {
             act("delete", "c"),
         ],
         notes: vec![],
+        wake_at_ms: None,
     };
     let hosts = BTreeMap::from([("local".to_owned(), FakeHost::default())]);
     let mut seen = 0;
@@ -159,6 +163,7 @@ async fn a_failed_step_skips_the_rest_of_that_vm_only() {
             act("start", "b"),
         ],
         notes: vec![],
+        wake_at_ms: None,
     };
     let hosts = BTreeMap::from([(
         "local".to_owned(),
@@ -195,6 +200,7 @@ async fn unknown_hosts_fail_the_action_without_calls() {
             reason: String::new(),
         }],
         notes: vec![],
+        wake_at_ms: None,
     };
     let hosts = BTreeMap::from([("local".to_owned(), FakeHost::default())]);
     let report = execute(&plan, &t, &hosts, |_| {}).await;

@@ -7,18 +7,19 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use plasmavmc_specs::{Power, Storage};
 use tracing::{debug, info, warn};
 
+use super::monitor::Monitor;
 use super::{Host, HostError, StopOutcome};
 use crate::observe::{Capacity, Inventory, ObservedVm, Retained, RunState};
 use crate::qemu::args::{qemu_args, Accel};
 use crate::qemu::instance::{
     self, InstanceDir, InstanceFile, VmInstance, QEMU_LOG, QMP_SOCKET, SERIAL_LOG,
 };
-use crate::qemu::qmp::Qmp;
 use crate::qemu::{img, process};
 
 /// How long to wait for a QMP answer when only asking what QEMU does.
@@ -33,6 +34,7 @@ pub struct LocalHost {
     root: PathBuf,
     accel: plasmavmc_specs::Accel,
     qmp_ready: Duration,
+    monitor: Arc<Monitor>,
 }
 
 impl LocalHost {
@@ -49,6 +51,7 @@ impl LocalHost {
             root: root.to_path_buf(),
             accel,
             qmp_ready,
+            monitor: Monitor::new(),
         }
     }
 
@@ -79,10 +82,13 @@ impl LocalHost {
         })
     }
 
-    /// The pid of this instance's QEMU when it is alive (checked by uuid).
+    /// The pid of this instance's QEMU when it is alive (checked by uuid). Without a
+    /// valid pid file (QEMU killed before writing it, file lost), `/proc` is searched, so
+    /// a running QEMU is never missed and never started twice.
     fn live_pid(dir: &InstanceDir, inst: &InstanceFile) -> Option<u32> {
         dir.pid()
             .filter(|pid| process::is_instance(*pid, &inst.uuid))
+            .or_else(|| process::find_by_uuid(&inst.uuid).into_iter().min())
     }
 
     fn accel_for(&self, inst: &InstanceFile) -> Accel {
@@ -108,14 +114,18 @@ impl LocalHost {
         }
     }
 
-    async fn observe_one(dir: &InstanceDir, inst: InstanceFile) -> ObservedVm {
+    async fn observe_one(&self, dir: &InstanceDir, inst: InstanceFile) -> ObservedVm {
         let pid = Self::live_pid(dir, &inst);
         let (state, detail) = match pid {
             None if inst.power == Power::Running => {
                 (RunState::Exited, Some("QEMU is not running".to_owned()))
             }
             None => (RunState::Stopped, None),
-            Some(_) => match Qmp::connect(&dir.file(QMP_SOCKET), QMP_PROBE).await {
+            Some(pid) => match self
+                .monitor
+                .qmp(dir, &inst.vm.name, &inst.uuid, pid, QMP_PROBE)
+                .await
+            {
                 Ok(qmp) => match qmp.query_status().await {
                     Ok(s) if s.running => (RunState::Running, None),
                     Ok(s) => (RunState::Paused, Some(s.status)),
@@ -135,6 +145,9 @@ impl LocalHost {
             spec: inst.vm.spec,
             started_at: inst.started_at,
             detail,
+            last_exit: inst.last_exit,
+            exits: inst.exits,
+            restarts: inst.restarts,
         }
     }
 
@@ -246,7 +259,13 @@ impl LocalHost {
         }
     }
 
-    async fn wait_ready(&self, dir: &InstanceDir, vm: &str, pid: u32) -> Result<(), HostError> {
+    async fn wait_ready(
+        &self,
+        dir: &InstanceDir,
+        vm: &str,
+        uuid: &str,
+        pid: u32,
+    ) -> Result<(), HostError> {
         let deadline = Instant::now() + self.qmp_ready;
         loop {
             if !process::is_alive(pid) {
@@ -255,7 +274,11 @@ impl LocalHost {
                     reason: Self::failure_reason(dir),
                 });
             }
-            if let Ok(qmp) = Qmp::connect(&dir.file(QMP_SOCKET), Duration::from_secs(1)).await {
+            if let Ok(qmp) = self
+                .monitor
+                .qmp(dir, vm, uuid, pid, Duration::from_secs(1))
+                .await
+            {
                 let status = qmp.query_status().await.map_err(|source| HostError::Qmp {
                     vm: vm.to_owned(),
                     source: Box::new(source),
@@ -305,6 +328,10 @@ impl Host for LocalHost {
         &self.name
     }
 
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<super::HostEvent> {
+        self.monitor.subscribe()
+    }
+
     async fn inventory(&self) -> Result<Inventory, HostError> {
         let mut inv = Inventory {
             capacity: host_capacity(),
@@ -327,7 +354,7 @@ impl Host for LocalHost {
             }
             match dir.read() {
                 Ok(inst) if inst.vm.name == name => {
-                    inv.vms.insert(name, Self::observe_one(&dir, inst).await);
+                    inv.vms.insert(name, self.observe_one(&dir, inst).await);
                 }
                 Ok(inst) => {
                     warn!(folder = %dir.dir.display(), vm = %inst.vm.name, "instance folder and VM name differ; ignored");
@@ -354,6 +381,9 @@ impl Host for LocalHost {
             created_at: crate::time::now(),
             power: Power::Stopped,
             started_at: None,
+            last_exit: None,
+            exits: Vec::new(),
+            restarts: 0,
             vm: vm.clone(),
         };
         Self::write(&dir, &inst)?;
@@ -371,6 +401,10 @@ impl Host for LocalHost {
                     &format!("disk {} removed from the spec", old.name),
                 )?;
             }
+        }
+        if inst.vm.spec_hash != vm.spec_hash {
+            // A new spec is a fresh start for the restart policy (a `failed` VM retries).
+            inst.exits.clear();
         }
         inst.vm = vm.clone();
         Self::write(&dir, &inst)?;
@@ -392,8 +426,15 @@ impl Host for LocalHost {
         for stale in [QMP_SOCKET, instance::PID_FILE] {
             let _ = fs::remove_file(dir.file(stale));
         }
+        if inst.power == Power::Running {
+            // It should have been running: this start recovers from an exit.
+            inst.restarts += 1;
+        }
         inst.power = Power::Running;
         inst.started_at = Some(crate::time::now());
+        // The exit being recovered from is history now (status events keep it); an exit
+        // of the new QEMU is recorded afresh.
+        inst.last_exit = None;
         Self::write(&dir, &inst)?;
         let args = qemu_args(&inst, self.accel_for(&inst));
         let pid = process::spawn_detached(
@@ -407,7 +448,7 @@ impl Host for LocalHost {
             what: format!("cannot run {}", process::qemu_binary()),
             source,
         })?;
-        self.wait_ready(&dir, vm, pid).await?;
+        self.wait_ready(&dir, vm, &inst.uuid, pid).await?;
         info!(vm, pid, "started");
         Ok(pid)
     }
@@ -421,7 +462,7 @@ impl Host for LocalHost {
         let Some(pid) = Self::live_pid(&dir, &inst) else {
             return Ok(StopOutcome::AlreadyStopped);
         };
-        let qmp = Qmp::connect(&dir.file(QMP_SOCKET), QMP_PROBE).await;
+        let qmp = self.monitor.qmp(&dir, vm, &inst.uuid, pid, QMP_PROBE).await;
         if let Ok(qmp) = &qmp {
             if qmp.system_powerdown().await.is_ok() && process::wait_gone(pid, timeout).await {
                 info!(vm, pid, "stopped gracefully");

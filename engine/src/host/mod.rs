@@ -5,12 +5,14 @@
 //! records calls. Every request is idempotent: asking twice is harmless.
 
 mod local;
+mod monitor;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use local::LocalHost;
+pub use monitor::{now_ms, HostEvent};
 
 use crate::observe::Inventory;
 use crate::qemu::instance::VmInstance;
@@ -66,6 +68,20 @@ pub enum HostError {
     Refused { vm: String, reason: String },
 }
 
+/// The hosts this engine reaches directly: every `address = "local"` host of `desired`,
+/// rooted at its `root` or at `<state>/<name>`.
+pub fn local_hosts(desired: &plasmavmc_specs::Desired, state: &crate::state::StateDir) -> std::collections::BTreeMap<String, LocalHost> {
+    desired
+        .hosts
+        .values()
+        .filter(|h| h.spec.address.as_deref() == Some("local"))
+        .map(|h| {
+            let root = h.spec.root.as_ref().map_or_else(|| state.host_root(&h.name), PathBuf::from);
+            (h.name.clone(), LocalHost::new(&h.name, &root, h.spec.accel, desired.cluster.timeouts.qmp_ready.0))
+        })
+        .collect()
+}
+
 /// How a stop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopOutcome {
@@ -105,6 +121,9 @@ pub trait Host: Send + Sync {
         vm: &str,
         timeout: Duration,
     ) -> impl Future<Output = Result<StopOutcome, HostError>> + Send;
+
+    /// Events the host reports on its own (QEMU exits), from now on.
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<HostEvent>;
 
     /// Removes a stopped instance's folder; its disks move to `retained/`. Returns where.
     fn delete(&self, vm: &str) -> impl Future<Output = Result<Option<PathBuf>, HostError>> + Send;

@@ -56,6 +56,15 @@ pub struct ObservedVm {
     /// QEMU's own words for its state (`query-status`), or why it could not be asked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// The last exit the engine did not ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<crate::qemu::exit::ExitRecord>,
+    /// When recent unexpected exits happened (ms since the epoch).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exits: Vec<u64>,
+    /// Automatic restarts so far.
+    #[serde(default)]
+    pub restarts: u32,
 }
 
 /// Disks kept after their VM (or the disk) was removed from the specs.

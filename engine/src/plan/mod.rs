@@ -14,6 +14,7 @@
 //! ```
 
 mod action;
+pub mod restart;
 mod saved;
 
 use std::collections::BTreeSet;
@@ -25,6 +26,7 @@ pub use action::Action;
 pub use saved::{SavedPlan, StalePlan};
 
 use crate::observe::{Observed, ObservedVm, RunState};
+use restart::Verdict;
 
 /// What to do, in order, and what was left undone and why.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,6 +35,9 @@ pub struct Plan {
     /// Things the planner saw and will not act on (unreachable host, refused change).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// When to plan again, in ms since the epoch: a restart waits for its backoff.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_at_ms: Option<u64>,
 }
 
 impl Plan {
@@ -41,8 +46,9 @@ impl Plan {
     }
 }
 
-/// Plans the changes that make `observed` equal to `desired`.
-pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
+/// Plans the changes that make `observed` equal to `desired`, at time `now_ms` (ms since
+/// the epoch; only restart backoff depends on it).
+pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
     let mut out = Plan::default();
     let names: BTreeSet<&str> = desired
         .vms
@@ -58,7 +64,9 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Plan {
     for name in names {
         match (desired.vms.get(name), observed.find(name)) {
             (Some(want), None) => plan_new(desired, observed, want, &mut out),
-            (Some(want), Some((host, have))) => plan_existing(want, host, have, &mut out),
+            (Some(want), Some((host, have))) => {
+                plan_existing(desired, want, host, have, now_ms, &mut out)
+            }
             (None, Some((host, have))) => plan_removed(host, have, &mut out),
             (None, None) => {}
         }
@@ -98,7 +106,14 @@ fn plan_new(desired: &Desired, observed: &Observed, want: &VmEntry, out: &mut Pl
     }
 }
 
-fn plan_existing(want: &VmEntry, host: &str, have: &ObservedVm, out: &mut Plan) {
+fn plan_existing(
+    desired: &Desired,
+    want: &VmEntry,
+    host: &str,
+    have: &ObservedVm,
+    now_ms: u64,
+    out: &mut Plan,
+) {
     let vm = want.name.clone();
     let host = host.to_owned();
     if let Some(pin) = &want.spec.host {
@@ -153,7 +168,25 @@ fn plan_existing(want: &VmEntry, host: &str, have: &ObservedVm, out: &mut Plan) 
         }
         return;
     }
-    if wants_run && !runs {
+    if wants_run && have.state == RunState::Exited {
+        match restart::verdict(want.spec.restart, &desired.cluster.restart, have, now_ms) {
+            Verdict::Restart { reason, attempt } => {
+                let reason =
+                    format!("restart after an unexpected exit ({reason}), attempt {attempt}");
+                out.actions.push(Action::Start { vm, host, reason });
+            }
+            Verdict::Wait { reason, until_ms } => {
+                let secs = until_ms.saturating_sub(now_ms).div_ceil(1000);
+                out.notes.push(format!(
+                    "{vm}: exited ({reason}); restart in {secs}s (backoff)"
+                ));
+                out.wake_at_ms = Some(out.wake_at_ms.map_or(until_ms, |w| w.min(until_ms)));
+            }
+            Verdict::Stay { why } | Verdict::GiveUp { why } => {
+                out.notes.push(format!("{vm}: {why}"))
+            }
+        }
+    } else if wants_run && !runs {
         out.actions.push(Action::Start {
             vm,
             host,
@@ -176,7 +209,7 @@ fn plan_existing(want: &VmEntry, host: &str, have: &ObservedVm, out: &mut Plan) 
 
 fn start_reason(have: &ObservedVm) -> String {
     match have.state {
-        RunState::Exited => "QEMU exited without being asked to; power = \"running\"".to_owned(),
+        RunState::Exited => "QEMU had exited; the spec changed, starting the new one".to_owned(),
         _ => "stopped; power = \"running\"".to_owned(),
     }
 }

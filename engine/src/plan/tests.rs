@@ -7,6 +7,8 @@ use plasmavmc_specs::{load, Desired, Power, SourceFile};
 use super::{plan, Action, SavedPlan, StalePlan};
 use crate::observe::{Inventory, Observed, ObservedVm, RunState};
 
+const NOW: u64 = 1_800_000_000_000;
+
 fn desired(files: &[(&str, &str)]) -> Desired {
     let files: Vec<SourceFile> = files
         .iter()
@@ -37,6 +39,9 @@ fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
         spec: e.spec.clone(),
         started_at: None,
         detail: None,
+        last_exit: None,
+        exits: vec![],
+        restarts: 0,
     }
 }
 
@@ -60,7 +65,7 @@ fn ops(p: &super::Plan) -> Vec<String> {
 #[test]
 fn new_vms_are_created_and_started_when_running() {
     let d = desired(&[("vms/a.toml", ""), ("vms/b.toml", "power = \"stopped\"")]);
-    let p = plan(&d, &observed(vec![]));
+    let p = plan(&d, &observed(vec![]), NOW);
     assert_eq!(ops(&p), ["create a", "start a", "create b"]);
     assert!(p.actions[0].reason().contains("vms/a.toml"));
 }
@@ -72,7 +77,7 @@ fn nothing_to_do_when_observed_matches() {
         running(&d, "a", RunState::Running),
         running(&d, "b", RunState::Stopped),
     ]);
-    assert!(plan(&d, &o).is_empty());
+    assert!(plan(&d, &o, NOW).is_empty());
 }
 
 #[test]
@@ -82,22 +87,26 @@ fn power_changes_start_and_stop() {
         running(&d, "a", RunState::Stopped),
         running(&d, "b", RunState::Running),
     ]);
-    assert_eq!(ops(&plan(&d, &o)), ["start a", "stop b"]);
+    assert_eq!(ops(&plan(&d, &o, NOW)), ["start a", "stop b"]);
 }
 
 #[test]
 fn an_exited_vm_is_started_again_and_the_reason_says_so() {
     let d = desired(&[("vms/a.toml", "")]);
-    let p = plan(&d, &observed(vec![running(&d, "a", RunState::Exited)]));
+    let p = plan(&d, &observed(vec![running(&d, "a", RunState::Exited)]), NOW);
     assert_eq!(ops(&p), ["start a"]);
-    assert!(p.actions[0].reason().contains("exited"));
+    assert!(p.actions[0].reason().contains("unexpected exit"), "{}", p.actions[0].reason());
 }
 
 #[test]
 fn memory_change_on_a_running_vm_restarts_it_with_a_diff() {
     let old = desired(&[("vms/a.toml", "memory_mb = 128")]);
     let new = desired(&[("vms/a.toml", "memory_mb = 256")]);
-    let p = plan(&new, &observed(vec![running(&old, "a", RunState::Running)]));
+    let p = plan(
+        &new,
+        &observed(vec![running(&old, "a", RunState::Running)]),
+        NOW,
+    );
     assert_eq!(ops(&p), ["restart a"]);
     let Action::Restart { reason, diff, .. } = &p.actions[0] else {
         panic!("restart expected")
@@ -113,7 +122,11 @@ fn memory_change_on_a_running_vm_restarts_it_with_a_diff() {
 fn changes_that_need_no_reboot_update_in_place() {
     let old = desired(&[("vms/a.toml", "restart = \"always\"")]);
     let new = desired(&[("vms/a.toml", "restart = \"never\"")]);
-    let p = plan(&new, &observed(vec![running(&old, "a", RunState::Running)]));
+    let p = plan(
+        &new,
+        &observed(vec![running(&old, "a", RunState::Running)]),
+        NOW,
+    );
     assert_eq!(ops(&p), ["update a"]);
 }
 
@@ -121,11 +134,16 @@ fn changes_that_need_no_reboot_update_in_place() {
 fn a_change_with_power_off_stops_then_updates() {
     let old = desired(&[("vms/a.toml", "memory_mb = 128")]);
     let new = desired(&[("vms/a.toml", "memory_mb = 256\npower = \"stopped\"")]);
-    let p = plan(&new, &observed(vec![running(&old, "a", RunState::Running)]));
+    let p = plan(
+        &new,
+        &observed(vec![running(&old, "a", RunState::Running)]),
+        NOW,
+    );
     assert_eq!(ops(&p), ["stop a", "update a"]);
     let p = plan(
         &desired(&[("vms/a.toml", "memory_mb = 256")]),
         &observed(vec![running(&old, "a", RunState::Stopped)]),
+        NOW,
     );
     assert_eq!(ops(&p), ["update a", "start a"]);
 }
@@ -140,6 +158,7 @@ fn removed_files_stop_then_delete_and_say_disks_are_kept() {
             running(&old, "a", RunState::Running),
             running(&old, "b", RunState::Running),
         ]),
+        NOW,
     );
     assert_eq!(ops(&p), ["stop a", "delete a"]);
     assert!(p.actions[1].reason().contains("retained"));
@@ -149,6 +168,7 @@ fn removed_files_stop_then_delete_and_say_disks_are_kept() {
             running(&old, "a", RunState::Stopped),
             running(&old, "b", RunState::Running),
         ]),
+        NOW,
     );
     assert_eq!(ops(&p), ["delete a"]);
 }
@@ -159,6 +179,7 @@ fn an_unresponsive_qemu_is_reported_not_touched() {
     let p = plan(
         &d,
         &observed(vec![running(&d, "a", RunState::Unresponsive)]),
+        NOW,
     );
     assert!(p.actions.is_empty());
     assert_eq!(p.notes.len(), 1);
@@ -172,7 +193,7 @@ fn unreachable_or_unplaceable_hosts_give_notes_not_actions() {
         ("vms/a.toml", ""),
         ("vms/b.toml", "host = \"hv2\""),
     ]);
-    let p = plan(&d, &Observed::default());
+    let p = plan(&d, &Observed::default(), NOW);
     assert!(p.actions.is_empty());
     assert_eq!(p.notes.len(), 2, "{:?}", p.notes);
 }
@@ -185,14 +206,14 @@ fn planning_is_deterministic() {
         ("vms/b.toml", "power = \"stopped\""),
     ]);
     let o = observed(vec![]);
-    assert_eq!(plan(&d, &o), plan(&d, &o));
+    assert_eq!(plan(&d, &o, NOW), plan(&d, &o, NOW));
 }
 
 #[test]
 fn a_saved_plan_is_refused_when_the_hosts_changed() {
     let d = desired(&[("vms/a.toml", "")]);
     let before = observed(vec![running(&d, "a", RunState::Running)]);
-    let saved = SavedPlan::new("abc", "", &before, plan(&d, &before));
+    let saved = SavedPlan::new("abc", "", &before, plan(&d, &before, NOW));
     assert_eq!(saved.check("", &before), Ok(()));
     let after = observed(vec![running(&d, "a", RunState::Exited)]);
     let Err(StalePlan::Observed { changes }) = saved.check("", &after) else {

@@ -141,6 +141,9 @@ mod tests {
             created_at: "now".into(),
             power: Power::Running,
             started_at: None,
+            last_exit: None,
+            exits: vec![],
+            restarts: 0,
             vm: VmInstance {
                 name: "web".into(),
                 revision: "abc".into(),

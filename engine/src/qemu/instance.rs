@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use plasmavmc_specs::{Power, VmSpec};
 use serde::{Deserialize, Serialize};
 
+use super::exit::ExitRecord;
 use crate::state::{write_atomic, StateError};
 
 pub const INSTANCE_FILE: &str = "instance.toml";
@@ -83,8 +84,21 @@ pub struct InstanceFile {
     pub power: Power,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
+    /// The last exit the engine did not ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<ExitRecord>,
+    /// When recent unexpected exits happened (ms since the epoch), for backoff and giving
+    /// up; cleared when the spec changes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub exits: Vec<u64>,
+    /// Automatic restarts so far.
+    #[serde(default)]
+    pub restarts: u32,
     pub vm: VmInstance,
 }
+
+/// Unexpected exits remembered per instance (older ones are forgotten).
+pub const EXIT_HISTORY: usize = 32;
 
 /// Paths of one instance folder.
 #[derive(Debug, Clone)]

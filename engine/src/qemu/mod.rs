@@ -2,6 +2,7 @@
 //! instance folders and its QMP socket. Used by the local host implementation only.
 
 pub mod args;
+pub mod exit;
 pub mod img;
 pub mod instance;
 pub mod process;

@@ -6,11 +6,14 @@
 //! counts as dead (`kill(pid, 0)` says alive for seconds here), and the cmdline must
 //! hold the instance's uuid, so a recycled pid is never mistaken for our QEMU.
 
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{kill, Signal};
@@ -42,9 +45,14 @@ pub fn spawn_detached(program: &str, args: &[String], dir: &Path, log: &Path) ->
     std::thread::Builder::new()
         .name(format!("reap-{pid}"))
         .spawn(move || {
-            // The status is read by whoever watches the VM (QMP EOF, /proc); this thread
-            // only releases the process table entry.
-            let _ = child.wait();
+            // Releases the process table entry and keeps the exit status for the watcher
+            // that classifies the exit (only children have one to give).
+            if let Ok(status) = child.wait() {
+                exit_statuses()
+                    .lock()
+                    .expect("exit status table")
+                    .insert(pid, status);
+            }
         })?;
     Ok(pid)
 }
@@ -54,14 +62,71 @@ fn new_session(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: `umask` and `setsid` are async-signal-safe and touch no memory of the
     // parent; they are all that runs between fork and exec (umask 077: QEMU's logs and
-    // sockets are created 0600). This is the one unsafe block of the engine: std offers
-    // process groups but not sessions.
+    // sockets are created 0600). std offers process groups but not sessions. (The
+    // engine's only other unsafe code is the pidfd below: libc has no safe wrapper.)
     unsafe {
         cmd.pre_exec(|| {
             nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
             nix::unistd::setsid().map(|_| ()).map_err(io::Error::from)
         });
     }
+}
+
+fn exit_statuses() -> &'static Mutex<HashMap<u32, std::process::ExitStatus>> {
+    static TABLE: OnceLock<Mutex<HashMap<u32, std::process::ExitStatus>>> = OnceLock::new();
+    TABLE.get_or_init(Mutex::default)
+}
+
+/// The exit status of a child this process spawned, once it was reaped (taken once).
+pub fn take_exit_status(pid: u32) -> Option<std::process::ExitStatus> {
+    exit_statuses()
+        .lock()
+        .expect("exit status table")
+        .remove(&pid)
+}
+
+/// A pidfd for `pid`: becomes readable when the process exits, even when it is not our
+/// child, and never refers to a recycled pid.
+#[allow(unsafe_code)]
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let raw =
+        libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: pidfd_open takes two integers and returns a new file descriptor or -1; it
+    // touches no memory of ours. libc has no wrapper; nix neither.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, raw, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = i32::try_from(fd).map_err(|_| io::Error::from(io::ErrorKind::InvalidData))?;
+    // SAFETY: `fd` was just returned by the kernel and is owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Waits until the process behind `pidfd` exits.
+#[allow(unsafe_code)]
+pub async fn wait_pidfd(pidfd: OwnedFd) -> io::Result<()> {
+    // SAFETY: the `OwnedFd` is a valid open descriptor, moved into the `AsyncFd`, which
+    // owns it (nothing else can close or replace it) until it is dropped.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    }?;
+    let _ready = fd.readable().await?;
+    Ok(())
+}
+
+/// Pids of live processes whose command line holds `uuid` (QEMU instances of one VM),
+/// found by scanning `/proc`: used when a pid file is missing or stale, so a QEMU whose
+/// pid file was never written is still found and never started twice.
+pub fn find_by_uuid(uuid: &str) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| is_instance(*pid, uuid))
+        .collect()
 }
 
 /// The one-letter state of `pid` from `/proc/PID/stat` (`R`, `S`, `Z`, ...), or `None`

@@ -6,6 +6,7 @@
 //! Reads git only; [`files`] then checks the kernels and images specs name on disk.
 
 pub mod files;
+pub mod remote;
 mod target;
 
 pub use target::{Target, TargetError};
@@ -125,6 +126,23 @@ impl Source {
             .workdir()
             .unwrap_or_else(|| self.repo.path())
             .to_path_buf()
+    }
+
+    /// The `.git` folder (or the bare repository itself).
+    pub fn git_dir(&self) -> &Path {
+        self.repo.path()
+    }
+
+    /// The branch HEAD points to (`main`), if HEAD is a branch.
+    pub fn current_branch(&self) -> Option<String> {
+        let head = self.repo.find_reference("HEAD").ok()?;
+        let target = head.symbolic_target()?;
+        target.strip_prefix("refs/heads/").map(str::to_owned)
+    }
+
+    /// The underlying repository (for writing the status branch).
+    pub fn repository(&self) -> &Repository {
+        &self.repo
     }
 
     /// Resolves `rev` to a commit id without reading files.

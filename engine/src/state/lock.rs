@@ -14,8 +14,8 @@ use nix::fcntl::{Flock, FlockArg};
 /// Errors taking the state lock.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
-    #[error("state directory {} is in use by {holder}; wait for it to finish (or stop it) and retry", path.display())]
-    Held { path: PathBuf, holder: String },
+    #[error("state directory {} is in use by {holder}; wait for it to finish (or stop it) and retry", dir.display())]
+    Held { dir: PathBuf, holder: String },
     #[error("cannot open lock file {path}")]
     Open {
         path: PathBuf,
@@ -57,7 +57,7 @@ impl StateLock {
                     holder.to_owned()
                 };
                 return Err(LockError::Held {
-                    path: path.to_path_buf(),
+                    dir: path.parent().unwrap_or(path).to_path_buf(),
                     holder,
                 });
             }

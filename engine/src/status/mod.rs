@@ -5,6 +5,7 @@
 //! `status/vms/<name>.toml`, `status/hosts/<name>.toml`, each written atomically.
 //! Events of earlier runs are kept (the most recent [`MAX_EVENTS`]).
 
+pub mod branch;
 mod table;
 
 use std::collections::BTreeMap;
@@ -17,8 +18,8 @@ use serde::{Deserialize, Serialize};
 pub use table::print_table;
 
 use crate::execute::{Outcome, Report};
-use crate::observe::{Capacity, Observed, Retained, RunState};
-use crate::plan::Action;
+use crate::observe::{Capacity, Observed, ObservedVm, Retained, RunState};
+use crate::plan::restart::{verdict, Verdict};
 use crate::state::{create_private_dir, write_atomic, StateError};
 
 /// Events kept per VM.
@@ -253,7 +254,9 @@ impl StatusDir {
         desired: Option<&Desired>,
         observed: &Observed,
         report: Option<&Report>,
+        extra: &[(String, VmEvent)],
     ) -> Snapshot {
+        let now_ms = crate::host::now_ms();
         let mut vms: BTreeMap<String, VmStatus> = BTreeMap::new();
         let previous = |name: &str| read_toml::<VmStatus>(&self.vm_path(name)).ok().flatten();
         for (host, inv) in &observed.hosts {
@@ -265,10 +268,7 @@ impl StatusDir {
                     RunState::Paused => (VmPhase::Starting, o.detail.clone()),
                     RunState::Unresponsive => (VmPhase::Unknown, o.detail.clone()),
                     RunState::Stopped => (VmPhase::Stopped, None),
-                    RunState::Exited => (
-                        VmPhase::Crashed,
-                        Some("QEMU exited without the engine asking".to_owned()),
-                    ),
+                    RunState::Exited => exited_phase(desired, o, now_ms),
                 };
                 vms.insert(
                     name.clone(),
@@ -278,7 +278,7 @@ impl StatusDir {
                         host: Some(host.clone()),
                         pid: o.pid,
                         since: o.started_at.clone().filter(|_| o.state.has_process()),
-                        restarts: prev.as_ref().map_or(0, |p| p.restarts),
+                        restarts: o.restarts,
                         spec_revision: Some(o.revision.clone()),
                         spec_hash: Some(o.spec_hash.clone()),
                         up_to_date: want.is_some_and(|w| w.hash == o.spec_hash),
@@ -308,6 +308,11 @@ impl StatusDir {
                         events: prev.map(|p| p.events).unwrap_or_default(),
                     },
                 );
+            }
+        }
+        for (vm, event) in extra {
+            if let Some(status) = vms.get_mut(vm) {
+                status.events.push(event.clone());
             }
         }
         if let Some(report) = report {
@@ -340,6 +345,24 @@ impl StatusDir {
     }
 }
 
+/// Phase and message of a VM whose QEMU exited without being asked: what the restart
+/// policy makes of it.
+fn exited_phase(desired: Option<&Desired>, o: &ObservedVm, now_ms: u64) -> (VmPhase, Option<String>) {
+    let Some(want) = desired.and_then(|d| d.vms.get(&o.name).map(|w| (d, w))) else {
+        return (VmPhase::Crashed, Some("QEMU exited without the engine asking".to_owned()));
+    };
+    let (d, want) = want;
+    match verdict(want.spec.restart, &d.cluster.restart, o, now_ms) {
+        Verdict::Restart { reason, .. } => (VmPhase::Crashed, Some(format!("exited ({reason}); restarting"))),
+        Verdict::Wait { reason, until_ms } => {
+            let secs = until_ms.saturating_sub(now_ms).div_ceil(1000);
+            (VmPhase::Crashed, Some(format!("exited ({reason}); restart in {secs}s (backoff)")))
+        }
+        Verdict::Stay { why } => (VmPhase::Stopped, Some(why)),
+        Verdict::GiveUp { why } => (VmPhase::Failed, Some(why)),
+    }
+}
+
 /// Records this run's steps as events; a failure becomes the VM's message.
 fn apply_report(vms: &mut BTreeMap<String, VmStatus>, report: &Report) {
     let now = crate::time::now();
@@ -355,12 +378,6 @@ fn apply_report(vms: &mut BTreeMap<String, VmStatus>, report: &Report) {
             }
             Outcome::Skipped { .. } => continue,
         };
-        if matches!(step.action, Action::Start { .. })
-            && step.action.reason().contains("exited")
-            && matches!(step.outcome, Outcome::Done { .. })
-        {
-            status.restarts += 1;
-        }
         status.events.push(VmEvent {
             at: now.clone(),
             kind,

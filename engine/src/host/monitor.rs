@@ -1,0 +1,204 @@
+//! Watching QEMU processes: one QMP connection per running instance, plus a pidfd.
+//!
+//! A QMP socket serves one client at a time, so every QMP conversation of the local
+//! host goes through the connection kept here, and the task that holds it is also the
+//! one that notices the exit: pidfd readiness or QMP EOF, both within milliseconds of
+//! a `kill -9`. The exit is classified (SHUTDOWN reason, exit status), recorded in
+//! `instance.toml` when the engine did not ask for it, and announced as a [`HostEvent`].
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use plasmavmc_specs::Power;
+use serde::Serialize;
+use tokio::sync::{broadcast, Mutex};
+use tracing::{debug, info, warn};
+
+use crate::qemu::exit::{classify, describe_status, ExitReason, ExitRecord};
+use crate::qemu::instance::{InstanceDir, EXIT_HISTORY, QMP_SOCKET};
+use crate::qemu::process;
+use crate::qemu::qmp::{Qmp, QmpError};
+
+/// Something a host tells the engine without being asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum HostEvent {
+    /// A QEMU exited. `expected` when the engine had asked it to stop.
+    Exited {
+        vm: String,
+        pid: u32,
+        reason: ExitReason,
+        status: Option<String>,
+        expected: bool,
+        at_ms: u64,
+    },
+}
+
+struct Attached {
+    pid: u32,
+    qmp: Qmp,
+}
+
+/// The QMP connections and exit watchers of one host.
+pub struct Monitor {
+    attached: Mutex<HashMap<String, Attached>>,
+    events: broadcast::Sender<HostEvent>,
+}
+
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor").finish_non_exhaustive()
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Monitor {
+    pub fn new() -> Arc<Self> {
+        let (events, _) = broadcast::channel(1024);
+        Arc::new(Self {
+            attached: Mutex::new(HashMap::new()),
+            events,
+        })
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<HostEvent> {
+        self.events.subscribe()
+    }
+
+    /// The QMP connection to `vm`'s QEMU (`pid`), opened and watched the first time.
+    pub async fn qmp(
+        self: &Arc<Self>,
+        dir: &InstanceDir,
+        vm: &str,
+        uuid: &str,
+        pid: u32,
+        timeout: Duration,
+    ) -> Result<Qmp, QmpError> {
+        let mut attached = self.attached.lock().await;
+        if let Some(a) = attached.get(vm) {
+            if a.pid == pid && !a.qmp.is_closed() {
+                return Ok(a.qmp.clone());
+            }
+        }
+        let qmp = Qmp::connect(&dir.file(QMP_SOCKET), timeout).await?;
+        attached.insert(
+            vm.to_owned(),
+            Attached {
+                pid,
+                qmp: qmp.clone(),
+            },
+        );
+        let watcher = Watcher {
+            monitor: Arc::downgrade(self),
+            dir: dir.clone(),
+            vm: vm.to_owned(),
+            uuid: uuid.to_owned(),
+            pid,
+        };
+        tokio::spawn(watcher.run(qmp.clone()));
+        debug!(vm, pid, "attached QMP");
+        Ok(qmp)
+    }
+
+    async fn detach(&self, vm: &str, pid: u32) {
+        let mut attached = self.attached.lock().await;
+        if attached.get(vm).is_some_and(|a| a.pid == pid) {
+            attached.remove(vm);
+        }
+    }
+}
+
+struct Watcher {
+    monitor: Weak<Monitor>,
+    dir: InstanceDir,
+    vm: String,
+    uuid: String,
+    pid: u32,
+}
+
+impl Watcher {
+    async fn run(self, qmp: Qmp) {
+        let pidfd = process::pidfd_open(self.pid);
+        tokio::select! {
+            _ = qmp.closed() => {}
+            () = async {
+                match pidfd {
+                    Ok(fd) => { let _ = process::wait_pidfd(fd).await; }
+                    // No pidfd (very old kernel): QMP EOF alone tells.
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            } => {}
+        }
+        // The process may still be finishing: give QMP a moment to deliver SHUTDOWN.
+        let closed = tokio::time::timeout(Duration::from_millis(500), qmp.closed())
+            .await
+            .ok();
+        let gone = process::wait_gone(self.pid, Duration::from_millis(500)).await;
+        let Some(monitor) = self.monitor.upgrade() else {
+            return;
+        };
+        monitor.detach(&self.vm, self.pid).await;
+        if !gone {
+            warn!(vm = %self.vm, pid = self.pid, "QMP connection closed but QEMU still runs; will reconnect");
+            return;
+        }
+        let reason = classify(closed.as_ref().and_then(|c| c.shutdown.as_ref()));
+        let status = self.exit_status().await;
+        let at_ms = now_ms();
+        let expected = self.record(reason, status.clone(), at_ms);
+        info!(vm = %self.vm, pid = self.pid, reason = reason.as_str(), status = status.as_deref().unwrap_or("-"), expected, "vm exited");
+        let _ = monitor.events.send(HostEvent::Exited {
+            vm: self.vm.clone(),
+            pid: self.pid,
+            reason,
+            status,
+            expected,
+            at_ms,
+        });
+    }
+
+    /// The exit status, when this process was QEMU's parent (its reaper stores it).
+    async fn exit_status(&self) -> Option<String> {
+        for _ in 0..10 {
+            if let Some(status) = process::take_exit_status(self.pid) {
+                return Some(describe_status(status));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        None
+    }
+
+    /// Records an exit the engine did not ask for in `instance.toml`; returns whether the
+    /// exit was expected (the instance's power was already `stopped`).
+    fn record(&self, reason: ExitReason, status: Option<String>, at_ms: u64) -> bool {
+        let Ok(mut inst) = self.dir.read() else {
+            return false;
+        };
+        if inst.uuid != self.uuid {
+            return false;
+        }
+        if inst.power == Power::Stopped {
+            return true;
+        }
+        inst.last_exit = Some(ExitRecord {
+            reason,
+            at_ms,
+            pid: self.pid,
+            status,
+        });
+        inst.exits.push(at_ms);
+        let excess = inst.exits.len().saturating_sub(EXIT_HISTORY);
+        inst.exits.drain(..excess);
+        if let Err(e) = self.dir.write(&inst) {
+            warn!(vm = %self.vm, error = %e, "cannot record the exit");
+        }
+        false
+    }
+}

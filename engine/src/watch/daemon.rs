@@ -1,0 +1,288 @@
+//! The daemon's state and its one step, `reconcile`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::time::MissedTickBehavior;
+use tracing::{debug, error, info, warn};
+
+use super::triggers::{watch_refs, Trigger};
+use super::WatchConfig;
+use crate::execute::journal::JournalFile;
+use crate::execute::{error_chain, execute_journaled, Report};
+use crate::host::{local_hosts, now_ms, Host, HostEvent, LocalHost};
+use crate::observe::Observed;
+use crate::plan::plan;
+use crate::source::remote::{is_remote, Remote};
+use crate::source::{Source, Target, TargetError};
+use crate::state::{StateDir, StateLock};
+use crate::status::{EngineStatus, StatusDir, VmEvent};
+
+/// How long a `git fetch` of a remote may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
+
+struct Daemon {
+    cfg: WatchConfig,
+    source: Source,
+    remote: Option<Remote>,
+    /// `refs/heads/<branch>`.
+    rev: String,
+    state: StateDir,
+    _lock: StateLock,
+    status: StatusDir,
+    journal: JournalFile,
+    /// The newest valid commit.
+    target: Option<Target>,
+    /// The newest commit seen, when it is invalid.
+    bad: Option<String>,
+    hosts: BTreeMap<String, LocalHost>,
+    engine: EngineStatus,
+    /// Status events not written yet.
+    events: Vec<(String, VmEvent)>,
+    wake_at_ms: Option<u64>,
+    adopted: bool,
+    tx: UnboundedSender<Trigger>,
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(cfg: WatchConfig) -> anyhow::Result<()> {
+    let (tx, mut rx) = unbounded_channel();
+    let (mut daemon, _ref_watcher) = Daemon::open(cfg, tx).await?;
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    let mut timer = tokio::time::interval(daemon.cfg.interval);
+    timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    timer.tick().await;
+    daemon.step(vec![Trigger::Startup]).await;
+    loop {
+        let wake = daemon.wake_at_ms.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
+        let first = tokio::select! {
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+            _ = hup.recv() => Trigger::Signal,
+            _ = timer.tick() => Trigger::Timer,
+            () = tokio::time::sleep(wake.unwrap_or_default()), if wake.is_some() => Trigger::Wake,
+            Some(t) = rx.recv() => t,
+        };
+        let mut triggers = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            triggers.push(more);
+        }
+        daemon.step(triggers).await;
+    }
+    info!("stopping on signal; every VM keeps running");
+    Ok(())
+}
+
+impl Daemon {
+    async fn open(cfg: WatchConfig, tx: UnboundedSender<Trigger>) -> anyhow::Result<(Self, Option<notify::RecommendedWatcher>)> {
+        let remote_url = is_remote(&cfg.repo);
+        let state_root = match (&cfg.state_dir, remote_url) {
+            (Some(dir), _) => dir.clone(),
+            (None, true) => anyhow::bail!("watching a remote repository needs --state-dir (or PLASMAVMC_STATE_DIR)"),
+            (None, false) => {
+                let probe = Source::open(&PathBuf::from(&cfg.repo), cfg.path.as_deref())?;
+                probe.spec_root().context("the repository has no working tree; pass --state-dir")?.join(".plasmavmc")
+            }
+        };
+        let state = StateDir::open(&state_root).with_context(|| format!("state directory {}", state_root.display()))?;
+        let lock = StateLock::acquire(&state.lock_path(), "plasmavmc watch")?;
+        let (source, remote, branch) = if remote_url {
+            let branch = cfg.branch.clone().unwrap_or_else(|| "main".to_owned());
+            let remote = Remote::open(&cfg.repo, &state.root().join("repo.git"), &branch, FETCH_TIMEOUT).await?;
+            (Source::open(remote.dir(), cfg.path.as_deref())?, Some(remote), branch)
+        } else {
+            let source = Source::open(&PathBuf::from(&cfg.repo), cfg.path.as_deref())?;
+            let branch = match &cfg.branch {
+                Some(b) => b.clone(),
+                None => source.current_branch().context("HEAD is not on a branch; pass --branch")?,
+            };
+            (source, None, branch)
+        };
+        let watcher = if remote.is_none() {
+            Some(watch_refs(source.git_dir(), tx.clone()).context("watching the repository's refs")?)
+        } else {
+            None
+        };
+        let status = StatusDir::new(&state.status_dir());
+        let engine = status.read().map(|s| s.engine).unwrap_or_default();
+        let journal = JournalFile::new(state.root());
+        if let Some(j) = journal.interrupted() {
+            warn!(journal = %j.describe(), "resuming after an interrupted apply");
+        }
+        info!(repo = %cfg.repo, branch = %branch, state = %state.root().display(), pid = std::process::id(), "watching");
+        let daemon = Self {
+            rev: format!("refs/heads/{branch}"),
+            cfg,
+            source,
+            remote,
+            state,
+            _lock: lock,
+            status,
+            journal,
+            target: None,
+            bad: None,
+            hosts: BTreeMap::new(),
+            engine,
+            events: Vec::new(),
+            wake_at_ms: None,
+            adopted: false,
+            tx,
+        };
+        Ok((daemon, watcher))
+    }
+
+    /// Records what the triggers tell (host events) and reconciles once.
+    async fn step(&mut self, triggers: Vec<Trigger>) {
+        let mut name = triggers.first().map_or("timer", Trigger::name);
+        for t in &triggers {
+            if let Trigger::Host(HostEvent::Exited { vm, pid, reason, status, expected, .. }) = t {
+                if !expected {
+                    let status = status.as_deref().map(|s| format!(", {s}")).unwrap_or_default();
+                    self.events.push((vm.clone(), event("exited", format!("{reason} (pid {pid}{status})"))));
+                }
+            }
+            if matches!(t, Trigger::Commit) {
+                name = "commit";
+            }
+        }
+        let fetch = triggers.iter().any(|t| matches!(t, Trigger::Startup | Trigger::Timer | Trigger::Signal));
+        if let Err(e) = self.reconcile(name, fetch).await {
+            error!(error = %error_chain(e.as_ref()), "reconcile failed; retrying at the next trigger");
+        }
+    }
+
+    async fn reconcile(&mut self, trigger: &str, fetch: bool) -> anyhow::Result<()> {
+        if let (Some(remote), true) = (&self.remote, fetch) {
+            if let Err(e) = remote.fetch(FETCH_TIMEOUT).await {
+                warn!(error = %error_chain(&e), "fetch failed; using what was fetched before");
+            }
+        }
+        let id = self.source.resolve(&self.rev)?;
+        info!(trigger, revision = %short(&id), "reconcile");
+        let mut changed = self.load(&id);
+        let Some(target) = &self.target else {
+            self.write_status(None, None, &Observed::default(), changed)?;
+            return Ok(());
+        };
+        let wanted = local_hosts(&target.desired, &self.state);
+        if wanted.iter().map(|(n, h)| (n, h.root())).ne(self.hosts.iter().map(|(n, h)| (n, h.root()))) {
+            self.hosts = wanted;
+            for host in self.hosts.values() {
+                forward_events(host, self.tx.clone());
+            }
+        }
+        let observed = Observed::gather(self.hosts.values()).await.context("observing the hosts")?;
+        if !self.adopted {
+            self.adopted = true;
+            for (name, vm) in observed.hosts.values().flat_map(|inv| inv.vms.iter()).filter(|(_, v)| v.state.has_process()) {
+                let pid = vm.pid.unwrap_or(0);
+                info!(vm = %name, pid, "adopted");
+                self.events.push((name.clone(), event("adopted", format!("QEMU pid {pid} adopted; not restarted"))));
+            }
+        }
+        let target = self.target.clone().expect("checked above");
+        let plan = plan(&target.desired, &observed, now_ms());
+        self.wake_at_ms = plan.wake_at_ms;
+        for note in &plan.notes {
+            debug!(%note, "plan note");
+        }
+        let (report, after) = if plan.is_empty() {
+            (None, observed)
+        } else {
+            changed = true;
+            let report = execute_journaled(&plan, &target, &self.hosts, &self.journal, |_| {}).await?;
+            let after = Observed::gather(self.hosts.values()).await.context("observing the hosts after acting")?;
+            (Some(report), after)
+        };
+        if self.bad.is_none() {
+            self.engine.last_attempted_revision = Some(id.clone());
+            match report.as_ref().filter(|r| r.failed()) {
+                Some(r) => self.engine.last_error = Some(r.failures()),
+                None => {
+                    self.engine.last_applied_revision = Some(id.clone());
+                    self.engine.last_error = None;
+                }
+            }
+        }
+        changed |= !self.events.is_empty();
+        self.write_status(Some(&target), report.as_ref(), &after, changed)
+    }
+
+    /// Reads commit `id` unless already known; an invalid commit keeps the last good one.
+    /// Returns whether anything changed.
+    fn load(&mut self, id: &str) -> bool {
+        if self.target.as_ref().is_some_and(|t| t.commit.id == id) || self.bad.as_deref() == Some(id) {
+            return false;
+        }
+        self.engine.revision_seen = Some(id.to_owned());
+        match Target::load(&self.source, id) {
+            Ok(t) => {
+                info!(revision = %short(id), vms = t.desired.vms.len(), "new commit");
+                self.target = Some(t);
+                self.bad = None;
+            }
+            Err(TargetError::Invalid { commit, diagnostics }) => {
+                let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
+                warn!(revision = %commit, errors = %lines.join("; "), "commit refused: invalid; still running the last good commit");
+                self.engine.last_attempted_revision = Some(id.to_owned());
+                self.engine.last_error = Some(lines.join("\n"));
+                self.bad = Some(id.to_owned());
+            }
+            Err(TargetError::Source(e)) => {
+                warn!(error = %error_chain(&e), "cannot read the commit");
+                self.engine.last_error = Some(error_chain(&e));
+            }
+        }
+        true
+    }
+
+    fn write_status(&mut self, target: Option<&Target>, report: Option<&Report>, observed: &Observed, changed: bool) -> anyhow::Result<()> {
+        self.engine.updated_at = crate::time::now();
+        env!("CARGO_PKG_VERSION").clone_into(&mut self.engine.version);
+        self.source.spec_dir().clone_into(&mut self.engine.spec_dir);
+        let events = std::mem::take(&mut self.events);
+        let snap = self.status.build(self.engine.clone(), target.map(|t| &t.desired), observed, report, &events);
+        self.status.write(&snap)?;
+        if let (Some(branch), true) = (&self.cfg.status_branch, changed) {
+            let revision = self.engine.revision_seen.as_deref().map_or("-", short);
+            let message = format!("status: commit {revision}");
+            if let Err(e) = crate::status::branch::commit_status(self.source.repository(), branch, &self.state.status_dir(), &message) {
+                warn!(error = %error_chain(&e), branch, "cannot commit the status branch");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Forwards a host's events into the trigger channel, until the host is dropped.
+fn forward_events(host: &LocalHost, tx: UnboundedSender<Trigger>) {
+    let mut events = host.subscribe();
+    tokio::spawn(async move {
+        loop {
+            let trigger = match events.recv().await {
+                // Exits the engine asked for are its own doing: nothing to react to.
+                Ok(HostEvent::Exited { expected: true, .. }) => continue,
+                Ok(e) => Trigger::Host(e),
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Trigger::Timer,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+            };
+            if tx.send(trigger).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+fn event(kind: &str, message: String) -> VmEvent {
+    VmEvent { at: crate::time::now(), kind: kind.to_owned(), message }
+}
+
+fn short(id: &str) -> &str {
+    id.get(..12).unwrap_or(id)
+}
