@@ -91,8 +91,11 @@ struct WatchArgs {
     #[arg(long, env = "PLASMAVMC_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// After each change, commit the status files to this branch (working tree untouched).
-    #[arg(long)]
+        #[arg(long)]
     status_branch: Option<String>,
+    /// Stop orphan QEMUs (ours, with no instance record) instead of only reporting them.
+    #[arg(long)]
+    prune: bool,
 }
 
 /// Runs the command line; returns the process exit code.
@@ -149,7 +152,8 @@ async fn watch(args: WatchArgs) -> anyhow::Result<u8> {
         branch: args.branch,
         interval: args.interval,
         state_dir: args.state_dir,
-        status_branch: args.status_branch,
+                status_branch: args.status_branch,
+        prune: args.prune,
     };
     crate::watch::run(cfg).await?;
     Ok(0)

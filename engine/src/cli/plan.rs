@@ -9,10 +9,11 @@ use clap::Args;
 
 use super::context::{print_invalid, Ctx};
 use super::{RepoArgs, EXIT_CHANGES};
-use crate::execute::{execute, Outcome, Step};
+use crate::execute::journal::JournalFile;
+use crate::execute::{execute_journaled, Outcome, Step};
 use crate::host::LocalHost;
 use crate::observe::Observed;
-use crate::plan::{plan as make_plan, Plan, SavedPlan};
+use crate::plan::{plan as make_plan, prune_actions, Plan, SavedPlan};
 use crate::source::Target;
 use crate::state::StateLock;
 use crate::status::StatusDir;
@@ -29,7 +30,10 @@ pub struct PlanArgs {
     json: bool,
     /// Exit 2 when there are changes, 0 when none, 1 on error.
     #[arg(long)]
-    detailed_exitcode: bool,
+        detailed_exitcode: bool,
+    /// Also stop orphan QEMUs (ours, with no instance record).
+    #[arg(long)]
+    prune: bool,
 }
 
 #[derive(Debug, Args)]
@@ -38,7 +42,10 @@ pub struct ApplyArgs {
     repo: RepoArgs,
     /// Apply without asking.
     #[arg(long)]
-    auto_approve: bool,
+        auto_approve: bool,
+    /// Also stop orphan QEMUs (ours, with no instance record).
+    #[arg(long)]
+    prune: bool,
     /// A plan saved by `plan --out`; refused when the hosts changed since.
     plan_file: Option<PathBuf>,
 }
@@ -88,7 +95,7 @@ pub async fn plan(args: &PlanArgs) -> anyhow::Result<u8> {
     };
     ctx.warn_uncommitted();
     let (_lock, _hosts, observed) = observe(&ctx, &target, "plasmavmc plan").await?;
-    let plan = make_plan(&target.desired, &observed, crate::host::now_ms());
+        let plan = planned(&target, &observed, args.prune);
     if args.json {
         let json = serde_json::json!({
             "revision": target.commit.id,
@@ -120,6 +127,16 @@ pub async fn plan(args: &PlanArgs) -> anyhow::Result<u8> {
     } else {
         0
     })
+}
+
+/// The plan for `target` against `observed`, now; with `prune`, orphans are stopped too.
+fn planned(target: &Target, observed: &Observed, prune: bool) -> Plan {
+    let mut plan = make_plan(&target.desired, observed, crate::host::now_ms());
+    if prune {
+                // Orphans go first: the VMs they block can start in the next run.
+        plan.actions.splice(0..0, prune_actions(observed));
+    }
+    plan
 }
 
 fn print_plan(target: &Target, plan: &Plan) {
@@ -194,19 +211,24 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
     let (_lock, hosts, observed) = observe(&ctx, &target, "plasmavmc apply").await?;
     let plan = if let Some(saved) = &saved {
         saved.check(ctx.source.spec_dir(), &observed)?;
-        let again = make_plan(&target.desired, &observed, crate::host::now_ms());
-        anyhow::ensure!(again == saved.plan, "the plan file does not match what this engine plans for the same commit and hosts; run plan again");
+                let prune = saved.plan.actions.iter().any(|a| matches!(a, crate::plan::Action::Prune { .. }));
+        let again = planned(&target, &observed, prune);
+        anyhow::ensure!(again.actions == saved.plan.actions, "the plan file does not match what this engine plans for the same commit and hosts; run plan again");
         print_plan(&target, &saved.plan);
         saved.plan.clone()
     } else {
-        let plan = make_plan(&target.desired, &observed, crate::host::now_ms());
+                let plan = planned(&target, &observed, args.prune);
         print_plan(&target, &plan);
         if !plan.is_empty() && !args.auto_approve && !confirm(plan.actions.len())? {
             return Ok(1);
         }
         plan
     };
-    let report = execute(&plan, &target, &hosts, print_step).await;
+        let journal = JournalFile::new(&ctx.state);
+    if let Some(j) = journal.interrupted() {
+        eprintln!("note: {}", j.describe());
+    }
+        let report = execute_journaled(&plan, &target, &hosts, &journal, print_step).await?;
     let after = Observed::gather(hosts.values())
         .await
         .context("observing the hosts after applying")?;

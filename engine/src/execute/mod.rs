@@ -183,6 +183,10 @@ async fn run<H: Host>(
             host.update(&instance()?).await?;
             "spec updated".to_owned()
         }
+                Action::Prune { pid, .. } => {
+            host.prune(vm, *pid).await?;
+            format!("orphan QEMU pid {pid} stopped")
+        }
         Action::Delete { .. } => match host.delete(vm).await? {
             Some(kept) => format!("instance removed; disks retained in {}", kept.display()),
             None => "instance removed (it had no disks)".to_owned(),

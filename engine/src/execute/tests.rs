@@ -59,6 +59,9 @@ impl Host for FakeHost {
         self.record(format!("stop {vm} {}s", timeout.as_secs()))
             .map(|()| StopOutcome::Quit)
     }
+        async fn prune(&self, folder: &str, pid: u32) -> Result<(), HostError> {
+        self.record(format!("prune {folder} {pid}"))
+    }
     async fn delete(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {
         self.record(format!("delete {vm}"))
             .map(|()| Some(PathBuf::from("/r")))

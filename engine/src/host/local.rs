@@ -15,7 +15,7 @@ use tracing::{debug, info, warn};
 
 use super::monitor::Monitor;
 use super::{Host, HostError, StopOutcome};
-use crate::observe::{Capacity, Inventory, ObservedVm, Retained, RunState};
+use crate::observe::{Capacity, Inventory, ObservedVm, Orphan, Retained, RunState};
 use crate::qemu::args::{qemu_args, Accel};
 use crate::qemu::instance::{
     self, InstanceDir, InstanceFile, VmInstance, QEMU_LOG, QMP_SOCKET, SERIAL_LOG,
@@ -310,6 +310,22 @@ fn rotate(dir: &InstanceDir, file: &str) {
     }
 }
 
+/// QEMUs running in an instance folder of `root` that no observed instance accounts for.
+fn scan_orphans(root: &Path, vms: &std::collections::BTreeMap<String, ObservedVm>) -> Vec<Orphan> {
+    let Ok(dir) = instance::vms_dir(root).canonicalize() else { return Vec::new() };
+    let known: std::collections::HashSet<u32> = vms.values().filter_map(|v| v.pid).collect();
+    let mut out: Vec<Orphan> = process::qemus_in(&dir)
+        .into_iter()
+        .filter(|(pid, _)| !known.contains(pid))
+        .map(|(pid, cwd)| {
+            let folder = cwd.strip_prefix(&dir).ok().and_then(|p| p.iter().next()).map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+            Orphan { pid, folder }
+        })
+        .collect();
+    out.sort_by_key(|o| o.pid);
+    out
+}
+
 fn host_capacity() -> Capacity {
     let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let memory_mb = fs::read_to_string("/proc/meminfo")
@@ -364,6 +380,7 @@ impl Host for LocalHost {
                 }
             }
         }
+        inv.orphans = scan_orphans(&self.root, &inv.vms);
         Ok(inv)
     }
 
@@ -488,6 +505,22 @@ impl Host for LocalHost {
                 pid,
             })
         }
+    }
+
+        async fn prune(&self, folder: &str, pid: u32) -> Result<(), HostError> {
+        let still_orphan = self.inventory().await?.orphans.iter().any(|o| o.pid == pid && o.folder == folder);
+        if !still_orphan {
+            return Err(HostError::Refused { vm: folder.to_owned(), reason: format!("pid {pid} is no longer an orphan QEMU of this host; not touched") });
+        }
+        process::terminate(pid);
+        if !process::wait_gone(pid, EXIT_GRACE).await {
+            process::kill_hard(pid);
+            if !process::wait_gone(pid, EXIT_GRACE).await {
+                return Err(HostError::StopFailed { vm: folder.to_owned(), pid });
+            }
+        }
+        warn!(folder, pid, "pruned orphan QEMU");
+        Ok(())
     }
 
     async fn delete(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {

@@ -122,6 +122,10 @@ pub trait Host: Send + Sync {
         timeout: Duration,
     ) -> impl Future<Output = Result<StopOutcome, HostError>> + Send;
 
+        /// Stops an orphan QEMU (`pid`, running in instance folder `folder`) after checking it
+    /// still is one: SIGTERM, then SIGKILL.
+    fn prune(&self, folder: &str, pid: u32) -> impl Future<Output = Result<(), HostError>> + Send;
+
     /// Events the host reports on its own (QEMU exits), from now on.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<HostEvent>;
 

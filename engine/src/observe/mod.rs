@@ -76,10 +76,22 @@ pub struct Retained {
     pub reason: String,
 }
 
+/// A QEMU of ours (its working directory is an instance folder of this host) that no
+/// instance record accounts for: left behind by a lost record or a foreign start.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Orphan {
+    pub pid: u32,
+    /// The instance folder it runs in.
+    pub folder: String,
+}
+
 /// Everything one host runs and keeps.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Inventory {
     pub vms: BTreeMap<String, ObservedVm>,
+    /// QEMUs of ours that no instance accounts for; stopped only by `--prune`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphans: Vec<Orphan>,
     pub retained: Vec<Retained>,
     /// vCPUs and memory the host has (what it reports).
     pub capacity: Capacity,

@@ -41,12 +41,10 @@ pub enum Action {
         reason: String,
         diff: String,
     },
-    /// Remove a stopped instance; its disks move to `retained/`, never deleted.
-    Delete {
-        vm: String,
-        host: String,
-        reason: String,
-    },
+        /// Remove a stopped instance; its disks move to `retained/`, never deleted.
+    Delete { vm: String, host: String, reason: String },
+    /// Stop an orphan QEMU (only with `--prune`); `vm` is the folder it runs in.
+    Prune { vm: String, host: String, reason: String, pid: u32 },
 }
 
 impl Action {
@@ -57,7 +55,8 @@ impl Action {
             | Action::Stop { vm, .. }
             | Action::Restart { vm, .. }
             | Action::Update { vm, .. }
-            | Action::Delete { vm, .. } => vm,
+                        | Action::Delete { vm, .. }
+            | Action::Prune { vm, .. } => vm,
         }
     }
 
@@ -68,7 +67,8 @@ impl Action {
             | Action::Stop { host, .. }
             | Action::Restart { host, .. }
             | Action::Update { host, .. }
-            | Action::Delete { host, .. } => host,
+                        | Action::Delete { host, .. }
+            | Action::Prune { host, .. } => host,
         }
     }
 
@@ -79,7 +79,8 @@ impl Action {
             | Action::Stop { reason, .. }
             | Action::Restart { reason, .. }
             | Action::Update { reason, .. }
-            | Action::Delete { reason, .. } => reason,
+                        | Action::Delete { reason, .. }
+            | Action::Prune { reason, .. } => reason,
         }
     }
 
@@ -99,7 +100,8 @@ impl Action {
             Action::Stop { .. } => "stop",
             Action::Restart { .. } => "restart",
             Action::Update { .. } => "update",
-            Action::Delete { .. } => "delete",
+                        Action::Delete { .. } => "delete",
+            Action::Prune { .. } => "prune",
         }
     }
 
@@ -110,7 +112,7 @@ impl Action {
             Action::Start { .. } => '>',
             Action::Stop { .. } => '.',
             Action::Restart { .. } | Action::Update { .. } => '~',
-            Action::Delete { .. } => '-',
+                        Action::Delete { .. } | Action::Prune { .. } => '-',
         };
         format!(
             "{sign} {} {} on {}: {}",
@@ -133,13 +135,14 @@ mod tests {
   {"op": "stop", "vm": "b", "host": "local", "reason": "power = stopped"},
   {"op": "restart", "vm": "c", "host": "local", "reason": "memory_mb changed", "diff": "-memory_mb = 1\n+memory_mb = 2\n"},
   {"op": "update", "vm": "d", "host": "local", "reason": "restart changed", "diff": ""},
-  {"op": "delete", "vm": "e", "host": "local", "reason": "file removed"}
+    {"op": "delete", "vm": "e", "host": "local", "reason": "file removed"},
+  {"op": "prune", "vm": "f", "host": "local", "reason": "orphan", "pid": 42}
 ]"#;
 
     #[test]
     fn frozen_plan_json_still_parses_and_round_trips() {
         let actions: Vec<Action> = serde_json::from_str(FROZEN).expect("frozen fixture parses");
-        assert_eq!(actions.len(), 6);
+                assert_eq!(actions.len(), 7);
         assert_eq!(actions[3].diff(), Some("-memory_mb = 1\n+memory_mb = 2\n"));
         let again: Vec<Action> =
             serde_json::from_str(&serde_json::to_string(&actions).expect("ser")).expect("de");

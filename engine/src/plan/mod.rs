@@ -61,6 +61,14 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
                 .flat_map(|inv| inv.vms.keys().map(String::as_str)),
         )
         .collect();
+        for (host, inv) in &observed.hosts {
+        for o in &inv.orphans {
+            out.notes.push(format!(
+                "orphan QEMU pid {} on {host} runs in folder vms/{} with no instance record; left running (--prune stops it)",
+                o.pid, o.folder
+            ));
+        }
+    }
     for name in names {
         match (desired.vms.get(name), observed.find(name)) {
             (Some(want), None) => plan_new(desired, observed, want, &mut out),
@@ -68,10 +76,34 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
                 plan_existing(desired, want, host, have, now_ms, &mut out)
             }
             (None, Some((host, have))) => plan_removed(host, have, &mut out),
-            (None, None) => {}
+                        (None, None) => {}
         }
     }
+    // Never start a second QEMU in a folder where an orphan still runs: it would share
+    // the socket, pid file and disks. When in doubt, do not start.
+    let blocked: BTreeSet<&str> = observed.hosts.values().flat_map(|inv| inv.orphans.iter().map(|o| o.folder.as_str())).collect();
+    let before = out.actions.len();
+    out.actions.retain(|a| !(blocked.contains(a.vm()) && matches!(a, Action::Start { .. } | Action::Restart { .. })));
+    if out.actions.len() != before {
+        out.notes.push("VMs with an orphan QEMU in their folder are not started until the orphan is gone (--prune)".to_owned());
+    }
     out
+}
+
+/// Actions that stop every orphan QEMU (what `--prune` adds to a plan).
+pub fn prune_actions(observed: &Observed) -> Vec<Action> {
+    observed
+        .hosts
+        .iter()
+        .flat_map(|(host, inv)| {
+            inv.orphans.iter().map(move |o| Action::Prune {
+                vm: o.folder.clone(),
+                host: host.clone(),
+                reason: "orphan QEMU with no instance record (--prune)".to_owned(),
+                pid: o.pid,
+            })
+        })
+        .collect()
 }
 
 fn plan_new(desired: &Desired, observed: &Observed, want: &VmEntry, out: &mut Plan) {

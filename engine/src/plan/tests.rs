@@ -231,3 +231,18 @@ fn a_saved_plan_is_refused_when_the_hosts_changed() {
         Err(StalePlan::Folder { .. })
     ));
 }
+
+#[test]
+fn no_second_qemu_starts_where_an_orphan_runs() {
+    let d = desired(&[("vms/a.toml", ""), ("vms/b.toml", "")]);
+    let mut o = observed(vec![running(&d, "a", RunState::Exited)]);
+    let inv = o.hosts.get_mut("local").expect("local");
+    inv.orphans.push(crate::observe::Orphan { pid: 7, folder: "a".into() });
+    inv.orphans.push(crate::observe::Orphan { pid: 8, folder: "b".into() });
+    let p = plan(&d, &o, NOW);
+    // a would restart and b would be created and started: only b's create remains.
+    assert_eq!(ops(&p), ["create b"]);
+    assert!(p.notes.iter().any(|n| n.contains("orphan QEMU pid 7")));
+    let pruned = super::prune_actions(&o);
+    assert_eq!(pruned.iter().map(Action::op).collect::<Vec<_>>(), ["prune", "prune"]);
+}

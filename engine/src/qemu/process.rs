@@ -129,6 +129,30 @@ pub fn find_by_uuid(uuid: &str) -> Vec<u32> {
         .collect()
 }
 
+/// Live QEMU processes whose working directory is inside `dir`, with that directory.
+/// Every QEMU the engine starts runs in its instance folder, so this finds them all,
+/// whatever their pid files say.
+pub fn qemus_in(dir: &Path) -> Vec<(u32, std::path::PathBuf)> {
+    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let cwd = fs::read_link(format!("/proc/{pid}/cwd")).ok()?;
+            let exe = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let argv0 = exe.split(|b| *b == 0).next().unwrap_or_default();
+            let is_qemu = String::from_utf8_lossy(argv0).contains("qemu");
+            (cwd.starts_with(dir) && is_qemu && is_alive(pid)).then_some((pid, cwd))
+        })
+        .collect()
+}
+
+/// Sends SIGTERM; a process already gone is not an error.
+pub fn terminate(pid: u32) {
+    let Ok(raw) = i32::try_from(pid) else { return };
+    let _ = kill(Pid::from_raw(raw), Signal::SIGTERM);
+}
+
 /// The one-letter state of `pid` from `/proc/PID/stat` (`R`, `S`, `Z`, ...), or `None`
 /// when there is no such process.
 pub fn proc_state(pid: u32) -> Option<char> {

@@ -86,13 +86,17 @@ pub enum RemoteError {
 /// True for a URL (`scheme://…`) or an scp-like `[user@]host:path` (a colon before any
 /// slash, as git reads it) that is not an existing local path.
 pub fn is_remote(repo: &str) -> bool {
+    is_remote_with(repo, Path::exists)
+}
+
+fn is_remote_with(repo: &str, exists: impl Fn(&Path) -> bool) -> bool {
     if repo.contains("://") {
         return true;
     }
     let Some((host, _)) = repo.split_once(':') else {
         return false;
     };
-    !host.is_empty() && !host.contains('/') && !Path::new(repo).exists()
+    !host.is_empty() && !host.contains('/') && !exists(Path::new(repo))
 }
 
 /// A bare, single-branch clone of a remote repository.
@@ -160,8 +164,8 @@ impl Remote {
         }
 
         let batch_ssh = git2::Config::open_default().is_ok_and(|c| !has_ssh_command(&c));
-        let parent = dir.parent().unwrap_or(Path::new("."));
-        if !parent.exists() {
+        let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+        if let Some(parent) = parent.filter(|p| !p.exists()) {
             std::fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -234,7 +238,7 @@ impl Remote {
 /// True when the user chose how git runs ssh (then we do not override it).
 fn has_ssh_command(config: &git2::Config) -> bool {
     let set = |var| std::env::var_os(var).is_some_and(|v| !v.is_empty());
-    set("GIT_SSH_COMMAND") || set("GIT_SSH") || config.get_string("core.sshCommand").is_ok()
+    set("GIT_SSH_COMMAND") || set("GIT_SSH") || config.get_entry("core.sshCommand").is_ok()
 }
 
 /// `git` that never prompts and never reads the environment's repository variables.
@@ -377,10 +381,8 @@ fn secret(url: &str) -> Option<&str> {
     let authority = rest.split('/').next().unwrap_or(rest);
     let (userinfo, _) = authority.rsplit_once('@')?;
     match userinfo.split_once(':') {
-        Some((_, password)) if !password.is_empty() => Some(password),
-        Some(_) => None,
-        None if scheme.starts_with("http") && !userinfo.is_empty() => Some(userinfo),
-        None => None,
+        Some((_, password)) => Some(password).filter(|p| !p.is_empty()),
+        None => Some(userinfo).filter(|u| scheme.starts_with("http") && !u.is_empty()),
     }
 }
 
@@ -400,169 +402,4 @@ fn remove_all(path: &Path) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::time::Instant;
-
-    type TestResult = Result<(), Box<dyn std::error::Error>>;
-    const LIMIT: Duration = Duration::from_secs(30);
-
-    /// A non-bare repository whose `main` gets one commit per call of [`commit`].
-    fn upstream(dir: &Path) -> Result<(git2::Repository, String), git2::Error> {
-        let repo = git2::Repository::init(dir)?;
-        repo.set_head("refs/heads/main")?;
-        Ok((repo, format!("file://{}", dir.display())))
-    }
-
-    fn commit(repo: &git2::Repository, branch: &str, text: &str) -> Result<String, git2::Error> {
-        let refname = format!("refs/heads/{branch}");
-        let parent = repo
-            .find_reference(&refname)
-            .and_then(|r| r.peel_to_commit())
-            .ok();
-        let mut tree = repo.treebuilder(parent.as_ref().map(|p| p.tree()).transpose()?.as_ref())?;
-        tree.insert("README", repo.blob(text.as_bytes())?, 0o100_644)?;
-        let tree = repo.find_tree(tree.write()?)?;
-        let sig = git2::Signature::now("test", "test@localhost")?;
-        let parents: Vec<_> = parent.iter().collect();
-        Ok(repo
-            .commit(Some(&refname), &sig, &sig, text, &tree, &parents)?
-            .to_string())
-    }
-
-    #[test]
-    fn remote_or_local() -> TestResult {
-        for url in [
-            "ssh://git@example.com/vms.git",
-            "https://example.com/vms.git",
-            "file:///srv/vms",
-            "git@example.com:org/vms.git",
-            "hv-config:vms",
-        ] {
-            assert!(is_remote(url), "{url}");
-        }
-        let tmp = tempfile::tempdir()?;
-        let odd = tmp.path().join("a:b");
-        std::fs::create_dir(&odd)?;
-        let odd = odd.to_str().ok_or("utf-8")?;
-        for path in [".", "/srv/vms", "./a:b", "vms", odd] {
-            assert!(!is_remote(path), "{path}");
-        }
-        std::env::set_current_dir(tmp.path())?;
-        assert!(!is_remote("a:b"), "an existing local path");
-        Ok(())
-    }
-
-    #[test]
-    fn secrets_are_redacted() {
-        assert_eq!(redact("https://u:pw@h/r"), "https://u:***@h/r");
-        assert_eq!(redact("https://tok3n@h/r"), "https://***@h/r");
-        assert_eq!(redact("ssh://git@h/r"), "ssh://git@h/r");
-        assert_eq!(redact("git@h:r"), "git@h:r");
-        assert_eq!(redact("file:///a@b/r"), "file:///a@b/r");
-    }
-
-    #[tokio::test]
-    async fn clones_then_fetch_follows_the_branch() -> TestResult {
-        let tmp = tempfile::tempdir()?;
-        let (up, url) = upstream(&tmp.path().join("up"))?;
-        let first = commit(&up, "main", "one")?;
-        commit(&up, "other", "elsewhere")?;
-        let dir = tmp.path().join("state/repo.git");
-
-        let remote = Remote::open(&url, &dir, "main", LIMIT).await?;
-        assert_eq!(remote.dir(), dir);
-        let clone = git2::Repository::open_bare(&dir)?;
-        assert!(
-            clone.find_reference("refs/heads/other").is_err(),
-            "single branch"
-        );
-        assert!(!tmp.path().join("state/repo.git.partial").exists());
-        assert_eq!(remote.fetch(LIMIT).await?, first);
-
-        let second = commit(&up, "main", "two")?;
-        assert_eq!(remote.fetch(LIMIT).await?, second);
-        // Reopening the existing clone works and sees the same tip.
-        let again = Remote::open(&url, &dir, "main", LIMIT).await?;
-        assert_eq!(again.fetch(LIMIT).await?, second);
-        // Another branch of the same clone.
-        let other = Remote::open(&url, &dir, "other", LIMIT).await?;
-        assert_eq!(other.fetch(LIMIT).await?, commit(&up, "other", "more")?);
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn refuses_a_folder_of_another_origin() -> TestResult {
-        let tmp = tempfile::tempdir()?;
-        let (up, url) = upstream(&tmp.path().join("up"))?;
-        commit(&up, "main", "one")?;
-        let dir = tmp.path().join("repo.git");
-        Remote::open(&url, &dir, "main", LIMIT).await?;
-        let err = Remote::open("file:///elsewhere", &dir, "main", LIMIT)
-            .await
-            .err()
-            .ok_or("accepted")?;
-        assert!(matches!(&err, RemoteError::WrongOrigin { found: Some(f), .. } if *f == url));
-        assert!(err.to_string().contains("file:///elsewhere"), "{err}");
-
-        let junk = tmp.path().join("junk");
-        std::fs::create_dir(&junk)?;
-        std::fs::write(junk.join("x"), "x")?;
-        let err = Remote::open(&url, &junk, "main", LIMIT).await.err();
-        assert!(
-            matches!(err, Some(RemoteError::NotAClone { .. })),
-            "{err:?}"
-        );
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn unreachable_or_missing_branch_fails_clearly() -> TestResult {
-        let tmp = tempfile::tempdir()?;
-        let dir = tmp.path().join("repo.git");
-        let start = Instant::now();
-        let err = Remote::open("file:///nonexistent/vms", &dir, "main", LIMIT)
-            .await
-            .err()
-            .ok_or("cloned nothing")?;
-        assert!(start.elapsed() < Duration::from_secs(10));
-        let RemoteError::Failed { op, url, stderr } = &err else {
-            return Err(format!("unexpected {err:?}").into());
-        };
-        assert_eq!((*op, url.as_str()), ("clone", "file:///nonexistent/vms"));
-        assert!(stderr.contains("does not exist"), "{stderr}");
-        assert!(!dir.exists() && !tmp.path().join("repo.git.partial").exists());
-
-        let (up, url) = upstream(&tmp.path().join("up"))?;
-        commit(&up, "main", "one")?;
-        let err = Remote::open(&url, &dir, "nope", LIMIT).await.err();
-        assert!(err.is_some_and(|e| e.to_string().contains("nope")));
-        let err = Remote::open(&url, &dir, "bad..name", LIMIT).await.err();
-        assert!(matches!(err, Some(RemoteError::InvalidBranch { .. })));
-        Ok(())
-    }
-
-    #[tokio::test]
-    async fn fetch_timeout_kills_the_process_group() -> TestResult {
-        let tmp = tempfile::tempdir()?;
-        let (up, url) = upstream(&tmp.path().join("up"))?;
-        commit(&up, "main", "one")?;
-        let dir = tmp.path().join("repo.git");
-        let remote = Remote::open(&url, &dir, "main", LIMIT).await?;
-        // For file:// git runs upload-pack through sh: make it hang, recording its pid.
-        let pidfile = tmp.path().join("pid");
-        git2::Repository::open_bare(&dir)?.config()?.set_str(
-            "remote.origin.uploadpack",
-            &format!("echo $$ > '{}'; exec sleep 30 #", pidfile.display()),
-        )?;
-        let start = Instant::now();
-        let err = remote.fetch(Duration::from_millis(500)).await.err();
-        assert!(matches!(err, Some(RemoteError::Timeout { .. })), "{err:?}");
-        assert!(start.elapsed() < Duration::from_secs(5));
-        let pid = std::fs::read_to_string(&pidfile)?;
-        // Gone, or a zombie waiting for its new parent.
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim()));
-        assert!(stat.map_or(true, |s| s.contains(") Z ")), "sleep survived");
-        Ok(())
-    }
-}
+mod tests;

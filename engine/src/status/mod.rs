@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use table::print_table;
 
 use crate::execute::{Outcome, Report};
-use crate::observe::{Capacity, Observed, ObservedVm, Retained, RunState};
+use crate::observe::{Capacity, Observed, ObservedVm, Orphan, Retained, RunState};
 use crate::plan::restart::{verdict, Verdict};
 use crate::state::{create_private_dir, write_atomic, StateError};
 
@@ -124,6 +124,9 @@ pub struct HostStatus {
     pub capacity: Capacity,
     pub allocated: Capacity,
     pub vms: Vec<String>,
+        /// QEMUs of ours that no instance accounts for (stopped only by `--prune`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub orphans: Vec<Orphan>,
     /// Disks kept after their VM or disk left the specs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retained: Vec<Retained>,
@@ -270,6 +273,11 @@ impl StatusDir {
                     RunState::Stopped => (VmPhase::Stopped, None),
                     RunState::Exited => exited_phase(desired, o, now_ms),
                 };
+                let mut events = prev.as_ref().map(|p| p.events.clone()).unwrap_or_default();
+                if phase == VmPhase::Failed && prev.as_ref().is_none_or(|p| p.phase != VmPhase::Failed) {
+                    let why = message.clone().unwrap_or_default();
+                    events.push(VmEvent { at: crate::time::now(), kind: "failed".to_owned(), message: why });
+                }
                 vms.insert(
                     name.clone(),
                     VmStatus {
@@ -283,7 +291,7 @@ impl StatusDir {
                         spec_hash: Some(o.spec_hash.clone()),
                         up_to_date: want.is_some_and(|w| w.hash == o.spec_hash),
                         message,
-                        events: prev.map(|p| p.events).unwrap_or_default(),
+                        events,
                     },
                 );
             }
@@ -333,6 +341,7 @@ impl StatusDir {
                         memory_mb: running.iter().map(|v| v.spec.memory_mb).sum(),
                     },
                     vms: inv.vms.keys().cloned().collect(),
+                                        orphans: inv.orphans.clone(),
                     retained: inv.retained.clone(),
                 }
             })

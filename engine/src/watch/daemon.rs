@@ -16,7 +16,7 @@ use crate::execute::journal::JournalFile;
 use crate::execute::{error_chain, execute_journaled, Report};
 use crate::host::{local_hosts, now_ms, Host, HostEvent, LocalHost};
 use crate::observe::Observed;
-use crate::plan::plan;
+use crate::plan::{plan, prune_actions};
 use crate::source::remote::{is_remote, Remote};
 use crate::source::{Source, Target, TargetError};
 use crate::state::{StateDir, StateLock};
@@ -187,7 +187,15 @@ impl Daemon {
             }
         }
         let target = self.target.clone().expect("checked above");
-        let plan = plan(&target.desired, &observed, now_ms());
+                let mut plan = plan(&target.desired, &observed, now_ms());
+                if self.cfg.prune {
+            let pruned = prune_actions(&observed);
+            if !pruned.is_empty() {
+                // Once the orphans are gone, what they blocked can start: reconcile again.
+                let _ = self.tx.send(Trigger::Wake);
+            }
+            plan.actions.splice(0..0, pruned);
+        }
         self.wake_at_ms = plan.wake_at_ms;
         for note in &plan.notes {
             debug!(%note, "plan note");
