@@ -182,17 +182,8 @@ pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
         texts.insert(&file.path, text);
     }
 
-    for (what, map) in [("VM", &vm_files), ("host", &host_files)] {
-        for (name, paths) in map.iter().filter(|(_, p)| p.len() > 1) {
-            for path in paths {
-                let others: Vec<&str> = paths.iter().copied().filter(|p| p != path).collect();
-                diags.push(Diagnostic::file(
-                    path,
-                    format!("{what} name {name:?} is also used by {}", others.join(", ")),
-                ));
-            }
-        }
-    }
+    report_duplicates("VM", &vm_files, &mut diags);
+    report_duplicates("host", &host_files, &mut diags);
 
     desired.implicit_local = desired.hosts.is_empty() && host_files.is_empty();
     if desired.implicit_local {
@@ -264,6 +255,19 @@ fn check_across(
                     ));
                 }
             }
+        }
+    }
+}
+
+/// One error per file that shares its name with another, naming the others.
+fn report_duplicates(what: &str, names: &BTreeMap<String, Vec<&str>>, diags: &mut Vec<Diagnostic>) {
+    for (name, paths) in names.iter().filter(|(_, p)| p.len() > 1) {
+        for path in paths {
+            let others: Vec<&str> = paths.iter().copied().filter(|p| p != path).collect();
+            diags.push(Diagnostic::file(
+                path,
+                format!("{what} name {name:?} is also used by {}", others.join(", ")),
+            ));
         }
     }
 }

@@ -91,7 +91,7 @@ struct WatchArgs {
     #[arg(long, env = "PLASMAVMC_STATE_DIR")]
     state_dir: Option<PathBuf>,
     /// After each change, commit the status files to this branch (working tree untouched).
-        #[arg(long)]
+    #[arg(long)]
     status_branch: Option<String>,
     /// Stop orphan QEMUs (ours, with no instance record) instead of only reporting them.
     #[arg(long)]
@@ -101,7 +101,11 @@ struct WatchArgs {
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let default_level = if matches!(cli.command, Command::Watch(_)) { "info" } else { "warn" };
+    let default_level = if matches!(cli.command, Command::Watch(_)) {
+        "info"
+    } else {
+        "warn"
+    };
     init_logging(cli.log_format, default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -136,12 +140,19 @@ pub fn main() -> ExitCode {
 fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr)
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
         LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
     };
 }
 
@@ -152,7 +163,7 @@ async fn watch(args: WatchArgs) -> anyhow::Result<u8> {
         branch: args.branch,
         interval: args.interval,
         state_dir: args.state_dir,
-                status_branch: args.status_branch,
+        status_branch: args.status_branch,
         prune: args.prune,
     };
     crate::watch::run(cfg).await?;

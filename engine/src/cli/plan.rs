@@ -30,7 +30,7 @@ pub struct PlanArgs {
     json: bool,
     /// Exit 2 when there are changes, 0 when none, 1 on error.
     #[arg(long)]
-        detailed_exitcode: bool,
+    detailed_exitcode: bool,
     /// Also stop orphan QEMUs (ours, with no instance record).
     #[arg(long)]
     prune: bool,
@@ -42,7 +42,7 @@ pub struct ApplyArgs {
     repo: RepoArgs,
     /// Apply without asking.
     #[arg(long)]
-        auto_approve: bool,
+    auto_approve: bool,
     /// Also stop orphan QEMUs (ours, with no instance record).
     #[arg(long)]
     prune: bool,
@@ -95,7 +95,7 @@ pub async fn plan(args: &PlanArgs) -> anyhow::Result<u8> {
     };
     ctx.warn_uncommitted();
     let (_lock, _hosts, observed) = observe(&ctx, &target, "plasmavmc plan").await?;
-        let plan = planned(&target, &observed, args.prune);
+    let plan = planned(&target, &observed, args.prune);
     if args.json {
         let json = serde_json::json!({
             "revision": target.commit.id,
@@ -133,7 +133,7 @@ pub async fn plan(args: &PlanArgs) -> anyhow::Result<u8> {
 fn planned(target: &Target, observed: &Observed, prune: bool) -> Plan {
     let mut plan = make_plan(&target.desired, observed, crate::host::now_ms());
     if prune {
-                // Orphans go first: the VMs they block can start in the next run.
+        // Orphans go first: the VMs they block can start in the next run.
         plan.actions.splice(0..0, prune_actions(observed));
     }
     plan
@@ -211,24 +211,28 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
     let (_lock, hosts, observed) = observe(&ctx, &target, "plasmavmc apply").await?;
     let plan = if let Some(saved) = &saved {
         saved.check(ctx.source.spec_dir(), &observed)?;
-                let prune = saved.plan.actions.iter().any(|a| matches!(a, crate::plan::Action::Prune { .. }));
+        let prune = saved
+            .plan
+            .actions
+            .iter()
+            .any(|a| matches!(a, crate::plan::Action::Prune { .. }));
         let again = planned(&target, &observed, prune);
         anyhow::ensure!(again.actions == saved.plan.actions, "the plan file does not match what this engine plans for the same commit and hosts; run plan again");
         print_plan(&target, &saved.plan);
         saved.plan.clone()
     } else {
-                let plan = planned(&target, &observed, args.prune);
+        let plan = planned(&target, &observed, args.prune);
         print_plan(&target, &plan);
         if !plan.is_empty() && !args.auto_approve && !confirm(plan.actions.len())? {
             return Ok(1);
         }
         plan
     };
-        let journal = JournalFile::new(&ctx.state);
+    let journal = JournalFile::new(&ctx.state);
     if let Some(j) = journal.interrupted() {
         eprintln!("note: {}", j.describe());
     }
-        let report = execute_journaled(&plan, &target, &hosts, &journal, print_step).await?;
+    let report = execute_journaled(&plan, &target, &hosts, &journal, print_step).await?;
     let after = Observed::gather(hosts.values())
         .await
         .context("observing the hosts after applying")?;
@@ -286,4 +290,3 @@ fn print_step(step: &Step) {
         Outcome::Skipped { why } => println!("  skip {} {}: {why}", a.op(), a.vm()),
     }
 }
-

@@ -39,7 +39,13 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<u8> {
             engine.updated_at = crate::time::now();
             env!("CARGO_PKG_VERSION").clone_into(&mut engine.version);
             ctx.source.spec_dir().clone_into(&mut engine.spec_dir);
-            let snap = dir.build(engine, target.as_ref().map(|t| &t.desired), &observed, None, &[]);
+            let snap = dir.build(
+                engine,
+                target.as_ref().map(|t| &t.desired),
+                &observed,
+                None,
+                &[],
+            );
             dir.write(&snap)?;
             snap
         }

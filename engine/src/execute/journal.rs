@@ -31,7 +31,9 @@ pub struct JournalFile {
 
 impl JournalFile {
     pub fn new(state_root: &Path) -> Self {
-        Self { path: state_root.join("journal.json") }
+        Self {
+            path: state_root.join("journal.json"),
+        }
     }
 
     /// The journal of an interrupted run, if any.
@@ -53,7 +55,10 @@ impl JournalFile {
 impl Journal {
     /// One line for logs and status: what was cut short.
     pub fn describe(&self) -> String {
-        let next = self.actions.get(self.done).map_or_else(|| "nothing".to_owned(), Action::describe);
+        let next = self
+            .actions
+            .get(self.done)
+            .map_or_else(|| "nothing".to_owned(), Action::describe);
         let short = self.revision.get(..12).unwrap_or(&self.revision);
         format!(
             "an apply of commit {short} (started {}) was interrupted after {} of {} actions (next was: {next}); planning again from what runs finishes it",

@@ -50,7 +50,9 @@ impl Report {
             .steps
             .iter()
             .filter_map(|s| match &s.outcome {
-                Outcome::Failed { error } => Some(format!("{} {}: {error}", s.action.op(), s.action.vm())),
+                Outcome::Failed { error } => {
+                    Some(format!("{} {}: {error}", s.action.op(), s.action.vm()))
+                }
                 _ => None,
             })
             .collect();
@@ -183,7 +185,7 @@ async fn run<H: Host>(
             host.update(&instance()?).await?;
             "spec updated".to_owned()
         }
-                Action::Prune { pid, .. } => {
+        Action::Prune { pid, .. } => {
             host.prune(vm, *pid).await?;
             format!("orphan QEMU pid {pid} stopped")
         }

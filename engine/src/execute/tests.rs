@@ -59,7 +59,7 @@ impl Host for FakeHost {
         self.record(format!("stop {vm} {}s", timeout.as_secs()))
             .map(|()| StopOutcome::Quit)
     }
-        async fn prune(&self, folder: &str, pid: u32) -> Result<(), HostError> {
+    async fn prune(&self, folder: &str, pid: u32) -> Result<(), HostError> {
         self.record(format!("prune {folder} {pid}"))
     }
     async fn delete(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {

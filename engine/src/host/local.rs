@@ -312,13 +312,19 @@ fn rotate(dir: &InstanceDir, file: &str) {
 
 /// QEMUs running in an instance folder of `root` that no observed instance accounts for.
 fn scan_orphans(root: &Path, vms: &std::collections::BTreeMap<String, ObservedVm>) -> Vec<Orphan> {
-    let Ok(dir) = instance::vms_dir(root).canonicalize() else { return Vec::new() };
+    let Ok(dir) = instance::vms_dir(root).canonicalize() else {
+        return Vec::new();
+    };
     let known: std::collections::HashSet<u32> = vms.values().filter_map(|v| v.pid).collect();
     let mut out: Vec<Orphan> = process::qemus_in(&dir)
         .into_iter()
         .filter(|(pid, _)| !known.contains(pid))
         .map(|(pid, cwd)| {
-            let folder = cwd.strip_prefix(&dir).ok().and_then(|p| p.iter().next()).map_or_else(String::new, |f| f.to_string_lossy().into_owned());
+            let folder = cwd
+                .strip_prefix(&dir)
+                .ok()
+                .and_then(|p| p.iter().next())
+                .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
             Orphan { pid, folder }
         })
         .collect();
@@ -507,16 +513,27 @@ impl Host for LocalHost {
         }
     }
 
-        async fn prune(&self, folder: &str, pid: u32) -> Result<(), HostError> {
-        let still_orphan = self.inventory().await?.orphans.iter().any(|o| o.pid == pid && o.folder == folder);
+    async fn prune(&self, folder: &str, pid: u32) -> Result<(), HostError> {
+        let still_orphan = self
+            .inventory()
+            .await?
+            .orphans
+            .iter()
+            .any(|o| o.pid == pid && o.folder == folder);
         if !still_orphan {
-            return Err(HostError::Refused { vm: folder.to_owned(), reason: format!("pid {pid} is no longer an orphan QEMU of this host; not touched") });
+            return Err(HostError::Refused {
+                vm: folder.to_owned(),
+                reason: format!("pid {pid} is no longer an orphan QEMU of this host; not touched"),
+            });
         }
         process::terminate(pid);
         if !process::wait_gone(pid, EXIT_GRACE).await {
             process::kill_hard(pid);
             if !process::wait_gone(pid, EXIT_GRACE).await {
-                return Err(HostError::StopFailed { vm: folder.to_owned(), pid });
+                return Err(HostError::StopFailed {
+                    vm: folder.to_owned(),
+                    pid,
+                });
             }
         }
         warn!(folder, pid, "pruned orphan QEMU");

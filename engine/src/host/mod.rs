@@ -70,14 +70,29 @@ pub enum HostError {
 
 /// The hosts this engine reaches directly: every `address = "local"` host of `desired`,
 /// rooted at its `root` or at `<state>/<name>`.
-pub fn local_hosts(desired: &plasmavmc_specs::Desired, state: &crate::state::StateDir) -> std::collections::BTreeMap<String, LocalHost> {
+pub fn local_hosts(
+    desired: &plasmavmc_specs::Desired,
+    state: &crate::state::StateDir,
+) -> std::collections::BTreeMap<String, LocalHost> {
     desired
         .hosts
         .values()
         .filter(|h| h.spec.address.as_deref() == Some("local"))
         .map(|h| {
-            let root = h.spec.root.as_ref().map_or_else(|| state.host_root(&h.name), PathBuf::from);
-            (h.name.clone(), LocalHost::new(&h.name, &root, h.spec.accel, desired.cluster.timeouts.qmp_ready.0))
+            let root = h
+                .spec
+                .root
+                .as_ref()
+                .map_or_else(|| state.host_root(&h.name), PathBuf::from);
+            (
+                h.name.clone(),
+                LocalHost::new(
+                    &h.name,
+                    &root,
+                    h.spec.accel,
+                    desired.cluster.timeouts.qmp_ready.0,
+                ),
+            )
         })
         .collect()
 }
@@ -122,7 +137,7 @@ pub trait Host: Send + Sync {
         timeout: Duration,
     ) -> impl Future<Output = Result<StopOutcome, HostError>> + Send;
 
-        /// Stops an orphan QEMU (`pid`, running in instance folder `folder`) after checking it
+    /// Stops an orphan QEMU (`pid`, running in instance folder `folder`) after checking it
     /// still is one: SIGTERM, then SIGKILL.
     fn prune(&self, folder: &str, pid: u32) -> impl Future<Output = Result<(), HostError>> + Send;
 

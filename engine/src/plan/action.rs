@@ -41,10 +41,19 @@ pub enum Action {
         reason: String,
         diff: String,
     },
-        /// Remove a stopped instance; its disks move to `retained/`, never deleted.
-    Delete { vm: String, host: String, reason: String },
+    /// Remove a stopped instance; its disks move to `retained/`, never deleted.
+    Delete {
+        vm: String,
+        host: String,
+        reason: String,
+    },
     /// Stop an orphan QEMU (only with `--prune`); `vm` is the folder it runs in.
-    Prune { vm: String, host: String, reason: String, pid: u32 },
+    Prune {
+        vm: String,
+        host: String,
+        reason: String,
+        pid: u32,
+    },
 }
 
 impl Action {
@@ -55,7 +64,7 @@ impl Action {
             | Action::Stop { vm, .. }
             | Action::Restart { vm, .. }
             | Action::Update { vm, .. }
-                        | Action::Delete { vm, .. }
+            | Action::Delete { vm, .. }
             | Action::Prune { vm, .. } => vm,
         }
     }
@@ -67,7 +76,7 @@ impl Action {
             | Action::Stop { host, .. }
             | Action::Restart { host, .. }
             | Action::Update { host, .. }
-                        | Action::Delete { host, .. }
+            | Action::Delete { host, .. }
             | Action::Prune { host, .. } => host,
         }
     }
@@ -79,7 +88,7 @@ impl Action {
             | Action::Stop { reason, .. }
             | Action::Restart { reason, .. }
             | Action::Update { reason, .. }
-                        | Action::Delete { reason, .. }
+            | Action::Delete { reason, .. }
             | Action::Prune { reason, .. } => reason,
         }
     }
@@ -100,7 +109,7 @@ impl Action {
             Action::Stop { .. } => "stop",
             Action::Restart { .. } => "restart",
             Action::Update { .. } => "update",
-                        Action::Delete { .. } => "delete",
+            Action::Delete { .. } => "delete",
             Action::Prune { .. } => "prune",
         }
     }
@@ -112,7 +121,7 @@ impl Action {
             Action::Start { .. } => '>',
             Action::Stop { .. } => '.',
             Action::Restart { .. } | Action::Update { .. } => '~',
-                        Action::Delete { .. } | Action::Prune { .. } => '-',
+            Action::Delete { .. } | Action::Prune { .. } => '-',
         };
         format!(
             "{sign} {} {} on {}: {}",
@@ -142,7 +151,7 @@ mod tests {
     #[test]
     fn frozen_plan_json_still_parses_and_round_trips() {
         let actions: Vec<Action> = serde_json::from_str(FROZEN).expect("frozen fixture parses");
-                assert_eq!(actions.len(), 7);
+        assert_eq!(actions.len(), 7);
         assert_eq!(actions[3].diff(), Some("-memory_mb = 1\n+memory_mb = 2\n"));
         let again: Vec<Action> =
             serde_json::from_str(&serde_json::to_string(&actions).expect("ser")).expect("de");

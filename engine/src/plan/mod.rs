@@ -61,7 +61,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
                 .flat_map(|inv| inv.vms.keys().map(String::as_str)),
         )
         .collect();
-        for (host, inv) in &observed.hosts {
+    for (host, inv) in &observed.hosts {
         for o in &inv.orphans {
             out.notes.push(format!(
                 "orphan QEMU pid {} on {host} runs in folder vms/{} with no instance record; left running (--prune stops it)",
@@ -73,17 +73,23 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
         match (desired.vms.get(name), observed.find(name)) {
             (Some(want), None) => plan_new(desired, observed, want, &mut out),
             (Some(want), Some((host, have))) => {
-                plan_existing(desired, want, host, have, now_ms, &mut out)
+                plan_existing(desired, want, host, have, now_ms, &mut out);
             }
             (None, Some((host, have))) => plan_removed(host, have, &mut out),
-                        (None, None) => {}
+            (None, None) => {}
         }
     }
     // Never start a second QEMU in a folder where an orphan still runs: it would share
     // the socket, pid file and disks. When in doubt, do not start.
-    let blocked: BTreeSet<&str> = observed.hosts.values().flat_map(|inv| inv.orphans.iter().map(|o| o.folder.as_str())).collect();
+    let blocked: BTreeSet<&str> = observed
+        .hosts
+        .values()
+        .flat_map(|inv| inv.orphans.iter().map(|o| o.folder.as_str()))
+        .collect();
     let before = out.actions.len();
-    out.actions.retain(|a| !(blocked.contains(a.vm()) && matches!(a, Action::Start { .. } | Action::Restart { .. })));
+    out.actions.retain(|a| {
+        !(blocked.contains(a.vm()) && matches!(a, Action::Start { .. } | Action::Restart { .. }))
+    });
     if out.actions.len() != before {
         out.notes.push("VMs with an orphan QEMU in their folder are not started until the orphan is gone (--prune)".to_owned());
     }
@@ -215,7 +221,7 @@ fn plan_existing(
                 out.wake_at_ms = Some(out.wake_at_ms.map_or(until_ms, |w| w.min(until_ms)));
             }
             Verdict::Stay { why } | Verdict::GiveUp { why } => {
-                out.notes.push(format!("{vm}: {why}"))
+                out.notes.push(format!("{vm}: {why}"));
             }
         }
     } else if wants_run && !runs {

@@ -95,7 +95,11 @@ fn an_exited_vm_is_started_again_and_the_reason_says_so() {
     let d = desired(&[("vms/a.toml", "")]);
     let p = plan(&d, &observed(vec![running(&d, "a", RunState::Exited)]), NOW);
     assert_eq!(ops(&p), ["start a"]);
-    assert!(p.actions[0].reason().contains("unexpected exit"), "{}", p.actions[0].reason());
+    assert!(
+        p.actions[0].reason().contains("unexpected exit"),
+        "{}",
+        p.actions[0].reason()
+    );
 }
 
 #[test]
@@ -237,12 +241,21 @@ fn no_second_qemu_starts_where_an_orphan_runs() {
     let d = desired(&[("vms/a.toml", ""), ("vms/b.toml", "")]);
     let mut o = observed(vec![running(&d, "a", RunState::Exited)]);
     let inv = o.hosts.get_mut("local").expect("local");
-    inv.orphans.push(crate::observe::Orphan { pid: 7, folder: "a".into() });
-    inv.orphans.push(crate::observe::Orphan { pid: 8, folder: "b".into() });
+    inv.orphans.push(crate::observe::Orphan {
+        pid: 7,
+        folder: "a".into(),
+    });
+    inv.orphans.push(crate::observe::Orphan {
+        pid: 8,
+        folder: "b".into(),
+    });
     let p = plan(&d, &o, NOW);
     // a would restart and b would be created and started: only b's create remains.
     assert_eq!(ops(&p), ["create b"]);
     assert!(p.notes.iter().any(|n| n.contains("orphan QEMU pid 7")));
     let pruned = super::prune_actions(&o);
-    assert_eq!(pruned.iter().map(Action::op).collect::<Vec<_>>(), ["prune", "prune"]);
+    assert_eq!(
+        pruned.iter().map(Action::op).collect::<Vec<_>>(),
+        ["prune", "prune"]
+    );
 }

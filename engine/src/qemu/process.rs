@@ -133,7 +133,9 @@ pub fn find_by_uuid(uuid: &str) -> Vec<u32> {
 /// Every QEMU the engine starts runs in its instance folder, so this finds them all,
 /// whatever their pid files say.
 pub fn qemus_in(dir: &Path) -> Vec<(u32, std::path::PathBuf)> {
-    let Ok(entries) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     entries
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())

@@ -124,7 +124,7 @@ pub struct HostStatus {
     pub capacity: Capacity,
     pub allocated: Capacity,
     pub vms: Vec<String>,
-        /// QEMUs of ours that no instance accounts for (stopped only by `--prune`).
+    /// QEMUs of ours that no instance accounts for (stopped only by `--prune`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub orphans: Vec<Orphan>,
     /// Disks kept after their VM or disk left the specs.
@@ -274,9 +274,15 @@ impl StatusDir {
                     RunState::Exited => exited_phase(desired, o, now_ms),
                 };
                 let mut events = prev.as_ref().map(|p| p.events.clone()).unwrap_or_default();
-                if phase == VmPhase::Failed && prev.as_ref().is_none_or(|p| p.phase != VmPhase::Failed) {
+                if phase == VmPhase::Failed
+                    && prev.as_ref().is_none_or(|p| p.phase != VmPhase::Failed)
+                {
                     let why = message.clone().unwrap_or_default();
-                    events.push(VmEvent { at: crate::time::now(), kind: "failed".to_owned(), message: why });
+                    events.push(VmEvent {
+                        at: crate::time::now(),
+                        kind: "failed".to_owned(),
+                        message: why,
+                    });
                 }
                 vms.insert(
                     name.clone(),
@@ -341,7 +347,7 @@ impl StatusDir {
                         memory_mb: running.iter().map(|v| v.spec.memory_mb).sum(),
                     },
                     vms: inv.vms.keys().cloned().collect(),
-                                        orphans: inv.orphans.clone(),
+                    orphans: inv.orphans.clone(),
                     retained: inv.retained.clone(),
                 }
             })
@@ -356,16 +362,29 @@ impl StatusDir {
 
 /// Phase and message of a VM whose QEMU exited without being asked: what the restart
 /// policy makes of it.
-fn exited_phase(desired: Option<&Desired>, o: &ObservedVm, now_ms: u64) -> (VmPhase, Option<String>) {
+fn exited_phase(
+    desired: Option<&Desired>,
+    o: &ObservedVm,
+    now_ms: u64,
+) -> (VmPhase, Option<String>) {
     let Some(want) = desired.and_then(|d| d.vms.get(&o.name).map(|w| (d, w))) else {
-        return (VmPhase::Crashed, Some("QEMU exited without the engine asking".to_owned()));
+        return (
+            VmPhase::Crashed,
+            Some("QEMU exited without the engine asking".to_owned()),
+        );
     };
     let (d, want) = want;
     match verdict(want.spec.restart, &d.cluster.restart, o, now_ms) {
-        Verdict::Restart { reason, .. } => (VmPhase::Crashed, Some(format!("exited ({reason}); restarting"))),
+        Verdict::Restart { reason, .. } => (
+            VmPhase::Crashed,
+            Some(format!("exited ({reason}); restarting")),
+        ),
         Verdict::Wait { reason, until_ms } => {
             let secs = until_ms.saturating_sub(now_ms).div_ceil(1000);
-            (VmPhase::Crashed, Some(format!("exited ({reason}); restart in {secs}s (backoff)")))
+            (
+                VmPhase::Crashed,
+                Some(format!("exited ({reason}); restart in {secs}s (backoff)")),
+            )
         }
         Verdict::Stay { why } => (VmPhase::Stopped, Some(why)),
         Verdict::GiveUp { why } => (VmPhase::Failed, Some(why)),

@@ -68,8 +68,12 @@ pub fn print_table(snap: &Snapshot) -> String {
             h.allocated.memory_mb,
             h.capacity.memory_mb
         );
-                for o in &h.orphans {
-            let _ = writeln!(out, "  orphan QEMU pid {} in vms/{} (no instance record; --prune stops it)", o.pid, o.folder);
+        for o in &h.orphans {
+            let _ = writeln!(
+                out,
+                "  orphan QEMU pid {} in vms/{} (no instance record; --prune stops it)",
+                o.pid, o.folder
+            );
         }
         for r in &h.retained {
             let _ = writeln!(

@@ -60,7 +60,9 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<()> {
     timer.tick().await;
     daemon.step(vec![Trigger::Startup]).await;
     loop {
-        let wake = daemon.wake_at_ms.map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
+        let wake = daemon
+            .wake_at_ms
+            .map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
         let first = tokio::select! {
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -80,32 +82,56 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<()> {
 }
 
 impl Daemon {
-    async fn open(cfg: WatchConfig, tx: UnboundedSender<Trigger>) -> anyhow::Result<(Self, Option<notify::RecommendedWatcher>)> {
+    async fn open(
+        cfg: WatchConfig,
+        tx: UnboundedSender<Trigger>,
+    ) -> anyhow::Result<(Self, Option<notify::RecommendedWatcher>)> {
         let remote_url = is_remote(&cfg.repo);
         let state_root = match (&cfg.state_dir, remote_url) {
             (Some(dir), _) => dir.clone(),
-            (None, true) => anyhow::bail!("watching a remote repository needs --state-dir (or PLASMAVMC_STATE_DIR)"),
+            (None, true) => anyhow::bail!(
+                "watching a remote repository needs --state-dir (or PLASMAVMC_STATE_DIR)"
+            ),
             (None, false) => {
                 let probe = Source::open(&PathBuf::from(&cfg.repo), cfg.path.as_deref())?;
-                probe.spec_root().context("the repository has no working tree; pass --state-dir")?.join(".plasmavmc")
+                probe
+                    .spec_root()
+                    .context("the repository has no working tree; pass --state-dir")?
+                    .join(".plasmavmc")
             }
         };
-        let state = StateDir::open(&state_root).with_context(|| format!("state directory {}", state_root.display()))?;
+        let state = StateDir::open(&state_root)
+            .with_context(|| format!("state directory {}", state_root.display()))?;
         let lock = StateLock::acquire(&state.lock_path(), "plasmavmc watch")?;
         let (source, remote, branch) = if remote_url {
             let branch = cfg.branch.clone().unwrap_or_else(|| "main".to_owned());
-            let remote = Remote::open(&cfg.repo, &state.root().join("repo.git"), &branch, FETCH_TIMEOUT).await?;
-            (Source::open(remote.dir(), cfg.path.as_deref())?, Some(remote), branch)
+            let remote = Remote::open(
+                &cfg.repo,
+                &state.root().join("repo.git"),
+                &branch,
+                FETCH_TIMEOUT,
+            )
+            .await?;
+            (
+                Source::open(remote.dir(), cfg.path.as_deref())?,
+                Some(remote),
+                branch,
+            )
         } else {
             let source = Source::open(&PathBuf::from(&cfg.repo), cfg.path.as_deref())?;
             let branch = match &cfg.branch {
                 Some(b) => b.clone(),
-                None => source.current_branch().context("HEAD is not on a branch; pass --branch")?,
+                None => source
+                    .current_branch()
+                    .context("HEAD is not on a branch; pass --branch")?,
             };
             (source, None, branch)
         };
         let watcher = if remote.is_none() {
-            Some(watch_refs(source.git_dir(), tx.clone()).context("watching the repository's refs")?)
+            Some(
+                watch_refs(source.git_dir(), tx.clone())
+                    .context("watching the repository's refs")?,
+            )
         } else {
             None
         };
@@ -141,17 +167,33 @@ impl Daemon {
     async fn step(&mut self, triggers: Vec<Trigger>) {
         let mut name = triggers.first().map_or("timer", Trigger::name);
         for t in &triggers {
-            if let Trigger::Host(HostEvent::Exited { vm, pid, reason, status, expected, .. }) = t {
+            if let Trigger::Host(HostEvent::Exited {
+                vm,
+                pid,
+                reason,
+                status,
+                expected,
+                ..
+            }) = t
+            {
                 if !expected {
-                    let status = status.as_deref().map(|s| format!(", {s}")).unwrap_or_default();
-                    self.events.push((vm.clone(), event("exited", format!("{reason} (pid {pid}{status})"))));
+                    let status = status
+                        .as_deref()
+                        .map(|s| format!(", {s}"))
+                        .unwrap_or_default();
+                    self.events.push((
+                        vm.clone(),
+                        event("exited", format!("{reason} (pid {pid}{status})")),
+                    ));
                 }
             }
             if matches!(t, Trigger::Commit) {
                 name = "commit";
             }
         }
-        let fetch = triggers.iter().any(|t| matches!(t, Trigger::Startup | Trigger::Timer | Trigger::Signal));
+        let fetch = triggers
+            .iter()
+            .any(|t| matches!(t, Trigger::Startup | Trigger::Timer | Trigger::Signal));
         if let Err(e) = self.reconcile(name, fetch).await {
             error!(error = %error_chain(e.as_ref()), "reconcile failed; retrying at the next trigger");
         }
@@ -171,24 +213,38 @@ impl Daemon {
             return Ok(());
         };
         let wanted = local_hosts(&target.desired, &self.state);
-        if wanted.iter().map(|(n, h)| (n, h.root())).ne(self.hosts.iter().map(|(n, h)| (n, h.root()))) {
+        if wanted
+            .iter()
+            .map(|(n, h)| (n, h.root()))
+            .ne(self.hosts.iter().map(|(n, h)| (n, h.root())))
+        {
             self.hosts = wanted;
             for host in self.hosts.values() {
                 forward_events(host, self.tx.clone());
             }
         }
-        let observed = Observed::gather(self.hosts.values()).await.context("observing the hosts")?;
+        let observed = Observed::gather(self.hosts.values())
+            .await
+            .context("observing the hosts")?;
         if !self.adopted {
             self.adopted = true;
-            for (name, vm) in observed.hosts.values().flat_map(|inv| inv.vms.iter()).filter(|(_, v)| v.state.has_process()) {
+            for (name, vm) in observed
+                .hosts
+                .values()
+                .flat_map(|inv| inv.vms.iter())
+                .filter(|(_, v)| v.state.has_process())
+            {
                 let pid = vm.pid.unwrap_or(0);
                 info!(vm = %name, pid, "adopted");
-                self.events.push((name.clone(), event("adopted", format!("QEMU pid {pid} adopted; not restarted"))));
+                self.events.push((
+                    name.clone(),
+                    event("adopted", format!("QEMU pid {pid} adopted; not restarted")),
+                ));
             }
         }
         let target = self.target.clone().expect("checked above");
-                let mut plan = plan(&target.desired, &observed, now_ms());
-                if self.cfg.prune {
+        let mut plan = plan(&target.desired, &observed, now_ms());
+        if self.cfg.prune {
             let pruned = prune_actions(&observed);
             if !pruned.is_empty() {
                 // Once the orphans are gone, what they blocked can start: reconcile again.
@@ -204,18 +260,20 @@ impl Daemon {
             (None, observed)
         } else {
             changed = true;
-            let report = execute_journaled(&plan, &target, &self.hosts, &self.journal, |_| {}).await?;
-            let after = Observed::gather(self.hosts.values()).await.context("observing the hosts after acting")?;
+            let report =
+                execute_journaled(&plan, &target, &self.hosts, &self.journal, |_| {}).await?;
+            let after = Observed::gather(self.hosts.values())
+                .await
+                .context("observing the hosts after acting")?;
             (Some(report), after)
         };
         if self.bad.is_none() {
             self.engine.last_attempted_revision = Some(id.clone());
-            match report.as_ref().filter(|r| r.failed()) {
-                Some(r) => self.engine.last_error = Some(r.failures()),
-                None => {
-                    self.engine.last_applied_revision = Some(id.clone());
-                    self.engine.last_error = None;
-                }
+            if let Some(r) = report.as_ref().filter(|r| r.failed()) {
+                self.engine.last_error = Some(r.failures());
+            } else {
+                self.engine.last_applied_revision = Some(id.clone());
+                self.engine.last_error = None;
             }
         }
         changed |= !self.events.is_empty();
@@ -225,7 +283,9 @@ impl Daemon {
     /// Reads commit `id` unless already known; an invalid commit keeps the last good one.
     /// Returns whether anything changed.
     fn load(&mut self, id: &str) -> bool {
-        if self.target.as_ref().is_some_and(|t| t.commit.id == id) || self.bad.as_deref() == Some(id) {
+        if self.target.as_ref().is_some_and(|t| t.commit.id == id)
+            || self.bad.as_deref() == Some(id)
+        {
             return false;
         }
         self.engine.revision_seen = Some(id.to_owned());
@@ -235,7 +295,10 @@ impl Daemon {
                 self.target = Some(t);
                 self.bad = None;
             }
-            Err(TargetError::Invalid { commit, diagnostics }) => {
+            Err(TargetError::Invalid {
+                commit,
+                diagnostics,
+            }) => {
                 let lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
                 warn!(revision = %commit, errors = %lines.join("; "), "commit refused: invalid; still running the last good commit");
                 self.engine.last_attempted_revision = Some(id.to_owned());
@@ -250,17 +313,34 @@ impl Daemon {
         true
     }
 
-    fn write_status(&mut self, target: Option<&Target>, report: Option<&Report>, observed: &Observed, changed: bool) -> anyhow::Result<()> {
+    fn write_status(
+        &mut self,
+        target: Option<&Target>,
+        report: Option<&Report>,
+        observed: &Observed,
+        changed: bool,
+    ) -> anyhow::Result<()> {
         self.engine.updated_at = crate::time::now();
         env!("CARGO_PKG_VERSION").clone_into(&mut self.engine.version);
         self.source.spec_dir().clone_into(&mut self.engine.spec_dir);
         let events = std::mem::take(&mut self.events);
-        let snap = self.status.build(self.engine.clone(), target.map(|t| &t.desired), observed, report, &events);
+        let snap = self.status.build(
+            self.engine.clone(),
+            target.map(|t| &t.desired),
+            observed,
+            report,
+            &events,
+        );
         self.status.write(&snap)?;
         if let (Some(branch), true) = (&self.cfg.status_branch, changed) {
             let revision = self.engine.revision_seen.as_deref().map_or("-", short);
             let message = format!("status: commit {revision}");
-            if let Err(e) = crate::status::branch::commit_status(self.source.repository(), branch, &self.state.status_dir(), &message) {
+            if let Err(e) = crate::status::branch::commit_status(
+                self.source.repository(),
+                branch,
+                &self.state.status_dir(),
+                &message,
+            ) {
                 warn!(error = %error_chain(&e), branch, "cannot commit the status branch");
             }
         }
@@ -288,7 +368,11 @@ fn forward_events(host: &LocalHost, tx: UnboundedSender<Trigger>) {
 }
 
 fn event(kind: &str, message: String) -> VmEvent {
-    VmEvent { at: crate::time::now(), kind: kind.to_owned(), message }
+    VmEvent {
+        at: crate::time::now(),
+        kind: kind.to_owned(),
+        message,
+    }
 }
 
 fn short(id: &str) -> &str {

@@ -35,7 +35,7 @@ pub struct WatchConfig {
     pub interval: Duration,
     pub state_dir: Option<PathBuf>,
     /// Commit the status files to this branch after each change.
-        pub status_branch: Option<String>,
+    pub status_branch: Option<String>,
     /// Stop orphan QEMUs (ours, with no instance record) instead of only reporting them.
     pub prune: bool,
 }

@@ -40,14 +40,18 @@ impl Trigger {
 
 /// Watches the refs of the git repository at `git_dir` (loose refs, packed-refs, HEAD)
 /// and sends [`Trigger::Commit`] on every change. Keep the returned watcher alive.
-pub fn watch_refs(git_dir: &Path, tx: UnboundedSender<Trigger>) -> notify::Result<notify::RecommendedWatcher> {
-    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-        Ok(e) if touches_refs(&e) => {
-            let _ = tx.send(Trigger::Commit);
-        }
-        Ok(_) => {}
-        Err(e) => warn!(error = %e, "watching the repository's refs"),
-    })?;
+pub fn watch_refs(
+    git_dir: &Path,
+    tx: UnboundedSender<Trigger>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    let mut watcher =
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+            Ok(e) if touches_refs(&e) => {
+                let _ = tx.send(Trigger::Commit);
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "watching the repository's refs"),
+        })?;
     let refs = git_dir.join("refs");
     watcher.watch(&refs, RecursiveMode::Recursive)?;
     // packed-refs and HEAD live at the top of the git folder (objects/ is not watched).
@@ -62,6 +66,9 @@ fn touches_refs(event: &notify::Event) -> bool {
     event.paths.iter().any(|p| {
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
         // A ref update writes `<ref>.lock` and renames it onto `<ref>`.
-        !name.ends_with(".lock") && (name == "packed-refs" || name == "HEAD" || p.components().any(|c| c.as_os_str() == "refs"))
+        !name.ends_with(".lock")
+            && (name == "packed-refs"
+                || name == "HEAD"
+                || p.components().any(|c| c.as_os_str() == "refs"))
     })
 }
