@@ -48,6 +48,17 @@ pub struct HostEntry {
     pub spec: HostSpec,
 }
 
+impl HostEntry {
+    /// The implicit host `local` of a repository without `hosts/`.
+    pub fn implicit_local() -> Self {
+        Self {
+            name: LOCAL_HOST.to_owned(),
+            file: None,
+            spec: HostSpec::implicit_local(),
+        }
+    }
+}
+
 /// A VM, its file, and the hash of its normalised spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmEntry {
@@ -59,8 +70,16 @@ pub struct VmEntry {
 }
 
 impl Desired {
-    /// The source text of every file, kept so later checks can locate keys.
-    pub fn empty() -> Self {
+    /// The desired state of a commit with no files: nothing to run, the implicit host.
+    pub fn with_implicit_local() -> Self {
+        let mut d = Self::empty();
+        d.hosts
+            .insert(LOCAL_HOST.to_owned(), HostEntry::implicit_local());
+        d
+    }
+
+    /// No VMs, no hosts (the loader adds hosts).
+    fn empty() -> Self {
         Self {
             cluster: ClusterSpec::default(),
             hosts: BTreeMap::new(),
@@ -187,14 +206,9 @@ pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
 
     desired.implicit_local = desired.hosts.is_empty() && host_files.is_empty();
     if desired.implicit_local {
-        desired.hosts.insert(
-            LOCAL_HOST.to_owned(),
-            HostEntry {
-                name: LOCAL_HOST.to_owned(),
-                file: None,
-                spec: HostSpec::implicit_local(),
-            },
-        );
+        desired
+            .hosts
+            .insert(LOCAL_HOST.to_owned(), HostEntry::implicit_local());
     }
 
     check_across(&desired, &vms, &texts, &mut diags);

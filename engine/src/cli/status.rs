@@ -26,12 +26,10 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<u8> {
     let snap = match StateLock::acquire(&state.lock_path(), "plasmavmc status") {
         Ok(_lock) => {
             let target = ctx.target()?.ok();
-            let desired = match &target {
-                Some(t) => t.desired.clone(),
-                None => plasmavmc_specs::load(&[])
-                    .map_err(|_| anyhow::anyhow!("empty desired state is valid"))?,
+            let hosts = match &target {
+                Some(t) => ctx.hosts(&t.desired),
+                None => ctx.hosts(&plasmavmc_specs::Desired::with_implicit_local()),
             };
-            let hosts = ctx.hosts(&desired);
             let observed = Observed::gather(hosts.values())
                 .await
                 .context("observing the hosts")?;

@@ -137,6 +137,14 @@ impl Daemon {
         };
         let status = StatusDir::new(&state.status_dir());
         let engine = status.read().map(|s| s.engine).unwrap_or_default();
+        // Heal the last good commit even when the branch tip is invalid from the start.
+        let target = engine.last_applied_revision.as_deref().and_then(|rev| match Target::load(&source, rev) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                warn!(revision = %short(rev), error = %error_chain(&e), "the last applied commit cannot be read");
+                None
+            }
+        });
         let journal = JournalFile::new(state.root());
         if let Some(j) = journal.interrupted() {
             warn!(journal = %j.describe(), "resuming after an interrupted apply");
@@ -151,7 +159,7 @@ impl Daemon {
             _lock: lock,
             status,
             journal,
-            target: None,
+            target,
             bad: None,
             hosts: BTreeMap::new(),
             engine,
@@ -209,7 +217,15 @@ impl Daemon {
         info!(trigger, revision = %short(&id), "reconcile");
         let mut changed = self.load(&id);
         let Some(target) = &self.target else {
-            self.write_status(None, None, &Observed::default(), changed)?;
+            // Nothing valid was ever applied here: report what runs, act on nothing.
+            let hosts = local_hosts(
+                &plasmavmc_specs::Desired::with_implicit_local(),
+                &self.state,
+            );
+            let observed = Observed::gather(hosts.values())
+                .await
+                .context("observing the hosts")?;
+            self.write_status(None, None, &observed, changed)?;
             return Ok(());
         };
         let wanted = local_hosts(&target.desired, &self.state);
