@@ -127,7 +127,7 @@ pub struct Disk {
     /// Disk name, unique within the VM; the file is `<name>.qcow2`.
     pub name: String,
     /// Size of a new empty qcow2 disk, in GiB (at least 1). Growing it later resizes the
-    /// disk on the next restart; shrinking is refused.
+    /// disk on the next restart; a smaller size never shrinks it (that would lose data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub size_gb: Option<u64>,

@@ -192,6 +192,8 @@ impl LocalHost {
                 if current < gb << 30 {
                     img::grow(&path, gb).await.map_err(disk_err)?;
                     info!(vm = %vm.name, disk = %disk.name, size_gb = gb, "grew disk");
+                } else if current > gb << 30 {
+                    warn!(vm = %vm.name, disk = %disk.name, size_gb = gb, current_bytes = current, "not shrinking the disk: that would lose data");
                 }
             }
         }
