@@ -7,21 +7,27 @@
 //!   serial logs, status files). Dropping it kills every process it owns, even when
 //!   the test panicked.
 //! - [`VmSpec`] writes VM specs that boot the test guest under TCG.
+//! - [`Daemon`] is a running `plasmavmc watch` (own process group, killed on drop,
+//!   JSON log lines read back); [`VmView`]/[`EngineView`] read the status files.
 //! - [`proc`] inspects processes through `/proc`; [`wait`] polls with deadlines
 //!   (tests never sleep to synchronise).
 
 pub mod artifacts;
+mod daemon;
 pub mod proc;
 mod repo;
 mod run;
 mod spec;
+mod status;
 pub mod wait;
 
 pub use artifacts::Guest;
+pub use daemon::{Daemon, LogLine};
 pub use proc::{cmdline, is_alive};
 pub use repo::TestRepo;
 pub use run::{Output, Running};
 pub use spec::{VmSpec, MEMORY_LINE};
+pub use status::{EngineView, Event, VmView};
 pub use wait::{poll_for, wait_for};
 
 use std::time::Duration;

@@ -6,17 +6,20 @@
 //! any other process (engine, agent, orphaned QEMU) whose cwd or argv does. Set
 //! `PLASMAVMC_E2E_KEEP=1` to keep the temp folder for a post-mortem.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
 use git2::{IndexAddOption, Repository, Signature, Time};
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
 use tempfile::TempDir;
 
 use crate::artifacts::{self, Guest};
+use crate::daemon::Daemon;
 use crate::proc;
 use crate::run::{Output, Running};
 use crate::spec::VmSpec;
@@ -24,8 +27,8 @@ use crate::wait::{poll_for, wait_for};
 use crate::RUN_TIMEOUT;
 
 /// Subcommands that take `--repo`; those also in [`TAKES_STATE`] take `--state-dir`.
-const TAKES_REPO: &[&str] = &["validate", "plan", "apply", "status"];
-const TAKES_STATE: &[&str] = &["plan", "apply", "status"];
+const TAKES_REPO: &[&str] = &["validate", "plan", "apply", "status", "watch"];
+const TAKES_STATE: &[&str] = &["plan", "apply", "status", "watch"];
 
 /// A git repository and a state dir in a temp folder, and the binary to run on them.
 #[derive(Debug)]
@@ -34,6 +37,9 @@ pub struct TestRepo {
     guest: Guest,
     bin: PathBuf,
     commits: Cell<i64>,
+    /// Process groups of the daemons started with [`TestRepo::watch`].
+    daemon_groups: RefCell<Vec<i32>>,
+    daemons: Cell<u32>,
 }
 
 impl TestRepo {
@@ -53,6 +59,8 @@ impl TestRepo {
             guest,
             bin,
             commits: Cell::new(0),
+            daemon_groups: RefCell::new(Vec::new()),
+            daemons: Cell::new(0),
         };
         repo.set_stop_timeout("2s")?;
         Ok(repo)
@@ -104,10 +112,47 @@ impl TestRepo {
         self.write("plasmavmc.toml", &format!("[timeouts]\nstop = {stop:?}\n"))
     }
 
+    /// Writes `plasmavmc.toml` with `[timeouts] stop = "2s"` followed by `extra`
+    /// (e.g. a `[restart]` table).
+    pub fn set_cluster_settings(&self, extra: &str) -> Result<()> {
+        self.write(
+            "plasmavmc.toml",
+            &format!("[timeouts]\nstop = \"2s\"\n\n{extra}"),
+        )
+    }
+
     /// Stages every change of the working tree (additions, edits, removals) and
     /// commits it with a fixed author; returns the commit id.
     pub fn commit(&self, message: &str) -> Result<String> {
         let git = Repository::open(self.repo_dir()).context("opening the test repository")?;
+        let (tree, who) = self.stage(&git)?;
+        let parent = match git.head() {
+            Ok(head) => Some(head.peel_to_commit()?),
+            Err(_) => None,
+        };
+        let parents: Vec<_> = parent.iter().collect();
+        let id = git.commit(Some("HEAD"), &who, &who, message, &tree, &parents)?;
+        Ok(id.to_string())
+    }
+
+    /// Like [`TestRepo::commit`] on top of an existing commit, but writes the commit
+    /// object first and moves the branch last: returns the id and the wall clock just
+    /// before the branch ref moved (what a daemon watching the refs reacts to).
+    pub fn commit_timed(&self, message: &str) -> Result<(String, SystemTime)> {
+        let git = Repository::open(self.repo_dir()).context("opening the test repository")?;
+        let (tree, who) = self.stage(&git)?;
+        let head = git.head().context("commit_timed needs a first commit")?;
+        let branch = head.name().context("HEAD names no branch")?.to_owned();
+        let parent = head.peel_to_commit()?;
+        let id = git.commit(None, &who, &who, message, &tree, &[&parent])?;
+        let before = SystemTime::now();
+        git.reference(&branch, id, true, &format!("commit: {message}"))?;
+        Ok((id.to_string(), before))
+    }
+
+    /// Stages every change of the working tree; returns the tree and the next
+    /// commit's fixed author.
+    fn stage<'g>(&self, git: &'g Repository) -> Result<(git2::Tree<'g>, Signature<'static>)> {
         let mut index = git.index()?;
         index.add_all(["*"], IndexAddOption::DEFAULT, None)?;
         index.update_all(["*"], None)?;
@@ -120,13 +165,7 @@ impl TestRepo {
             "e2e@plasmavmc.invalid",
             &Time::new(1_700_000_000 + n * 60, 0),
         )?;
-        let parent = match git.head() {
-            Ok(head) => Some(head.peel_to_commit()?),
-            Err(_) => None,
-        };
-        let parents: Vec<_> = parent.iter().collect();
-        let id = git.commit(Some("HEAD"), &who, &who, message, &tree, &parents)?;
-        Ok(id.to_string())
+        Ok((tree, who))
     }
 
     // ---- running the binary ---------------------------------------------------
@@ -159,6 +198,30 @@ impl TestRepo {
     /// Starts the binary without waiting for it.
     pub fn spawn(&self, args: &[&str]) -> Result<Running> {
         Running::spawn(self.command(args))
+    }
+
+    /// Starts `plasmavmc watch --repo R --state-dir S --log-format json <extra>` as a
+    /// [`Daemon`] (stderr in `<root>/watch-N.log`). `RUST_LOG` is removed from its
+    /// environment: the daemon's default level must show its INFO lines.
+    pub fn watch(&self, extra: &[&str]) -> Result<Daemon<'_>> {
+        let n = self.daemons.get() + 1;
+        self.daemons.set(n);
+        let mut args = vec!["watch", "--log-format", "json"];
+        args.extend_from_slice(extra);
+        let mut cmd = self.command(&args);
+        cmd.env_remove("RUST_LOG");
+        Daemon::spawn(self, cmd, &format!("watch-{n}"))
+    }
+
+    /// Remembers a daemon's process group, killed first by [`TestRepo::cleanup`].
+    pub(crate) fn register_group(&self, pgid: i32) {
+        self.daemon_groups.borrow_mut().push(pgid);
+    }
+
+    /// Forgets a daemon's process group once the daemon killed and reaped it (its id
+    /// may be reused).
+    pub(crate) fn unregister_group(&self, pgid: i32) {
+        self.daemon_groups.borrow_mut().retain(|&g| g != pgid);
     }
 
     // ---- what the engine left behind ------------------------------------------
@@ -309,6 +372,13 @@ impl TestRepo {
 
     /// Kills everything this test owns and waits for it to be gone.
     pub fn cleanup(&self) -> Result<()> {
+        // Daemons first, so none restarts a QEMU killed below.
+        for &pgid in self.daemon_groups.borrow().iter() {
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            let _ = wait_for("a daemon to die", Duration::from_secs(10), || {
+                !proc::is_alive(pgid)
+            });
+        }
         let mut pids = self.qemu_pids();
         pids.extend(proc::processes_under(self.root()));
         pids.sort_unstable();

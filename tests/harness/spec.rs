@@ -13,6 +13,8 @@ pub struct VmSpec {
     pub vcpus: u32,
     pub memory_mb: u64,
     pub power: String,
+    /// `restart = "..."` when set (`always`, `on-failure`, `never`).
+    pub restart: Option<String>,
     /// `(name, size_gb)`.
     pub disks: Vec<(String, u64)>,
     /// Appended to [`BASE_CMDLINE`], e.g. `plasmavmc.poweroff=5`.
@@ -25,6 +27,7 @@ impl Default for VmSpec {
             vcpus: 1,
             memory_mb: 128,
             power: "running".to_owned(),
+            restart: None,
             disks: vec![("data".to_owned(), 1)],
             cmdline_extra: String::new(),
         }
@@ -48,6 +51,11 @@ impl VmSpec {
 
     pub fn power(mut self, power: &str) -> Self {
         power.clone_into(&mut self.power);
+        self
+    }
+
+    pub fn restart(mut self, policy: &str) -> Self {
+        self.restart = Some(policy.to_owned());
         self
     }
 
@@ -77,6 +85,9 @@ impl VmSpec {
         let _ = writeln!(s, "vcpus = {}", self.vcpus);
         let _ = writeln!(s, "memory_mb = {}", self.memory_mb);
         let _ = writeln!(s, "power = {:?}", self.power);
+        if let Some(restart) = &self.restart {
+            let _ = writeln!(s, "restart = {restart:?}");
+        }
         let _ = writeln!(s, "\n[boot]");
         let _ = writeln!(s, "kernel = {:?}", guest.kernel.display().to_string());
         let _ = writeln!(s, "initrd = {:?}", guest.initrd.display().to_string());

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use table::print_table;
 
 use crate::execute::{Outcome, Report};
-use crate::observe::{Capacity, Observed, ObservedVm, Orphan, Retained, RunState};
+use crate::observe::{Capacity, Inventory, Observed, ObservedVm, Orphan, Retained, RunState};
 use crate::plan::restart::{verdict, Verdict};
 use crate::state::{create_private_dir, write_atomic, StateError};
 
@@ -261,6 +261,8 @@ impl StatusDir {
     ) -> Snapshot {
         let now_ms = crate::host::now_ms();
         let mut vms: BTreeMap<String, VmStatus> = BTreeMap::new();
+        // VMs that entered `failed` now: their event goes after the exits that caused it.
+        let mut newly_failed: Vec<(String, String)> = Vec::new();
         let previous = |name: &str| read_toml::<VmStatus>(&self.vm_path(name)).ok().flatten();
         for (host, inv) in &observed.hosts {
             for (name, o) in &inv.vms {
@@ -273,16 +275,11 @@ impl StatusDir {
                     RunState::Stopped => (VmPhase::Stopped, None),
                     RunState::Exited => exited_phase(desired, o, now_ms),
                 };
-                let mut events = prev.as_ref().map(|p| p.events.clone()).unwrap_or_default();
+                let events = prev.as_ref().map(|p| p.events.clone()).unwrap_or_default();
                 if phase == VmPhase::Failed
                     && prev.as_ref().is_none_or(|p| p.phase != VmPhase::Failed)
                 {
-                    let why = message.clone().unwrap_or_default();
-                    events.push(VmEvent {
-                        at: crate::time::now(),
-                        kind: "failed".to_owned(),
-                        message: why,
-                    });
+                    newly_failed.push((name.clone(), message.clone().unwrap_or_default()));
                 }
                 vms.insert(
                     name.clone(),
@@ -332,31 +329,47 @@ impl StatusDir {
         if let Some(report) = report {
             apply_report(&mut vms, report);
         }
+        for (vm, why) in newly_failed {
+            if let Some(status) = vms.get_mut(&vm) {
+                status.events.push(VmEvent {
+                    at: crate::time::now(),
+                    kind: "failed".to_owned(),
+                    message: why,
+                });
+            }
+        }
+        for status in vms.values_mut() {
+            let excess = status.events.len().saturating_sub(MAX_EVENTS);
+            status.events.drain(..excess);
+        }
         let hosts = observed
             .hosts
             .iter()
-            .map(|(name, inv)| {
-                let running: Vec<_> = inv.vms.values().filter(|v| v.state.has_process()).collect();
-                HostStatus {
-                    name: name.clone(),
-                    phase: "ready".to_owned(),
-                    last_heartbeat: Some(crate::time::now()),
-                    capacity: inv.capacity,
-                    allocated: Capacity {
-                        vcpus: running.iter().map(|v| v.spec.vcpus).sum(),
-                        memory_mb: running.iter().map(|v| v.spec.memory_mb).sum(),
-                    },
-                    vms: inv.vms.keys().cloned().collect(),
-                    orphans: inv.orphans.clone(),
-                    retained: inv.retained.clone(),
-                }
-            })
+            .map(|(name, inv)| host_status(name, inv))
             .collect();
         Snapshot {
             engine,
             vms: vms.into_values().collect(),
             hosts,
         }
+    }
+}
+
+/// A host's status from its inventory: what it has, what running VMs take.
+fn host_status(name: &str, inv: &Inventory) -> HostStatus {
+    let running: Vec<_> = inv.vms.values().filter(|v| v.state.has_process()).collect();
+    HostStatus {
+        name: name.to_owned(),
+        phase: "ready".to_owned(),
+        last_heartbeat: Some(crate::time::now()),
+        capacity: inv.capacity,
+        allocated: Capacity {
+            vcpus: running.iter().map(|v| v.spec.vcpus).sum(),
+            memory_mb: running.iter().map(|v| v.spec.memory_mb).sum(),
+        },
+        vms: inv.vms.keys().cloned().collect(),
+        orphans: inv.orphans.clone(),
+        retained: inv.retained.clone(),
     }
 }
 
@@ -411,10 +424,6 @@ fn apply_report(vms: &mut BTreeMap<String, VmStatus>, report: &Report) {
             kind,
             message,
         });
-    }
-    for status in vms.values_mut() {
-        let excess = status.events.len().saturating_sub(MAX_EVENTS);
-        status.events.drain(..excess);
     }
 }
 

@@ -1,0 +1,333 @@
+//! A long-running `plasmavmc watch` under test: its own process group, stdout and
+//! stderr in files of the test's temp folder, JSON log lines read back as they come.
+//!
+//! A [`Daemon`] borrows its [`TestRepo`], so it is always dropped before the repo:
+//! dropping it SIGKILLs its process group (the QEMUs it started live in their own
+//! sessions and are left to the repo's cleanup). The repo also remembers every daemon
+//! group and kills those first in its own cleanup, so no daemon can restart a QEMU
+//! the cleanup just killed.
+//!
+//! Waiting for a log line fails at once, showing the log, if the daemon has exited.
+
+use std::fmt::Display;
+use std::fs::{self, File};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+use crate::proc;
+use crate::repo::TestRepo;
+use crate::wait::{poll_for, POLL};
+
+/// One JSON log line of the daemon (`--log-format json`).
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    pub raw: Value,
+}
+
+impl LogLine {
+    /// A field: at the top level, or (tracing-subscriber's unflattened layout) under
+    /// `fields`.
+    pub fn field(&self, name: &str) -> Option<&Value> {
+        self.raw
+            .get(name)
+            .or_else(|| self.raw.get("fields")?.get(name))
+    }
+
+    /// A string field.
+    pub fn str(&self, name: &str) -> Option<&str> {
+        self.field(name)?.as_str()
+    }
+
+    /// An integer field (written as a number or a string).
+    pub fn int(&self, name: &str) -> Option<i64> {
+        match self.field(name)? {
+            Value::Number(n) => n.as_i64(),
+            Value::String(s) => s.parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// The `message` field.
+    pub fn message(&self) -> &str {
+        self.str("message").unwrap_or_default()
+    }
+
+    /// True if the message is `message` and, when given, the `vm` field is `vm`.
+    pub fn is(&self, message: &str, vm: Option<&str>) -> bool {
+        self.message() == message && vm.is_none_or(|vm| self.str("vm") == Some(vm))
+    }
+
+    /// The `timestamp` field (RFC 3339, UTC).
+    pub fn timestamp(&self) -> Result<SystemTime> {
+        let text = self
+            .str("timestamp")
+            .with_context(|| format!("log line without a timestamp: {}", self.raw))?;
+        humantime::parse_rfc3339_weak(text)
+            .with_context(|| format!("log timestamp {text:?} is not RFC 3339"))
+    }
+}
+
+impl Display for LogLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.raw)
+    }
+}
+
+/// A running `plasmavmc watch`.
+#[derive(Debug)]
+pub struct Daemon<'r> {
+    repo: &'r TestRepo,
+    command: String,
+    child: Child,
+    stderr: PathBuf,
+    stdout: PathBuf,
+    started: Instant,
+    /// Set once the daemon was reaped: its pid (and group id) may then be reused, so
+    /// the group is no longer signalled.
+    reaped: bool,
+}
+
+impl<'r> Daemon<'r> {
+    /// Starts `cmd` in its own process group, stdin null, stdout/stderr to
+    /// `<root>/<name>.{out,log}`.
+    pub(crate) fn spawn(repo: &'r TestRepo, mut cmd: Command, name: &str) -> Result<Self> {
+        let stdout = repo.root().join(format!("{name}.out"));
+        let stderr = repo.root().join(format!("{name}.log"));
+        let command = format!("{cmd:?}");
+        cmd.stdin(Stdio::null())
+            .stdout(File::create(&stdout)?)
+            .stderr(File::create(&stderr)?)
+            .process_group(0);
+        let child = cmd.spawn().with_context(|| format!("spawning {command}"))?;
+        let daemon = Self {
+            repo,
+            command,
+            child,
+            stderr,
+            stdout,
+            started: Instant::now(),
+            reaped: false,
+        };
+        repo.register_group(daemon.pid());
+        Ok(daemon)
+    }
+
+    /// The daemon's pid (also its process group id).
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pids fit in i32")
+    }
+
+    /// How long ago it was started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    /// True while the daemon process exists and is not a zombie.
+    pub fn is_running(&self) -> bool {
+        proc::is_alive(self.pid())
+    }
+
+    /// Everything it wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read(&self.stderr)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// Every complete JSON line it logged so far, in order (other lines skipped).
+    pub fn lines(&self) -> Vec<LogLine> {
+        let text = self.stderr();
+        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
+        complete
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
+            .filter(Value::is_object)
+            .map(|raw| LogLine { raw })
+            .collect()
+    }
+
+    /// Polls `check` like [`poll_for`], but fails at once, showing the log, if the
+    /// daemon exits meanwhile; on timeout the error shows the log too.
+    pub fn poll<T>(
+        &self,
+        what: impl Display,
+        timeout: Duration,
+        mut check: impl FnMut() -> Option<T>,
+    ) -> Result<T> {
+        let found = poll_for(&what, timeout, || {
+            if let Some(value) = check() {
+                return Some(Some(value));
+            }
+            (!self.is_running()).then_some(None)
+        })
+        .map_err(|e| anyhow!("{e}\n{}", self.describe()))?;
+        found.ok_or_else(|| {
+            anyhow!(
+                "the daemon exited while waiting for {what}\n{}",
+                self.describe()
+            )
+        })
+    }
+
+    /// [`Self::poll`] for a condition.
+    pub fn wait(
+        &self,
+        what: impl Display,
+        timeout: Duration,
+        mut cond: impl FnMut() -> bool,
+    ) -> Result<()> {
+        self.poll(what, timeout, || cond().then_some(()))
+    }
+
+    /// Waits for a line, from index `since` of [`Self::lines`] on, that satisfies
+    /// `pred`; returns its index and the line. Fails at once if the daemon exited.
+    pub fn wait_log_since(
+        &self,
+        what: impl Display,
+        timeout: Duration,
+        since: usize,
+        mut pred: impl FnMut(&LogLine) -> bool,
+    ) -> Result<(usize, LogLine)> {
+        self.poll(what, timeout, || {
+            self.lines()
+                .into_iter()
+                .enumerate()
+                .skip(since)
+                .find(|(_, l)| pred(l))
+        })
+    }
+
+    /// Waits for any line (since the start) that satisfies `pred`.
+    pub fn wait_log(
+        &self,
+        what: impl Display,
+        timeout: Duration,
+        pred: impl FnMut(&LogLine) -> bool,
+    ) -> Result<LogLine> {
+        self.wait_log_since(what, timeout, 0, pred).map(|(_, l)| l)
+    }
+
+    /// Sends `signal` to the daemon process (not its group).
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        kill(Pid::from_raw(self.pid()), signal)
+            .with_context(|| format!("sending {signal} to the daemon {}", self.pid()))
+    }
+
+    /// Makes sure at least one whole reconcile ran after this call: SIGHUP, wait for
+    /// its "reconcile" line (trigger "signal"), SIGHUP again and wait for the next one.
+    /// Reconciles run one after another, so the second starting means the first (which
+    /// began after the call) has finished, status files included.
+    pub fn resync(&self, timeout: Duration) -> Result<()> {
+        for round in 1..=2 {
+            let since = self.lines().len();
+            self.signal(Signal::SIGHUP)?;
+            self.wait_log_since(
+                format!("reconcile #{round} after SIGHUP (trigger \"signal\")"),
+                timeout,
+                since,
+                |l| l.is("reconcile", None) && l.str("trigger") == Some("signal"),
+            )?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs the daemon process only (like a crash: its group is left alone) and
+    /// reaps it.
+    pub fn kill9(&mut self) -> Result<()> {
+        let _ = kill(Pid::from_raw(self.pid()), Signal::SIGKILL);
+        self.child.wait().context("reaping the killed daemon")?;
+        self.reaped = true;
+        self.repo.unregister_group(self.pid());
+        Ok(())
+    }
+
+    /// Waits for the daemon to exit by itself; after `timeout` fails (the group is
+    /// killed on drop).
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                self.reaped = true;
+                self.repo.unregister_group(self.pid());
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the daemon did not exit within {timeout:?}\n{}",
+                    self.describe()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// The command, its stdout and the tail of its stderr, for failure messages.
+    pub fn describe(&self) -> String {
+        let err = self.stderr();
+        let lines: Vec<&str> = err.lines().collect();
+        let tail = lines[lines.len().saturating_sub(40)..].join("\n");
+        let out = fs::read_to_string(&self.stdout).unwrap_or_default();
+        format!(
+            "--- daemon: {} (pid {}, running: {}, for {:?}) ---\n--- stdout ---\n{}\n--- stderr (tail) ---\n{tail}",
+            self.command,
+            self.pid(),
+            self.is_running(),
+            self.elapsed(),
+            out.trim_end(),
+        )
+    }
+
+    /// The repository it watches.
+    pub fn repo(&self) -> &'r TestRepo {
+        self.repo
+    }
+}
+
+impl Drop for Daemon<'_> {
+    fn drop(&mut self) {
+        if !self.reaped {
+            let _ = killpg(Pid::from_raw(self.pid()), Signal::SIGKILL);
+            let _ = self.child.wait();
+            self.repo.unregister_group(self.pid());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(text: &str) -> LogLine {
+        LogLine {
+            raw: serde_json::from_str(text).expect("test JSON"),
+        }
+    }
+
+    #[test]
+    fn fields_flat_or_nested_and_timestamps() -> Result<()> {
+        let flat = line(
+            r#"{"timestamp":"2026-11-26T21:30:00.123456Z","level":"INFO","message":"vm exited","vm":"web","pid":1234,"reason":"crash"}"#,
+        );
+        assert!(flat.is("vm exited", Some("web")));
+        assert!(!flat.is("vm exited", Some("db")));
+        assert_eq!(flat.int("pid"), Some(1234));
+        assert_eq!(flat.str("reason"), Some("crash"));
+        let at = flat.timestamp()?;
+        let base = humantime::parse_rfc3339("2026-11-26T21:30:00Z")?;
+        assert_eq!(at.duration_since(base)?, Duration::from_micros(123_456));
+
+        let nested = line(
+            r#"{"timestamp":"2026-11-26T21:30:00Z","level":"INFO","fields":{"message":"started","vm":"web","pid":"77"}}"#,
+        );
+        assert!(nested.is("started", Some("web")));
+        assert_eq!(nested.int("pid"), Some(77));
+        Ok(())
+    }
+}
