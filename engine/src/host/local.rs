@@ -17,6 +17,7 @@ use super::monitor::Monitor;
 use super::{Host, HostError, StopOutcome};
 use crate::observe::{Capacity, Inventory, ObservedVm, Orphan, Retained, RunState};
 use crate::qemu::args::{qemu_args, Accel};
+use crate::qemu::exit::{ExitReason, ExitRecord};
 use crate::qemu::instance::{
     self, InstanceDir, InstanceFile, VmInstance, QEMU_LOG, QMP_SOCKET, SERIAL_LOG,
 };
@@ -473,7 +474,28 @@ impl Host for LocalHost {
             what: format!("cannot run {}", process::qemu_binary()),
             source,
         })?;
-        self.wait_ready(&dir, vm, &inst.uuid, pid).await?;
+        if let Err(e) = self.wait_ready(&dir, vm, &inst.uuid, pid).await {
+            // A failed start counts as an exit: the restart policy backs off and gives up
+            // instead of retrying at every reconcile.
+            let message = match &e {
+                HostError::StartFailed { reason, .. } => reason.clone(),
+                other => other.to_string(),
+            };
+            if let Ok(mut now) = dir.read() {
+                let at_ms = super::now_ms();
+                now.last_exit = Some(ExitRecord {
+                    reason: ExitReason::StartFailed,
+                    at_ms,
+                    pid,
+                    status: Some(message),
+                });
+                now.exits.push(at_ms);
+                let excess = now.exits.len().saturating_sub(instance::EXIT_HISTORY);
+                now.exits.drain(..excess);
+                Self::write(&dir, &now)?;
+            }
+            return Err(e);
+        }
         info!(vm, pid, "started");
         Ok(pid)
     }

@@ -213,11 +213,11 @@ fn plan_existing(
                     format!("restart after an unexpected exit ({reason}), attempt {attempt}");
                 out.actions.push(Action::Start { vm, host, reason });
             }
-            Verdict::Wait { reason, until_ms } => {
+            Verdict::Wait { until_ms, .. } => {
                 let secs = until_ms.saturating_sub(now_ms).div_ceil(1000);
-                out.notes.push(format!(
-                    "{vm}: exited ({reason}); restart in {secs}s (backoff)"
-                ));
+                let what = restart::describe_exit(have);
+                out.notes
+                    .push(format!("{vm}: {what}; restart in {secs}s (backoff)"));
                 out.wake_at_ms = Some(out.wake_at_ms.map_or(until_ms, |w| w.min(until_ms)));
             }
             Verdict::Stay { why } | Verdict::GiveUp { why } => {

@@ -28,6 +28,28 @@ pub enum Verdict {
     GiveUp { why: String },
 }
 
+/// What happened to `vm`, which should run and does not: for plans and status.
+pub fn describe_exit(vm: &ObservedVm) -> String {
+    let last = vm.last_exit.as_ref();
+    match last.map_or(ExitReason::Unknown, |e| e.reason) {
+        ExitReason::GuestPoweroff => "the guest powered itself off".to_owned(),
+        ExitReason::Unknown => "QEMU exited while no engine was watching".to_owned(),
+        ExitReason::StartFailed => {
+            let why = last
+                .and_then(|e| e.status.as_deref())
+                .unwrap_or("no message");
+            format!("QEMU failed to start ({why})")
+        }
+        other => {
+            let status = last
+                .and_then(|e| e.status.as_deref())
+                .map(|s| format!(", {s}"))
+                .unwrap_or_default();
+            format!("QEMU exited ({other}{status})")
+        }
+    }
+}
+
 /// Decides for `vm`, which exited without being asked (it should run, no QEMU).
 pub fn verdict(
     policy: RestartPolicy,
@@ -39,11 +61,7 @@ pub fn verdict(
         .last_exit
         .as_ref()
         .map_or(ExitReason::Unknown, |e| e.reason);
-    let what = match reason {
-        ExitReason::GuestPoweroff => "the guest powered itself off".to_owned(),
-        ExitReason::Unknown => "QEMU exited while no engine was watching".to_owned(),
-        other => format!("QEMU exited ({other})"),
-    };
+    let what = describe_exit(vm);
     match policy {
         RestartPolicy::Never => {
             return Verdict::Stay {

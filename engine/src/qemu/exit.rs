@@ -24,6 +24,8 @@ pub enum ExitReason {
     Crash,
     /// It exited while no engine was watching; the reason is lost.
     Unknown,
+    /// QEMU never came up (bad machine type, missing firmware, locked disk...).
+    StartFailed,
 }
 
 impl ExitReason {
@@ -34,6 +36,7 @@ impl ExitReason {
             ExitReason::Panic => "panic",
             ExitReason::Crash => "crash",
             ExitReason::Unknown => "unknown",
+            ExitReason::StartFailed => "start-failed",
         }
     }
 
@@ -41,7 +44,7 @@ impl ExitReason {
     pub fn is_failure(self) -> bool {
         matches!(
             self,
-            ExitReason::Panic | ExitReason::Crash | ExitReason::Unknown
+            ExitReason::Panic | ExitReason::Crash | ExitReason::Unknown | ExitReason::StartFailed
         )
     }
 }

@@ -19,7 +19,7 @@ pub use table::print_table;
 
 use crate::execute::{Outcome, Report};
 use crate::observe::{Capacity, Inventory, Observed, ObservedVm, Orphan, Retained, RunState};
-use crate::plan::restart::{verdict, Verdict};
+use crate::plan::restart::{describe_exit, verdict, Verdict};
 use crate::state::{create_private_dir, write_atomic, StateError};
 
 /// Events kept per VM.
@@ -388,15 +388,18 @@ fn exited_phase(
     };
     let (d, want) = want;
     match verdict(want.spec.restart, &d.cluster.restart, o, now_ms) {
-        Verdict::Restart { reason, .. } => (
+        Verdict::Restart { .. } => (
             VmPhase::Crashed,
-            Some(format!("exited ({reason}); restarting")),
+            Some(format!("{}; restarting", describe_exit(o))),
         ),
-        Verdict::Wait { reason, until_ms } => {
+        Verdict::Wait { until_ms, .. } => {
             let secs = until_ms.saturating_sub(now_ms).div_ceil(1000);
             (
                 VmPhase::Crashed,
-                Some(format!("exited ({reason}); restart in {secs}s (backoff)")),
+                Some(format!(
+                    "{}; restart in {secs}s (backoff)",
+                    describe_exit(o)
+                )),
             )
         }
         Verdict::Stay { why } => (VmPhase::Stopped, Some(why)),
