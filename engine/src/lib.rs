@@ -7,6 +7,7 @@
 //! ```
 //! `cli` parses arguments and calls these stages; nothing else lives in the binary.
 
+pub mod agent;
 pub mod cli;
 pub mod execute;
 pub mod host;

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use plasmavmc_specs::{Desired, Diagnostic};
 
 use super::RepoArgs;
-use crate::host::LocalHost;
+use crate::host::{connect_hosts, AgentHost, ConnectOptions};
 use crate::source::{Source, Target, TargetError};
 use crate::state::StateDir;
 
@@ -26,6 +26,7 @@ impl Ctx {
             (None, Some(root)) => root.join(".plasmavmc"),
             (None, None) => anyhow::bail!("the repository has no working tree; pass --state-dir"),
         };
+        let state = std::path::absolute(&state).unwrap_or(state);
         Ok(Self {
             source,
             state,
@@ -51,8 +52,18 @@ impl Ctx {
     }
 
     /// The hosts this engine reaches: every `address = "local"` host of `desired`.
-    pub fn hosts(&self, desired: &Desired) -> BTreeMap<String, LocalHost> {
-        crate::host::local_hosts(desired, &StateDir::at(&self.state))
+    /// Connects to every host's agent; unreachable ones are reported on stderr and left out.
+    pub async fn hosts(&self, desired: &Desired) -> BTreeMap<String, AgentHost> {
+        let (up, down) = connect_hosts(
+            desired,
+            &StateDir::at(&self.state),
+            ConnectOptions::default(),
+        )
+        .await;
+        for (host, why) in down {
+            eprintln!("warning: host {host} is unreachable: {why}");
+        }
+        up
     }
 
     /// Prints a note about uncommitted spec changes (they are never used).

@@ -21,7 +21,7 @@ pub const EXIT_CHANGES: u8 = 2;
 )]
 struct Cli {
     /// Log format on stderr: `text` for people, `json` (one object per line) for journald/Loki.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "PLASMAVMC_LOG_FORMAT")]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -47,6 +47,9 @@ enum Command {
     /// Keep the hosts equal to the newest valid commit of a branch, and heal them: restart
     /// crashed VMs by policy, adopt running ones after a restart of the engine.
     Watch(WatchArgs),
+    /// The host side: serve one engine on stdin/stdout (started by the engine itself,
+    /// over ssh, or by a host's `exec` command).
+    Agent(AgentArgs),
     /// Write the JSON Schemas of the spec files.
     Schema {
         /// Folder to write vm/host/cluster.schema.json into.
@@ -70,6 +73,20 @@ pub struct RepoArgs {
     /// State directory (default: <repo>/<path>/.plasmavmc, git-ignored).
     #[arg(long, env = "PLASMAVMC_STATE_DIR")]
     state_dir: Option<PathBuf>,
+}
+
+/// `agent` arguments.
+#[derive(Debug, Args)]
+struct AgentArgs {
+    /// Speak the agent protocol on stdin/stdout (the only transport).
+    #[arg(long)]
+    stdio: bool,
+    /// Folder this host keeps instances and disks in; one engine at a time.
+    #[arg(long)]
+    root: PathBuf,
+    /// Exit (leaving every VM running) when the engine sends nothing for this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    silence: std::time::Duration,
 }
 
 /// `watch` arguments.
@@ -107,6 +124,14 @@ pub fn main() -> ExitCode {
         "warn"
     };
     init_logging(cli.log_format, default_level);
+    // Agents this process starts log in the same format (they read it from the env).
+    std::env::set_var(
+        "PLASMAVMC_LOG_FORMAT",
+        match cli.log_format {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        },
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -125,9 +150,13 @@ pub fn main() -> ExitCode {
             Command::Apply(args) => plan::apply(&args).await,
             Command::Status(args) => status::status(&args).await,
             Command::Watch(args) => watch(args).await,
+            Command::Agent(args) => agent(args).await,
             Command::Schema { out } => schema(&out),
         }
     });
+    // A blocked stdin read (the agent after its controller went silent) must not keep
+    // the process alive: give background work a moment, then go.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
@@ -154,6 +183,20 @@ fn init_logging(format: LogFormat, default_level: &str) {
             .with_span_list(false)
             .try_init(),
     };
+}
+
+async fn agent(args: AgentArgs) -> anyhow::Result<u8> {
+    anyhow::ensure!(
+        args.stdio,
+        "only --stdio is supported: the engine talks to the agent over its stdin/stdout"
+    );
+    let opts = crate::agent::AgentOptions {
+        root: args.root,
+        silence: args.silence,
+        qmp_ready: std::time::Duration::from_secs(30),
+    };
+    crate::agent::serve(opts, tokio::io::stdin(), tokio::io::stdout()).await?;
+    Ok(0)
 }
 
 async fn watch(args: WatchArgs) -> anyhow::Result<u8> {

@@ -11,7 +11,7 @@ use super::context::{print_invalid, Ctx};
 use super::{RepoArgs, EXIT_CHANGES};
 use crate::execute::journal::JournalFile;
 use crate::execute::{execute_journaled, Outcome, Step};
-use crate::host::LocalHost;
+use crate::host::AgentHost;
 use crate::observe::Observed;
 use crate::plan::{plan as make_plan, prune_actions, Plan, SavedPlan};
 use crate::source::Target;
@@ -74,10 +74,10 @@ async fn observe(
     ctx: &Ctx,
     target: &Target,
     what: &str,
-) -> anyhow::Result<(StateLock, BTreeMap<String, LocalHost>, Observed)> {
+) -> anyhow::Result<(StateLock, BTreeMap<String, AgentHost>, Observed)> {
     let state = ctx.state_dir()?;
     let lock = StateLock::acquire(&state.lock_path(), what)?;
-    let hosts = ctx.hosts(&target.desired);
+    let hosts = ctx.hosts(&target.desired).await;
     let observed = Observed::gather(hosts.values())
         .await
         .context("observing the hosts")?;

@@ -27,8 +27,11 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<u8> {
         Ok(_lock) => {
             let target = ctx.target()?.ok();
             let hosts = match &target {
-                Some(t) => ctx.hosts(&t.desired),
-                None => ctx.hosts(&plasmavmc_specs::Desired::with_implicit_local()),
+                Some(t) => ctx.hosts(&t.desired).await,
+                None => {
+                    ctx.hosts(&plasmavmc_specs::Desired::with_implicit_local())
+                        .await
+                }
             };
             let observed = Observed::gather(hosts.values())
                 .await

@@ -172,13 +172,18 @@ async fn run<H: Host>(
             host.create(&instance()?).await?;
             "instance and disks created".to_owned()
         }
-        Action::Start { .. } => format!("running, pid {}", host.start(vm).await?),
+        Action::Start { .. } => {
+            let pid = host.start(vm).await?;
+            info!(vm, pid, "started");
+            format!("running, pid {pid}")
+        }
         Action::Stop { .. } => describe_stop(host.stop(vm, stop_timeout).await?).to_owned(),
         Action::Restart { .. } => {
             let inst = instance()?;
             let how = describe_stop(host.stop(vm, stop_timeout).await?);
             host.update(&inst).await?;
             let pid = host.start(vm).await?;
+            info!(vm, pid, "started");
             format!("{how}; running the new spec, pid {pid}")
         }
         Action::Update { .. } => {

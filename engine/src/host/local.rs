@@ -335,7 +335,8 @@ fn scan_orphans(root: &Path, vms: &std::collections::BTreeMap<String, ObservedVm
     out
 }
 
-fn host_capacity() -> Capacity {
+/// What this machine has: online CPUs and total memory.
+pub fn local_capacity() -> Capacity {
     let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
     let memory_mb = fs::read_to_string("/proc/meminfo")
         .ok()
@@ -359,7 +360,7 @@ impl Host for LocalHost {
 
     async fn inventory(&self) -> Result<Inventory, HostError> {
         let mut inv = Inventory {
-            capacity: host_capacity(),
+            capacity: local_capacity(),
             retained: self.scan_retained(),
             ..Inventory::default()
         };

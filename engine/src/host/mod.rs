@@ -4,15 +4,19 @@
 //! implementation runs QEMU on this machine ([`LocalHost`]); tests use a fake that
 //! records calls. Every request is idempotent: asking twice is harmless.
 
+mod agent;
 mod local;
 mod monitor;
+mod transport;
 
 use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use local::LocalHost;
+pub use agent::{AgentHost, ConnectOptions};
+pub use local::{local_capacity, LocalHost};
 pub use monitor::{now_ms, HostEvent};
+pub use transport::{agent_argv, connect_hosts};
 
 use crate::observe::Inventory;
 use crate::qemu::instance::VmInstance;
@@ -20,6 +24,14 @@ use crate::qemu::instance::VmInstance;
 /// Errors a host reports.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
+    #[error("host {host} is unreachable: {reason}")]
+    Unreachable { host: String, reason: String },
+    #[error("host {host}: {reason}")]
+    Remote {
+        host: String,
+        vm: String,
+        reason: String,
+    },
     #[error("VM {vm}: no instance on this host")]
     NoInstance { vm: String },
     #[error("VM {vm}: {what}")]

@@ -11,7 +11,7 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use plasmavmc_specs::Power;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Mutex};
 use tracing::{debug, info, warn};
 
@@ -21,7 +21,7 @@ use crate::qemu::process;
 use crate::qemu::qmp::{Qmp, QmpError};
 
 /// Something a host tells the engine without being asked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum HostEvent {
     /// A QEMU exited. `expected` when the engine had asked it to stop.

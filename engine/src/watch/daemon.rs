@@ -14,7 +14,7 @@ use super::triggers::{watch_refs, Trigger};
 use super::WatchConfig;
 use crate::execute::journal::JournalFile;
 use crate::execute::{error_chain, execute_journaled, Report};
-use crate::host::{local_hosts, now_ms, Host, HostEvent, LocalHost};
+use crate::host::{agent_argv, now_ms, AgentHost, ConnectOptions, Host, HostEvent};
 use crate::observe::Observed;
 use crate::plan::{plan, prune_actions};
 use crate::source::remote::{is_remote, Remote};
@@ -39,7 +39,10 @@ struct Daemon {
     target: Option<Target>,
     /// The newest commit seen, when it is invalid.
     bad: Option<String>,
-    hosts: BTreeMap<String, LocalHost>,
+    /// Connected hosts.
+    hosts: BTreeMap<String, AgentHost>,
+    /// The agent argv each connected host was reached with.
+    host_argv: BTreeMap<String, Vec<String>>,
     engine: EngineStatus,
     /// Status events not written yet.
     events: Vec<(String, VmEvent)>,
@@ -162,6 +165,7 @@ impl Daemon {
             target,
             bad: None,
             hosts: BTreeMap::new(),
+            host_argv: BTreeMap::new(),
             engine,
             events: Vec::new(),
             wake_at_ms: None,
@@ -184,6 +188,7 @@ impl Daemon {
                 ..
             }) = t
             {
+                info!(vm = %vm, pid, reason = reason.as_str(), status = status.as_deref().unwrap_or("-"), expected, "vm exited");
                 if !expected {
                     let status = status
                         .as_deref()
@@ -218,27 +223,16 @@ impl Daemon {
         let mut changed = self.load(&id);
         let Some(target) = &self.target else {
             // Nothing valid was ever applied here: report what runs, act on nothing.
-            let hosts = local_hosts(
-                &plasmavmc_specs::Desired::with_implicit_local(),
-                &self.state,
-            );
-            let observed = Observed::gather(hosts.values())
+            self.ensure_hosts(&plasmavmc_specs::Desired::with_implicit_local())
+                .await;
+            let observed = Observed::gather(self.hosts.values())
                 .await
                 .context("observing the hosts")?;
             self.write_status(None, None, &observed, changed)?;
             return Ok(());
         };
-        let wanted = local_hosts(&target.desired, &self.state);
-        if wanted
-            .iter()
-            .map(|(n, h)| (n, h.root()))
-            .ne(self.hosts.iter().map(|(n, h)| (n, h.root())))
-        {
-            self.hosts = wanted;
-            for host in self.hosts.values() {
-                forward_events(host, self.tx.clone());
-            }
-        }
+        let desired = target.desired.clone();
+        self.ensure_hosts(&desired).await;
         let observed = Observed::gather(self.hosts.values())
             .await
             .context("observing the hosts")?;
@@ -294,6 +288,39 @@ impl Daemon {
         }
         changed |= !self.events.is_empty();
         self.write_status(Some(&target), report.as_ref(), &after, changed)
+    }
+
+    /// Keeps one agent connection per host of `desired`: new hosts and broken channels are
+    /// (re)connected, hosts gone from the specs are dropped (their agents exit).
+    async fn ensure_hosts(&mut self, desired: &plasmavmc_specs::Desired) {
+        self.hosts
+            .retain(|name, host| desired.hosts.contains_key(name) && !host.is_closed());
+        self.host_argv
+            .retain(|name, _| self.hosts.contains_key(name));
+        for entry in desired.hosts.values() {
+            let argv = match agent_argv(entry, &self.state) {
+                Ok(argv) => argv,
+                Err(e) => {
+                    warn!(host = %entry.name, error = %error_chain(&e), "cannot reach host");
+                    continue;
+                }
+            };
+            if self.host_argv.get(&entry.name) == Some(&argv) {
+                continue;
+            }
+            match AgentHost::connect(&entry.name, &argv, ConnectOptions::default()).await {
+                Ok(host) => {
+                    info!(host = %entry.name, hostname = %host.facts().hostname, "connected to the agent");
+                    forward_events(&host, self.tx.clone());
+                    self.hosts.insert(entry.name.clone(), host);
+                    self.host_argv.insert(entry.name.clone(), argv);
+                }
+                Err(e) => {
+                    self.hosts.remove(&entry.name);
+                    warn!(host = %entry.name, error = %error_chain(&e), "host unreachable");
+                }
+            }
+        }
     }
 
     /// Reads commit `id` unless already known; an invalid commit keeps the last good one.
@@ -365,7 +392,7 @@ impl Daemon {
 }
 
 /// Forwards a host's events into the trigger channel, until the host is dropped.
-fn forward_events(host: &LocalHost, tx: UnboundedSender<Trigger>) {
+fn forward_events(host: &AgentHost, tx: UnboundedSender<Trigger>) {
     let mut events = host.subscribe();
     tokio::spawn(async move {
         loop {

@@ -1,0 +1,208 @@
+//! The agent protocol: what the engine and `plasmavmc agent` say to each other.
+//!
+//! Frames are length-delimited (tokio-util's `LengthDelimitedCodec`), each holding one
+//! JSON message. The engine speaks first with [`ToAgent::Hello`]; the agent answers
+//! [`FromAgent::Welcome`] (same protocol version, its host facts) or
+//! [`FromAgent::Refused`] and closes. Then requests carry ids and get exactly one
+//! response each, in any order; the agent also sends [`HostEvent`]s unasked, and
+//! answers pings (heartbeats) at once.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::host::HostEvent;
+use crate::observe::{Capacity, Inventory};
+use crate::qemu::instance::VmInstance;
+
+/// Version of this protocol; both sides must speak the same.
+pub const VERSION: u32 = 1;
+
+/// Largest frame either side accepts (a file chunk plus envelope).
+pub const MAX_FRAME: usize = 4 << 20;
+
+/// Size of one file chunk in [`Request::PutFile`].
+pub const CHUNK: usize = 1 << 20;
+
+/// Engine → agent.
+// A request carries a whole VM spec; messages live only between a socket and a match.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "kebab-case")]
+pub enum ToAgent {
+    Hello { version: u32, engine: String },
+    Request { id: u64, request: Request },
+    Ping { seq: u64 },
+}
+
+/// Agent → engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "msg", rename_all = "kebab-case")]
+pub enum FromAgent {
+    Welcome {
+        version: u32,
+        host: HostFacts,
+    },
+    Refused {
+        reason: String,
+    },
+    Response {
+        id: u64,
+        result: Result<Reply, String>,
+    },
+    Event {
+        event: HostEvent,
+    },
+    Pong {
+        seq: u64,
+    },
+}
+
+/// What an agent says about its host when it accepts a controller.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFacts {
+    pub hostname: String,
+    pub root: PathBuf,
+    pub capacity: Capacity,
+    pub qemu: String,
+    pub agent_version: String,
+}
+
+/// One operation on the host: the [`Host`](crate::host::Host) trait as data.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case")]
+pub enum Request {
+    Inventory,
+    Create {
+        vm: VmInstance,
+    },
+    Update {
+        vm: VmInstance,
+    },
+    Start {
+        vm: String,
+    },
+    Stop {
+        vm: String,
+        timeout_ms: u64,
+    },
+    Delete {
+        vm: String,
+    },
+    Prune {
+        folder: String,
+        pid: u32,
+    },
+    /// Is a file with this SHA-256 already stored? Answered with [`Reply::File`].
+    HasFile {
+        sha256: String,
+    },
+    /// Stores a chunk of a file; the last chunk (`last`) checks the SHA-256 and answers
+    /// with the stored path. The bytes travel raw in the frame right after this one.
+    PutFile {
+        sha256: String,
+        offset: u64,
+        #[serde(skip)]
+        data: Vec<u8>,
+        last: bool,
+    },
+}
+
+/// The answer to a [`Request`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum Reply {
+    Done,
+    Inventory {
+        inventory: Inventory,
+    },
+    Pid {
+        pid: u32,
+    },
+    Stopped {
+        outcome: String,
+    },
+    Deleted {
+        retained: Option<PathBuf>,
+    },
+    /// Where the file is on the host, or `None` when it is not there (yet).
+    File {
+        path: Option<PathBuf>,
+    },
+}
+
+/// The frames of one message: its JSON, then a file chunk's raw bytes when it has one.
+pub fn to_frames(msg: &ToAgent) -> Vec<tokio_util::bytes::Bytes> {
+    let json = serde_json::to_vec(msg).expect("engine messages serialise");
+    let mut frames = vec![tokio_util::bytes::Bytes::from(json)];
+    if let ToAgent::Request {
+        request: Request::PutFile { data, .. },
+        ..
+    } = msg
+    {
+        frames.push(tokio_util::bytes::Bytes::copy_from_slice(data));
+    }
+    frames
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip_as_json() {
+        let msgs = [
+            ToAgent::Hello {
+                version: VERSION,
+                engine: "e".into(),
+            },
+            ToAgent::Request {
+                id: 7,
+                request: Request::PutFile {
+                    sha256: "ab".into(),
+                    offset: 0,
+                    data: vec![],
+                    last: true,
+                },
+            },
+            ToAgent::Request {
+                id: 8,
+                request: Request::Stop {
+                    vm: "web".into(),
+                    timeout_ms: 500,
+                },
+            },
+            ToAgent::Ping { seq: 3 },
+        ];
+        for m in msgs {
+            let json = serde_json::to_string(&m).expect("ser");
+            assert_eq!(
+                serde_json::from_str::<ToAgent>(&json).expect("de"),
+                m,
+                "{json}"
+            );
+        }
+        let reply = FromAgent::Response {
+            id: 7,
+            result: Ok(Reply::Pid { pid: 42 }),
+        };
+        let json = serde_json::to_string(&reply).expect("ser");
+        assert!(
+            json.contains("\"data\"") || json.contains("\"pid\":42"),
+            "{json}"
+        );
+        assert_eq!(serde_json::from_str::<FromAgent>(&json).expect("de"), reply);
+        let put = ToAgent::Request {
+            id: 1,
+            request: Request::PutFile {
+                sha256: String::new(),
+                offset: 0,
+                data: vec![0xab, 0x01],
+                last: false,
+            },
+        };
+        let frames = to_frames(&put);
+        assert_eq!(frames.len(), 2);
+        assert_eq!(&frames[1][..], &[0xab, 0x01]);
+    }
+}

@@ -1,0 +1,534 @@
+//! [`Host`] over the agent protocol: how the engine reaches every host, this machine
+//! included (one code path).
+//!
+//! In: an argv that starts `plasmavmc agent --stdio` somewhere (a child process, `ssh`,
+//! any `exec` command). Out: the `Host` calls as requests over its stdin/stdout, events
+//! from it, and heartbeats (a ping every interval; the time of the last frame tells how
+//! healthy the channel is). Files a spec names (kernels, base images) are copied to the
+//! host once, content-addressed and checksummed, and the instance is rewritten to use
+//! the host's copies.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::AsyncReadExt;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tracing::{debug, warn};
+
+use super::{Host, HostError, HostEvent, StopOutcome};
+use crate::agent::proto::{
+    to_frames, FromAgent, HostFacts, Reply, Request, ToAgent, CHUNK, VERSION,
+};
+use crate::agent::{codec, sha256_file, stop_outcome};
+use crate::observe::Inventory;
+use crate::qemu::instance::VmInstance;
+
+/// How a connection behaves.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectOptions {
+    /// Bound on spawn → welcome.
+    pub hello_timeout: Duration,
+    /// A ping every this long.
+    pub heartbeat: Duration,
+    /// Bound on requests that do not say otherwise.
+    pub request_timeout: Duration,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            hello_timeout: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, String>>>>>;
+
+/// A host reached through its agent.
+#[derive(Debug, Clone)]
+pub struct AgentHost {
+    name: String,
+    facts: HostFacts,
+    out: mpsc::UnboundedSender<ToAgent>,
+    pending: Pending,
+    next_id: Arc<AtomicU64>,
+    last_frame: Arc<Mutex<Instant>>,
+    closed: watch::Receiver<bool>,
+    events: broadcast::Sender<HostEvent>,
+    files: Arc<tokio::sync::Mutex<HashMap<PathBuf, PathBuf>>>,
+    opts: ConnectOptions,
+}
+
+impl AgentHost {
+    /// Starts `argv` and says hello; fails with the agent's refusal or its stderr.
+    pub async fn connect(
+        name: &str,
+        argv: &[String],
+        opts: ConnectOptions,
+    ) -> Result<Self, HostError> {
+        let unreachable = |reason: String| HostError::Unreachable {
+            host: name.to_owned(),
+            reason,
+        };
+        let (program, rest) = argv
+            .split_first()
+            .ok_or_else(|| unreachable("empty agent command".to_owned()))?;
+        let mut child = tokio::process::Command::new(program)
+            .args(rest)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false)
+            .spawn()
+            .map_err(|e| unreachable(format!("cannot run {program}: {e}")))?;
+        let to_agent = child.stdin.take().expect("stdin was piped");
+        let from_agent = child.stdout.take().expect("stdout was piped");
+        let stderr = child.stderr.take().expect("stderr was piped");
+        let stderr_tail = Arc::new(Mutex::new(String::new()));
+        relay_stderr(name, stderr, stderr_tail.clone());
+        tokio::spawn(async move {
+            // Reap the agent; its exit is seen as the channel closing.
+            let _ = child.wait().await;
+        });
+        let (out, mut out_rx) = mpsc::unbounded_channel::<ToAgent>();
+        let mut sink = FramedWrite::new(to_agent, codec());
+        tokio::spawn(async move {
+            'send: while let Some(msg) = out_rx.recv().await {
+                for frame in to_frames(&msg) {
+                    if sink.send(frame).await.is_err() {
+                        break 'send;
+                    }
+                }
+            }
+        });
+        let mut frames = FramedRead::new(from_agent, codec());
+        let _ = out.send(ToAgent::Hello {
+            version: VERSION,
+            engine: format!(
+                "plasmavmc {} pid {}",
+                env!("CARGO_PKG_VERSION"),
+                std::process::id()
+            ),
+        });
+        let facts = await_welcome(name, &mut frames, opts.hello_timeout, &stderr_tail).await?;
+        let pending: Pending = Arc::default();
+        let last_frame = Arc::new(Mutex::new(Instant::now()));
+        let (events, _) = broadcast::channel(1024);
+        let (closed_tx, closed) = watch::channel(false);
+        tokio::spawn(read_loop(
+            name.to_owned(),
+            frames,
+            pending.clone(),
+            last_frame.clone(),
+            events.clone(),
+            closed_tx,
+        ));
+        let host = Self {
+            name: name.to_owned(),
+            facts,
+            out,
+            pending,
+            next_id: Arc::new(AtomicU64::new(1)),
+            last_frame,
+            closed,
+            events,
+            files: Arc::default(),
+            opts,
+        };
+        host.spawn_heartbeat();
+        Ok(host)
+    }
+
+    /// What the agent said about its host.
+    pub fn facts(&self) -> &HostFacts {
+        &self.facts
+    }
+
+    /// How long since the agent last sent anything (pongs included).
+    pub fn silence(&self) -> Duration {
+        self.last_frame.lock().expect("last frame").elapsed()
+    }
+
+    /// True once the channel closed (agent exited, transport broke).
+    pub fn is_closed(&self) -> bool {
+        *self.closed.borrow()
+    }
+
+    fn spawn_heartbeat(&self) {
+        let (out, mut closed, every) = (self.out.clone(), self.closed.clone(), self.opts.heartbeat);
+        tokio::spawn(async move {
+            let mut seq = 0;
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    _ = closed.changed() => break,
+                }
+                seq += 1;
+                if out.send(ToAgent::Ping { seq }).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+
+    async fn call(
+        &self,
+        vm: &str,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<Reply, HostError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.pending.lock().expect("pending").insert(id, tx);
+        let lost = || HostError::Unreachable {
+            host: self.name.clone(),
+            reason: "the agent channel closed".to_owned(),
+        };
+        if self.is_closed() || self.out.send(ToAgent::Request { id, request }).is_err() {
+            self.pending.lock().expect("pending").remove(&id);
+            return Err(lost());
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(reason))) => Err(HostError::Remote {
+                host: self.name.clone(),
+                vm: vm.to_owned(),
+                reason,
+            }),
+            Ok(Err(_)) => Err(lost()),
+            Err(_) => {
+                self.pending.lock().expect("pending").remove(&id);
+                Err(HostError::Unreachable {
+                    host: self.name.clone(),
+                    reason: format!("no answer within {timeout:?}"),
+                })
+            }
+        }
+    }
+
+    fn unexpected(&self, reply: &Reply) -> HostError {
+        HostError::Unreachable {
+            host: self.name.clone(),
+            reason: format!("unexpected reply {reply:?}"),
+        }
+    }
+
+    /// The host's copy of a local file, sent once (content-addressed, checksummed).
+    async fn ensure_file(&self, vm: &str, local: &Path) -> Result<PathBuf, HostError> {
+        if let Some(remote) = self.files.lock().await.get(local) {
+            return Ok(remote.clone());
+        }
+        let io = |what: &str, source| HostError::Io {
+            vm: vm.to_owned(),
+            what: format!("{what} {}", local.display()),
+            source,
+        };
+        let path = local.to_path_buf();
+        let sha256 = tokio::task::spawn_blocking(move || sha256_file(&path))
+            .await
+            .map_err(|e| io("hashing", std::io::Error::other(e)))?
+            .map_err(|e| io("hashing", e))?;
+        let remote = match self
+            .call(
+                vm,
+                Request::HasFile {
+                    sha256: sha256.clone(),
+                },
+                self.opts.request_timeout,
+            )
+            .await?
+        {
+            Reply::File { path: Some(path) } => path,
+            Reply::File { path: None } => self.upload(vm, local, &sha256).await?,
+            other => return Err(self.unexpected(&other)),
+        };
+        self.files
+            .lock()
+            .await
+            .insert(local.to_path_buf(), remote.clone());
+        Ok(remote)
+    }
+
+    async fn upload(&self, vm: &str, local: &Path, sha256: &str) -> Result<PathBuf, HostError> {
+        let io = |source| HostError::Io {
+            vm: vm.to_owned(),
+            what: format!("reading {}", local.display()),
+            source,
+        };
+        let mut file = tokio::fs::File::open(local).await.map_err(io)?;
+        let len = file.metadata().await.map_err(io)?.len();
+        let mut offset = 0u64;
+        loop {
+            let mut data = vec![0u8; CHUNK];
+            let mut filled = 0;
+            while filled < CHUNK {
+                let n = file.read(&mut data[filled..]).await.map_err(io)?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            data.truncate(filled);
+            let last = offset + filled as u64 >= len;
+            let request = Request::PutFile {
+                sha256: sha256.to_owned(),
+                offset,
+                data,
+                last,
+            };
+            match self.call(vm, request, self.opts.request_timeout).await? {
+                Reply::File { path: Some(path) } if last => {
+                    debug!(host = %self.name, file = %local.display(), bytes = len, "copied to the host");
+                    return Ok(path);
+                }
+                Reply::File { path: None } if !last => offset += filled as u64,
+                other => return Err(self.unexpected(&other)),
+            }
+        }
+    }
+
+    /// `vm` with its files replaced by the host's copies.
+    async fn localise(&self, vm: &VmInstance) -> Result<VmInstance, HostError> {
+        let mut out = vm.clone();
+        if let Some(k) = &vm.files.kernel {
+            out.files.kernel = Some(self.ensure_file(&vm.name, k).await?);
+        }
+        if let Some(i) = &vm.files.initrd {
+            out.files.initrd = Some(self.ensure_file(&vm.name, i).await?);
+        }
+        for (disk, image) in &vm.files.images {
+            out.files
+                .images
+                .insert(disk.clone(), self.ensure_file(&vm.name, image).await?);
+        }
+        Ok(out)
+    }
+}
+
+/// The agent's first word: welcome (its host facts), or why not.
+async fn await_welcome(
+    name: &str,
+    frames: &mut FramedRead<tokio::process::ChildStdout, tokio_util::codec::LengthDelimitedCodec>,
+    wait: Duration,
+    stderr_tail: &Mutex<String>,
+) -> Result<HostFacts, HostError> {
+    let unreachable = |reason: String| HostError::Unreachable {
+        host: name.to_owned(),
+        reason,
+    };
+    let first = match tokio::time::timeout(wait, frames.next()).await {
+        Err(_) => {
+            return Err(unreachable(format!(
+                "no answer within {wait:?}{}",
+                tail(stderr_tail)
+            )))
+        }
+        Ok(None) => {
+            return Err(unreachable(format!(
+                "the agent exited{}",
+                tail(stderr_tail)
+            )))
+        }
+        Ok(Some(frame)) => frame
+            .ok()
+            .and_then(|b| serde_json::from_slice::<FromAgent>(&b).ok()),
+    };
+    match first {
+        Some(FromAgent::Welcome { version, host }) if version == VERSION => Ok(host),
+        Some(FromAgent::Refused { reason }) => Err(HostError::Refused {
+            vm: String::new(),
+            reason: format!("host {name}: agent refused: {reason}"),
+        }),
+        _ => Err(unreachable(format!(
+            "the agent did not speak protocol {VERSION}{}",
+            tail(stderr_tail)
+        ))),
+    }
+}
+
+async fn read_loop(
+    name: String,
+    mut frames: FramedRead<tokio::process::ChildStdout, tokio_util::codec::LengthDelimitedCodec>,
+    pending: Pending,
+    last_frame: Arc<Mutex<Instant>>,
+    events: broadcast::Sender<HostEvent>,
+    closed: watch::Sender<bool>,
+) {
+    while let Some(Ok(bytes)) = frames.next().await {
+        *last_frame.lock().expect("last frame") = Instant::now();
+        match serde_json::from_slice::<FromAgent>(&bytes) {
+            Ok(FromAgent::Response { id, result }) => {
+                if let Some(tx) = pending.lock().expect("pending").remove(&id) {
+                    let _ = tx.send(result);
+                }
+            }
+            Ok(FromAgent::Event { event }) => {
+                let _ = events.send(event);
+            }
+            Ok(FromAgent::Pong { .. }) => {}
+            Ok(other) => debug!(host = %name, ?other, "unexpected message from the agent"),
+            Err(e) => warn!(host = %name, error = %e, "undecodable message from the agent"),
+        }
+    }
+    warn!(host = %name, "agent channel closed");
+    pending.lock().expect("pending").clear();
+    let _ = closed.send(true);
+}
+
+/// Copies the agent's stderr (its logs) to ours, keeping the last lines for errors.
+fn relay_stderr(name: &str, stderr: tokio::process::ChildStderr, tail: Arc<Mutex<String>>) {
+    let name = name.to_owned();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            // JSON lines pass through untouched (journald/Loki parse them); text gets a prefix.
+            if line.starts_with('{') {
+                eprintln!("{line}");
+            } else {
+                eprintln!("[agent {name}] {line}");
+            }
+            let mut t = tail.lock().expect("stderr tail");
+            t.push_str(&line);
+            t.push('\n');
+            let excess = t.len().saturating_sub(4000);
+            t.drain(..excess);
+        }
+    });
+}
+
+fn tail(stderr: &Mutex<String>) -> String {
+    let text = stderr.lock().expect("stderr tail").trim().to_owned();
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(
+            ": {}",
+            text.lines()
+                .rev()
+                .take(5)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join(" | ")
+        )
+    }
+}
+
+impl Host for AgentHost {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn inventory(&self) -> Result<Inventory, HostError> {
+        match self
+            .call("", Request::Inventory, self.opts.request_timeout)
+            .await?
+        {
+            Reply::Inventory { inventory } => Ok(inventory),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn create(&self, vm: &VmInstance) -> Result<(), HostError> {
+        let vm = self.localise(vm).await?;
+        match self
+            .call(
+                &vm.name,
+                Request::Create { vm: vm.clone() },
+                Duration::from_secs(600),
+            )
+            .await?
+        {
+            Reply::Done => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn update(&self, vm: &VmInstance) -> Result<(), HostError> {
+        let vm = self.localise(vm).await?;
+        match self
+            .call(
+                &vm.name,
+                Request::Update { vm: vm.clone() },
+                Duration::from_secs(600),
+            )
+            .await?
+        {
+            Reply::Done => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn start(&self, vm: &str) -> Result<u32, HostError> {
+        match self
+            .call(
+                vm,
+                Request::Start { vm: vm.to_owned() },
+                self.opts.request_timeout,
+            )
+            .await?
+        {
+            Reply::Pid { pid } => Ok(pid),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn stop(&self, vm: &str, timeout: Duration) -> Result<StopOutcome, HostError> {
+        let request = Request::Stop {
+            vm: vm.to_owned(),
+            timeout_ms: timeout.as_millis() as u64,
+        };
+        match self
+            .call(vm, request, timeout + self.opts.request_timeout)
+            .await?
+        {
+            Reply::Stopped { outcome } => Ok(stop_outcome(&outcome)),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn prune(&self, folder: &str, pid: u32) -> Result<(), HostError> {
+        match self
+            .call(
+                folder,
+                Request::Prune {
+                    folder: folder.to_owned(),
+                    pid,
+                },
+                self.opts.request_timeout,
+            )
+            .await?
+        {
+            Reply::Done => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<HostEvent> {
+        self.events.subscribe()
+    }
+
+    async fn delete(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {
+        match self
+            .call(
+                vm,
+                Request::Delete { vm: vm.to_owned() },
+                self.opts.request_timeout,
+            )
+            .await?
+        {
+            Reply::Deleted { retained } => Ok(retained),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+}

@@ -1,0 +1,183 @@
+//! How the engine reaches each host's agent: the argv of the transport.
+//!
+//! `address = "local"`: this very binary as a child process. `ssh://user@host[:port]`:
+//! the system `ssh` in batch mode (the operator's keys and `known_hosts`, strict host
+//! key checking, no agent forwarding) running `plasmavmc agent` there. `exec = [..]`:
+//! the operator's own argv, run as given (never through a shell).
+
+use std::collections::BTreeMap;
+
+use plasmavmc_specs::{Desired, HostEntry};
+use tracing::warn;
+
+use super::{AgentHost, ConnectOptions, HostError};
+use crate::state::StateDir;
+
+/// Where a remote host keeps its instances unless its spec says `root`.
+pub const DEFAULT_REMOTE_ROOT: &str = "/var/lib/plasmavmc";
+
+/// The argv that starts `host`'s agent.
+pub fn agent_argv(host: &HostEntry, state: &StateDir) -> Result<Vec<String>, HostError> {
+    let spec = &host.spec;
+    if let Some(exec) = &spec.exec {
+        return Ok(exec.clone());
+    }
+    let address = spec.address.as_deref().unwrap_or("local");
+    if address == "local" {
+        let exe = std::env::current_exe().map_err(|e| HostError::Unreachable {
+            host: host.name.clone(),
+            reason: format!("cannot find this program: {e}"),
+        })?;
+        let root = spec
+            .root
+            .clone()
+            .unwrap_or_else(|| state.host_root(&host.name).to_string_lossy().into_owned());
+        return Ok(vec![
+            exe.to_string_lossy().into_owned(),
+            "agent".into(),
+            "--stdio".into(),
+            "--root".into(),
+            root,
+        ]);
+    }
+    let target = address
+        .strip_prefix("ssh://")
+        .ok_or_else(|| HostError::Unreachable {
+            host: host.name.clone(),
+            reason: format!("unsupported address {address:?}"),
+        })?;
+    let (dest, port) = match target.rsplit_once(':') {
+        Some((dest, port)) if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+            (dest, Some(port.to_owned()))
+        }
+        _ => (target, None),
+    };
+    // `user@[::1]` → `user@::1`: ssh takes IPv6 addresses bare.
+    let dest = dest.replace(['[', ']'], "");
+    let mut argv: Vec<String> = [
+        "ssh",
+        "-T",
+        "-o",
+        "BatchMode=yes",
+        "-o",
+        "StrictHostKeyChecking=yes",
+        "-o",
+        "ForwardAgent=no",
+        "-o",
+        "ServerAliveInterval=5",
+    ]
+    .map(String::from)
+    .to_vec();
+    if let Some(port) = port {
+        argv.extend(["-p".to_owned(), port]);
+    }
+    let root = spec
+        .root
+        .clone()
+        .unwrap_or_else(|| DEFAULT_REMOTE_ROOT.to_owned());
+    argv.extend([
+        dest,
+        "--".into(),
+        "plasmavmc".into(),
+        "agent".into(),
+        "--stdio".into(),
+        "--root".into(),
+        root,
+    ]);
+    Ok(argv)
+}
+
+/// Connects to every host of `desired` at once; the ones that cannot be reached are
+/// returned apart with the reason.
+pub async fn connect_hosts(
+    desired: &Desired,
+    state: &StateDir,
+    opts: ConnectOptions,
+) -> (BTreeMap<String, AgentHost>, BTreeMap<String, String>) {
+    let attempts = desired.hosts.values().map(|h| async move {
+        let result = match agent_argv(h, state) {
+            Ok(argv) => AgentHost::connect(&h.name, &argv, opts).await,
+            Err(e) => Err(e),
+        };
+        (h.name.clone(), result)
+    });
+    let mut up = BTreeMap::new();
+    let mut down = BTreeMap::new();
+    for (name, result) in futures_util::future::join_all(attempts).await {
+        match result {
+            Ok(host) => {
+                up.insert(name, host);
+            }
+            Err(e) => {
+                let why = crate::execute::error_chain(&e);
+                warn!(host = %name, error = %why, "host unreachable");
+                down.insert(name, why);
+            }
+        }
+    }
+    (up, down)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use plasmavmc_specs::HostSpec;
+
+    fn host(address: &str) -> HostEntry {
+        let spec = HostSpec {
+            address: Some(address.to_owned()),
+            root: Some("/srv/pvmc".into()),
+            ..HostSpec::implicit_local()
+        };
+        HostEntry {
+            name: "hv1".into(),
+            file: None,
+            spec,
+        }
+    }
+
+    #[test]
+    fn ssh_addresses_become_batch_mode_argv() -> Result<(), HostError> {
+        let state = StateDir::at(std::path::Path::new("/state"));
+        let argv = agent_argv(&host("ssh://root@hv1.example:2222"), &state)?;
+        assert_eq!(argv[0], "ssh");
+        assert!(argv.windows(2).any(|w| w == ["-o", "BatchMode=yes"]));
+        assert!(argv
+            .windows(2)
+            .any(|w| w == ["-o", "StrictHostKeyChecking=yes"]));
+        assert!(argv.windows(2).any(|w| w == ["-p", "2222"]));
+        assert!(argv.ends_with(
+            &[
+                "root@hv1.example",
+                "--",
+                "plasmavmc",
+                "agent",
+                "--stdio",
+                "--root",
+                "/srv/pvmc"
+            ]
+            .map(String::from)
+        ));
+        let argv = agent_argv(&host("ssh://hv2"), &state)?;
+        assert!(!argv.contains(&"-p".to_owned()));
+        assert!(argv.contains(&"hv2".to_owned()));
+        Ok(())
+    }
+
+    #[test]
+    fn local_and_exec_hosts() -> Result<(), HostError> {
+        let state = StateDir::at(std::path::Path::new("/state"));
+        let mut local = host("local");
+        local.spec.root = None;
+        let argv = agent_argv(&local, &state)?;
+        assert_eq!(
+            argv[1..],
+            ["agent", "--stdio", "--root", "/state/hv1"].map(String::from)
+        );
+        let mut exec = host("local");
+        exec.spec.address = None;
+        exec.spec.exec = Some(vec!["/bin/x".into(), "y z".into()]);
+        assert_eq!(agent_argv(&exec, &state)?, ["/bin/x", "y z"]);
+        Ok(())
+    }
+}
