@@ -24,7 +24,10 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use nix::sys::signal::Signal;
 use plasmavmc_e2e::proc::{kill_and_wait, qemu_memory_mb};
-use plasmavmc_e2e::{cmdline, is_alive, wait_for, Daemon, TestRepo, VmSpec, BOOT_TIMEOUT};
+use plasmavmc_e2e::{
+    cmdline, diagnostic, is_alive, last_tick, serial_has_line, ticks, Daemon, TestRepo, VmSpec,
+    BOOT_TIMEOUT,
+};
 
 /// Bound for the daemon to spawn QEMU / act on a status change (not a boot).
 const ACT: Duration = Duration::from_secs(30);
@@ -34,65 +37,6 @@ const RESYNC: Duration = Duration::from_secs(30);
 const HEAL: Duration = Duration::from_secs(10);
 
 // ---- helpers --------------------------------------------------------------------
-
-/// A repository with `vms/<vm>.toml` committed (nothing applied).
-fn repo_with(vm: &str, spec: &VmSpec) -> Result<TestRepo> {
-    let repo = TestRepo::new()?;
-    repo.write_vm(vm, spec)?;
-    repo.commit(&format!("add {vm}"))?;
-    Ok(repo)
-}
-
-/// Waits until the daemon runs `vm`: a live QEMU in `qemu.pid`, the guest at
-/// `tick 3`, and the status saying `running` with that pid. Returns the pid.
-fn wait_running(repo: &TestRepo, daemon: &Daemon<'_>, vm: &str) -> Result<i32> {
-    let pid = daemon.poll(format!("a live QEMU for {vm}"), ACT, || {
-        repo.try_qemu_pid(vm).filter(|&p| is_alive(p))
-    })?;
-    daemon.wait(format!("tick 3 on {vm}'s console"), BOOT_TIMEOUT, || {
-        serial_has_line(&repo.serial(vm), "tick 3")
-    })?;
-    daemon
-        .poll(
-            format!("status of {vm}: running with pid {pid}"),
-            ACT,
-            || {
-                repo.vm_view(vm)
-                    .ok()
-                    .flatten()
-                    .filter(|v| v.phase == "running" && v.pid == Some(pid))
-            },
-        )
-        .with_context(|| repo.describe_vm(vm))?;
-    Ok(pid)
-}
-
-/// The numbers of the `tick N` lines of a serial log, in order.
-fn ticks(serial: &str) -> Vec<u64> {
-    serial
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok())
-        .collect()
-}
-
-fn last_tick(serial: &str) -> Option<u64> {
-    ticks(serial).last().copied()
-}
-
-fn serial_has_line(serial: &str, line: &str) -> bool {
-    serial.lines().any(|l| l.trim() == line)
-}
-
-/// Waits (without the daemon: it may be dead on purpose) until `vm`'s console shows
-/// ticks at least 3 past `after`: the guest keeps running.
-fn wait_ticks_past(repo: &TestRepo, vm: &str, after: u64) -> Result<()> {
-    wait_for(
-        format!("{vm}'s console to tick past {}", after + 3),
-        HEAL,
-        || last_tick(&repo.serial(vm)).is_some_and(|t| t > after + 3),
-    )
-    .with_context(|| repo.describe_vm(vm))
-}
 
 /// The state lock's text.
 fn lock_text(repo: &TestRepo) -> String {
@@ -104,29 +48,15 @@ fn holder(daemon: &Daemon<'_>) -> String {
     format!("plasmavmc watch (pid {}", daemon.pid())
 }
 
-/// The `(line, col)` of the first `path:LINE:COL: message` in `text`.
-fn diagnostic(text: &str, path: &str) -> Option<(usize, usize)> {
-    text.lines().find_map(|line| {
-        let rest = &line[line.find(&format!("{path}:"))? + path.len() + 1..];
-        let mut parts = rest.splitn(3, ':');
-        let (l, c, msg) = (
-            parts.next()?.parse().ok()?,
-            parts.next()?.parse().ok()?,
-            parts.next()?,
-        );
-        (msg.starts_with(' ') && !msg.trim().is_empty()).then_some((l, c))
-    })
-}
-
 // ---- tests ----------------------------------------------------------------------
 
 #[test]
 fn watch_brings_up_a_committed_vm() -> Result<()> {
-    let repo = repo_with("web", &VmSpec::new().memory(128))?;
+    let repo = TestRepo::with_vm("web", &VmSpec::new().memory(128))?;
     let head = repo.commit("an empty commit on top")?;
     let daemon = repo.watch(&[])?;
 
-    let pid = wait_running(&repo, &daemon, "web")?;
+    let pid = daemon.wait_running("web")?;
     let args = cmdline(pid)?;
     ensure!(
         args.first().is_some_and(|a| a.contains("qemu-system"))
@@ -171,14 +101,14 @@ fn watch_brings_up_a_committed_vm() -> Result<()> {
 
 #[test]
 fn engine_kill9_leaves_vms_running_and_restart_adopts() -> Result<()> {
-    let repo = repo_with("web", &VmSpec::new())?;
+    let repo = TestRepo::with_vm("web", &VmSpec::new())?;
     let mut first = repo.watch(&[])?;
-    let pid = wait_running(&repo, &first, "web")?;
+    let pid = first.wait_running("web")?;
 
     // The engine dies: the VM must not notice.
     first.kill9()?;
     let before = last_tick(&repo.serial("web")).context("no tick before the kill")?;
-    wait_ticks_past(&repo, "web", before)?;
+    repo.wait_ticks_past("web", before, HEAL)?;
     ensure!(
         is_alive(pid) && repo.qemu_pid("web")? == pid,
         "QEMU {pid} did not survive the engine's death\n{}",
@@ -233,7 +163,7 @@ fn engine_kill9_leaves_vms_running_and_restart_adopts() -> Result<()> {
         !repo.instance_dir("web").join("serial.log.1").exists(),
         "serial.log was rotated: the VM was restarted"
     );
-    wait_ticks_past(&repo, "web", last_tick(&serial).unwrap_or(0))?;
+    repo.wait_ticks_past("web", last_tick(&serial).unwrap_or(0), HEAL)?;
     ensure!(
         lock_text(&repo).contains(&holder(&second)),
         "the lock does not name the second daemon: {:?}",
@@ -244,9 +174,9 @@ fn engine_kill9_leaves_vms_running_and_restart_adopts() -> Result<()> {
 
 #[test]
 fn qemu_kill9_is_detected_and_restarted() -> Result<()> {
-    let repo = repo_with("web", &VmSpec::new())?;
+    let repo = TestRepo::with_vm("web", &VmSpec::new())?;
     let daemon = repo.watch(&[])?;
-    let old = wait_running(&repo, &daemon, "web")?;
+    let old = daemon.wait_running("web")?;
 
     let killed = Instant::now();
     kill_and_wait(old, Duration::from_secs(5))?;
@@ -314,9 +244,9 @@ fn qemu_kill9_is_detected_and_restarted() -> Result<()> {
 
 #[test]
 fn restart_never_stays_stopped_with_the_reason() -> Result<()> {
-    let repo = repo_with("web", &VmSpec::new().restart("never"))?;
+    let repo = TestRepo::with_vm("web", &VmSpec::new().restart("never"))?;
     let daemon = repo.watch(&[])?;
-    let pid = wait_running(&repo, &daemon, "web")?;
+    let pid = daemon.wait_running("web")?;
 
     kill_and_wait(pid, Duration::from_secs(5))?;
     repo.wait_vm("web", "an exited event mentioning crash", HEAL, |v| {
@@ -361,7 +291,7 @@ fn guest_poweroff_with_on_failure_stays_stopped() -> Result<()> {
     let spec = VmSpec::new()
         .restart("on-failure")
         .cmdline("plasmavmc.poweroff=3");
-    let repo = repo_with("web", &spec)?;
+    let repo = TestRepo::with_vm("web", &spec)?;
     let daemon = repo.watch(&[])?;
 
     let pid = daemon.poll("a QEMU for web", ACT, || repo.try_qemu_pid("web"))?;
@@ -488,9 +418,9 @@ fn crash_loop_ends_in_failed() -> Result<()> {
 
 #[test]
 fn commits_apply_immediately_and_invalid_ones_change_nothing() -> Result<()> {
-    let repo = repo_with("web", &VmSpec::new())?;
+    let repo = TestRepo::with_vm("web", &VmSpec::new())?;
     let daemon = repo.watch(&["--interval", "1h"])?;
-    let web = wait_running(&repo, &daemon, "web")?;
+    let web = daemon.wait_running("web")?;
 
     // A new commit runs at once, not at the next interval.
     repo.write_vm("db", &VmSpec::new())?;
@@ -584,9 +514,9 @@ fn commits_apply_immediately_and_invalid_ones_change_nothing() -> Result<()> {
 
 #[test]
 fn a_second_engine_is_refused() -> Result<()> {
-    let repo = repo_with("web", &VmSpec::new())?;
+    let repo = TestRepo::with_vm("web", &VmSpec::new())?;
     let daemon = repo.watch(&[])?;
-    let pid = wait_running(&repo, &daemon, "web")?;
+    let pid = daemon.wait_running("web")?;
     let holder = holder(&daemon);
     daemon.wait("the lock to name the daemon", ACT, || {
         lock_text(&repo).contains(&holder)
@@ -633,9 +563,9 @@ fn a_second_engine_is_refused() -> Result<()> {
 
 #[test]
 fn sigterm_exits_cleanly_leaving_vms() -> Result<()> {
-    let repo = repo_with("web", &VmSpec::new())?;
+    let repo = TestRepo::with_vm("web", &VmSpec::new())?;
     let mut daemon = repo.watch(&[])?;
-    let pid = wait_running(&repo, &daemon, "web")?;
+    let pid = daemon.wait_running("web")?;
 
     daemon.signal(Signal::SIGTERM)?;
     let status = daemon.wait_exit(HEAL)?;
@@ -645,7 +575,7 @@ fn sigterm_exits_cleanly_leaving_vms() -> Result<()> {
         daemon.describe()
     );
     let before = last_tick(&repo.serial("web")).context("no tick")?;
-    wait_ticks_past(&repo, "web", before)?;
+    repo.wait_ticks_past("web", before, HEAL)?;
     ensure!(
         is_alive(pid) && repo.qemu_pid("web")? == pid,
         "QEMU {pid} did not survive SIGTERM of the daemon"

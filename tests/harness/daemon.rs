@@ -23,7 +23,9 @@ use serde_json::Value;
 
 use crate::proc;
 use crate::repo::TestRepo;
+use crate::serial::serial_has_line;
 use crate::wait::{poll_for, POLL};
+use crate::{ACT_TIMEOUT, BOOT_TIMEOUT};
 
 /// One JSON log line of the daemon (`--log-format json`).
 #[derive(Debug, Clone)]
@@ -214,6 +216,30 @@ impl<'r> Daemon<'r> {
         self.wait_log_since(what, timeout, 0, pred).map(|(_, l)| l)
     }
 
+    /// Waits until the daemon runs `vm`: a live QEMU in `qemu.pid`, the guest at
+    /// `tick 3`, and the status saying `running` with that pid. Returns the pid.
+    pub fn wait_running(&self, vm: &str) -> Result<i32> {
+        let repo = self.repo;
+        let pid = self.poll(format!("a live QEMU for {vm}"), ACT_TIMEOUT, || {
+            repo.try_qemu_pid(vm).filter(|&p| proc::is_alive(p))
+        })?;
+        self.wait(format!("tick 3 on {vm}'s console"), BOOT_TIMEOUT, || {
+            serial_has_line(&repo.serial(vm), "tick 3")
+        })?;
+        self.poll(
+            format!("status of {vm}: running with pid {pid}"),
+            ACT_TIMEOUT,
+            || {
+                repo.vm_view(vm)
+                    .ok()
+                    .flatten()
+                    .filter(|v| v.phase == "running" && v.pid == Some(pid))
+            },
+        )
+        .with_context(|| repo.describe_vm(vm))?;
+        Ok(pid)
+    }
+
     /// Sends `signal` to the daemon process (not its group).
     pub fn signal(&self, signal: Signal) -> Result<()> {
         kill(Pid::from_raw(self.pid()), signal)
@@ -225,16 +251,21 @@ impl<'r> Daemon<'r> {
     /// Reconciles run one after another, so the second starting means the first (which
     /// began after the call) has finished, status files included.
     pub fn resync(&self, timeout: Duration) -> Result<()> {
-        for round in 1..=2 {
-            let since = self.lines().len();
-            self.signal(Signal::SIGHUP)?;
-            self.wait_log_since(
-                format!("reconcile #{round} after SIGHUP (trigger \"signal\")"),
-                timeout,
-                since,
-                |l| l.is("reconcile", None) && l.str("trigger") == Some("signal"),
-            )?;
-        }
+        self.hup(timeout)?;
+        self.hup(timeout)
+    }
+
+    /// Sends SIGHUP and waits until the reconcile it triggers has started (its
+    /// "reconcile" line, trigger "signal"); it may still be running on return.
+    pub fn hup(&self, timeout: Duration) -> Result<()> {
+        let since = self.lines().len();
+        self.signal(Signal::SIGHUP)?;
+        self.wait_log_since(
+            "a reconcile after SIGHUP (trigger \"signal\")",
+            timeout,
+            since,
+            |l| l.is("reconcile", None) && l.str("trigger") == Some("signal"),
+        )?;
         Ok(())
     }
 

@@ -8,15 +8,19 @@
 //!   the test panicked.
 //! - [`VmSpec`] writes VM specs that boot the test guest under TCG.
 //! - [`Daemon`] is a running `plasmavmc watch` (own process group, killed on drop,
-//!   JSON log lines read back); [`VmView`]/[`EngineView`] read the status files.
+//!   JSON log lines read back); [`VmView`]/[`EngineView`]/[`Orphan`] read the status
+//!   files, [`serial`] the guest's console, and `git` (methods of [`TestRepo`]) the
+//!   repository's branches, index and working tree.
 //! - [`proc`] inspects processes through `/proc`; [`wait`] polls with deadlines
 //!   (tests never sleep to synchronise).
 
 pub mod artifacts;
 mod daemon;
+mod git;
 pub mod proc;
 mod repo;
 mod run;
+pub mod serial;
 mod spec;
 mod status;
 pub mod wait;
@@ -24,10 +28,11 @@ pub mod wait;
 pub use artifacts::Guest;
 pub use daemon::{Daemon, LogLine};
 pub use proc::{cmdline, is_alive};
-pub use repo::TestRepo;
-pub use run::{Output, Running};
+pub use repo::{TestRepo, BRANCH};
+pub use run::{diagnostic, Output, Running};
+pub use serial::{last_tick, serial_has_line, ticks};
 pub use spec::{VmSpec, MEMORY_LINE};
-pub use status::{EngineView, Event, VmView};
+pub use status::{EngineView, Event, Orphan, VmView};
 pub use wait::{poll_for, wait_for};
 
 use std::time::Duration;
@@ -35,6 +40,9 @@ use std::time::Duration;
 /// Generous bound for a guest to boot and print its first ticks under TCG, with
 /// other tests sharing the two cores.
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Bound for the engine to spawn QEMU or act on a status change (not a boot).
+pub const ACT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Bound for one run of the binary before the harness kills it.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(120);

@@ -7,13 +7,14 @@
 //! `PLASMAVMC_E2E_KEEP=1` to keep the temp folder for a post-mortem.
 
 use std::cell::{Cell, RefCell};
+use std::ffi::OsStr;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
-use git2::{IndexAddOption, Repository, Signature, Time};
+use git2::{IndexAddOption, Repository, RepositoryInitOptions, Signature, Time};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
@@ -29,6 +30,9 @@ use crate::RUN_TIMEOUT;
 /// Subcommands that take `--repo`; those also in [`TAKES_STATE`] take `--state-dir`.
 const TAKES_REPO: &[&str] = &["validate", "plan", "apply", "status", "watch"];
 const TAKES_STATE: &[&str] = &["plan", "apply", "status", "watch"];
+
+/// The branch every test repository is on.
+pub const BRANCH: &str = "main";
 
 /// A git repository and a state dir in a temp folder, and the binary to run on them.
 #[derive(Debug)]
@@ -53,7 +57,13 @@ impl TestRepo {
             .prefix("plasmavmc-e2e-")
             .tempdir()
             .context("creating temp dir")?;
-        Repository::init(tmp.path().join("repo")).context("git init")?;
+        // The branch is `main` whatever git's `init.defaultBranch` says: `watch` of a
+        // URL follows `main` by default.
+        Repository::init_opts(
+            tmp.path().join("repo"),
+            RepositoryInitOptions::new().initial_head(BRANCH),
+        )
+        .context("git init")?;
         let repo = Self {
             tmp,
             guest,
@@ -63,6 +73,14 @@ impl TestRepo {
             daemons: Cell::new(0),
         };
         repo.set_stop_timeout("2s")?;
+        Ok(repo)
+    }
+
+    /// A fresh repository with `vms/<vm>.toml` committed (nothing applied).
+    pub fn with_vm(vm: &str, spec: &VmSpec) -> Result<Self> {
+        let repo = Self::new()?;
+        repo.write_vm(vm, spec)?;
+        repo.commit(&format!("add {vm}"))?;
         Ok(repo)
     }
 
@@ -173,12 +191,17 @@ impl TestRepo {
     /// The binary with `args`, plus `--repo` / `--state-dir` right after the
     /// subcommand when it takes them.
     pub fn command(&self, args: &[&str]) -> Command {
+        self.command_on(self.repo_dir().as_os_str(), args)
+    }
+
+    /// [`Self::command`] with `--repo <repo>` (a path or a URL).
+    fn command_on(&self, repo: &OsStr, args: &[&str]) -> Command {
         let mut cmd = Command::new(&self.bin);
         let mut args = args.iter();
         if let Some(sub) = args.next() {
             cmd.arg(sub);
             if TAKES_REPO.contains(sub) {
-                cmd.arg("--repo").arg(self.repo_dir());
+                cmd.arg("--repo").arg(repo);
             }
             if TAKES_STATE.contains(sub) {
                 cmd.arg("--state-dir").arg(self.state_dir());
@@ -195,6 +218,15 @@ impl TestRepo {
         Running::spawn(self.command(args))?.finish(RUN_TIMEOUT)
     }
 
+    /// `plan --json <extra>`, parsed (it must exit 0).
+    pub fn plan_json(&self, extra: &[&str]) -> Result<serde_json::Value> {
+        let mut args = vec!["plan", "--json"];
+        args.extend_from_slice(extra);
+        let out = self.run(&args)?;
+        out.expect_code(0)?;
+        serde_json::from_str(&out.stdout).with_context(|| format!("plan --json is not JSON\n{out}"))
+    }
+
     /// Starts the binary without waiting for it.
     pub fn spawn(&self, args: &[&str]) -> Result<Running> {
         Running::spawn(self.command(args))
@@ -204,13 +236,28 @@ impl TestRepo {
     /// [`Daemon`] (stderr in `<root>/watch-N.log`). `RUST_LOG` is removed from its
     /// environment: the daemon's default level must show its INFO lines.
     pub fn watch(&self, extra: &[&str]) -> Result<Daemon<'_>> {
+        self.watch_on(self.repo_dir().as_os_str(), extra)
+    }
+
+    /// [`Self::watch`] of the repository at `url` (e.g. [`Self::file_url`]) instead of
+    /// the working tree: the daemon keeps its own clone in the state dir.
+    pub fn watch_url(&self, url: &str, extra: &[&str]) -> Result<Daemon<'_>> {
+        self.watch_on(OsStr::new(url), extra)
+    }
+
+    fn watch_on(&self, repo: &OsStr, extra: &[&str]) -> Result<Daemon<'_>> {
         let n = self.daemons.get() + 1;
         self.daemons.set(n);
         let mut args = vec!["watch", "--log-format", "json"];
         args.extend_from_slice(extra);
-        let mut cmd = self.command(&args);
+        let mut cmd = self.command_on(repo, &args);
         cmd.env_remove("RUST_LOG");
         Daemon::spawn(self, cmd, &format!("watch-{n}"))
+    }
+
+    /// The repository as a `file://` URL.
+    pub fn file_url(&self) -> String {
+        format!("file://{}", self.repo_dir().display())
     }
 
     /// Remembers a daemon's process group, killed first by [`TestRepo::cleanup`].
@@ -248,6 +295,22 @@ impl TestRepo {
         text.trim()
             .parse()
             .with_context(|| format!("{} holds {text:?}", path.display()))
+    }
+
+    /// Every live QEMU whose working directory is the VM's instance folder, whether or
+    /// not an instance record accounts for it (two would share the disks).
+    pub fn qemus_in_folder(&self, vm: &str) -> Vec<i32> {
+        proc::qemus_in(&self.instance_dir(vm))
+    }
+
+    /// `<state>/journal.json`, the plan of an apply in progress (or interrupted).
+    pub fn journal_path(&self) -> PathBuf {
+        self.state_dir().join("journal.json")
+    }
+
+    /// The journal, parsed; `None` while there is none (or it is caught mid-rename).
+    pub fn journal(&self) -> Option<serde_json::Value> {
+        serde_json::from_str(&fs::read_to_string(self.journal_path()).ok()?).ok()
     }
 
     /// The guest's serial console of the current run (empty if none yet).

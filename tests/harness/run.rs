@@ -48,6 +48,21 @@ impl fmt::Display for Output {
     }
 }
 
+/// The `(line, col)` of the first `path:LINE:COL: message` in `text` (a validation
+/// error as the binary prints it, or as `status/engine.toml` keeps it).
+pub fn diagnostic(text: &str, path: &str) -> Option<(usize, usize)> {
+    text.lines().find_map(|line| {
+        let rest = &line[line.find(&format!("{path}:"))? + path.len() + 1..];
+        let mut parts = rest.splitn(3, ':');
+        let (l, c, msg) = (
+            parts.next()?.parse().ok()?,
+            parts.next()?.parse().ok()?,
+            parts.next()?,
+        );
+        (msg.starts_with(' ') && !msg.trim().is_empty()).then_some((l, c))
+    })
+}
+
 /// A run of the binary still in progress.
 #[derive(Debug)]
 pub struct Running {

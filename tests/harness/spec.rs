@@ -19,6 +19,8 @@ pub struct VmSpec {
     pub disks: Vec<(String, u64)>,
     /// Appended to [`BASE_CMDLINE`], e.g. `plasmavmc.poweroff=5`.
     pub cmdline_extra: String,
+    /// `[qemu] machine = "..."` when set (default: the engine's, q35).
+    pub machine: Option<String>,
 }
 
 impl Default for VmSpec {
@@ -30,6 +32,7 @@ impl Default for VmSpec {
             restart: None,
             disks: vec![("data".to_owned(), 1)],
             cmdline_extra: String::new(),
+            machine: None,
         }
     }
 }
@@ -74,6 +77,13 @@ impl VmSpec {
         self
     }
 
+    /// A QEMU machine type; one QEMU does not know (`no-such-machine`) passes
+    /// validation and fails at start.
+    pub fn machine(mut self, machine: &str) -> Self {
+        self.machine = Some(machine.to_owned());
+        self
+    }
+
     /// The TOML text. `memory_mb` is always on line 2 (tests point at it).
     pub fn to_toml(&self, guest: &Guest) -> String {
         let mut cmdline = BASE_CMDLINE.to_owned();
@@ -96,6 +106,9 @@ impl VmSpec {
             let _ = writeln!(s, "\n[[disks]]\nname = {name:?}\nsize_gb = {size_gb}");
         }
         let _ = writeln!(s, "\n[qemu]\naccel = \"tcg\"");
+        if let Some(machine) = &self.machine {
+            let _ = writeln!(s, "machine = {machine:?}");
+        }
         s
     }
 }

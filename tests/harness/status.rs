@@ -27,7 +27,7 @@ pub struct VmView {
 }
 
 impl VmView {
-    fn from_table(raw: toml::Table) -> Self {
+    pub(crate) fn from_table(raw: toml::Table) -> Self {
         let s = |k: &str| {
             raw.get(k)
                 .and_then(|v| v.as_str())
@@ -121,7 +121,35 @@ impl fmt::Display for EngineView {
     }
 }
 
+/// One `[[orphans]]` entry of `status/hosts/<host>.toml`: a QEMU of ours that no
+/// instance record accounts for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Orphan {
+    pub pid: i32,
+    /// The instance folder it runs in (`vms/<folder>`).
+    pub folder: String,
+}
+
 impl TestRepo {
+    /// The `[[orphans]]` of `status/hosts/<host>.toml` (empty if none or absent).
+    pub fn orphans(&self, host: &str) -> Result<Vec<Orphan>> {
+        let Some(table) = self.status_file(&format!("hosts/{host}"))? else {
+            return Ok(Vec::new());
+        };
+        Ok(table
+            .get("orphans")
+            .and_then(toml::Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|o| {
+                Some(Orphan {
+                    pid: i32::try_from(o.get("pid")?.as_integer()?).ok()?,
+                    folder: o.get("folder")?.as_str()?.to_owned(),
+                })
+            })
+            .collect())
+    }
+
     /// `status/vms/<vm>.toml` as a [`VmView`], `None` if absent.
     pub fn vm_view(&self, vm: &str) -> Result<Option<VmView>> {
         Ok(self.vm_status(vm)?.map(VmView::from_table))

@@ -22,6 +22,9 @@ use crate::source::{Source, Target, TargetError};
 use crate::state::{StateDir, StateLock};
 use crate::status::{EngineStatus, StatusDir, VmEvent};
 
+/// The soonest a failed action is retried.
+const RETRY_FLOOR_MS: u64 = 1000;
+
 /// How long a `git fetch` of a remote may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -255,12 +258,7 @@ impl Daemon {
         let target = self.target.clone().expect("checked above");
         let mut plan = plan(&target.desired, &observed, now_ms());
         if self.cfg.prune {
-            let pruned = prune_actions(&observed);
-            if !pruned.is_empty() {
-                // Once the orphans are gone, what they blocked can start: reconcile again.
-                let _ = self.tx.send(Trigger::Wake);
-            }
-            plan.actions.splice(0..0, pruned);
+            plan.actions.splice(0..0, prune_actions(&observed));
         }
         self.wake_at_ms = plan.wake_at_ms;
         for note in &plan.notes {
@@ -275,6 +273,15 @@ impl Daemon {
             let after = Observed::gather(self.hosts.values())
                 .await
                 .context("observing the hosts after acting")?;
+            // Acting changes what comes next (a failed start records an exit and starts a
+            // backoff): plan again to know when to wake. Actions still due mean something
+            // failed; retry in a second, never in a tight loop.
+            let next = crate::plan::plan(&target.desired, &after, now_ms());
+            self.wake_at_ms = if next.is_empty() {
+                next.wake_at_ms
+            } else {
+                Some(now_ms() + RETRY_FLOOR_MS)
+            };
             (Some(report), after)
         };
         if self.bad.is_none() {

@@ -1,0 +1,54 @@
+//! The test guest's serial console: its `tick N` lines and waiting for them.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::repo::TestRepo;
+use crate::wait::wait_for;
+
+/// The numbers of the `tick N` lines of a serial log, in order.
+pub fn ticks(serial: &str) -> Vec<u64> {
+    serial
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok())
+        .collect()
+}
+
+/// The number of the last `tick N` line.
+pub fn last_tick(serial: &str) -> Option<u64> {
+    ticks(serial).last().copied()
+}
+
+/// True if the log has a line that is exactly `line` (surrounding blanks aside).
+pub fn serial_has_line(serial: &str, line: &str) -> bool {
+    serial.lines().any(|l| l.trim() == line)
+}
+
+impl TestRepo {
+    /// Waits (without any daemon: it may be dead on purpose) until `vm`'s console
+    /// shows ticks at least 3 past `after`: the guest keeps running.
+    pub fn wait_ticks_past(&self, vm: &str, after: u64, timeout: Duration) -> Result<()> {
+        wait_for(
+            format!("{vm}'s console to tick past {}", after + 3),
+            timeout,
+            || last_tick(&self.serial(vm)).is_some_and(|t| t > after + 3),
+        )
+        .with_context(|| self.describe_vm(vm))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_are_read_in_order() {
+        let log = "boot\ntick 1\n tick 2 \ntick x\ndisk: boots=1\ntick 3\n";
+        assert_eq!(ticks(log), vec![1, 2, 3]);
+        assert_eq!(last_tick(log), Some(3));
+        assert!(serial_has_line(log, "tick 2"));
+        assert!(!serial_has_line(log, "tick"));
+        assert_eq!(last_tick("no ticks"), None);
+    }
+}
