@@ -6,7 +6,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Settings that apply to the whole repository. Every field has a default.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema, Default)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSpec {
     /// Timeouts for VM operations.
@@ -15,6 +15,32 @@ pub struct ClusterSpec {
     /// How the engine restarts VMs that exit without being asked to.
     #[serde(default)]
     pub restart: RestartSettings,
+    /// Where the scheduler may put VMs that are not pinned.
+    #[serde(default)]
+    pub placement: PlacementSettings,
+}
+
+/// Scheduler limits. Memory is never overcommitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlacementSettings {
+    /// How many vCPUs a host may hand out per CPU it has (e.g. 4.0: a 16-CPU host takes
+    /// VMs totalling 64 vCPUs).
+    #[serde(default = "default_vcpu_overcommit")]
+    #[schemars(range(min = 0.1, max = 64.0))]
+    pub vcpu_overcommit: f64,
+}
+
+impl Default for PlacementSettings {
+    fn default() -> Self {
+        Self {
+            vcpu_overcommit: default_vcpu_overcommit(),
+        }
+    }
+}
+
+fn default_vcpu_overcommit() -> f64 {
+    4.0
 }
 
 /// Restart backoff and give-up rule, for VMs whose `restart` policy asks for restarts.
@@ -48,6 +74,12 @@ impl ClusterSpec {
             out.push((
                 vec![Seg::Key("restart"), Seg::Key("max_failures")],
                 "max_failures must be at least 1".to_owned(),
+            ));
+        }
+        if !(0.1..=64.0).contains(&self.placement.vcpu_overcommit) {
+            out.push((
+                vec![Seg::Key("placement"), Seg::Key("vcpu_overcommit")],
+                "vcpu_overcommit must be between 0.1 and 64".to_owned(),
             ));
         }
         if self.restart.backoff_max < self.restart.backoff {

@@ -31,7 +31,7 @@ pub struct SourceFile {
 }
 
 /// The validated desired state of one commit.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Desired {
     pub cluster: ClusterSpec,
     pub hosts: BTreeMap<String, HostEntry>,

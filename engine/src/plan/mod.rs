@@ -14,6 +14,7 @@
 //! ```
 
 mod action;
+pub mod place;
 pub mod restart;
 mod saved;
 
@@ -26,6 +27,7 @@ pub use action::Action;
 pub use saved::{SavedPlan, StalePlan};
 
 use crate::observe::{Observed, ObservedVm, RunState};
+use place::Load;
 use restart::Verdict;
 
 /// What to do, in order, and what was left undone and why.
@@ -69,9 +71,10 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
             ));
         }
     }
+    let mut load = Load::new(desired, observed);
     for name in names {
         match (desired.vms.get(name), observed.find(name)) {
-            (Some(want), None) => plan_new(desired, observed, want, &mut out),
+            (Some(want), None) => plan_new(desired, &mut load, want, &mut out),
             (Some(want), Some((host, have))) => {
                 plan_existing(desired, want, host, have, now_ms, &mut out);
             }
@@ -112,28 +115,23 @@ pub fn prune_actions(observed: &Observed) -> Vec<Action> {
         .collect()
 }
 
-fn plan_new(desired: &Desired, observed: &Observed, want: &VmEntry, out: &mut Plan) {
+fn plan_new(desired: &Desired, load: &mut Load, want: &VmEntry, out: &mut Plan) {
     let vm = want.name.clone();
-    let host = match &want.spec.host {
-        Some(pin) => pin.clone(),
-        None if desired.hosts.len() == 1 => {
-            desired.hosts.keys().next().cloned().unwrap_or_default()
-        }
-        None => {
-            out.notes.push(format!("{vm}: not placed: several hosts and no `host` pin; automatic placement is not available yet"));
+    let placement = match load.place(desired, want) {
+        Ok(p) => p,
+        Err(missing) => {
+            out.notes.push(format!("{vm}: cannot be placed: {missing}"));
             return;
         }
     };
-    if !observed.hosts.contains_key(&host) {
-        out.notes.push(format!(
-            "{vm}: host {host} is not reachable; the VM waits for it"
-        ));
-        return;
-    }
+    let host = placement.host;
     out.actions.push(Action::Create {
         vm: vm.clone(),
         host: host.clone(),
-        reason: format!("new VM ({})", want.file),
+        reason: format!(
+            "new VM ({}); placed on {host}: {}",
+            want.file, placement.why
+        ),
     });
     if want.spec.power == Power::Running {
         out.actions.push(Action::Start {

@@ -48,6 +48,10 @@ fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
 fn observed(vms: Vec<ObservedVm>) -> Observed {
     let inv = Inventory {
         vms: vms.into_iter().map(|v| (v.name.clone(), v)).collect(),
+        capacity: crate::observe::Capacity {
+            vcpus: 8,
+            memory_mb: 16_384,
+        },
         ..Inventory::default()
     };
     Observed {
