@@ -7,7 +7,16 @@ use anyhow::Context as _;
 use plasmavmc_specs::{Desired, Diagnostic};
 
 use super::RepoArgs;
+use crate::execute::journal::JournalFile;
 use crate::host::{connect_hosts, AgentHost, ConnectOptions};
+use crate::observe::Observed;
+use crate::status::StatusDir;
+
+/// The connected hosts, and the ones that could not be reached with the reason.
+pub struct Hosts {
+    pub up: BTreeMap<String, AgentHost>,
+    pub down: BTreeMap<String, String>,
+}
 use crate::source::{Source, Target, TargetError};
 use crate::state::StateDir;
 
@@ -52,18 +61,36 @@ impl Ctx {
     }
 
     /// The hosts this engine reaches: every `address = "local"` host of `desired`.
-    /// Connects to every host's agent; unreachable ones are reported on stderr and left out.
-    pub async fn hosts(&self, desired: &Desired) -> BTreeMap<String, AgentHost> {
+    /// Connects to every host's agent; unreachable ones are reported on stderr and
+    /// returned apart with the reason.
+    pub async fn hosts(&self, desired: &Desired) -> Hosts {
         let (up, down) = connect_hosts(
             desired,
             &StateDir::at(&self.state),
             ConnectOptions::default(),
         )
         .await;
-        for (host, why) in down {
+        for (host, why) in &down {
             eprintln!("warning: host {host} is unreachable: {why}");
         }
-        up
+        Hosts { up, down }
+    }
+
+    /// What the hosts run, plus what is known of the unreachable ones: where each VM was
+    /// last seen (status files, and the creations of an interrupted apply).
+    pub async fn observe(&self, hosts: &Hosts) -> Observed {
+        let state = StateDir::at(&self.state);
+        let mut last_known = StatusDir::new(&state.status_dir()).last_known();
+        if let Some(journal) = JournalFile::new(&self.state).interrupted() {
+            for (vm, host) in journal.creations() {
+                last_known
+                    .entry(vm.to_owned())
+                    .or_insert_with(|| host.to_owned());
+            }
+        }
+        Observed::gather(hosts.up.values())
+            .await
+            .with_context(&hosts.down, last_known)
     }
 
     /// Prints a note about uncommitted spec changes (they are never used).

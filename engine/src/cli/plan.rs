@@ -1,17 +1,16 @@
 //! `validate`, `plan` and `apply`.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
 use std::path::PathBuf;
 
 use anyhow::Context as _;
 use clap::Args;
 
+use super::context::Hosts;
 use super::context::{print_invalid, Ctx};
 use super::{RepoArgs, EXIT_CHANGES};
 use crate::execute::journal::JournalFile;
 use crate::execute::{execute_journaled, Outcome, Step};
-use crate::host::AgentHost;
 use crate::observe::Observed;
 use crate::plan::{plan as make_plan, prune_actions, Plan, SavedPlan};
 use crate::source::Target;
@@ -74,13 +73,11 @@ async fn observe(
     ctx: &Ctx,
     target: &Target,
     what: &str,
-) -> anyhow::Result<(StateLock, BTreeMap<String, AgentHost>, Observed)> {
+) -> anyhow::Result<(StateLock, Hosts, Observed)> {
     let state = ctx.state_dir()?;
     let lock = StateLock::acquire(&state.lock_path(), what)?;
     let hosts = ctx.hosts(&target.desired).await;
-    let observed = Observed::gather(hosts.values())
-        .await
-        .context("observing the hosts")?;
+    let observed = ctx.observe(&hosts).await;
     Ok((lock, hosts, observed))
 }
 
@@ -232,10 +229,8 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
     if let Some(j) = journal.interrupted() {
         eprintln!("note: {}", j.describe());
     }
-    let report = execute_journaled(&plan, &target, &hosts, &journal, print_step).await?;
-    let after = Observed::gather(hosts.values())
-        .await
-        .context("observing the hosts after applying")?;
+    let report = execute_journaled(&plan, &target, &hosts.up, &journal, print_step).await?;
+    let after = ctx.observe(&hosts).await;
     env!("CARGO_PKG_VERSION").clone_into(&mut engine.version);
     engine.updated_at = crate::time::now();
     ctx.source.spec_dir().clone_into(&mut engine.spec_dir);

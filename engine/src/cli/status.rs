@@ -1,12 +1,10 @@
 //! `status`: a fresh look at the hosts when no other engine holds the state directory,
 //! else what the status files say.
 
-use anyhow::Context as _;
 use clap::Args;
 
 use super::context::Ctx;
 use super::RepoArgs;
-use crate::observe::Observed;
 use crate::state::{LockError, StateLock};
 use crate::status::{print_table, StatusDir};
 
@@ -33,9 +31,7 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<u8> {
                         .await
                 }
             };
-            let observed = Observed::gather(hosts.values())
-                .await
-                .context("observing the hosts")?;
+            let observed = ctx.observe(&hosts).await;
             let mut engine = dir.read().map(|s| s.engine).unwrap_or_default();
             engine.updated_at = crate::time::now();
             env!("CARGO_PKG_VERSION").clone_into(&mut engine.version);

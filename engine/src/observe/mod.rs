@@ -104,23 +104,61 @@ pub struct Capacity {
     pub memory_mb: u64,
 }
 
-/// The observed state of every reachable host.
+/// The observed state of every reachable host, and what is known of the others.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observed {
     pub hosts: BTreeMap<String, Inventory>,
+    /// Hosts that could not be asked, and why.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub unreachable: BTreeMap<String, String>,
+    /// Where each VM was last seen (from the status files). A VM last seen on an
+    /// unreachable host is unknown: it may still run there, so it is never started
+    /// anywhere else on a guess.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub last_known: BTreeMap<String, String>,
 }
 
 impl Observed {
-    /// Gathers the inventory of each host.
-    pub async fn gather<'a, H: Host + 'a>(
-        hosts: impl IntoIterator<Item = &'a H>,
-    ) -> Result<Self, crate::host::HostError> {
+    /// Gathers the inventory of each host; a host that does not answer is listed as
+    /// unreachable, with the reason.
+    pub async fn gather<'a, H: Host + 'a>(hosts: impl IntoIterator<Item = &'a H>) -> Self {
         let mut out = Self::default();
         for host in hosts {
-            out.hosts
-                .insert(host.name().to_owned(), host.inventory().await?);
+            match host.inventory().await {
+                Ok(inv) => {
+                    out.hosts.insert(host.name().to_owned(), inv);
+                }
+                Err(e) => {
+                    out.unreachable
+                        .insert(host.name().to_owned(), crate::execute::error_chain(&e));
+                }
+            }
         }
-        Ok(out)
+        out
+    }
+
+    /// Adds what is known beyond the hosts that answered: the ones that could not be
+    /// reached (and why) and where each VM was last seen.
+    pub fn with_context(
+        mut self,
+        unreachable: &BTreeMap<String, String>,
+        last_known: BTreeMap<String, String>,
+    ) -> Self {
+        for (host, why) in unreachable {
+            self.unreachable
+                .entry(host.clone())
+                .or_insert_with(|| why.clone());
+        }
+        self.last_known = last_known;
+        self
+    }
+
+    /// The unreachable host `vm` was last seen on, if that is where it may be.
+    pub fn lost_on(&self, vm: &str) -> Option<&str> {
+        self.last_known
+            .get(vm)
+            .filter(|h| self.unreachable.contains_key(*h))
+            .map(String::as_str)
     }
 
     /// Where `vm` runs or is kept, if anywhere.
@@ -145,6 +183,9 @@ impl Observed {
                     format!("{state} pid {pid} spec {}", vm.spec_hash),
                 );
             }
+        }
+        for host in self.unreachable.keys() {
+            out.insert(format!("{host}/"), "unreachable".to_owned());
         }
         out
     }

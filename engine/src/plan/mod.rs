@@ -63,6 +63,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
                 .flat_map(|inv| inv.vms.keys().map(String::as_str)),
         )
         .collect();
+    out.notes.extend(observed.unreachable.values().cloned());
     for (host, inv) in &observed.hosts {
         for o in &inv.orphans {
             out.notes.push(format!(
@@ -74,6 +75,10 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
     let mut load = Load::new(desired, observed);
     for name in names {
         match (desired.vms.get(name), observed.find(name)) {
+            (Some(_) | None, None) if observed.lost_on(name).is_some() => {
+                let host = observed.lost_on(name).unwrap_or_default();
+                out.notes.push(format!("{name}: unknown: last seen on {host}, which is unreachable; not started elsewhere (it may still run there)"));
+            }
             (Some(want), None) => plan_new(desired, &mut load, want, &mut out),
             (Some(want), Some((host, have))) => {
                 plan_existing(desired, want, host, have, now_ms, &mut out);

@@ -189,7 +189,10 @@ mod tests {
                 )
             })
             .collect::<BTreeMap<_, _>>();
-        Observed { hosts }
+        Observed {
+            hosts,
+            ..Observed::default()
+        }
     }
 
     const THREE: [(&str, &str); 3] = [

@@ -56,6 +56,7 @@ fn observed(vms: Vec<ObservedVm>) -> Observed {
     };
     Observed {
         hosts: BTreeMap::from([("local".to_owned(), inv)]),
+        ..Observed::default()
     }
 }
 
@@ -261,5 +262,41 @@ fn no_second_qemu_starts_where_an_orphan_runs() {
     assert_eq!(
         pruned.iter().map(Action::op).collect::<Vec<_>>(),
         ["prune", "prune"]
+    );
+}
+
+#[test]
+fn a_vm_last_seen_on_an_unreachable_host_is_never_started_elsewhere() {
+    let d = desired(&[
+        ("hosts/hv1.toml", "address = \"local\""),
+        ("hosts/hv2.toml", "address = \"local\""),
+        ("vms/a.toml", ""),
+        ("vms/b.toml", ""),
+    ]);
+    let mut o = observed(vec![]);
+    let inv = o.hosts.remove("local").expect("local");
+    o.hosts.insert("hv1".into(), inv);
+    o.unreachable.insert(
+        "hv2".into(),
+        "host hv2 is unreachable: the agent channel closed".into(),
+    );
+    o.last_known.insert("a".into(), "hv2".into());
+    o.last_known.insert("b".into(), "hv1".into());
+    let p = plan(&d, &o, NOW);
+    // a may still run on hv2: unknown, left alone. b is not on hv1 any more: placed anew.
+    assert_eq!(ops(&p), ["create b", "start b"]);
+    assert!(
+        p.notes
+            .iter()
+            .any(|n| n.starts_with("a: unknown: last seen on hv2")),
+        "{:?}",
+        p.notes
+    );
+    assert!(
+        p.notes
+            .iter()
+            .any(|n| n.starts_with("host hv2 is unreachable")),
+        "{:?}",
+        p.notes
     );
 }

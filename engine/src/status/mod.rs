@@ -124,6 +124,9 @@ pub struct HostStatus {
     pub capacity: Capacity,
     pub allocated: Capacity,
     pub vms: Vec<String>,
+    /// Why the host is not ready, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
     /// QEMUs of ours that no instance accounts for (stopped only by `--prune`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub orphans: Vec<Orphan>,
@@ -201,6 +204,18 @@ impl StatusDir {
             }
         }
         Ok(snap)
+    }
+
+    /// Where each VM was last seen, by the VM status files.
+    pub fn last_known(&self) -> BTreeMap<String, String> {
+        self.read()
+            .map(|s| {
+                s.vms
+                    .into_iter()
+                    .filter_map(|v| Some((v.name, v.host?)))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Writes the engine file only (e.g. after a refused commit).
@@ -299,26 +314,23 @@ impl StatusDir {
                 );
             }
         }
+        // VMs last seen on a host that does not answer: unknown, never reported running.
+        for (name, host) in &observed.last_known {
+            if vms.contains_key(name) {
+                continue;
+            }
+            if let (Some(why), Some(mut prev)) = (observed.unreachable.get(host), previous(name)) {
+                prev.phase = VmPhase::Unknown;
+                prev.pid = None;
+                prev.since = None;
+                prev.message = Some(why.clone());
+                vms.insert(name.clone(), prev);
+            }
+        }
         if let Some(d) = desired {
             let missing: Vec<&String> = d.vms.keys().filter(|n| !vms.contains_key(*n)).collect();
             for name in missing {
-                let prev = previous(name);
-                vms.insert(
-                    name.clone(),
-                    VmStatus {
-                        name: name.clone(),
-                        phase: VmPhase::Pending,
-                        host: d.vms[name].spec.host.clone(),
-                        pid: None,
-                        since: None,
-                        restarts: prev.as_ref().map_or(0, |p| p.restarts),
-                        spec_revision: None,
-                        spec_hash: None,
-                        up_to_date: false,
-                        message: Some("not created yet".to_owned()),
-                        events: prev.map(|p| p.events).unwrap_or_default(),
-                    },
-                );
+                vms.insert(name.clone(), pending(&d.vms[name], previous(name)));
             }
         }
         for (vm, event) in extra {
@@ -342,16 +354,59 @@ impl StatusDir {
             let excess = status.events.len().saturating_sub(MAX_EVENTS);
             status.events.drain(..excess);
         }
-        let hosts = observed
+        let mut hosts: Vec<HostStatus> = observed
             .hosts
             .iter()
             .map(|(name, inv)| host_status(name, inv))
             .collect();
+        hosts.extend(
+            observed
+                .unreachable
+                .iter()
+                .map(|(name, why)| unreachable_host(name, why, observed)),
+        );
         Snapshot {
             engine,
             vms: vms.into_values().collect(),
             hosts,
         }
+    }
+}
+
+/// A VM of the specs with no instance anywhere (yet).
+fn pending(want: &plasmavmc_specs::VmEntry, prev: Option<VmStatus>) -> VmStatus {
+    VmStatus {
+        name: want.name.clone(),
+        phase: VmPhase::Pending,
+        host: want.spec.host.clone(),
+        pid: None,
+        since: None,
+        restarts: prev.as_ref().map_or(0, |p| p.restarts),
+        spec_revision: None,
+        spec_hash: None,
+        up_to_date: false,
+        message: Some("not created yet".to_owned()),
+        events: prev.map(|p| p.events).unwrap_or_default(),
+    }
+}
+
+/// A host that did not answer: what is known is which VMs were last seen there.
+fn unreachable_host(name: &str, why: &str, observed: &Observed) -> HostStatus {
+    HostStatus {
+        name: name.to_owned(),
+        phase: "unreachable".to_owned(),
+        last_heartbeat: None,
+        capacity: Capacity::default(),
+        allocated: Capacity::default(),
+        vms: observed
+            .last_known
+            .iter()
+            .filter(|(_, h)| *h == name)
+            .map(|(vm, _)| vm.clone())
+            .collect(),
+        orphans: Vec::new(),
+        retained: Vec::new(),
+        message: Some(why.to_owned()),
     }
 }
 
@@ -370,6 +425,7 @@ fn host_status(name: &str, inv: &Inventory) -> HostStatus {
         vms: inv.vms.keys().cloned().collect(),
         orphans: inv.orphans.clone(),
         retained: inv.retained.clone(),
+        message: None,
     }
 }
 

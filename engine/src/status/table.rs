@@ -68,6 +68,9 @@ pub fn print_table(snap: &Snapshot) -> String {
             h.allocated.memory_mb,
             h.capacity.memory_mb
         );
+        if let Some(message) = &h.message {
+            let _ = writeln!(out, "  {message}");
+        }
         for o in &h.orphans {
             let _ = writeln!(
                 out,

@@ -46,6 +46,8 @@ struct Daemon {
     hosts: BTreeMap<String, AgentHost>,
     /// The agent argv each connected host was reached with.
     host_argv: BTreeMap<String, Vec<String>>,
+    /// Hosts of the specs that could not be reached, and why.
+    down: BTreeMap<String, String>,
     engine: EngineStatus,
     /// Status events not written yet.
     events: Vec<(String, VmEvent)>,
@@ -169,6 +171,7 @@ impl Daemon {
             bad: None,
             hosts: BTreeMap::new(),
             host_argv: BTreeMap::new(),
+            down: BTreeMap::new(),
             engine,
             events: Vec::new(),
             wake_at_ms: None,
@@ -228,17 +231,13 @@ impl Daemon {
             // Nothing valid was ever applied here: report what runs, act on nothing.
             self.ensure_hosts(&plasmavmc_specs::Desired::with_implicit_local())
                 .await;
-            let observed = Observed::gather(self.hosts.values())
-                .await
-                .context("observing the hosts")?;
+            let observed = self.observe().await;
             self.write_status(None, None, &observed, changed)?;
             return Ok(());
         };
         let desired = target.desired.clone();
         self.ensure_hosts(&desired).await;
-        let observed = Observed::gather(self.hosts.values())
-            .await
-            .context("observing the hosts")?;
+        let observed = self.observe().await;
         if !self.adopted {
             self.adopted = true;
             for (name, vm) in observed
@@ -270,9 +269,7 @@ impl Daemon {
             changed = true;
             let report =
                 execute_journaled(&plan, &target, &self.hosts, &self.journal, |_| {}).await?;
-            let after = Observed::gather(self.hosts.values())
-                .await
-                .context("observing the hosts after acting")?;
+            let after = self.observe().await;
             // Acting changes what comes next (a failed start records an exit and starts a
             // backoff): plan again to know when to wake. Actions still due mean something
             // failed; retry in a second, never in a tight loop.
@@ -297,6 +294,22 @@ impl Daemon {
         self.write_status(Some(&target), report.as_ref(), &after, changed)
     }
 
+    /// What the connected hosts run, plus what is known of the others (unreachable
+    /// hosts, where each VM was last seen).
+    async fn observe(&self) -> Observed {
+        let mut last_known = self.status.last_known();
+        if let Some(journal) = self.journal.interrupted() {
+            for (vm, host) in journal.creations() {
+                last_known
+                    .entry(vm.to_owned())
+                    .or_insert_with(|| host.to_owned());
+            }
+        }
+        Observed::gather(self.hosts.values())
+            .await
+            .with_context(&self.down, last_known)
+    }
+
     /// Keeps one agent connection per host of `desired`: new hosts and broken channels are
     /// (re)connected, hosts gone from the specs are dropped (their agents exit).
     async fn ensure_hosts(&mut self, desired: &plasmavmc_specs::Desired) {
@@ -304,10 +317,12 @@ impl Daemon {
             .retain(|name, host| desired.hosts.contains_key(name) && !host.is_closed());
         self.host_argv
             .retain(|name, _| self.hosts.contains_key(name));
+        self.down.clear();
         for entry in desired.hosts.values() {
             let argv = match agent_argv(entry, &self.state) {
                 Ok(argv) => argv,
                 Err(e) => {
+                    self.down.insert(entry.name.clone(), error_chain(&e));
                     warn!(host = %entry.name, error = %error_chain(&e), "cannot reach host");
                     continue;
                 }
@@ -324,7 +339,9 @@ impl Daemon {
                 }
                 Err(e) => {
                     self.hosts.remove(&entry.name);
+                    self.host_argv.remove(&entry.name);
                     warn!(host = %entry.name, error = %error_chain(&e), "host unreachable");
+                    self.down.insert(entry.name.clone(), error_chain(&e));
                 }
             }
         }
