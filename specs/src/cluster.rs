@@ -18,6 +18,41 @@ pub struct ClusterSpec {
     /// Where the scheduler may put VMs that are not pinned.
     #[serde(default)]
     pub placement: PlacementSettings,
+    /// How hosts are watched and when one is declared down.
+    #[serde(default)]
+    pub heartbeat: HeartbeatSettings,
+}
+
+/// Host health. A host that sends nothing (not even a heartbeat answer) for
+/// `down_after` is down: its VMs are unknown, and once it is fenced (its `fence`
+/// command exits 0, or `plasmavmc fence confirm HOST`) its `ha` VMs are recovered
+/// elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HeartbeatSettings {
+    /// A heartbeat every this long on each agent channel.
+    #[serde(default = "default_heartbeat")]
+    pub interval: HumanDuration,
+    /// Silence after which a host is down.
+    #[serde(default = "default_down_after")]
+    pub down_after: HumanDuration,
+}
+
+impl Default for HeartbeatSettings {
+    fn default() -> Self {
+        Self {
+            interval: default_heartbeat(),
+            down_after: default_down_after(),
+        }
+    }
+}
+
+fn default_heartbeat() -> HumanDuration {
+    HumanDuration(Duration::from_secs(1))
+}
+
+fn default_down_after() -> HumanDuration {
+    HumanDuration(Duration::from_secs(5))
 }
 
 /// Scheduler limits. Memory is never overcommitted.

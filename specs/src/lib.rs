@@ -13,7 +13,9 @@ pub mod name;
 pub mod schema;
 pub mod vm;
 
-pub use cluster::{ClusterSpec, HumanDuration, PlacementSettings, RestartSettings, Timeouts};
+pub use cluster::{
+    ClusterSpec, HeartbeatSettings, HumanDuration, PlacementSettings, RestartSettings, Timeouts,
+};
 pub use diag::{Diagnostic, Seg};
 pub use host::{HostSpec, HostState, LOCAL_HOST};
 pub use load::{load, short_hash, spec_hash, Desired, HostEntry, SourceFile, VmEntry};

@@ -9,6 +9,7 @@
 //!   `tests/guest/build.sh` when missing, once, under a file lock shared by every
 //!   test process.
 
+use std::fmt::Write as _;
 use std::fs::{self, OpenOptions};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +17,7 @@ use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
+use sha2::{Digest, Sha256};
 
 /// The test guest's kernel and initrd (absolute paths).
 #[derive(Debug, Clone)]
@@ -132,4 +134,17 @@ fn build_guest() -> Result<Guest> {
         );
     }
     Ok(guest)
+}
+
+/// The SHA-256 of a file, in lowercase hex (how agents name the files they are sent:
+/// `<root>/files/<sha256>`).
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut file = fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("reading {}", path.display()))?;
+    let mut hex = String::with_capacity(64);
+    for byte in hasher.finalize() {
+        let _ = write!(hex, "{byte:02x}");
+    }
+    Ok(hex)
 }

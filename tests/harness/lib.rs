@@ -6,11 +6,12 @@
 //!   the binary against them and reads what the engine left behind (instance folders,
 //!   serial logs, status files). Dropping it kills every process it owns, even when
 //!   the test panicked.
-//! - [`VmSpec`] writes VM specs that boot the test guest under TCG.
+//! - [`VmSpec`] writes VM specs that boot the test guest under TCG; [`HostSpec`] host
+//!   specs, by default a simulated host: the binary's own agent on a root of its own.
 //! - [`Daemon`] is a running `plasmavmc watch` (own process group, killed on drop,
-//!   JSON log lines read back); [`VmView`]/[`EngineView`]/[`Orphan`] read the status
-//!   files, [`serial`] the guest's console, and `git` (methods of [`TestRepo`]) the
-//!   repository's branches, index and working tree.
+//!   JSON log lines read back); [`VmView`]/[`HostView`]/[`EngineView`]/[`Orphan`]
+//!   read the status files, [`serial`] the guest's console, and `git` (methods of
+//!   [`TestRepo`]) the repository's branches, index and working tree.
 //! - [`proc`] inspects processes through `/proc`; [`wait`] polls with deadlines
 //!   (tests never sleep to synchronise).
 
@@ -31,8 +32,8 @@ pub use proc::{cmdline, is_alive};
 pub use repo::{TestRepo, BRANCH};
 pub use run::{diagnostic, Output, Running};
 pub use serial::{last_tick, serial_has_line, ticks};
-pub use spec::{VmSpec, MEMORY_LINE};
-pub use status::{EngineView, Event, Orphan, VmView};
+pub use spec::{HostSpec, VmSpec, MEMORY_LINE};
+pub use status::{EngineView, Event, HostView, Orphan, Resources, VmView};
 pub use wait::{poll_for, wait_for};
 
 use std::time::Duration;

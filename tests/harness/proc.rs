@@ -121,6 +121,24 @@ pub fn qemus_in(dir: &Path) -> Vec<i32> {
     pids
 }
 
+/// Every live QEMU whose working directory is `dir` or below it: the QEMUs one host
+/// root runs (each in its instance folder), whatever their pid files say.
+pub fn qemus_under(dir: &Path) -> Vec<i32> {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<i32> = entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| is_alive(pid) && cwd(pid).is_some_and(|c| c.starts_with(&dir)))
+        .filter(|&pid| {
+            cmdline(pid).is_ok_and(|a| a.first().is_some_and(|a| a.contains("qemu-system")))
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
 /// SIGKILLs `pid` and waits until it is gone (or a zombie).
 pub fn kill_and_wait(pid: i32, timeout: Duration) -> Result<()> {
     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);

@@ -1,8 +1,12 @@
 //! [`TestRepo`]: one test's world — a temp folder holding a git repository (`repo/`)
 //! and a state dir (`state/`) — plus the binary run against them.
 //!
+//! Simulated hosts (`hosts/<name>.toml` with an `exec` of the binary's agent, see
+//! [`TestRepo::write_host`]) keep their roots in `<tmp>/hosts/<name>`; the implicit
+//! host `local` keeps its root in `state/local`.
+//!
 //! Dropping it kills every process it owns: each QEMU named by a
-//! `state/local/vms/*/qemu.pid` whose cwd or argv points into the temp folder, and
+//! `<host root>/vms/*/qemu.pid` whose cwd or argv points into the temp folder, and
 //! any other process (engine, agent, orphaned QEMU) whose cwd or argv does. Set
 //! `PLASMAVMC_E2E_KEEP=1` to keep the temp folder for a post-mortem.
 
@@ -23,7 +27,7 @@ use crate::artifacts::{self, Guest};
 use crate::daemon::Daemon;
 use crate::proc;
 use crate::run::{Output, Running};
-use crate::spec::VmSpec;
+use crate::spec::{HostSpec, VmSpec};
 use crate::wait::{poll_for, wait_for};
 use crate::RUN_TIMEOUT;
 
@@ -123,6 +127,13 @@ impl TestRepo {
     /// Writes `vms/<name>.toml`.
     pub fn write_vm(&self, name: &str, spec: &VmSpec) -> Result<()> {
         self.write(&format!("vms/{name}.toml"), &spec.to_toml(&self.guest))
+    }
+
+    /// Writes `hosts/<name>.toml`; unless `spec` says otherwise its agent is the
+    /// binary under test on [`Self::host_root`]`(name)`.
+    pub fn write_host(&self, name: &str, spec: &HostSpec) -> Result<()> {
+        let text = spec.to_toml(&self.bin, &self.host_root(name));
+        self.write(&format!("hosts/{name}.toml"), &text)
     }
 
     /// Writes `plasmavmc.toml` with `[timeouts] stop = <stop>`.
@@ -273,9 +284,61 @@ impl TestRepo {
 
     // ---- what the engine left behind ------------------------------------------
 
-    /// `<state>/local/vms/<vm>`.
+    /// The root a simulated host `name` gets by default: `<tmp>/hosts/<name>`.
+    pub fn host_root(&self, name: &str) -> PathBuf {
+        self.root().join("hosts").join(name)
+    }
+
+    /// Every host root of this test that exists, by host name: `local`
+    /// (`<state>/local`) first, then each `<tmp>/hosts/<name>` in name order.
+    pub fn host_roots(&self) -> Vec<(String, PathBuf)> {
+        let local = self.state_dir().join("local");
+        let mut roots: Vec<(String, PathBuf)> = Vec::new();
+        if local.is_dir() {
+            roots.push(("local".to_owned(), local));
+        }
+        let mut simulated: Vec<(String, PathBuf)> = fs::read_dir(self.root().join("hosts"))
+            .into_iter()
+            .flatten()
+            .filter_map(|e| {
+                let e = e.ok()?;
+                let name = e.file_name().to_str()?.to_owned();
+                e.path().is_dir().then(|| (name, e.path()))
+            })
+            .collect();
+        simulated.sort();
+        roots.extend(simulated);
+        roots
+    }
+
+    /// The hosts (of [`Self::host_roots`]) that hold an instance folder for `vm`.
+    pub fn hosts_with_instance(&self, vm: &str) -> Vec<String> {
+        self.host_roots()
+            .into_iter()
+            .filter(|(_, root)| root.join("vms").join(vm).is_dir())
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// `<root of host>/vms/<vm>`: `<state>/local/vms/<vm>` for `local`,
+    /// `<tmp>/hosts/<host>/vms/<vm>` otherwise.
+    pub fn instance_dir_on(&self, host: &str, vm: &str) -> PathBuf {
+        let root = if host == "local" {
+            self.state_dir().join("local")
+        } else {
+            self.host_root(host)
+        };
+        root.join("vms").join(vm)
+    }
+
+    /// The VM's instance folder on the first host of [`Self::host_roots`] that has
+    /// one; `<state>/local/vms/<vm>` when none has.
     pub fn instance_dir(&self, vm: &str) -> PathBuf {
-        self.state_dir().join("local").join("vms").join(vm)
+        self.host_roots()
+            .into_iter()
+            .map(|(_, root)| root.join("vms").join(vm))
+            .find(|dir| dir.is_dir())
+            .unwrap_or_else(|| self.state_dir().join("local").join("vms").join(vm))
     }
 
     /// The pid in the VM's `qemu.pid`, if the file exists and parses.
@@ -406,13 +469,12 @@ impl TestRepo {
         )
     }
 
-    /// Every QEMU pid named by a `qemu.pid` under the local host, owned by this test.
+    /// Every QEMU pid named by a `qemu.pid` under any host root of this test
+    /// ([`Self::host_roots`]), owned by this test.
     pub fn qemu_pids(&self) -> Vec<i32> {
-        let vms = self.state_dir().join("local").join("vms");
-        let Ok(entries) = fs::read_dir(&vms) else {
-            return Vec::new();
-        };
-        entries
+        self.host_roots()
+            .into_iter()
+            .flat_map(|(_, root)| fs::read_dir(root.join("vms")).into_iter().flatten())
             .filter_map(|e| {
                 fs::read_to_string(e.ok()?.path().join("qemu.pid"))
                     .ok()?
@@ -421,6 +483,22 @@ impl TestRepo {
                     .ok()
             })
             .filter(|&pid| self.owns(pid))
+            .collect()
+    }
+
+    /// Every live `plasmavmc agent` whose `--root` is inside this test's temp folder
+    /// (the agents of its simulated hosts and of `local`).
+    pub fn agent_pids(&self) -> Vec<i32> {
+        let root = self.root();
+        proc::processes_under(root)
+            .into_iter()
+            .filter(|&pid| {
+                proc::cmdline(pid).is_ok_and(|args| {
+                    args.iter().skip(1).any(|a| a == "agent")
+                        && proc::arg_value(&args, "--root")
+                            .is_some_and(|r| Path::new(r).starts_with(root))
+                })
+            })
             .collect()
     }
 

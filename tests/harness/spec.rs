@@ -1,6 +1,7 @@
-//! VM specs that boot the test guest under TCG.
+//! VM specs that boot the test guest under TCG, and host specs for simulated hosts.
 
 use std::fmt::Write;
+use std::path::{Path, PathBuf};
 
 use crate::artifacts::Guest;
 
@@ -21,6 +22,10 @@ pub struct VmSpec {
     pub cmdline_extra: String,
     /// `[qemu] machine = "..."` when set (default: the engine's, q35).
     pub machine: Option<String>,
+    /// `group = "..."` (anti-affinity) when set.
+    pub group: Option<String>,
+    /// `host = "..."` (a pin) when set.
+    pub host: Option<String>,
 }
 
 impl Default for VmSpec {
@@ -33,6 +38,8 @@ impl Default for VmSpec {
             disks: vec![("data".to_owned(), 1)],
             cmdline_extra: String::new(),
             machine: None,
+            group: None,
+            host: None,
         }
     }
 }
@@ -84,6 +91,18 @@ impl VmSpec {
         self
     }
 
+    /// An anti-affinity group: the scheduler spreads its VMs over hosts.
+    pub fn group(mut self, group: &str) -> Self {
+        self.group = Some(group.to_owned());
+        self
+    }
+
+    /// Pins the VM to `host`.
+    pub fn pin(mut self, host: &str) -> Self {
+        self.host = Some(host.to_owned());
+        self
+    }
+
     /// The TOML text. `memory_mb` is always on line 2 (tests point at it).
     pub fn to_toml(&self, guest: &Guest) -> String {
         let mut cmdline = BASE_CMDLINE.to_owned();
@@ -97,6 +116,12 @@ impl VmSpec {
         let _ = writeln!(s, "power = {:?}", self.power);
         if let Some(restart) = &self.restart {
             let _ = writeln!(s, "restart = {restart:?}");
+        }
+        if let Some(group) = &self.group {
+            let _ = writeln!(s, "group = {group:?}");
+        }
+        if let Some(host) = &self.host {
+            let _ = writeln!(s, "host = {host:?}");
         }
         let _ = writeln!(s, "\n[boot]");
         let _ = writeln!(s, "kernel = {:?}", guest.kernel.display().to_string());
@@ -115,3 +140,130 @@ impl VmSpec {
 
 /// The line of [`VmSpec::to_toml`]'s output that holds `memory_mb`.
 pub const MEMORY_LINE: usize = 2;
+
+/// A host spec (`hosts/<name>.toml`). By default the host is simulated on this
+/// machine: `exec` runs the binary under test as `agent --stdio --root <root>`, where
+/// `<root>` is [`HostSpec::root`] or the test's `<tmp>/hosts/<name>` (see
+/// [`crate::TestRepo::write_host`]).
+#[derive(Debug, Clone, Default)]
+pub struct HostSpec {
+    /// A custom `exec` argv (e.g. `["/bin/false"]` for a host that cannot be reached);
+    /// `None` = the agent of the binary under test.
+    pub exec: Option<Vec<String>>,
+    /// The agent's `--root` when `exec` is `None`; `None` = `<tmp>/hosts/<name>`.
+    pub root: Option<PathBuf>,
+    pub vcpus: Option<u32>,
+    pub memory_mb: Option<u64>,
+    /// `state = "..."` when set (`active`, `maintenance`).
+    pub state: Option<String>,
+}
+
+impl HostSpec {
+    /// A simulated host: the agent of the binary under test on its own root.
+    pub fn agent() -> Self {
+        Self::default()
+    }
+
+    /// A host reached by running `argv` instead of the agent.
+    pub fn exec(argv: &[&str]) -> Self {
+        Self {
+            exec: Some(argv.iter().map(|&a| a.to_owned()).collect()),
+            ..Self::default()
+        }
+    }
+
+    /// The agent's root folder (default: `<tmp>/hosts/<name>`).
+    pub fn root(mut self, root: &Path) -> Self {
+        self.root = Some(root.to_path_buf());
+        self
+    }
+
+    /// Schedulable memory.
+    pub fn memory(mut self, mb: u64) -> Self {
+        self.memory_mb = Some(mb);
+        self
+    }
+
+    /// Schedulable vCPUs.
+    pub fn vcpus(mut self, n: u32) -> Self {
+        self.vcpus = Some(n);
+        self
+    }
+
+    /// `state = "maintenance"`: nothing new is placed here.
+    pub fn maintenance(mut self) -> Self {
+        self.state = Some("maintenance".to_owned());
+        self
+    }
+
+    /// The TOML text; the agent runs `bin` on `root` unless [`Self::root`] or
+    /// [`Self::exec`] say otherwise.
+    pub fn to_toml(&self, bin: &Path, root: &Path) -> String {
+        let argv = self.exec.clone().unwrap_or_else(|| {
+            let root = self.root.as_deref().unwrap_or(root);
+            vec![
+                bin.display().to_string(),
+                "agent".to_owned(),
+                "--stdio".to_owned(),
+                "--root".to_owned(),
+                root.display().to_string(),
+            ]
+        });
+        let mut s = String::new();
+        let _ = writeln!(s, "exec = {argv:?}");
+        if let Some(vcpus) = self.vcpus {
+            let _ = writeln!(s, "vcpus = {vcpus}");
+        }
+        if let Some(mb) = self.memory_mb {
+            let _ = writeln!(s, "memory_mb = {mb}");
+        }
+        if let Some(state) = &self.state {
+            let _ = writeln!(s, "state = {state:?}");
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_spec_runs_the_agent_on_its_root_or_a_given_command() {
+        let bin = Path::new("/x/plasmavmc");
+        let parse = |text: &str| text.parse::<toml::Table>().expect("valid TOML");
+        let exec = |t: &toml::Table| -> Vec<String> {
+            t["exec"]
+                .as_array()
+                .expect("exec is an array")
+                .iter()
+                .map(|a| a.as_str().expect("strings").to_owned())
+                .collect()
+        };
+        let agent = parse(
+            &HostSpec::agent()
+                .memory(256)
+                .vcpus(2)
+                .maintenance()
+                .to_toml(bin, Path::new("/t/hosts/hv1")),
+        );
+        assert_eq!(
+            exec(&agent),
+            ["/x/plasmavmc", "agent", "--stdio", "--root", "/t/hosts/hv1"]
+        );
+        assert_eq!(agent["memory_mb"].as_integer(), Some(256));
+        assert_eq!(agent["vcpus"].as_integer(), Some(2));
+        assert_eq!(agent["state"].as_str(), Some("maintenance"));
+
+        let shared = parse(
+            &HostSpec::agent()
+                .root(Path::new("/other/root"))
+                .to_toml(bin, Path::new("/t/hosts/hv1")),
+        );
+        assert_eq!(exec(&shared)[4], "/other/root");
+        assert!(!shared.contains_key("memory_mb") && !shared.contains_key("state"));
+
+        let down = parse(&HostSpec::exec(&["/bin/false"]).to_toml(bin, Path::new("/r")));
+        assert_eq!(exec(&down), ["/bin/false"]);
+    }
+}

@@ -19,6 +19,8 @@ pub struct Event {
 #[derive(Debug, Clone)]
 pub struct VmView {
     pub phase: String,
+    /// The host it is on (`host = "..."`).
+    pub host: String,
     pub pid: Option<i32>,
     pub restarts: i64,
     pub message: String,
@@ -64,6 +66,7 @@ impl VmView {
             .unwrap_or_default();
         Self {
             phase: s("phase"),
+            host: s("host"),
             pid,
             restarts: raw
                 .get("restarts")
@@ -121,6 +124,49 @@ impl fmt::Display for EngineView {
     }
 }
 
+/// A `vcpus` / `memory_mb` pair (`capacity`, `allocated`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Resources {
+    pub vcpus: i64,
+    pub memory_mb: i64,
+}
+
+impl Resources {
+    fn from_value(value: Option<&toml::Value>) -> Self {
+        let n = |k: &str| {
+            value
+                .and_then(|v| v.get(k))
+                .and_then(toml::Value::as_integer)
+                .unwrap_or(0)
+        };
+        Self {
+            vcpus: n("vcpus"),
+            memory_mb: n("memory_mb"),
+        }
+    }
+}
+
+/// `status/hosts/<name>.toml`, the fields the tests read.
+#[derive(Debug, Clone)]
+pub struct HostView {
+    pub phase: String,
+    pub capacity: Resources,
+    pub allocated: Resources,
+    /// The VMs it has instances of.
+    pub vms: Vec<String>,
+    pub raw: toml::Table,
+}
+
+impl fmt::Display for HostView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}",
+            toml::to_string_pretty(&self.raw).unwrap_or_else(|_| format!("{:?}", self.raw))
+        )
+    }
+}
+
 /// One `[[orphans]]` entry of `status/hosts/<host>.toml`: a QEMU of ours that no
 /// instance record accounts for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,6 +194,29 @@ impl TestRepo {
                 })
             })
             .collect())
+    }
+
+    /// `status/hosts/<host>.toml` as a [`HostView`], `None` if absent.
+    pub fn host_view(&self, host: &str) -> Result<Option<HostView>> {
+        Ok(self
+            .status_file(&format!("hosts/{host}"))?
+            .map(|raw| HostView {
+                phase: raw
+                    .get("phase")
+                    .and_then(toml::Value::as_str)
+                    .unwrap_or_default()
+                    .to_owned(),
+                capacity: Resources::from_value(raw.get("capacity")),
+                allocated: Resources::from_value(raw.get("allocated")),
+                vms: raw
+                    .get("vms")
+                    .and_then(toml::Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|v| v.as_str().map(str::to_owned))
+                    .collect(),
+                raw,
+            }))
     }
 
     /// `status/vms/<vm>.toml` as a [`VmView`], `None` if absent.

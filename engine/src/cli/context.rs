@@ -10,6 +10,7 @@ use super::RepoArgs;
 use crate::execute::journal::JournalFile;
 use crate::host::{connect_hosts, AgentHost, ConnectOptions};
 use crate::observe::Observed;
+use crate::state::fence::FenceRecords;
 use crate::status::StatusDir;
 
 /// The connected hosts, and the ones that could not be reached with the reason.
@@ -70,8 +71,8 @@ impl Ctx {
             ConnectOptions::default(),
         )
         .await;
-        for (host, why) in &down {
-            eprintln!("warning: host {host} is unreachable: {why}");
+        for why in down.values() {
+            eprintln!("warning: {why}");
         }
         Hosts { up, down }
     }
@@ -88,9 +89,16 @@ impl Ctx {
                     .or_insert_with(|| host.to_owned());
             }
         }
-        Observed::gather(hosts.up.values())
-            .await
-            .with_context(&hosts.down, last_known)
+        let fences = FenceRecords::new(&self.state);
+        let observed = Observed::gather(hosts.up.values()).await.with_context(
+            &hosts.down,
+            last_known,
+            fences.all(),
+        );
+        for host in observed.hosts.keys() {
+            fences.clear(host);
+        }
+        observed
     }
 
     /// Prints a note about uncommitted spec changes (they are never used).

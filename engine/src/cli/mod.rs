@@ -10,6 +10,9 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::source::Target;
+use crate::state::fence::FenceRecords;
+
 /// Exit codes as Terraform's: 0 ok / no changes, 1 error, 2 changes present.
 pub const EXIT_CHANGES: u8 = 2;
 
@@ -47,6 +50,12 @@ enum Command {
     /// Keep the hosts equal to the newest valid commit of a branch, and heal them: restart
     /// crashed VMs by policy, adopt running ones after a restart of the engine.
     Watch(WatchArgs),
+    /// Operator fencing: `fence confirm HOST` records that HOST is powered off, so its
+    /// `ha` VMs may be recovered elsewhere.
+    Fence {
+        #[command(subcommand)]
+        action: FenceAction,
+    },
     /// The host side: serve one engine on stdin/stdout (started by the engine itself,
     /// over ssh, or by a host's `exec` command).
     Agent(AgentArgs),
@@ -73,6 +82,16 @@ pub struct RepoArgs {
     /// State directory (default: <repo>/<path>/.plasmavmc, git-ignored).
     #[arg(long, env = "PLASMAVMC_STATE_DIR")]
     state_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+enum FenceAction {
+    /// HOST is powered off (checked by you): its VMs can no longer run there.
+    Confirm {
+        host: String,
+        #[command(flatten)]
+        repo: RepoArgs,
+    },
 }
 
 /// `agent` arguments.
@@ -151,6 +170,9 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status::status(&args).await,
             Command::Watch(args) => watch(args).await,
             Command::Agent(args) => agent(args).await,
+            Command::Fence {
+                action: FenceAction::Confirm { host, repo },
+            } => fence_confirm(&host, &repo),
             Command::Schema { out } => schema(&out),
         }
     });
@@ -183,6 +205,24 @@ fn init_logging(format: LogFormat, default_level: &str) {
             .with_span_list(false)
             .try_init(),
     };
+}
+
+fn fence_confirm(host: &str, repo: &RepoArgs) -> anyhow::Result<u8> {
+    let ctx = context::Ctx::open(repo)?;
+    if let Ok(target) = Target::load(&ctx.source, &ctx.rev) {
+        anyhow::ensure!(
+            target.desired.hosts.contains_key(host),
+            "host {host:?} is not in commit {}",
+            target.commit.short()
+        );
+    }
+    anyhow::ensure!(
+        plasmavmc_specs::name_problem(host).is_none(),
+        "{host:?} is not a host name"
+    );
+    let record = FenceRecords::new(&ctx.state).record(host, "operator")?;
+    println!("recorded: host {host} is fenced (by operator at {}); its ha VMs may now be recovered elsewhere", record.at);
+    Ok(0)
 }
 
 async fn agent(args: AgentArgs) -> anyhow::Result<u8> {

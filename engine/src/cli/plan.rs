@@ -236,16 +236,24 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
     ctx.source.spec_dir().clone_into(&mut engine.spec_dir);
     engine.revision_seen = Some(target.commit.id.clone());
     engine.last_attempted_revision = Some(target.commit.id.clone());
-    if report.failed() {
-        engine.last_error = Some(report.failures());
-    } else {
+    let problems = [report.failures(), plan.pending.join("\n")]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+    if problems.is_empty() {
         engine.last_applied_revision = Some(target.commit.id.clone());
         engine.last_error = None;
+    } else {
+        engine.last_error = Some(problems.clone());
     }
     let snap = status.build(engine, Some(&target.desired), &after, Some(&report), &[]);
     status.write(&snap)?;
-    if report.failed() {
-        eprintln!("error: some actions failed:\n{}", report.failures());
+    if !problems.is_empty() {
+        eprintln!(
+            "error: commit {} is not fully applied:\n{problems}",
+            target.commit.short()
+        );
         return Ok(1);
     }
     if !plan.is_empty() {

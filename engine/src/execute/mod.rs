@@ -168,6 +168,10 @@ async fn run<H: Host>(
         })
     };
     Ok(match action {
+        Action::Recover { from, .. } => {
+            host.create(&instance()?).await?;
+            format!("instance created (recovering from {from})")
+        }
         Action::Create { .. } => {
             host.create(&instance()?).await?;
             "instance and disks created".to_owned()

@@ -134,6 +134,7 @@ async fn actions_become_host_calls_in_order_with_the_commit_spec() {
         ],
         notes: vec![],
         wake_at_ms: None,
+        pending: vec![],
     };
     let hosts = BTreeMap::from([("local".to_owned(), FakeHost::default())]);
     let mut seen = 0;
@@ -167,6 +168,7 @@ async fn a_failed_step_skips_the_rest_of_that_vm_only() {
         ],
         notes: vec![],
         wake_at_ms: None,
+        pending: vec![],
     };
     let hosts = BTreeMap::from([(
         "local".to_owned(),
@@ -204,6 +206,7 @@ async fn unknown_hosts_fail_the_action_without_calls() {
         }],
         notes: vec![],
         wake_at_ms: None,
+        pending: vec![],
     };
     let hosts = BTreeMap::from([("local".to_owned(), FakeHost::default())]);
     let report = execute(&plan, &t, &hosts, |_| {}).await;

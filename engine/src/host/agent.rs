@@ -343,10 +343,9 @@ async fn await_welcome(
     };
     match first {
         Some(FromAgent::Welcome { version, host }) if version == VERSION => Ok(host),
-        Some(FromAgent::Refused { reason }) => Err(HostError::Refused {
-            vm: String::new(),
-            reason: format!("host {name}: agent refused: {reason}"),
-        }),
+        Some(FromAgent::Refused { reason }) => {
+            Err(unreachable(format!("its agent refused: {reason}")))
+        }
         _ => Err(unreachable(format!(
             "the agent did not speak protocol {VERSION}{}",
             tail(stderr_tail)

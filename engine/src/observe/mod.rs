@@ -116,6 +116,10 @@ pub struct Observed {
     /// anywhere else on a guess.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub last_known: BTreeMap<String, String>,
+    /// Hosts known to be powered off (fence command succeeded, or an operator confirmed),
+    /// with how and when.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub fenced: BTreeMap<String, String>,
 }
 
 impl Observed {
@@ -143,6 +147,7 @@ impl Observed {
         mut self,
         unreachable: &BTreeMap<String, String>,
         last_known: BTreeMap<String, String>,
+        fenced: BTreeMap<String, String>,
     ) -> Self {
         for (host, why) in unreachable {
             self.unreachable
@@ -150,6 +155,11 @@ impl Observed {
                 .or_insert_with(|| why.clone());
         }
         self.last_known = last_known;
+        // A fencing only counts while the host is away.
+        self.fenced = fenced
+            .into_iter()
+            .filter(|(h, _)| self.unreachable.contains_key(h))
+            .collect();
         self
     }
 
@@ -159,6 +169,15 @@ impl Observed {
             .get(vm)
             .filter(|h| self.unreachable.contains_key(*h))
             .map(String::as_str)
+    }
+
+    /// Every host that has an instance of `vm` (normally one; several after a fenced host
+    /// with a recovered VM comes back).
+    pub fn copies(&self, vm: &str) -> Vec<(&str, &ObservedVm)> {
+        self.hosts
+            .iter()
+            .filter_map(|(h, inv)| inv.vms.get(vm).map(|o| (h.as_str(), o)))
+            .collect()
     }
 
     /// Where `vm` runs or is kept, if anywhere.

@@ -47,6 +47,14 @@ pub enum Action {
         host: String,
         reason: String,
     },
+    /// Create the instance of a VM whose host was lost and fenced on another host
+    /// (disks on shared storage, or none); it is started by a following `start`.
+    Recover {
+        vm: String,
+        host: String,
+        reason: String,
+        from: String,
+    },
     /// Stop an orphan QEMU (only with `--prune`); `vm` is the folder it runs in.
     Prune {
         vm: String,
@@ -65,7 +73,8 @@ impl Action {
             | Action::Restart { vm, .. }
             | Action::Update { vm, .. }
             | Action::Delete { vm, .. }
-            | Action::Prune { vm, .. } => vm,
+            | Action::Prune { vm, .. }
+            | Action::Recover { vm, .. } => vm,
         }
     }
 
@@ -77,7 +86,8 @@ impl Action {
             | Action::Restart { host, .. }
             | Action::Update { host, .. }
             | Action::Delete { host, .. }
-            | Action::Prune { host, .. } => host,
+            | Action::Prune { host, .. }
+            | Action::Recover { host, .. } => host,
         }
     }
 
@@ -89,7 +99,8 @@ impl Action {
             | Action::Restart { reason, .. }
             | Action::Update { reason, .. }
             | Action::Delete { reason, .. }
-            | Action::Prune { reason, .. } => reason,
+            | Action::Prune { reason, .. }
+            | Action::Recover { reason, .. } => reason,
         }
     }
 
@@ -111,13 +122,14 @@ impl Action {
             Action::Update { .. } => "update",
             Action::Delete { .. } => "delete",
             Action::Prune { .. } => "prune",
+            Action::Recover { .. } => "recover",
         }
     }
 
     /// One line for humans: `+ create web on local: new VM (vms/web.toml)`.
     pub fn describe(&self) -> String {
         let sign = match self {
-            Action::Create { .. } => '+',
+            Action::Create { .. } | Action::Recover { .. } => '+',
             Action::Start { .. } => '>',
             Action::Stop { .. } => '.',
             Action::Restart { .. } | Action::Update { .. } => '~',
@@ -145,13 +157,14 @@ mod tests {
   {"op": "restart", "vm": "c", "host": "local", "reason": "memory_mb changed", "diff": "-memory_mb = 1\n+memory_mb = 2\n"},
   {"op": "update", "vm": "d", "host": "local", "reason": "restart changed", "diff": ""},
     {"op": "delete", "vm": "e", "host": "local", "reason": "file removed"},
-  {"op": "prune", "vm": "f", "host": "local", "reason": "orphan", "pid": 42}
+    {"op": "prune", "vm": "f", "host": "local", "reason": "orphan", "pid": 42},
+  {"op": "recover", "vm": "g", "host": "hv2", "reason": "hv1 fenced", "from": "hv1"}
 ]"#;
 
     #[test]
     fn frozen_plan_json_still_parses_and_round_trips() {
         let actions: Vec<Action> = serde_json::from_str(FROZEN).expect("frozen fixture parses");
-        assert_eq!(actions.len(), 7);
+        assert_eq!(actions.len(), 8);
         assert_eq!(actions[3].diff(), Some("-memory_mb = 1\n+memory_mb = 2\n"));
         let again: Vec<Action> =
             serde_json::from_str(&serde_json::to_string(&actions).expect("ser")).expect("de");

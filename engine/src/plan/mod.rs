@@ -15,6 +15,7 @@
 
 mod action;
 pub mod place;
+mod recover;
 pub mod restart;
 mod saved;
 
@@ -37,6 +38,10 @@ pub struct Plan {
     /// Things the planner saw and will not act on (unreachable host, refused change).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
+    /// VMs this plan cannot bring to their desired state, and why: unplaceable, unknown on
+    /// a lost host, given up on. While any remain, the commit does not count as applied.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pending: Vec<String>,
     /// When to plan again, in ms since the epoch: a restart waits for its backoff.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_at_ms: Option<u64>,
@@ -74,10 +79,20 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
     }
     let mut load = Load::new(desired, observed);
     for name in names {
-        match (desired.vms.get(name), observed.find(name)) {
-            (Some(_) | None, None) if observed.lost_on(name).is_some() => {
+        let copies = observed.copies(name);
+        let found = match copies.as_slice() {
+            [] => None,
+            [one] => Some(*one),
+            _ => {
+                let keep = recover::keeper(observed, name, &copies);
+                recover::remove_stale(name, keep.0, &copies, &mut out);
+                Some(keep)
+            }
+        };
+        match (desired.vms.get(name), found) {
+            (_, None) if observed.lost_on(name).is_some() => {
                 let host = observed.lost_on(name).unwrap_or_default();
-                out.notes.push(format!("{name}: unknown: last seen on {host}, which is unreachable; not started elsewhere (it may still run there)"));
+                recover::plan_lost(desired, observed, &mut load, name, host, &mut out);
             }
             (Some(want), None) => plan_new(desired, &mut load, want, &mut out),
             (Some(want), Some((host, have))) => {
@@ -126,6 +141,8 @@ fn plan_new(desired: &Desired, load: &mut Load, want: &VmEntry, out: &mut Plan) 
         Ok(p) => p,
         Err(missing) => {
             out.notes.push(format!("{vm}: cannot be placed: {missing}"));
+            out.pending
+                .push(format!("{vm}: cannot be placed: {missing}"));
             return;
         }
     };
@@ -223,7 +240,11 @@ fn plan_existing(
                     .push(format!("{vm}: {what}; restart in {secs}s (backoff)"));
                 out.wake_at_ms = Some(out.wake_at_ms.map_or(until_ms, |w| w.min(until_ms)));
             }
-            Verdict::Stay { why } | Verdict::GiveUp { why } => {
+            Verdict::GiveUp { why } => {
+                out.notes.push(format!("{vm}: {why}"));
+                out.pending.push(format!("{vm}: failed: {why}"));
+            }
+            Verdict::Stay { why } => {
                 out.notes.push(format!("{vm}: {why}"));
             }
         }

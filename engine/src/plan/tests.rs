@@ -300,3 +300,74 @@ fn a_vm_last_seen_on_an_unreachable_host_is_never_started_elsewhere() {
         p.notes
     );
 }
+
+#[test]
+fn a_fenced_hosts_ha_vms_are_recovered_elsewhere_and_the_rest_explained() {
+    let d = desired(&[
+        (
+            "hosts/hv1.toml",
+            "address = \"local\"\nfence = [\"/bin/true\"]",
+        ),
+        ("hosts/hv2.toml", "address = \"local\""),
+        ("vms/ha.toml", "ha = true"),
+        ("vms/plain.toml", ""),
+        (
+            "vms/disky.toml",
+            "ha = true\n[[disks]]\nname = \"d\"\nsize_gb = 1",
+        ),
+    ]);
+    let mut o = observed(vec![]);
+    let inv = o.hosts.remove("local").expect("local");
+    o.hosts.insert("hv2".into(), inv);
+    o.unreachable.insert(
+        "hv1".into(),
+        "host hv1 is unreachable: the agent exited".into(),
+    );
+    for vm in ["ha", "plain", "disky"] {
+        o.last_known.insert(vm.into(), "hv1".into());
+    }
+    // Not fenced yet: all unknown, nothing moves.
+    let p = plan(&d, &o, NOW);
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert_eq!(p.pending.len(), 3);
+    assert!(p
+        .notes
+        .iter()
+        .any(|n| n.contains("fence command has not succeeded")));
+    // Fenced: the ha VM without local disks comes back on hv2; the others are explained.
+    o.fenced
+        .insert("hv1".into(), "fenced by operator at now".into());
+    let p = plan(&d, &o, NOW);
+    assert_eq!(ops(&p), ["recover ha", "start ha"]);
+    assert_eq!(p.actions[0].host(), "hv2");
+    assert!(p
+        .notes
+        .iter()
+        .any(|n| n.starts_with("plain: on fenced host hv1") && n.contains("ha = false")));
+    assert!(p
+        .notes
+        .iter()
+        .any(|n| n.starts_with("disky: on fenced host hv1 with local disk d")));
+}
+
+#[test]
+fn a_returning_host_loses_its_stale_copy() {
+    let d = desired(&[
+        ("hosts/hv1.toml", "address = \"local\""),
+        ("hosts/hv2.toml", "address = \"local\""),
+        ("vms/a.toml", "ha = true"),
+    ]);
+    let mut o = observed(vec![running(&d, "a", RunState::Running)]);
+    let inv = o.hosts.remove("local").expect("local");
+    o.hosts.insert("hv1".into(), inv.clone());
+    o.hosts.insert("hv2".into(), inv);
+    o.last_known.insert("a".into(), "hv2".into());
+    let p = plan(&d, &o, NOW);
+    assert_eq!(
+        p.actions
+            .iter()
+            .map(|a| format!("{} {} {}", a.op(), a.vm(), a.host()))
+            .collect::<Vec<_>>(),
+        ["stop a hv1", "delete a hv1"]
+    );
+}

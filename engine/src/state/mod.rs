@@ -4,6 +4,7 @@
 //! In: a path chosen by the CLI. Out: the folder, created 0700 and git-ignored, and
 //! the paths inside it. Touches only that folder.
 
+pub mod fence;
 mod lock;
 
 use std::fs;

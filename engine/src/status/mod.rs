@@ -357,7 +357,7 @@ impl StatusDir {
         let mut hosts: Vec<HostStatus> = observed
             .hosts
             .iter()
-            .map(|(name, inv)| host_status(name, inv))
+            .map(|(name, inv)| host_status(name, inv, desired.and_then(|d| d.hosts.get(name))))
             .collect();
         hosts.extend(
             observed
@@ -392,9 +392,10 @@ fn pending(want: &plasmavmc_specs::VmEntry, prev: Option<VmStatus>) -> VmStatus 
 
 /// A host that did not answer: what is known is which VMs were last seen there.
 fn unreachable_host(name: &str, why: &str, observed: &Observed) -> HostStatus {
+    let fenced = observed.fenced.get(name);
     HostStatus {
         name: name.to_owned(),
-        phase: "unreachable".to_owned(),
+        phase: if fenced.is_some() { "fenced" } else { "down" }.to_owned(),
         last_heartbeat: None,
         capacity: Capacity::default(),
         allocated: Capacity::default(),
@@ -406,18 +407,29 @@ fn unreachable_host(name: &str, why: &str, observed: &Observed) -> HostStatus {
             .collect(),
         orphans: Vec::new(),
         retained: Vec::new(),
-        message: Some(why.to_owned()),
+        message: Some(fenced.map_or_else(|| why.to_owned(), |how| format!("{why}; {how}"))),
     }
 }
 
 /// A host's status from its inventory: what it has, what running VMs take.
-fn host_status(name: &str, inv: &Inventory) -> HostStatus {
+fn host_status(
+    name: &str,
+    inv: &Inventory,
+    spec: Option<&plasmavmc_specs::HostEntry>,
+) -> HostStatus {
     let running: Vec<_> = inv.vms.values().filter(|v| v.state.has_process()).collect();
+    let spec = spec.map(|h| &h.spec);
+    let maintenance = spec.is_some_and(|s| s.state == plasmavmc_specs::HostState::Maintenance);
     HostStatus {
         name: name.to_owned(),
-        phase: "ready".to_owned(),
+        phase: if maintenance { "maintenance" } else { "ready" }.to_owned(),
         last_heartbeat: Some(crate::time::now()),
-        capacity: inv.capacity,
+        capacity: Capacity {
+            vcpus: spec.and_then(|s| s.vcpus).unwrap_or(inv.capacity.vcpus),
+            memory_mb: spec
+                .and_then(|s| s.memory_mb)
+                .unwrap_or(inv.capacity.memory_mb),
+        },
         allocated: Capacity {
             vcpus: running.iter().map(|v| v.spec.vcpus).sum(),
             memory_mb: running.iter().map(|v| v.spec.memory_mb).sum(),

@@ -19,6 +19,7 @@ use crate::observe::Observed;
 use crate::plan::{plan, prune_actions};
 use crate::source::remote::{is_remote, Remote};
 use crate::source::{Source, Target, TargetError};
+use crate::state::fence::FenceRecords;
 use crate::state::{StateDir, StateLock};
 use crate::status::{EngineStatus, StatusDir, VmEvent};
 
@@ -48,6 +49,12 @@ struct Daemon {
     host_argv: BTreeMap<String, Vec<String>>,
     /// Hosts of the specs that could not be reached, and why.
     down: BTreeMap<String, String>,
+    /// Since when each unreachable host has been away, and when it was last fenced at.
+    away_since: BTreeMap<String, std::time::Instant>,
+    fence_tried: BTreeMap<String, std::time::Instant>,
+    /// Heartbeat interval and the silence after which a host is down.
+    heartbeat: Duration,
+    down_after: Duration,
     engine: EngineStatus,
     /// Status events not written yet.
     events: Vec<(String, VmEvent)>,
@@ -66,6 +73,8 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<()> {
     let mut timer = tokio::time::interval(daemon.cfg.interval);
     timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
     timer.tick().await;
+    let mut health = tokio::time::interval(daemon.heartbeat);
+    health.set_missed_tick_behavior(MissedTickBehavior::Delay);
     daemon.step(vec![Trigger::Startup]).await;
     loop {
         let wake = daemon
@@ -76,6 +85,12 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<()> {
             _ = int.recv() => break,
             _ = hup.recv() => Trigger::Signal,
             _ = timer.tick() => Trigger::Timer,
+            _ = health.tick() => {
+                if !daemon.health_changed() {
+                    continue;
+                }
+                Trigger::Health
+            }
             () = tokio::time::sleep(wake.unwrap_or_default()), if wake.is_some() => Trigger::Wake,
             Some(t) = rx.recv() => t,
         };
@@ -172,6 +187,10 @@ impl Daemon {
             hosts: BTreeMap::new(),
             host_argv: BTreeMap::new(),
             down: BTreeMap::new(),
+            away_since: BTreeMap::new(),
+            fence_tried: BTreeMap::new(),
+            heartbeat: Duration::from_secs(1),
+            down_after: Duration::from_secs(5),
             engine,
             events: Vec::new(),
             wake_at_ms: None,
@@ -236,7 +255,10 @@ impl Daemon {
             return Ok(());
         };
         let desired = target.desired.clone();
+        self.heartbeat = desired.cluster.heartbeat.interval.0;
+        self.down_after = desired.cluster.heartbeat.down_after.0;
         self.ensure_hosts(&desired).await;
+        self.fence_away_hosts(&desired).await;
         let observed = self.observe().await;
         if !self.adopted {
             self.adopted = true;
@@ -283,11 +305,19 @@ impl Daemon {
         };
         if self.bad.is_none() {
             self.engine.last_attempted_revision = Some(id.clone());
-            if let Some(r) = report.as_ref().filter(|r| r.failed()) {
-                self.engine.last_error = Some(r.failures());
-            } else {
+            let problems = [
+                report.as_ref().map(Report::failures).unwrap_or_default(),
+                plan.pending.join("\n"),
+            ]
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join("\n");
+            if problems.is_empty() {
                 self.engine.last_applied_revision = Some(id.clone());
                 self.engine.last_error = None;
+            } else {
+                self.engine.last_error = Some(problems);
             }
         }
         changed |= !self.events.is_empty();
@@ -305,16 +335,76 @@ impl Daemon {
                     .or_insert_with(|| host.to_owned());
             }
         }
-        Observed::gather(self.hosts.values())
-            .await
-            .with_context(&self.down, last_known)
+        let fences = FenceRecords::new(self.state.root());
+        let observed = Observed::gather(self.hosts.values()).await.with_context(
+            &self.down,
+            last_known,
+            fences.all(),
+        );
+        for host in observed.hosts.keys() {
+            // It answers: it has rejoined; its stale copies are cleaned up by the plan.
+            fences.clear(host);
+        }
+        observed
+    }
+
+    /// Whether host health calls for a reconcile: a connected host closed or went silent
+    /// past `down_after`, or an unreachable one is due for fencing.
+    fn health_changed(&self) -> bool {
+        let lost = self
+            .hosts
+            .values()
+            .any(|h| h.is_closed() || h.silence() >= self.down_after);
+        let fence_due = self.away_since.iter().any(|(host, since)| {
+            since.elapsed() >= self.down_after
+                && self
+                    .fence_tried
+                    .get(host)
+                    .is_none_or(|t| t.elapsed() >= self.down_after)
+        });
+        lost || fence_due
+    }
+
+    /// Runs the `fence` command of every host away for `down_after` that is not fenced
+    /// yet; exit 0 records it as fenced. Retried every `down_after`, never in a loop.
+    async fn fence_away_hosts(&mut self, desired: &plasmavmc_specs::Desired) {
+        let records = FenceRecords::new(self.state.root());
+        let fenced = records.all();
+        for (host, since) in self.away_since.clone() {
+            let Some(argv) = desired.hosts.get(&host).and_then(|h| h.spec.fence.clone()) else {
+                continue;
+            };
+            let due = since.elapsed() >= self.down_after
+                && self
+                    .fence_tried
+                    .get(&host)
+                    .is_none_or(|t| t.elapsed() >= self.down_after);
+            if fenced.contains_key(&host) || !due {
+                continue;
+            }
+            self.fence_tried
+                .insert(host.clone(), std::time::Instant::now());
+            warn!(host = %host, command = ?argv, "host down; fencing it");
+            match run_fence(&argv).await {
+                Ok(()) => {
+                    if let Err(e) = records.record(&host, "fence command") {
+                        error!(host = %host, error = %error_chain(&e), "cannot record the fencing");
+                    } else {
+                        info!(host = %host, "fenced");
+                    }
+                }
+                Err(why) => warn!(host = %host, %why, "fence command failed; its VMs stay unknown"),
+            }
+        }
     }
 
     /// Keeps one agent connection per host of `desired`: new hosts and broken channels are
     /// (re)connected, hosts gone from the specs are dropped (their agents exit).
     async fn ensure_hosts(&mut self, desired: &plasmavmc_specs::Desired) {
-        self.hosts
-            .retain(|name, host| desired.hosts.contains_key(name) && !host.is_closed());
+        let down_after = self.down_after;
+        self.hosts.retain(|name, host| {
+            desired.hosts.contains_key(name) && !host.is_closed() && host.silence() < down_after
+        });
         self.host_argv
             .retain(|name, _| self.hosts.contains_key(name));
         self.down.clear();
@@ -330,7 +420,11 @@ impl Daemon {
             if self.host_argv.get(&entry.name) == Some(&argv) {
                 continue;
             }
-            match AgentHost::connect(&entry.name, &argv, ConnectOptions::default()).await {
+            let opts = ConnectOptions {
+                heartbeat: self.heartbeat,
+                ..ConnectOptions::default()
+            };
+            match AgentHost::connect(&entry.name, &argv, opts).await {
                 Ok(host) => {
                     info!(host = %entry.name, hostname = %host.facts().hostname, "connected to the agent");
                     forward_events(&host, self.tx.clone());
@@ -345,6 +439,17 @@ impl Daemon {
                 }
             }
         }
+        let now = std::time::Instant::now();
+        for name in desired.hosts.keys() {
+            if self.hosts.contains_key(name) {
+                self.away_since.remove(name);
+                self.fence_tried.remove(name);
+            } else {
+                self.away_since.entry(name.clone()).or_insert(now);
+            }
+        }
+        self.away_since
+            .retain(|name, _| desired.hosts.contains_key(name));
     }
 
     /// Reads commit `id` unless already known; an invalid commit keeps the last good one.
@@ -412,6 +517,26 @@ impl Daemon {
             }
         }
         Ok(())
+    }
+}
+
+/// Runs a fence command (argv, no shell); `Ok` when it exits 0 within a minute.
+async fn run_fence(argv: &[String]) -> Result<(), String> {
+    let (program, rest) = argv.split_first().ok_or("empty fence command")?;
+    let child = tokio::process::Command::new(program)
+        .args(rest)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    match tokio::time::timeout(Duration::from_secs(60), child).await {
+        Err(_) => Err("timed out after 60s".to_owned()),
+        Ok(Err(e)) => Err(format!("cannot run {program}: {e}")),
+        Ok(Ok(out)) if out.status.success() => Ok(()),
+        Ok(Ok(out)) => Err(format!(
+            "{}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )),
     }
 }
 

@@ -21,6 +21,8 @@ pub enum Trigger {
     Signal,
     /// A restart's backoff is over.
     Wake,
+    /// A host's health changed: its channel closed, it went silent, or it is due for fencing.
+    Health,
     /// A host reported something.
     Host(HostEvent),
 }
@@ -33,6 +35,7 @@ impl Trigger {
             Trigger::Timer => "timer",
             Trigger::Signal => "signal",
             Trigger::Wake => "wake",
+            Trigger::Health => "health",
             Trigger::Host(HostEvent::Exited { .. }) => "exit",
         }
     }

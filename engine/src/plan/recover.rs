@@ -1,0 +1,126 @@
+//! VMs of lost hosts: recovered elsewhere once their host is fenced, or left unknown
+//! with what the operator must do; and stale copies cleaned up when a host returns.
+//!
+//! ```text
+//! last seen on an unreachable host ─┬─ not fenced ──────────────> unknown (note: fence it)
+//!                                   └─ fenced ─┬─ ha, no local disks ─> recover elsewhere
+//!                                              └─ otherwise ───────────> note: decision needed
+//! instances on several hosts ──> keep the one last seen (or running); stop+delete the rest
+//! ```
+
+use plasmavmc_specs::{Desired, Power, Storage, VmEntry};
+
+use super::place::Load;
+use super::{Action, Plan};
+use crate::observe::{Observed, ObservedVm};
+
+/// `name` was last seen on `host`, which does not answer.
+pub(super) fn plan_lost(
+    desired: &Desired,
+    observed: &Observed,
+    load: &mut Load,
+    name: &str,
+    host: &str,
+    out: &mut Plan,
+) {
+    let Some(how) = observed.fenced.get(host) else {
+        let needed = match desired.hosts.get(host).and_then(|h| h.spec.fence.as_ref()) {
+            Some(_) => "its fence command has not succeeded yet".to_owned(),
+            None => format!("once it is powered off, run `plasmavmc fence confirm {host}`"),
+        };
+        let note = format!("{name}: unknown: last seen on {host}, which is unreachable; not started elsewhere (it may still run there): {needed}");
+        out.pending.push(note.clone());
+        out.notes.push(note);
+        return;
+    };
+    let Some(want) = desired.vms.get(name) else {
+        out.notes.push(format!(
+            "{name}: was on fenced host {host} and is no longer in the specs; nothing to recover"
+        ));
+        return;
+    };
+    if !want.spec.ha {
+        out.notes.push(format!(
+            "{name}: on fenced host {host} ({how}); ha = false, so it is not recovered elsewhere"
+        ));
+        return;
+    }
+    if let Some(disk) = local_disk(want) {
+        let note = format!("{name}: on fenced host {host} with local disk {disk}: not recreated without its data; commit a decision (remove the VM, or bring {host} back)");
+        out.pending.push(note.clone());
+        out.notes.push(note);
+        return;
+    }
+    match load.place(desired, want) {
+        Ok(placement) => {
+            let to = placement.host;
+            let reason = format!(
+                "{host} is fenced ({how}); recovered on {to}: {}",
+                placement.why
+            );
+            out.actions.push(Action::Recover {
+                vm: name.to_owned(),
+                host: to.clone(),
+                from: host.to_owned(),
+                reason,
+            });
+            if want.spec.power == Power::Running {
+                out.actions.push(Action::Start {
+                    vm: name.to_owned(),
+                    host: to,
+                    reason: "recovered, power = \"running\"".to_owned(),
+                });
+            }
+        }
+        Err(missing) => {
+            let note = format!("{name}: on fenced host {host}; cannot be recovered: {missing}");
+            out.pending.push(note.clone());
+            out.notes.push(note);
+        }
+    }
+}
+
+/// The first disk that lives on its host's own storage (lost with the host).
+fn local_disk(want: &VmEntry) -> Option<&str> {
+    want.spec
+        .disks
+        .iter()
+        .find(|d| d.storage != Storage::Shared)
+        .map(|d| d.name.as_str())
+}
+
+/// Of several copies of one VM, the one to keep: where it was last seen, else a running
+/// one, else the first.
+pub(super) fn keeper<'a>(
+    observed: &Observed,
+    name: &str,
+    copies: &[(&'a str, &'a ObservedVm)],
+) -> (&'a str, &'a ObservedVm) {
+    let last = observed.last_known.get(name);
+    copies
+        .iter()
+        .find(|(h, _)| Some(*h) == last.map(String::as_str))
+        .or_else(|| copies.iter().find(|(_, v)| v.state.has_process()))
+        .or_else(|| copies.first())
+        .copied()
+        .expect("at least one copy")
+}
+
+/// Stops and deletes every copy but `keep` (disks retained, never deleted).
+pub(super) fn remove_stale(name: &str, keep: &str, copies: &[(&str, &ObservedVm)], out: &mut Plan) {
+    for (host, copy) in copies.iter().filter(|(h, _)| *h != keep) {
+        let reason = format!("stale copy: {name} lives on {keep}");
+        if copy.state.has_process() {
+            out.actions.push(Action::Stop {
+                vm: name.to_owned(),
+                host: (*host).to_owned(),
+                reason: reason.clone(),
+            });
+        }
+        out.actions.push(Action::Delete {
+            vm: name.to_owned(),
+            host: (*host).to_owned(),
+            reason: format!("{reason}; disks are retained"),
+        });
+    }
+}
