@@ -162,10 +162,12 @@ async fn run<H: Host>(
     })?;
     let vm = action.vm();
     let instance = || {
-        target.instance(vm).ok_or_else(|| ExecError::NotInCommit {
-            vm: vm.to_owned(),
-            commit: target.commit.short().to_owned(),
-        })
+        target
+            .instance(vm, action.host())
+            .ok_or_else(|| ExecError::NotInCommit {
+                vm: vm.to_owned(),
+                commit: target.commit.short().to_owned(),
+            })
     };
     Ok(match action {
         Action::Recover { from, .. } => {

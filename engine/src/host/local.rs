@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use plasmavmc_specs::{Power, Storage};
+use plasmavmc_specs::Power;
 use tracing::{debug, info, warn};
 
 use super::monitor::Monitor;
@@ -161,7 +161,7 @@ impl LocalHost {
             }
         })?;
         for disk in &vm.spec.disks {
-            if disk.storage == Storage::Shared {
+            let Some(path) = vm.disk_path(disk).map(|p| dir.dir.join(p)) else {
                 return Err(HostError::Refused {
                     vm: vm.name.clone(),
                     reason: format!(
@@ -169,8 +169,14 @@ impl LocalHost {
                         disk.name, self.name
                     ),
                 });
+            };
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|source| HostError::Io {
+                    vm: vm.name.clone(),
+                    what: format!("cannot create {}", parent.display()),
+                    source,
+                })?;
             }
-            let path = dir.disk(&disk.name);
             let disk_err = |source| HostError::Disk {
                 vm: vm.name.clone(),
                 disk: disk.name.clone(),

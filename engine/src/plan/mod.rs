@@ -137,7 +137,23 @@ pub fn prune_actions(observed: &Observed) -> Vec<Action> {
 
 fn plan_new(desired: &Desired, load: &mut Load, want: &VmEntry, out: &mut Plan) {
     let vm = want.name.clone();
-    let placement = match load.place(desired, want) {
+    let wants_shared = want
+        .spec
+        .disks
+        .iter()
+        .any(|d| d.storage == plasmavmc_specs::Storage::Shared);
+    let storage = |host: &str| {
+        let has = desired
+            .hosts
+            .get(host)
+            .is_some_and(|h| h.spec.shared_storage.is_some());
+        if wants_shared && !has {
+            Err("has no shared storage".to_owned())
+        } else {
+            Ok(())
+        }
+    };
+    let placement = match load.place_where(desired, want, storage) {
         Ok(p) => p,
         Err(missing) => {
             out.notes.push(format!("{vm}: cannot be placed: {missing}"));

@@ -70,6 +70,17 @@ impl Load {
 
     /// Picks a host for `vm` and books its resources there.
     pub fn place(&mut self, desired: &Desired, vm: &VmEntry) -> Result<Placement, String> {
+        self.place_where(desired, vm, |_| Ok(()))
+    }
+
+    /// [`Load::place`] among the hosts `allowed` accepts (its `Err` is the reason a host
+    /// is not a candidate, for the explanation).
+    pub fn place_where(
+        &mut self,
+        desired: &Desired,
+        vm: &VmEntry,
+        allowed: impl Fn(&str) -> Result<(), String>,
+    ) -> Result<Placement, String> {
         let spec = &vm.spec;
         let ratio = desired.cluster.placement.vcpu_overcommit;
         let mut refusals = Vec::new();
@@ -83,6 +94,10 @@ impl Load {
                 refusals.push(format!("{name} unreachable"));
                 continue;
             };
+            if let Err(why) = allowed(name) {
+                refusals.push(format!("{name} {why}"));
+                continue;
+            }
             if desired
                 .hosts
                 .get(name)

@@ -45,13 +45,28 @@ pub(super) fn plan_lost(
         ));
         return;
     }
-    if let Some(disk) = local_disk(want) {
+    let lost = desired.hosts.get(host).map(|h| &h.spec);
+    if let Some(disk) = local_disk(want, lost.is_some_and(|s| s.shared_storage.is_some())) {
         let note = format!("{name}: on fenced host {host} with local disk {disk}: not recreated without its data; commit a decision (remove the VM, or bring {host} back)");
         out.pending.push(note.clone());
         out.notes.push(note);
         return;
     }
-    match load.place(desired, want) {
+    // Disks on shared storage are only visible to hosts of the same pool.
+    let pool = lost.and_then(|s| s.storage_pool.as_deref());
+    let needs_pool = !want.spec.disks.is_empty();
+    let same_pool = |candidate: &str| {
+        let theirs = desired
+            .hosts
+            .get(candidate)
+            .and_then(|h| h.spec.storage_pool.as_deref());
+        if !needs_pool || theirs == pool {
+            Ok(())
+        } else {
+            Err(format!("is not in storage pool {}", pool.unwrap_or("-")))
+        }
+    };
+    match load.place_where(desired, want, same_pool) {
         Ok(placement) => {
             let to = placement.host;
             let reason = format!(
@@ -80,12 +95,17 @@ pub(super) fn plan_lost(
     }
 }
 
-/// The first disk that lives on its host's own storage (lost with the host).
-fn local_disk(want: &VmEntry) -> Option<&str> {
+/// The first disk that lived on the lost host's own storage (lost with it): `local`, or
+/// `auto` on a host without shared storage.
+fn local_disk(want: &VmEntry, host_has_shared: bool) -> Option<&str> {
     want.spec
         .disks
         .iter()
-        .find(|d| d.storage != Storage::Shared)
+        .find(|d| match d.storage {
+            Storage::Local => true,
+            Storage::Auto => !host_has_shared,
+            Storage::Shared => false,
+        })
         .map(|d| d.name.as_str())
 }
 

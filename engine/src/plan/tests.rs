@@ -371,3 +371,31 @@ fn a_returning_host_loses_its_stale_copy() {
         ["stop a hv1", "delete a hv1"]
     );
 }
+
+#[test]
+fn vms_on_shared_storage_are_recovered_within_their_pool() {
+    let shared = "address = \"local\"\nshared_storage = \"/mnt/vms\"\nstorage_pool = \"nfs1\"";
+    let d = desired(&[
+        ("hosts/hv1.toml", shared),
+        ("hosts/hv2.toml", "address = \"local\""),
+        ("hosts/hv3.toml", shared),
+        (
+            "vms/db.toml",
+            "ha = true\n[[disks]]\nname = \"data\"\nsize_gb = 1",
+        ),
+    ]);
+    let mut o = observed(vec![]);
+    let inv = o.hosts.remove("local").expect("local");
+    o.hosts.insert("hv2".into(), inv.clone());
+    o.hosts.insert("hv3".into(), inv);
+    o.unreachable.insert(
+        "hv1".into(),
+        "host hv1 is unreachable: the agent exited".into(),
+    );
+    o.fenced.insert("hv1".into(), "fenced by operator".into());
+    o.last_known.insert("db".into(), "hv1".into());
+    let p = plan(&d, &o, NOW);
+    // hv2 has more room for nothing in particular but no access to the pool: hv3 it is.
+    assert_eq!(ops(&p), ["recover db", "start db"]);
+    assert_eq!(p.actions[0].host(), "hv3");
+}

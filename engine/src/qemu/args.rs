@@ -75,7 +75,10 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
         }
     }
     for disk in &spec.disks {
-        let file = format!("disks/{}.qcow2", disk.name);
+        let Some(file) = vm.disk_path(disk) else {
+            continue;
+        };
+        let file = file.to_string_lossy();
         push(&[
             "-blockdev",
             &format!(
@@ -154,6 +157,7 @@ mod tests {
                     initrd: Some("/g/initrd,x".into()),
                     images: std::collections::BTreeMap::default(),
                 },
+                shared_storage: None,
             },
         }
     }

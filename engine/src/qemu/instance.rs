@@ -58,6 +58,10 @@ pub struct VmInstance {
     pub spec: VmSpec,
     #[serde(default)]
     pub files: ResolvedFiles,
+    /// The host's shared storage folder (`<shared>/<vm>/<disk>.qcow2`), for disks stored
+    /// there: `storage = "shared"`, or `"auto"` on a host that has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared_storage: Option<PathBuf>,
 }
 
 /// Kernel, initrd and base images named by a spec, as absolute paths.
@@ -147,6 +151,22 @@ impl InstanceDir {
             .trim()
             .parse()
             .ok()
+    }
+}
+
+impl VmInstance {
+    /// Where disk `disk` lives: relative to the instance folder for local disks (QEMU
+    /// runs there), absolute for shared ones. `None` when it wants shared storage and
+    /// the host has none.
+    pub fn disk_path(&self, disk: &plasmavmc_specs::Disk) -> Option<PathBuf> {
+        use plasmavmc_specs::Storage;
+        let local = || Some(PathBuf::from(DISKS_DIR).join(format!("{}.qcow2", disk.name)));
+        let shared = |root: &Path| Some(root.join(&self.name).join(format!("{}.qcow2", disk.name)));
+        match (disk.storage, &self.shared_storage) {
+            (Storage::Local, _) | (Storage::Auto, None) => local(),
+            (Storage::Shared | Storage::Auto, Some(root)) => shared(root),
+            (Storage::Shared, None) => None,
+        }
     }
 }
 

@@ -65,8 +65,8 @@ impl Target {
         })
     }
 
-    /// What a host needs to run `vm` as this commit says.
-    pub fn instance(&self, vm: &str) -> Option<VmInstance> {
+    /// What `host` needs to run `vm` as this commit says.
+    pub fn instance(&self, vm: &str, host: &str) -> Option<VmInstance> {
         let entry = self.desired.vms.get(vm)?;
         Some(VmInstance {
             name: entry.name.clone(),
@@ -74,6 +74,12 @@ impl Target {
             spec_hash: entry.hash.clone(),
             spec: entry.spec.clone(),
             files: self.files.get(vm).cloned().unwrap_or_default(),
+            shared_storage: self
+                .desired
+                .hosts
+                .get(host)
+                .and_then(|h| h.spec.shared_storage.as_ref())
+                .map(std::path::PathBuf::from),
         })
     }
 }
