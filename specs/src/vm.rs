@@ -185,6 +185,15 @@ pub struct QemuSettings {
     /// QEMU machine type, e.g. `q35` or `pc`.
     #[serde(default = "default_machine")]
     pub machine: String,
+    /// Confine QEMU with its seccomp sandbox (`-sandbox on`, denying obsolete calls,
+    /// privilege changes, spawning processes and resource control). Turn off only for
+    /// setups that need QEMU to spawn helpers (e.g. `qemu-bridge-helper`).
+    #[serde(default = "default_true")]
+    pub sandbox: bool,
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl Default for QemuSettings {
@@ -192,6 +201,7 @@ impl Default for QemuSettings {
         Self {
             accel: Accel::default(),
             machine: default_machine(),
+            sandbox: true,
         }
     }
 }

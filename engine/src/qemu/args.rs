@@ -53,6 +53,12 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
         &spec.vcpus.to_string(),
     ]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
+    if spec.qemu.sandbox {
+        push(&[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
+    }
     push(&[
         "-chardev",
         &format!("socket,id=qmp,path={QMP_SOCKET},server=on,wait=off"),
@@ -175,6 +181,10 @@ mod tests {
             "{joined}"
         );
         assert!(joined.contains("path=qmp.sock"), "{joined}");
+        assert!(
+            joined.contains("-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny"),
+            "{joined}"
+        );
         assert!(joined.contains("-pidfile qemu.pid"), "{joined}");
         assert!(joined.contains("filename=disks/root.qcow2"), "{joined}");
         assert!(joined.contains("hostfwd=tcp::2222-:22"), "{joined}");
