@@ -17,5 +17,7 @@ pub mod qemu;
 pub mod source;
 pub mod state;
 pub mod status;
+#[cfg(test)]
+mod test_utils;
 pub mod time;
 pub mod watch;

@@ -5,8 +5,6 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use plasmavmc_specs::{load, SourceFile};
-
 use super::{execute, Outcome};
 use crate::host::{Host, HostError, StopOutcome};
 use crate::observe::Inventory;
@@ -68,16 +66,9 @@ impl Host for FakeHost {
     }
 }
 
-fn target(files: &[(&str, &str)]) -> Target {
-    let files: Vec<SourceFile> = files
-        .iter()
-        .map(|(r, t)| SourceFile {
-            path: (*r).into(),
-            rel: (*r).into(),
-            bytes: t.as_bytes().to_vec(),
-        })
-        .collect();
-    let desired = load(&files).expect("valid");
+fn target(list: &[(&str, &str)]) -> Target {
+    let files = crate::test_utils::files(list);
+    let desired = plasmavmc_specs::load(&files).expect("valid");
     Target {
         commit: Commit {
             id: "c0ffee".into(),

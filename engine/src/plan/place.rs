@@ -171,22 +171,10 @@ impl HostLoad {
 mod tests {
     use std::collections::BTreeMap;
 
-    use plasmavmc_specs::{load, SourceFile};
-
     use super::*;
     use crate::observe::Inventory;
 
-    fn desired(files: &[(&str, &str)]) -> Desired {
-        let files: Vec<SourceFile> = files
-            .iter()
-            .map(|(r, t)| SourceFile {
-                path: (*r).into(),
-                rel: (*r).into(),
-                bytes: t.as_bytes().to_vec(),
-            })
-            .collect();
-        load(&files).expect("valid")
-    }
+    use crate::test_utils::desired;
 
     fn hosts(list: &[(&str, u32, u64)]) -> Observed {
         let hosts = list

@@ -2,24 +2,14 @@
 
 use std::collections::BTreeMap;
 
-use plasmavmc_specs::{load, Desired, Power, SourceFile};
+use plasmavmc_specs::{Desired, Power};
 
 use super::{plan, Action, SavedPlan, StalePlan};
 use crate::observe::{Inventory, Observed, ObservedVm, RunState};
 
 const NOW: u64 = 1_800_000_000_000;
 
-fn desired(files: &[(&str, &str)]) -> Desired {
-    let files: Vec<SourceFile> = files
-        .iter()
-        .map(|(rel, text)| SourceFile {
-            path: (*rel).to_owned(),
-            rel: (*rel).to_owned(),
-            bytes: text.as_bytes().to_vec(),
-        })
-        .collect();
-    load(&files).expect("valid specs")
-}
+use crate::test_utils::desired;
 
 /// An instance observed on `local` as it would be after applying `vm` from `d`.
 fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
