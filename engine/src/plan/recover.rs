@@ -109,19 +109,29 @@ fn local_disk(want: &VmEntry, host_has_shared: bool) -> Option<&str> {
         .map(|d| d.name.as_str())
 }
 
-/// Of several copies of one VM, the one to keep: where it was last seen, else a running
-/// one, else the first.
+/// Of several copies of one VM, the one to keep. The only running copy is never the one
+/// killed (it holds the disks and the guest's state, e.g. after a fence command that
+/// lied); among several running or none running, the one where the VM was last seen;
+/// else the first.
 pub(super) fn keeper<'a>(
     observed: &Observed,
     name: &str,
     copies: &[(&'a str, &'a ObservedVm)],
 ) -> (&'a str, &'a ObservedVm) {
-    let last = observed.last_known.get(name);
-    copies
+    let last = observed.last_known.get(name).map(String::as_str);
+    let running: Vec<(&str, &ObservedVm)> = copies
         .iter()
-        .find(|(h, _)| Some(*h) == last.map(String::as_str))
-        .or_else(|| copies.iter().find(|(_, v)| v.state.has_process()))
-        .or_else(|| copies.first())
+        .copied()
+        .filter(|(_, v)| v.state.has_process())
+        .collect();
+    let pool = if running.is_empty() {
+        copies.to_vec()
+    } else {
+        running
+    };
+    pool.iter()
+        .find(|(h, _)| Some(*h) == last)
+        .or_else(|| pool.first())
         .copied()
         .expect("at least one copy")
 }

@@ -389,3 +389,32 @@ fn vms_on_shared_storage_are_recovered_within_their_pool() {
     assert_eq!(ops(&p), ["recover db", "start db"]);
     assert_eq!(p.actions[0].host(), "hv3");
 }
+
+#[test]
+fn the_only_running_copy_is_kept_even_when_last_seen_elsewhere() {
+    // A fence command that lied: hv1's copy still runs, the recovery on hv2 never started.
+    let d = desired(&[
+        ("hosts/hv1.toml", "address = \"local\""),
+        ("hosts/hv2.toml", "address = \"local\""),
+        ("vms/a.toml", "ha = true"),
+    ]);
+    let mut o = observed(vec![]);
+    let base = o.hosts.remove("local").expect("local");
+    let mut hv1 = base.clone();
+    hv1.vms
+        .insert("a".into(), running(&d, "a", RunState::Running));
+    let mut hv2 = base;
+    hv2.vms
+        .insert("a".into(), running(&d, "a", RunState::Exited));
+    o.hosts.insert("hv1".into(), hv1);
+    o.hosts.insert("hv2".into(), hv2);
+    o.last_known.insert("a".into(), "hv2".into());
+    let p = plan(&d, &o, NOW);
+    assert_eq!(
+        p.actions
+            .iter()
+            .map(|a| format!("{} {} {}", a.op(), a.vm(), a.host()))
+            .collect::<Vec<_>>(),
+        ["delete a hv2"]
+    );
+}
