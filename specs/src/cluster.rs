@@ -111,6 +111,18 @@ impl ClusterSpec {
                 "max_failures must be at least 1".to_owned(),
             ));
         }
+        let hb = &self.heartbeat;
+        if hb.interval.0 < Duration::from_millis(100) {
+            out.push((
+                vec![Seg::Key("heartbeat"), Seg::Key("interval")],
+                "interval must be at least 100ms".to_owned(),
+            ));
+        } else if hb.down_after.0 < hb.interval.0 * 2 {
+            out.push((
+                vec![Seg::Key("heartbeat"), Seg::Key("down_after")],
+                "down_after must be at least twice the heartbeat interval".to_owned(),
+            ));
+        }
         if !(0.1..=64.0).contains(&self.placement.vcpu_overcommit) {
             out.push((
                 vec![Seg::Key("placement"), Seg::Key("vcpu_overcommit")],

@@ -51,14 +51,17 @@ impl Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.line == 0 {
-            write!(f, "{}: {}", self.path, self.message)
+        // A committed file name may hold a newline: escape it, so a name can never forge
+        // another diagnostic line.
+        let path: String = if self.path.chars().any(char::is_control) {
+            self.path.escape_debug().collect()
         } else {
-            write!(
-                f,
-                "{}:{}:{}: {}",
-                self.path, self.line, self.col, self.message
-            )
+            self.path.clone()
+        };
+        if self.line == 0 {
+            write!(f, "{path}: {}", self.message)
+        } else {
+            write!(f, "{path}:{}:{}: {}", self.line, self.col, self.message)
         }
     }
 }

@@ -130,8 +130,13 @@ impl HostSpec {
             }
         }
         if self.shared_storage.is_some() != self.storage_pool.is_some() {
+            let key = if self.shared_storage.is_some() {
+                "shared_storage"
+            } else {
+                "storage_pool"
+            };
             out.push((
-                vec![Seg::Key("storage_pool")],
+                vec![Seg::Key(key)],
                 "shared_storage and storage_pool go together".to_owned(),
             ));
         }
@@ -165,16 +170,46 @@ fn address_problem(addr: &str) -> Option<String> {
     if addr == "local" {
         return None;
     }
-    let Some(rest) = addr.strip_prefix("ssh://") else {
-        return Some(format!(
+    let bad = || {
+        Some(format!(
             "address {addr:?} must be \"local\" or \"ssh://user@host[:port]\""
-        ));
+        ))
     };
-    let host = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
-    let ok = !host.is_empty()
-        && !rest.starts_with('-')
-        && rest
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || "@.:-_[]".contains(c));
-    (!ok).then(|| format!("address {addr:?} is not a valid ssh://user@host[:port]"))
+    let Some(rest) = addr.strip_prefix("ssh://") else {
+        return bad();
+    };
+    let (user, hostport) = match rest.rsplit_once('@') {
+        Some((user, hostport)) => (Some(user), hostport),
+        None => (None, rest),
+    };
+    // IPv6 in brackets, else a host name; an optional numeric port.
+    let (host, port) = if let Some(inner) = hostport.strip_prefix('[') {
+        let Some((ip, after)) = inner.split_once(']') else {
+            return bad();
+        };
+        (ip, after.strip_prefix(':'))
+    } else {
+        match hostport.split_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (hostport, None),
+        }
+    };
+    let word = |w: &str, extra: &str| {
+        !w.is_empty()
+            && !w.starts_with('-')
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || extra.contains(c))
+    };
+    // Nothing may start with '-': ssh would read it as an option.
+    let ok = user.is_none_or(|u| word(u, "._-"))
+        && word(host, ".-_:")
+        && port
+            .is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    if ok {
+        None
+    } else {
+        Some(format!(
+            "address {addr:?} is not a valid ssh://user@host[:port]"
+        ))
+    }
 }

@@ -255,6 +255,7 @@ fn check_across(
                 ));
             }
         }
+        contradictions(desired, file, text, spec, diags);
         if desired.implicit_local {
             for fwd in spec.forwards() {
                 if let Some(other) = ports.insert((fwd.udp, fwd.host_port), name) {
@@ -269,6 +270,50 @@ fn check_across(
                     ));
                 }
             }
+        }
+    }
+}
+
+/// Settings no host of this commit can ever satisfy.
+fn contradictions(
+    desired: &Desired,
+    file: &SourceFile,
+    text: &str,
+    spec: &VmSpec,
+    diags: &mut Vec<Diagnostic>,
+) {
+    let pinned = spec.host.as_ref().and_then(|h| desired.hosts.get(h));
+    if let Some(memory) = pinned.and_then(|h| h.spec.memory_mb) {
+        if spec.memory_mb > memory {
+            let host = spec.host.as_deref().unwrap_or_default();
+            let msg = format!(
+                "memory_mb = {} can never fit on host {host:?}, which has memory_mb = {memory}",
+                spec.memory_mb
+            );
+            diags.push(Diagnostic::at_key(
+                &file.path,
+                text,
+                &[Seg::Key("memory_mb")],
+                msg,
+            ));
+        }
+    }
+    let any_shared = desired
+        .hosts
+        .values()
+        .any(|h| h.spec.shared_storage.is_some());
+    for (i, disk) in spec.disks.iter().enumerate() {
+        if disk.storage == crate::vm::Storage::Shared && !any_shared {
+            let msg = format!(
+                "disk {:?} wants storage = \"shared\" but no host has shared_storage",
+                disk.name
+            );
+            diags.push(Diagnostic::at_key(
+                &file.path,
+                text,
+                &[Seg::Key("disks"), Seg::Index(i), Seg::Key("storage")],
+                msg,
+            ));
         }
     }
 }
@@ -360,7 +405,8 @@ fn entry_name(
         .rsplit('/')
         .next()
         .unwrap_or(&file.rel)
-        .trim_end_matches(".toml");
+        .strip_suffix(".toml")
+        .unwrap_or_default();
     match name_problem(stem) {
         None => Some(stem.to_owned()),
         Some(p) => {

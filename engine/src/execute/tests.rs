@@ -74,7 +74,7 @@ fn target(list: &[(&str, &str)]) -> Target {
             id: "c0ffee".into(),
             summary: String::new(),
             files,
-            symlinks: vec![],
+            refused: vec![],
         },
         desired,
         files: BTreeMap::new(),

@@ -75,9 +75,10 @@ pub fn agent_argv(host: &HostEntry, state: &StateDir) -> Result<Vec<String>, Hos
         .root
         .clone()
         .unwrap_or_else(|| DEFAULT_REMOTE_ROOT.to_owned());
+    // `--` ends ssh's options: a destination can never be read as one.
     argv.extend([
-        dest,
         "--".into(),
+        dest,
         "plasmavmc".into(),
         "agent".into(),
         "--stdio".into(),
@@ -148,8 +149,8 @@ mod tests {
         assert!(argv.windows(2).any(|w| w == ["-p", "2222"]));
         assert!(argv.ends_with(
             &[
-                "root@hv1.example",
                 "--",
+                "root@hv1.example",
                 "plasmavmc",
                 "agent",
                 "--stdio",

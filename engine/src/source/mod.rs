@@ -53,8 +53,9 @@ pub struct Commit {
     pub id: String,
     pub summary: String,
     pub files: Vec<SourceFile>,
-    /// Spec paths that are symbolic links: never followed, refused by validation.
-    pub symlinks: Vec<String>,
+    /// Spec paths that cannot be read as specs and why (links, submodules, a `vms` that is
+    /// not a folder): never followed, refused by validation.
+    pub refused: Vec<(String, &'static str)>,
 }
 
 impl Commit {
@@ -151,7 +152,9 @@ impl Source {
     }
 
     fn commit(&self, rev: &str) -> Result<git2::Commit<'_>, SourceError> {
-        if self.repo.head().is_err() && self.repo.is_empty().unwrap_or(false) {
+        let unborn =
+            matches!(self.repo.head(), Err(e) if e.code() == git2::ErrorCode::UnbornBranch);
+        if unborn || (self.repo.head().is_err() && self.repo.is_empty().unwrap_or(false)) {
             return Err(SourceError::NoCommits {
                 path: self.repo_path(),
             });
@@ -192,10 +195,20 @@ impl Source {
             })?
         };
         let mut files = Vec::new();
-        let mut symlinks = Vec::new();
+        let mut refused = Vec::new();
         let mut failure = None;
         tree.walk(TreeWalkMode::PreOrder, |dir, entry| {
             let rel = format!("{dir}{}", entry.name().unwrap_or("\u{fffd}"));
+            if (rel == "vms" || rel == "hosts") && entry.kind() != Some(ObjectType::Tree) {
+                // A link or a file where the folder should be: never followed, and never
+                // read as "no VMs" (which would delete them all).
+                refused.push((self.display_path(&rel), "must be a folder of spec files (links are never followed)"));
+                return TreeWalkResult::Ok;
+            }
+            if is_spec_path(&rel) && entry.kind() == Some(ObjectType::Commit) {
+                refused.push((self.display_path(&rel), "is a submodule; specs must be committed in this repository"));
+                return TreeWalkResult::Ok;
+            }
             if !is_spec_path(&rel) {
                 // Prune folders that can hold no spec.
                 let keep_going =
@@ -211,7 +224,7 @@ impl Source {
             }
             let path = self.display_path(&rel);
             if entry.filemode() == 0o120_000 {
-                symlinks.push(path);
+                refused.push((path, "is a symbolic link; spec files must be regular files (links are never followed)"));
                 return TreeWalkResult::Ok;
             }
             match entry.to_object(&self.repo).and_then(|o| o.peel_to_blob()) {
@@ -236,7 +249,7 @@ impl Source {
             id,
             summary,
             files,
-            symlinks,
+            refused,
         })
     }
 

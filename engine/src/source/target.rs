@@ -36,9 +36,9 @@ impl Target {
             diagnostics,
         };
         let mut diags: Vec<Diagnostic> = commit
-            .symlinks
+            .refused
             .iter()
-            .map(|p| Diagnostic::file(p, "is a symbolic link; spec files must be regular files (links are never followed)"))
+            .map(|(path, why)| Diagnostic::file(path, *why))
             .collect();
         let desired = match plasmavmc_specs::load(&commit.files) {
             Ok(d) => d,
