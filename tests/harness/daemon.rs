@@ -66,6 +66,23 @@ impl LogLine {
         self.message() == message && vm.is_none_or(|vm| self.str("vm") == Some(vm))
     }
 
+    /// The `pid` field as a pid.
+    pub fn pid(&self) -> Result<i32> {
+        self.int("pid")
+            .and_then(|p| i32::try_from(p).ok())
+            .with_context(|| format!("no pid in {}", self.raw))
+    }
+
+    /// Milliseconds from `start` to the line's timestamp (negative if the line is
+    /// older: shown as is, not hidden).
+    pub fn ms_after(&self, start: SystemTime) -> Result<f64> {
+        let at = self.timestamp()?;
+        Ok(match at.duration_since(start) {
+            Ok(d) => d.as_secs_f64() * 1e3,
+            Err(e) => -e.duration().as_secs_f64() * 1e3,
+        })
+    }
+
     /// The `timestamp` field (RFC 3339, UTC).
     pub fn timestamp(&self) -> Result<SystemTime> {
         let text = self
@@ -206,6 +223,17 @@ impl<'r> Daemon<'r> {
         })
     }
 
+    /// The lines logged from index `since` of [`Self::lines`] on.
+    pub fn lines_since(&self, since: usize) -> Vec<LogLine> {
+        self.lines().into_iter().skip(since).collect()
+    }
+
+    /// The first line from index `since` on that satisfies `pred`, if logged yet.
+    pub fn find_since(&self, since: usize, pred: impl FnMut(&LogLine) -> bool) -> Option<LogLine> {
+        let mut pred = pred;
+        self.lines_since(since).into_iter().find(|l| pred(l))
+    }
+
     /// Waits for any line (since the start) that satisfies `pred`.
     pub fn wait_log(
         &self,
@@ -240,6 +268,36 @@ impl<'r> Daemon<'r> {
         Ok(pid)
     }
 
+    /// [`Self::wait_running`] for the instance of `vm` on `host` (other hosts may keep
+    /// stale folders of it): a live QEMU under `host`'s root named by its `qemu.pid`
+    /// there, `tick 3` on that console, and the status saying `running` on `host` with
+    /// that pid. Returns the pid.
+    pub fn wait_running_on(&self, vm: &str, host: &str) -> Result<i32> {
+        let repo = self.repo;
+        let pid = self.poll(
+            format!("a live QEMU for {vm} on {host}"),
+            ACT_TIMEOUT,
+            || repo.qemu_on(host, vm).ok(),
+        )?;
+        self.wait(
+            format!("tick 3 on {vm}'s console on {host}"),
+            BOOT_TIMEOUT,
+            || serial_has_line(&repo.serial_on(host, vm), "tick 3"),
+        )?;
+        self.poll(
+            format!("status of {vm}: running on {host} with pid {pid}"),
+            ACT_TIMEOUT,
+            || {
+                repo.vm_view(vm)
+                    .ok()
+                    .flatten()
+                    .filter(|v| v.phase == "running" && v.pid == Some(pid) && v.host == host)
+            },
+        )
+        .with_context(|| repo.describe_vm(vm))?;
+        Ok(pid)
+    }
+
     /// Sends `signal` to the daemon process (not its group).
     pub fn signal(&self, signal: Signal) -> Result<()> {
         kill(Pid::from_raw(self.pid()), signal)
@@ -258,13 +316,24 @@ impl<'r> Daemon<'r> {
     /// Sends SIGHUP and waits until the reconcile it triggers has started (its
     /// "reconcile" line, trigger "signal"); it may still be running on return.
     pub fn hup(&self, timeout: Duration) -> Result<()> {
+        self.hup_then(timeout, || {})
+    }
+
+    /// [`Self::hup`], calling `each` at every poll while it waits (e.g. to sample
+    /// processes during the reconcile).
+    pub fn hup_then(&self, timeout: Duration, mut each: impl FnMut()) -> Result<()> {
         let since = self.lines().len();
         self.signal(Signal::SIGHUP)?;
-        self.wait_log_since(
+        self.poll(
             "a reconcile after SIGHUP (trigger \"signal\")",
             timeout,
-            since,
-            |l| l.is("reconcile", None) && l.str("trigger") == Some("signal"),
+            || {
+                each();
+                self.lines()
+                    .into_iter()
+                    .skip(since)
+                    .find(|l| l.is("reconcile", None) && l.str("trigger") == Some("signal"))
+            },
         )?;
         Ok(())
     }
@@ -323,6 +392,8 @@ impl<'r> Daemon<'r> {
 
 impl Drop for Daemon<'_> {
     fn drop(&mut self) {
+        // Its group may hold agents the test stopped: resumed before the SIGKILL.
+        self.repo.resume_stopped();
         if !self.reaped {
             let _ = killpg(Pid::from_raw(self.pid()), Signal::SIGKILL);
             let _ = self.child.wait();

@@ -14,9 +14,15 @@
 //!   [`TestRepo`]) the repository's branches, index and working tree.
 //! - [`proc`] inspects processes through `/proc`; [`wait`] polls with deadlines
 //!   (tests never sleep to synchronise).
+//! - [`fault`] simulates host failures (power-off, network partition), writes fence
+//!   commands, and [`CopyWatch`] samples how many copies of a VM run at once.
+//! - [`bench`] holds what the benchmark binaries share (release binary, percentiles,
+//!   the machine's description).
 
 pub mod artifacts;
+pub mod bench;
 mod daemon;
+pub mod fault;
 mod git;
 pub mod proc;
 mod repo;
@@ -28,6 +34,7 @@ pub mod wait;
 
 pub use artifacts::Guest;
 pub use daemon::{Daemon, LogLine};
+pub use fault::{CopyWatch, Fence};
 pub use proc::{cmdline, is_alive};
 pub use repo::{TestRepo, BRANCH};
 pub use run::{diagnostic, Output, Running};

@@ -32,8 +32,9 @@ use crate::wait::{poll_for, wait_for};
 use crate::RUN_TIMEOUT;
 
 /// Subcommands that take `--repo`; those also in [`TAKES_STATE`] take `--state-dir`.
-const TAKES_REPO: &[&str] = &["validate", "plan", "apply", "status", "watch"];
-const TAKES_STATE: &[&str] = &["plan", "apply", "status", "watch"];
+/// `fence` means its subcommand (`fence confirm`), which takes both.
+const TAKES_REPO: &[&str] = &["validate", "plan", "apply", "status", "watch", "fence"];
+const TAKES_STATE: &[&str] = &["plan", "apply", "status", "watch", "fence"];
 
 /// The branch every test repository is on.
 pub const BRANCH: &str = "main";
@@ -48,6 +49,9 @@ pub struct TestRepo {
     /// Process groups of the daemons started with [`TestRepo::watch`].
     daemon_groups: RefCell<Vec<i32>>,
     daemons: Cell<u32>,
+    /// Processes this test stopped (SIGSTOP) and has not resumed yet: resumed
+    /// (SIGCONT) before anything is killed.
+    stopped: RefCell<Vec<i32>>,
 }
 
 impl TestRepo {
@@ -75,6 +79,7 @@ impl TestRepo {
             commits: Cell::new(0),
             daemon_groups: RefCell::new(Vec::new()),
             daemons: Cell::new(0),
+            stopped: RefCell::new(Vec::new()),
         };
         repo.set_stop_timeout("2s")?;
         Ok(repo)
@@ -211,6 +216,10 @@ impl TestRepo {
         let mut args = args.iter();
         if let Some(sub) = args.next() {
             cmd.arg(sub);
+            if *sub == "fence" {
+                // The flags belong to `fence confirm`, not to `fence`.
+                cmd.args(args.next());
+            }
             if TAKES_REPO.contains(sub) {
                 cmd.arg("--repo").arg(repo);
             }
@@ -511,8 +520,31 @@ impl TestRepo {
                 || proc::cmdline(pid).is_ok_and(|a| a.iter().any(|s| s.contains(&needle))))
     }
 
+    /// Remembers a process the test stopped (SIGSTOP), resumed first by the cleanup.
+    pub(crate) fn remember_stopped(&self, pid: i32) {
+        self.stopped.borrow_mut().push(pid);
+    }
+
+    /// Forgets a stopped process once the test resumed or killed it itself.
+    pub(crate) fn forget_stopped(&self, pid: i32) {
+        self.stopped.borrow_mut().retain(|&p| p != pid);
+    }
+
+    /// SIGCONTs every process the test stopped and has not resumed (if it is still
+    /// ours), so that nothing is killed while stopped.
+    pub(crate) fn resume_stopped(&self) {
+        let pids: Vec<i32> = self.stopped.borrow_mut().drain(..).collect();
+        for pid in pids {
+            if self.owns(pid) {
+                let _ = nix::sys::signal::kill(Pid::from_raw(pid), Signal::SIGCONT);
+            }
+        }
+    }
+
     /// Kills everything this test owns and waits for it to be gone.
     pub fn cleanup(&self) -> Result<()> {
+        // Stopped processes are resumed before any SIGKILL.
+        self.resume_stopped();
         // Daemons first, so none restarts a QEMU killed below.
         for &pgid in self.daemon_groups.borrow().iter() {
             let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);

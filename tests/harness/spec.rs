@@ -26,6 +26,8 @@ pub struct VmSpec {
     pub group: Option<String>,
     /// `host = "..."` (a pin) when set.
     pub host: Option<String>,
+    /// `ha = ...` when set (recover on another host once its host is fenced).
+    pub ha: Option<bool>,
 }
 
 impl Default for VmSpec {
@@ -40,6 +42,7 @@ impl Default for VmSpec {
             machine: None,
             group: None,
             host: None,
+            ha: None,
         }
     }
 }
@@ -103,6 +106,13 @@ impl VmSpec {
         self
     }
 
+    /// `ha = true`: recovered on another host once its host is fenced; `ha = false`
+    /// (the default when absent) written explicitly.
+    pub fn ha(mut self, ha: bool) -> Self {
+        self.ha = Some(ha);
+        self
+    }
+
     /// The TOML text. `memory_mb` is always on line 2 (tests point at it).
     pub fn to_toml(&self, guest: &Guest) -> String {
         let mut cmdline = BASE_CMDLINE.to_owned();
@@ -122,6 +132,9 @@ impl VmSpec {
         }
         if let Some(host) = &self.host {
             let _ = writeln!(s, "host = {host:?}");
+        }
+        if let Some(ha) = self.ha {
+            let _ = writeln!(s, "ha = {ha}");
         }
         let _ = writeln!(s, "\n[boot]");
         let _ = writeln!(s, "kernel = {:?}", guest.kernel.display().to_string());
@@ -156,6 +169,12 @@ pub struct HostSpec {
     pub memory_mb: Option<u64>,
     /// `state = "..."` when set (`active`, `maintenance`).
     pub state: Option<String>,
+    /// `fence = [...]` when set: the argv `watch` runs once the host is down.
+    pub fence: Option<Vec<String>>,
+    /// The agent is started through `sh -c` and refuses to start while the host's
+    /// power-off marker ([`HostSpec::power_marker`]) exists: a host that can be
+    /// powered off (see [`crate::TestRepo::power_off`]). Ignored with [`Self::exec`].
+    pub switchable: bool,
 }
 
 impl HostSpec {
@@ -196,11 +215,44 @@ impl HostSpec {
         self
     }
 
+    /// `fence = argv`: what `watch` runs once the host is down (exit 0 = powered off).
+    pub fn fence(mut self, argv: &[String]) -> Self {
+        self.fence = Some(argv.to_vec());
+        self
+    }
+
+    /// A host that can be powered off: its agent does not start while
+    /// [`HostSpec::power_marker`] of its root exists.
+    pub fn switchable(mut self) -> Self {
+        self.switchable = true;
+        self
+    }
+
+    /// The power-off marker of a switchable host on `root`: `<root>.off`, beside the
+    /// root (so it is not part of what the host keeps).
+    pub fn power_marker(root: &Path) -> PathBuf {
+        let mut name = root.file_name().unwrap_or_default().to_os_string();
+        name.push(".off");
+        root.with_file_name(name)
+    }
+
     /// The TOML text; the agent runs `bin` on `root` unless [`Self::root`] or
     /// [`Self::exec`] say otherwise.
     pub fn to_toml(&self, bin: &Path, root: &Path) -> String {
         let argv = self.exec.clone().unwrap_or_else(|| {
             let root = self.root.as_deref().unwrap_or(root);
+            if self.switchable {
+                let marker = Self::power_marker(root);
+                let script = format!(
+                    "test -e {m} && {{ echo \"host powered off: {p} exists\" >&2; exit 1; }}; \
+                     exec {b} agent --stdio --root {r}",
+                    m = shell_quote(&marker.display().to_string()),
+                    p = marker.display(),
+                    b = shell_quote(&bin.display().to_string()),
+                    r = shell_quote(&root.display().to_string()),
+                );
+                return vec!["sh".to_owned(), "-c".to_owned(), script];
+            }
             vec![
                 bin.display().to_string(),
                 "agent".to_owned(),
@@ -210,7 +262,7 @@ impl HostSpec {
             ]
         });
         let mut s = String::new();
-        let _ = writeln!(s, "exec = {argv:?}");
+        let _ = writeln!(s, "exec = {}", toml_strings(&argv));
         if let Some(vcpus) = self.vcpus {
             let _ = writeln!(s, "vcpus = {vcpus}");
         }
@@ -220,8 +272,21 @@ impl HostSpec {
         if let Some(state) = &self.state {
             let _ = writeln!(s, "state = {state:?}");
         }
+        if let Some(fence) = &self.fence {
+            let _ = writeln!(s, "fence = {}", toml_strings(fence));
+        }
         s
     }
+}
+
+/// A TOML array of strings.
+fn toml_strings(items: &[String]) -> String {
+    toml::Value::Array(items.iter().cloned().map(toml::Value::String).collect()).to_string()
+}
+
+/// `text` as one single-quoted shell word.
+pub fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
 }
 
 #[cfg(test)]
@@ -265,5 +330,26 @@ mod tests {
 
         let down = parse(&HostSpec::exec(&["/bin/false"]).to_toml(bin, Path::new("/r")));
         assert_eq!(exec(&down), ["/bin/false"]);
+
+        let fence = vec!["/bin/sh".to_owned(), "/t/fence-hv1.sh".to_owned()];
+        let switchable = parse(
+            &HostSpec::agent()
+                .switchable()
+                .fence(&fence)
+                .to_toml(bin, Path::new("/t/hosts/hv1")),
+        );
+        let argv = exec(&switchable);
+        assert_eq!(argv[..2], ["sh", "-c"]);
+        assert_eq!(
+            argv[2],
+            "test -e '/t/hosts/hv1.off' && { echo \"host powered off: /t/hosts/hv1.off exists\" >&2; \
+             exit 1; }; exec '/x/plasmavmc' agent --stdio --root '/t/hosts/hv1'"
+        );
+        assert_eq!(
+            switchable["fence"].as_array().map(Vec::len),
+            Some(2),
+            "fence argv: {switchable:?}"
+        );
+        assert_eq!(shell_quote("a'b"), r"'a'\''b'");
     }
 }

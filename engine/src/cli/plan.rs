@@ -247,7 +247,8 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
     } else {
         engine.last_error = Some(problems.clone());
     }
-    let snap = status.build(engine, Some(&target.desired), &after, Some(&report), &[]);
+    let mut snap = status.build(engine, Some(&target.desired), &after, Some(&report), &[]);
+    snap.explain_pending(&plan.pending);
     status.write(&snap)?;
     if !problems.is_empty() {
         eprintln!(

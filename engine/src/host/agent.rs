@@ -62,6 +62,7 @@ pub struct AgentHost {
     next_id: Arc<AtomicU64>,
     last_frame: Arc<Mutex<Instant>>,
     closed: watch::Receiver<bool>,
+    hangup: Arc<watch::Sender<bool>>,
     events: broadcast::Sender<HostEvent>,
     files: Arc<tokio::sync::Mutex<HashMap<PathBuf, PathBuf>>>,
     opts: ConnectOptions,
@@ -99,9 +100,16 @@ impl AgentHost {
             let _ = child.wait().await;
         });
         let (out, mut out_rx) = mpsc::unbounded_channel::<ToAgent>();
+        let (hangup, mut hung_up) = watch::channel(false);
         let mut sink = FramedWrite::new(to_agent, codec());
         tokio::spawn(async move {
-            'send: while let Some(msg) = out_rx.recv().await {
+            // Ends on `close()`: dropping the sink closes the agent's stdin, so it exits.
+            'send: loop {
+                let msg = tokio::select! {
+                    msg = out_rx.recv() => msg,
+                    _ = hung_up.changed() => None,
+                };
+                let Some(msg) = msg else { break };
                 for frame in to_frames(&msg) {
                     if sink.send(frame).await.is_err() {
                         break 'send;
@@ -139,6 +147,7 @@ impl AgentHost {
             next_id: Arc::new(AtomicU64::new(1)),
             last_frame,
             closed,
+            hangup: Arc::new(hangup),
             events,
             files: Arc::default(),
             opts,
@@ -162,14 +171,22 @@ impl AgentHost {
         *self.closed.borrow()
     }
 
+    /// Hangs up: the agent's stdin is closed (it exits, leaving every QEMU running) and
+    /// the heartbeats stop. Every clone of this host is affected.
+    pub fn close(&self) {
+        let _ = self.hangup.send(true);
+    }
+
     fn spawn_heartbeat(&self) {
         let (out, mut closed, every) = (self.out.clone(), self.closed.clone(), self.opts.heartbeat);
+        let mut hung_up = self.hangup.subscribe();
         tokio::spawn(async move {
             let mut seq = 0;
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(every) => {}
                     _ = closed.changed() => break,
+                    _ = hung_up.changed() => break,
                 }
                 seq += 1;
                 if out.send(ToAgent::Ping { seq }).is_err() {

@@ -40,9 +40,9 @@ pub(super) fn plan_lost(
         return;
     };
     if !want.spec.ha {
-        out.notes.push(format!(
-            "{name}: on fenced host {host} ({how}); ha = false, so it is not recovered elsewhere"
-        ));
+        let note = format!("{name}: on fenced host {host} ({how}); ha = false, so it is not recovered elsewhere: set ha = true, or bring {host} back");
+        out.pending.push(note.clone());
+        out.notes.push(note);
         return;
     }
     let lost = desired.hosts.get(host).map(|h| &h.spec);

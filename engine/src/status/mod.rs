@@ -143,6 +143,21 @@ pub struct Snapshot {
     pub hosts: Vec<HostStatus>,
 }
 
+impl Snapshot {
+    /// Puts what the plan could not do (`vm: why` lines) into those VMs' messages: the
+    /// status of a VM that will not run says why and what is needed.
+    pub fn explain_pending(&mut self, pending: &[String]) {
+        for line in pending {
+            let Some((vm, why)) = line.split_once(": ") else {
+                continue;
+            };
+            if let Some(status) = self.vms.iter_mut().find(|v| v.name == vm) {
+                status.message = Some(why.to_owned());
+            }
+        }
+    }
+}
+
 /// Errors reading or writing status files.
 #[derive(Debug, thiserror::Error)]
 pub enum StatusError {

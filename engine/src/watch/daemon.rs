@@ -49,6 +49,8 @@ struct Daemon {
     host_argv: BTreeMap<String, Vec<String>>,
     /// Hosts of the specs that could not be reached, and why.
     down: BTreeMap<String, String>,
+    /// What the last plan could not do (`vm: why`), shown in those VMs' status.
+    pending: Vec<String>,
     /// Since when each unreachable host has been away, and when it was last fenced at.
     away_since: BTreeMap<String, std::time::Instant>,
     fence_tried: BTreeMap<String, std::time::Instant>,
@@ -77,6 +79,11 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<()> {
     health.set_missed_tick_behavior(MissedTickBehavior::Delay);
     daemon.step(vec![Trigger::Startup]).await;
     loop {
+        if health.period() != daemon.heartbeat {
+            // [heartbeat] interval comes from the commit: follow it.
+            health = tokio::time::interval(daemon.heartbeat);
+            health.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        }
         let wake = daemon
             .wake_at_ms
             .map(|at| Duration::from_millis(at.saturating_sub(now_ms())));
@@ -187,6 +194,7 @@ impl Daemon {
             hosts: BTreeMap::new(),
             host_argv: BTreeMap::new(),
             down: BTreeMap::new(),
+            pending: Vec::new(),
             away_since: BTreeMap::new(),
             fence_tried: BTreeMap::new(),
             heartbeat: Duration::from_secs(1),
@@ -278,6 +286,7 @@ impl Daemon {
         }
         let target = self.target.clone().expect("checked above");
         let mut plan = plan(&target.desired, &observed, now_ms());
+        self.pending.clone_from(&plan.pending);
         if self.cfg.prune {
             plan.actions.splice(0..0, prune_actions(&observed));
         }
@@ -372,6 +381,10 @@ impl Daemon {
         let fenced = records.all();
         for (host, since) in self.away_since.clone() {
             let Some(argv) = desired.hosts.get(&host).and_then(|h| h.spec.fence.clone()) else {
+                // Nothing to run: the operator decides (`fence confirm`). Throttle the
+                // health check's "fence due" for this host all the same.
+                self.fence_tried
+                    .insert(host.clone(), std::time::Instant::now());
                 continue;
             };
             let due = since.elapsed() >= self.down_after
@@ -403,7 +416,15 @@ impl Daemon {
     async fn ensure_hosts(&mut self, desired: &plasmavmc_specs::Desired) {
         let down_after = self.down_after;
         self.hosts.retain(|name, host| {
-            desired.hosts.contains_key(name) && !host.is_closed() && host.silence() < down_after
+            let keep = desired.hosts.contains_key(name)
+                && !host.is_closed()
+                && host.silence() < down_after;
+            if !keep {
+                // Hang up for real: a silent (partitioned) agent must see EOF when it
+                // wakes, release its root and exit, so the host can rejoin.
+                host.close();
+            }
+            keep
         });
         self.host_argv
             .retain(|name, _| self.hosts.contains_key(name));
@@ -496,13 +517,14 @@ impl Daemon {
         env!("CARGO_PKG_VERSION").clone_into(&mut self.engine.version);
         self.source.spec_dir().clone_into(&mut self.engine.spec_dir);
         let events = std::mem::take(&mut self.events);
-        let snap = self.status.build(
+        let mut snap = self.status.build(
             self.engine.clone(),
             target.map(|t| &t.desired),
             observed,
             report,
             &events,
         );
+        snap.explain_pending(&self.pending);
         self.status.write(&snap)?;
         if let (Some(branch), true) = (&self.cfg.status_branch, changed) {
             let revision = self.engine.revision_seen.as_deref().map_or("-", short);

@@ -1,0 +1,520 @@
+//! Host loss, end to end: `plasmavmc watch` against two simulated hosts (each
+//! `hosts/<name>.toml` runs the binary's own agent on a root of its own), real QEMU
+//! (TCG) and the tiny test guest. Heartbeat every 200 ms, a host is down after 1 s of
+//! silence (`plasmavmc.toml`).
+//!
+//! What this file proves, one test each:
+//! - a host that loses power (agent and QEMUs killed, agent cannot start again) is
+//!   fenced by its fence command; its `ha` VM is started afresh on the other host, never
+//!   two copies at once; its `ha = false` VM is started nowhere and stays unknown;
+//! - (ignored until the engine does it) the status of that `ha = false` VM says why;
+//! - a partitioned host (agent stopped, its QEMU still running) without a fence command
+//!   is down and its VM unknown: nothing starts elsewhere until an operator powers the
+//!   host off and runs `plasmavmc fence confirm`; when the host is powered on again its
+//!   stale instance is removed and the fence record cleared;
+//! - a fence command that lies (exit 0, host still running) leads to two copies; when
+//!   the host comes back with its stale QEMU still running, that copy is stopped and
+//!   deleted and one copy remains: with the host's agent restarted, and (ignored until
+//!   the engine closes dropped agent channels) with the partitioned agent resumed.
+//!
+//! Host faults are simulated by the harness (`tests/harness/fault.rs`): power-off =
+//! marker file + kill -9 of the agent and of the QEMUs under the host's root;
+//! partition = SIGSTOP of the agent. Every test has its own repository, state dir and
+//! host roots in a temp folder; the cleanup resumes stopped agents and kills every
+//! process under it, even on failure.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{ensure, Context, Result};
+use plasmavmc_e2e::fault::{failover_repo, Fence};
+use plasmavmc_e2e::{is_alive, ticks, CopyWatch, Daemon, LogLine, TestRepo, BOOT_TIMEOUT};
+
+/// Fast host health for tests.
+const HEARTBEAT: &str = "[heartbeat]\ninterval = \"200ms\"\ndown_after = \"1s\"\n";
+
+/// Bound for a lost host to be declared down (1 s of silence): 10×.
+const DETECT: Duration = Duration::from_secs(10);
+
+/// Bound for host loss → VM started on the other host, and for a returning host's
+/// stale copy to be removed: 10× the ~1.5 s they should take (2.2–3.2 s measured for
+/// the first while the health check runs every second whatever the heartbeat: see
+/// `benches/failover.rs`).
+const RECOVER: Duration = Duration::from_secs(15);
+
+/// Bound for one SIGHUP-triggered reconcile to start.
+const RESYNC: Duration = Duration::from_secs(30);
+
+// ---- helpers --------------------------------------------------------------------
+
+/// A "started" line for `vm` whose pid is not `old`.
+fn started_anew(vm: &str, old: i32) -> impl Fn(&LogLine) -> bool + '_ {
+    move |l| l.is("started", Some(vm)) && l.int("pid").is_some_and(|p| p != i64::from(old))
+}
+
+/// The `phase` of `status/hosts/<host>.toml` (empty if absent).
+fn host_phase(repo: &TestRepo, host: &str) -> String {
+    repo.host_view(host)
+        .ok()
+        .flatten()
+        .map(|h| h.phase)
+        .unwrap_or_default()
+}
+
+/// The `phase` of `status/vms/<vm>.toml` (empty if absent).
+fn vm_phase(repo: &TestRepo, vm: &str) -> String {
+    repo.vm_phase(vm).ok().flatten().unwrap_or_default()
+}
+
+/// `status/engine.toml`'s `last_error` (empty if none).
+fn last_error(repo: &TestRepo) -> String {
+    repo.engine_view()
+        .ok()
+        .flatten()
+        .and_then(|e| e.last_error)
+        .unwrap_or_default()
+}
+
+/// The `by` of `host`'s fence record, `None` if there is no record.
+fn fenced_by(repo: &TestRepo, host: &str) -> Result<Option<String>> {
+    Ok(repo.fence_record(host)?.map(|r| {
+        r.get("by")
+            .and_then(|b| b.as_str())
+            .unwrap_or("?")
+            .to_owned()
+    }))
+}
+
+/// Fails unless `vm` booted afresh on `host`: its console there starts at `tick 1`.
+fn booted_afresh(repo: &TestRepo, host: &str, vm: &str) -> Result<()> {
+    let serial = repo.serial_on(host, vm);
+    let seen = ticks(&serial);
+    ensure!(
+        seen.first() == Some(&1),
+        "{vm} on {host} did not boot afresh: ticks {seen:?}\n{serial}"
+    );
+    Ok(())
+}
+
+// ---- tests ----------------------------------------------------------------------
+
+#[test]
+fn host_power_off_with_fence_command_recovers_ha_vms() -> Result<()> {
+    let repo = failover_repo(
+        Some(Fence::Kills),
+        &[("ha1", true), ("plain", false)],
+        HEARTBEAT,
+    )?;
+    let daemon = repo.watch(&[])?;
+    let old = daemon.wait_running_on("ha1", "hv1")?;
+    daemon.wait_running_on("plain", "hv1")?;
+    let mut copies = CopyWatch::new(&repo, "ha1");
+    copies.sample();
+
+    let since = daemon.lines().len();
+    let off = repo.power_off("hv1")?;
+    let started = daemon.poll(
+        "a \"started\" line for a new QEMU of ha1 after hv1 lost power",
+        RECOVER,
+        || {
+            copies.sample();
+            daemon.find_since(since, started_anew("ha1", old))
+        },
+    )?;
+    let new = started.pid()?;
+    ensure!(
+        repo.qemu_on("hv2", "ha1")? == new,
+        "the new QEMU {new} of ha1 is not the one on hv2"
+    );
+    copies.wait_until("ha1's first tick on hv2", BOOT_TIMEOUT, |_| {
+        !ticks(&repo.serial_on("hv2", "ha1")).is_empty()
+    })?;
+    let first_tick = SystemTime::now();
+    booted_afresh(&repo, "hv2", "ha1")?;
+    let view = repo.wait_vm("ha1", "running on hv2 with the new pid", RECOVER, |v| {
+        copies.sample();
+        v.phase == "running" && v.host == "hv2" && v.pid == Some(new)
+    })?;
+    ensure!(view.restarts == 0, "the recovered ha1 restarted:\n{view}");
+
+    // How the daemon got there, from its log.
+    let log = daemon.lines_since(since);
+    let first = |what: &str, pred: &dyn Fn(&LogLine) -> bool| {
+        log.iter()
+            .find(|l| pred(l))
+            .cloned()
+            .with_context(|| format!("no {what} line after the power-off\n{}", daemon.describe()))
+    };
+    let down = first("\"host unreachable\" for hv1", &|l| {
+        l.is("host unreachable", None) && l.str("host") == Some("hv1")
+    })?;
+    let fenced = first("\"fenced\" for hv1", &|l| {
+        l.is("fenced", None) && l.str("host") == Some("hv1")
+    })?;
+    first("\"done\" op recover for ha1", &|l| {
+        l.is("done", Some("ha1")) && l.str("op") == Some("recover")
+    })?;
+    println!(
+        "hv1 power-off → host unreachable {:.0} ms → fenced {:.0} ms → ha1 started on hv2 \
+         {:.0} ms → first tick seen {:.0} ms (heartbeat 200 ms, down_after 1 s)",
+        down.ms_after(off)?,
+        fenced.ms_after(off)?,
+        started.ms_after(off)?,
+        first_tick
+            .duration_since(off)
+            .unwrap_or_default()
+            .as_secs_f64()
+            * 1e3,
+    );
+
+    // hv1 is fenced, by its fence command, which ran; hv2 was not touched.
+    let hv1 = repo.host_view("hv1")?.context("no status for hv1")?;
+    ensure!(hv1.phase == "fenced", "hv1 is not fenced:\n{hv1}");
+    ensure!(
+        fenced_by(&repo, "hv1")?.as_deref() == Some("fence command"),
+        "hv1's fence record: {:?}",
+        repo.fence_record("hv1")?
+    );
+    ensure!(repo.fence_runs("hv1") >= 1, "hv1's fence command never ran");
+    ensure!(repo.fence_runs("hv2") == 0, "hv2 was fenced");
+
+    // plain (ha = false) runs nowhere and stays unknown; ha1 stays where it is.
+    for _ in 0..2 {
+        daemon.hup_then(RESYNC, || {
+            copies.sample();
+        })?;
+    }
+    ensure!(
+        repo.qemus_of("plain").is_empty() && !repo.instance_dir_on("hv2", "plain").exists(),
+        "plain (ha = false) was started elsewhere: QEMUs {:?}",
+        repo.qemus_of("plain")
+    );
+    let plain = repo.vm_view("plain")?.context("no status for plain")?;
+    ensure!(
+        plain.phase == "unknown" && plain.pid.is_none() && plain.host == "hv1",
+        "plain should be unknown, last seen on hv1:\n{plain}"
+    );
+    ensure!(
+        repo.qemu_on("hv2", "ha1")? == new && !is_alive(old),
+        "ha1 moved again"
+    );
+    copies.ensure_never_two()?;
+    println!("{}", copies.summary());
+    Ok(())
+}
+
+/// The status of an `ha = false` VM of a fenced host says that it is not recovered, and
+/// why: what test 1 leaves out because the engine does not say it yet.
+#[test]
+fn ha_false_vm_of_a_fenced_host_says_why_it_stays_down() -> Result<()> {
+    let repo = failover_repo(Some(Fence::Kills), &[("plain", false)], HEARTBEAT)?;
+    let daemon = repo.watch(&[])?;
+    daemon.wait_running_on("plain", "hv1")?;
+    repo.power_off("hv1")?;
+    daemon.wait("hv1 fenced", RECOVER, || {
+        host_phase(&repo, "hv1") == "fenced"
+    })?;
+    daemon.resync(RESYNC)?;
+    let plain = repo.vm_view("plain")?.context("no status for plain")?;
+    let said = format!("{}\n{}", plain.message, last_error(&repo));
+    ensure!(
+        said.contains("ha = false") && said.contains("not recovered"),
+        "neither plain's status message nor engine.toml says it is not recovered because \
+         ha = false:\n{plain}\nlast_error: {}",
+        last_error(&repo)
+    );
+    Ok(())
+}
+
+/// Cuts hv1 off (its agent stopped; it has no fence command) and checks that the
+/// daemon declares it down and `ha1` unknown, says what the operator must do, and
+/// starts nothing elsewhere for at least two whole reconciles.
+fn cut_off_and_left_alone(
+    repo: &TestRepo,
+    daemon: &Daemon<'_>,
+    copies: &mut CopyWatch<'_>,
+    old: i32,
+) -> Result<()> {
+    // QEMUs seen on hv2 while hv1 is not fenced: there must be none.
+    let mut on_hv2: Vec<i32> = Vec::new();
+
+    // hv1 is cut off: its agent stops answering, its QEMU keeps running.
+    let since = daemon.lines().len();
+    repo.partition("hv1")?;
+    daemon.wait("hv1 down and ha1 unknown", DETECT, || {
+        copies.sample();
+        on_hv2.extend(repo.host_qemus("hv2"));
+        host_phase(repo, "hv1") == "down" && vm_phase(repo, "ha1") == "unknown"
+    })?;
+    let error = last_error(repo);
+    for part in [
+        "ha1: unknown: last seen on hv1",
+        "plasmavmc fence confirm hv1",
+    ] {
+        ensure!(
+            error.contains(part),
+            "engine.toml's last_error lacks {part:?}: {error}"
+        );
+    }
+    let view = repo.vm_view("ha1")?.context("no status for ha1")?;
+    ensure!(
+        view.pid.is_none() && view.host == "hv1",
+        "ha1 should be unknown, last seen on hv1, without a pid:\n{view}"
+    );
+
+    // Three SIGHUPs: at least two whole reconciles ran since detection, and each
+    // one's actions are done by the time the next starts. Nothing started elsewhere.
+    let window = Instant::now();
+    for _ in 0..3 {
+        daemon.hup_then(RESYNC, || {
+            copies.sample();
+            on_hv2.extend(repo.host_qemus("hv2"));
+        })?;
+    }
+    let health = daemon
+        .lines_since(since)
+        .iter()
+        .filter(|l| l.is("reconcile", None) && l.str("trigger") == Some("health"))
+        .count();
+    println!(
+        "hv1 cut off, no fence command: {health} reconciles with trigger \"health\" since the \
+         partition; observed {:.1?} after detection",
+        window.elapsed()
+    );
+    ensure!(
+        repo.qemus_of("ha1") == [old] && is_alive(old),
+        "while hv1 was only cut off, ha1's QEMUs became {:?} (was {old})",
+        repo.qemus_of("ha1")
+    );
+    ensure!(
+        on_hv2.is_empty() && !repo.instance_dir_on("hv2", "ha1").exists(),
+        "something was started on hv2 before hv1 was fenced: QEMUs {on_hv2:?}"
+    );
+    ensure!(
+        repo.fence_record("hv1")?.is_none(),
+        "a fence record for hv1 appeared without a fence command or an operator"
+    );
+    copies.ensure_never_two()
+}
+
+/// Powers hv1 on again (after ha1 was recovered on hv2 as `new`) and checks that the
+/// daemon reconnects, deletes hv1's stale instance of ha1, forgets the fencing, and
+/// that exactly one QEMU of ha1 runs: `new`, on hv2.
+fn rejoins_without_its_stale_copy(
+    repo: &TestRepo,
+    daemon: &Daemon<'_>,
+    copies: &mut CopyWatch<'_>,
+    new: i32,
+) -> Result<()> {
+    // hv1 is powered on again: the daemon reconnects, removes hv1's stale instance of
+    // ha1 and forgets the fencing.
+    let since = daemon.lines().len();
+    repo.power_on("hv1")?;
+    daemon.wait_log_since("the daemon to reconnect hv1", RECOVER, since, |l| {
+        l.is("connected to the agent", None) && l.str("host") == Some("hv1")
+    })?;
+    daemon.wait(
+        "hv1's stale instance of ha1 removed, its fence record cleared, hv1 ready",
+        RECOVER,
+        || {
+            copies.sample();
+            !repo.instance_dir_on("hv1", "ha1").exists()
+                && repo.fence_record("hv1").is_ok_and(|r| r.is_none())
+                && host_phase(repo, "hv1") == "ready"
+        },
+    )?;
+    ensure!(
+        daemon
+            .lines_since(since)
+            .iter()
+            .any(|l| l.is("done", Some("ha1")) && l.str("op") == Some("delete")),
+        "no \"done\" line for the delete of hv1's stale ha1\n{}",
+        daemon.describe()
+    );
+    daemon.resync(RESYNC)?;
+    copies.sample();
+    ensure!(
+        repo.qemus_of("ha1") == [new] && repo.qemu_on("hv2", "ha1")? == new,
+        "after hv1 came back, ha1's QEMUs are {:?}, expected only {new} on hv2",
+        repo.qemus_of("ha1")
+    );
+    ensure!(
+        repo.host_qemus("hv1").is_empty() && repo.hosts_with_instance("ha1") == ["hv2"],
+        "hv1 runs QEMUs {:?} / ha1 has instances on {:?} after hv1 came back",
+        repo.host_qemus("hv1"),
+        repo.hosts_with_instance("ha1")
+    );
+    let view = repo.vm_view("ha1")?.context("no status for ha1")?;
+    ensure!(
+        view.phase == "running" && view.host == "hv2" && view.pid == Some(new),
+        "ha1's status after hv1 came back:\n{view}"
+    );
+    copies.ensure_never_two()
+}
+
+#[test]
+fn partition_without_fence_waits_for_the_operator() -> Result<()> {
+    let repo = failover_repo(None, &[("ha1", true)], HEARTBEAT)?;
+    let daemon = repo.watch(&[])?;
+    let old = daemon.wait_running_on("ha1", "hv1")?;
+    let mut copies = CopyWatch::new(&repo, "ha1");
+    cut_off_and_left_alone(&repo, &daemon, &mut copies, old)?;
+
+    // The operator powers hv1 off (its QEMU and its stopped agent die, and it cannot
+    // start again), and says so.
+    repo.power_off("hv1")?;
+    ensure!(
+        !is_alive(old),
+        "ha1's QEMU {old} on hv1 survived the power-off"
+    );
+    let confirm = repo.fence_confirm("hv1")?;
+    confirm.expect_code(0)?;
+    ensure!(
+        confirm.stdout.contains("host hv1 is fenced"),
+        "fence confirm does not say what it recorded\n{confirm}"
+    );
+    ensure!(
+        fenced_by(&repo, "hv1")?.as_deref() == Some("operator"),
+        "hv1's fence record after fence confirm: {:?}\n{confirm}",
+        repo.fence_record("hv1")?
+    );
+    let since = daemon.lines().len();
+    daemon.hup_then(RESYNC, || {
+        copies.sample();
+    })?;
+    let started = daemon.poll("ha1 started on hv2 after fence confirm", RECOVER, || {
+        copies.sample();
+        daemon.find_since(since, started_anew("ha1", old))
+    })?;
+    let new = daemon.wait_running_on("ha1", "hv2")?;
+    ensure!(
+        started.pid()? == new,
+        "the \"started\" line names pid {}, hv2 runs {new}",
+        started.pid()?
+    );
+    booted_afresh(&repo, "hv2", "ha1")?;
+    ensure!(
+        host_phase(&repo, "hv1") == "fenced",
+        "hv1 is not reported fenced: {:?}",
+        repo.host_view("hv1")?
+    );
+
+    rejoins_without_its_stale_copy(&repo, &daemon, &mut copies, new)
+}
+
+/// How a partitioned host with a stale copy comes back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Return {
+    /// SIGCONT to its agent: the agent finds its engine gone (EOF) and exits; the
+    /// daemon's next agent takes the root.
+    Resume,
+    /// Its agent dies (SIGCONT, then SIGKILL) and the daemon's next agent takes the root;
+    /// the stale QEMU keeps running, as after an agent restart on the host.
+    AgentRestart,
+}
+
+/// hv1 is cut off and its fence command lies (exit 0, ha1's QEMU keeps running
+/// there): ha1 is recovered on hv2 and two copies run. When hv1 comes back (`how`),
+/// the daemon must stop and delete hv1's copy, leaving exactly one, never restarted.
+fn lying_fence_then_return(how: Return) -> Result<()> {
+    let repo = failover_repo(Some(Fence::Lies), &[("ha1", true)], HEARTBEAT)?;
+    let daemon = repo.watch(&[])?;
+    let old = daemon.wait_running_on("ha1", "hv1")?;
+    let mut copies = CopyWatch::new(&repo, "ha1");
+
+    let since = daemon.lines().len();
+    let agent = repo.partition("hv1")?;
+    let started = daemon.poll("ha1 recovered on hv2", RECOVER, || {
+        copies.sample();
+        daemon.find_since(since, started_anew("ha1", old))
+    })?;
+    let new = started.pid()?;
+    ensure!(
+        repo.qemu_on("hv2", "ha1")? == new,
+        "the new QEMU {new} of ha1 is not the one on hv2"
+    );
+    ensure!(
+        repo.fence_runs("hv1") >= 1 && fenced_by(&repo, "hv1")?.as_deref() == Some("fence command"),
+        "hv1 was not fenced by its fence command: {:?}",
+        repo.fence_record("hv1")?
+    );
+    // The fence's lie: both copies run now.
+    ensure!(
+        is_alive(old) && repo.host_qemus("hv1") == [old],
+        "the lying fence was expected to leave ha1's QEMU {old} on hv1 running"
+    );
+    copies.wait_until("two copies of ha1 (the fence lied)", RECOVER, |p| {
+        p.len() == 2
+    })?;
+
+    // hv1 answers again: the daemon must stop and delete hv1's copy.
+    let since = daemon.lines().len();
+    let back = Instant::now();
+    repo.resume(agent)?;
+    if how == Return::AgentRestart {
+        plasmavmc_e2e::proc::kill_and_wait(agent, DETECT)?;
+    } else {
+        daemon.wait(
+            format!("hv1's resumed agent {agent} to exit (its engine dropped it)"),
+            DETECT,
+            || !is_alive(agent),
+        )?;
+    }
+    copies
+        .wait_until(
+            "only ha1's copy on hv2 left, hv1's instance deleted",
+            RECOVER,
+            |pids| pids == [new] && !repo.instance_dir_on("hv1", "ha1").exists(),
+        )
+        .with_context(|| daemon.describe())?;
+    let removed_after = back.elapsed();
+    ensure!(!is_alive(old), "hv1's copy {old} still runs");
+    let log = daemon.lines_since(since);
+    for op in ["stop", "delete"] {
+        ensure!(
+            log.iter()
+                .any(|l| l.is("done", Some("ha1")) && l.str("op") == Some(op)),
+            "no \"done\" line for op {op} of ha1 after hv1 came back\n{}",
+            daemon.describe()
+        );
+    }
+    println!(
+        "lying fence, hv1 back by {how:?}: {}; hv1's copy removed {removed_after:.2?} after \
+         hv1 came back",
+        copies.summary()
+    );
+
+    // From then on exactly one copy, the one on hv2, never restarted.
+    let mut after = CopyWatch::new(&repo, "ha1");
+    for _ in 0..2 {
+        daemon.hup_then(RESYNC, || {
+            after.sample();
+        })?;
+    }
+    after.sample();
+    after.ensure_never_two()?;
+    ensure!(
+        after.most() == [new] && repo.qemu_on("hv2", "ha1")? == new,
+        "ha1's QEMUs are {:?}, expected only {new} on hv2",
+        repo.qemus_of("ha1")
+    );
+    let view = repo.wait_vm("ha1", "running on hv2, not restarted", RECOVER, |v| {
+        v.phase == "running" && v.host == "hv2" && v.pid == Some(new)
+    })?;
+    ensure!(view.restarts == 0, "ha1 was restarted:\n{view}");
+    ensure!(
+        repo.fence_record("hv1")?.is_none() && host_phase(&repo, "hv1") == "ready",
+        "hv1 is back: its fence record should be gone and its phase ready: {:?}",
+        repo.host_view("hv1")?
+    );
+    Ok(())
+}
+
+#[test]
+fn returning_host_never_runs_a_second_copy() -> Result<()> {
+    lying_fence_then_return(Return::Resume)
+}
+
+#[test]
+fn returning_host_with_a_restarted_agent_never_keeps_a_second_copy() -> Result<()> {
+    lying_fence_then_return(Return::AgentRestart)
+}

@@ -1,0 +1,411 @@
+//! Host faults, simulated on this machine: a host powered off, a host cut off by a
+//! network partition, fence commands, and a watch on how many copies of a VM run.
+//!
+//! A simulated host is its agent (`plasmavmc agent --stdio --root R`, spawned by the
+//! engine) plus the QEMUs whose working directory is under `R`.
+//! - Power-off ([`TestRepo::power_off`]): the host's power-off marker is created
+//!   first (a [`HostSpec::switchable`] host's agent then refuses to start, as a host
+//!   without power would not answer), then its agent and every QEMU under its root are
+//!   killed. [`TestRepo::power_on`] removes the marker.
+//! - Partition ([`TestRepo::partition`]): the agent is stopped (SIGSTOP), so the
+//!   engine hears nothing while the QEMUs keep running and the agent keeps its root's
+//!   lock, as a host cut off from the network would. [`TestRepo::resume`] sends
+//!   SIGCONT; the cleanup resumes every stopped process before killing anything.
+//! - Fence commands ([`TestRepo::fence_script`]): a script in the temp folder that
+//!   logs each run and either kills every QEMU under the host's root ([`Fence::Kills`]:
+//!   the host is powered off) or kills nothing ([`Fence::Lies`]: exit 0 all the same).
+//! - [`CopyWatch`] samples the live QEMUs of one VM on every host: the invariant "never
+//!   two at once", and how long two coexisted when a test breaks it on purpose.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, ensure, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::proc;
+use crate::repo::TestRepo;
+use crate::run::Output;
+use crate::spec::{shell_quote, HostSpec, VmSpec};
+use crate::wait::{poll_for, wait_for};
+
+/// Memory of the VMs of [`failover_repo`]: the least the test guest boots with.
+pub const FAILOVER_VM_MB: u64 = 96;
+
+/// A repository for host-loss scenarios, committed: hosts `hv1` (1024 MB, so unpinned
+/// VMs land there first) and `hv2` (512 MB), both [`HostSpec::switchable`]; hv1 fenced
+/// by `hv1_fence` (`None`: no fence command), hv2 by a fence that kills its QEMUs.
+/// `vms` are `(name, ha)`, each [`FAILOVER_VM_MB`] MB without disks. `settings` is
+/// appended to `plasmavmc.toml` (e.g. a `[heartbeat]` table; empty: the defaults).
+pub fn failover_repo(
+    hv1_fence: Option<Fence>,
+    vms: &[(&str, bool)],
+    settings: &str,
+) -> Result<TestRepo> {
+    let repo = TestRepo::new()?;
+    repo.set_cluster_settings(settings)?;
+    let mut hv1 = HostSpec::agent().switchable().memory(1024);
+    if let Some(how) = hv1_fence {
+        hv1 = hv1.fence(&repo.fence_script("hv1", how)?);
+    }
+    repo.write_host("hv1", &hv1)?;
+    let hv2 = HostSpec::agent()
+        .switchable()
+        .memory(512)
+        .fence(&repo.fence_script("hv2", Fence::Kills)?);
+    repo.write_host("hv2", &hv2)?;
+    for &(vm, ha) in vms {
+        let spec = VmSpec::new().no_disks().memory(FAILOVER_VM_MB).ha(ha);
+        repo.write_vm(vm, &spec)?;
+    }
+    repo.commit("VMs on two hosts that can fail")?;
+    Ok(repo)
+}
+
+/// Bound for killed processes to be gone and for an agent to show up.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a fence command written by [`TestRepo::fence_script`] does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fence {
+    /// Kills every QEMU under the host's root (waits until they are gone), exits 0.
+    Kills,
+    /// Kills nothing and exits 0: a fence that lies.
+    Lies,
+}
+
+impl TestRepo {
+    // ---- fencing ----------------------------------------------------------------
+
+    /// Writes `<tmp>/fence-<host>.sh` and returns its argv (`["/bin/sh", path]`) for
+    /// [`HostSpec::fence`]. Each run appends a line to [`Self::fence_log`], then does
+    /// what `how` says to the QEMUs under [`Self::host_root`]`(host)`.
+    pub fn fence_script(&self, host: &str, how: Fence) -> Result<Vec<String>> {
+        let path = self.root().join(format!("fence-{host}.sh"));
+        let log = shell_quote(&self.fence_log(host).display().to_string());
+        // QEMUs' working directories as /proc shows them: canonical paths.
+        let root = self.root().canonicalize()?.join("hosts").join(host);
+        let body = match how {
+            Fence::Lies => "exit 0\n".to_owned(),
+            Fence::Kills => format!(
+                r#"root={root}
+tries=0
+while :; do
+  left=
+  for d in /proc/[0-9]*; do
+    cwd=$(readlink "$d/cwd" 2>/dev/null) || continue
+    case "$cwd" in "$root"/*) ;; *) continue ;; esac
+    case "$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null)" in
+      *qemu-system*) left=1; kill -9 "${{d#/proc/}}" 2>/dev/null ;;
+    esac
+  done
+  [ -z "$left" ] && exit 0
+  tries=$((tries + 1))
+  if [ "$tries" -ge 250 ]; then echo "QEMUs of {host} survive kill -9" >&2; exit 1; fi
+  sleep 0.02
+done
+"#,
+                root = shell_quote(&root.display().to_string()),
+            ),
+        };
+        let script = format!(
+            "#!/bin/sh\n# Fence of the simulated host {host} ({how:?}), written by the test.\n\
+             echo \"$(date +%s.%N) fence {host}\" >> {log}\n{body}"
+        );
+        fs::write(&path, script).with_context(|| format!("writing {}", path.display()))?;
+        Ok(vec!["/bin/sh".to_owned(), path.display().to_string()])
+    }
+
+    /// `<tmp>/fence-<host>.log`: one line per run of the host's fence script.
+    pub fn fence_log(&self, host: &str) -> PathBuf {
+        self.root().join(format!("fence-{host}.log"))
+    }
+
+    /// How many times the fence script of `host` ran.
+    pub fn fence_runs(&self, host: &str) -> usize {
+        fs::read_to_string(self.fence_log(host)).map_or(0, |t| t.lines().count())
+    }
+
+    /// `<state>/fence/<host>.toml` (the engine's record that `host` is powered off),
+    /// `None` while there is none.
+    pub fn fence_record(&self, host: &str) -> Result<Option<toml::Table>> {
+        let path = self.state_dir().join("fence").join(format!("{host}.toml"));
+        match fs::read_to_string(&path) {
+            Ok(text) => {
+                Ok(Some(text.parse().with_context(|| {
+                    format!("parsing {}:\n{text}", path.display())
+                })?))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// `plasmavmc fence confirm <host> --repo R --state-dir S` (the operator's word
+    /// that `host` is powered off), run to the end.
+    pub fn fence_confirm(&self, host: &str) -> Result<Output> {
+        self.run(&["fence", "confirm", host])
+    }
+
+    // ---- agents, power, partitions ----------------------------------------------
+
+    /// The live agents serving `host` (`--root` is its root).
+    pub fn host_agents(&self, host: &str) -> Vec<i32> {
+        let root = self.host_root(host);
+        self.agent_pids()
+            .into_iter()
+            .filter(|&pid| {
+                proc::cmdline(pid).is_ok_and(|a| {
+                    proc::arg_value(&a, "--root").is_some_and(|r| Path::new(r) == root)
+                })
+            })
+            .collect()
+    }
+
+    /// Waits until exactly one agent serves `host` and returns its pid.
+    pub fn wait_host_agent(&self, host: &str, timeout: Duration) -> Result<i32> {
+        poll_for(format!("one agent serving {host}"), timeout, || match self
+            .host_agents(host)
+            .as_slice()
+        {
+            [one] => Some(*one),
+            _ => None,
+        })
+    }
+
+    /// Cuts `host` off: stops (SIGSTOP) its one agent, which keeps the root's lock and
+    /// answers nothing; its QEMUs keep running. Returns the agent's pid (for
+    /// [`Self::resume`]).
+    pub fn partition(&self, host: &str) -> Result<i32> {
+        let agent = self.wait_host_agent(host, KILL_TIMEOUT)?;
+        kill(Pid::from_raw(agent), Signal::SIGSTOP)
+            .with_context(|| format!("SIGSTOP to {host}'s agent {agent}"))?;
+        self.remember_stopped(agent);
+        wait_for(
+            format!("{host}'s agent {agent} to stop"),
+            KILL_TIMEOUT,
+            || proc::state(agent) == Some('T'),
+        )?;
+        Ok(agent)
+    }
+
+    /// Resumes (SIGCONT) a process stopped by [`Self::partition`].
+    pub fn resume(&self, pid: i32) -> Result<()> {
+        self.forget_stopped(pid);
+        kill(Pid::from_raw(pid), Signal::SIGCONT).with_context(|| format!("SIGCONT to {pid}"))
+    }
+
+    /// Every live QEMU under `host`'s root.
+    pub fn host_qemus(&self, host: &str) -> Vec<i32> {
+        proc::qemus_under(&self.host_root(host))
+    }
+
+    /// Kills (SIGKILL) every QEMU under `host`'s root and waits until they are gone;
+    /// returns their pids.
+    pub fn kill_host_qemus(&self, host: &str) -> Result<Vec<i32>> {
+        let pids = self.host_qemus(host);
+        for &pid in &pids {
+            proc::kill_and_wait(pid, KILL_TIMEOUT)?;
+        }
+        ensure!(
+            self.host_qemus(host).is_empty(),
+            "QEMUs under {host}'s root survived: {:?}",
+            self.host_qemus(host)
+        );
+        Ok(pids)
+    }
+
+    /// Powers `host` off: creates its power-off marker (its agent cannot be started
+    /// again; the host must be [`HostSpec::switchable`]), then kills its agents
+    /// (resumed first if stopped) and every QEMU under its root, and waits until they
+    /// are gone. Returns the wall clock just before the first kill.
+    pub fn power_off(&self, host: &str) -> Result<SystemTime> {
+        let marker = HostSpec::power_marker(&self.host_root(host));
+        fs::write(&marker, "off\n").with_context(|| format!("writing {}", marker.display()))?;
+        let at = SystemTime::now();
+        // The agent first: with it alive, the engine would hear the QEMUs die.
+        for agent in self.host_agents(host) {
+            self.forget_stopped(agent);
+            let _ = kill(Pid::from_raw(agent), Signal::SIGCONT);
+            proc::kill_and_wait(agent, KILL_TIMEOUT)?;
+        }
+        self.kill_host_qemus(host)?;
+        Ok(at)
+    }
+
+    /// Powers a [`Self::power_off`]ed host back on: its agent may start again.
+    pub fn power_on(&self, host: &str) -> Result<()> {
+        let marker = HostSpec::power_marker(&self.host_root(host));
+        fs::remove_file(&marker).with_context(|| format!("removing {}", marker.display()))
+    }
+
+    // ---- one VM on one host -----------------------------------------------------
+
+    /// The live QEMU of `vm` on `host`: the pid in its `qemu.pid` there, which must be
+    /// a `qemu-system` process whose working directory is under the host's root.
+    pub fn qemu_on(&self, host: &str, vm: &str) -> Result<i32> {
+        let pid_file = self.instance_dir_on(host, vm).join("qemu.pid");
+        let pid: i32 = fs::read_to_string(&pid_file)
+            .with_context(|| format!("reading {}", pid_file.display()))?
+            .trim()
+            .parse()
+            .with_context(|| format!("{} does not hold a pid", pid_file.display()))?;
+        ensure!(
+            proc::is_alive(pid),
+            "{vm}: QEMU {pid} on {host} is not alive"
+        );
+        let args = proc::cmdline(pid)?;
+        ensure!(
+            args.first().is_some_and(|a| a.contains("qemu-system")),
+            "{vm}: pid {pid} is not QEMU: {}",
+            args.join(" ")
+        );
+        let root = self.host_root(host).canonicalize()?;
+        let cwd = proc::cwd(pid).context("QEMU's cwd is unreadable")?;
+        ensure!(
+            cwd.starts_with(&root),
+            "{vm}: QEMU {pid} runs in {}, not under {host}'s root {}",
+            cwd.display(),
+            root.display()
+        );
+        Ok(pid)
+    }
+
+    /// The serial console of `vm`'s instance on `host` (empty if none).
+    pub fn serial_on(&self, host: &str, vm: &str) -> String {
+        fs::read(self.instance_dir_on(host, vm).join("serial.log"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+}
+
+/// Samples the live QEMUs of one VM (on any host of the test, whatever the pid files
+/// say): how many ran at once, and for how long more than one did.
+#[derive(Debug)]
+pub struct CopyWatch<'r> {
+    repo: &'r TestRepo,
+    vm: String,
+    samples: usize,
+    /// The most seen at once, and which.
+    most: Vec<i32>,
+    /// First and last sample that saw two or more.
+    first_double: Option<Instant>,
+    last_double: Option<Instant>,
+    /// The sample before `first_double` and the one after `last_double`: the overlap
+    /// lies between them.
+    before_double: Option<Instant>,
+    after_double: Option<Instant>,
+    last: Option<Instant>,
+}
+
+impl<'r> CopyWatch<'r> {
+    pub fn new(repo: &'r TestRepo, vm: &str) -> Self {
+        Self {
+            repo,
+            vm: vm.to_owned(),
+            samples: 0,
+            most: Vec::new(),
+            first_double: None,
+            last_double: None,
+            before_double: None,
+            after_double: None,
+            last: None,
+        }
+    }
+
+    /// Takes one sample; returns the live QEMUs of the VM now.
+    pub fn sample(&mut self) -> Vec<i32> {
+        let mut pids = self.repo.qemus_of(&self.vm);
+        pids.sort_unstable();
+        let now = Instant::now();
+        self.samples += 1;
+        if pids.len() > self.most.len() {
+            self.most.clone_from(&pids);
+        }
+        if pids.len() >= 2 {
+            if self.first_double.is_none() {
+                self.first_double = Some(now);
+                self.before_double = self.last;
+            }
+            self.last_double = Some(now);
+            self.after_double = None;
+        } else if self.last_double.is_some() && self.after_double.is_none() {
+            self.after_double = Some(now);
+        }
+        self.last = Some(now);
+        pids
+    }
+
+    /// Samples every 50 ms until `cond` holds (checked after each sample, which it
+    /// gets), or fails after `timeout`.
+    pub fn wait_until(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut cond: impl FnMut(&[i32]) -> bool,
+    ) -> Result<Vec<i32>> {
+        poll_for(what, timeout, || {
+            let pids = self.sample();
+            cond(&pids).then_some(pids)
+        })
+        .with_context(|| self.summary())
+    }
+
+    /// How many samples were taken.
+    pub fn samples(&self) -> usize {
+        self.samples
+    }
+
+    /// The most QEMUs seen at once (their pids).
+    pub fn most(&self) -> &[i32] {
+        &self.most
+    }
+
+    /// Fails if any sample saw two or more QEMUs of the VM.
+    pub fn ensure_never_two(&self) -> Result<()> {
+        if self.most.len() >= 2 {
+            bail!(
+                "{} QEMUs of {} ran at once: {:?} ({})",
+                self.most.len(),
+                self.vm,
+                self.most,
+                self.summary()
+            );
+        }
+        Ok(())
+    }
+
+    /// How long two or more copies coexisted, as bounds: `(seen, at_most)`, where
+    /// `seen` spans the first to the last sample that saw them and `at_most` the
+    /// samples around those. `None` if no sample saw two. `at_most` is `None` while
+    /// they still coexist at the last sample.
+    pub fn overlap(&self) -> Option<(Duration, Option<Duration>)> {
+        let first = self.first_double?;
+        let last = self.last_double?;
+        let seen = last - first;
+        let at_most = self
+            .after_double
+            .map(|after| after - self.before_double.unwrap_or(first));
+        Some((seen, at_most))
+    }
+
+    /// One line for messages and reports.
+    pub fn summary(&self) -> String {
+        let overlap = match self.overlap() {
+            None => "never two at once".to_owned(),
+            Some((seen, Some(max))) => {
+                format!("two or more at once for {seen:.2?} (at most {max:.2?})")
+            }
+            Some((seen, None)) => format!("two or more at once for {seen:.2?}, still"),
+        };
+        format!(
+            "copies of {}: {} samples, at most {} at once {:?}; {overlap}",
+            self.vm,
+            self.samples,
+            self.most.len(),
+            self.most
+        )
+    }
+}
