@@ -13,13 +13,12 @@
 //! Times are log timestamps (`--log-format json`) minus the wall clock at the kill or
 //! commit. It prints figures and goals; it asserts nothing.
 
-use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use plasmavmc_e2e::artifacts::workspace_root;
+use plasmavmc_e2e::bench::{env_count, machine, percentile, release_binary};
 use plasmavmc_e2e::{Daemon, LogLine, TestRepo, VmSpec};
 
 const KILLS: usize = 20;
@@ -161,45 +160,6 @@ fn print_report(bin: &str, figures: &Figures) {
     }
 }
 
-fn env_count(name: &str, default: usize) -> Result<usize> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .parse()
-            .with_context(|| format!("{name}={v:?} is not a count")),
-        Err(_) => Ok(default),
-    }
-}
-
-/// `$PLASMAVMC_BIN`, or a release build of the binary (built now), exported as
-/// `PLASMAVMC_BIN` so the harness runs it.
-fn release_binary() -> Result<String> {
-    if let Some(bin) = std::env::var_os("PLASMAVMC_BIN").filter(|b| !b.is_empty()) {
-        return Ok(bin.to_string_lossy().into_owned());
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "--release",
-            "-p",
-            "plasmavmc",
-            "--bin",
-            "plasmavmc",
-        ])
-        .current_dir(workspace_root())
-        .status()
-        .context("running cargo build --release")?;
-    if !status.success() {
-        bail!("cargo build --release -p plasmavmc failed: {status}");
-    }
-    let bin = plasmavmc_e2e::artifacts::target_dir()
-        .join("release")
-        .join("plasmavmc");
-    // Set before any thread that reads the environment exists.
-    std::env::set_var("PLASMAVMC_BIN", &bin);
-    Ok(bin.display().to_string())
-}
-
 fn pid_of(line: &LogLine) -> Result<i32> {
     line.int("pid")
         .and_then(|p| i32::try_from(p).ok())
@@ -214,47 +174,4 @@ fn ms_since(start: SystemTime, line: &LogLine) -> Result<f64> {
         Ok(d) => d.as_secs_f64() * 1e3,
         Err(e) => -e.duration().as_secs_f64() * 1e3,
     })
-}
-
-/// Nearest-rank percentile (`pct` in 1..=100) of `samples`; NaN if empty.
-fn percentile(samples: &[f64], pct: usize) -> f64 {
-    if samples.is_empty() {
-        return f64::NAN;
-    }
-    let mut sorted = samples.to_vec();
-    sorted.sort_by(f64::total_cmp);
-    let rank = (pct * sorted.len()).div_ceil(100).clamp(1, sorted.len());
-    sorted[rank - 1]
-}
-
-/// nproc, memory, QEMU version, kernel.
-fn machine() -> Vec<(&'static str, String)> {
-    let nproc = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .map(|l| l.trim_start_matches("MemTotal:").trim().to_owned())
-        })
-        .unwrap_or_else(|| "?".to_owned());
-    let first_line = |cmd: &str, arg: &str| {
-        Command::new(cmd)
-            .arg(arg)
-            .output()
-            .ok()
-            .and_then(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .lines()
-                    .next()
-                    .map(str::to_owned)
-            })
-            .unwrap_or_else(|| "?".to_owned())
-    };
-    vec![
-        ("nproc", nproc.to_string()),
-        ("MemTotal", mem),
-        ("qemu", first_line("qemu-system-x86_64", "--version")),
-        ("kernel", first_line("uname", "-r")),
-    ]
 }
