@@ -48,4 +48,5 @@ lint:
 
 bench:
 	$(CARGO) bench -p plasmavmc-e2e --bench heal
+	$(CARGO) bench -p plasmavmc-e2e --bench failover
 	$(CARGO) bench -p plasmavmc --bench plan10k
