@@ -50,6 +50,18 @@ fn observed(vms: Vec<ObservedVm>) -> Observed {
     }
 }
 
+/// The same instances (and capacity) on each of `hosts`.
+fn on_hosts(hosts: &[&str], vms: Vec<ObservedVm>) -> Observed {
+    let inv = observed(vms).hosts.remove("local").expect("local");
+    Observed {
+        hosts: hosts
+            .iter()
+            .map(|h| ((*h).to_owned(), inv.clone()))
+            .collect(),
+        ..Observed::default()
+    }
+}
+
 fn ops(p: &super::Plan) -> Vec<String> {
     p.actions
         .iter()
@@ -263,9 +275,7 @@ fn a_vm_last_seen_on_an_unreachable_host_is_never_started_elsewhere() {
         ("vms/a.toml", ""),
         ("vms/b.toml", ""),
     ]);
-    let mut o = observed(vec![]);
-    let inv = o.hosts.remove("local").expect("local");
-    o.hosts.insert("hv1".into(), inv);
+    let mut o = on_hosts(&["hv1"], vec![]);
     o.unreachable.insert(
         "hv2".into(),
         "host hv2 is unreachable: the agent channel closed".into(),
@@ -306,9 +316,7 @@ fn a_fenced_hosts_ha_vms_are_recovered_elsewhere_and_the_rest_explained() {
             "ha = true\n[[disks]]\nname = \"d\"\nsize_gb = 1",
         ),
     ]);
-    let mut o = observed(vec![]);
-    let inv = o.hosts.remove("local").expect("local");
-    o.hosts.insert("hv2".into(), inv);
+    let mut o = on_hosts(&["hv2"], vec![]);
     o.unreachable.insert(
         "hv1".into(),
         "host hv1 is unreachable: the agent exited".into(),
@@ -347,10 +355,7 @@ fn a_returning_host_loses_its_stale_copy() {
         ("hosts/hv2.toml", "address = \"local\""),
         ("vms/a.toml", "ha = true"),
     ]);
-    let mut o = observed(vec![running(&d, "a", RunState::Running)]);
-    let inv = o.hosts.remove("local").expect("local");
-    o.hosts.insert("hv1".into(), inv.clone());
-    o.hosts.insert("hv2".into(), inv);
+    let mut o = on_hosts(&["hv1", "hv2"], vec![running(&d, "a", RunState::Running)]);
     o.last_known.insert("a".into(), "hv2".into());
     let p = plan(&d, &o, NOW);
     assert_eq!(
@@ -374,10 +379,7 @@ fn vms_on_shared_storage_are_recovered_within_their_pool() {
             "ha = true\n[[disks]]\nname = \"data\"\nsize_gb = 1",
         ),
     ]);
-    let mut o = observed(vec![]);
-    let inv = o.hosts.remove("local").expect("local");
-    o.hosts.insert("hv2".into(), inv.clone());
-    o.hosts.insert("hv3".into(), inv);
+    let mut o = on_hosts(&["hv2", "hv3"], vec![]);
     o.unreachable.insert(
         "hv1".into(),
         "host hv1 is unreachable: the agent exited".into(),
