@@ -116,6 +116,13 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
     if out.actions.len() != before {
         out.notes.push("VMs with an orphan QEMU in their folder are not started until the orphan is gone (--prune)".to_owned());
     }
+    // Stops and deletes first: the memory they free is what the placements counted on.
+    out.actions.sort_by_key(|a| {
+        !matches!(
+            a,
+            Action::Stop { .. } | Action::Delete { .. } | Action::Prune { .. }
+        )
+    });
     out
 }
 
@@ -351,5 +358,7 @@ pub fn spec_diff(old: &VmSpec, old_rev: &str, new: &VmSpec, new_file: &str) -> S
         .to_string()
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

@@ -12,7 +12,7 @@
 
 use std::collections::BTreeMap;
 
-use plasmavmc_specs::{Desired, HostState, Power, VmEntry};
+use plasmavmc_specs::{Desired, HostState, VmEntry};
 
 use crate::observe::{Capacity, Observed};
 
@@ -50,20 +50,28 @@ impl Load {
                     .and_then(|s| s.memory_mb)
                     .unwrap_or(inv.capacity.memory_mb),
             };
-            let mut load = HostLoad {
+            let load = HostLoad {
                 capacity,
                 ..HostLoad::default()
             };
-            for vm in inv.vms.values() {
-                let wanted = desired.vms.get(&vm.name);
-                let counts = vm.state.has_process()
-                    || wanted.is_some_and(|w| w.spec.power == Power::Running);
-                if counts {
-                    let spec = wanted.map_or(&vm.spec, |w| &w.spec);
-                    load.add(spec.vcpus, spec.memory_mb, spec.group.as_deref());
-                }
-            }
             hosts.insert(name.clone(), load);
+        }
+        // A placed VM of the specs reserves its share where it stays (one copy, as the
+        // planner keeps it), even while stopped: it may be started any time. Copies being
+        // deleted, and VMs leaving the specs, free theirs for this plan.
+        for (vm, want) in &desired.vms {
+            let copies = observed.copies(vm);
+            if copies.is_empty() {
+                continue;
+            }
+            let (host, _) = super::recover::keeper(observed, vm, &copies);
+            if let Some(load) = hosts.get_mut(host) {
+                load.add(
+                    want.spec.vcpus,
+                    want.spec.memory_mb,
+                    want.spec.group.as_deref(),
+                );
+            }
         }
         Self { hosts }
     }

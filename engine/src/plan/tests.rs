@@ -94,7 +94,7 @@ fn power_changes_start_and_stop() {
         running(&d, "a", RunState::Stopped),
         running(&d, "b", RunState::Running),
     ]);
-    assert_eq!(ops(&plan(&d, &o, NOW)), ["start a", "stop b"]);
+    assert_eq!(ops(&plan(&d, &o, NOW)), ["stop b", "start a"]);
 }
 
 #[test]
