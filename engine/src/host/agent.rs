@@ -19,7 +19,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use super::{Host, HostError, HostEvent, StopOutcome};
 use crate::agent::proto::{
@@ -394,7 +394,8 @@ async fn read_loop(
             Err(e) => warn!(host = %name, error = %e, "undecodable message from the agent"),
         }
     }
-    warn!(host = %name, "agent channel closed");
+    // Info, not a warning: every command ends this way; watch reports lost hosts itself.
+    info!(host = %name, "agent channel closed");
     pending.lock().expect("pending").clear();
     let _ = closed.send(true);
 }
