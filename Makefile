@@ -34,9 +34,8 @@ demo: deps build
 	@echo "then 'target/debug/plasmavmc plan --path $(QUICKSTART)'. Stop it all with 'make demo-stop'."
 
 demo-stop:
-	@pidfile=$(QUICKSTART)/.plasmavmc/local/vms/hello/qemu.pid; \
-	if [ -f $$pidfile ] && grep -qs "$(CURDIR)/$(QUICKSTART)" /proc/$$(cat $$pidfile)/environ 2>/dev/null || [ -f $$pidfile ]; then \
-		kill $$(cat $$pidfile) 2>/dev/null || true; fi
+	@dir=$(CURDIR)/$(QUICKSTART)/.plasmavmc/local/vms/hello; pid=$$(cat $$dir/qemu.pid 2>/dev/null); \
+	if [ -n "$$pid" ] && [ "$$(readlink /proc/$$pid/cwd)" = "$$dir" ]; then kill $$pid && echo "stopped QEMU $$pid"; fi
 	rm -rf $(QUICKSTART)/.plasmavmc
 
 test: deps guest
