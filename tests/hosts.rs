@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use plasmavmc_e2e::artifacts::sha256_file;
-use plasmavmc_e2e::proc::{self, qemus_under};
+use plasmavmc_e2e::proc::qemus_under;
 use plasmavmc_e2e::{
     cmdline, is_alive, wait_for, HostSpec, TestRepo, VmSpec, ACT_TIMEOUT, BOOT_TIMEOUT,
 };
@@ -82,29 +82,7 @@ fn running_on(repo: &TestRepo, vm: &str, host: &str) -> Result<i32> {
         hosts == [host],
         "{vm} has instances on {hosts:?}, expected only on {host}"
     );
-    let dir = repo.instance_dir_on(host, vm);
-    let pid_file = dir.join("qemu.pid");
-    let pid: i32 = std::fs::read_to_string(&pid_file)
-        .with_context(|| format!("reading {}", pid_file.display()))?
-        .trim()
-        .parse()
-        .with_context(|| format!("{} does not hold a pid", pid_file.display()))?;
-    ensure!(is_alive(pid), "{vm}: QEMU {pid} on {host} is not alive");
-    let args = cmdline(pid)?;
-    ensure!(
-        args.first().is_some_and(|a| a.contains("qemu-system")),
-        "{vm}: pid {pid} is not QEMU: {}",
-        args.join(" ")
-    );
-    let root = repo.host_root(host).canonicalize()?;
-    let cwd = proc::cwd(pid).context("QEMU's cwd is unreadable")?;
-    ensure!(
-        cwd.starts_with(&root),
-        "{vm}: QEMU {pid} runs in {}, not under {host}'s root {}",
-        cwd.display(),
-        root.display()
-    );
-    Ok(pid)
+    repo.qemu_on(host, vm)
 }
 
 /// Waits until no agent of this test runs: they exit when their engine is gone.
