@@ -24,7 +24,8 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 use plasmavmc_e2e::proc::{qemu_memory_mb, qemu_vcpus};
 use plasmavmc_e2e::{
-    cmdline, is_alive, poll_for, wait_for, TestRepo, VmSpec, BOOT_TIMEOUT, MEMORY_LINE, RUN_TIMEOUT,
+    cmdline, diagnostic, is_alive, poll_for, wait_for, TestRepo, VmSpec, BOOT_TIMEOUT, MEMORY_LINE,
+    RUN_TIMEOUT,
 };
 
 /// Fails unless `pid` is a live QEMU running with `memory_mb` MiB and `vcpus` vCPUs.
@@ -278,20 +279,6 @@ fn power_stopped_then_file_removed() -> Result<()> {
 fn contains(path: &Path, needle: &[u8]) -> Result<bool> {
     let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     Ok(bytes.windows(needle.len()).any(|w| w == needle))
-}
-
-/// The `(line, col)` of the first stderr line carrying `path:LINE:COL: message`.
-fn diagnostic(stderr: &str, path: &str) -> Option<(usize, usize)> {
-    stderr.lines().find_map(|line| {
-        let rest = &line[line.find(&format!("{path}:"))? + path.len() + 1..];
-        let mut parts = rest.splitn(3, ':');
-        let (l, c, msg) = (
-            parts.next()?.parse().ok()?,
-            parts.next()?.parse().ok()?,
-            parts.next()?,
-        );
-        (msg.starts_with(' ') && !msg.trim().is_empty()).then_some((l, c))
-    })
 }
 
 #[test]

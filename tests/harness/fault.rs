@@ -131,16 +131,7 @@ done
     /// `<state>/fence/<host>.toml` (the engine's record that `host` is powered off),
     /// `None` while there is none.
     pub fn fence_record(&self, host: &str) -> Result<Option<toml::Table>> {
-        let path = self.state_dir().join("fence").join(format!("{host}.toml"));
-        match fs::read_to_string(&path) {
-            Ok(text) => {
-                Ok(Some(text.parse().with_context(|| {
-                    format!("parsing {}:\n{text}", path.display())
-                })?))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        crate::repo::read_table(&self.state_dir().join("fence").join(format!("{host}.toml")))
     }
 
     /// `plasmavmc fence confirm <host> --repo R --state-dir S` (the operator's word

@@ -411,16 +411,7 @@ impl TestRepo {
 
     /// A status file (`status/<rel>.toml`) as a table, `None` if absent.
     pub fn status_file(&self, rel: &str) -> Result<Option<toml::Table>> {
-        let path = self.state_dir().join("status").join(format!("{rel}.toml"));
-        match fs::read_to_string(&path) {
-            Ok(text) => {
-                Ok(Some(text.parse().with_context(|| {
-                    format!("parsing {}:\n{text}", path.display())
-                })?))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
+        read_table(&self.state_dir().join("status").join(format!("{rel}.toml")))
     }
 
     /// `status/vms/<vm>.toml`.
@@ -586,4 +577,17 @@ fn read_lossy(path: &Path) -> String {
     fs::read(path)
         .map(|b| String::from_utf8_lossy(&b).into_owned())
         .unwrap_or_default()
+}
+
+/// A TOML file as a table, `None` if it does not exist.
+pub fn read_table(path: &Path) -> Result<Option<toml::Table>> {
+    match fs::read_to_string(path) {
+        Ok(text) => {
+            Ok(Some(text.parse().with_context(|| {
+                format!("parsing {}:\n{text}", path.display())
+            })?))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
