@@ -7,11 +7,8 @@ use anyhow::Context as _;
 use plasmavmc_specs::{Desired, Diagnostic};
 
 use super::RepoArgs;
-use crate::execute::journal::JournalFile;
 use crate::host::{connect_hosts, AgentHost, ConnectOptions};
 use crate::observe::Observed;
-use crate::state::fence::FenceRecords;
-use crate::status::StatusDir;
 
 /// The connected hosts, and the ones that could not be reached with the reason.
 pub struct Hosts {
@@ -80,25 +77,12 @@ impl Ctx {
     /// What the hosts run, plus what is known of the unreachable ones: where each VM was
     /// last seen (status files, and the creations of an interrupted apply).
     pub async fn observe(&self, hosts: &Hosts) -> Observed {
-        let state = StateDir::at(&self.state);
-        let mut last_known = StatusDir::new(&state.status_dir()).last_known();
-        if let Some(journal) = JournalFile::new(&self.state).interrupted() {
-            for (vm, host) in journal.creations() {
-                last_known
-                    .entry(vm.to_owned())
-                    .or_insert_with(|| host.to_owned());
-            }
-        }
-        let fences = FenceRecords::new(&self.state);
-        let observed = Observed::gather(hosts.up.values()).await.with_context(
+        crate::observe::observe_with_memory(
+            hosts.up.values(),
             &hosts.down,
-            last_known,
-            fences.all(),
-        );
-        for host in observed.hosts.keys() {
-            fences.clear(host);
-        }
-        observed
+            &StateDir::at(&self.state),
+        )
+        .await
     }
 
     /// Prints a note about uncommitted spec changes (they are never used).

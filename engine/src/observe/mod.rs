@@ -215,3 +215,31 @@ impl Observed {
         plasmavmc_specs::short_hash(&json, 12)
     }
 }
+
+/// Observes `hosts` and adds what the state directory `state` remembers: where each VM
+/// was last seen (status files, and the creations of an interrupted apply) and which
+/// unreachable hosts are fenced. A fenced host that answers again has rejoined: its
+/// fence record is cleared (its stale copies are cleaned up by the plan).
+pub async fn observe_with_memory<'a, H: Host + 'a>(
+    hosts: impl IntoIterator<Item = &'a H>,
+    unreachable: &BTreeMap<String, String>,
+    state: &crate::state::StateDir,
+) -> Observed {
+    let mut last_known = crate::status::StatusDir::new(&state.status_dir()).last_known();
+    if let Some(journal) = crate::execute::journal::JournalFile::new(state.root()).interrupted() {
+        for (vm, host) in journal.creations() {
+            last_known
+                .entry(vm.to_owned())
+                .or_insert_with(|| host.to_owned());
+        }
+    }
+    let fences = crate::state::fence::FenceRecords::new(state.root());
+    let observed =
+        Observed::gather(hosts)
+            .await
+            .with_context(unreachable, last_known, fences.all());
+    for host in observed.hosts.keys() {
+        fences.clear(host);
+    }
+    observed
+}

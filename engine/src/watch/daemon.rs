@@ -336,25 +336,7 @@ impl Daemon {
     /// What the connected hosts run, plus what is known of the others (unreachable
     /// hosts, where each VM was last seen).
     async fn observe(&self) -> Observed {
-        let mut last_known = self.status.last_known();
-        if let Some(journal) = self.journal.interrupted() {
-            for (vm, host) in journal.creations() {
-                last_known
-                    .entry(vm.to_owned())
-                    .or_insert_with(|| host.to_owned());
-            }
-        }
-        let fences = FenceRecords::new(self.state.root());
-        let observed = Observed::gather(self.hosts.values()).await.with_context(
-            &self.down,
-            last_known,
-            fences.all(),
-        );
-        for host in observed.hosts.keys() {
-            // It answers: it has rejoined; its stale copies are cleaned up by the plan.
-            fences.clear(host);
-        }
-        observed
+        crate::observe::observe_with_memory(self.hosts.values(), &self.down, &self.state).await
     }
 
     /// Whether host health calls for a reconcile: a connected host closed or went silent
