@@ -103,6 +103,7 @@ fn main() {
                     last_exit: None,
                     exits: vec![],
                     restarts: 0,
+                    incoming: false,
                 };
                 (e.name.clone(), o)
             })

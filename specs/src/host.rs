@@ -52,6 +52,11 @@ pub struct HostSpec {
     /// Default accelerator for VMs on this host.
     #[serde(default)]
     pub accel: Accel,
+    /// Where other hosts reach this one for live migration (QEMU's migration stream and
+    /// the NBD export of local disks): an IP address or host name. Default: the host of
+    /// an `ssh://` address, `127.0.0.1` for `local` and `exec` hosts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub migration_address: Option<String>,
     /// Free-form labels.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
@@ -83,6 +88,7 @@ impl HostSpec {
             storage_pool: None,
             fence: None,
             accel: Accel::Auto,
+            migration_address: None,
             labels: BTreeMap::new(),
         }
     }
@@ -150,6 +156,19 @@ impl HostSpec {
                 "fence needs at least a program".to_owned(),
             ));
         }
+        if let Some(addr) = &self.migration_address {
+            let ok = !addr.is_empty()
+                && !addr.starts_with('-')
+                && addr
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'));
+            if !ok {
+                out.push((
+                    vec![Seg::Key("migration_address")],
+                    format!("migration_address {addr:?} must be an IP address or a host name"),
+                ));
+            }
+        }
         if self.vcpus == Some(0) {
             out.push((
                 vec![Seg::Key("vcpus")],
@@ -163,6 +182,27 @@ impl HostSpec {
             ));
         }
         out
+    }
+}
+
+impl HostSpec {
+    /// The address other hosts reach this one at for live migration.
+    pub fn migration_host(&self) -> String {
+        if let Some(addr) = &self.migration_address {
+            return addr.clone();
+        }
+        let ssh = self
+            .address
+            .as_deref()
+            .and_then(|a| a.strip_prefix("ssh://"));
+        let Some(rest) = ssh else {
+            return "127.0.0.1".to_owned();
+        };
+        let hostport = rest.rsplit_once('@').map_or(rest, |(_, h)| h);
+        if let Some(inner) = hostport.strip_prefix('[') {
+            return inner.split(']').next().unwrap_or(inner).to_owned();
+        }
+        hostport.split(':').next().unwrap_or(hostport).to_owned()
     }
 }
 
@@ -211,5 +251,39 @@ fn address_problem(addr: &str) -> Option<String> {
         Some(format!(
             "address {addr:?} is not a valid ssh://user@host[:port]"
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(address: &str) -> HostSpec {
+        HostSpec {
+            address: Some(address.to_owned()),
+            ..HostSpec::implicit_local()
+        }
+    }
+
+    #[test]
+    fn migration_host_comes_from_the_address_unless_set() {
+        assert_eq!(at("local").migration_host(), "127.0.0.1");
+        assert_eq!(
+            at("ssh://root@hv1.example:2222").migration_host(),
+            "hv1.example"
+        );
+        assert_eq!(at("ssh://hv2").migration_host(), "hv2");
+        assert_eq!(at("ssh://u@[fd00::7]:22").migration_host(), "fd00::7");
+        let set = HostSpec {
+            migration_address: Some("10.0.0.7".into()),
+            ..at("ssh://hv1")
+        };
+        assert_eq!(set.migration_host(), "10.0.0.7");
+        assert!(set.problems().is_empty());
+        let bad = HostSpec {
+            migration_address: Some("a b".into()),
+            ..at("local")
+        };
+        assert_eq!(bad.problems().len(), 1);
     }
 }

@@ -14,7 +14,8 @@ pub mod schema;
 pub mod vm;
 
 pub use cluster::{
-    ClusterSpec, HeartbeatSettings, HumanDuration, PlacementSettings, RestartSettings, Timeouts,
+    ClusterSpec, HeartbeatSettings, HumanDuration, MigrationSettings, PlacementSettings,
+    RestartSettings, Timeouts,
 };
 pub use diag::{Diagnostic, Seg};
 pub use host::{HostSpec, HostState, LOCAL_HOST};

@@ -28,6 +28,8 @@ pub struct VmSpec {
     pub host: Option<String>,
     /// `ha = ...` when set (recover on another host once its host is fenced).
     pub ha: Option<bool>,
+    /// `migration = "..."` when set (`live`, `cold`, `none`).
+    pub migration: Option<String>,
 }
 
 impl Default for VmSpec {
@@ -43,6 +45,7 @@ impl Default for VmSpec {
             group: None,
             host: None,
             ha: None,
+            migration: None,
         }
     }
 }
@@ -113,6 +116,12 @@ impl VmSpec {
         self
     }
 
+    /// `migration = policy`: how the VM moves when its placement changes.
+    pub fn migration(mut self, policy: &str) -> Self {
+        self.migration = Some(policy.to_owned());
+        self
+    }
+
     /// The TOML text. `memory_mb` is always on line 2 (tests point at it).
     pub fn to_toml(&self, guest: &Guest) -> String {
         let mut cmdline = BASE_CMDLINE.to_owned();
@@ -135,6 +144,9 @@ impl VmSpec {
         }
         if let Some(ha) = self.ha {
             let _ = writeln!(s, "ha = {ha}");
+        }
+        if let Some(policy) = &self.migration {
+            let _ = writeln!(s, "migration = {policy:?}");
         }
         let _ = writeln!(s, "\n[boot]");
         let _ = writeln!(s, "kernel = {:?}", guest.kernel.display().to_string());
@@ -175,6 +187,8 @@ pub struct HostSpec {
     /// power-off marker ([`HostSpec::power_marker`]) exists: a host that can be
     /// powered off (see [`crate::TestRepo::power_off`]). Ignored with [`Self::exec`].
     pub switchable: bool,
+    /// `shared_storage` and `storage_pool` when set.
+    pub shared: Option<(PathBuf, String)>,
 }
 
 impl HostSpec {
@@ -218,6 +232,13 @@ impl HostSpec {
     /// `fence = argv`: what `watch` runs once the host is down (exit 0 = powered off).
     pub fn fence(mut self, argv: &[String]) -> Self {
         self.fence = Some(argv.to_vec());
+        self
+    }
+
+    /// `shared_storage = path`, `storage_pool = pool`: disks (`storage = "auto"`) live in
+    /// `path`, which every host of `pool` sees.
+    pub fn shared(mut self, path: &Path, pool: &str) -> Self {
+        self.shared = Some((path.to_path_buf(), pool.to_owned()));
         self
     }
 
@@ -274,6 +295,10 @@ impl HostSpec {
         }
         if let Some(fence) = &self.fence {
             let _ = writeln!(s, "fence = {}", toml_strings(fence));
+        }
+        if let Some((path, pool)) = &self.shared {
+            let _ = writeln!(s, "shared_storage = {:?}", path.display().to_string());
+            let _ = writeln!(s, "storage_pool = {pool:?}");
         }
         s
     }

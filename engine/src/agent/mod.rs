@@ -24,7 +24,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tracing::{info, warn};
 
-pub use files::{sha256_file, FileStore};
+pub use files::{hex, sha256_file, FileStore};
 use proto::{FromAgent, HostFacts, Reply, Request, ToAgent, MAX_FRAME, VERSION};
 
 use crate::host::{Host, LocalHost, StopOutcome};
@@ -89,6 +89,15 @@ where
             {
                 break;
             }
+            if let Some(raw) = msg.raw() {
+                if sink
+                    .send(tokio_util::bytes::Bytes::copy_from_slice(raw))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
         }
     });
     // QEMU runs with its cwd in an instance folder: every path handed to it must be absolute.
@@ -121,7 +130,7 @@ where
                 let _ = tx.send(FromAgent::Pong { seq });
             }
             Some(ToAgent::Request { id, mut request }) => {
-                if let Request::PutFile { data, .. } = &mut request {
+                if let Some(data) = request.raw_mut() {
                     match frames.next().await {
                         Some(Ok(bytes)) => *data = bytes.to_vec(),
                         Some(Err(e)) => return Err(AgentError::Frame(e)),
@@ -248,6 +257,42 @@ async fn handle(host: &LocalHost, store: &FileStore, request: Request) -> Result
             .await
             .map(|()| Reply::Done)
             .map_err(|e| err(&e)),
+        Request::PrepareIncoming {
+            vm,
+            from,
+            listen,
+            mirror,
+        } => host
+            .prepare_incoming(&vm, &from, &listen, &mirror)
+            .await
+            .map(|incoming| Reply::Incoming { incoming })
+            .map_err(|e| err(&e)),
+        Request::MigrateOut { vm, to, tuning } => host
+            .migrate_out(&vm, &to, &tuning)
+            .await
+            .map(|stats| Reply::Migrated { stats })
+            .map_err(|e| err(&e)),
+        Request::Discard { vm } => host
+            .discard(&vm)
+            .await
+            .map(|()| Reply::Done)
+            .map_err(|e| err(&e)),
+        Request::ReadDisk { vm, disk, offset } => host
+            .read_disk(&vm, &disk, offset)
+            .await
+            .map(|chunk| Reply::DiskChunk { chunk })
+            .map_err(|e| err(&e)),
+        Request::WriteDisk {
+            vm,
+            disk,
+            offset,
+            chunk,
+            finish,
+        } => host
+            .write_disk(&vm, &disk, offset, &chunk, finish.as_deref())
+            .await
+            .map(|()| Reply::Done)
+            .map_err(|e| err(&e)),
         Request::HasFile { sha256 } => store
             .get(&sha256)
             .map(|path| Reply::File { path })
@@ -274,6 +319,7 @@ pub fn stop_name(outcome: StopOutcome) -> &'static str {
         StopOutcome::AlreadyStopped => "already-stopped",
         StopOutcome::Graceful => "graceful",
         StopOutcome::Quit => "quit",
+        StopOutcome::Paused => "paused",
         StopOutcome::Killed => "killed",
     }
 }
@@ -284,6 +330,7 @@ pub fn stop_outcome(name: &str) -> StopOutcome {
         "already-stopped" => StopOutcome::AlreadyStopped,
         "graceful" => StopOutcome::Graceful,
         "quit" => StopOutcome::Quit,
+        "paused" => StopOutcome::Paused,
         _ => StopOutcome::Killed,
     }
 }

@@ -11,12 +11,13 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::host::HostEvent;
+use crate::host::{DiskChunk, HostEvent, Incoming};
 use crate::observe::{Capacity, Inventory};
 use crate::qemu::instance::VmInstance;
+use crate::qemu::migrate::{Stats, Tuning};
 
 /// Version of this protocol; both sides must speak the same.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// Largest frame either side accepts (a file chunk plus envelope).
 pub const MAX_FRAME: usize = 4 << 20;
@@ -106,6 +107,53 @@ pub enum Request {
         data: Vec<u8>,
         last: bool,
     },
+    /// Become the target of a live migration. Answered with [`Reply::Incoming`].
+    PrepareIncoming {
+        vm: VmInstance,
+        from: String,
+        listen: String,
+        mirror: Vec<String>,
+    },
+    /// Migrate a running guest out. Answered with [`Reply::Migrated`].
+    MigrateOut {
+        vm: String,
+        to: Incoming,
+        tuning: Tuning,
+    },
+    /// Remove this host's copy of a VM that lives elsewhere.
+    Discard {
+        vm: String,
+    },
+    /// A chunk of a stopped instance's local disk. Answered with [`Reply::DiskChunk`],
+    /// whose bytes travel raw in the frame right after it.
+    ReadDisk {
+        vm: String,
+        disk: String,
+        offset: u64,
+    },
+    /// Writes a chunk of a disk being received; the bytes travel raw in the frame right
+    /// after this one. `finish` (the whole file's SHA-256) ends the transfer.
+    WriteDisk {
+        vm: String,
+        disk: String,
+        offset: u64,
+        chunk: DiskChunk,
+        finish: Option<String>,
+    },
+}
+
+impl Request {
+    /// The raw bytes that travel in a frame of their own after this request.
+    pub fn raw_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            Request::PutFile { data, .. }
+            | Request::WriteDisk {
+                chunk: DiskChunk { data, .. },
+                ..
+            } => Some(data),
+            _ => None,
+        }
+    }
 }
 
 /// The answer to a [`Request`].
@@ -129,18 +177,50 @@ pub enum Reply {
     File {
         path: Option<PathBuf>,
     },
+    Incoming {
+        incoming: Incoming,
+    },
+    Migrated {
+        stats: Stats,
+    },
+    /// Its bytes travel raw in the next frame.
+    DiskChunk {
+        chunk: DiskChunk,
+    },
+}
+
+impl FromAgent {
+    /// The raw bytes that travel in a frame of their own after this message.
+    pub fn raw(&self) -> Option<&[u8]> {
+        match self {
+            FromAgent::Response {
+                result: Ok(Reply::DiskChunk { chunk }),
+                ..
+            } => Some(&chunk.data),
+            _ => None,
+        }
+    }
+
+    /// Where the raw bytes that follow this message go.
+    pub fn raw_mut(&mut self) -> Option<&mut Vec<u8>> {
+        match self {
+            FromAgent::Response {
+                result: Ok(Reply::DiskChunk { chunk }),
+                ..
+            } => Some(&mut chunk.data),
+            _ => None,
+        }
+    }
 }
 
 /// The frames of one message: its JSON, then a file chunk's raw bytes when it has one.
 pub fn to_frames(msg: &ToAgent) -> Vec<tokio_util::bytes::Bytes> {
     let json = serde_json::to_vec(msg).expect("engine messages serialise");
     let mut frames = vec![tokio_util::bytes::Bytes::from(json)];
-    if let ToAgent::Request {
-        request: Request::PutFile { data, .. },
-        ..
-    } = msg
-    {
-        frames.push(tokio_util::bytes::Bytes::copy_from_slice(data));
+    if let ToAgent::Request { request, .. } = msg {
+        if let Some(data) = request.clone().raw_mut() {
+            frames.push(tokio_util::bytes::Bytes::from(std::mem::take(data)));
+        }
     }
     frames
 }

@@ -6,6 +6,7 @@
 //! idempotent, so running a half-done plan again finishes it.
 
 pub mod journal;
+mod migrate;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -200,6 +201,15 @@ async fn run<H: Host>(
             host.prune(vm, *pid).await?;
             format!("orphan QEMU pid {pid} stopped")
         }
+        Action::Migrate { to, mode, .. } => {
+            let m = migrate::Move {
+                vm,
+                from: action.host(),
+                to,
+                mode: *mode,
+            };
+            migrate::run_move(&m, target, hosts, stop_timeout).await?
+        }
         Action::Delete { .. } => match host.delete(vm).await? {
             Some(kept) => format!("instance removed; disks retained in {}", kept.display()),
             None => "instance removed (it had no disks)".to_owned(),
@@ -212,6 +222,7 @@ fn describe_stop(outcome: StopOutcome) -> &'static str {
         StopOutcome::AlreadyStopped => "was not running",
         StopOutcome::Graceful => "stopped gracefully",
         StopOutcome::Quit => "guest ignored the power button; QEMU quit after the stop timeout",
+        StopOutcome::Paused => "QEMU held no running guest (paused by a migration); quit",
         StopOutcome::Killed => "QEMU did not quit and was killed",
     }
 }

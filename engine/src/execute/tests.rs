@@ -6,10 +6,11 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::{execute, Outcome};
-use crate::host::{Host, HostError, StopOutcome};
+use crate::host::{DiskChunk, Host, HostError, Incoming, StopOutcome};
 use crate::observe::Inventory;
 use crate::plan::{Action, Plan};
 use crate::qemu::instance::VmInstance;
+use crate::qemu::migrate::{Stats, Tuning};
 use crate::source::{Commit, Target};
 
 #[derive(Debug, Default)]
@@ -63,6 +64,65 @@ impl Host for FakeHost {
     async fn delete(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {
         self.record(format!("delete {vm}"))
             .map(|()| Some(PathBuf::from("/r")))
+    }
+    async fn prepare_incoming(
+        &self,
+        vm: &VmInstance,
+        from: &str,
+        listen: &str,
+        mirror: &[String],
+    ) -> Result<Incoming, HostError> {
+        self.record(format!(
+            "incoming {} from {from} on {listen} mirror {mirror:?}",
+            vm.name
+        ))
+        .map(|()| Incoming {
+            uri: "tcp:127.0.0.1:1".into(),
+            nbd: None,
+        })
+    }
+    async fn migrate_out(
+        &self,
+        vm: &str,
+        to: &Incoming,
+        _tuning: &Tuning,
+    ) -> Result<Stats, HostError> {
+        self.record(format!("migrate {vm} to {}", to.uri))
+            .map(|()| Stats::default())
+    }
+    async fn discard(&self, vm: &str) -> Result<(), HostError> {
+        self.record(format!("discard {vm}"))
+    }
+    async fn read_disk(&self, vm: &str, disk: &str, offset: u64) -> Result<DiskChunk, HostError> {
+        self.record(format!("read {vm} {disk} {offset}"))?;
+        let size = 3 << 20;
+        Ok(DiskChunk {
+            size,
+            len: 1 << 20,
+            data: if offset == 0 {
+                vec![7; 1 << 20]
+            } else {
+                vec![]
+            },
+        })
+    }
+    async fn write_disk(
+        &self,
+        vm: &str,
+        disk: &str,
+        offset: u64,
+        chunk: &DiskChunk,
+        finish: Option<&str>,
+    ) -> Result<(), HostError> {
+        self.record(format!(
+            "write {vm} {disk} {offset} {} {}",
+            if chunk.data.is_empty() {
+                "hole"
+            } else {
+                "data"
+            },
+            finish.map_or("-", |s| &s[..8])
+        ))
     }
 }
 
@@ -203,4 +263,92 @@ async fn unknown_hosts_fail_the_action_without_calls() {
     let report = execute(&plan, &t, &hosts, |_| {}).await;
     assert!(report.failed());
     assert!(hosts["local"].calls.lock().expect("lock").is_empty());
+}
+
+fn two_hosts(fail_on: Option<&str>) -> BTreeMap<String, FakeHost> {
+    ["hv1", "hv2"]
+        .map(|h| {
+            let host = FakeHost {
+                fail_on: fail_on.map(str::to_owned),
+                ..FakeHost::default()
+            };
+            (h.to_owned(), host)
+        })
+        .into_iter()
+        .collect()
+}
+
+fn move_plan(mode: crate::plan::MoveMode) -> Plan {
+    Plan {
+        actions: vec![Action::Migrate {
+            vm: "web".into(),
+            host: "hv1".into(),
+            to: "hv2".into(),
+            mode,
+            reason: "test".into(),
+        }],
+        ..Plan::default()
+    }
+}
+
+const MOVING: [(&str, &str); 3] = [
+    ("hosts/hv1.toml", "address = \"local\""),
+    ("hosts/hv2.toml", "address = \"local\""),
+    (
+        "vms/web.toml",
+        "host = \"hv2\"\n[[disks]]\nname = \"data\"\nsize_gb = 1",
+    ),
+];
+
+#[tokio::test]
+async fn a_cold_move_stops_streams_every_chunk_checks_and_only_then_discards() {
+    let hosts = two_hosts(None);
+    let report = execute(
+        &move_plan(crate::plan::MoveMode::Cold),
+        &target(&MOVING),
+        &hosts,
+        |_| {},
+    )
+    .await;
+    assert!(!report.failed(), "{}", report.failures());
+    let calls = |h: &str| hosts[h].calls.lock().expect("lock").clone();
+    assert_eq!(
+        calls("hv1"),
+        [
+            "stop web 30s",
+            "read web data 0",
+            "read web data 1048576",
+            "read web data 2097152",
+            "discard web"
+        ]
+    );
+    let hv2 = calls("hv2");
+    assert_eq!(hv2[0], "create web 256");
+    assert_eq!(&hv2[1][..22], "write web data 0 data ");
+    assert_eq!(hv2[2], "write web data 1048576 hole -");
+    // The last chunk carries the SHA-256 of the whole stream (holes as zeros).
+    assert!(hv2[3].starts_with("write web data 2097152 hole ") && !hv2[3].ends_with(" -"));
+    assert_eq!(hv2[4], "start web");
+}
+
+#[tokio::test]
+async fn a_failed_live_migration_removes_the_target_and_keeps_the_source() {
+    let hosts = two_hosts(Some("migrate web to tcp:127.0.0.1:1"));
+    let report = execute(
+        &move_plan(crate::plan::MoveMode::Live),
+        &target(&MOVING),
+        &hosts,
+        |_| {},
+    )
+    .await;
+    assert!(report.failed());
+    let calls = |h: &str| hosts[h].calls.lock().expect("lock").clone();
+    assert_eq!(calls("hv1"), ["migrate web to tcp:127.0.0.1:1"]);
+    assert_eq!(
+        calls("hv2"),
+        [
+            "incoming web from hv1 on 127.0.0.1 mirror [\"data\"]",
+            "discard web"
+        ]
+    );
 }

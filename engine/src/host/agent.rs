@@ -21,13 +21,14 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info, warn};
 
-use super::{Host, HostError, HostEvent, StopOutcome};
+use super::{DiskChunk, Host, HostError, HostEvent, Incoming, StopOutcome};
 use crate::agent::proto::{
     to_frames, FromAgent, HostFacts, Reply, Request, ToAgent, CHUNK, VERSION,
 };
 use crate::agent::{codec, sha256_file, stop_outcome};
 use crate::observe::Inventory;
 use crate::qemu::instance::VmInstance;
+use crate::qemu::migrate::{Stats, Tuning};
 
 /// How a connection behaves.
 #[derive(Debug, Clone, Copy)]
@@ -380,7 +381,16 @@ async fn read_loop(
 ) {
     while let Some(Ok(bytes)) = frames.next().await {
         *last_frame.lock().expect("last frame") = Instant::now();
-        match serde_json::from_slice::<FromAgent>(&bytes) {
+        let mut msg = serde_json::from_slice::<FromAgent>(&bytes);
+        if let Ok(m) = &mut msg {
+            if let Some(raw) = m.raw_mut() {
+                match frames.next().await {
+                    Some(Ok(bytes)) => *raw = bytes.to_vec(),
+                    _ => break,
+                }
+            }
+        }
+        match msg {
             Ok(FromAgent::Response { id, result }) => {
                 if let Some(tx) = pending.lock().expect("pending").remove(&id) {
                     let _ = tx.send(result);
@@ -545,6 +555,98 @@ impl Host for AgentHost {
             .await?
         {
             Reply::Deleted { retained } => Ok(retained),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn prepare_incoming(
+        &self,
+        vm: &VmInstance,
+        from: &str,
+        listen: &str,
+        mirror: &[String],
+    ) -> Result<Incoming, HostError> {
+        let vm = self.localise(vm).await?;
+        let request = Request::PrepareIncoming {
+            vm: vm.clone(),
+            from: from.to_owned(),
+            listen: listen.to_owned(),
+            mirror: mirror.to_vec(),
+        };
+        match self
+            .call(&vm.name, request, Duration::from_secs(600))
+            .await?
+        {
+            Reply::Incoming { incoming } => Ok(incoming),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn migrate_out(
+        &self,
+        vm: &str,
+        to: &Incoming,
+        tuning: &Tuning,
+    ) -> Result<Stats, HostError> {
+        let request = Request::MigrateOut {
+            vm: vm.to_owned(),
+            to: to.clone(),
+            tuning: *tuning,
+        };
+        // The agent enforces the migration's own bounds; this one only catches a lost reply.
+        let bound = Duration::from_millis(tuning.timeout_ms) + self.opts.request_timeout * 2;
+        match self.call(vm, request, bound).await? {
+            Reply::Migrated { stats } => Ok(stats),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn discard(&self, vm: &str) -> Result<(), HostError> {
+        let request = Request::Discard { vm: vm.to_owned() };
+        match self
+            .call(vm, request, self.opts.request_timeout * 3)
+            .await?
+        {
+            Reply::Done => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn read_disk(&self, vm: &str, disk: &str, offset: u64) -> Result<DiskChunk, HostError> {
+        let request = Request::ReadDisk {
+            vm: vm.to_owned(),
+            disk: disk.to_owned(),
+            offset,
+        };
+        match self.call(vm, request, self.opts.request_timeout).await? {
+            Reply::DiskChunk { chunk } => Ok(chunk),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    async fn write_disk(
+        &self,
+        vm: &str,
+        disk: &str,
+        offset: u64,
+        chunk: &DiskChunk,
+        finish: Option<&str>,
+    ) -> Result<(), HostError> {
+        let request = Request::WriteDisk {
+            vm: vm.to_owned(),
+            disk: disk.to_owned(),
+            offset,
+            chunk: chunk.clone(),
+            finish: finish.map(str::to_owned),
+        };
+        // The last chunk hashes the whole file on the host.
+        let bound = if finish.is_some() {
+            Duration::from_secs(600)
+        } else {
+            self.opts.request_timeout
+        };
+        match self.call(vm, request, bound).await? {
+            Reply::Done => Ok(()),
             other => Err(self.unexpected(&other)),
         }
     }

@@ -78,6 +78,12 @@ pub enum HostError {
     },
     #[error("VM {vm}: {reason}")]
     Refused { vm: String, reason: String },
+    #[error("VM {vm}: live migration")]
+    Migration {
+        vm: String,
+        #[source]
+        source: Box<crate::qemu::migrate::MigrateError>,
+    },
 }
 
 /// The hosts this engine reaches directly: every `address = "local"` host of `desired`,
@@ -118,8 +124,30 @@ pub enum StopOutcome {
     Graceful,
     /// The guest ignored the power button until the timeout; QEMU was told to quit.
     Quit,
+    /// QEMU held no running guest (paused, e.g. by a migration) and was told to quit.
+    Paused,
     /// QEMU did not quit either and was killed.
     Killed,
+}
+
+/// Where a live-migration target waits: QEMU's migration URI (`tcp:ADDR:PORT`) and,
+/// when local disks are mirrored, its NBD server.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Incoming {
+    pub uri: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<crate::qemu::migrate::NbdTarget>,
+}
+
+/// A piece of a disk file in a cold migration: `len` bytes from some offset; `data` is
+/// empty when they are all zero (holes stay holes on the target).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskChunk {
+    /// Size of the whole file.
+    pub size: u64,
+    pub len: u64,
+    #[serde(skip)]
+    pub data: Vec<u8>,
 }
 
 /// A hypervisor host.
@@ -158,4 +186,54 @@ pub trait Host: Send + Sync {
 
     /// Removes a stopped instance's folder; its disks move to `retained/`. Returns where.
     fn delete(&self, vm: &str) -> impl Future<Output = Result<Option<PathBuf>, HostError>> + Send;
+
+    /// Creates `vm`'s instance as the target of a live migration from host `from`: disks
+    /// on shared storage must exist; the `mirror` disks are created here to receive the
+    /// source's mirror over NBD. QEMU waits (`-S -incoming defer`) on `listen`, an address
+    /// of this host. Starting the instance later resumes the migrated guest.
+    fn prepare_incoming(
+        &self,
+        vm: &VmInstance,
+        from: &str,
+        listen: &str,
+        mirror: &[String],
+    ) -> impl Future<Output = Result<Incoming, HostError>> + Send;
+
+    /// Migrates `vm`'s running guest to `to` and returns when it completed: the QEMU here
+    /// is then paused for good (`postmigrate`). On any failure the migration is cancelled
+    /// and the guest keeps running here.
+    fn migrate_out(
+        &self,
+        vm: &str,
+        to: &Incoming,
+        tuning: &crate::qemu::migrate::Tuning,
+    ) -> impl Future<Output = Result<crate::qemu::migrate::Stats, HostError>> + Send;
+
+    /// Removes an instance whose VM lives on another host now (a migration source after
+    /// the target runs), or a migration target that was never resumed: its QEMU is ended
+    /// and its folder and local disks are deleted — they are stale or half-made copies.
+    /// Refused while its guest runs here.
+    fn discard(&self, vm: &str) -> impl Future<Output = Result<(), HostError>> + Send;
+
+    /// Reads local disk `disk` of stopped instance `vm` at `offset` (a chunk of at most
+    /// [`crate::agent::proto::CHUNK`] bytes).
+    fn read_disk(
+        &self,
+        vm: &str,
+        disk: &str,
+        offset: u64,
+    ) -> impl Future<Output = Result<DiskChunk, HostError>> + Send;
+
+    /// Writes a chunk of local disk `disk` of stopped instance `vm` at `offset` into a
+    /// partial file. With `finish` (the SHA-256 of the whole file) the partial file is
+    /// checked and replaces the instance's disk, rebased on this host's copy of its base
+    /// image when it has one.
+    fn write_disk(
+        &self,
+        vm: &str,
+        disk: &str,
+        offset: u64,
+        chunk: &DiskChunk,
+        finish: Option<&str>,
+    ) -> impl Future<Output = Result<(), HostError>> + Send;
 }

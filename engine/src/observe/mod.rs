@@ -65,6 +65,10 @@ pub struct ObservedVm {
     /// Automatic restarts so far.
     #[serde(default)]
     pub restarts: u32,
+    /// A live-migration target not resumed yet: its QEMU holds no guest of its own until
+    /// the migration completes and it is started.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub incoming: bool,
 }
 
 /// Disks kept after their VM (or the disk) was removed from the specs.

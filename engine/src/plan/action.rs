@@ -55,6 +55,17 @@ pub enum Action {
         reason: String,
         from: String,
     },
+    /// Move a VM from `host` to `to`: `live` (the guest keeps running; memory, and local
+    /// disks through NBD, stream to a QEMU waiting on the target) or `cold` (graceful stop,
+    /// local disks copied through the agents, start on the target). The source copy is
+    /// removed only once the VM runs on the target.
+    Migrate {
+        vm: String,
+        host: String,
+        to: String,
+        mode: MoveMode,
+        reason: String,
+    },
     /// Stop an orphan QEMU (only with `--prune`); `vm` is the folder it runs in.
     Prune {
         vm: String,
@@ -62,6 +73,23 @@ pub enum Action {
         reason: String,
         pid: u32,
     },
+}
+
+/// How a VM moves between hosts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MoveMode {
+    Live,
+    Cold,
+}
+
+impl MoveMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveMode::Live => "live",
+            MoveMode::Cold => "cold",
+        }
+    }
 }
 
 impl Action {
@@ -74,7 +102,8 @@ impl Action {
             | Action::Update { vm, .. }
             | Action::Delete { vm, .. }
             | Action::Prune { vm, .. }
-            | Action::Recover { vm, .. } => vm,
+            | Action::Recover { vm, .. }
+            | Action::Migrate { vm, .. } => vm,
         }
     }
 
@@ -87,7 +116,8 @@ impl Action {
             | Action::Update { host, .. }
             | Action::Delete { host, .. }
             | Action::Prune { host, .. }
-            | Action::Recover { host, .. } => host,
+            | Action::Recover { host, .. }
+            | Action::Migrate { host, .. } => host,
         }
     }
 
@@ -100,7 +130,8 @@ impl Action {
             | Action::Update { reason, .. }
             | Action::Delete { reason, .. }
             | Action::Prune { reason, .. }
-            | Action::Recover { reason, .. } => reason,
+            | Action::Recover { reason, .. }
+            | Action::Migrate { reason, .. } => reason,
         }
     }
 
@@ -123,6 +154,7 @@ impl Action {
             Action::Delete { .. } => "delete",
             Action::Prune { .. } => "prune",
             Action::Recover { .. } => "recover",
+            Action::Migrate { .. } => "migrate",
         }
     }
 
@@ -134,6 +166,15 @@ impl Action {
             Action::Stop { .. } => '.',
             Action::Restart { .. } | Action::Update { .. } => '~',
             Action::Delete { .. } | Action::Prune { .. } => '-',
+            Action::Migrate { to, mode, .. } => {
+                return format!(
+                    "> migrate {} from {} to {to} ({}): {}",
+                    self.vm(),
+                    self.host(),
+                    mode.as_str(),
+                    self.reason()
+                );
+            }
         };
         format!(
             "{sign} {} {} on {}: {}",
@@ -158,13 +199,18 @@ mod tests {
   {"op": "update", "vm": "d", "host": "local", "reason": "restart changed", "diff": ""},
     {"op": "delete", "vm": "e", "host": "local", "reason": "file removed"},
     {"op": "prune", "vm": "f", "host": "local", "reason": "orphan", "pid": 42},
-  {"op": "recover", "vm": "g", "host": "hv2", "reason": "hv1 fenced", "from": "hv1"}
+  {"op": "recover", "vm": "g", "host": "hv2", "reason": "hv1 fenced", "from": "hv1"},
+  {"op": "migrate", "vm": "h", "host": "hv1", "to": "hv2", "mode": "live", "reason": "pin changed"}
 ]"#;
 
     #[test]
     fn frozen_plan_json_still_parses_and_round_trips() {
         let actions: Vec<Action> = serde_json::from_str(FROZEN).expect("frozen fixture parses");
-        assert_eq!(actions.len(), 8);
+        assert_eq!(actions.len(), 9);
+        assert_eq!(
+            actions[8].describe(),
+            "> migrate h from hv1 to hv2 (live): pin changed"
+        );
         assert_eq!(actions[3].diff(), Some("-memory_mb = 1\n+memory_mb = 2\n"));
         let again: Vec<Action> =
             serde_json::from_str(&serde_json::to_string(&actions).expect("ser")).expect("de");

@@ -11,9 +11,11 @@
 //! spec changed, needs a reboot  -> restart (running) | update (+ start/stop)
 //! spec changed, no reboot       -> update (+ start/stop)
 //! instance, not in specs        -> stop if it runs, then delete (disks retained)
+//! pin elsewhere / host drained  -> migrate (live or cold, see moves.rs)
 //! ```
 
 mod action;
+mod moves;
 pub mod place;
 mod recover;
 pub mod restart;
@@ -24,7 +26,7 @@ use std::collections::BTreeSet;
 use plasmavmc_specs::{Desired, Power, VmEntry, VmSpec};
 use serde::{Deserialize, Serialize};
 
-pub use action::Action;
+pub use action::{Action, MoveMode};
 pub use saved::{SavedPlan, StalePlan};
 
 use crate::observe::{Observed, ObservedVm, RunState};
@@ -78,6 +80,28 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
         }
     }
     let mut load = Load::new(desired, observed);
+    // Moves first: the capacity they free on their source is free before anything new
+    // is placed (moves run before creations).
+    let mut moved: BTreeSet<&str> = BTreeSet::new();
+    for &name in &names {
+        let copies = observed.copies(name);
+        let (Some(want), Some(&first)) = (desired.vms.get(name), copies.first()) else {
+            continue;
+        };
+        let several = copies.len() > 1;
+        let (host, have) = if several {
+            recover::keeper(observed, name, &copies)
+        } else {
+            first
+        };
+        if recover::resumable(have, several) {
+            continue;
+        }
+        if moves::plan_move(desired, &mut load, want, host, have, &mut out) {
+            load.release(host, want);
+            moved.insert(name);
+        }
+    }
     for name in names {
         let copies = observed.copies(name);
         let found = match copies.as_slice() {
@@ -89,6 +113,9 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
                 Some(keep)
             }
         };
+        if moved.contains(name) {
+            continue;
+        }
         match (desired.vms.get(name), found) {
             (_, None) if observed.lost_on(name).is_some() => {
                 let host = observed.lost_on(name).unwrap_or_default();
@@ -96,7 +123,9 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
             }
             (Some(want), None) => plan_new(desired, &mut load, want, &mut out),
             (Some(want), Some((host, have))) => {
-                plan_existing(desired, want, host, have, now_ms, &mut out);
+                if !recover::plan_resume(name, host, have, copies.len() > 1, &mut out) {
+                    plan_existing(desired, want, host, have, now_ms, &mut out);
+                }
             }
             (None, Some((host, have))) => plan_removed(host, have, &mut out),
             (None, None) => {}
@@ -116,12 +145,12 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
     if out.actions.len() != before {
         out.notes.push("VMs with an orphan QEMU in their folder are not started until the orphan is gone (--prune)".to_owned());
     }
-    // Stops and deletes first: the memory they free is what the placements counted on.
-    out.actions.sort_by_key(|a| {
-        !matches!(
-            a,
-            Action::Stop { .. } | Action::Delete { .. } | Action::Prune { .. }
-        )
+    // Stops and deletes first, then moves: the memory they free is what the placements
+    // counted on.
+    out.actions.sort_by_key(|a| match a {
+        Action::Stop { .. } | Action::Delete { .. } | Action::Prune { .. } => 0,
+        Action::Migrate { .. } => 1,
+        _ => 2,
     });
     out
 }
@@ -144,23 +173,7 @@ pub fn prune_actions(observed: &Observed) -> Vec<Action> {
 
 fn plan_new(desired: &Desired, load: &mut Load, want: &VmEntry, out: &mut Plan) {
     let vm = want.name.clone();
-    let wants_shared = want
-        .spec
-        .disks
-        .iter()
-        .any(|d| d.storage == plasmavmc_specs::Storage::Shared);
-    let storage = |host: &str| {
-        let has = desired
-            .hosts
-            .get(host)
-            .is_some_and(|h| h.spec.shared_storage.is_some());
-        if wants_shared && !has {
-            Err("has no shared storage".to_owned())
-        } else {
-            Ok(())
-        }
-    };
-    let placement = match load.place_where(desired, want, storage) {
+    let placement = match load.place_where(desired, want, moves::storage_fit(desired, want)) {
         Ok(p) => p,
         Err(missing) => {
             out.notes.push(format!("{vm}: cannot be placed: {missing}"));
@@ -197,13 +210,6 @@ fn plan_existing(
 ) {
     let vm = want.name.clone();
     let host = host.to_owned();
-    if let Some(pin) = &want.spec.host {
-        if *pin != host {
-            out.notes.push(format!(
-                "{vm}: runs on {host} but is pinned to {pin}; moving VMs is not available yet"
-            ));
-        }
-    }
     let runs = have.state.has_process();
     let wants_run = want.spec.power == Power::Running;
     if have.spec_hash != want.hash {
@@ -358,6 +364,8 @@ pub fn spec_diff(old: &VmSpec, old_rev: &str, new: &VmSpec, new_file: &str) -> S
         .to_string()
 }
 
+#[cfg(test)]
+mod move_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]

@@ -165,6 +165,20 @@ impl Load {
     }
 }
 
+impl Load {
+    /// Gives back what `vm` booked on `host`: it is moving away.
+    pub fn release(&mut self, host: &str, vm: &VmEntry) {
+        if let Some(load) = self.hosts.get_mut(host) {
+            let spec = &vm.spec;
+            load.used.vcpus = load.used.vcpus.saturating_sub(spec.vcpus);
+            load.used.memory_mb = load.used.memory_mb.saturating_sub(spec.memory_mb);
+            if let Some(n) = spec.group.as_ref().and_then(|g| load.groups.get_mut(g)) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
 impl HostLoad {
     fn add(&mut self, vcpus: u32, memory_mb: u64, group: Option<&str>) {
         self.used.vcpus += vcpus;

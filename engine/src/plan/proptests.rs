@@ -149,6 +149,7 @@ fn world(cases: &[Case]) -> (Desired, Observed) {
                     vec![]
                 },
                 restarts: 0,
+                incoming: false,
             };
             observed
                 .hosts
@@ -187,6 +188,7 @@ fn simulate(d: &Desired, observed: &Observed, plan: &Plan) -> Observed {
                     last_exit: None,
                     exits: vec![],
                     restarts: 0,
+                    incoming: false,
                 };
                 inv.vms.insert(vm.clone(), o);
             }
@@ -219,6 +221,26 @@ fn simulate(d: &Desired, observed: &Observed, plan: &Plan) -> Observed {
                 inv.vms.remove(vm);
             }
             Action::Prune { pid, .. } => inv.orphans.retain(|o| o.pid != *pid),
+            Action::Migrate { vm, to, .. } => {
+                let mut o = inv.vms.remove(vm).expect("moves an existing instance");
+                let w = want.expect("moves are for VMs in the specs");
+                o.spec_hash.clone_from(&w.hash);
+                o.spec = w.spec.clone();
+                if w.spec.power == Power::Running {
+                    o.state = RunState::Running;
+                    o.power = Power::Running;
+                    o.pid = Some(1);
+                } else {
+                    o.state = RunState::Stopped;
+                    o.power = Power::Stopped;
+                    o.pid = None;
+                }
+                out.hosts
+                    .get_mut(to)
+                    .expect("moves go to reachable hosts")
+                    .vms
+                    .insert(vm.clone(), o);
+            }
         }
     }
     out

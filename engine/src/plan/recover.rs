@@ -5,14 +5,16 @@
 //! last seen on an unreachable host ─┬─ not fenced ──────────────> unknown (note: fence it)
 //!                                   └─ fenced ─┬─ ha, no local disks ─> recover elsewhere
 //!                                              └─ otherwise ───────────> note: decision needed
-//! instances on several hosts ──> keep the one last seen (or running); stop+delete the rest
+//! instances on several hosts ──> keep the one that holds the guest (running, or a
+//!                                completed migration target; see `keeper`), resume it
+//!                                if a migration left it paused; stop+delete the rest
 //! ```
 
 use plasmavmc_specs::{Desired, Power, Storage, VmEntry};
 
 use super::place::Load;
 use super::{Action, Plan};
-use crate::observe::{Observed, ObservedVm};
+use crate::observe::{Observed, ObservedVm, RunState};
 
 /// `name` was last seen on `host`, which does not answer.
 pub(super) fn plan_lost(
@@ -109,31 +111,84 @@ fn local_disk(want: &VmEntry, host_has_shared: bool) -> Option<&str> {
         .map(|d| d.name.as_str())
 }
 
-/// Of several copies of one VM, the one to keep. The only running copy is never the one
-/// killed (it holds the disks and the guest's state, e.g. after a fence command that
-/// lied); among several running or none running, the one where the VM was last seen;
-/// else the first.
+/// Of several copies of one VM, the one to keep:
+/// 1. the copy whose guest runs (it holds the disks and the guest's state, e.g. after a
+///    fence command that lied, or a migration whose source was resumed);
+/// 2. a live-migration target whose migration completed (QEMU `paused` after
+///    `-incoming`): the guest's state is there, the source is `postmigrate` or gone;
+/// 3. among the rest, copies that are not half-made migration targets first, then the
+///    ones with a QEMU.
+///
+/// Of equals, the one where the VM was last seen, else the first.
 pub(super) fn keeper<'a>(
     observed: &Observed,
     name: &str,
     copies: &[(&'a str, &'a ObservedVm)],
 ) -> (&'a str, &'a ObservedVm) {
     let last = observed.last_known.get(name).map(String::as_str);
-    let running: Vec<(&str, &ObservedVm)> = copies
+    let rank = |v: &ObservedVm| {
+        (
+            v.state != RunState::Running,
+            !completed_target(v),
+            v.incoming,
+            !v.state.has_process(),
+        )
+    };
+    let best = copies
+        .iter()
+        .map(|(_, v)| rank(v))
+        .min()
+        .expect("at least one copy");
+    let pool: Vec<(&str, &ObservedVm)> = copies
         .iter()
         .copied()
-        .filter(|(_, v)| v.state.has_process())
+        .filter(|(_, v)| rank(v) == best)
         .collect();
-    let pool = if running.is_empty() {
-        copies.to_vec()
-    } else {
-        running
-    };
     pool.iter()
         .find(|(h, _)| Some(*h) == last)
         .or_else(|| pool.first())
         .copied()
         .expect("at least one copy")
+}
+
+/// A migration target whose incoming migration completed: it holds the guest, paused
+/// until it is started.
+pub(super) fn completed_target(v: &ObservedVm) -> bool {
+    v.incoming && v.state == RunState::Paused && v.detail.as_deref() == Some("paused")
+}
+
+/// Whether [`plan_resume`] would resume this kept copy.
+pub(super) fn resumable(have: &ObservedVm, several: bool) -> bool {
+    have.state == RunState::Paused && (completed_target(have) || several)
+}
+
+/// A kept copy whose QEMU holds the guest paused by a migration: a completed target, or
+/// (when other copies were found) a source whose migration was cut short. Plans its
+/// resumption and returns true.
+pub(super) fn plan_resume(
+    name: &str,
+    host: &str,
+    have: &ObservedVm,
+    several: bool,
+    out: &mut Plan,
+) -> bool {
+    if !resumable(have, several) {
+        return false;
+    }
+    let reason = if completed_target(have) {
+        "live migration completed here; resuming the guest".to_owned()
+    } else {
+        format!(
+            "its migration did not finish (QEMU is {}); resuming the guest here, where it was",
+            have.detail.as_deref().unwrap_or("paused")
+        )
+    };
+    out.actions.push(Action::Start {
+        vm: name.to_owned(),
+        host: host.to_owned(),
+        reason,
+    });
+    true
 }
 
 /// Stops and deletes every copy but `keep` (disks retained, never deleted).

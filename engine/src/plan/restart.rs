@@ -158,6 +158,7 @@ mod tests {
             }),
             exits: exits.to_vec(),
             restarts: 0,
+            incoming: false,
         }
     }
 

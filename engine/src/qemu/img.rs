@@ -126,3 +126,21 @@ pub async fn grow(path: &Path, size_gb: u64) -> Result<(), ImgError> {
     .await?;
     Ok(())
 }
+
+/// Points qcow2 `path` at `base` without touching its data (`rebase -u`): a disk copied
+/// from another host names that host's copy of the base image.
+pub async fn rebase_unsafe(path: &Path, base: &Path) -> Result<(), ImgError> {
+    let format = info(base).await?.format;
+    let args: [&std::ffi::OsStr; 8] = [
+        "rebase".as_ref(),
+        "-q".as_ref(),
+        "-u".as_ref(),
+        "-F".as_ref(),
+        format.as_ref(),
+        "-b".as_ref(),
+        base.as_os_str(),
+        path.as_os_str(),
+    ];
+    run("rebase", path, &args).await?;
+    Ok(())
+}

@@ -98,7 +98,21 @@ pub struct InstanceFile {
     /// Automatic restarts so far.
     #[serde(default)]
     pub restarts: u32,
+    /// Set while this instance is the target of a live migration that has not been
+    /// resumed here yet; its QEMU (`-S -incoming defer`) holds no guest until then.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incoming: Option<IncomingRecord>,
     pub vm: VmInstance,
+}
+
+/// What a migration target remembers until it is resumed or discarded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingRecord {
+    /// The host the VM comes from.
+    pub from: String,
+    /// Disks exported over NBD for the source's mirror (local disks, created here).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nbd_disks: Vec<String>,
 }
 
 /// Unexpected exits remembered per instance (older ones are forgotten).

@@ -5,5 +5,6 @@ pub mod args;
 pub mod exit;
 pub mod img;
 pub mod instance;
+pub mod migrate;
 pub mod process;
 pub mod qmp;

@@ -298,18 +298,16 @@ impl StatusDir {
             for (name, o) in &inv.vms {
                 let prev = previous(name);
                 let want = desired.and_then(|d| d.vms.get(name));
-                let (phase, message) = match o.state {
-                    RunState::Running => (VmPhase::Running, None),
-                    RunState::Paused => (VmPhase::Starting, o.detail.clone()),
-                    RunState::Unresponsive => (VmPhase::Unknown, o.detail.clone()),
-                    RunState::Stopped => (VmPhase::Stopped, None),
-                    RunState::Exited => exited_phase(desired, o, now_ms),
-                };
+                let (phase, message) = observed_phase(desired, o, now_ms);
                 let events = prev.as_ref().map(|p| p.events.clone()).unwrap_or_default();
                 if phase == VmPhase::Failed
                     && prev.as_ref().is_none_or(|p| p.phase != VmPhase::Failed)
                 {
                     newly_failed.push((name.clone(), message.clone().unwrap_or_default()));
+                }
+                // Two copies (a move in progress, a returning host): the running one speaks.
+                if vms.contains_key(name) && o.state != RunState::Running {
+                    continue;
                 }
                 vms.insert(
                     name.clone(),
@@ -386,6 +384,42 @@ impl StatusDir {
             hosts,
         }
     }
+}
+
+/// Phase and message of an instance from what its host observed.
+fn observed_phase(
+    desired: Option<&Desired>,
+    o: &ObservedVm,
+    now_ms: u64,
+) -> (VmPhase, Option<String>) {
+    match o.state {
+        RunState::Running => (VmPhase::Running, None),
+        RunState::Paused if migrating(o) => (
+            VmPhase::Migrating,
+            Some(format!(
+                "QEMU is {}{}",
+                o.detail.as_deref().unwrap_or("paused"),
+                if o.incoming {
+                    " (migration target)"
+                } else {
+                    ""
+                }
+            )),
+        ),
+        RunState::Paused => (VmPhase::Starting, o.detail.clone()),
+        RunState::Unresponsive => (VmPhase::Unknown, o.detail.clone()),
+        RunState::Stopped => (VmPhase::Stopped, None),
+        RunState::Exited => exited_phase(desired, o, now_ms),
+    }
+}
+
+/// A QEMU paused by a live migration: its target, or a source mid-way or done.
+fn migrating(o: &ObservedVm) -> bool {
+    o.incoming
+        || matches!(
+            o.detail.as_deref(),
+            Some("inmigrate" | "postmigrate" | "finish-migrate")
+        )
 }
 
 /// A VM of the specs with no instance anywhere (yet).

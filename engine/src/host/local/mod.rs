@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use plasmavmc_specs::Power;
 use tracing::{debug, info, warn};
 
+mod migration;
+
 use super::monitor::Monitor;
 use super::{Host, HostError, StopOutcome};
 use crate::observe::{Capacity, Inventory, ObservedVm, Orphan, Retained, RunState};
@@ -149,6 +151,7 @@ impl LocalHost {
             last_exit: inst.last_exit,
             exits: inst.exits,
             restarts: inst.restarts,
+            incoming: inst.incoming.is_some(),
         }
     }
 
@@ -417,6 +420,7 @@ impl Host for LocalHost {
             last_exit: None,
             exits: Vec::new(),
             restarts: 0,
+            incoming: None,
             vm: vm.clone(),
         };
         Self::write(&dir, &inst)?;
@@ -450,8 +454,26 @@ impl Host for LocalHost {
     async fn start(&self, vm: &str) -> Result<u32, HostError> {
         let (dir, mut inst) = self.read(vm)?;
         if let Some(pid) = Self::live_pid(&dir, &inst) {
-            debug!(vm, pid, "already running");
-            return Ok(pid);
+            let qmp = self.monitor.qmp(&dir, vm, &inst.uuid, pid, QMP_PROBE).await;
+            let running = match &qmp {
+                Ok(q) => q.query_status().await.is_ok_and(|s| s.running),
+                Err(_) => false,
+            };
+            if running {
+                debug!(vm, pid, "already running");
+                return Ok(pid);
+            }
+            // Alive but not running its guest: a migration target to resume, or a source
+            // whose migration was cut short.
+            return self.resume_here(&dir, inst, pid).await;
+        }
+        if inst.incoming.is_some() {
+            return Err(HostError::Refused {
+                vm: vm.to_owned(),
+                reason:
+                    "this migration target's QEMU is gone before it was resumed; it holds no guest"
+                        .to_owned(),
+            });
         }
         self.ensure_disks(&dir, &inst.vm).await?;
         rotate(&dir, SERIAL_LOG);
@@ -518,6 +540,12 @@ impl Host for LocalHost {
         };
         let qmp = self.monitor.qmp(&dir, vm, &inst.uuid, pid, QMP_PROBE).await;
         if let Ok(qmp) = &qmp {
+            // A paused guest (a migration's source or target) cannot see the power button.
+            let paused = qmp.query_status().await.is_ok_and(|s| !s.running);
+            if paused && qmp.quit().await.is_ok() && process::wait_gone(pid, EXIT_GRACE).await {
+                info!(vm, pid, "QEMU held no running guest; quit");
+                return Ok(StopOutcome::Paused);
+            }
             if qmp.system_powerdown().await.is_ok() && process::wait_gone(pid, timeout).await {
                 info!(vm, pid, "stopped gracefully");
                 return Ok(StopOutcome::Graceful);
@@ -576,6 +604,7 @@ impl Host for LocalHost {
         if !dir.dir.exists() {
             return Ok(None);
         }
+        let mut half_made = false;
         if let Ok(inst) = dir.read() {
             if let Some(pid) = Self::live_pid(&dir, &inst) {
                 return Err(HostError::Refused {
@@ -583,9 +612,11 @@ impl Host for LocalHost {
                     reason: format!("still running (pid {pid}); stop it first"),
                 });
             }
+            // A migration target never resumed holds no data of the VM's own.
+            half_made = inst.incoming.is_some();
         }
         let disks = dir.dir.join(instance::DISKS_DIR);
-        let has_disks = fs::read_dir(&disks).is_ok_and(|mut d| d.next().is_some());
+        let has_disks = !half_made && fs::read_dir(&disks).is_ok_and(|mut d| d.next().is_some());
         let kept = if has_disks {
             Some(self.retain(vm, &disks, "VM removed from the specs")?)
         } else {
@@ -598,5 +629,48 @@ impl Host for LocalHost {
         })?;
         info!(vm, "deleted instance");
         Ok(kept)
+    }
+
+    async fn prepare_incoming(
+        &self,
+        vm: &VmInstance,
+        from: &str,
+        listen: &str,
+        mirror: &[String],
+    ) -> Result<super::Incoming, HostError> {
+        self.prepare_incoming_here(vm, from, listen, mirror).await
+    }
+
+    async fn migrate_out(
+        &self,
+        vm: &str,
+        to: &super::Incoming,
+        tuning: &crate::qemu::migrate::Tuning,
+    ) -> Result<crate::qemu::migrate::Stats, HostError> {
+        self.migrate_out_here(vm, to, tuning).await
+    }
+
+    async fn discard(&self, vm: &str) -> Result<(), HostError> {
+        self.discard_here(vm).await
+    }
+
+    async fn read_disk(
+        &self,
+        vm: &str,
+        disk: &str,
+        offset: u64,
+    ) -> Result<super::DiskChunk, HostError> {
+        self.read_disk_here(vm, disk, offset)
+    }
+
+    async fn write_disk(
+        &self,
+        vm: &str,
+        disk: &str,
+        offset: u64,
+        chunk: &super::DiskChunk,
+        finish: Option<&str>,
+    ) -> Result<(), HostError> {
+        self.write_disk_here(vm, disk, offset, chunk, finish).await
     }
 }

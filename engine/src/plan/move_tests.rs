@@ -1,0 +1,243 @@
+//! Table tests of moves and of what a cut-short migration leaves behind.
+
+use std::collections::BTreeMap;
+
+use plasmavmc_specs::{Desired, Power};
+
+use super::{plan, Action, MoveMode, Plan};
+use crate::observe::{Capacity, Inventory, Observed, ObservedVm, RunState};
+use crate::test_utils::desired;
+
+const NOW: u64 = 1_800_000_000_000;
+
+const HOSTS: [(&str, &str); 3] = [
+    ("hosts/hv1.toml", "address = \"local\""),
+    ("hosts/hv2.toml", "address = \"local\""),
+    ("hosts/hv3.toml", "address = \"local\""),
+];
+
+fn specs(extra: &[(&str, &str)]) -> Desired {
+    let mut list = HOSTS.to_vec();
+    list.extend_from_slice(extra);
+    desired(&list)
+}
+
+/// `vm` of `d` as observed in `state` (`detail` as QEMU's run state).
+fn copy(
+    d: &Desired,
+    vm: &str,
+    state: RunState,
+    detail: Option<&str>,
+    incoming: bool,
+) -> ObservedVm {
+    let e = &d.vms[vm];
+    ObservedVm {
+        name: vm.to_owned(),
+        uuid: format!("uuid-{vm}"),
+        state,
+        pid: state.has_process().then_some(100),
+        power: if incoming {
+            Power::Stopped
+        } else {
+            Power::Running
+        },
+        revision: "0123456789abcdef".to_owned(),
+        spec_hash: e.hash.clone(),
+        spec: e.spec.clone(),
+        started_at: None,
+        detail: detail.map(str::to_owned),
+        last_exit: None,
+        exits: vec![],
+        restarts: 0,
+        incoming,
+    }
+}
+
+/// hv1..hv3, each with 8 vCPUs and 4 GiB, holding `vms` as `(host, copy)`.
+fn world(vms: Vec<(&str, ObservedVm)>) -> Observed {
+    let mut hosts: BTreeMap<String, Inventory> = ["hv1", "hv2", "hv3"]
+        .iter()
+        .map(|h| {
+            let inv = Inventory {
+                capacity: Capacity {
+                    vcpus: 8,
+                    memory_mb: 4096,
+                },
+                ..Inventory::default()
+            };
+            ((*h).to_owned(), inv)
+        })
+        .collect();
+    for (host, vm) in vms {
+        hosts
+            .get_mut(host)
+            .expect("known host")
+            .vms
+            .insert(vm.name.clone(), vm);
+    }
+    Observed {
+        hosts,
+        ..Observed::default()
+    }
+}
+
+fn lines(p: &Plan) -> Vec<String> {
+    p.actions
+        .iter()
+        .map(|a| match a {
+            Action::Migrate { to, mode, .. } => {
+                format!("migrate {} {}>{to} {}", a.vm(), a.host(), mode.as_str())
+            }
+            _ => format!("{} {} {}", a.op(), a.vm(), a.host()),
+        })
+        .collect()
+}
+
+#[test]
+fn a_new_pin_moves_a_running_vm_live_and_says_why() {
+    let before = specs(&[("vms/web.toml", "host = \"hv1\"")]);
+    let after = specs(&[("vms/web.toml", "host = \"hv2\"")]);
+    let o = world(vec![(
+        "hv1",
+        copy(&before, "web", RunState::Running, None, false),
+    )]);
+    let p = plan(&after, &o, NOW);
+    assert_eq!(lines(&p), ["migrate web hv1>hv2 live"]);
+    assert!(
+        p.actions[0]
+            .reason()
+            .starts_with("pinned to hv2 (runs on hv1)"),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_move_with_a_change_that_needs_a_reboot_is_cold() {
+    let before = specs(&[("vms/web.toml", "host = \"hv1\"")]);
+    let after = specs(&[("vms/web.toml", "host = \"hv2\"\nmemory_mb = 512")]);
+    let o = world(vec![(
+        "hv1",
+        copy(&before, "web", RunState::Running, None, false),
+    )]);
+    let p = plan(&after, &o, NOW);
+    assert_eq!(lines(&p), ["migrate web hv1>hv2 cold"]);
+    assert!(
+        p.notes.iter().any(|n| n.contains("needs a reboot")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn stopped_or_cold_policy_vms_move_cold_and_none_stays_with_a_reason() {
+    let before = specs(&[
+        ("vms/a.toml", "host = \"hv1\"\nmigration = \"cold\""),
+        ("vms/b.toml", "host = \"hv1\"\npower = \"stopped\""),
+        ("vms/c.toml", "host = \"hv1\"\nmigration = \"none\""),
+    ]);
+    let after = specs(&[
+        ("vms/a.toml", "host = \"hv2\"\nmigration = \"cold\""),
+        ("vms/b.toml", "host = \"hv2\"\npower = \"stopped\""),
+        ("vms/c.toml", "host = \"hv2\"\nmigration = \"none\""),
+    ]);
+    let o = world(vec![
+        ("hv1", copy(&before, "a", RunState::Running, None, false)),
+        ("hv1", copy(&before, "b", RunState::Stopped, None, false)),
+        ("hv1", copy(&before, "c", RunState::Running, None, false)),
+    ]);
+    let p = plan(&after, &o, NOW);
+    let l = lines(&p);
+    assert!(l.contains(&"migrate a hv1>hv2 cold".to_owned()), "{l:?}");
+    assert!(l.contains(&"migrate b hv1>hv2 cold".to_owned()), "{l:?}");
+    assert!(!l.iter().any(|a| a.starts_with("migrate c")), "{l:?}");
+    assert!(
+        p.pending
+            .iter()
+            .any(|n| n.starts_with("c: must move") && n.contains("\"none\"")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn maintenance_moves_every_vm_off_by_the_placement_rules() {
+    let before = specs(&[
+        ("vms/a1.toml", "group = \"a\"\nhost = \"hv1\""),
+        ("vms/a2.toml", "group = \"a\"\nhost = \"hv2\""),
+    ]);
+    let mut after = specs(&[
+        ("vms/a1.toml", "group = \"a\""),
+        ("vms/a2.toml", "group = \"a\"\nhost = \"hv2\""),
+    ]);
+    after.hosts.get_mut("hv1").expect("hv1").spec.state = plasmavmc_specs::HostState::Maintenance;
+    let o = world(vec![
+        ("hv1", copy(&before, "a1", RunState::Running, None, false)),
+        ("hv2", copy(&before, "a2", RunState::Running, None, false)),
+    ]);
+    let p = plan(&after, &o, NOW);
+    // hv2 has a VM of group a already: hv3.
+    assert_eq!(lines(&p), ["migrate a1 hv1>hv3 live"]);
+    assert!(matches!(
+        p.actions[0],
+        Action::Migrate {
+            mode: MoveMode::Live,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn a_migration_cut_short_before_completion_keeps_the_source() {
+    let d = specs(&[("vms/web.toml", "host = \"hv1\"")]);
+    let o = world(vec![
+        ("hv1", copy(&d, "web", RunState::Running, None, false)),
+        (
+            "hv2",
+            copy(&d, "web", RunState::Paused, Some("inmigrate"), true),
+        ),
+    ]);
+    let p = plan(&d, &o, NOW);
+    assert_eq!(lines(&p), ["stop web hv2", "delete web hv2"]);
+}
+
+#[test]
+fn a_completed_migration_resumes_the_target_and_never_the_source() {
+    let d = specs(&[("vms/web.toml", "host = \"hv2\"")]);
+    let o = world(vec![
+        (
+            "hv1",
+            copy(&d, "web", RunState::Paused, Some("postmigrate"), false),
+        ),
+        (
+            "hv2",
+            copy(&d, "web", RunState::Paused, Some("paused"), true),
+        ),
+    ]);
+    let p = plan(&d, &o, NOW);
+    assert_eq!(
+        lines(&p),
+        ["stop web hv1", "delete web hv1", "start web hv2"]
+    );
+}
+
+#[test]
+fn a_source_resumes_only_when_its_target_is_known_dead() {
+    let d = specs(&[("vms/web.toml", "host = \"hv2\"")]);
+    // The target's QEMU died after `completed`: the source is the only guest left.
+    let dead = world(vec![
+        (
+            "hv1",
+            copy(&d, "web", RunState::Paused, Some("postmigrate"), false),
+        ),
+        ("hv2", copy(&d, "web", RunState::Stopped, None, true)),
+    ]);
+    let p = plan(&d, &dead, NOW);
+    assert_eq!(lines(&p), ["delete web hv2", "start web hv1"]);
+    // The target's host does not answer: nothing is resumed on a guess.
+    let mut away = world(vec![(
+        "hv1",
+        copy(&d, "web", RunState::Paused, Some("postmigrate"), false),
+    )]);
+    away.hosts.remove("hv2");
+    away.unreachable.insert("hv2".into(), "no answer".into());
+    let p = plan(&d, &away, NOW);
+    assert!(lines(&p).is_empty(), "{:?}", lines(&p));
+}

@@ -1,0 +1,441 @@
+//! Live migration over QMP, both ends, as measured on QEMU 7.2 (DESIGN.md §3).
+//!
+//! Target (QEMU started with `-S -incoming defer`): capability `events`, an NBD export
+//! of every disk to mirror, `migrate-incoming`. Source: bandwidth and downtime limits,
+//! `auto-converge`; disks to mirror get an NBD node and a `blockdev-mirror sync=full`
+//! that must be ready before `migrate` starts, with `pause-before-switchover` so the
+//! mirror is completed (cancelled without pivot: the target holds every write) while
+//! the guest is paused. `completed` is the commit point: only then is the target
+//! resumed, and the source is never resumed after it.
+//!
+//! Progress is polled (`query-migrate`, `query-block-jobs`): QMP events are not buffered
+//! while no client listens, and the host's one QMP connection belongs to the monitor.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tracing::{debug, info, warn};
+
+use super::qmp::{Qmp, QmpError};
+
+/// How often progress is polled.
+const POLL: Duration = Duration::from_millis(50);
+
+/// How an outgoing migration is tuned and bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tuning {
+    pub max_bandwidth_mib: u64,
+    pub downtime_limit_ms: u64,
+    pub auto_converge: bool,
+    /// Cancel when no byte moved for this long.
+    pub progress_timeout_ms: u64,
+    /// Cancel when the whole migration takes longer.
+    pub timeout_ms: u64,
+}
+
+/// Where the target's NBD server listens and which disks it exports (by disk name).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdTarget {
+    pub host: String,
+    pub port: u16,
+    pub disks: Vec<String>,
+}
+
+/// Figures of a finished migration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    pub total_ms: u64,
+    pub downtime_ms: u64,
+    /// Memory bytes sent.
+    pub ram_bytes: u64,
+    /// Disk bytes mirrored.
+    pub disk_bytes: u64,
+    /// Passes over guest memory (dirty syncs).
+    pub passes: u64,
+}
+
+/// Errors of a migration step.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    #[error("migration failed: {0}")]
+    Failed(String),
+    #[error("no progress for {0:?}; cancelled")]
+    Stalled(Duration),
+    #[error("not completed within {0:?}; cancelled")]
+    TimedOut(Duration),
+    #[error("the incoming migration has not completed (QEMU is {0})")]
+    NotCompleted(String),
+}
+
+fn node(disk: &str) -> String {
+    format!("disk-{disk}")
+}
+
+fn mirror_node(disk: &str) -> String {
+    format!("mig-{disk}")
+}
+
+/// Target side: exports `nbd`'s disks (when mirroring) and waits for the stream on `uri`.
+pub async fn start_incoming(
+    qmp: &Qmp,
+    uri: &str,
+    nbd: Option<&NbdTarget>,
+) -> Result<(), MigrateError> {
+    set_capabilities(qmp, &[("events", true)]).await?;
+    if let Some(nbd) = nbd {
+        qmp.execute(
+            "nbd-server-start",
+            Some(json!({"addr": {"type": "inet", "data": {"host": nbd.host, "port": nbd.port.to_string()}}})),
+        )
+        .await?;
+        for disk in &nbd.disks {
+            qmp.execute(
+                "block-export-add",
+                Some(
+                    json!({"type": "nbd", "id": mirror_node(disk), "node-name": node(disk),
+                    "writable": true, "name": disk}),
+                ),
+            )
+            .await?;
+        }
+    }
+    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+        .await?;
+    Ok(())
+}
+
+/// Target side, after the source reported `completed`: ends the NBD exports and resumes
+/// the guest. Refuses while the incoming migration is not complete.
+pub async fn finish_incoming(qmp: &Qmp, nbd_disks: &[String]) -> Result<(), MigrateError> {
+    let status = qmp.query_status().await?;
+    if status.running {
+        return Ok(());
+    }
+    if status.status != "paused" {
+        return Err(MigrateError::NotCompleted(status.status));
+    }
+    for disk in nbd_disks {
+        if let Err(e) = qmp
+            .execute("block-export-del", Some(json!({ "id": mirror_node(disk) })))
+            .await
+        {
+            debug!(disk, error = %e, "block-export-del");
+        }
+    }
+    if !nbd_disks.is_empty() {
+        if let Err(e) = qmp.execute("nbd-server-stop", None).await {
+            debug!(error = %e, "nbd-server-stop");
+        }
+    }
+    qmp.execute("cont", None).await?;
+    Ok(())
+}
+
+/// Source side: migrates to `uri`, mirroring `nbd`'s disks first. On any error the
+/// migration is cancelled and the source keeps (or resumes) running.
+pub async fn outgoing(
+    qmp: &Qmp,
+    uri: &str,
+    nbd: Option<&NbdTarget>,
+    tuning: &Tuning,
+) -> Result<Stats, MigrateError> {
+    let started = Instant::now();
+    match run_outgoing(qmp, uri, nbd, tuning, started).await {
+        Ok(stats) => Ok(stats),
+        Err(e) => {
+            warn!(error = %e, "migration failed; cancelling, the source keeps running");
+            cancel(qmp, nbd.map_or(&[][..], |n| &n.disks)).await;
+            Err(e)
+        }
+    }
+}
+
+async fn run_outgoing(
+    qmp: &Qmp,
+    uri: &str,
+    nbd: Option<&NbdTarget>,
+    tuning: &Tuning,
+    started: Instant,
+) -> Result<Stats, MigrateError> {
+    let mirror = nbd.map_or(&[][..], |n| &n.disks);
+    set_capabilities(
+        qmp,
+        &[
+            ("events", true),
+            ("auto-converge", tuning.auto_converge),
+            ("pause-before-switchover", !mirror.is_empty()),
+        ],
+    )
+    .await?;
+    qmp.execute(
+        "migrate-set-parameters",
+        Some(json!({
+            "max-bandwidth": tuning.max_bandwidth_mib << 20,
+            "downtime-limit": tuning.downtime_limit_ms,
+        })),
+    )
+    .await?;
+    let mut clock = Clock::new(tuning, started);
+    if let Some(nbd) = nbd {
+        start_mirrors(qmp, nbd, &mut clock).await?;
+    }
+    qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+    let mut last_log = Instant::now();
+    let mut disk_bytes = 0;
+    loop {
+        let info: MigrateInfo = qmp.query("query-migrate", None).await?;
+        match info.status.as_str() {
+            "completed" => break,
+            "failed" | "cancelled" => {
+                return Err(MigrateError::Failed(
+                    info.error_desc.unwrap_or_else(|| info.status.clone()),
+                ))
+            }
+            "pre-switchover" => {
+                // Guest paused: finish the mirrors (no pivot), then let the switchover go.
+                disk_bytes = finish_mirrors(qmp, mirror).await?;
+                qmp.execute(
+                    "migrate-continue",
+                    Some(json!({ "state": "pre-switchover" })),
+                )
+                .await?;
+            }
+            _ => {}
+        }
+        let ram = info.ram.unwrap_or_default();
+        clock.check(ram.transferred)?;
+        if last_log.elapsed() >= Duration::from_secs(1) {
+            last_log = Instant::now();
+            info!(status = %info.status, transferred = ram.transferred, remaining = ram.remaining,
+                passes = ram.dirty_sync_count, "migrating");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    // Downtime figures settle a moment after `completed` (measured): ask once more.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let info: MigrateInfo = qmp.query("query-migrate", None).await?;
+    for disk in mirror {
+        if let Err(e) = qmp
+            .execute(
+                "blockdev-del",
+                Some(json!({ "node-name": mirror_node(disk) })),
+            )
+            .await
+        {
+            debug!(disk, error = %e, "blockdev-del");
+        }
+    }
+    let ram = info.ram.unwrap_or_default();
+    Ok(Stats {
+        total_ms: info
+            .total_time
+            .unwrap_or_else(|| started.elapsed().as_millis() as u64),
+        downtime_ms: info.downtime.unwrap_or(0),
+        ram_bytes: ram.transferred,
+        disk_bytes,
+        passes: ram.dirty_sync_count,
+    })
+}
+
+/// Starts a full mirror of every disk of `nbd` into the target's export and waits until
+/// all are in sync.
+async fn start_mirrors(qmp: &Qmp, nbd: &NbdTarget, clock: &mut Clock) -> Result<(), MigrateError> {
+    let mirror = &nbd.disks[..];
+    for disk in &nbd.disks {
+        qmp.execute(
+            "blockdev-add",
+            Some(json!({"driver": "nbd", "node-name": mirror_node(disk),
+                "server": {"type": "inet", "host": nbd.host, "port": nbd.port.to_string()},
+                "export": disk})),
+        )
+        .await?;
+        qmp.execute(
+            "blockdev-mirror",
+            Some(json!({"job-id": mirror_node(disk), "device": node(disk),
+                "target": mirror_node(disk), "sync": "full"})),
+        )
+        .await?;
+    }
+    // Every mirror in sync before the memory moves.
+    loop {
+        let jobs = mirror_jobs(qmp, mirror).await?;
+        if jobs.len() < mirror.len() {
+            return Err(MigrateError::Failed("a disk mirror ended early".to_owned()));
+        }
+        if jobs.iter().all(|j| j.ready) {
+            break;
+        }
+        clock.check(jobs.iter().map(|j| j.offset).sum())?;
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
+/// Cancels an outgoing migration and its mirrors; resumes the guest if the migration
+/// paused it and did not complete. Best effort: every step is tried.
+pub async fn cancel(qmp: &Qmp, mirror: &[String]) {
+    if let Err(e) = qmp.execute("migrate_cancel", None).await {
+        debug!(error = %e, "migrate_cancel");
+    }
+    for disk in mirror {
+        let _ = qmp
+            .execute(
+                "block-job-cancel",
+                Some(json!({ "device": mirror_node(disk), "force": true })),
+            )
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let migrating = qmp
+            .query::<MigrateInfo>("query-migrate", None)
+            .await
+            .is_ok_and(|i| {
+                matches!(
+                    i.status.as_str(),
+                    "cancelling" | "active" | "pre-switchover" | "device"
+                )
+            });
+        let jobs = mirror_jobs(qmp, mirror).await.map_or(0, |j| j.len());
+        if !migrating && jobs == 0 {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    for disk in mirror {
+        let _ = qmp
+            .execute(
+                "blockdev-del",
+                Some(json!({ "node-name": mirror_node(disk) })),
+            )
+            .await;
+    }
+    match qmp.query_status().await {
+        Ok(s) if !s.running && s.status != "postmigrate" => {
+            if let Err(e) = qmp.execute("cont", None).await {
+                warn!(error = %e, status = %s.status, "cannot resume the source after a cancelled migration");
+            }
+        }
+        _ => {}
+    }
+}
+
+async fn set_capabilities(qmp: &Qmp, caps: &[(&str, bool)]) -> Result<(), QmpError> {
+    let list: Vec<Value> = caps
+        .iter()
+        .map(|(c, on)| json!({"capability": c, "state": on}))
+        .collect();
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({ "capabilities": list })),
+    )
+    .await
+    .map(drop)
+}
+
+/// Completes the ready mirrors without pivoting; returns the bytes they copied.
+async fn finish_mirrors(qmp: &Qmp, mirror: &[String]) -> Result<u64, MigrateError> {
+    let jobs = mirror_jobs(qmp, mirror).await?;
+    let bytes = jobs.iter().map(|j| j.offset).sum();
+    for disk in mirror {
+        qmp.execute(
+            "block-job-cancel",
+            Some(json!({ "device": mirror_node(disk) })),
+        )
+        .await?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !mirror_jobs(qmp, mirror).await?.is_empty() {
+        if Instant::now() >= deadline {
+            return Err(MigrateError::Failed(
+                "disk mirrors did not finish within 60s".to_owned(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(bytes)
+}
+
+async fn mirror_jobs(qmp: &Qmp, mirror: &[String]) -> Result<Vec<BlockJob>, QmpError> {
+    if mirror.is_empty() {
+        return Ok(Vec::new());
+    }
+    let jobs: Vec<BlockJob> = qmp.query("query-block-jobs", None).await?;
+    Ok(jobs
+        .into_iter()
+        .filter(|j| mirror.iter().any(|d| mirror_node(d) == j.device))
+        .collect())
+}
+
+/// Progress and completion deadlines.
+struct Clock {
+    started: Instant,
+    timeout: Duration,
+    stall: Duration,
+    last_bytes: u64,
+    last_move: Instant,
+}
+
+impl Clock {
+    fn new(t: &Tuning, started: Instant) -> Self {
+        Self {
+            started,
+            timeout: Duration::from_millis(t.timeout_ms),
+            stall: Duration::from_millis(t.progress_timeout_ms),
+            last_bytes: 0,
+            last_move: Instant::now(),
+        }
+    }
+
+    fn check(&mut self, bytes: u64) -> Result<(), MigrateError> {
+        if bytes != self.last_bytes {
+            self.last_bytes = bytes;
+            self.last_move = Instant::now();
+        }
+        if self.started.elapsed() >= self.timeout {
+            return Err(MigrateError::TimedOut(self.timeout));
+        }
+        if self.last_move.elapsed() >= self.stall {
+            return Err(MigrateError::Stalled(self.stall));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct MigrateInfo {
+    #[serde(default)]
+    status: String,
+    #[serde(default)]
+    ram: Option<RamInfo>,
+    #[serde(default)]
+    total_time: Option<u64>,
+    #[serde(default)]
+    downtime: Option<u64>,
+    #[serde(default)]
+    error_desc: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct RamInfo {
+    #[serde(default)]
+    transferred: u64,
+    #[serde(default)]
+    remaining: u64,
+    #[serde(default)]
+    dirty_sync_count: u64,
+}
+
+#[derive(Debug, Deserialize)]
+struct BlockJob {
+    device: String,
+    #[serde(default)]
+    offset: u64,
+    #[serde(default)]
+    ready: bool,
+}

@@ -1,0 +1,464 @@
+//! Moving VMs between hosts, end to end: simulated hosts (each `hosts/<name>.toml` runs
+//! the binary's own agent on a root of its own, optionally with one shared-storage
+//! folder in one pool), real QEMU (TCG) and the tiny test guest, which prints `tick N`
+//! every 0.2 s and counts its boots on its disk.
+//!
+//! What this file proves, one test each:
+//! - live migration with the disk on shared storage, by changing `host` in a commit: the
+//!   plan shows one `migrate` action (from, to, live); the guest's ticks continue on the
+//!   target without starting again at 1; one QEMU afterwards, on the target, whose disk
+//!   is the same shared file; status names the target;
+//! - live migration with local disks (NBD mirror): what the guest wrote to its disk
+//!   before the migration is on the target's disk (its boot counter, read back by a
+//!   reboot there); the source's copy is gone;
+//! - cold migration (`migration = "cold"`) between hosts without shared storage: the
+//!   disk is copied through the agents, the guest boots on the target and finds its data;
+//! - `migration = "none"`: a pin change is refused with the reason in the plan, nothing
+//!   moves;
+//! - drain: `state = "maintenance"` on a host with three VMs moves them all, live, to
+//!   the other hosts, respecting anti-affinity; the host ends empty;
+//! - the target QEMU killed mid-migration: the source keeps running the same QEMU, the
+//!   apply fails saying why, the half-made target is removed, a later plan retries;
+//! - the engine killed (kill -9) mid-migration and run again: exactly one copy runs,
+//!   where the status says.
+//!
+//! Every test has its own repository, state dir and host roots in a temp folder; the
+//! cleanup kills every process under it, even on failure.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use plasmavmc_e2e::proc::kill_and_wait;
+use plasmavmc_e2e::{
+    is_alive, ticks, wait_for, HostSpec, TestRepo, VmSpec, ACT_TIMEOUT, BOOT_TIMEOUT,
+};
+use serde_json::Value;
+
+/// Memory of every test VM: the least the test guest boots with.
+const VM_MB: u64 = 96;
+
+/// Bound for one migration of a test guest (a second or two here): 10× and more.
+const MOVE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `(op, vm, host, to, mode)` of every action of a `plan --json`.
+fn actions(plan: &Value) -> Vec<[String; 5]> {
+    let field = |a: &Value, k: &str| a[k].as_str().unwrap_or_default().to_owned();
+    plan["actions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| ["op", "vm", "host", "to", "mode"].map(|k| field(a, k)))
+        .collect()
+}
+
+/// A repository with hosts `names` (agents on their own roots), in one storage pool on
+/// `<tmp>/shared` when `shared`.
+fn hosts(names: &[&str], shared: bool) -> Result<TestRepo> {
+    let repo = TestRepo::new()?;
+    let pool = repo.root().join("shared");
+    std::fs::create_dir_all(&pool)?;
+    for name in names {
+        let mut spec = HostSpec::agent().memory(2048);
+        if shared {
+            spec = spec.shared(&pool, "pool1");
+        }
+        repo.write_host(name, &spec)?;
+    }
+    Ok(repo)
+}
+
+/// Applies the current commit; fails unless it exits 0.
+fn apply(repo: &TestRepo) -> Result<String> {
+    let out = repo.run(&["apply", "--auto-approve"])?;
+    out.expect_code(0)?;
+    Ok(out.all())
+}
+
+/// Waits until `vm`'s console on `host` shows a tick past `after`; returns the last one.
+fn ticking_on(repo: &TestRepo, host: &str, vm: &str, after: u64) -> Result<u64> {
+    wait_for(
+        format!("{vm} ticking past {after} on {host}"),
+        BOOT_TIMEOUT,
+        || {
+            ticks(&repo.serial_on(host, vm))
+                .last()
+                .is_some_and(|t| *t > after)
+        },
+    )?;
+    Ok(ticks(&repo.serial_on(host, vm))
+        .last()
+        .copied()
+        .unwrap_or(0))
+}
+
+/// Fails unless exactly one QEMU runs `vm`, on `host`; returns its pid.
+fn only_on(repo: &TestRepo, host: &str, vm: &str) -> Result<i32> {
+    let pid = repo.qemu_on(host, vm)?;
+    ensure!(
+        repo.qemus_of(vm) == [pid],
+        "{vm}: QEMUs {:?}, expected only {pid} on {host}",
+        repo.qemus_of(vm)
+    );
+    ensure!(
+        repo.hosts_with_instance(vm) == [host],
+        "{vm} has instances on {:?}, expected only on {host}",
+        repo.hosts_with_instance(vm)
+    );
+    let view = repo.vm_view(vm)?.context("no status")?;
+    ensure!(
+        view.phase == "running" && view.host == host && view.pid == Some(pid),
+        "{vm}'s status after the move:\n{view}"
+    );
+    Ok(pid)
+}
+
+/// Commits `vm` pinned to `to` and checks the plan has exactly one move of it.
+fn repin(repo: &TestRepo, spec: &VmSpec, vm: &str, from: &str, to: &str, mode: &str) -> Result<()> {
+    repo.write_vm(vm, &spec.clone().pin(to))?;
+    repo.commit(&format!("move {vm} to {to}"))?;
+    let plan = repo.plan_json(&[])?;
+    ensure!(
+        actions(&plan) == [["migrate", vm, from, to, mode].map(str::to_owned)],
+        "expected one {mode} move of {vm} from {from} to {to}:\n{plan:#}"
+    );
+    Ok(())
+}
+
+#[test]
+fn live_migration_with_a_shared_disk_keeps_the_guest_running() -> Result<()> {
+    let repo = hosts(&["hv1", "hv2"], true)?;
+    let spec = VmSpec::new().memory(VM_MB);
+    repo.write_vm("web", &spec.clone().pin("hv1"))?;
+    repo.commit("web on hv1")?;
+    apply(&repo)?;
+    let before = repo.qemu_on("hv1", "web")?;
+    let seen = ticking_on(&repo, "hv1", "web", 5)?;
+    let disk = repo.root().join("shared/web/data.qcow2");
+    ensure!(
+        disk.exists(),
+        "web's disk is not on shared storage at {}",
+        disk.display()
+    );
+
+    repin(&repo, &spec, "web", "hv1", "hv2", "live")?;
+    let out = apply(&repo)?;
+    println!("{out}");
+    let after = only_on(&repo, "hv2", "web")?;
+    ensure!(after != before, "the same pid {before} runs on hv2?");
+    // The guest went on: the target's console starts where the source's left off.
+    ticking_on(&repo, "hv2", "web", seen)?;
+    let there = ticks(&repo.serial_on("hv2", "web"));
+    ensure!(
+        there.first().is_some_and(|t| *t > seen) && !repo.serial_on("hv2", "web").contains("booted"),
+        "web rebooted on hv2 instead of continuing (ticks {there:?}, last seen on hv1 {seen})\n{out}"
+    );
+    let args = plasmavmc_e2e::cmdline(after)?.join(" ");
+    ensure!(
+        args.contains(&disk.display().to_string()),
+        "hv2's QEMU does not use the shared disk {}: {args}",
+        disk.display()
+    );
+    let view = repo.vm_view("web")?.context("no status")?;
+    ensure!(
+        view.events.iter().any(|e| e.message.contains("downtime")),
+        "web's events do not record the migration's figures:\n{view}"
+    );
+    Ok(())
+}
+
+/// Reboots `vm` where it runs (a memory change restarts it, disks kept) and waits for the
+/// guest to report its boot counter on that disk.
+fn reboot_and_count(repo: &TestRepo, spec: &VmSpec, vm: &str, host: &str) -> Result<()> {
+    repo.write_vm(vm, &spec.clone().pin(host).memory(VM_MB + 32))?;
+    repo.commit(&format!("reboot {vm}"))?;
+    apply(repo)?;
+    wait_for(
+        format!("{vm} to boot again on {host} and count boot 2"),
+        BOOT_TIMEOUT,
+        || repo.serial_on(host, vm).contains("disk: boots=2"),
+    )
+    .with_context(|| repo.serial_on(host, vm))
+}
+
+#[test]
+fn live_migration_with_local_disks_carries_what_the_guest_wrote() -> Result<()> {
+    let repo = hosts(&["hv1", "hv2"], false)?;
+    let spec = VmSpec::new().memory(VM_MB);
+    repo.write_vm("web", &spec.clone().pin("hv1"))?;
+    repo.commit("web on hv1")?;
+    apply(&repo)?;
+    let seen = ticking_on(&repo, "hv1", "web", 10)?;
+    ensure!(
+        repo.serial_on("hv1", "web").contains("disk: boots=1"),
+        "the guest did not write its boot counter on hv1"
+    );
+
+    repin(&repo, &spec, "web", "hv1", "hv2", "live")?;
+    let out = apply(&repo)?;
+    println!("{out}");
+    only_on(&repo, "hv2", "web")?;
+    ticking_on(&repo, "hv2", "web", seen)?;
+    let there = ticks(&repo.serial_on("hv2", "web"));
+    ensure!(
+        there.first().is_some_and(|t| *t > seen),
+        "web did not continue on hv2 (ticks {there:?}, last seen on hv1 {seen})\n{out}"
+    );
+    ensure!(
+        out.contains("MiB disk"),
+        "the move does not say its disk was mirrored:\n{out}"
+    );
+    ensure!(
+        !repo.instance_dir_on("hv1", "web").exists(),
+        "hv1 still has web's instance (and its stale disk)"
+    );
+    // The disk on hv2 holds what the guest wrote on hv1: its boot counter.
+    reboot_and_count(&repo, &spec, "web", "hv2")
+}
+
+#[test]
+fn cold_migration_copies_the_disk_and_boots_on_the_target() -> Result<()> {
+    let repo = hosts(&["hv1", "hv2"], false)?;
+    let spec = VmSpec::new().memory(VM_MB).migration("cold");
+    repo.write_vm("db", &spec.clone().pin("hv1"))?;
+    repo.commit("db on hv1")?;
+    apply(&repo)?;
+    ticking_on(&repo, "hv1", "db", 5)?;
+
+    repin(&repo, &spec, "db", "hv1", "hv2", "cold")?;
+    let out = apply(&repo)?;
+    println!("{out}");
+    only_on(&repo, "hv2", "db")?;
+    wait_for("db to boot on hv2 and find its disk", BOOT_TIMEOUT, || {
+        repo.serial_on("hv2", "db").contains("disk: boots=2")
+    })
+    .with_context(|| repo.serial_on("hv2", "db"))?;
+    ensure!(
+        !repo.instance_dir_on("hv1", "db").exists(),
+        "hv1 still has db's instance after the move"
+    );
+    Ok(())
+}
+
+#[test]
+fn migration_none_refuses_to_move_and_says_why() -> Result<()> {
+    let repo = hosts(&["hv1", "hv2"], true)?;
+    let spec = VmSpec::new().no_disks().memory(VM_MB).migration("none");
+    repo.write_vm("pet", &spec.clone().pin("hv1"))?;
+    repo.commit("pet on hv1")?;
+    apply(&repo)?;
+    let pid = repo.qemu_on("hv1", "pet")?;
+    repo.write_vm("pet", &spec.clone().pin("hv2"))?;
+    repo.commit("pin pet to hv2")?;
+    let plan = repo.plan_json(&[])?;
+    ensure!(
+        !actions(&plan).iter().any(|a| a[0] == "migrate"),
+        "a VM with migration = none was moved:\n{plan:#}"
+    );
+    let notes: Vec<&str> = plan["notes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    ensure!(
+        notes
+            .iter()
+            .any(|n| n.starts_with("pet: must move (pinned to hv2")
+                && n.contains(r#"migration = "none""#)),
+        "the plan does not say why pet stays:\n{plan:#}"
+    );
+    let _ = repo.run(&["apply", "--auto-approve"])?;
+    ensure!(
+        repo.qemus_of("pet") == [pid] && is_alive(pid),
+        "pet's QEMU changed: {:?}, was {pid}",
+        repo.qemus_of("pet")
+    );
+    Ok(())
+}
+
+#[test]
+fn maintenance_drains_a_host_live_keeping_anti_affinity() -> Result<()> {
+    let repo = hosts(&["hv1", "hv2", "hv3"], false)?;
+    let vm = |group: Option<&str>| {
+        let spec = VmSpec::new().no_disks().memory(VM_MB);
+        match group {
+            Some(g) => spec.group(g),
+            None => spec,
+        }
+    };
+    let layout = [
+        ("a1", Some("a"), "hv1"),
+        ("b1", Some("b"), "hv1"),
+        ("c1", None, "hv1"),
+        ("a2", Some("a"), "hv2"),
+        ("b2", Some("b"), "hv3"),
+    ];
+    for (name, group, host) in layout {
+        repo.write_vm(name, &vm(group).pin(host))?;
+    }
+    repo.commit("three VMs on hv1")?;
+    apply(&repo)?;
+    let mut seen = Vec::new();
+    for (name, _, host) in layout {
+        seen.push(ticking_on(&repo, host, name, 3)?);
+    }
+
+    // One commit: hv1 in maintenance, its VMs no longer pinned.
+    repo.write_host("hv1", &HostSpec::agent().memory(2048).maintenance())?;
+    for (name, group, _) in &layout[..3] {
+        repo.write_vm(name, &vm(*group))?;
+    }
+    repo.commit("drain hv1")?;
+    let plan = repo.plan_json(&[])?;
+    let moves = actions(&plan);
+    ensure!(
+        moves.len() == 3
+            && moves
+                .iter()
+                .all(|a| a[0] == "migrate" && a[2] == "hv1" && a[4] == "live"),
+        "expected three live moves off hv1:\n{plan:#}"
+    );
+    let out = apply(&repo)?;
+    println!("{out}");
+    ensure!(
+        repo.host_qemus("hv1").is_empty(),
+        "hv1 still runs QEMUs {:?}",
+        repo.host_qemus("hv1")
+    );
+    // Anti-affinity: a1 avoids hv2 (a2), b1 avoids hv3 (b2).
+    for (name, host) in [("a1", "hv3"), ("b1", "hv2")] {
+        only_on(&repo, host, name)?;
+    }
+    let c1 = repo.hosts_with_instance("c1");
+    ensure!(c1 == ["hv2"] || c1 == ["hv3"], "c1 is on {c1:?}");
+    only_on(&repo, &c1[0], "c1")?;
+    for ((name, _, _), before) in layout[..3].iter().zip(&seen) {
+        let host = repo.hosts_with_instance(name).remove(0);
+        ticking_on(&repo, &host, name, *before)?;
+        let first = ticks(&repo.serial_on(&host, name)).first().copied();
+        ensure!(
+            first.is_some_and(|t| t > 1),
+            "{name} restarted on {host} instead of moving live (first tick {first:?}, had {before})"
+        );
+    }
+    let hv1 = repo.host_view("hv1")?.context("no status for hv1")?;
+    ensure!(
+        hv1.phase == "maintenance" && hv1.vms.is_empty(),
+        "hv1's status after the drain: {hv1:?}"
+    );
+    Ok(())
+}
+
+/// A repository whose migrations crawl (1 MiB/s), with `web` (shared disk) running on
+/// hv1 and a commit moving it to hv2; returns the repo and hv1's QEMU pid.
+fn slow_move() -> Result<(TestRepo, VmSpec, i32)> {
+    let repo = hosts(&["hv1", "hv2"], true)?;
+    repo.set_cluster_settings("[migration]\nmax_bandwidth_mib = 1\n")?;
+    let spec = VmSpec::new().memory(VM_MB);
+    repo.write_vm("web", &spec.clone().pin("hv1"))?;
+    repo.commit("web on hv1")?;
+    apply(&repo)?;
+    ticking_on(&repo, "hv1", "web", 5)?;
+    let pid = repo.qemu_on("hv1", "web")?;
+    repin(&repo, &spec, "web", "hv1", "hv2", "live")?;
+    Ok((repo, spec, pid))
+}
+
+/// Resident memory of `pid` in KiB.
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Waits until hv2 runs the incoming QEMU of `web` and guest memory is arriving (its
+/// resident memory grew by 8 MiB); returns its pid.
+fn target_receiving(repo: &TestRepo) -> Result<i32> {
+    let mut target = 0;
+    wait_for("the migration target's QEMU on hv2", ACT_TIMEOUT, || {
+        target = repo.host_qemus("hv2").first().copied().unwrap_or(0);
+        target != 0
+    })?;
+    let start = rss_kib(target);
+    wait_for("guest memory arriving on hv2", MOVE_TIMEOUT, || {
+        rss_kib(target) > start + 8 * 1024
+    })?;
+    Ok(target)
+}
+
+#[test]
+fn target_killed_mid_migration_leaves_the_source_running() -> Result<()> {
+    let (repo, _spec, source) = slow_move()?;
+    let engine = repo.spawn(&["apply", "--auto-approve"])?;
+    let target = target_receiving(&repo)?;
+    kill_and_wait(target, ACT_TIMEOUT)?;
+    let out = engine.finish(MOVE_TIMEOUT)?;
+    ensure!(
+        out.code != Some(0) && out.all().contains("migrate web"),
+        "apply should fail naming the migration:\n{}",
+        out.all()
+    );
+    println!("{}", out.all());
+    ensure!(
+        is_alive(source) && repo.qemus_of("web") == [source],
+        "web's QEMUs are {:?}; the source {source} should run alone",
+        repo.qemus_of("web")
+    );
+    let seen = ticks(&repo.serial_on("hv1", "web"))
+        .last()
+        .copied()
+        .unwrap_or(0);
+    ticking_on(&repo, "hv1", "web", seen)?;
+    ensure!(
+        !repo.instance_dir_on("hv2", "web").exists(),
+        "the half-made target on hv2 was not removed"
+    );
+    let view = repo.vm_view("web")?.context("no status")?;
+    ensure!(
+        view.host == "hv1" && view.phase == "running" && view.message.contains("migrat"),
+        "web's status should say it runs on hv1 and why it did not move:\n{view}"
+    );
+    // A later plan tries again.
+    let plan = repo.plan_json(&[])?;
+    ensure!(
+        actions(&plan) == [["migrate", "web", "hv1", "hv2", "live"].map(str::to_owned)],
+        "the next plan does not retry the move:\n{plan:#}"
+    );
+    Ok(())
+}
+
+#[test]
+fn engine_killed_mid_migration_ends_with_one_copy() -> Result<()> {
+    let (repo, _spec, source) = slow_move()?;
+    let engine = repo.spawn(&["apply", "--auto-approve"])?;
+    let target = target_receiving(&repo)?;
+    kill_and_wait(engine.pid(), ACT_TIMEOUT)?;
+    drop(engine);
+    // The QEMUs outlive the engine; only the source runs the guest.
+    ensure!(
+        is_alive(source) && is_alive(target),
+        "a QEMU died with the engine"
+    );
+
+    repo.set_cluster_settings("")?;
+    repo.commit("full speed")?;
+    let out = apply(&repo)?;
+    println!("{out}");
+    let pid = only_on(&repo, "hv2", "web")?;
+    ticking_on(&repo, "hv2", "web", 1)?;
+    let first = ticks(&repo.serial_on("hv2", "web")).first().copied();
+    ensure!(
+        first.is_some_and(|t| t > 1),
+        "web rebooted instead of moving (first tick on hv2 {first:?})\n{out}"
+    );
+    ensure!(
+        !is_alive(source),
+        "the source QEMU {source} still runs beside {pid}"
+    );
+    Ok(())
+}
