@@ -33,15 +33,34 @@ echo "plasmavmc-guest: booted"
 poweroff_after=0
 panic_after=0
 ignore_acpi=0
+fill_mb=0
+dirty_mb=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         plasmavmc.poweroff=*) poweroff_after=${arg#plasmavmc.poweroff=} ;;
         plasmavmc.panic=*) panic_after=${arg#plasmavmc.panic=} ;;
         plasmavmc.ignore_acpi=*) ignore_acpi=${arg#plasmavmc.ignore_acpi=} ;;
+        plasmavmc.fill=*) fill_mb=${arg#plasmavmc.fill=} ;;
+        plasmavmc.dirty=*) dirty_mb=${arg#plasmavmc.dirty=} ;;
     esac
 done
 case "$poweroff_after" in ''|*[!0-9]*) poweroff_after=0 ;; esac
 case "$panic_after" in ''|*[!0-9]*) panic_after=0 ;; esac
+case "$fill_mb" in ''|*[!0-9]*) fill_mb=0 ;; esac
+case "$dirty_mb" in ''|*[!0-9]*) dirty_mb=0 ;; esac
+
+# --- memory load (migration benchmarks) ------------------------------------
+# plasmavmc.fill=N: N MiB of guest memory hold non-zero data (no zero pages to skip).
+# plasmavmc.dirty=N: N MiB are rewritten over and over (a guest dirtying memory).
+if [ "$fill_mb" -gt 0 ]; then
+    dd if=/dev/zero bs=1048576 count="$fill_mb" 2>/dev/null | tr '\000' 'x' >/tmp/fill
+    echo "plasmavmc-guest: filled $fill_mb MiB"
+fi
+if [ "$dirty_mb" -gt 0 ]; then
+    dd if=/dev/zero bs=1048576 count="$dirty_mb" 2>/dev/null | tr '\000' 'y' >/tmp/pattern
+    ( while :; do cp /tmp/pattern /tmp/dirty; done ) &
+    echo "plasmavmc-guest: dirtying $dirty_mb MiB"
+fi
 
 # --- ACPI power button -------------------------------------------------------
 # The engine stops a VM gracefully with the ACPI power button (QMP

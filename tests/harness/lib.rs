@@ -25,6 +25,7 @@ mod daemon;
 pub mod fault;
 mod git;
 pub mod proc;
+pub mod qmp;
 mod repo;
 mod run;
 pub mod serial;

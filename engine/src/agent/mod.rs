@@ -272,6 +272,11 @@ async fn handle(host: &LocalHost, store: &FileStore, request: Request) -> Result
             .await
             .map(|stats| Reply::Migrated { stats })
             .map_err(|e| err(&e)),
+        Request::MigrationStats { vm } => host
+            .migration_stats(&vm)
+            .await
+            .map(|stats| Reply::Migrated { stats })
+            .map_err(|e| err(&e)),
         Request::Discard { vm } => host
             .discard(&vm)
             .await

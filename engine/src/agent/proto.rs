@@ -124,6 +124,10 @@ pub enum Request {
     Discard {
         vm: String,
     },
+    /// The final figures of a completed outgoing migration ([`Reply::Migrated`]).
+    MigrationStats {
+        vm: String,
+    },
     /// A chunk of a stopped instance's local disk. Answered with [`Reply::DiskChunk`],
     /// whose bytes travel raw in the frame right after it.
     ReadDisk {

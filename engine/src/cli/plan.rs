@@ -285,7 +285,7 @@ fn print_step(step: &Step) {
     let a = &step.action;
     match &step.outcome {
         Outcome::Done { detail, took } => println!(
-            "  ok   {} {} ({:.1}s): {detail}",
+            "  ok   {} {} ({:.2}s): {detail}",
             a.op(),
             a.vm(),
             took.as_secs_f64()

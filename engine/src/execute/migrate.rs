@@ -91,6 +91,14 @@ pub(super) async fn run_move<H: Host>(
             };
             // Past the commit point: the guest lives on the target now.
             let pid = dst.start(m.vm).await?;
+            // QEMU settles its figures a moment after `completed`; the guest runs already.
+            let stats = match src.migration_stats(m.vm).await {
+                Ok(last) => crate::qemu::migrate::Stats {
+                    disk_bytes: stats.disk_bytes,
+                    ..last
+                },
+                Err(_) => stats,
+            };
             discard_source(src, m).await;
             Ok(format!(
                 "live to {}, pid {pid}: {} ms, downtime {} ms, {} MiB memory{}, {} passes",

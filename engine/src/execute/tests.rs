@@ -90,6 +90,10 @@ impl Host for FakeHost {
         self.record(format!("migrate {vm} to {}", to.uri))
             .map(|()| Stats::default())
     }
+    async fn migration_stats(&self, vm: &str) -> Result<Stats, HostError> {
+        self.record(format!("stats {vm}"))
+            .map(|()| Stats::default())
+    }
     async fn discard(&self, vm: &str) -> Result<(), HostError> {
         self.record(format!("discard {vm}"))
     }

@@ -601,6 +601,14 @@ impl Host for AgentHost {
         }
     }
 
+    async fn migration_stats(&self, vm: &str) -> Result<Stats, HostError> {
+        let request = Request::MigrationStats { vm: vm.to_owned() };
+        match self.call(vm, request, self.opts.request_timeout).await? {
+            Reply::Migrated { stats } => Ok(stats),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     async fn discard(&self, vm: &str) -> Result<(), HostError> {
         let request = Request::Discard { vm: vm.to_owned() };
         match self

@@ -209,6 +209,13 @@ pub trait Host: Send + Sync {
         tuning: &crate::qemu::migrate::Tuning,
     ) -> impl Future<Output = Result<crate::qemu::migrate::Stats, HostError>> + Send;
 
+    /// The final figures of the migration that completed from `vm` here (QEMU settles
+    /// them a moment after `completed`).
+    fn migration_stats(
+        &self,
+        vm: &str,
+    ) -> impl Future<Output = Result<crate::qemu::migrate::Stats, HostError>> + Send;
+
     /// Removes an instance whose VM lives on another host now (a migration source after
     /// the target runs), or a migration target that was never resumed: its QEMU is ended
     /// and its folder and local disks are deleted — they are stale or half-made copies.

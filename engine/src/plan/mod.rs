@@ -82,26 +82,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
     let mut load = Load::new(desired, observed);
     // Moves first: the capacity they free on their source is free before anything new
     // is placed (moves run before creations).
-    let mut moved: BTreeSet<&str> = BTreeSet::new();
-    for &name in &names {
-        let copies = observed.copies(name);
-        let (Some(want), Some(&first)) = (desired.vms.get(name), copies.first()) else {
-            continue;
-        };
-        let several = copies.len() > 1;
-        let (host, have) = if several {
-            recover::keeper(observed, name, &copies)
-        } else {
-            first
-        };
-        if recover::resumable(have, several) {
-            continue;
-        }
-        if moves::plan_move(desired, &mut load, want, host, have, &mut out) {
-            load.release(host, want);
-            moved.insert(name);
-        }
-    }
+    let moved = moves::plan_moves(desired, observed, &names, &mut load, &mut out);
     for name in names {
         let copies = observed.copies(name);
         let found = match copies.as_slice() {

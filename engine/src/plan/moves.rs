@@ -15,19 +15,33 @@ use plasmavmc_specs::{Desired, HostState, MigrationPolicy, Power, VmEntry};
 
 use super::place::Load;
 use super::{needs_reboot, Action, MoveMode, Plan};
+use crate::observe::Observed;
 use crate::observe::{ObservedVm, RunState};
+use std::collections::BTreeSet;
 
-/// Plans the move of `want` (kept on `host` as `have`) when it must move. Returns true
-/// when the VM's fate is settled by it (a move was planned); false leaves the VM to the
-/// other rules, where it stays.
+/// What [`plan_move`] decided for one VM.
+#[derive(Debug)]
+pub(super) enum Decision {
+    /// It stays where it is, nothing to say.
+    Stay,
+    /// It moves (with a note to show, sometimes).
+    Move {
+        action: Action,
+        note: Option<String>,
+    },
+    /// It should move but cannot (now); `pending` when the commit cannot count as applied.
+    Blocked { note: String, pending: bool },
+}
+
+/// Whether `want` (kept on `host` as `have`) must move, and how; a move books its place on
+/// the target in `load`.
 pub(super) fn plan_move(
     desired: &Desired,
     load: &mut Load,
     want: &VmEntry,
     host: &str,
     have: &ObservedVm,
-    out: &mut Plan,
-) -> bool {
+) -> Decision {
     let vm = &want.name;
     let draining = desired
         .hosts
@@ -36,38 +50,43 @@ pub(super) fn plan_move(
     let why = match &want.spec.host {
         Some(pin) if pin != host => format!("pinned to {pin} (runs on {host})"),
         Some(_) if draining => {
-            out.notes.push(format!(
-                "{vm}: {host} is in maintenance but {vm} is pinned to it; change or remove the pin to move it"
-            ));
-            return false;
+            return Decision::Blocked {
+                note: format!(
+                    "{vm}: {host} is in maintenance but {vm} is pinned to it; change or remove the pin to move it"
+                ),
+                pending: false,
+            };
         }
         _ if draining => format!("{host} is in maintenance (drain)"),
-        _ => return false,
+        _ => return Decision::Stay,
     };
     if !matches!(
         have.state,
         RunState::Running | RunState::Stopped | RunState::Exited
     ) {
-        out.notes.push(format!(
-            "{vm}: must move ({why}) but its QEMU is {}; not moved now",
-            have.detail.as_deref().unwrap_or("not running normally")
-        ));
-        return false;
+        return Decision::Blocked {
+            note: format!(
+                "{vm}: must move ({why}) but its QEMU is {}; not moved now",
+                have.detail.as_deref().unwrap_or("not running normally")
+            ),
+            pending: false,
+        };
     }
     // A VM that should stop anyway moves cold (stopped, copied, not started).
     let runs = have.state == RunState::Running && want.spec.power == Power::Running;
+    let mut note = None;
     let mode = match want.spec.migration {
         MigrationPolicy::None => {
-            let note = format!(
-                "{vm}: must move ({why}) but migration = \"none\": commit migration = \"cold\" (restart elsewhere) or \"live\" to allow it"
-            );
-            out.notes.push(note.clone());
-            out.pending.push(note);
-            return false;
+            return Decision::Blocked {
+                note: format!(
+                    "{vm}: must move ({why}) but migration = \"none\": commit migration = \"cold\" (restart elsewhere) or \"live\" to allow it"
+                ),
+                pending: true,
+            };
         }
         MigrationPolicy::Live if runs && !needs_reboot(&have.spec, &want.spec) => MoveMode::Live,
         MigrationPolicy::Live if runs => {
-            out.notes.push(format!(
+            note = Some(format!(
                 "{vm}: moves cold: the spec change needs a reboot, so the guest cannot move live"
             ));
             MoveMode::Cold
@@ -81,23 +100,80 @@ pub(super) fn plan_move(
         storage_fit(desired, want)(candidate)
     };
     match load.place_where(desired, want, not_here) {
-        Ok(placement) => {
-            out.actions.push(Action::Migrate {
+        Ok(placement) => Decision::Move {
+            action: Action::Migrate {
                 vm: vm.clone(),
                 host: host.to_owned(),
                 to: placement.host.clone(),
                 mode,
                 reason: format!("{why}; to {}: {}", placement.host, placement.why),
-            });
-            true
-        }
-        Err(missing) => {
-            let note = format!("{vm}: must move ({why}) but cannot be placed: {missing}");
-            out.notes.push(note.clone());
-            out.pending.push(note);
-            false
+            },
+            note,
+        },
+        Err(missing) => Decision::Blocked {
+            note: format!("{vm}: must move ({why}) but cannot be placed: {missing}"),
+            pending: true,
+        },
+    }
+}
+
+/// Plans every move `desired` asks of what `observed` runs, releasing each mover's share
+/// on its source. Rounds repeat while a move frees room another one needed, so a plan
+/// carried out leaves no move for the next one. Returns the VMs that move.
+pub(super) fn plan_moves<'a>(
+    desired: &Desired,
+    observed: &Observed,
+    names: &BTreeSet<&'a str>,
+    load: &mut Load,
+    out: &mut Plan,
+) -> BTreeSet<&'a str> {
+    let mut moved = BTreeSet::new();
+    let mut blocked = std::collections::BTreeMap::new();
+    let mut todo: Vec<&str> = names.iter().copied().collect();
+    loop {
+        let mut progress = false;
+        todo.retain(|&name| {
+            let copies = observed.copies(name);
+            let (Some(want), Some(&first)) = (desired.vms.get(name), copies.first()) else {
+                return false;
+            };
+            let several = copies.len() > 1;
+            let (host, have) = if several {
+                super::recover::keeper(observed, name, &copies)
+            } else {
+                first
+            };
+            if super::recover::resumable(have, several) {
+                return false;
+            }
+            match plan_move(desired, load, want, host, have) {
+                Decision::Stay => false,
+                Decision::Move { action, note } => {
+                    out.actions.push(action);
+                    out.notes.extend(note);
+                    load.release(host, want);
+                    moved.insert(name);
+                    blocked.remove(name);
+                    progress = true;
+                    false
+                }
+                Decision::Blocked { note, pending } => {
+                    blocked.insert(name, (note, pending));
+                    true
+                }
+            }
+        });
+        if !progress {
+            break;
         }
     }
+    for (note, pending) in blocked.into_values() {
+        if pending {
+            out.pending.push(note.clone());
+        }
+        out.notes.push(note);
+    }
+    moved
 }
 
 /// Whether a host can hold `want`'s disks: a disk that must be on shared storage needs a

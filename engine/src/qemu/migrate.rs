@@ -10,6 +10,7 @@
 //!
 //! Progress is polled (`query-migrate`, `query-block-jobs`): QMP events are not buffered
 //! while no client listens, and the host's one QMP connection belongs to the monitor.
+//! Figures (total time, downtime) are QEMU's own at `completed`.
 
 use std::time::{Duration, Instant};
 
@@ -19,8 +20,9 @@ use tracing::{debug, info, warn};
 
 use super::qmp::{Qmp, QmpError};
 
-/// How often progress is polled.
-const POLL: Duration = Duration::from_millis(50);
+/// How often progress is polled: every poll of a finished migration is time the guest
+/// waits, paused, for its target to be resumed.
+const POLL: Duration = Duration::from_millis(10);
 
 /// How an outgoing migration is tuned and bounded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -185,10 +187,11 @@ async fn run_outgoing(
     qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
     let mut last_log = Instant::now();
     let mut disk_bytes = 0;
-    loop {
+    let info = loop {
         let info: MigrateInfo = qmp.query("query-migrate", None).await?;
         match info.status.as_str() {
-            "completed" => break,
+            // The commit point. Returned at once: the target stays paused until resumed.
+            "completed" => break info,
             "failed" | "cancelled" => {
                 return Err(MigrateError::Failed(
                     info.error_desc.unwrap_or_else(|| info.status.clone()),
@@ -213,21 +216,8 @@ async fn run_outgoing(
                 passes = ram.dirty_sync_count, "migrating");
         }
         tokio::time::sleep(POLL).await;
-    }
-    // Downtime figures settle a moment after `completed` (measured): ask once more.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let info: MigrateInfo = qmp.query("query-migrate", None).await?;
-    for disk in mirror {
-        if let Err(e) = qmp
-            .execute(
-                "blockdev-del",
-                Some(json!({ "node-name": mirror_node(disk) })),
-            )
-            .await
-        {
-            debug!(disk, error = %e, "blockdev-del");
-        }
-    }
+    };
+    // The NBD nodes go with the source QEMU, which is discarded once the target runs.
     let ram = info.ram.unwrap_or_default();
     Ok(Stats {
         total_ms: info
@@ -238,6 +228,30 @@ async fn run_outgoing(
         disk_bytes,
         passes: ram.dirty_sync_count,
     })
+}
+
+/// The figures of the migration that completed on this source, once QEMU has them (a
+/// moment after `completed`: measured), waiting at most a second.
+pub async fn final_stats(qmp: &Qmp) -> Result<Stats, MigrateError> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let info: MigrateInfo = qmp.query("query-migrate", None).await?;
+        if info.status != "completed" {
+            return Err(MigrateError::NotCompleted(info.status));
+        }
+        let settled = info.total_time.is_some_and(|t| t > 0) && info.downtime.is_some();
+        if settled || Instant::now() >= deadline {
+            let ram = info.ram.unwrap_or_default();
+            return Ok(Stats {
+                total_ms: info.total_time.unwrap_or(0),
+                downtime_ms: info.downtime.unwrap_or(0),
+                ram_bytes: ram.transferred,
+                disk_bytes: 0,
+                passes: ram.dirty_sync_count,
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// Starts a full mirror of every disk of `nbd` into the target's export and waits until

@@ -209,6 +209,25 @@ impl LocalHost {
         Ok(stats)
     }
 
+    pub(super) async fn migration_stats_here(&self, vm: &str) -> Result<Stats, HostError> {
+        let (dir, inst) = self.read(vm)?;
+        let pid = Self::live_pid(&dir, &inst).ok_or_else(|| HostError::Refused {
+            vm: vm.to_owned(),
+            reason: "its QEMU is gone; no migration figures".to_owned(),
+        })?;
+        let qmp = self
+            .monitor
+            .qmp(&dir, vm, &inst.uuid, pid, QMP_PROBE)
+            .await
+            .map_err(|source| HostError::Qmp {
+                vm: vm.to_owned(),
+                source: Box::new(source),
+            })?;
+        migrate::final_stats(&qmp)
+            .await
+            .map_err(|e| Self::migration_err(vm, e))
+    }
+
     /// A live QEMU that is not running its guest is resumed: a migration target that
     /// completed (`cont` after the NBD exports end), or a source whose migration was cut
     /// short (cancelled, then `cont`). Returns the pid.

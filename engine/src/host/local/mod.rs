@@ -654,6 +654,10 @@ impl Host for LocalHost {
         self.discard_here(vm).await
     }
 
+    async fn migration_stats(&self, vm: &str) -> Result<crate::qemu::migrate::Stats, HostError> {
+        self.migration_stats_here(vm).await
+    }
+
     async fn read_disk(
         &self,
         vm: &str,
