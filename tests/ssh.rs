@@ -21,14 +21,10 @@
 //! even when the test fails.
 
 use std::fs;
-use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use plasmavmc_e2e::proc::qemus_under;
-use plasmavmc_e2e::{cmdline, wait_for, Sshd, TestRepo, VmSpec, BOOT_TIMEOUT};
-
-/// Bound for the agents to exit once their engine is gone (EOF through ssh).
-const AGENT_EXIT: Duration = Duration::from_secs(10);
+use plasmavmc_e2e::{Sshd, TestRepo, VmSpec, BOOT_TIMEOUT};
 
 #[test]
 fn a_vm_on_an_ssh_host_runs_under_its_root() -> Result<()> {
@@ -81,17 +77,8 @@ fn a_vm_on_an_ssh_host_runs_under_its_root() -> Result<()> {
         repo.qemu_on("hv1", "web")? == pid,
         "web's QEMU changed while it booted"
     );
-    wait_for("the agents to exit with their engine", AGENT_EXIT, || {
-        repo.agent_pids().is_empty()
-    })
-    .with_context(|| {
-        let left: Vec<String> = repo
-            .agent_pids()
-            .into_iter()
-            .map(|p| format!("{p}: {}", cmdline(p).unwrap_or_default().join(" ")))
-            .collect();
-        format!("agents left: {left:?}")
-    })?;
+    // The remote agents saw their engine go (EOF through ssh) and exited.
+    repo.wait_agents_exit("apply and status")?;
     Ok(())
 }
 
