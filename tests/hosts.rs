@@ -18,21 +18,14 @@
 //! Every test has its own repository, state dir and host roots in a temp folder; the
 //! repository's cleanup kills every QEMU and agent under it, even on failure.
 
-use std::time::Duration;
-
 use anyhow::{ensure, Context, Result};
 use plasmavmc_e2e::artifacts::sha256_file;
 use plasmavmc_e2e::proc::qemus_under;
-use plasmavmc_e2e::{
-    cmdline, is_alive, wait_for, HostSpec, TestRepo, VmSpec, ACT_TIMEOUT, BOOT_TIMEOUT,
-};
+use plasmavmc_e2e::{is_alive, HostSpec, TestRepo, VmSpec, ACT_TIMEOUT, BOOT_TIMEOUT};
 use serde_json::Value;
 
 /// Memory of every test VM: the least the test guest boots with (64 MB does not).
 const VM_MB: u64 = 96;
-
-/// Bound for agents to exit once their engine is gone (EOF on stdin).
-const AGENT_EXIT: Duration = Duration::from_secs(10);
 
 /// A VM spec that boots the guest with [`VM_MB`] and no disk.
 fn small() -> VmSpec {
@@ -83,23 +76,6 @@ fn running_on(repo: &TestRepo, vm: &str, host: &str) -> Result<i32> {
         "{vm} has instances on {hosts:?}, expected only on {host}"
     );
     repo.qemu_on(host, vm)
-}
-
-/// Waits until no agent of this test runs: they exit when their engine is gone.
-fn agents_exit(repo: &TestRepo, after: &str) -> Result<()> {
-    wait_for(
-        format!("every agent to exit after {after}"),
-        AGENT_EXIT,
-        || repo.agent_pids().is_empty(),
-    )
-    .with_context(|| {
-        let left: Vec<String> = repo
-            .agent_pids()
-            .into_iter()
-            .map(|p| format!("{p}: {}", cmdline(p).unwrap_or_default().join(" ")))
-            .collect();
-        format!("agents left: {left:?}")
-    })
 }
 
 /// Fails unless `root/files/` holds the guest's kernel and initrd under their SHA-256.
@@ -158,10 +134,10 @@ fn vms_spread_over_exec_hosts_by_group() -> Result<()> {
                 .is_some_and(|r| r.contains("0 other VMs of group web there"))),
         "the create reasons do not give the group rule\n{plan:#}"
     );
-    agents_exit(&repo, "plan")?;
+    repo.wait_agents_exit("plan")?;
 
     repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
-    agents_exit(&repo, "apply")?;
+    repo.wait_agents_exit("apply")?;
     for (vm, host) in placed {
         let pid = running_on(&repo, vm, host)?;
         let root = repo.host_root(host);
@@ -195,7 +171,7 @@ fn vms_spread_over_exec_hosts_by_group() -> Result<()> {
     repo.run(&["plan", "--detailed-exitcode"])?
         .expect_code(0)
         .context("a second plan should have nothing to do")?;
-    agents_exit(&repo, "the second plan")?;
+    repo.wait_agents_exit("the second plan")?;
     for (vm, host) in placed {
         running_on(&repo, vm, host)?;
     }
@@ -262,7 +238,7 @@ fn placement_explains_what_is_missing() -> Result<()> {
         "a host in maintenance runs QEMUs {:?}",
         qemus_under(&repo.host_root("hv3"))
     );
-    agents_exit(&repo, "apply")?;
+    repo.wait_agents_exit("apply")?;
 
     // The note now counts what the pinned VM takes on hv1.
     let plan = repo.plan_json(&[])?;
@@ -376,7 +352,7 @@ fn placement_is_sticky_and_memory_is_not_overcommitted() -> Result<()> {
             && running_on(&repo, "c", &c_host)? == pc,
         "planning moved a VM"
     );
-    agents_exit(&repo, "the last plan")?;
+    repo.wait_agents_exit("the last plan")?;
     Ok(())
 }
 

@@ -28,6 +28,17 @@ pub struct HostSpec {
     /// A command (argv, never a shell line) whose stdin/stdout speak the agent protocol.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exec: Option<Vec<String>>,
+    /// With an `ssh://` address: the `known_hosts` file holding this host's key, passed
+    /// as `ssh -o UserKnownHostsFile=PATH` (strict host key checking stays on), so each
+    /// host's key can be pinned without touching `~/.ssh`. Read from disk, not from git:
+    /// an absolute path, or relative to the spec folder in the working tree (inside it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub known_hosts: Option<String>,
+    /// With an `ssh://` address: the private key to log in with, passed as
+    /// `ssh -i PATH -o IdentitiesOnly=yes` (an engine under systemd has no ssh-agent).
+    /// Read from disk like `known_hosts`; ssh refuses a key others can read (chmod 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_file: Option<String>,
     /// Folder on the host where instances and local disks live (absolute).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root: Option<String>,
@@ -80,6 +91,8 @@ impl HostSpec {
             name: Some(LOCAL_HOST.to_owned()),
             address: Some("local".to_owned()),
             exec: None,
+            known_hosts: None,
+            identity_file: None,
             root: None,
             vcpus: None,
             memory_mb: None,
@@ -122,6 +135,7 @@ impl HostSpec {
                 }
             }
         }
+        out.extend(self.ssh_file_problems());
         for (key, path) in [
             ("root", &self.root),
             ("shared_storage", &self.shared_storage),
@@ -203,6 +217,41 @@ impl HostSpec {
             return inner.split(']').next().unwrap_or(inner).to_owned();
         }
         hostport.split(':').next().unwrap_or(hostport).to_owned()
+    }
+
+    /// The files only an `ssh://` host uses (`known_hosts`, `identity_file`), by key.
+    fn ssh_files(&self) -> [(&'static str, Option<&str>); 2] {
+        [
+            ("known_hosts", self.known_hosts.as_deref()),
+            ("identity_file", self.identity_file.as_deref()),
+        ]
+    }
+
+    /// `known_hosts` and `identity_file` on a host that is not reached by ssh (they would
+    /// be ignored: a contradiction), or unusable as paths.
+    fn ssh_file_problems(&self) -> Vec<Problem> {
+        // With both or neither of `address` and `exec`, that is the error reported.
+        let reached_by = match (&self.address, &self.exec) {
+            (Some(addr), None) if !addr.starts_with("ssh://") => {
+                Some(format!("address = {addr:?}"))
+            }
+            (None, Some(_)) => Some("`exec` (put ssh options in its argv)".to_owned()),
+            _ => None,
+        };
+        let mut out = Vec::new();
+        for (key, value) in self.ssh_files() {
+            let Some(value) = value else { continue };
+            let problem = match &reached_by {
+                Some(how) => Some(format!(
+                    "{key} is only used with an ssh:// address, but this host is reached by {how}"
+                )),
+                None => crate::vm::path_problem(value),
+            };
+            if let Some(p) = problem {
+                out.push((vec![Seg::Key(key)], p));
+            }
+        }
+        out
     }
 }
 

@@ -396,7 +396,7 @@ impl VmSpec {
 }
 
 /// Why a file path given in a spec is unusable on its own, or `None`.
-fn path_problem(path: &str) -> Option<String> {
+pub(crate) fn path_problem(path: &str) -> Option<String> {
     if path.is_empty() {
         return Some("path is empty".to_owned());
     }

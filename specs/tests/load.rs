@@ -88,7 +88,7 @@ fn disk_and_nic_problems_point_into_arrays() {
     let text = "[[disks]]\nname = \"root\"\nsize_gb = 1\n\n[[disks]]\nname = \"root\"\nimage = \"x\"\nsize_gb = 2\n\n[[nics]]\nforward = [\"tcp:22\"]\n";
     let errs = errors(&[file("vms/a.toml", text)]);
     assert_eq!(
-        errs,
+        errs[..3],
         [
             "repo/vms/a.toml:6:1: disk name \"root\" is used twice in this VM",
             "repo/vms/a.toml:7:1: set either `size_gb` or `image`, not both",
@@ -142,4 +142,44 @@ fn durations_in_cluster_settings_are_checked() {
     );
     let d = load(&[file("plasmavmc.toml", "[timeouts]\nstop = \"5s\"\n")]).expect("valid");
     assert_eq!(d.cluster.timeouts.stop.0.as_secs(), 5);
+}
+
+#[test]
+fn ssh_files_are_for_ssh_hosts_only() {
+    let d = load(&[file(
+        "hosts/hv1.toml",
+        "address = \"ssh://root@hv1:2222\"\nknown_hosts = \"keys/known_hosts\"\nidentity_file = \"/etc/plasmavmc/id\"\n",
+    )])
+    .expect("valid");
+    let hv1 = &d.hosts["hv1"].spec;
+    assert_eq!(hv1.known_hosts.as_deref(), Some("keys/known_hosts"));
+    assert_eq!(hv1.identity_file.as_deref(), Some("/etc/plasmavmc/id"));
+    let errs = errors(&[
+        file("hosts/a.toml", "address = \"local\"\nknown_hosts = \"k\"\n"),
+        file(
+            "hosts/b.toml",
+            "exec = [\"/bin/agent\"]\n\nidentity_file = \"id\"\n",
+        ),
+        file(
+            "hosts/c.toml",
+            "address = \"ssh://c\"\nidentity_file = \"\"\n",
+        ),
+        file(
+            "hosts/d.toml",
+            "address = \"ssh://d\"\nidentity_fil = \"id\"\n",
+        ),
+    ]);
+    assert_eq!(
+        errs[..3],
+        [
+            "repo/hosts/a.toml:2:1: known_hosts is only used with an ssh:// address, but this host is reached by address = \"local\"",
+            "repo/hosts/b.toml:3:1: identity_file is only used with an ssh:// address, but this host is reached by `exec` (put ssh options in its argv)",
+            "repo/hosts/c.toml:2:1: path is empty",
+        ],
+        "{errs:#?}"
+    );
+    assert!(
+        errs[3].starts_with("repo/hosts/d.toml:2:1: unknown field `identity_fil`"),
+        "{errs:#?}"
+    );
 }

@@ -16,6 +16,8 @@
 //!   (tests never sleep to synchronise).
 //! - [`fault`] simulates host failures (power-off, network partition), writes fence
 //!   commands, and [`CopyWatch`] samples how many copies of a VM run at once.
+//! - [`Sshd`] is a real OpenSSH server on 127.0.0.1 for one test, with its own keys,
+//!   reaching the binary under test: what `ssh://` hosts connect to.
 //! - [`bench`] holds what the benchmark binaries share (release binary, percentiles,
 //!   the machine's description).
 
@@ -30,6 +32,7 @@ mod repo;
 mod run;
 pub mod serial;
 mod spec;
+mod sshd;
 mod status;
 pub mod wait;
 
@@ -40,7 +43,8 @@ pub use proc::{cmdline, is_alive};
 pub use repo::{TestRepo, BRANCH};
 pub use run::{diagnostic, Output, Running};
 pub use serial::{last_tick, serial_has_line, ticks};
-pub use spec::{HostSpec, VmSpec, MEMORY_LINE};
+pub use spec::{HostSpec, SshLogin, VmSpec, MEMORY_LINE};
+pub use sshd::{Sshd, SSHD};
 pub use status::{EngineView, Event, HostView, Orphan, Resources, VmView};
 pub use wait::{poll_for, wait_for};
 

@@ -36,6 +36,9 @@ use crate::RUN_TIMEOUT;
 const TAKES_REPO: &[&str] = &["validate", "plan", "apply", "status", "watch", "fence"];
 const TAKES_STATE: &[&str] = &["plan", "apply", "status", "watch", "fence"];
 
+/// Bound for agents to exit once their engine is gone (EOF on their stdin).
+const AGENT_EXIT: Duration = Duration::from_secs(10);
+
 /// The branch every test repository is on.
 pub const BRANCH: &str = "main";
 
@@ -500,6 +503,25 @@ impl TestRepo {
                 })
             })
             .collect()
+    }
+
+    /// Waits until no agent of this test runs ([`Self::agent_pids`]): they exit once
+    /// their engine is gone (`after` names what ended, for the message). Fails listing
+    /// the agents left.
+    pub fn wait_agents_exit(&self, after: &str) -> Result<()> {
+        wait_for(
+            format!("every agent to exit after {after}"),
+            AGENT_EXIT,
+            || self.agent_pids().is_empty(),
+        )
+        .with_context(|| {
+            let left: Vec<String> = self
+                .agent_pids()
+                .into_iter()
+                .map(|p| format!("{p}: {}", proc::cmdline(p).unwrap_or_default().join(" ")))
+                .collect();
+            format!("agents left: {left:?}")
+        })
     }
 
     /// True if `pid` runs in, or names, this test's temp folder (not a reused pid).

@@ -183,6 +183,9 @@ pub struct HostSpec {
     pub state: Option<String>,
     /// `fence = [...]` when set: the argv `watch` runs once the host is down.
     pub fence: Option<Vec<String>>,
+    /// Reached by ssh instead of `exec`: `address`, `known_hosts` and `identity_file`
+    /// (see [`crate::Sshd::host_spec`]), with the host's root written as `root`.
+    pub ssh: Option<SshLogin>,
     /// The agent is started through `sh -c` and refuses to start while the host's
     /// power-off marker ([`HostSpec::power_marker`]) exists: a host that can be
     /// powered off (see [`crate::TestRepo::power_off`]). Ignored with [`Self::exec`].
@@ -191,7 +194,30 @@ pub struct HostSpec {
     pub shared: Option<(PathBuf, String)>,
 }
 
+/// How a [`HostSpec`] of an `ssh://` host logs in: the values of its `address`,
+/// `known_hosts` and `identity_file` fields.
+#[derive(Debug, Clone)]
+pub struct SshLogin {
+    pub address: String,
+    pub known_hosts: String,
+    pub identity_file: String,
+}
+
 impl HostSpec {
+    /// A host reached over ssh at `address` (`ssh://user@host:port`), its key pinned in
+    /// `known_hosts`, logging in with `identity_file`; its agent is whatever `plasmavmc`
+    /// the remote PATH finds, on the host's root.
+    pub fn ssh(address: &str, known_hosts: &str, identity_file: &str) -> Self {
+        Self {
+            ssh: Some(SshLogin {
+                address: address.to_owned(),
+                known_hosts: known_hosts.to_owned(),
+                identity_file: identity_file.to_owned(),
+            }),
+            ..Self::default()
+        }
+    }
+
     /// A simulated host: the agent of the binary under test on its own root.
     pub fn agent() -> Self {
         Self::default()
@@ -257,10 +283,42 @@ impl HostSpec {
         root.with_file_name(name)
     }
 
-    /// The TOML text; the agent runs `bin` on `root` unless [`Self::root`] or
-    /// [`Self::exec`] say otherwise.
+    /// The TOML text; the agent runs `bin` on `root` unless [`Self::root`],
+    /// [`Self::exec`] or [`Self::ssh`] say otherwise.
     pub fn to_toml(&self, bin: &Path, root: &Path) -> String {
-        let argv = self.exec.clone().unwrap_or_else(|| {
+        let mut s = String::new();
+        if let Some(ssh) = &self.ssh {
+            let root = self.root.as_deref().unwrap_or(root);
+            let _ = writeln!(s, "address = {:?}", ssh.address);
+            let _ = writeln!(s, "root = {:?}", root.display().to_string());
+            let _ = writeln!(s, "known_hosts = {:?}", ssh.known_hosts);
+            let _ = writeln!(s, "identity_file = {:?}", ssh.identity_file);
+        } else {
+            let _ = writeln!(s, "exec = {}", toml_strings(&self.agent_argv(bin, root)));
+        }
+        if let Some(vcpus) = self.vcpus {
+            let _ = writeln!(s, "vcpus = {vcpus}");
+        }
+        if let Some(mb) = self.memory_mb {
+            let _ = writeln!(s, "memory_mb = {mb}");
+        }
+        if let Some(state) = &self.state {
+            let _ = writeln!(s, "state = {state:?}");
+        }
+        if let Some(fence) = &self.fence {
+            let _ = writeln!(s, "fence = {}", toml_strings(fence));
+        }
+        if let Some((path, pool)) = &self.shared {
+            let _ = writeln!(s, "shared_storage = {:?}", path.display().to_string());
+            let _ = writeln!(s, "storage_pool = {pool:?}");
+        }
+        s
+    }
+
+    /// The `exec` argv: [`Self::exec`], or the agent of `bin` on [`Self::root`] (default
+    /// `root`), through `sh -c` when [`Self::switchable`].
+    fn agent_argv(&self, bin: &Path, root: &Path) -> Vec<String> {
+        self.exec.clone().unwrap_or_else(|| {
             let root = self.root.as_deref().unwrap_or(root);
             if self.switchable {
                 let marker = Self::power_marker(root);
@@ -281,26 +339,7 @@ impl HostSpec {
                 "--root".to_owned(),
                 root.display().to_string(),
             ]
-        });
-        let mut s = String::new();
-        let _ = writeln!(s, "exec = {}", toml_strings(&argv));
-        if let Some(vcpus) = self.vcpus {
-            let _ = writeln!(s, "vcpus = {vcpus}");
-        }
-        if let Some(mb) = self.memory_mb {
-            let _ = writeln!(s, "memory_mb = {mb}");
-        }
-        if let Some(state) = &self.state {
-            let _ = writeln!(s, "state = {state:?}");
-        }
-        if let Some(fence) = &self.fence {
-            let _ = writeln!(s, "fence = {}", toml_strings(fence));
-        }
-        if let Some((path, pool)) = &self.shared {
-            let _ = writeln!(s, "shared_storage = {:?}", path.display().to_string());
-            let _ = writeln!(s, "storage_pool = {pool:?}");
-        }
-        s
+        })
     }
 }
 
@@ -376,5 +415,20 @@ mod tests {
             "fence argv: {switchable:?}"
         );
         assert_eq!(shell_quote("a'b"), r"'a'\''b'");
+    }
+
+    #[test]
+    fn ssh_host_spec_names_its_address_root_and_files_instead_of_exec() {
+        let text = HostSpec::ssh("ssh://me@127.0.0.1:2222", "keys/kh", "/t/sshd/client_key")
+            .memory(512)
+            .to_toml(Path::new("/x/plasmavmc"), Path::new("/t/hosts/hv1"));
+        let t: toml::Table = text.parse().expect("valid TOML");
+        let s = |k: &str| t.get(k).and_then(toml::Value::as_str);
+        assert_eq!(s("address"), Some("ssh://me@127.0.0.1:2222"));
+        assert_eq!(s("root"), Some("/t/hosts/hv1"));
+        assert_eq!(s("known_hosts"), Some("keys/kh"));
+        assert_eq!(s("identity_file"), Some("/t/sshd/client_key"));
+        assert_eq!(t["memory_mb"].as_integer(), Some(512));
+        assert!(!t.contains_key("exec"), "{text}");
     }
 }

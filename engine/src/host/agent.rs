@@ -95,7 +95,7 @@ impl AgentHost {
         let from_agent = child.stdout.take().expect("stdout was piped");
         let stderr = child.stderr.take().expect("stderr was piped");
         let stderr_tail = Arc::new(Mutex::new(String::new()));
-        relay_stderr(name, stderr, stderr_tail.clone());
+        let stderr_closed = relay_stderr(name, stderr, stderr_tail.clone());
         tokio::spawn(async move {
             // Reap the agent; its exit is seen as the channel closing.
             let _ = child.wait().await;
@@ -127,7 +127,14 @@ impl AgentHost {
                 std::process::id()
             ),
         });
-        let facts = await_welcome(name, &mut frames, opts.hello_timeout, &stderr_tail).await?;
+        let facts = await_welcome(
+            name,
+            &mut frames,
+            opts.hello_timeout,
+            &stderr_tail,
+            stderr_closed,
+        )
+        .await?;
         let pending: Pending = Arc::default();
         let last_frame = Arc::new(Mutex::new(Instant::now()));
         let (events, _) = broadcast::channel(1024);
@@ -332,11 +339,19 @@ impl AgentHost {
 }
 
 /// The agent's first word: welcome (its host facts), or why not.
+/// How long an agent that exited before its welcome may take to close its stderr: its
+/// last lines say why it exited (ssh's "Host key verification failed.").
+const STDERR_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits for the agent's welcome. When the agent exits first, its stderr is read to the
+/// end (`stderr_closed`, bounded by [`STDERR_GRACE`]) before its tail is quoted: stdout's
+/// EOF can overtake the lines it wrote to stderr just before.
 async fn await_welcome(
     name: &str,
     frames: &mut FramedRead<tokio::process::ChildStdout, tokio_util::codec::LengthDelimitedCodec>,
     wait: Duration,
     stderr_tail: &Mutex<String>,
+    stderr_closed: tokio::task::JoinHandle<()>,
 ) -> Result<HostFacts, HostError> {
     let unreachable = |reason: String| HostError::Unreachable {
         host: name.to_owned(),
@@ -350,10 +365,11 @@ async fn await_welcome(
             )))
         }
         Ok(None) => {
+            let _ = tokio::time::timeout(STDERR_GRACE, stderr_closed).await;
             return Err(unreachable(format!(
                 "the agent exited{}",
                 tail(stderr_tail)
-            )))
+            )));
         }
         Ok(Some(frame)) => frame
             .ok()
@@ -410,8 +426,13 @@ async fn read_loop(
     let _ = closed.send(true);
 }
 
-/// Copies the agent's stderr (its logs) to ours, keeping the last lines for errors.
-fn relay_stderr(name: &str, stderr: tokio::process::ChildStderr, tail: Arc<Mutex<String>>) {
+/// Copies the agent's stderr (its logs) to ours, keeping the last lines for errors; the
+/// returned task ends when the agent closes its stderr.
+fn relay_stderr(
+    name: &str,
+    stderr: tokio::process::ChildStderr,
+    tail: Arc<Mutex<String>>,
+) -> tokio::task::JoinHandle<()> {
     let name = name.to_owned();
     tokio::spawn(async move {
         use tokio::io::AsyncBufReadExt;
@@ -429,7 +450,7 @@ fn relay_stderr(name: &str, stderr: tokio::process::ChildStderr, tail: Arc<Mutex
             let excess = t.len().saturating_sub(4000);
             t.drain(..excess);
         }
-    });
+    })
 }
 
 fn tail(stderr: &Mutex<String>) -> String {
@@ -656,6 +677,35 @@ impl Host for AgentHost {
         match self.call(vm, request, bound).await? {
             Reply::Done => Ok(()),
             other => Err(self.unexpected(&other)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_agent_that_exits_at_once_is_reported_with_its_last_words() {
+        // What ssh does when the host key does not match: a few lines, then exit 255.
+        let argv = [
+            "sh",
+            "-c",
+            "echo 'Offending key in known_hosts:1' >&2; \
+             echo 'Host key verification failed.' >&2; exit 255",
+        ]
+        .map(String::from);
+        // stdout's EOF used to overtake these lines now and then: try it many times.
+        for _ in 0..20 {
+            let err = AgentHost::connect("hv1", &argv, ConnectOptions::default())
+                .await
+                .expect_err("the agent exits without a welcome");
+            let text = err.to_string();
+            assert!(
+                text.starts_with("host hv1 is unreachable: the agent exited: ")
+                    && text.ends_with("Host key verification failed."),
+                "{text}"
+            );
         }
     }
 }

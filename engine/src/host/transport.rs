@@ -1,9 +1,10 @@
 //! How the engine reaches each host's agent: the argv of the transport.
 //!
 //! `address = "local"`: this very binary as a child process. `ssh://user@host[:port]`:
-//! the system `ssh` in batch mode (the operator's keys and `known_hosts`, strict host
-//! key checking, no agent forwarding) running `plasmavmc agent` there. `exec = [..]`:
-//! the operator's own argv, run as given (never through a shell).
+//! the system `ssh` in batch mode (the operator's keys and `known_hosts`, or the host
+//! spec's `known_hosts` and `identity_file`; strict host key checking, no agent
+//! forwarding) running `plasmavmc agent` there. `exec = [..]`: the operator's own argv,
+//! run as given (never through a shell).
 
 use std::collections::BTreeMap;
 
@@ -70,6 +71,18 @@ pub fn agent_argv(host: &HostEntry, state: &StateDir) -> Result<Vec<String>, Hos
     .to_vec();
     if let Some(port) = port {
         argv.extend(["-p".to_owned(), port]);
+    }
+    // Absolute paths, checked on disk when the commit was loaded (`source::files`).
+    if let Some(known_hosts) = &spec.known_hosts {
+        argv.extend(["-o".to_owned(), format!("UserKnownHostsFile={known_hosts}")]);
+    }
+    if let Some(identity) = &spec.identity_file {
+        argv.extend([
+            "-i".to_owned(),
+            identity.clone(),
+            "-o".to_owned(),
+            "IdentitiesOnly=yes".to_owned(),
+        ]);
     }
     let root = spec
         .root
@@ -162,6 +175,37 @@ mod tests {
         let argv = agent_argv(&host("ssh://hv2"), &state)?;
         assert!(!argv.contains(&"-p".to_owned()));
         assert!(argv.contains(&"hv2".to_owned()));
+        assert!(
+            !argv
+                .iter()
+                .any(|a| a == "-i" || a.starts_with("UserKnownHostsFile")),
+            "{argv:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn ssh_files_become_options_before_the_destination() -> Result<(), HostError> {
+        let state = StateDir::at(std::path::Path::new("/state"));
+        let mut hv1 = host("ssh://root@hv1.example");
+        hv1.spec.known_hosts = Some("/etc/plasmavmc/known_hosts".into());
+        hv1.spec.identity_file = Some("/etc/plasmavmc/id_ed25519".into());
+        let argv = agent_argv(&hv1, &state)?;
+        let dest = argv
+            .iter()
+            .position(|a| a == "--")
+            .expect("-- ends the options");
+        let at = |pair: [&str; 2]| argv[..dest].windows(2).position(|w| w == pair);
+        assert!(at(["-o", "UserKnownHostsFile=/etc/plasmavmc/known_hosts"]).is_some());
+        assert!(at(["-i", "/etc/plasmavmc/id_ed25519"]).is_some());
+        assert!(at(["-o", "IdentitiesOnly=yes"]).is_some());
+        // Strict checking stays on whatever file holds the key.
+        assert!(at(["-o", "StrictHostKeyChecking=yes"]).is_some());
+        assert_eq!(argv[dest + 1], "root@hv1.example");
+
+        hv1.spec.identity_file = None;
+        let argv = agent_argv(&hv1, &state)?;
+        assert!(!argv.iter().any(|a| a == "-i" || a == "IdentitiesOnly=yes"));
         Ok(())
     }
 

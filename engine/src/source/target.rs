@@ -23,6 +23,8 @@ pub enum TargetError {
 #[derive(Debug, Clone)]
 pub struct Target {
     pub commit: Commit,
+    /// The specs; each host's `known_hosts` and `identity_file` is an absolute path here,
+    /// checked on disk (see [`files::resolve`]).
     pub desired: Desired,
     pub files: BTreeMap<String, ResolvedFiles>,
 }
@@ -40,14 +42,15 @@ impl Target {
             .iter()
             .map(|(path, why)| Diagnostic::file(path, *why))
             .collect();
-        let desired = match plasmavmc_specs::load(&commit.files) {
+        let mut desired = match plasmavmc_specs::load(&commit.files) {
             Ok(d) => d,
             Err(mut more) => {
                 diags.append(&mut more);
                 return Err(invalid(diags));
             }
         };
-        let files = match files::resolve(&desired, &commit.files, source.spec_root().as_deref()) {
+        let files = match files::resolve(&mut desired, &commit.files, source.spec_root().as_deref())
+        {
             Ok(f) => f,
             Err(mut more) => {
                 diags.append(&mut more);
