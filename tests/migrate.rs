@@ -17,8 +17,9 @@
 //!   moves;
 //! - drain: `state = "maintenance"` on a host with three VMs moves them all, live, to
 //!   the other hosts, respecting anti-affinity; the host ends empty;
-//! - the target QEMU killed mid-migration: the source keeps running the same QEMU, the
-//!   apply fails saying why, the half-made target is removed, a later plan retries;
+//! - the target QEMU killed mid-migration (while the status shows the migration's
+//!   progress): the source keeps running the same QEMU, the apply fails saying why, the
+//!   half-made target is removed, a later plan retries;
 //! - the engine killed (kill -9) mid-migration and run again: exactly one copy runs,
 //!   where the status says.
 //!
@@ -396,6 +397,10 @@ fn target_killed_mid_migration_leaves_the_source_running() -> Result<()> {
     let (repo, _spec, source) = slow_move()?;
     let engine = repo.spawn(&["apply", "--auto-approve"])?;
     let target = target_receiving(&repo)?;
+    // While it runs, the status shows how far it got.
+    repo.wait_vm("web", "migrating, with its progress", MOVE_TIMEOUT, |v| {
+        v.phase == "migrating" && v.message.contains("MiB sent") && v.message.contains("to hv2")
+    })?;
     kill_and_wait(target, ACT_TIMEOUT)?;
     let out = engine.finish(MOVE_TIMEOUT)?;
     ensure!(
@@ -449,6 +454,10 @@ fn engine_killed_mid_migration_ends_with_one_copy() -> Result<()> {
     repo.commit("full speed")?;
     let out = apply(&repo)?;
     println!("{out}");
+    ensure!(
+        out.contains("was interrupted") && out.contains("last step: web: migrating live to hv2"),
+        "the next apply does not say where the migration was cut short:\n{out}"
+    );
     let pid = only_on(&repo, "hv2", "web")?;
     ticking_on(&repo, "hv2", "web", 1)?;
     let first = ticks(&repo.serial_on("hv2", "web")).first().copied();

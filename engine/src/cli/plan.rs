@@ -165,17 +165,7 @@ fn print_plan(target: &Target, plan: &Plan) {
 
 pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
     let ctx = Ctx::open(&args.repo)?;
-    let saved = match &args.plan_file {
-        None => None,
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading plan file {}", path.display()))?;
-            Some(
-                serde_json::from_str::<SavedPlan>(&text)
-                    .with_context(|| format!("{} is not a plan file", path.display()))?,
-            )
-        }
-    };
+    let saved = args.plan_file.as_deref().map(read_saved).transpose()?;
     let ctx = match &saved {
         Some(s) => Ctx {
             rev: s.revision.clone(),
@@ -229,7 +219,8 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
     if let Some(j) = journal.interrupted() {
         eprintln!("note: {}", j.describe());
     }
-    let report = execute_journaled(&plan, &target, &hosts.up, &journal, print_step).await?;
+    let live = show_live(&status);
+    let report = execute_journaled(&plan, &target, &hosts.up, &journal, &live, print_step).await?;
     let after = ctx.observe(&hosts).await;
     env!("CARGO_PKG_VERSION").clone_into(&mut engine.version);
     engine.updated_at = crate::time::now();
@@ -261,6 +252,23 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
         println!("Applied commit {}.", target.commit.short());
     }
     Ok(0)
+}
+
+/// A plan file written by `plan --out`.
+fn read_saved(path: &std::path::Path) -> anyhow::Result<SavedPlan> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading plan file {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a plan file", path.display()))
+}
+
+/// What a long action is doing: on stderr, and in the VM's status.
+fn show_live(status: &StatusDir) -> impl Fn(&str, &str) + Sync + '_ {
+    move |vm, what| {
+        eprintln!("  ..   {vm}: {what}");
+        if let Err(e) = status.set_migrating(vm, what) {
+            tracing::warn!(vm, error = %e, "cannot show progress in the status");
+        }
+    }
 }
 
 /// Asks on the terminal; refuses without one.

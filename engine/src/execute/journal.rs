@@ -5,6 +5,8 @@
 //! short, and plans again from what really runs: every action is idempotent, so the
 //! new plan finishes what the old one started (a stopped-but-not-restarted VM is
 //! started, a created-but-not-started one is started) and never starts anything twice.
+//! A migration also records each of its steps (`step`); what to do after one is cut
+//! short is read from both hosts (see `plan/recover.rs`), the step says where it was.
 
 use std::path::{Path, PathBuf};
 
@@ -21,6 +23,9 @@ pub struct Journal {
     pub actions: Vec<Action>,
     /// How many actions finished (successfully or not).
     pub done: usize,
+    /// The last step reported inside the running action (a migration's), `vm: what`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
 }
 
 /// Where the journal lives.
@@ -68,8 +73,12 @@ impl Journal {
             .get(self.done)
             .map_or_else(|| "nothing".to_owned(), Action::describe);
         let short = self.revision.get(..12).unwrap_or(&self.revision);
+        let step = self
+            .step
+            .as_ref()
+            .map_or_else(String::new, |s| format!(", last step: {s}"));
         format!(
-            "an apply of commit {short} (started {}) was interrupted after {} of {} actions (next was: {next}); planning again from what runs finishes it",
+            "an apply of commit {short} (started {}) was interrupted after {} of {} actions (next was: {next}{step}); planning again from what runs finishes it",
             self.started_at,
             self.done,
             self.actions.len()

@@ -19,8 +19,9 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::ExecError;
-use crate::host::{Host, HostError};
+use crate::host::{Host, HostError, HostEvent};
 use crate::plan::MoveMode;
+use crate::qemu::instance::VmInstance;
 use crate::qemu::migrate::Tuning;
 use crate::source::Target;
 
@@ -32,18 +33,28 @@ pub(super) struct Move<'a> {
     pub mode: MoveMode,
 }
 
+/// Both ends of one move and what it carries.
+struct Ends<'a, H> {
+    src: &'a H,
+    dst: &'a H,
+    /// The instance as the target runs it.
+    there: VmInstance,
+    /// Disks that are not the very same file on both hosts: mirrored or copied.
+    copy: Vec<String>,
+}
+
 pub(super) async fn run_move<H: Host>(
     m: &Move<'_>,
     target: &Target,
     hosts: &BTreeMap<String, H>,
     stop_timeout: Duration,
+    live: super::Live<'_>,
 ) -> Result<String, ExecError> {
     let host = |name: &str| {
         hosts.get(name).ok_or_else(|| ExecError::NoHost {
             host: name.to_owned(),
         })
     };
-    let (src, dst) = (host(m.from)?, host(m.to)?);
     let not_in_commit = || ExecError::NotInCommit {
         vm: m.vm.to_owned(),
         commit: target.commit.short().to_owned(),
@@ -58,7 +69,6 @@ pub(super) async fn run_move<H: Host>(
             .and_then(|e| e.spec.storage_pool.clone())
     };
     let same_pool = pool(m.from).is_some() && pool(m.from) == pool(m.to);
-    // Disks that are not the very same file on both hosts are copied.
     let copy: Vec<String> = there
         .spec
         .disks
@@ -71,6 +81,12 @@ pub(super) async fn run_move<H: Host>(
         })
         .map(|d| d.name.clone())
         .collect();
+    let ends = Ends {
+        src: host(m.from)?,
+        dst: host(m.to)?,
+        there,
+        copy,
+    };
     match m.mode {
         MoveMode::Live => {
             let listen = target
@@ -78,65 +94,120 @@ pub(super) async fn run_move<H: Host>(
                 .hosts
                 .get(m.to)
                 .map_or_else(|| "127.0.0.1".to_owned(), |h| h.spec.migration_host());
-            let tuning = tuning(target, &there.spec, &copy);
-            let incoming = dst.prepare_incoming(&there, m.from, &listen, &copy).await?;
-            let stats = match src.migrate_out(m.vm, &incoming, &tuning).await {
-                Ok(stats) => stats,
-                Err(e) => {
-                    if let Err(cleanup) = dst.discard(m.vm).await {
-                        warn!(vm = m.vm, host = m.to, error = %super::error_chain(&cleanup), "cannot remove the half-made target; the next plan removes it");
-                    }
-                    return Err(e.into());
-                }
-            };
-            // Past the commit point: the guest lives on the target now.
-            let pid = dst.start(m.vm).await?;
-            // QEMU settles its figures a moment after `completed`; the guest runs already.
-            let stats = match src.migration_stats(m.vm).await {
-                Ok(last) => crate::qemu::migrate::Stats {
-                    disk_bytes: stats.disk_bytes,
-                    ..last
-                },
-                Err(_) => stats,
-            };
-            discard_source(src, m).await;
-            Ok(format!(
-                "live to {}, pid {pid}: {} ms, downtime {} ms, {} MiB memory{}, {} passes",
-                m.to,
-                stats.total_ms,
-                stats.downtime_ms,
-                stats.ram_bytes >> 20,
-                if copy.is_empty() {
-                    String::new()
-                } else {
-                    format!(" and {} MiB disk", stats.disk_bytes >> 20)
-                },
-                stats.passes
-            ))
+            let tuning = tuning(target, &ends.there.spec, &ends.copy);
+            live_move(m, &ends, &listen, &tuning, live).await
         }
-        MoveMode::Cold => {
-            src.stop(m.vm, stop_timeout).await?;
-            dst.create(&there).await?;
-            let mut bytes = 0;
-            for disk in &copy {
-                bytes += copy_disk(src, dst, m.vm, disk).await?;
-            }
-            let started = if there.spec.power == plasmavmc_specs::Power::Running {
-                let pid = dst.start(m.vm).await?;
-                format!(", running, pid {pid}")
-            } else {
-                String::new()
-            };
-            discard_source(src, m).await;
-            Ok(format!(
-                "cold to {}: {} disk{} copied ({} MiB){started}",
-                m.to,
-                copy.len(),
-                if copy.len() == 1 { "" } else { "s" },
-                bytes >> 20
-            ))
-        }
+        MoveMode::Cold => cold_move(m, &ends, stop_timeout, live).await,
     }
+}
+
+async fn live_move<H: Host>(
+    m: &Move<'_>,
+    ends: &Ends<'_, H>,
+    listen: &str,
+    tuning: &Tuning,
+    live: super::Live<'_>,
+) -> Result<String, ExecError> {
+    let Ends {
+        src,
+        dst,
+        there,
+        copy,
+    } = ends;
+    let incoming = dst.prepare_incoming(there, m.from, listen, copy).await?;
+    live(
+        m.vm,
+        &format!("target QEMU waiting on {} at {}", m.to, incoming.uri),
+    );
+    let mut events = src.subscribe();
+    let migrate = src.migrate_out(m.vm, &incoming, tuning);
+    tokio::pin!(migrate);
+    let outcome = tokio::select! {
+        r = &mut migrate => r,
+        () = show_progress(&mut events, m, live) => migrate.await,
+    };
+    let stats = match outcome {
+        Ok(stats) => stats,
+        Err(e) => {
+            if let Err(cleanup) = dst.discard(m.vm).await {
+                warn!(vm = m.vm, host = m.to, error = %super::error_chain(&cleanup), "cannot remove the half-made target; the next plan removes it");
+            }
+            return Err(e.into());
+        }
+    };
+    // Past the commit point: the guest lives on the target now.
+    live(
+        m.vm,
+        &format!("migration completed; resuming the guest on {}", m.to),
+    );
+    let pid = dst.start(m.vm).await?;
+    live(
+        m.vm,
+        &format!(
+            "running on {} (pid {pid}); removing {}'s copy",
+            m.to, m.from
+        ),
+    );
+    // QEMU settles its figures a moment after `completed`; the guest runs already.
+    let stats = match src.migration_stats(m.vm).await {
+        Ok(last) => crate::qemu::migrate::Stats {
+            disk_bytes: stats.disk_bytes,
+            ..last
+        },
+        Err(_) => stats,
+    };
+    discard_source(*src, m).await;
+    Ok(format!(
+        "live to {}, pid {pid}: {} ms, downtime {} ms, {} MiB memory{}, {} passes",
+        m.to,
+        stats.total_ms,
+        stats.downtime_ms,
+        stats.ram_bytes >> 20,
+        if copy.is_empty() {
+            String::new()
+        } else {
+            format!(" and {} MiB disk", stats.disk_bytes >> 20)
+        },
+        stats.passes
+    ))
+}
+
+async fn cold_move<H: Host>(
+    m: &Move<'_>,
+    ends: &Ends<'_, H>,
+    stop_timeout: Duration,
+    live: super::Live<'_>,
+) -> Result<String, ExecError> {
+    let Ends {
+        src,
+        dst,
+        there,
+        copy,
+    } = ends;
+    live(
+        m.vm,
+        &format!("moving cold to {}: stopping the guest on {}", m.to, m.from),
+    );
+    src.stop(m.vm, stop_timeout).await?;
+    dst.create(there).await?;
+    let mut bytes = 0;
+    for disk in copy {
+        bytes += copy_disk(*src, *dst, m, disk, live).await?;
+    }
+    let started = if there.spec.power == plasmavmc_specs::Power::Running {
+        let pid = dst.start(m.vm).await?;
+        format!(", running, pid {pid}")
+    } else {
+        String::new()
+    };
+    discard_source(*src, m).await;
+    Ok(format!(
+        "cold to {}: {} disk{} copied ({} MiB){started}",
+        m.to,
+        copy.len(),
+        if copy.len() == 1 { "" } else { "s" },
+        bytes >> 20
+    ))
 }
 
 /// Removes the source's copy once the target holds the VM. A failure is only logged: the
@@ -150,11 +221,51 @@ async fn discard_source<H: Host>(src: &H, m: &Move<'_>) {
     }
 }
 
-/// Streams local disk `disk` of stopped `vm` from `src` to `dst`; returns its size.
-async fn copy_disk<H: Host>(src: &H, dst: &H, vm: &str, disk: &str) -> Result<u64, HostError> {
+/// Passes the source's migration progress to `live` until its events end.
+async fn show_progress(
+    events: &mut tokio::sync::broadcast::Receiver<HostEvent>,
+    m: &Move<'_>,
+    live: super::Live<'_>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(HostEvent::Migrating { vm, progress }) if vm == m.vm => {
+                live(
+                    m.vm,
+                    &format!("migrating live to {}: {}", m.to, progress.describe()),
+                );
+            }
+            Ok(_) | Err(RecvError::Lagged(_)) => {}
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+/// Streams local disk `disk` of stopped `m.vm` from `src` to `dst`; returns its size.
+async fn copy_disk<H: Host>(
+    src: &H,
+    dst: &H,
+    m: &Move<'_>,
+    disk: &str,
+    live: super::Live<'_>,
+) -> Result<u64, HostError> {
+    let vm = m.vm;
     let mut hasher = Sha256::new();
     let mut offset = 0;
+    let mut shown = std::time::Instant::now();
     loop {
+        if shown.elapsed() >= Duration::from_secs(1) {
+            shown = std::time::Instant::now();
+            live(
+                vm,
+                &format!(
+                    "moving cold to {}: disk {disk}, {} MiB copied",
+                    m.to,
+                    offset >> 20
+                ),
+            );
+        }
         let chunk = src.read_disk(vm, disk, offset).await?;
         if chunk.data.is_empty() {
             hasher.update(vec![0u8; usize::try_from(chunk.len).unwrap_or(0)]);

@@ -72,11 +72,16 @@ pub enum ExecError {
     Host(#[from] HostError),
 }
 
-/// Runs `plan`; `progress` is told about each step as it finishes.
+/// Told what a long action (a migration) is doing while it runs: `(vm, what)`.
+pub type Live<'a> = &'a (dyn Fn(&str, &str) + Sync);
+
+/// Runs `plan`; `progress` is told about each step as it finishes, `live` about long
+/// ones while they run.
 pub async fn execute<H: Host>(
     plan: &Plan,
     target: &Target,
     hosts: &BTreeMap<String, H>,
+    live: Live<'_>,
     mut progress: impl FnMut(&Step),
 ) -> Report {
     let stop_timeout = target.desired.cluster.timeouts.stop.0;
@@ -95,7 +100,7 @@ pub async fn execute<H: Host>(
                 host = action.host()
             );
             let started = Instant::now();
-            match run(action, target, hosts, stop_timeout)
+            match run(action, target, hosts, stop_timeout, live)
                 .instrument(span)
                 .await
             {
@@ -131,20 +136,33 @@ pub async fn execute_journaled<H: Host>(
     target: &Target,
     hosts: &BTreeMap<String, H>,
     journal: &journal::JournalFile,
+    live: Live<'_>,
     mut progress: impl FnMut(&Step),
 ) -> Result<Report, crate::state::StateError> {
-    let mut entry = journal::Journal {
+    let entry = std::sync::Mutex::new(journal::Journal {
         revision: target.commit.id.clone(),
         started_at: crate::time::now(),
         actions: plan.actions.clone(),
         done: 0,
-    };
-    journal.write(&entry)?;
-    let report = execute(plan, target, hosts, |step| {
-        entry.done += 1;
+        step: None,
+    });
+    let save = |update: &dyn Fn(&mut journal::Journal)| {
+        let mut entry = entry.lock().expect("journal entry");
+        update(&mut entry);
         if let Err(e) = journal.write(&entry) {
             error!(error = %e, "cannot update the journal");
         }
+    };
+    journal.write(&entry.lock().expect("journal entry"))?;
+    let steps = |vm: &str, what: &str| {
+        save(&|j| j.step = Some(format!("{vm}: {what}")));
+        live(vm, what);
+    };
+    let report = execute(plan, target, hosts, &steps, |step| {
+        save(&|j| {
+            j.done += 1;
+            j.step = None;
+        });
         progress(step);
     })
     .await;
@@ -157,6 +175,7 @@ async fn run<H: Host>(
     target: &Target,
     hosts: &BTreeMap<String, H>,
     stop_timeout: Duration,
+    live: Live<'_>,
 ) -> Result<String, ExecError> {
     let host = hosts.get(action.host()).ok_or_else(|| ExecError::NoHost {
         host: action.host().to_owned(),
@@ -208,7 +227,7 @@ async fn run<H: Host>(
                 to,
                 mode: *mode,
             };
-            migrate::run_move(&m, target, hosts, stop_timeout).await?
+            migrate::run_move(&m, target, hosts, stop_timeout, live).await?
         }
         Action::Delete { .. } => match host.delete(vm).await? {
             Some(kept) => format!("instance removed; disks retained in {}", kept.display()),

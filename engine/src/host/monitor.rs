@@ -33,6 +33,11 @@ pub enum HostEvent {
         expected: bool,
         at_ms: u64,
     },
+    /// How an outgoing live migration is going (about once a second).
+    Migrating {
+        vm: String,
+        progress: crate::qemu::migrate::Progress,
+    },
 }
 
 struct Attached {
@@ -70,6 +75,11 @@ impl Monitor {
 
     pub fn subscribe(&self) -> broadcast::Receiver<HostEvent> {
         self.events.subscribe()
+    }
+
+    /// Tells subscribers about `event`.
+    pub fn announce(&self, event: HostEvent) {
+        let _ = self.events.send(event);
     }
 
     /// The QMP connection to `vm`'s QEMU (`pid`), opened and watched the first time.

@@ -57,6 +57,34 @@ pub struct Stats {
     pub passes: u64,
 }
 
+/// Where an outgoing migration is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    /// `mirroring` (local disks), or QEMU's status (`active`, `pre-switchover`, ...).
+    pub phase: String,
+    /// Bytes sent so far (disk bytes while mirroring).
+    pub transferred: u64,
+    /// Bytes still to send, as QEMU estimates it.
+    pub remaining: u64,
+    /// Passes over guest memory so far.
+    pub passes: u64,
+    pub elapsed_ms: u64,
+}
+
+impl Progress {
+    /// `active: 512 MiB sent, 128 MiB to go, pass 2, 3.1 s`.
+    pub fn describe(&self) -> String {
+        format!(
+            "{}: {} MiB sent, {} MiB to go, pass {}, {:.1} s",
+            self.phase,
+            self.transferred >> 20,
+            self.remaining >> 20,
+            self.passes,
+            self.elapsed_ms as f64 / 1000.0
+        )
+    }
+}
+
 /// Errors of a migration step.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
@@ -143,9 +171,10 @@ pub async fn outgoing(
     uri: &str,
     nbd: Option<&NbdTarget>,
     tuning: &Tuning,
+    progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Stats, MigrateError> {
     let started = Instant::now();
-    match run_outgoing(qmp, uri, nbd, tuning, started).await {
+    match run_outgoing(qmp, uri, nbd, tuning, started, progress).await {
         Ok(stats) => Ok(stats),
         Err(e) => {
             warn!(error = %e, "migration failed; cancelling, the source keeps running");
@@ -161,6 +190,7 @@ async fn run_outgoing(
     nbd: Option<&NbdTarget>,
     tuning: &Tuning,
     started: Instant,
+    progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Stats, MigrateError> {
     let mirror = nbd.map_or(&[][..], |n| &n.disks);
     set_capabilities(
@@ -182,7 +212,7 @@ async fn run_outgoing(
     .await?;
     let mut clock = Clock::new(tuning, started);
     if let Some(nbd) = nbd {
-        start_mirrors(qmp, nbd, &mut clock).await?;
+        start_mirrors(qmp, nbd, &mut clock, progress).await?;
     }
     qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
     let mut last_log = Instant::now();
@@ -214,6 +244,13 @@ async fn run_outgoing(
             last_log = Instant::now();
             info!(status = %info.status, transferred = ram.transferred, remaining = ram.remaining,
                 passes = ram.dirty_sync_count, "migrating");
+            progress(Progress {
+                phase: info.status.clone(),
+                transferred: ram.transferred,
+                remaining: ram.remaining,
+                passes: ram.dirty_sync_count,
+                elapsed_ms: clock.started.elapsed().as_millis() as u64,
+            });
         }
         tokio::time::sleep(POLL).await;
     };
@@ -256,7 +293,12 @@ pub async fn final_stats(qmp: &Qmp) -> Result<Stats, MigrateError> {
 
 /// Starts a full mirror of every disk of `nbd` into the target's export and waits until
 /// all are in sync.
-async fn start_mirrors(qmp: &Qmp, nbd: &NbdTarget, clock: &mut Clock) -> Result<(), MigrateError> {
+async fn start_mirrors(
+    qmp: &Qmp,
+    nbd: &NbdTarget,
+    clock: &mut Clock,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<(), MigrateError> {
     let mirror = &nbd.disks[..];
     for disk in &nbd.disks {
         qmp.execute(
@@ -274,6 +316,7 @@ async fn start_mirrors(qmp: &Qmp, nbd: &NbdTarget, clock: &mut Clock) -> Result<
         .await?;
     }
     // Every mirror in sync before the memory moves.
+    let mut last_log = Instant::now();
     loop {
         let jobs = mirror_jobs(qmp, mirror).await?;
         if jobs.len() < mirror.len() {
@@ -282,7 +325,18 @@ async fn start_mirrors(qmp: &Qmp, nbd: &NbdTarget, clock: &mut Clock) -> Result<
         if jobs.iter().all(|j| j.ready) {
             break;
         }
-        clock.check(jobs.iter().map(|j| j.offset).sum())?;
+        let done: u64 = jobs.iter().map(|j| j.offset).sum();
+        clock.check(done)?;
+        if last_log.elapsed() >= Duration::from_secs(1) {
+            last_log = Instant::now();
+            progress(Progress {
+                phase: "mirroring disks".to_owned(),
+                transferred: done,
+                remaining: jobs.iter().map(|j| j.len.saturating_sub(j.offset)).sum(),
+                passes: 0,
+                elapsed_ms: clock.started.elapsed().as_millis() as u64,
+            });
+        }
         tokio::time::sleep(POLL).await;
     }
     Ok(())
@@ -450,6 +504,8 @@ struct BlockJob {
     device: String,
     #[serde(default)]
     offset: u64,
+    #[serde(default)]
+    len: u64,
     #[serde(default)]
     ready: bool,
 }

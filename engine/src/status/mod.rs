@@ -194,6 +194,17 @@ impl StatusDir {
         self.dir.join("vms").join(format!("{vm}.toml"))
     }
 
+    /// Shows what a long action (a migration) is doing now: `vm`'s phase becomes
+    /// `migrating` and its message `what`, until the next full status write.
+    pub fn set_migrating(&self, vm: &str, what: &str) -> Result<(), StatusError> {
+        let Some(mut status) = read_toml::<VmStatus>(&self.vm_path(vm))? else {
+            return Ok(());
+        };
+        status.phase = VmPhase::Migrating;
+        status.message = Some(what.to_owned());
+        write_toml(&self.vm_path(vm), &status)
+    }
+
     /// Reads what the status folder holds; missing files give defaults.
     pub fn read(&self) -> Result<Snapshot, StatusError> {
         let mut snap = Snapshot {

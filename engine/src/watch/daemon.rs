@@ -298,8 +298,16 @@ impl Daemon {
             (None, observed)
         } else {
             changed = true;
+            let status = &self.status;
+            let live = |vm: &str, what: &str| {
+                info!(vm, %what, "in progress");
+                if let Err(e) = status.set_migrating(vm, what) {
+                    warn!(vm, error = %e, "cannot show progress in the status");
+                }
+            };
             let report =
-                execute_journaled(&plan, &target, &self.hosts, &self.journal, |_| {}).await?;
+                execute_journaled(&plan, &target, &self.hosts, &self.journal, &live, |_| {})
+                    .await?;
             let after = self.observe().await;
             // Acting changes what comes next (a failed start records an exit and starts a
             // backoff): plan again to know when to wake. Actions still due mean something
@@ -551,7 +559,11 @@ fn forward_events(host: &AgentHost, tx: UnboundedSender<Trigger>) {
         loop {
             let trigger = match events.recv().await {
                 // Exits the engine asked for are its own doing: nothing to react to.
-                Ok(HostEvent::Exited { expected: true, .. }) => continue,
+                // Exits the engine asked for are its own doing, progress is only shown:
+                // nothing to react to.
+                Ok(HostEvent::Exited { expected: true, .. } | HostEvent::Migrating { .. }) => {
+                    continue
+                }
                 Ok(e) => Trigger::Host(e),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Trigger::Timer,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,

@@ -37,6 +37,7 @@ impl Trigger {
             Trigger::Wake => "wake",
             Trigger::Health => "health",
             Trigger::Host(HostEvent::Exited { .. }) => "exit",
+            Trigger::Host(HostEvent::Migrating { .. }) => "migration",
         }
     }
 }

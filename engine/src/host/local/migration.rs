@@ -194,7 +194,14 @@ impl LocalHost {
                 vm: vm.to_owned(),
                 source: Box::new(source),
             })?;
-        let stats = migrate::outgoing(&qmp, &to.uri, to.nbd.as_ref(), tuning)
+        let monitor = self.monitor.clone();
+        let announce = move |progress| {
+            monitor.announce(crate::host::HostEvent::Migrating {
+                vm: vm.to_owned(),
+                progress,
+            });
+        };
+        let stats = migrate::outgoing(&qmp, &to.uri, to.nbd.as_ref(), tuning, &announce)
             .await
             .map_err(|e| Self::migration_err(vm, e))?;
         info!(
