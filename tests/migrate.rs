@@ -21,7 +21,8 @@
 //!   progress): the source keeps running the same QEMU, the apply fails saying why, the
 //!   half-made target is removed, a later plan retries;
 //! - the engine killed (kill -9) mid-migration and run again: exactly one copy runs,
-//!   where the status says.
+//!   where the status says, and the new run says at which step the move was cut short;
+//! - `plasmavmc watch` moves a VM live when a commit pins it elsewhere.
 //!
 //! Every test has its own repository, state dir and host roots in a temp folder; the
 //! cleanup kills every process under it, even on failure.
@@ -343,8 +344,13 @@ fn maintenance_drains_a_host_live_keeping_anti_affinity() -> Result<()> {
         );
     }
     let hv1 = repo.host_view("hv1")?.context("no status for hv1")?;
+    let message = hv1
+        .raw
+        .get("message")
+        .and_then(|m| m.as_str())
+        .unwrap_or_default();
     ensure!(
-        hv1.phase == "maintenance" && hv1.vms.is_empty(),
+        hv1.phase == "maintenance" && hv1.vms.is_empty() && message == "drained: no VM left",
         "hv1's status after the drain: {hv1:?}"
     );
     Ok(())
@@ -468,6 +474,41 @@ fn engine_killed_mid_migration_ends_with_one_copy() -> Result<()> {
     ensure!(
         !is_alive(source),
         "the source QEMU {source} still runs beside {pid}"
+    );
+    Ok(())
+}
+
+#[test]
+fn watch_moves_a_vm_live_when_a_commit_pins_it_elsewhere() -> Result<()> {
+    let repo = hosts(&["hv1", "hv2"], true)?;
+    let spec = VmSpec::new().no_disks().memory(VM_MB);
+    repo.write_vm("web", &spec.clone().pin("hv1"))?;
+    repo.commit("web on hv1")?;
+    let daemon = repo.watch(&[])?;
+    daemon.wait_running_on("web", "hv1")?;
+    let seen = ticking_on(&repo, "hv1", "web", 3)?;
+
+    repo.write_vm("web", &spec.clone().pin("hv2"))?;
+    repo.commit("move web to hv2")?;
+    // (Not `wait_running_on`: a guest that moved live never prints `tick 3` again.)
+    daemon.wait("web moved to hv2, hv1's copy removed", MOVE_TIMEOUT, || {
+        repo.hosts_with_instance("web") == ["hv2"]
+    })?;
+    let view = repo.wait_vm("web", "running on hv2", MOVE_TIMEOUT, |v| {
+        v.phase == "running" && v.host == "hv2"
+    })?;
+    let pid = view.pid.context("no pid in web's status")?;
+    ensure!(
+        repo.qemus_of("web") == [pid],
+        "web's QEMUs are {:?}, expected only {pid}",
+        repo.qemus_of("web")
+    );
+    ticking_on(&repo, "hv2", "web", seen)?;
+    let first = ticks(&repo.serial_on("hv2", "web")).first().copied();
+    ensure!(
+        first.is_some_and(|t| t > 1),
+        "web rebooted on hv2 (first tick {first:?})\n{}",
+        daemon.describe()
     );
     Ok(())
 }

@@ -497,7 +497,15 @@ fn host_status(
         vms: inv.vms.keys().cloned().collect(),
         orphans: inv.orphans.clone(),
         retained: inv.retained.clone(),
-        message: None,
+        // A drain's progress.
+        message: maintenance.then(|| match inv.vms.len() {
+            0 => "drained: no VM left".to_owned(),
+            n => format!(
+                "draining: {n} VM{} left ({})",
+                if n == 1 { "" } else { "s" },
+                inv.vms.keys().cloned().collect::<Vec<_>>().join(", ")
+            ),
+        }),
     }
 }
 
