@@ -10,7 +10,7 @@ help:
 	@echo "make demo-stop  stop the quickstart VM and forget its state (disks included)"
 	@echo "make test       set up this machine and run every test (real QEMU)"
 	@echo "make lint       rustfmt and clippy, as CI runs them"
-	@echo "make bench      the benchmarks quoted in the README (plan at 10k VMs, crash -> running)"
+	@echo "make bench      the benchmarks quoted in the README (plan at 10k VMs, crash -> running, failover, migration)"
 
 deps:
 	@bash .ci/install-deps
@@ -48,4 +48,5 @@ lint:
 bench:
 	$(CARGO) bench -p plasmavmc-e2e --bench heal
 	$(CARGO) bench -p plasmavmc-e2e --bench failover
+	$(CARGO) bench -p plasmavmc-e2e --bench migrate
 	$(CARGO) bench -p plasmavmc --bench plan10k
