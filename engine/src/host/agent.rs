@@ -36,6 +36,9 @@ pub struct ConnectOptions {
     pub hello_timeout: Duration,
     /// A ping every this long.
     pub heartbeat: Duration,
+    /// A call gives up when the agent sends nothing (not even a pong) for this long
+    /// while it waits: a silent host is down, and no caller waits out a long timeout.
+    pub down_after: Duration,
     /// Bound on requests that do not say otherwise.
     pub request_timeout: Duration,
 }
@@ -45,6 +48,7 @@ impl Default for ConnectOptions {
         Self {
             hello_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(1),
+            down_after: Duration::from_secs(5),
             request_timeout: Duration::from_secs(120),
         }
     }
@@ -213,7 +217,17 @@ impl AgentHost {
             self.pending.lock().expect("pending").remove(&id);
             return Err(lost());
         }
-        match tokio::time::timeout(timeout, rx).await {
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(timeout, rx) => answer,
+            () = self.gone_silent() => {
+                self.pending.lock().expect("pending").remove(&id);
+                return Err(HostError::Unreachable {
+                    host: self.name.clone(),
+                    reason: format!("its agent sent nothing for {:?}", self.opts.down_after),
+                });
+            }
+        };
+        match answer {
             Ok(Ok(Ok(reply))) => Ok(reply),
             Ok(Ok(Err(reason))) => Err(HostError::Remote {
                 host: self.name.clone(),
@@ -228,6 +242,17 @@ impl AgentHost {
                     reason: format!("no answer within {timeout:?}"),
                 })
             }
+        }
+    }
+
+    /// Resolves once the agent has sent nothing for `down_after`.
+    async fn gone_silent(&self) {
+        loop {
+            let left = self.opts.down_after.saturating_sub(self.silence());
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(left).await;
         }
     }
 
@@ -549,3 +574,6 @@ impl Host for AgentHost {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;

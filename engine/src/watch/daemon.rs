@@ -425,6 +425,7 @@ impl Daemon {
             }
             let opts = ConnectOptions {
                 heartbeat: self.heartbeat,
+                down_after: self.down_after,
                 ..ConnectOptions::default()
             };
             match AgentHost::connect(&entry.name, &argv, opts).await {
