@@ -1,21 +1,24 @@
 //! Host loss, end to end: `plasmavmc watch` against two simulated hosts (each
 //! `hosts/<name>.toml` runs the binary's own agent on a root of its own), real QEMU
-//! (TCG) and the tiny test guest. Heartbeat every 200 ms, a host is down after 1 s of
-//! silence (`plasmavmc.toml`).
+//! (TCG) and the tiny test guest. Heartbeat every 200 ms: a host that missed two beats
+//! (400 ms of silence) is suspect, after 1 s of silence it is down (`plasmavmc.toml`).
 //!
 //! What this file proves, one test each:
 //! - a host that loses power (agent and QEMUs killed, agent cannot start again) is
 //!   fenced by its fence command; its `ha` VM is started afresh on the other host, never
 //!   two copies at once; its `ha = false` VM is started nowhere and stays unknown;
-//! - (ignored until the engine does it) the status of that `ha = false` VM says why;
+//! - the status of that `ha = false` VM says why it is not recovered;
+//! - a host frozen for less than `down_after` (agent stopped, then resumed; 4 s here)
+//!   is `suspect` with its VM `unknown`, then `ready` and `running` again on the same
+//!   agent connection and the same QEMU: nothing fenced, nothing started elsewhere;
 //! - a partitioned host (agent stopped, its QEMU still running) without a fence command
-//!   is down and its VM unknown: nothing starts elsewhere until an operator powers the
-//!   host off and runs `plasmavmc fence confirm`; when the host is powered on again its
-//!   stale instance is removed and the fence record cleared;
+//!   is suspect, then down, its VM unknown from the first: nothing starts elsewhere
+//!   until an operator powers the host off and runs `plasmavmc fence confirm`; when the
+//!   host is powered on again its stale instance is removed and the fence record cleared;
 //! - a fence command that lies (exit 0, host still running) leads to two copies; when
 //!   the host comes back with its stale QEMU still running, that copy is stopped and
-//!   deleted and one copy remains: with the host's agent restarted, and (ignored until
-//!   the engine closes dropped agent channels) with the partitioned agent resumed.
+//!   deleted and one copy remains, whether the host's agent was restarted or the
+//!   partitioned agent resumed.
 //!
 //! Host faults are simulated by the harness (`tests/harness/fault.rs`): power-off =
 //! marker file + kill -9 of the agent and of the QEMUs under the host's root;
@@ -27,13 +30,21 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{ensure, Context, Result};
 use plasmavmc_e2e::fault::{failover_repo, Fence};
-use plasmavmc_e2e::{is_alive, ticks, CopyWatch, Daemon, LogLine, TestRepo, BOOT_TIMEOUT};
+use plasmavmc_e2e::{
+    is_alive, ticks, CopyWatch, Daemon, LogLine, PhaseTrail, TestRepo, BOOT_TIMEOUT,
+};
 
 /// Fast host health for tests.
 const HEARTBEAT: &str = "[heartbeat]\ninterval = \"200ms\"\ndown_after = \"1s\"\n";
 
 /// Bound for a lost host to be declared down (1 s of silence): 10×.
 const DETECT: Duration = Duration::from_secs(10);
+
+/// Heartbeat settings with room for a brief freeze: suspect after 400 ms of silence,
+/// down only after [`ROOMY_DOWN_AFTER`], so a loaded machine cannot turn the freeze
+/// into a host loss before the test has seen `suspect` and resumed the host.
+const ROOMY: &str = "[heartbeat]\ninterval = \"200ms\"\ndown_after = \"4s\"\n";
+const ROOMY_DOWN_AFTER: Duration = Duration::from_secs(4);
 
 /// Bound for host loss → VM started on the other host, and for a returning host's
 /// stale copy to be removed: 10× the ~1.5 s they should take (2.2–3.2 s measured for
@@ -58,11 +69,6 @@ fn host_phase(repo: &TestRepo, host: &str) -> String {
         .flatten()
         .map(|h| h.phase)
         .unwrap_or_default()
-}
-
-/// The `phase` of `status/vms/<vm>.toml` (empty if absent).
-fn vm_phase(repo: &TestRepo, vm: &str) -> String {
-    repo.vm_phase(vm).ok().flatten().unwrap_or_default()
 }
 
 /// `status/engine.toml`'s `last_error` (empty if none).
@@ -237,14 +243,36 @@ fn cut_off_and_left_alone(
     // QEMUs seen on hv2 while hv1 is not fenced: there must be none.
     let mut on_hv2: Vec<i32> = Vec::new();
 
-    // hv1 is cut off: its agent stops answering, its QEMU keeps running.
+    // hv1 is cut off: its agent stops answering, its QEMU keeps running. It is suspect
+    // first (two beats missed), then down (1 s of silence); ha1 is unknown from the
+    // first, never running.
     let since = daemon.lines().len();
+    let mut trail = PhaseTrail::new(repo, "hv1", "ha1");
     repo.partition("hv1")?;
-    daemon.wait("hv1 down and ha1 unknown", DETECT, || {
-        copies.sample();
-        on_hv2.extend(repo.host_qemus("hv2"));
-        host_phase(repo, "hv1") == "down" && vm_phase(repo, "ha1") == "unknown"
-    })?;
+    trail
+        .wait_until("hv1 down and ha1 unknown", DETECT, |t| {
+            copies.sample();
+            on_hv2.extend(repo.host_qemus("hv2"));
+            t.host_now() == "down" && t.vm_now() == "unknown"
+        })
+        .with_context(|| daemon.describe())?;
+    println!("hv1 cut off: {trail}");
+    ensure!(
+        trail.host_phases() == ["ready", "suspect", "down"]
+            && trail.vm_phases() == ["running", "unknown"],
+        "hv1 should go ready → suspect → down and ha1 running → unknown: {trail}"
+    );
+    let suspect = trail.host_first("suspect").context("checked above")?;
+    ensure!(
+        suspect.message.contains("missed heartbeats"),
+        "hv1's status while suspect does not say it missed heartbeats: {:?}",
+        suspect.message
+    );
+    let unknown = trail.vm_first("unknown").context("checked above")?;
+    ensure!(
+        unknown.at < trail.host_first("down").context("checked above")?.at,
+        "ha1 became unknown only when hv1 was down, not while it was suspect: {trail}"
+    );
     let error = last_error(repo);
     for part in [
         "ha1: unknown: last seen on hv1",
@@ -347,6 +375,90 @@ fn rejoins_without_its_stale_copy(
     ensure!(
         view.phase == "running" && view.host == "hv2" && view.pid == Some(new),
         "ha1's status after hv1 came back:\n{view}"
+    );
+    copies.ensure_never_two()
+}
+
+/// hv1 freezes for less than `down_after` (its agent stopped, then resumed): it is
+/// suspect and ha1 unknown meanwhile, then both are back, on the same agent
+/// connection and the same QEMU; nothing was fenced or started elsewhere.
+#[test]
+fn brief_freeze_is_suspect_then_ready_again() -> Result<()> {
+    let repo = failover_repo(Some(Fence::Kills), &[("ha1", true)], ROOMY)?;
+    let daemon = repo.watch(&[])?;
+    let old = daemon.wait_running_on("ha1", "hv1")?;
+    let mut copies = CopyWatch::new(&repo, "ha1");
+    let mut on_hv2: Vec<i32> = Vec::new();
+
+    let since = daemon.lines().len();
+    let mut trail = PhaseTrail::new(&repo, "hv1", "ha1");
+    let frozen = Instant::now();
+    let agent = repo.partition("hv1")?;
+    trail
+        .wait_until("hv1 suspect and ha1 unknown", ROOMY_DOWN_AFTER, |t| {
+            copies.sample();
+            on_hv2.extend(repo.host_qemus("hv2"));
+            t.host_now() == "suspect" && t.vm_now() == "unknown"
+        })
+        .with_context(|| daemon.describe())?;
+    repo.resume(agent)?;
+    let resumed_after = frozen.elapsed();
+    ensure!(
+        resumed_after < ROOMY_DOWN_AFTER,
+        "hv1 was resumed only {resumed_after:.2?} after it froze, not before down_after:          the test proves nothing ({trail})"
+    );
+    trail
+        .wait_until("hv1 ready and ha1 running again", DETECT, |t| {
+            copies.sample();
+            on_hv2.extend(repo.host_qemus("hv2"));
+            t.host_now() == "ready" && t.vm_now() == "running"
+        })
+        .with_context(|| daemon.describe())?;
+    println!("hv1 frozen for {resumed_after:.2?}: {trail}");
+    ensure!(
+        trail.host_phases() == ["ready", "suspect", "ready"]
+            && trail.vm_phases() == ["running", "unknown", "running"],
+        "hv1 should go ready → suspect → ready and ha1 running → unknown → running: {trail}"
+    );
+
+    // The same QEMU, the same agent and connection; nothing fenced, nothing elsewhere.
+    let view = repo.vm_view("ha1")?.context("no status for ha1")?;
+    ensure!(
+        view.pid == Some(old) && view.host == "hv1" && view.restarts == 0,
+        "ha1 should run on hv1 as QEMU {old}, never restarted:\n{view}"
+    );
+    ensure!(
+        repo.qemus_of("ha1") == [old] && repo.qemu_on("hv1", "ha1")? == old,
+        "ha1's QEMUs are {:?}, expected only {old} on hv1",
+        repo.qemus_of("ha1")
+    );
+    ensure!(
+        is_alive(agent) && repo.host_agents("hv1") == [agent],
+        "hv1's agent {agent} should still serve it: agents {:?}",
+        repo.host_agents("hv1")
+    );
+    let log = daemon.lines_since(since);
+    let about_hv1 = |message: &str| {
+        log.iter()
+            .any(|l| l.is(message, None) && l.str("host") == Some("hv1"))
+    };
+    ensure!(
+        !about_hv1("connected to the agent") && !about_hv1("host unreachable"),
+        "the daemon dropped and reconnected hv1 after a freeze shorter than down_after\n{}",
+        daemon.describe()
+    );
+    ensure!(
+        about_hv1("host answers again; ready"),
+        "no \"host answers again\" line for hv1\n{}",
+        daemon.describe()
+    );
+    ensure!(
+        on_hv2.is_empty() && !repo.instance_dir_on("hv2", "ha1").exists(),
+        "something was started on hv2 while hv1 was only suspect: QEMUs {on_hv2:?}"
+    );
+    ensure!(
+        repo.fence_runs("hv1") == 0 && repo.fence_record("hv1")?.is_none(),
+        "hv1 was fenced while only suspect"
     );
     copies.ensure_never_two()
 }

@@ -15,7 +15,8 @@
 //! - [`proc`] inspects processes through `/proc`; [`wait`] polls with deadlines
 //!   (tests never sleep to synchronise).
 //! - [`fault`] simulates host failures (power-off, network partition), writes fence
-//!   commands, and [`CopyWatch`] samples how many copies of a VM run at once.
+//!   commands, and [`CopyWatch`] samples how many copies of a VM run at once;
+//!   [`PhaseTrail`] samples the phases a host and a VM go through, fast.
 //! - [`bench`] holds what the benchmark binaries share (release binary, percentiles,
 //!   the machine's description).
 
@@ -30,6 +31,7 @@ mod run;
 pub mod serial;
 mod spec;
 mod status;
+mod trail;
 pub mod wait;
 
 pub use artifacts::Guest;
@@ -41,7 +43,8 @@ pub use run::{diagnostic, Output, Running};
 pub use serial::{last_tick, serial_has_line, ticks};
 pub use spec::{HostSpec, VmSpec, MEMORY_LINE};
 pub use status::{EngineView, Event, HostView, Orphan, Resources, VmView};
-pub use wait::{poll_for, wait_for};
+pub use trail::{PhaseTrail, Seen};
+pub use wait::{poll_every, poll_for, wait_for};
 
 use std::time::Duration;
 

@@ -150,6 +150,10 @@ impl Resources {
 #[derive(Debug, Clone)]
 pub struct HostView {
     pub phase: String,
+    /// Why it is not ready (empty when it is).
+    pub message: String,
+    /// When it was last heard from (empty when unknown).
+    pub last_heartbeat: String,
     pub capacity: Resources,
     pub allocated: Resources,
     /// The VMs it has instances of.
@@ -201,11 +205,9 @@ impl TestRepo {
         Ok(self
             .status_file(&format!("hosts/{host}"))?
             .map(|raw| HostView {
-                phase: raw
-                    .get("phase")
-                    .and_then(toml::Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned(),
+                phase: text(&raw, "phase"),
+                message: text(&raw, "message"),
+                last_heartbeat: text(&raw, "last_heartbeat"),
                 capacity: Resources::from_value(raw.get("capacity")),
                 allocated: Resources::from_value(raw.get("allocated")),
                 vms: raw
@@ -269,4 +271,12 @@ impl TestRepo {
             })
             .collect()
     }
+}
+
+/// A string field of a status table (empty if absent).
+fn text(raw: &toml::Table, key: &str) -> String {
+    raw.get(key)
+        .and_then(toml::Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
 }
