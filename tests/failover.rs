@@ -8,6 +8,8 @@
 //!   fenced by its fence command; its `ha` VM is started afresh on the other host, never
 //!   two copies at once; its `ha = false` VM is started nowhere and stays unknown;
 //! - the status of that `ha = false` VM says why it is not recovered;
+//! - when a fenced host's `ha` VMs do not all fit elsewhere, the one of higher
+//!   `priority` is recovered (not the first by name) and the other says what is missing;
 //! - a host frozen for less than `down_after` (agent stopped, then resumed; 4 s here)
 //!   is `suspect` with its VM `unknown`, then `ready` and `running` again on the same
 //!   agent connection and the same QEMU: nothing fenced, nothing started elsewhere;
@@ -29,9 +31,9 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{ensure, Context, Result};
-use plasmavmc_e2e::fault::{failover_repo, Fence};
+use plasmavmc_e2e::fault::{failover_repo, failover_repo_with, Fence};
 use plasmavmc_e2e::{
-    is_alive, ticks, CopyWatch, Daemon, LogLine, PhaseTrail, TestRepo, BOOT_TIMEOUT,
+    is_alive, ticks, CopyWatch, Daemon, LogLine, PhaseTrail, TestRepo, VmSpec, BOOT_TIMEOUT,
 };
 
 /// Fast host health for tests.
@@ -377,6 +379,55 @@ fn rejoins_without_its_stale_copy(
         "ha1's status after hv1 came back:\n{view}"
     );
     copies.ensure_never_two()
+}
+
+/// hv1 runs two `ha` VMs of 300 MB and is powered off; hv2 (512 MB) has room for one.
+/// The one of higher priority (`zulu`, though `alpha` comes first by name) is recovered;
+/// `alpha` is started nowhere and its status says what is missing.
+#[test]
+fn recovery_takes_the_highest_priority_first() -> Result<()> {
+    let big = || VmSpec::new().no_disks().memory(300).ha(true);
+    let repo = failover_repo_with(
+        Some(Fence::Kills),
+        &[("alpha", big()), ("zulu", big().priority(10))],
+        HEARTBEAT,
+    )?;
+    let daemon = repo.watch(&[])?;
+    daemon.wait_running_on("alpha", "hv1")?;
+    let old = daemon.wait_running_on("zulu", "hv1")?;
+
+    repo.power_off("hv1")?;
+    let new = daemon.wait_running_on("zulu", "hv2")?;
+    ensure!(new != old, "zulu's QEMU on hv2 is the old one");
+    booted_afresh(&repo, "hv2", "zulu")?;
+    let alpha = repo.wait_vm("alpha", "says why it is not recovered", RECOVER, |v| {
+        v.message.contains("cannot be recovered")
+    })?;
+    ensure!(
+        alpha.phase == "unknown"
+            && alpha.host == "hv1"
+            && alpha
+                .message
+                .contains("needs 300 MB and 1 vCPUs: hv1 unreachable, hv2 has 212 MB free"),
+        "alpha's status should say it does not fit on hv2:\n{alpha}"
+    );
+    ensure!(
+        last_error(&repo).contains("alpha: on fenced host hv1; cannot be recovered"),
+        "engine.toml's last_error does not name alpha: {}",
+        last_error(&repo)
+    );
+    daemon.resync(RESYNC)?;
+    ensure!(
+        repo.qemus_of("alpha").is_empty() && !repo.instance_dir_on("hv2", "alpha").exists(),
+        "alpha was started somewhere: QEMUs {:?}",
+        repo.qemus_of("alpha")
+    );
+    ensure!(
+        repo.qemus_of("zulu") == [new],
+        "zulu's QEMUs are {:?}, expected only {new} on hv2",
+        repo.qemus_of("zulu")
+    );
+    Ok(())
 }
 
 /// hv1 freezes for less than `down_after` (its agent stopped, then resumed): it is

@@ -44,6 +44,19 @@ pub fn failover_repo(
     vms: &[(&str, bool)],
     settings: &str,
 ) -> Result<TestRepo> {
+    let specs: Vec<(&str, VmSpec)> = vms
+        .iter()
+        .map(|&(vm, ha)| (vm, VmSpec::new().no_disks().memory(FAILOVER_VM_MB).ha(ha)))
+        .collect();
+    failover_repo_with(hv1_fence, &specs, settings)
+}
+
+/// [`failover_repo`] with VMs of any spec.
+pub fn failover_repo_with(
+    hv1_fence: Option<Fence>,
+    vms: &[(&str, VmSpec)],
+    settings: &str,
+) -> Result<TestRepo> {
     let repo = TestRepo::new()?;
     repo.set_cluster_settings(settings)?;
     let mut hv1 = HostSpec::agent().switchable().memory(1024);
@@ -56,9 +69,8 @@ pub fn failover_repo(
         .memory(512)
         .fence(&repo.fence_script("hv2", Fence::Kills)?);
     repo.write_host("hv2", &hv2)?;
-    for &(vm, ha) in vms {
-        let spec = VmSpec::new().no_disks().memory(FAILOVER_VM_MB).ha(ha);
-        repo.write_vm(vm, &spec)?;
+    for (vm, spec) in vms {
+        repo.write_vm(vm, spec)?;
     }
     repo.commit("VMs on two hosts that can fail")?;
     Ok(repo)

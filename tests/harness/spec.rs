@@ -28,6 +28,8 @@ pub struct VmSpec {
     pub host: Option<String>,
     /// `ha = ...` when set (recover on another host once its host is fenced).
     pub ha: Option<bool>,
+    /// `priority = ...` when set (who goes first when VMs compete for capacity).
+    pub priority: Option<i32>,
 }
 
 impl Default for VmSpec {
@@ -43,6 +45,7 @@ impl Default for VmSpec {
             group: None,
             host: None,
             ha: None,
+            priority: None,
         }
     }
 }
@@ -113,6 +116,12 @@ impl VmSpec {
         self
     }
 
+    /// `priority = n`: placed (and recovered) before VMs of lower priority.
+    pub fn priority(mut self, n: i32) -> Self {
+        self.priority = Some(n);
+        self
+    }
+
     /// The TOML text. `memory_mb` is always on line 2 (tests point at it).
     pub fn to_toml(&self, guest: &Guest) -> String {
         let mut cmdline = BASE_CMDLINE.to_owned();
@@ -135,6 +144,9 @@ impl VmSpec {
         }
         if let Some(ha) = self.ha {
             let _ = writeln!(s, "ha = {ha}");
+        }
+        if let Some(priority) = self.priority {
+            let _ = writeln!(s, "priority = {priority}");
         }
         let _ = writeln!(s, "\n[boot]");
         let _ = writeln!(s, "kernel = {:?}", guest.kernel.display().to_string());

@@ -4,7 +4,8 @@
 //! actions with their reasons, and notes on what the planner will not do. It never
 //! touches a socket, a file or a clock, so the same inputs always give the same plan.
 //!
-//! Per VM (sorted by name):
+//! Per VM, highest `priority` first, equal ones by name — the order in which VMs compete
+//! for capacity (new VMs placed, VMs of a fenced host recovered, one shared [`Load`]):
 //! ```text
 //! in specs, no instance         -> create, then start if power = running
 //! same spec hash                -> start / stop to match power
@@ -57,7 +58,7 @@ impl Plan {
 /// the epoch; only restart backoff depends on it).
 pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
     let mut out = Plan::default();
-    let names: BTreeSet<&str> = desired
+    let mut names: Vec<&str> = desired
         .vms
         .keys()
         .map(String::as_str)
@@ -67,7 +68,13 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
                 .values()
                 .flat_map(|inv| inv.vms.keys().map(String::as_str)),
         )
+        .collect::<BTreeSet<&str>>()
+        .into_iter()
         .collect();
+    // By name (above), then stably by priority: higher first, equal ones by name.
+    names.sort_by_key(|name| {
+        std::cmp::Reverse(desired.vms.get(*name).map_or(0, |v| v.spec.priority))
+    });
     out.notes.extend(observed.unreachable.values().cloned());
     for (host, inv) in &observed.hosts {
         for o in &inv.orphans {

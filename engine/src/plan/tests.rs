@@ -1,5 +1,7 @@
 //! Table tests of the pure planner: (desired, observed) -> actions.
 
+mod priority;
+
 use std::collections::BTreeMap;
 
 use plasmavmc_specs::{Desired, Power};
