@@ -64,34 +64,6 @@ fn started_anew(vm: &str, old: i32) -> impl Fn(&LogLine) -> bool + '_ {
     move |l| l.is("started", Some(vm)) && l.int("pid").is_some_and(|p| p != i64::from(old))
 }
 
-/// The `phase` of `status/hosts/<host>.toml` (empty if absent).
-fn host_phase(repo: &TestRepo, host: &str) -> String {
-    repo.host_view(host)
-        .ok()
-        .flatten()
-        .map(|h| h.phase)
-        .unwrap_or_default()
-}
-
-/// `status/engine.toml`'s `last_error` (empty if none).
-fn last_error(repo: &TestRepo) -> String {
-    repo.engine_view()
-        .ok()
-        .flatten()
-        .and_then(|e| e.last_error)
-        .unwrap_or_default()
-}
-
-/// The `by` of `host`'s fence record, `None` if there is no record.
-fn fenced_by(repo: &TestRepo, host: &str) -> Result<Option<String>> {
-    Ok(repo.fence_record(host)?.map(|r| {
-        r.get("by")
-            .and_then(|b| b.as_str())
-            .unwrap_or("?")
-            .to_owned()
-    }))
-}
-
 /// Fails unless `vm` booted afresh on `host`: its console there starts at `tick 1`.
 fn booted_afresh(repo: &TestRepo, host: &str, vm: &str) -> Result<()> {
     let serial = repo.serial_on(host, vm);
@@ -178,7 +150,7 @@ fn host_power_off_with_fence_command_recovers_ha_vms() -> Result<()> {
     let hv1 = repo.host_view("hv1")?.context("no status for hv1")?;
     ensure!(hv1.phase == "fenced", "hv1 is not fenced:\n{hv1}");
     ensure!(
-        fenced_by(&repo, "hv1")?.as_deref() == Some("fence command"),
+        repo.fenced_by("hv1")?.as_deref() == Some("fence command"),
         "hv1's fence record: {:?}",
         repo.fence_record("hv1")?
     );
@@ -218,17 +190,15 @@ fn ha_false_vm_of_a_fenced_host_says_why_it_stays_down() -> Result<()> {
     let daemon = repo.watch(&[])?;
     daemon.wait_running_on("plain", "hv1")?;
     repo.power_off("hv1")?;
-    daemon.wait("hv1 fenced", RECOVER, || {
-        host_phase(&repo, "hv1") == "fenced"
-    })?;
+    daemon.wait("hv1 fenced", RECOVER, || repo.host_phase("hv1") == "fenced")?;
     daemon.resync(RESYNC)?;
     let plain = repo.vm_view("plain")?.context("no status for plain")?;
-    let said = format!("{}\n{}", plain.message, last_error(&repo));
+    let said = format!("{}\n{}", plain.message, repo.last_error());
     ensure!(
         said.contains("ha = false") && said.contains("not recovered"),
         "neither plain's status message nor engine.toml says it is not recovered because \
          ha = false:\n{plain}\nlast_error: {}",
-        last_error(&repo)
+        repo.last_error()
     );
     Ok(())
 }
@@ -275,7 +245,7 @@ fn cut_off_and_left_alone(
         unknown.at < trail.host_first("down").context("checked above")?.at,
         "ha1 became unknown only when hv1 was down, not while it was suspect: {trail}"
     );
-    let error = last_error(repo);
+    let error = repo.last_error();
     for part in [
         "ha1: unknown: last seen on hv1",
         "plasmavmc fence confirm hv1",
@@ -349,7 +319,7 @@ fn rejoins_without_its_stale_copy(
             copies.sample();
             !repo.instance_dir_on("hv1", "ha1").exists()
                 && repo.fence_record("hv1").is_ok_and(|r| r.is_none())
-                && host_phase(repo, "hv1") == "ready"
+                && repo.host_phase("hv1") == "ready"
         },
     )?;
     ensure!(
@@ -412,9 +382,10 @@ fn recovery_takes_the_highest_priority_first() -> Result<()> {
         "alpha's status should say it does not fit on hv2:\n{alpha}"
     );
     ensure!(
-        last_error(&repo).contains("alpha: on fenced host hv1; cannot be recovered"),
+        repo.last_error()
+            .contains("alpha: on fenced host hv1; cannot be recovered"),
         "engine.toml's last_error does not name alpha: {}",
-        last_error(&repo)
+        repo.last_error()
     );
     daemon.resync(RESYNC)?;
     ensure!(
@@ -536,7 +507,7 @@ fn partition_without_fence_waits_for_the_operator() -> Result<()> {
         "fence confirm does not say what it recorded\n{confirm}"
     );
     ensure!(
-        fenced_by(&repo, "hv1")?.as_deref() == Some("operator"),
+        repo.fenced_by("hv1")?.as_deref() == Some("operator"),
         "hv1's fence record after fence confirm: {:?}\n{confirm}",
         repo.fence_record("hv1")?
     );
@@ -556,7 +527,7 @@ fn partition_without_fence_waits_for_the_operator() -> Result<()> {
     );
     booted_afresh(&repo, "hv2", "ha1")?;
     ensure!(
-        host_phase(&repo, "hv1") == "fenced",
+        repo.host_phase("hv1") == "fenced",
         "hv1 is not reported fenced: {:?}",
         repo.host_view("hv1")?
     );
@@ -596,7 +567,7 @@ fn lying_fence_then_return(how: Return) -> Result<()> {
         "the new QEMU {new} of ha1 is not the one on hv2"
     );
     ensure!(
-        repo.fence_runs("hv1") >= 1 && fenced_by(&repo, "hv1")?.as_deref() == Some("fence command"),
+        repo.fence_runs("hv1") >= 1 && repo.fenced_by("hv1")?.as_deref() == Some("fence command"),
         "hv1 was not fenced by its fence command: {:?}",
         repo.fence_record("hv1")?
     );
@@ -665,7 +636,7 @@ fn lying_fence_then_return(how: Return) -> Result<()> {
     })?;
     ensure!(view.restarts == 0, "ha1 was restarted:\n{view}");
     ensure!(
-        repo.fence_record("hv1")?.is_none() && host_phase(&repo, "hv1") == "ready",
+        repo.fence_record("hv1")?.is_none() && repo.host_phase("hv1") == "ready",
         "hv1 is back: its fence record should be gone and its phase ready: {:?}",
         repo.host_view("hv1")?
     );

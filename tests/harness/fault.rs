@@ -57,16 +57,43 @@ pub fn failover_repo_with(
     vms: &[(&str, VmSpec)],
     settings: &str,
 ) -> Result<TestRepo> {
+    build_failover_repo(hv1_fence, vms, settings, false)
+}
+
+/// [`failover_repo_with`] where both hosts are in storage pool [`SHARED_POOL`] with
+/// the shared folder [`TestRepo::shared_dir`].
+pub fn shared_failover_repo(
+    hv1_fence: Option<Fence>,
+    vms: &[(&str, VmSpec)],
+    settings: &str,
+) -> Result<TestRepo> {
+    build_failover_repo(hv1_fence, vms, settings, true)
+}
+
+/// The storage pool of [`shared_failover_repo`]'s hosts.
+pub const SHARED_POOL: &str = "pool1";
+
+fn build_failover_repo(
+    hv1_fence: Option<Fence>,
+    vms: &[(&str, VmSpec)],
+    settings: &str,
+    shared: bool,
+) -> Result<TestRepo> {
     let repo = TestRepo::new()?;
     repo.set_cluster_settings(settings)?;
-    let mut hv1 = HostSpec::agent().switchable().memory(1024);
+    let pool = |host: HostSpec| {
+        if shared {
+            host.shared(&repo.shared_dir(), SHARED_POOL)
+        } else {
+            host
+        }
+    };
+    let mut hv1 = pool(HostSpec::agent().switchable().memory(1024));
     if let Some(how) = hv1_fence {
         hv1 = hv1.fence(&repo.fence_script("hv1", how)?);
     }
     repo.write_host("hv1", &hv1)?;
-    let hv2 = HostSpec::agent()
-        .switchable()
-        .memory(512)
+    let hv2 = pool(HostSpec::agent().switchable().memory(512))
         .fence(&repo.fence_script("hv2", Fence::Kills)?);
     repo.write_host("hv2", &hv2)?;
     for (vm, spec) in vms {
@@ -144,6 +171,17 @@ done
     /// `None` while there is none.
     pub fn fence_record(&self, host: &str) -> Result<Option<toml::Table>> {
         crate::repo::read_table(&self.state_dir().join("fence").join(format!("{host}.toml")))
+    }
+
+    /// The `by` of `host`'s fence record (`fence command`, `operator`), `None` if there
+    /// is no record.
+    pub fn fenced_by(&self, host: &str) -> Result<Option<String>> {
+        Ok(self.fence_record(host)?.map(|r| {
+            r.get("by")
+                .and_then(|b| b.as_str())
+                .unwrap_or("?")
+                .to_owned()
+        }))
     }
 
     /// `plasmavmc fence confirm <host> --repo R --state-dir S` (the operator's word

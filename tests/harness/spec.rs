@@ -30,6 +30,8 @@ pub struct VmSpec {
     pub ha: Option<bool>,
     /// `priority = ...` when set (who goes first when VMs compete for capacity).
     pub priority: Option<i32>,
+    /// `storage = "..."` of every disk when set (`auto`, `shared`, `local`).
+    pub storage: Option<String>,
 }
 
 impl Default for VmSpec {
@@ -46,6 +48,7 @@ impl Default for VmSpec {
             host: None,
             ha: None,
             priority: None,
+            storage: None,
         }
     }
 }
@@ -116,6 +119,13 @@ impl VmSpec {
         self
     }
 
+    /// `storage = "shared"` for every disk: on the host's shared storage,
+    /// `<shared_storage>/<vm>/<disk>.qcow2`.
+    pub fn shared_disks(mut self) -> Self {
+        self.storage = Some("shared".to_owned());
+        self
+    }
+
     /// `priority = n`: placed (and recovered) before VMs of lower priority.
     pub fn priority(mut self, n: i32) -> Self {
         self.priority = Some(n);
@@ -154,6 +164,9 @@ impl VmSpec {
         let _ = writeln!(s, "cmdline = {cmdline:?}");
         for (name, size_gb) in &self.disks {
             let _ = writeln!(s, "\n[[disks]]\nname = {name:?}\nsize_gb = {size_gb}");
+            if let Some(storage) = &self.storage {
+                let _ = writeln!(s, "storage = {storage:?}");
+            }
         }
         let _ = writeln!(s, "\n[qemu]\naccel = \"tcg\"");
         if let Some(machine) = &self.machine {
@@ -187,6 +200,9 @@ pub struct HostSpec {
     /// power-off marker ([`HostSpec::power_marker`]) exists: a host that can be
     /// powered off (see [`crate::TestRepo::power_off`]). Ignored with [`Self::exec`].
     pub switchable: bool,
+    /// `shared_storage` and `storage_pool` when set: a folder every host of the pool
+    /// sees, and the pool's name.
+    pub shared: Option<(PathBuf, String)>,
 }
 
 impl HostSpec {
@@ -230,6 +246,13 @@ impl HostSpec {
     /// `fence = argv`: what `watch` runs once the host is down (exit 0 = powered off).
     pub fn fence(mut self, argv: &[String]) -> Self {
         self.fence = Some(argv.to_vec());
+        self
+    }
+
+    /// `shared_storage = <folder>` and `storage_pool = <pool>`: disks on shared storage
+    /// live in `<folder>/<vm>/<disk>.qcow2`, seen by every host of the pool.
+    pub fn shared(mut self, folder: &Path, pool: &str) -> Self {
+        self.shared = Some((folder.to_path_buf(), pool.to_owned()));
         self
     }
 
@@ -286,6 +309,10 @@ impl HostSpec {
         }
         if let Some(fence) = &self.fence {
             let _ = writeln!(s, "fence = {}", toml_strings(fence));
+        }
+        if let Some((folder, pool)) = &self.shared {
+            let _ = writeln!(s, "shared_storage = {:?}", folder.display().to_string());
+            let _ = writeln!(s, "storage_pool = {pool:?}");
         }
         s
     }

@@ -221,6 +221,24 @@ impl TestRepo {
             }))
     }
 
+    /// The `phase` of `status/hosts/<host>.toml` (empty if absent or unreadable).
+    pub fn host_phase(&self, host: &str) -> String {
+        self.host_view(host)
+            .ok()
+            .flatten()
+            .map(|h| h.phase)
+            .unwrap_or_default()
+    }
+
+    /// `status/engine.toml`'s `last_error` (empty if none).
+    pub fn last_error(&self) -> String {
+        self.engine_view()
+            .ok()
+            .flatten()
+            .and_then(|e| e.last_error)
+            .unwrap_or_default()
+    }
+
     /// `status/vms/<vm>.toml` as a [`VmView`], `None` if absent.
     pub fn vm_view(&self, vm: &str) -> Result<Option<VmView>> {
         Ok(self.vm_status(vm)?.map(VmView::from_table))

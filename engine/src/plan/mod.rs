@@ -29,6 +29,7 @@ pub use action::Action;
 pub use saved::{SavedPlan, StalePlan};
 
 use crate::observe::{Observed, ObservedVm, RunState};
+use crate::qemu::exit::ExitReason;
 use place::Load;
 use restart::Verdict;
 
@@ -103,7 +104,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
             }
             (Some(want), None) => plan_new(desired, &mut load, want, &mut out),
             (Some(want), Some((host, have))) => {
-                plan_existing(desired, want, host, have, now_ms, &mut out);
+                plan_existing(desired, observed, want, (host, have), now_ms, &mut out);
             }
             (None, Some((host, have))) => plan_removed(host, have, &mut out),
             (None, None) => {}
@@ -196,9 +197,9 @@ fn plan_new(desired: &Desired, load: &mut Load, want: &VmEntry, out: &mut Plan) 
 
 fn plan_existing(
     desired: &Desired,
+    observed: &Observed,
     want: &VmEntry,
-    host: &str,
-    have: &ObservedVm,
+    (host, have): (&str, &ObservedVm),
     now_ms: u64,
     out: &mut Plan,
 ) {
@@ -257,27 +258,7 @@ fn plan_existing(
         return;
     }
     if wants_run && have.state == RunState::Exited {
-        match restart::verdict(want.spec.restart, &desired.cluster.restart, have, now_ms) {
-            Verdict::Restart { reason, attempt } => {
-                let reason =
-                    format!("restart after an unexpected exit ({reason}), attempt {attempt}");
-                out.actions.push(Action::Start { vm, host, reason });
-            }
-            Verdict::Wait { until_ms, .. } => {
-                let secs = until_ms.saturating_sub(now_ms).div_ceil(1000);
-                let what = restart::describe_exit(have);
-                out.notes
-                    .push(format!("{vm}: {what}; restart in {secs}s (backoff)"));
-                out.wake_at_ms = Some(out.wake_at_ms.map_or(until_ms, |w| w.min(until_ms)));
-            }
-            Verdict::GiveUp { why } => {
-                out.notes.push(format!("{vm}: {why}"));
-                out.pending.push(format!("{vm}: failed: {why}"));
-            }
-            Verdict::Stay { why } => {
-                out.notes.push(format!("{vm}: {why}"));
-            }
-        }
+        plan_exited(desired, observed, want, (&host, have), now_ms, out);
     } else if wants_run && !runs {
         out.actions.push(Action::Start {
             vm,
@@ -296,6 +277,49 @@ fn plan_existing(
             "{vm}: QEMU (pid {}) is alive but {detail}; left alone",
             have.pid.unwrap_or(0)
         ));
+    }
+}
+
+/// A VM that should run and exited without being asked: what its restart policy says.
+fn plan_exited(
+    desired: &Desired,
+    observed: &Observed,
+    want: &VmEntry,
+    (host, have): (&str, &ObservedVm),
+    now_ms: u64,
+    out: &mut Plan,
+) {
+    let vm = want.name.clone();
+    match restart::verdict(want.spec.restart, &desired.cluster.restart, have, now_ms) {
+        Verdict::Restart { reason, attempt } => {
+            let reason = format!("restart after an unexpected exit ({reason}), attempt {attempt}");
+            out.actions.push(Action::Start {
+                vm,
+                host: host.to_owned(),
+                reason,
+            });
+        }
+        Verdict::Wait { until_ms, .. } => {
+            let secs = until_ms.saturating_sub(now_ms).div_ceil(1000);
+            let what = restart::describe_exit(have);
+            out.notes
+                .push(format!("{vm}: {what}; restart in {secs}s (backoff)"));
+            out.wake_at_ms = Some(out.wake_at_ms.map_or(until_ms, |w| w.min(until_ms)));
+        }
+        Verdict::GiveUp { mut why } => {
+            let locked = have
+                .last_exit
+                .as_ref()
+                .is_some_and(|e| e.reason == ExitReason::ImageLocked);
+            if locked {
+                why.push_str(&recover::lock_holders(desired, observed, host));
+            }
+            out.notes.push(format!("{vm}: {why}"));
+            out.pending.push(format!("{vm}: failed: {why}"));
+        }
+        Verdict::Stay { why } => {
+            out.notes.push(format!("{vm}: {why}"));
+        }
     }
 }
 
@@ -319,7 +343,8 @@ fn plan_removed(host: &str, have: &ObservedVm, out: &mut Plan) {
     out.actions.push(Action::Delete {
         vm,
         host,
-        reason: "its spec file was removed; disks are retained".to_owned(),
+        reason: "its spec file was removed; disks are kept (local ones in retained/, shared ones in place)"
+            .to_owned(),
     });
 }
 

@@ -1,5 +1,6 @@
 //! Table tests of the pure planner: (desired, observed) -> actions.
 
+mod lock;
 mod priority;
 
 use std::collections::BTreeMap;

@@ -314,13 +314,16 @@ impl Daemon {
             } else {
                 Some(now_ms() + RETRY_FLOOR_MS)
             };
+            // What is left undone is what the hosts show now (a start refused for good
+            // is pending only after it was tried).
+            self.pending = next.pending;
             (Some(report), after)
         };
         if self.bad.is_none() {
             self.engine.last_attempted_revision = Some(id.clone());
             let problems = [
                 report.as_ref().map(Report::failures).unwrap_or_default(),
-                plan.pending.join("\n"),
+                self.pending.join("\n"),
             ]
             .into_iter()
             .filter(|p| !p.is_empty())
