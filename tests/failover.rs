@@ -75,6 +75,25 @@ fn booted_afresh(repo: &TestRepo, host: &str, vm: &str) -> Result<()> {
     Ok(())
 }
 
+/// Samples the status every 10 ms until hv1 and ha1 are in `phases` (host, VM); at each
+/// poll, samples ha1's `copies` and collects the QEMUs seen on hv2 in `on_hv2`.
+fn wait_phases(
+    trail: &mut PhaseTrail<'_>,
+    daemon: &Daemon<'_>,
+    copies: &mut CopyWatch<'_>,
+    on_hv2: &mut Vec<i32>,
+    (host, vm): (&str, &str),
+    timeout: Duration,
+) -> Result<()> {
+    trail
+        .wait_until(&format!("hv1 {host} and ha1 {vm}"), timeout, |t| {
+            copies.sample();
+            on_hv2.extend(daemon.repo().host_qemus("hv2"));
+            t.host_now() == host && t.vm_now() == vm
+        })
+        .with_context(|| daemon.describe())
+}
+
 // ---- tests ----------------------------------------------------------------------
 
 #[test]
@@ -221,13 +240,8 @@ fn cut_off_and_left_alone(
     let since = daemon.lines().len();
     let mut trail = PhaseTrail::new(repo, "hv1", "ha1");
     repo.partition("hv1")?;
-    trail
-        .wait_until("hv1 down and ha1 unknown", DETECT, |t| {
-            copies.sample();
-            on_hv2.extend(repo.host_qemus("hv2"));
-            t.host_now() == "down" && t.vm_now() == "unknown"
-        })
-        .with_context(|| daemon.describe())?;
+    let phases = ("down", "unknown");
+    wait_phases(&mut trail, daemon, copies, &mut on_hv2, phases, DETECT)?;
     println!("hv1 cut off: {trail}");
     ensure!(
         trail.host_phases() == ["ready", "suspect", "down"]
@@ -416,26 +430,31 @@ fn brief_freeze_is_suspect_then_ready_again() -> Result<()> {
     let mut trail = PhaseTrail::new(&repo, "hv1", "ha1");
     let frozen = Instant::now();
     let agent = repo.partition("hv1")?;
-    trail
-        .wait_until("hv1 suspect and ha1 unknown", ROOMY_DOWN_AFTER, |t| {
-            copies.sample();
-            on_hv2.extend(repo.host_qemus("hv2"));
-            t.host_now() == "suspect" && t.vm_now() == "unknown"
-        })
-        .with_context(|| daemon.describe())?;
+    let phases = ("suspect", "unknown");
+    wait_phases(
+        &mut trail,
+        &daemon,
+        &mut copies,
+        &mut on_hv2,
+        phases,
+        ROOMY_DOWN_AFTER,
+    )?;
     repo.resume(agent)?;
     let resumed_after = frozen.elapsed();
     ensure!(
         resumed_after < ROOMY_DOWN_AFTER,
-        "hv1 was resumed only {resumed_after:.2?} after it froze, not before down_after:          the test proves nothing ({trail})"
+        "hv1 was resumed only {resumed_after:.2?} after it froze, not before down_after: \
+         the test proves nothing ({trail})"
     );
-    trail
-        .wait_until("hv1 ready and ha1 running again", DETECT, |t| {
-            copies.sample();
-            on_hv2.extend(repo.host_qemus("hv2"));
-            t.host_now() == "ready" && t.vm_now() == "running"
-        })
-        .with_context(|| daemon.describe())?;
+    let phases = ("ready", "running");
+    wait_phases(
+        &mut trail,
+        &daemon,
+        &mut copies,
+        &mut on_hv2,
+        phases,
+        DETECT,
+    )?;
     println!("hv1 frozen for {resumed_after:.2?}: {trail}");
     ensure!(
         trail.host_phases() == ["ready", "suspect", "ready"]

@@ -16,6 +16,9 @@
 //!   the host is powered off) or kills nothing ([`Fence::Lies`]: exit 0 all the same).
 //! - [`CopyWatch`] samples the live QEMUs of one VM on every host: the invariant "never
 //!   two at once", and how long two coexisted when a test breaks it on purpose.
+//! - [`failover_repo`] and its variants build the two-host repositories of these
+//!   tests; [`shared_failover_repo`] puts both hosts in one storage pool sharing
+//!   [`TestRepo::shared_dir`], so disks on shared storage are seen by both.
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -31,7 +31,7 @@ mod run;
 pub mod serial;
 mod spec;
 mod status;
-mod trail;
+pub mod trail;
 pub mod wait;
 
 pub use artifacts::Guest;

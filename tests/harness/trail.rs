@@ -61,8 +61,8 @@ impl<'r> PhaseTrail<'r> {
         }
     }
 
-    /// Samples every [`FAST_POLL`] until `cond` holds for the trail, or fails after
-    /// `timeout` showing it.
+    /// Samples every 10 ms ([`FAST_POLL`]) until `cond` holds for the trail, or fails
+    /// after `timeout` showing it.
     pub fn wait_until(
         &mut self,
         what: &str,
