@@ -405,7 +405,15 @@ impl Daemon {
                     .fence_tried
                     .get(&host)
                     .is_none_or(|t| t.elapsed() >= self.down_after);
-            if fenced.contains_key(&host) || !due {
+            if fenced.contains_key(&host) {
+                // Nothing to run any more; throttle the health check's "fence due" all
+                // the same, or a fenced host would cost a reconcile (and a reconnection
+                // attempt) at every heartbeat until it returns.
+                self.fence_tried
+                    .insert(host.clone(), std::time::Instant::now());
+                continue;
+            }
+            if !due {
                 continue;
             }
             self.fence_tried
