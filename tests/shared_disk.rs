@@ -184,12 +184,7 @@ fn holder_returns(
         "no \"done\" line for the delete of hv2's instance\n{}",
         daemon.describe()
     );
-    // The host files are written after the VM files: wait for them too.
-    daemon.wait(
-        "hv1 back: its fence record gone, its phase ready",
-        RECOVER,
-        || repo.fence_record("hv1").is_ok_and(|r| r.is_none()) && repo.host_phase("hv1") == "ready",
-    )?;
+    daemon.wait_rejoined("hv1", RECOVER)?;
     for host in ["hv1", "hv2"] {
         let kept: Vec<PathBuf> = std::fs::read_dir(repo.host_root(host).join("retained"))
             .into_iter()

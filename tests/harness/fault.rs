@@ -28,6 +28,7 @@ use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::daemon::Daemon;
 use crate::proc;
 use crate::repo::TestRepo;
 use crate::run::Output;
@@ -322,6 +323,24 @@ done
         fs::read(self.instance_dir_on(host, vm).join("serial.log"))
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
+    }
+}
+
+impl Daemon<'_> {
+    /// Waits until `host` has rejoined: its fence record gone and its status `ready`.
+    /// (Host status files are written after the VM files: a VM seen back on a host does
+    /// not mean the host's file says so yet.)
+    pub fn wait_rejoined(&self, host: &str, timeout: Duration) -> Result<()> {
+        let repo = self.repo();
+        self.wait(
+            format!("{host} back: its fence record gone, its phase ready"),
+            timeout,
+            || {
+                repo.fence_record(host).is_ok_and(|r| r.is_none())
+                    && repo.host_phase(host) == "ready"
+            },
+        )
+        .with_context(|| format!("{host}'s status: {:?}", repo.host_view(host)))
     }
 }
 
