@@ -1,21 +1,26 @@
 //! Host loss, end to end: `plasmavmc watch` against two simulated hosts (each
 //! `hosts/<name>.toml` runs the binary's own agent on a root of its own), real QEMU
-//! (TCG) and the tiny test guest. Heartbeat every 200 ms, a host is down after 1 s of
-//! silence (`plasmavmc.toml`).
+//! (TCG) and the tiny test guest. Heartbeat every 200 ms: a host that missed two beats
+//! (400 ms of silence) is suspect, after 1 s of silence it is down (`plasmavmc.toml`).
 //!
 //! What this file proves, one test each:
 //! - a host that loses power (agent and QEMUs killed, agent cannot start again) is
 //!   fenced by its fence command; its `ha` VM is started afresh on the other host, never
 //!   two copies at once; its `ha = false` VM is started nowhere and stays unknown;
-//! - (ignored until the engine does it) the status of that `ha = false` VM says why;
+//! - the status of that `ha = false` VM says why it is not recovered;
+//! - when a fenced host's `ha` VMs do not all fit elsewhere, the one of higher
+//!   `priority` is recovered (not the first by name) and the other says what is missing;
+//! - a host frozen for less than `down_after` (agent stopped, then resumed; 4 s here)
+//!   is `suspect` with its VM `unknown`, then `ready` and `running` again on the same
+//!   agent connection and the same QEMU: nothing fenced, nothing started elsewhere;
 //! - a partitioned host (agent stopped, its QEMU still running) without a fence command
-//!   is down and its VM unknown: nothing starts elsewhere until an operator powers the
-//!   host off and runs `plasmavmc fence confirm`; when the host is powered on again its
-//!   stale instance is removed and the fence record cleared;
+//!   is suspect, then down, its VM unknown from the first: nothing starts elsewhere
+//!   until an operator powers the host off and runs `plasmavmc fence confirm`; when the
+//!   host is powered on again its stale instance is removed and the fence record cleared;
 //! - a fence command that lies (exit 0, host still running) leads to two copies; when
 //!   the host comes back with its stale QEMU still running, that copy is stopped and
-//!   deleted and one copy remains: with the host's agent restarted, and (ignored until
-//!   the engine closes dropped agent channels) with the partitioned agent resumed.
+//!   deleted and one copy remains, whether the host's agent was restarted or the
+//!   partitioned agent resumed.
 //!
 //! Host faults are simulated by the harness (`tests/harness/fault.rs`): power-off =
 //! marker file + kill -9 of the agent and of the QEMUs under the host's root;
@@ -26,14 +31,22 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{ensure, Context, Result};
-use plasmavmc_e2e::fault::{failover_repo, Fence};
-use plasmavmc_e2e::{is_alive, ticks, CopyWatch, Daemon, LogLine, TestRepo, BOOT_TIMEOUT};
+use plasmavmc_e2e::fault::{failover_repo, failover_repo_with, Fence};
+use plasmavmc_e2e::{
+    is_alive, ticks, CopyWatch, Daemon, LogLine, PhaseTrail, TestRepo, VmSpec, BOOT_TIMEOUT,
+};
 
 /// Fast host health for tests.
 const HEARTBEAT: &str = "[heartbeat]\ninterval = \"200ms\"\ndown_after = \"1s\"\n";
 
 /// Bound for a lost host to be declared down (1 s of silence): 10×.
 const DETECT: Duration = Duration::from_secs(10);
+
+/// Heartbeat settings with room for a brief freeze: suspect after 400 ms of silence,
+/// down only after [`ROOMY_DOWN_AFTER`], so a loaded machine cannot turn the freeze
+/// into a host loss before the test has seen `suspect` and resumed the host.
+const ROOMY: &str = "[heartbeat]\ninterval = \"200ms\"\ndown_after = \"4s\"\n";
+const ROOMY_DOWN_AFTER: Duration = Duration::from_secs(4);
 
 /// Bound for host loss → VM started on the other host, and for a returning host's
 /// stale copy to be removed: 10× the ~1.5 s they should take (2.2–3.2 s measured for
@@ -51,39 +64,6 @@ fn started_anew(vm: &str, old: i32) -> impl Fn(&LogLine) -> bool + '_ {
     move |l| l.is("started", Some(vm)) && l.int("pid").is_some_and(|p| p != i64::from(old))
 }
 
-/// The `phase` of `status/hosts/<host>.toml` (empty if absent).
-fn host_phase(repo: &TestRepo, host: &str) -> String {
-    repo.host_view(host)
-        .ok()
-        .flatten()
-        .map(|h| h.phase)
-        .unwrap_or_default()
-}
-
-/// The `phase` of `status/vms/<vm>.toml` (empty if absent).
-fn vm_phase(repo: &TestRepo, vm: &str) -> String {
-    repo.vm_phase(vm).ok().flatten().unwrap_or_default()
-}
-
-/// `status/engine.toml`'s `last_error` (empty if none).
-fn last_error(repo: &TestRepo) -> String {
-    repo.engine_view()
-        .ok()
-        .flatten()
-        .and_then(|e| e.last_error)
-        .unwrap_or_default()
-}
-
-/// The `by` of `host`'s fence record, `None` if there is no record.
-fn fenced_by(repo: &TestRepo, host: &str) -> Result<Option<String>> {
-    Ok(repo.fence_record(host)?.map(|r| {
-        r.get("by")
-            .and_then(|b| b.as_str())
-            .unwrap_or("?")
-            .to_owned()
-    }))
-}
-
 /// Fails unless `vm` booted afresh on `host`: its console there starts at `tick 1`.
 fn booted_afresh(repo: &TestRepo, host: &str, vm: &str) -> Result<()> {
     let serial = repo.serial_on(host, vm);
@@ -93,6 +73,25 @@ fn booted_afresh(repo: &TestRepo, host: &str, vm: &str) -> Result<()> {
         "{vm} on {host} did not boot afresh: ticks {seen:?}\n{serial}"
     );
     Ok(())
+}
+
+/// Samples the status every 10 ms until hv1 and ha1 are in `phases` (host, VM); at each
+/// poll, samples ha1's `copies` and collects the QEMUs seen on hv2 in `on_hv2`.
+fn wait_phases(
+    trail: &mut PhaseTrail<'_>,
+    daemon: &Daemon<'_>,
+    copies: &mut CopyWatch<'_>,
+    on_hv2: &mut Vec<i32>,
+    (host, vm): (&str, &str),
+    timeout: Duration,
+) -> Result<()> {
+    trail
+        .wait_until(&format!("hv1 {host} and ha1 {vm}"), timeout, |t| {
+            copies.sample();
+            on_hv2.extend(daemon.repo().host_qemus("hv2"));
+            t.host_now() == host && t.vm_now() == vm
+        })
+        .with_context(|| daemon.describe())
 }
 
 // ---- tests ----------------------------------------------------------------------
@@ -170,7 +169,7 @@ fn host_power_off_with_fence_command_recovers_ha_vms() -> Result<()> {
     let hv1 = repo.host_view("hv1")?.context("no status for hv1")?;
     ensure!(hv1.phase == "fenced", "hv1 is not fenced:\n{hv1}");
     ensure!(
-        fenced_by(&repo, "hv1")?.as_deref() == Some("fence command"),
+        repo.fenced_by("hv1")?.as_deref() == Some("fence command"),
         "hv1's fence record: {:?}",
         repo.fence_record("hv1")?
     );
@@ -210,17 +209,15 @@ fn ha_false_vm_of_a_fenced_host_says_why_it_stays_down() -> Result<()> {
     let daemon = repo.watch(&[])?;
     daemon.wait_running_on("plain", "hv1")?;
     repo.power_off("hv1")?;
-    daemon.wait("hv1 fenced", RECOVER, || {
-        host_phase(&repo, "hv1") == "fenced"
-    })?;
+    daemon.wait("hv1 fenced", RECOVER, || repo.host_phase("hv1") == "fenced")?;
     daemon.resync(RESYNC)?;
     let plain = repo.vm_view("plain")?.context("no status for plain")?;
-    let said = format!("{}\n{}", plain.message, last_error(&repo));
+    let said = format!("{}\n{}", plain.message, repo.last_error());
     ensure!(
         said.contains("ha = false") && said.contains("not recovered"),
         "neither plain's status message nor engine.toml says it is not recovered because \
          ha = false:\n{plain}\nlast_error: {}",
-        last_error(&repo)
+        repo.last_error()
     );
     Ok(())
 }
@@ -237,15 +234,32 @@ fn cut_off_and_left_alone(
     // QEMUs seen on hv2 while hv1 is not fenced: there must be none.
     let mut on_hv2: Vec<i32> = Vec::new();
 
-    // hv1 is cut off: its agent stops answering, its QEMU keeps running.
+    // hv1 is cut off: its agent stops answering, its QEMU keeps running. It is suspect
+    // first (two beats missed), then down (1 s of silence); ha1 is unknown from the
+    // first, never running.
     let since = daemon.lines().len();
+    let mut trail = PhaseTrail::new(repo, "hv1", "ha1");
     repo.partition("hv1")?;
-    daemon.wait("hv1 down and ha1 unknown", DETECT, || {
-        copies.sample();
-        on_hv2.extend(repo.host_qemus("hv2"));
-        host_phase(repo, "hv1") == "down" && vm_phase(repo, "ha1") == "unknown"
-    })?;
-    let error = last_error(repo);
+    let phases = ("down", "unknown");
+    wait_phases(&mut trail, daemon, copies, &mut on_hv2, phases, DETECT)?;
+    println!("hv1 cut off: {trail}");
+    ensure!(
+        trail.host_phases() == ["ready", "suspect", "down"]
+            && trail.vm_phases() == ["running", "unknown"],
+        "hv1 should go ready → suspect → down and ha1 running → unknown: {trail}"
+    );
+    let suspect = trail.host_first("suspect").context("checked above")?;
+    ensure!(
+        suspect.message.contains("missed heartbeats"),
+        "hv1's status while suspect does not say it missed heartbeats: {:?}",
+        suspect.message
+    );
+    let unknown = trail.vm_first("unknown").context("checked above")?;
+    ensure!(
+        unknown.at < trail.host_first("down").context("checked above")?.at,
+        "ha1 became unknown only when hv1 was down, not while it was suspect: {trail}"
+    );
+    let error = repo.last_error();
     for part in [
         "ha1: unknown: last seen on hv1",
         "plasmavmc fence confirm hv1",
@@ -319,7 +333,7 @@ fn rejoins_without_its_stale_copy(
             copies.sample();
             !repo.instance_dir_on("hv1", "ha1").exists()
                 && repo.fence_record("hv1").is_ok_and(|r| r.is_none())
-                && host_phase(repo, "hv1") == "ready"
+                && repo.host_phase("hv1") == "ready"
         },
     )?;
     ensure!(
@@ -351,6 +365,145 @@ fn rejoins_without_its_stale_copy(
     copies.ensure_never_two()
 }
 
+/// hv1 runs two `ha` VMs of 300 MB and is powered off; hv2 (512 MB) has room for one.
+/// The one of higher priority (`zulu`, though `alpha` comes first by name) is recovered;
+/// `alpha` is started nowhere and its status says what is missing.
+#[test]
+fn recovery_takes_the_highest_priority_first() -> Result<()> {
+    let big = || VmSpec::new().no_disks().memory(300).ha(true);
+    let repo = failover_repo_with(
+        Some(Fence::Kills),
+        &[("alpha", big()), ("zulu", big().priority(10))],
+        HEARTBEAT,
+    )?;
+    let daemon = repo.watch(&[])?;
+    daemon.wait_running_on("alpha", "hv1")?;
+    let old = daemon.wait_running_on("zulu", "hv1")?;
+
+    repo.power_off("hv1")?;
+    let new = daemon.wait_running_on("zulu", "hv2")?;
+    ensure!(new != old, "zulu's QEMU on hv2 is the old one");
+    booted_afresh(&repo, "hv2", "zulu")?;
+    let alpha = repo.wait_vm("alpha", "says why it is not recovered", RECOVER, |v| {
+        v.message.contains("cannot be recovered")
+    })?;
+    ensure!(
+        alpha.phase == "unknown"
+            && alpha.host == "hv1"
+            && alpha
+                .message
+                .contains("needs 300 MB and 1 vCPUs: hv1 unreachable, hv2 has 212 MB free"),
+        "alpha's status should say it does not fit on hv2:\n{alpha}"
+    );
+    ensure!(
+        repo.last_error()
+            .contains("alpha: on fenced host hv1; cannot be recovered"),
+        "engine.toml's last_error does not name alpha: {}",
+        repo.last_error()
+    );
+    daemon.resync(RESYNC)?;
+    ensure!(
+        repo.qemus_of("alpha").is_empty() && !repo.instance_dir_on("hv2", "alpha").exists(),
+        "alpha was started somewhere: QEMUs {:?}",
+        repo.qemus_of("alpha")
+    );
+    ensure!(
+        repo.qemus_of("zulu") == [new],
+        "zulu's QEMUs are {:?}, expected only {new} on hv2",
+        repo.qemus_of("zulu")
+    );
+    Ok(())
+}
+
+/// hv1 freezes for less than `down_after` (its agent stopped, then resumed): it is
+/// suspect and ha1 unknown meanwhile, then both are back, on the same agent
+/// connection and the same QEMU; nothing was fenced or started elsewhere.
+#[test]
+fn brief_freeze_is_suspect_then_ready_again() -> Result<()> {
+    let repo = failover_repo(Some(Fence::Kills), &[("ha1", true)], ROOMY)?;
+    let daemon = repo.watch(&[])?;
+    let old = daemon.wait_running_on("ha1", "hv1")?;
+    let mut copies = CopyWatch::new(&repo, "ha1");
+    let mut on_hv2: Vec<i32> = Vec::new();
+
+    let since = daemon.lines().len();
+    let mut trail = PhaseTrail::new(&repo, "hv1", "ha1");
+    let frozen = Instant::now();
+    let agent = repo.partition("hv1")?;
+    let phases = ("suspect", "unknown");
+    wait_phases(
+        &mut trail,
+        &daemon,
+        &mut copies,
+        &mut on_hv2,
+        phases,
+        ROOMY_DOWN_AFTER,
+    )?;
+    repo.resume(agent)?;
+    let resumed_after = frozen.elapsed();
+    ensure!(
+        resumed_after < ROOMY_DOWN_AFTER,
+        "hv1 was resumed only {resumed_after:.2?} after it froze, not before down_after: \
+         the test proves nothing ({trail})"
+    );
+    let phases = ("ready", "running");
+    wait_phases(
+        &mut trail,
+        &daemon,
+        &mut copies,
+        &mut on_hv2,
+        phases,
+        DETECT,
+    )?;
+    println!("hv1 frozen for {resumed_after:.2?}: {trail}");
+    ensure!(
+        trail.host_phases() == ["ready", "suspect", "ready"]
+            && trail.vm_phases() == ["running", "unknown", "running"],
+        "hv1 should go ready → suspect → ready and ha1 running → unknown → running: {trail}"
+    );
+
+    // The same QEMU, the same agent and connection; nothing fenced, nothing elsewhere.
+    let view = repo.vm_view("ha1")?.context("no status for ha1")?;
+    ensure!(
+        view.pid == Some(old) && view.host == "hv1" && view.restarts == 0,
+        "ha1 should run on hv1 as QEMU {old}, never restarted:\n{view}"
+    );
+    ensure!(
+        repo.qemus_of("ha1") == [old] && repo.qemu_on("hv1", "ha1")? == old,
+        "ha1's QEMUs are {:?}, expected only {old} on hv1",
+        repo.qemus_of("ha1")
+    );
+    ensure!(
+        is_alive(agent) && repo.host_agents("hv1") == [agent],
+        "hv1's agent {agent} should still serve it: agents {:?}",
+        repo.host_agents("hv1")
+    );
+    let log = daemon.lines_since(since);
+    let about_hv1 = |message: &str| {
+        log.iter()
+            .any(|l| l.is(message, None) && l.str("host") == Some("hv1"))
+    };
+    ensure!(
+        !about_hv1("connected to the agent") && !about_hv1("host unreachable"),
+        "the daemon dropped and reconnected hv1 after a freeze shorter than down_after\n{}",
+        daemon.describe()
+    );
+    ensure!(
+        about_hv1("host answers again; ready"),
+        "no \"host answers again\" line for hv1\n{}",
+        daemon.describe()
+    );
+    ensure!(
+        on_hv2.is_empty() && !repo.instance_dir_on("hv2", "ha1").exists(),
+        "something was started on hv2 while hv1 was only suspect: QEMUs {on_hv2:?}"
+    );
+    ensure!(
+        repo.fence_runs("hv1") == 0 && repo.fence_record("hv1")?.is_none(),
+        "hv1 was fenced while only suspect"
+    );
+    copies.ensure_never_two()
+}
+
 #[test]
 fn partition_without_fence_waits_for_the_operator() -> Result<()> {
     let repo = failover_repo(None, &[("ha1", true)], HEARTBEAT)?;
@@ -373,7 +526,7 @@ fn partition_without_fence_waits_for_the_operator() -> Result<()> {
         "fence confirm does not say what it recorded\n{confirm}"
     );
     ensure!(
-        fenced_by(&repo, "hv1")?.as_deref() == Some("operator"),
+        repo.fenced_by("hv1")?.as_deref() == Some("operator"),
         "hv1's fence record after fence confirm: {:?}\n{confirm}",
         repo.fence_record("hv1")?
     );
@@ -393,7 +546,7 @@ fn partition_without_fence_waits_for_the_operator() -> Result<()> {
     );
     booted_afresh(&repo, "hv2", "ha1")?;
     ensure!(
-        host_phase(&repo, "hv1") == "fenced",
+        repo.host_phase("hv1") == "fenced",
         "hv1 is not reported fenced: {:?}",
         repo.host_view("hv1")?
     );
@@ -433,7 +586,7 @@ fn lying_fence_then_return(how: Return) -> Result<()> {
         "the new QEMU {new} of ha1 is not the one on hv2"
     );
     ensure!(
-        repo.fence_runs("hv1") >= 1 && fenced_by(&repo, "hv1")?.as_deref() == Some("fence command"),
+        repo.fence_runs("hv1") >= 1 && repo.fenced_by("hv1")?.as_deref() == Some("fence command"),
         "hv1 was not fenced by its fence command: {:?}",
         repo.fence_record("hv1")?
     );
@@ -501,12 +654,7 @@ fn lying_fence_then_return(how: Return) -> Result<()> {
         v.phase == "running" && v.host == "hv2" && v.pid == Some(new)
     })?;
     ensure!(view.restarts == 0, "ha1 was restarted:\n{view}");
-    ensure!(
-        repo.fence_record("hv1")?.is_none() && host_phase(&repo, "hv1") == "ready",
-        "hv1 is back: its fence record should be gone and its phase ready: {:?}",
-        repo.host_view("hv1")?
-    );
-    Ok(())
+    daemon.wait_rejoined("hv1", RECOVER)
 }
 
 #[test]

@@ -183,3 +183,37 @@ fn ssh_files_are_for_ssh_hosts_only() {
         "{errs:#?}"
     );
 }
+
+#[test]
+fn priority_defaults_to_zero_is_bounded_and_leaves_old_hashes_alone() {
+    let d = load(&[
+        file("vms/a.toml", ""),
+        file("vms/b.toml", "priority = 1000\n"),
+        file("vms/c.toml", "priority = -1000\n"),
+    ])
+    .expect("valid");
+    assert_eq!(
+        ["a", "b", "c"].map(|v| d.vms[v].spec.priority),
+        [0, 1000, -1000]
+    );
+    // The default is not part of the normalised spec: VMs committed before `priority`
+    // existed keep their hash.
+    let json = serde_json::to_value(&d.vms["a"].spec).expect("serialises");
+    assert!(json.get("priority").is_none(), "{json}");
+    assert!(serde_json::to_value(&d.vms["b"].spec)
+        .expect("serialises")
+        .get("priority")
+        .is_some());
+    let errs = errors(&[
+        file("vms/high.toml", "vcpus = 1\npriority = 1001\n"),
+        file("vms/huge.toml", "priority = 3000000000\n"),
+    ]);
+    assert_eq!(
+        errs[0],
+        "repo/vms/high.toml:2:1: priority = 1001 must be between -1000 and 1000"
+    );
+    assert!(
+        errs[1].starts_with("repo/vms/huge.toml:1:12: invalid value"),
+        "{errs:#?}"
+    );
+}

@@ -16,6 +16,9 @@
 //!   the host is powered off) or kills nothing ([`Fence::Lies`]: exit 0 all the same).
 //! - [`CopyWatch`] samples the live QEMUs of one VM on every host: the invariant "never
 //!   two at once", and how long two coexisted when a test breaks it on purpose.
+//! - [`failover_repo`] and its variants build the two-host repositories of these
+//!   tests; [`shared_failover_repo`] puts both hosts in one storage pool sharing
+//!   [`TestRepo::shared_dir`], so disks on shared storage are seen by both.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -25,6 +28,7 @@ use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+use crate::daemon::Daemon;
 use crate::proc;
 use crate::repo::TestRepo;
 use crate::run::Output;
@@ -44,21 +48,60 @@ pub fn failover_repo(
     vms: &[(&str, bool)],
     settings: &str,
 ) -> Result<TestRepo> {
+    let specs: Vec<(&str, VmSpec)> = vms
+        .iter()
+        .map(|&(vm, ha)| (vm, VmSpec::new().no_disks().memory(FAILOVER_VM_MB).ha(ha)))
+        .collect();
+    failover_repo_with(hv1_fence, &specs, settings)
+}
+
+/// [`failover_repo`] with VMs of any spec.
+pub fn failover_repo_with(
+    hv1_fence: Option<Fence>,
+    vms: &[(&str, VmSpec)],
+    settings: &str,
+) -> Result<TestRepo> {
+    build_failover_repo(hv1_fence, vms, settings, false)
+}
+
+/// [`failover_repo_with`] where both hosts are in storage pool [`SHARED_POOL`] with
+/// the shared folder [`TestRepo::shared_dir`].
+pub fn shared_failover_repo(
+    hv1_fence: Option<Fence>,
+    vms: &[(&str, VmSpec)],
+    settings: &str,
+) -> Result<TestRepo> {
+    build_failover_repo(hv1_fence, vms, settings, true)
+}
+
+/// The storage pool of [`shared_failover_repo`]'s hosts.
+pub const SHARED_POOL: &str = "pool1";
+
+fn build_failover_repo(
+    hv1_fence: Option<Fence>,
+    vms: &[(&str, VmSpec)],
+    settings: &str,
+    shared: bool,
+) -> Result<TestRepo> {
     let repo = TestRepo::new()?;
     repo.set_cluster_settings(settings)?;
-    let mut hv1 = HostSpec::agent().switchable().memory(1024);
+    let pool = |host: HostSpec| {
+        if shared {
+            host.shared(&repo.shared_dir(), SHARED_POOL)
+        } else {
+            host
+        }
+    };
+    let mut hv1 = pool(HostSpec::agent().switchable().memory(1024));
     if let Some(how) = hv1_fence {
         hv1 = hv1.fence(&repo.fence_script("hv1", how)?);
     }
     repo.write_host("hv1", &hv1)?;
-    let hv2 = HostSpec::agent()
-        .switchable()
-        .memory(512)
+    let hv2 = pool(HostSpec::agent().switchable().memory(512))
         .fence(&repo.fence_script("hv2", Fence::Kills)?);
     repo.write_host("hv2", &hv2)?;
-    for &(vm, ha) in vms {
-        let spec = VmSpec::new().no_disks().memory(FAILOVER_VM_MB).ha(ha);
-        repo.write_vm(vm, &spec)?;
+    for (vm, spec) in vms {
+        repo.write_vm(vm, spec)?;
     }
     repo.commit("VMs on two hosts that can fail")?;
     Ok(repo)
@@ -132,6 +175,17 @@ done
     /// `None` while there is none.
     pub fn fence_record(&self, host: &str) -> Result<Option<toml::Table>> {
         crate::repo::read_table(&self.state_dir().join("fence").join(format!("{host}.toml")))
+    }
+
+    /// The `by` of `host`'s fence record (`fence command`, `operator`), `None` if there
+    /// is no record.
+    pub fn fenced_by(&self, host: &str) -> Result<Option<String>> {
+        Ok(self.fence_record(host)?.map(|r| {
+            r.get("by")
+                .and_then(|b| b.as_str())
+                .unwrap_or("?")
+                .to_owned()
+        }))
     }
 
     /// `plasmavmc fence confirm <host> --repo R --state-dir S` (the operator's word
@@ -269,6 +323,24 @@ done
         fs::read(self.instance_dir_on(host, vm).join("serial.log"))
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
+    }
+}
+
+impl Daemon<'_> {
+    /// Waits until `host` has rejoined: its fence record gone and its status `ready`.
+    /// (Host status files are written after the VM files: a VM seen back on a host does
+    /// not mean the host's file says so yet.)
+    pub fn wait_rejoined(&self, host: &str, timeout: Duration) -> Result<()> {
+        let repo = self.repo();
+        self.wait(
+            format!("{host} back: its fence record gone, its phase ready"),
+            timeout,
+            || {
+                repo.fence_record(host).is_ok_and(|r| r.is_none())
+                    && repo.host_phase(host) == "ready"
+            },
+        )
+        .with_context(|| format!("{host}'s status: {:?}", repo.host_view(host)))
     }
 }
 

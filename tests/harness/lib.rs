@@ -15,7 +15,8 @@
 //! - [`proc`] inspects processes through `/proc`; [`wait`] polls with deadlines
 //!   (tests never sleep to synchronise).
 //! - [`fault`] simulates host failures (power-off, network partition), writes fence
-//!   commands, and [`CopyWatch`] samples how many copies of a VM run at once.
+//!   commands, and [`CopyWatch`] samples how many copies of a VM run at once;
+//!   [`PhaseTrail`] samples the phases a host and a VM go through, fast.
 //! - [`Sshd`] is a real OpenSSH server on 127.0.0.1 for one test, with its own keys,
 //!   reaching the binary under test: what `ssh://` hosts connect to.
 //! - [`bench`] holds what the benchmark binaries share (release binary, percentiles,
@@ -34,6 +35,7 @@ pub mod serial;
 mod spec;
 mod sshd;
 mod status;
+pub mod trail;
 pub mod wait;
 
 pub use artifacts::Guest;
@@ -46,7 +48,8 @@ pub use serial::{last_tick, serial_has_line, ticks};
 pub use spec::{HostSpec, SshLogin, VmSpec, MEMORY_LINE};
 pub use sshd::{Sshd, SSHD};
 pub use status::{EngineView, Event, HostView, Orphan, Resources, VmView};
-pub use wait::{poll_for, wait_for};
+pub use trail::{PhaseTrail, Seen};
+pub use wait::{poll_every, poll_for, wait_for};
 
 use std::time::Duration;
 

@@ -43,6 +43,15 @@ pub fn cwd(pid: i32) -> Option<PathBuf> {
     fs::read_link(format!("/proc/{pid}/cwd")).ok()
 }
 
+/// The files `pid` has open (what `/proc/PID/fd/*` point to); empty if unreadable.
+pub fn open_files(pid: i32) -> Vec<PathBuf> {
+    fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .collect()
+}
+
 /// The value following `flag` in `args` (`-m 128` -> `"128"`).
 pub fn arg_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     args.iter()

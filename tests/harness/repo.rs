@@ -296,6 +296,12 @@ impl TestRepo {
 
     // ---- what the engine left behind ------------------------------------------
 
+    /// `<tmp>/shared`: the shared storage folder of hosts in a storage pool (e.g.
+    /// [`crate::fault::shared_failover_repo`]'s).
+    pub fn shared_dir(&self) -> PathBuf {
+        self.root().join("shared")
+    }
+
     /// The root a simulated host `name` gets by default: `<tmp>/hosts/<name>`.
     pub fn host_root(&self, name: &str) -> PathBuf {
         self.root().join("hosts").join(name)

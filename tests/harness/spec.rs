@@ -30,6 +30,10 @@ pub struct VmSpec {
     pub ha: Option<bool>,
     /// `migration = "..."` when set (`live`, `cold`, `none`).
     pub migration: Option<String>,
+    /// `priority = ...` when set (who goes first when VMs compete for capacity).
+    pub priority: Option<i32>,
+    /// `storage = "..."` of every disk when set (`auto`, `shared`, `local`).
+    pub storage: Option<String>,
 }
 
 impl Default for VmSpec {
@@ -46,6 +50,8 @@ impl Default for VmSpec {
             host: None,
             ha: None,
             migration: None,
+            priority: None,
+            storage: None,
         }
     }
 }
@@ -122,6 +128,19 @@ impl VmSpec {
         self
     }
 
+    /// `storage = "shared"` for every disk: on the host's shared storage,
+    /// `<shared_storage>/<vm>/<disk>.qcow2`.
+    pub fn shared_disks(mut self) -> Self {
+        self.storage = Some("shared".to_owned());
+        self
+    }
+
+    /// `priority = n`: placed (and recovered) before VMs of lower priority.
+    pub fn priority(mut self, n: i32) -> Self {
+        self.priority = Some(n);
+        self
+    }
+
     /// The TOML text. `memory_mb` is always on line 2 (tests point at it).
     pub fn to_toml(&self, guest: &Guest) -> String {
         let mut cmdline = BASE_CMDLINE.to_owned();
@@ -148,12 +167,18 @@ impl VmSpec {
         if let Some(policy) = &self.migration {
             let _ = writeln!(s, "migration = {policy:?}");
         }
+        if let Some(priority) = self.priority {
+            let _ = writeln!(s, "priority = {priority}");
+        }
         let _ = writeln!(s, "\n[boot]");
         let _ = writeln!(s, "kernel = {:?}", guest.kernel.display().to_string());
         let _ = writeln!(s, "initrd = {:?}", guest.initrd.display().to_string());
         let _ = writeln!(s, "cmdline = {cmdline:?}");
         for (name, size_gb) in &self.disks {
             let _ = writeln!(s, "\n[[disks]]\nname = {name:?}\nsize_gb = {size_gb}");
+            if let Some(storage) = &self.storage {
+                let _ = writeln!(s, "storage = {storage:?}");
+            }
         }
         let _ = writeln!(s, "\n[qemu]\naccel = \"tcg\"");
         if let Some(machine) = &self.machine {

@@ -150,6 +150,10 @@ impl Resources {
 #[derive(Debug, Clone)]
 pub struct HostView {
     pub phase: String,
+    /// Why it is not ready (empty when it is).
+    pub message: String,
+    /// When it was last heard from (empty when unknown).
+    pub last_heartbeat: String,
     pub capacity: Resources,
     pub allocated: Resources,
     /// The VMs it has instances of.
@@ -201,11 +205,9 @@ impl TestRepo {
         Ok(self
             .status_file(&format!("hosts/{host}"))?
             .map(|raw| HostView {
-                phase: raw
-                    .get("phase")
-                    .and_then(toml::Value::as_str)
-                    .unwrap_or_default()
-                    .to_owned(),
+                phase: text(&raw, "phase"),
+                message: text(&raw, "message"),
+                last_heartbeat: text(&raw, "last_heartbeat"),
                 capacity: Resources::from_value(raw.get("capacity")),
                 allocated: Resources::from_value(raw.get("allocated")),
                 vms: raw
@@ -217,6 +219,24 @@ impl TestRepo {
                     .collect(),
                 raw,
             }))
+    }
+
+    /// The `phase` of `status/hosts/<host>.toml` (empty if absent or unreadable).
+    pub fn host_phase(&self, host: &str) -> String {
+        self.host_view(host)
+            .ok()
+            .flatten()
+            .map(|h| h.phase)
+            .unwrap_or_default()
+    }
+
+    /// `status/engine.toml`'s `last_error` (empty if none).
+    pub fn last_error(&self) -> String {
+        self.engine_view()
+            .ok()
+            .flatten()
+            .and_then(|e| e.last_error)
+            .unwrap_or_default()
     }
 
     /// `status/vms/<vm>.toml` as a [`VmView`], `None` if absent.
@@ -269,4 +289,12 @@ impl TestRepo {
             })
             .collect()
     }
+}
+
+/// A string field of a status table (empty if absent).
+fn text(raw: &toml::Table, key: &str) -> String {
+    raw.get(key)
+        .and_then(toml::Value::as_str)
+        .unwrap_or_default()
+        .to_owned()
 }

@@ -14,6 +14,16 @@ pub const POLL: Duration = Duration::from_millis(50);
 pub fn poll_for<T>(
     what: impl Display,
     timeout: Duration,
+    check: impl FnMut() -> Option<T>,
+) -> Result<T> {
+    poll_every(POLL, what, timeout, check)
+}
+
+/// [`poll_for`] every `period` (for states that last a fraction of a second).
+pub fn poll_every<T>(
+    period: Duration,
+    what: impl Display,
+    timeout: Duration,
     mut check: impl FnMut() -> Option<T>,
 ) -> Result<T> {
     let deadline = Instant::now() + timeout;
@@ -24,7 +34,7 @@ pub fn poll_for<T>(
         if Instant::now() >= deadline {
             bail!("timed out after {timeout:?} waiting for {what}");
         }
-        thread::sleep(POLL);
+        thread::sleep(period);
     }
 }
 

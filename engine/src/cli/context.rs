@@ -79,7 +79,7 @@ impl Ctx {
     pub async fn observe(&self, hosts: &Hosts) -> Observed {
         crate::observe::observe_with_memory(
             hosts.up.values(),
-            &hosts.down,
+            &crate::observe::Unreachable::down(&hosts.down),
             &StateDir::at(&self.state),
         )
         .await

@@ -231,7 +231,7 @@ async fn run<H: Host>(
         }
         Action::Delete { .. } => match host.delete(vm).await? {
             Some(kept) => format!("instance removed; disks retained in {}", kept.display()),
-            None => "instance removed (it had no disks)".to_owned(),
+            None => "instance removed (no local disks to retain)".to_owned(),
         },
     })
 }

@@ -37,6 +37,9 @@ pub struct ConnectOptions {
     pub hello_timeout: Duration,
     /// A ping every this long.
     pub heartbeat: Duration,
+    /// A call gives up when the agent sends nothing (not even a pong) for this long
+    /// while it waits: a silent host is down, and no caller waits out a long timeout.
+    pub down_after: Duration,
     /// Bound on requests that do not say otherwise.
     pub request_timeout: Duration,
 }
@@ -46,6 +49,7 @@ impl Default for ConnectOptions {
         Self {
             hello_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(1),
+            down_after: Duration::from_secs(5),
             request_timeout: Duration::from_secs(120),
         }
     }
@@ -221,7 +225,17 @@ impl AgentHost {
             self.pending.lock().expect("pending").remove(&id);
             return Err(lost());
         }
-        match tokio::time::timeout(timeout, rx).await {
+        let answer = tokio::select! {
+            answer = tokio::time::timeout(timeout, rx) => answer,
+            () = self.gone_silent() => {
+                self.pending.lock().expect("pending").remove(&id);
+                return Err(HostError::Unreachable {
+                    host: self.name.clone(),
+                    reason: format!("its agent sent nothing for {:?}", self.opts.down_after),
+                });
+            }
+        };
+        match answer {
             Ok(Ok(Ok(reply))) => Ok(reply),
             Ok(Ok(Err(reason))) => Err(HostError::Remote {
                 host: self.name.clone(),
@@ -236,6 +250,17 @@ impl AgentHost {
                     reason: format!("no answer within {timeout:?}"),
                 })
             }
+        }
+    }
+
+    /// Resolves once the agent has sent nothing for `down_after`.
+    async fn gone_silent(&self) {
+        loop {
+            let left = self.opts.down_after.saturating_sub(self.silence());
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(left).await;
         }
     }
 
@@ -682,30 +707,4 @@ impl Host for AgentHost {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_agent_that_exits_at_once_is_reported_with_its_last_words() {
-        // What ssh does when the host key does not match: a few lines, then exit 255.
-        let argv = [
-            "sh",
-            "-c",
-            "echo 'Offending key in known_hosts:1' >&2; \
-             echo 'Host key verification failed.' >&2; exit 255",
-        ]
-        .map(String::from);
-        // stdout's EOF used to overtake these lines now and then: try it many times.
-        for _ in 0..20 {
-            let err = AgentHost::connect("hv1", &argv, ConnectOptions::default())
-                .await
-                .expect_err("the agent exits without a welcome");
-            let text = err.to_string();
-            assert!(
-                text.starts_with("host hv1 is unreachable: the agent exited: ")
-                    && text.ends_with("Host key verification failed."),
-                "{text}"
-            );
-        }
-    }
-}
+mod tests;

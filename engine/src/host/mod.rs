@@ -56,6 +56,15 @@ pub enum HostError {
     },
     #[error("VM {vm}: QEMU failed to start: {reason}")]
     StartFailed { vm: String, reason: String },
+    /// Another QEMU holds the image lock of a disk: a copy of the VM may run elsewhere.
+    #[error("VM {vm}: not started: disk {disk} ({}) is in use by another QEMU (image lock: {qemu}); the VM may still run elsewhere", path.display())]
+    DiskLocked {
+        vm: String,
+        disk: String,
+        path: PathBuf,
+        /// QEMU's words (`Failed to get shared "write" lock`).
+        qemu: String,
+    },
     #[error("VM {vm}: QMP")]
     Qmp {
         vm: String,

@@ -124,6 +124,11 @@ pub struct Observed {
     /// with how and when.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub fenced: BTreeMap<String, String>,
+    /// Connected hosts that missed heartbeats but are not down yet, with when they were
+    /// last heard from (ms since the epoch). Each is also in `unreachable` (not asked,
+    /// its VMs unknown) and is never counted as fenced: only status tells them apart.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub suspect: BTreeMap<String, u64>,
 }
 
 impl Observed {
@@ -146,23 +151,30 @@ impl Observed {
     }
 
     /// Adds what is known beyond the hosts that answered: the ones that could not be
-    /// reached (and why) and where each VM was last seen.
+    /// reached (and why), the suspect ones, and where each VM was last seen.
     pub fn with_context(
         mut self,
-        unreachable: &BTreeMap<String, String>,
+        unreachable: &Unreachable,
         last_known: BTreeMap<String, String>,
         fenced: BTreeMap<String, String>,
     ) -> Self {
-        for (host, why) in unreachable {
+        let suspect = unreachable.suspect.iter().map(|(h, s)| (h, &s.why));
+        for (host, why) in unreachable.down.iter().chain(suspect) {
             self.unreachable
                 .entry(host.clone())
                 .or_insert_with(|| why.clone());
         }
+        self.suspect = unreachable
+            .suspect
+            .iter()
+            .map(|(h, s)| (h.clone(), s.last_heard_ms))
+            .collect();
         self.last_known = last_known;
-        // A fencing only counts while the host is away.
+        // A fencing only counts while the host is away: not while it answers, nor while
+        // it is only suspect (still connected, not down).
         self.fenced = fenced
             .into_iter()
-            .filter(|(h, _)| self.unreachable.contains_key(h))
+            .filter(|(h, _)| self.unreachable.contains_key(h) && !self.suspect.contains_key(h))
             .collect();
         self
     }
@@ -220,13 +232,41 @@ impl Observed {
     }
 }
 
+/// The hosts an observation does not ask, and why.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Unreachable {
+    /// Hosts that could not be reached (down), and why.
+    pub down: BTreeMap<String, String>,
+    /// Connected hosts that missed heartbeats.
+    pub suspect: BTreeMap<String, Suspect>,
+}
+
+/// A connected host that missed heartbeats (not down yet).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Suspect {
+    /// Why it is not asked (what its VMs' status says).
+    pub why: String,
+    /// When its agent last sent anything, in ms since the epoch.
+    pub last_heard_ms: u64,
+}
+
+impl Unreachable {
+    /// Only hosts that could not be reached (no suspect ones).
+    pub fn down(down: &BTreeMap<String, String>) -> Self {
+        Self {
+            down: down.clone(),
+            ..Self::default()
+        }
+    }
+}
+
 /// Observes `hosts` and adds what the state directory `state` remembers: where each VM
 /// was last seen (status files, and the creations of an interrupted apply) and which
 /// unreachable hosts are fenced. A fenced host that answers again has rejoined: its
 /// fence record is cleared (its stale copies are cleaned up by the plan).
 pub async fn observe_with_memory<'a, H: Host + 'a>(
     hosts: impl IntoIterator<Item = &'a H>,
-    unreachable: &BTreeMap<String, String>,
+    unreachable: &Unreachable,
     state: &crate::state::StateDir,
 ) -> Observed {
     let mut last_known = crate::status::StatusDir::new(&state.status_dir()).last_known();

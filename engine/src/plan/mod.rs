@@ -4,7 +4,8 @@
 //! actions with their reasons, and notes on what the planner will not do. It never
 //! touches a socket, a file or a clock, so the same inputs always give the same plan.
 //!
-//! Per VM (sorted by name):
+//! Per VM, highest `priority` first, equal ones by name — the order in which VMs compete
+//! for capacity (new VMs placed, VMs of a fenced host recovered, one shared [`Load`]):
 //! ```text
 //! in specs, no instance         -> create, then start if power = running
 //! same spec hash                -> start / stop to match power
@@ -30,6 +31,7 @@ pub use action::{Action, MoveMode};
 pub use saved::{SavedPlan, StalePlan};
 
 use crate::observe::{Observed, ObservedVm, RunState};
+use crate::qemu::exit::ExitReason;
 use place::Load;
 use restart::Verdict;
 
@@ -59,7 +61,7 @@ impl Plan {
 /// the epoch; only restart backoff depends on it).
 pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
     let mut out = Plan::default();
-    let names: BTreeSet<&str> = desired
+    let mut names: Vec<&str> = desired
         .vms
         .keys()
         .map(String::as_str)
@@ -69,7 +71,13 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
                 .values()
                 .flat_map(|inv| inv.vms.keys().map(String::as_str)),
         )
+        .collect::<BTreeSet<&str>>()
+        .into_iter()
         .collect();
+    // By name (above), then stably by priority: higher first, equal ones by name.
+    names.sort_by_key(|name| {
+        std::cmp::Reverse(desired.vms.get(*name).map_or(0, |v| v.spec.priority))
+    });
     out.notes.extend(observed.unreachable.values().cloned());
     for (host, inv) in &observed.hosts {
         for o in &inv.orphans {
@@ -105,7 +113,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
             (Some(want), None) => plan_new(desired, &mut load, want, &mut out),
             (Some(want), Some((host, have))) => {
                 if !recover::plan_resume(name, host, have, copies.len() > 1, &mut out) {
-                    plan_existing(desired, want, host, have, now_ms, &mut out);
+                    plan_existing(desired, observed, want, (host, have), now_ms, &mut out);
                 }
             }
             (None, Some((host, have))) => plan_removed(host, have, &mut out),
@@ -183,9 +191,9 @@ fn plan_new(desired: &Desired, load: &mut Load, want: &VmEntry, out: &mut Plan) 
 
 fn plan_existing(
     desired: &Desired,
+    observed: &Observed,
     want: &VmEntry,
-    host: &str,
-    have: &ObservedVm,
+    (host, have): (&str, &ObservedVm),
     now_ms: u64,
     out: &mut Plan,
 ) {
@@ -237,27 +245,7 @@ fn plan_existing(
         return;
     }
     if wants_run && have.state == RunState::Exited {
-        match restart::verdict(want.spec.restart, &desired.cluster.restart, have, now_ms) {
-            Verdict::Restart { reason, attempt } => {
-                let reason =
-                    format!("restart after an unexpected exit ({reason}), attempt {attempt}");
-                out.actions.push(Action::Start { vm, host, reason });
-            }
-            Verdict::Wait { until_ms, .. } => {
-                let secs = until_ms.saturating_sub(now_ms).div_ceil(1000);
-                let what = restart::describe_exit(have);
-                out.notes
-                    .push(format!("{vm}: {what}; restart in {secs}s (backoff)"));
-                out.wake_at_ms = Some(out.wake_at_ms.map_or(until_ms, |w| w.min(until_ms)));
-            }
-            Verdict::GiveUp { why } => {
-                out.notes.push(format!("{vm}: {why}"));
-                out.pending.push(format!("{vm}: failed: {why}"));
-            }
-            Verdict::Stay { why } => {
-                out.notes.push(format!("{vm}: {why}"));
-            }
-        }
+        plan_exited(desired, observed, want, (&host, have), now_ms, out);
     } else if wants_run && !runs {
         out.actions.push(Action::Start {
             vm,
@@ -276,6 +264,49 @@ fn plan_existing(
             "{vm}: QEMU (pid {}) is alive but {detail}; left alone",
             have.pid.unwrap_or(0)
         ));
+    }
+}
+
+/// A VM that should run and exited without being asked: what its restart policy says.
+fn plan_exited(
+    desired: &Desired,
+    observed: &Observed,
+    want: &VmEntry,
+    (host, have): (&str, &ObservedVm),
+    now_ms: u64,
+    out: &mut Plan,
+) {
+    let vm = want.name.clone();
+    match restart::verdict(want.spec.restart, &desired.cluster.restart, have, now_ms) {
+        Verdict::Restart { reason, attempt } => {
+            let reason = format!("restart after an unexpected exit ({reason}), attempt {attempt}");
+            out.actions.push(Action::Start {
+                vm,
+                host: host.to_owned(),
+                reason,
+            });
+        }
+        Verdict::Wait { until_ms, .. } => {
+            let secs = until_ms.saturating_sub(now_ms).div_ceil(1000);
+            let what = restart::describe_exit(have);
+            out.notes
+                .push(format!("{vm}: {what}; restart in {secs}s (backoff)"));
+            out.wake_at_ms = Some(out.wake_at_ms.map_or(until_ms, |w| w.min(until_ms)));
+        }
+        Verdict::GiveUp { mut why } => {
+            let locked = have
+                .last_exit
+                .as_ref()
+                .is_some_and(|e| e.reason == ExitReason::ImageLocked);
+            if locked {
+                why.push_str(&recover::lock_holders(desired, observed, host));
+            }
+            out.notes.push(format!("{vm}: {why}"));
+            out.pending.push(format!("{vm}: failed: {why}"));
+        }
+        Verdict::Stay { why } => {
+            out.notes.push(format!("{vm}: {why}"));
+        }
     }
 }
 
@@ -299,7 +330,8 @@ fn plan_removed(host: &str, have: &ObservedVm, out: &mut Plan) {
     out.actions.push(Action::Delete {
         vm,
         host,
-        reason: "its spec file was removed; disks are retained".to_owned(),
+        reason: "its spec file was removed; disks are kept (local ones in retained/, shared ones in place)"
+            .to_owned(),
     });
 }
 

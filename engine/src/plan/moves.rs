@@ -11,13 +11,13 @@
 //! reboot makes it cold. A paused or unresponsive QEMU is not moved (it may be half-way
 //! through a migration already).
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use plasmavmc_specs::{Desired, HostState, MigrationPolicy, Power, VmEntry};
 
 use super::place::Load;
 use super::{needs_reboot, Action, MoveMode, Plan};
-use crate::observe::Observed;
-use crate::observe::{ObservedVm, RunState};
-use std::collections::BTreeSet;
+use crate::observe::{Observed, ObservedVm, RunState};
 
 /// What [`plan_move`] decided for one VM.
 #[derive(Debug)]
@@ -123,13 +123,13 @@ pub(super) fn plan_move(
 pub(super) fn plan_moves<'a>(
     desired: &Desired,
     observed: &Observed,
-    names: &BTreeSet<&'a str>,
+    names: &[&'a str],
     load: &mut Load,
     out: &mut Plan,
 ) -> BTreeSet<&'a str> {
     let mut moved = BTreeSet::new();
-    let mut blocked = std::collections::BTreeMap::new();
-    let mut todo: Vec<&str> = names.iter().copied().collect();
+    let mut blocked = BTreeMap::new();
+    let mut todo: Vec<&str> = names.to_vec();
     loop {
         let mut progress = false;
         todo.retain(|&name| {

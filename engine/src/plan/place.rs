@@ -8,7 +8,9 @@
 //! 4. among fitting hosts: fewest VMs of the same anti-affinity `group`, then most free
 //!    memory, then name.
 //!
-//! Placement is sticky: it is only asked for VMs that have no instance anywhere.
+//! Placement is sticky: it is only asked for VMs that have no instance anywhere. When
+//! VMs compete for the room left, the planner asks for the higher `priority` first
+//! (equal ones by name), so what does not fit is the least important.
 
 use std::collections::BTreeMap;
 

@@ -26,6 +26,7 @@ struct Case {
     restart: &'static str,
     group: Option<u8>,
     pin: Option<usize>,
+    priority: i32,
     /// Where an instance exists and in what state: (host index, state, same spec?).
     instance: Option<(usize, RunState, bool)>,
     /// A second copy on another host (offset from the first), as after a host returned.
@@ -45,17 +46,19 @@ fn case() -> impl Strategy<Value = Case> {
         prop_oneof![Just("always"), Just("on-failure"), Just("never")],
         proptest::option::of(0u8..2),
         proptest::option::of(0usize..3),
+        prop_oneof![Just(0i32), Just(-5), Just(10)],
         proptest::option::of((0usize..3, state.clone(), any::<bool>())),
         proptest::option::weighted(0.2, (1usize..3, state)),
     )
         .prop_map(
-            |(in_specs, memory, running, restart, group, pin, instance, copy)| Case {
+            |(in_specs, memory, running, restart, group, pin, priority, instance, copy)| Case {
                 in_specs,
                 memory,
                 running,
                 restart,
                 group,
                 pin,
+                priority,
                 instance,
                 copy,
             },
@@ -84,6 +87,9 @@ fn world(cases: &[Case]) -> (Desired, Observed) {
         }
         if let Some(p) = c.pin {
             let _ = writeln!(text, "host = \"{}\"", HOSTS[p]);
+        }
+        if c.priority != 0 {
+            let _ = writeln!(text, "priority = {}", c.priority);
         }
         files.push((format!("vms/vm{i}.toml"), text));
     }

@@ -8,6 +8,7 @@
 //! instances on several hosts ──> keep the one that holds the guest (running, or a
 //!                                completed migration target; see `keeper`), resume it
 //!                                if a migration left it paused; stop+delete the rest
+//! start refused by a disk's image lock ──> failed; say which hosts may hold the disk
 //! ```
 
 use plasmavmc_specs::{Desired, Power, Storage, VmEntry};
@@ -191,10 +192,51 @@ pub(super) fn plan_resume(
     true
 }
 
-/// Stops and deletes every copy but `keep` (disks retained, never deleted).
+/// For a VM whose start on `host` was refused because another QEMU holds a disk: where
+/// that QEMU may be, as the end of a sentence. Only hosts of `host`'s storage pool see
+/// the disk, and a copy on one that answers would be in its inventory: so the hosts of
+/// the pool that do not answer.
+pub(super) fn lock_holders(desired: &Desired, observed: &Observed, host: &str) -> String {
+    let pool_of = |h: &str| {
+        desired
+            .hosts
+            .get(h)
+            .and_then(|e| e.spec.storage_pool.as_deref())
+    };
+    let away: Vec<&str> = observed
+        .unreachable
+        .keys()
+        .map(String::as_str)
+        .filter(|h| pool_of(h) == pool_of(host))
+        .collect();
+    if away.is_empty() {
+        return "; every host of its storage pool answers: a QEMU this engine does not manage holds the disk".to_owned();
+    }
+    let fenced: Vec<&str> = away
+        .iter()
+        .copied()
+        .filter(|h| observed.fenced.contains_key(*h))
+        .collect();
+    let lied = if fenced.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " ({} fenced: its fence command may have lied)",
+            fenced.join(", ")
+        )
+    };
+    format!(
+        "; hosts of its storage pool that do not answer: {}{lied}",
+        away.join(", ")
+    )
+}
+
+/// Stops and deletes every copy but `keep` (local disks retained, never deleted; disks on
+/// shared storage left where they are: the copy kept uses them).
 pub(super) fn remove_stale(name: &str, keep: &str, copies: &[(&str, &ObservedVm)], out: &mut Plan) {
     for (host, copy) in copies.iter().filter(|(h, _)| *h != keep) {
         let reason = format!("stale copy: {name} lives on {keep}");
+        let disks = "local disks are retained, shared ones left in place";
         if copy.state.has_process() {
             out.actions.push(Action::Stop {
                 vm: name.to_owned(),
@@ -205,7 +247,7 @@ pub(super) fn remove_stale(name: &str, keep: &str, copies: &[(&str, &ObservedVm)
         out.actions.push(Action::Delete {
             vm: name.to_owned(),
             host: (*host).to_owned(),
-            reason: format!("{reason}; disks are retained"),
+            reason: format!("{reason}; {disks}"),
         });
     }
 }

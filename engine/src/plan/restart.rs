@@ -4,6 +4,8 @@
 //! ```text
 //!             exit (not asked for)
 //!                    │
+//!   disk locked by  ─┼─> GiveUp at once (a copy may run elsewhere: never retried)
+//!   another QEMU     │
 //!   restart = never ─┼─> Stay
 //!   on-failure and   │
 //!   not crash/panic ─┼─> Stay
@@ -40,6 +42,12 @@ pub fn describe_exit(vm: &ObservedVm) -> String {
                 .unwrap_or("no message");
             format!("QEMU failed to start ({why})")
         }
+        ExitReason::ImageLocked => {
+            let why = last
+                .and_then(|e| e.status.as_deref())
+                .unwrap_or("no message");
+            format!("not started: a disk is in use by another QEMU (image lock: {why})")
+        }
         other => {
             let status = last
                 .and_then(|e| e.status.as_deref())
@@ -62,6 +70,15 @@ pub fn verdict(
         .as_ref()
         .map_or(ExitReason::Unknown, |e| e.reason);
     let what = describe_exit(vm);
+    if reason == ExitReason::ImageLocked {
+        // Another QEMU holds the disk: maybe this VM on a host that was fenced but is not
+        // off. Starting again cannot succeed until that QEMU is gone, and must not.
+        return Verdict::GiveUp {
+            why: format!(
+                "{what}; the VM may still run elsewhere, so it is not started again until a commit changes its spec"
+            ),
+        };
+    }
     match policy {
         RestartPolicy::Never => {
             return Verdict::Stay {
@@ -196,6 +213,13 @@ mod tests {
         assert!(
             matches!(v(P::Never, crash, &[NOW]), Verdict::Stay { ref why } if why.contains("never"))
         );
+        // A disk locked by another QEMU: given up at once, whatever the policy.
+        for policy in [P::Always, P::OnFailure, P::Never] {
+            assert!(
+                matches!(v(policy, Some(ExitReason::ImageLocked), &[NOW]), Verdict::GiveUp { ref why } if why.contains("image lock") && why.contains("may still run elsewhere")),
+                "{policy:?}"
+            );
+        }
         // An exit nobody saw (host reboot) counts as a failure.
         assert!(matches!(
             v(P::OnFailure, None, &[]),

@@ -1,5 +1,8 @@
 //! Table tests of the pure planner: (desired, observed) -> actions.
 
+mod lock;
+mod priority;
+
 use std::collections::BTreeMap;
 
 use plasmavmc_specs::{Desired, Power};
@@ -420,4 +423,48 @@ fn the_only_running_copy_is_kept_even_when_last_seen_elsewhere() {
             .collect::<Vec<_>>(),
         ["delete a hv2"]
     );
+}
+
+#[test]
+fn a_suspect_host_is_planned_like_an_unreachable_one_that_is_not_fenced() {
+    let d = desired(&[
+        (
+            "hosts/hv1.toml",
+            "address = \"local\"\nfence = [\"/bin/true\"]",
+        ),
+        ("hosts/hv2.toml", "address = \"local\""),
+        ("vms/ha.toml", "ha = true"),
+    ]);
+    let last_known = BTreeMap::from([("ha".to_owned(), "hv1".to_owned())]);
+    let fences = BTreeMap::from([("hv1".to_owned(), "fenced by operator".to_owned())]);
+    let mut suspect = crate::observe::Unreachable::default();
+    suspect.suspect.insert(
+        "hv1".into(),
+        crate::observe::Suspect {
+            why: "host hv1 missed heartbeats".into(),
+            last_heard_ms: NOW - 600,
+        },
+    );
+    // Even with a fence record (an operator's word, given early), a host that is still
+    // connected is not fenced: nothing of it moves.
+    let o = on_hosts(&["hv2"], vec![]).with_context(&suspect, last_known.clone(), fences.clone());
+    let p = plan(&d, &o, NOW);
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+    assert!(
+        p.pending
+            .iter()
+            .any(|n| n.starts_with("ha: unknown: last seen on hv1")),
+        "{:?}",
+        p.pending
+    );
+    // The same host unreachable without a fence record plans the same.
+    let mut down = crate::observe::Unreachable::default();
+    down.down
+        .insert("hv1".into(), "host hv1 missed heartbeats".into());
+    let not_fenced =
+        on_hosts(&["hv2"], vec![]).with_context(&down, last_known.clone(), BTreeMap::new());
+    assert_eq!(plan(&d, &not_fenced, NOW), p);
+    // Once down, the record counts.
+    let once_down = on_hosts(&["hv2"], vec![]).with_context(&down, last_known, fences);
+    assert_eq!(ops(&plan(&d, &once_down, NOW)), ["recover ha", "start ha"]);
 }

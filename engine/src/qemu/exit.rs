@@ -24,8 +24,11 @@ pub enum ExitReason {
     Crash,
     /// It exited while no engine was watching; the reason is lost.
     Unknown,
-    /// QEMU never came up (bad machine type, missing firmware, locked disk...).
+    /// QEMU never came up (bad machine type, missing firmware...).
     StartFailed,
+    /// QEMU was not started, or refused to start, because another QEMU holds the image
+    /// lock of one of its disks: a copy of the VM may run elsewhere.
+    ImageLocked,
 }
 
 impl ExitReason {
@@ -37,6 +40,7 @@ impl ExitReason {
             ExitReason::Crash => "crash",
             ExitReason::Unknown => "unknown",
             ExitReason::StartFailed => "start-failed",
+            ExitReason::ImageLocked => "image-locked",
         }
     }
 
@@ -44,7 +48,11 @@ impl ExitReason {
     pub fn is_failure(self) -> bool {
         matches!(
             self,
-            ExitReason::Panic | ExitReason::Crash | ExitReason::Unknown | ExitReason::StartFailed
+            ExitReason::Panic
+                | ExitReason::Crash
+                | ExitReason::Unknown
+                | ExitReason::StartFailed
+                | ExitReason::ImageLocked
         )
     }
 }

@@ -1,5 +1,6 @@
 //! Disk images through `qemu-img`: create empty, create an overlay of a base image,
-//! read the virtual size, grow. Never shrinks, never deletes.
+//! read the virtual size, grow, and ask whether another QEMU holds one (its image
+//! lock). Never shrinks, never deletes.
 
 use std::path::{Path, PathBuf};
 
@@ -110,6 +111,42 @@ pub async fn info(path: &Path) -> Result<ImageInfo, ImgError> {
     })
 }
 
+/// QEMU's own words when another process holds an image's lock, whether QEMU or
+/// `qemu-img` says them: `Failed to get "write" lock`, `Failed to get shared "write" lock`.
+pub fn is_lock_refusal(text: &str) -> bool {
+    text.lines()
+        .any(|l| l.contains("Failed to get ") && l.contains(" lock"))
+}
+
+/// Whether another process (another QEMU, on this host or any host sharing the storage)
+/// holds the image lock of `path`: `Some` with QEMU's words if so. Asks `qemu-img info`
+/// without `-U`, which takes the shared locks a reader needs and fails while a writer
+/// holds the image; it holds them only while it runs.
+pub async fn lock_holder(path: &Path) -> Result<Option<String>, ImgError> {
+    match run(
+        "info",
+        path,
+        &["info".as_ref(), "--output=json".as_ref(), path.as_os_str()],
+    )
+    .await
+    {
+        Ok(_) => Ok(None),
+        Err(ImgError::Failed { stderr, .. }) if is_lock_refusal(&stderr) => {
+            let words = stderr
+                .lines()
+                .find(|l| is_lock_refusal(l))
+                .unwrap_or(&stderr);
+            // `qemu-img: Could not open 'x': Failed to get ...`: QEMU's words from the
+            // lock on (the path is said by the caller).
+            let words = words
+                .find("Failed to get ")
+                .map_or(words, |at| &words[at..]);
+            Ok(Some(words.trim().to_owned()))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// Grows the image to `size_gb` GiB (only called with a larger size).
 pub async fn grow(path: &Path, size_gb: u64) -> Result<(), ImgError> {
     let size = format!("{size_gb}G");
@@ -143,4 +180,22 @@ pub async fn rebase_unsafe(path: &Path, base: &Path) -> Result<(), ImgError> {
     ];
     run("rebase", path, &args).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_lock_refusal;
+
+    #[test]
+    fn lock_refusals_in_qemu_and_qemu_img_words() {
+        assert!(is_lock_refusal(
+            "qemu-system-x86_64: -blockdev driver=qcow2,file=f,node-name=d: Failed to get \"write\" lock\nIs another process using the image [d.qcow2]?"
+        ));
+        assert!(is_lock_refusal(
+            "qemu-img: Could not open 'd.qcow2': Failed to get shared \"write\" lock"
+        ));
+        assert!(!is_lock_refusal(
+            "qemu-system-x86_64: -machine no-such-machine: unsupported machine type"
+        ));
+    }
 }

@@ -450,13 +450,20 @@ fn pending(want: &plasmavmc_specs::VmEntry, prev: Option<VmStatus>) -> VmStatus 
     }
 }
 
-/// A host that did not answer: what is known is which VMs were last seen there.
+/// A host that was not asked (down, fenced, or suspect: connected but missing
+/// heartbeats): what is known is which VMs were last seen there.
 fn unreachable_host(name: &str, why: &str, observed: &Observed) -> HostStatus {
     let fenced = observed.fenced.get(name);
+    let last_heard = observed.suspect.get(name);
+    let phase = match (last_heard, fenced) {
+        (Some(_), _) => "suspect",
+        (None, Some(_)) => "fenced",
+        (None, None) => "down",
+    };
     HostStatus {
         name: name.to_owned(),
-        phase: if fenced.is_some() { "fenced" } else { "down" }.to_owned(),
-        last_heartbeat: None,
+        phase: phase.to_owned(),
+        last_heartbeat: last_heard.map(|ms| crate::time::at_ms(*ms)),
         capacity: Capacity::default(),
         allocated: Capacity::default(),
         vms: observed
@@ -586,3 +593,6 @@ fn write_toml<T: Serialize>(path: &Path, value: &T) -> Result<(), StatusError> {
     let text = toml::to_string_pretty(value).expect("status always serialises");
     Ok(write_atomic(path, text.as_bytes())?)
 }
+
+#[cfg(test)]
+mod tests;

@@ -10,12 +10,13 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, warn};
 
+use super::health::{self, Health, Limits};
 use super::triggers::{watch_refs, Trigger};
 use super::WatchConfig;
 use crate::execute::journal::JournalFile;
 use crate::execute::{error_chain, execute_journaled, Report};
 use crate::host::{agent_argv, now_ms, AgentHost, ConnectOptions, Host, HostEvent};
-use crate::observe::Observed;
+use crate::observe::{Observed, Unreachable};
 use crate::plan::{plan, prune_actions};
 use crate::source::remote::{is_remote, Remote};
 use crate::source::{Source, Target, TargetError};
@@ -49,6 +50,8 @@ struct Daemon {
     host_argv: BTreeMap<String, Vec<String>>,
     /// Hosts of the specs that could not be reached, and why.
     down: BTreeMap<String, String>,
+    /// Connected hosts that were suspect (missed heartbeats) at the last observation.
+    suspect: Vec<String>,
     /// What the last plan could not do (`vm: why`), shown in those VMs' status.
     pending: Vec<String>,
     /// Since when each unreachable host has been away, and when it was last fenced at.
@@ -194,6 +197,7 @@ impl Daemon {
             hosts: BTreeMap::new(),
             host_argv: BTreeMap::new(),
             down: BTreeMap::new(),
+            suspect: Vec::new(),
             pending: Vec::new(),
             away_since: BTreeMap::new(),
             fence_tried: BTreeMap::new(),
@@ -318,13 +322,16 @@ impl Daemon {
             } else {
                 Some(now_ms() + RETRY_FLOOR_MS)
             };
+            // What is left undone is what the hosts show now (a start refused for good
+            // is pending only after it was tried).
+            self.pending = next.pending;
             (Some(report), after)
         };
         if self.bad.is_none() {
             self.engine.last_attempted_revision = Some(id.clone());
             let problems = [
                 report.as_ref().map(Report::failures).unwrap_or_default(),
-                plan.pending.join("\n"),
+                self.pending.join("\n"),
             ]
             .into_iter()
             .filter(|p| !p.is_empty())
@@ -341,19 +348,43 @@ impl Daemon {
         self.write_status(Some(&target), report.as_ref(), &after, changed)
     }
 
-    /// What the connected hosts run, plus what is known of the others (unreachable
-    /// hosts, where each VM was last seen).
-    async fn observe(&self) -> Observed {
-        crate::observe::observe_with_memory(self.hosts.values(), &self.down, &self.state).await
+    fn limits(&self) -> Limits {
+        Limits {
+            interval: self.heartbeat,
+            down_after: self.down_after,
+        }
+    }
+
+    /// What the ready hosts run, plus what is known of the others (unreachable and
+    /// suspect hosts, where each VM was last seen). Suspect hosts are not asked: a call
+    /// to a silent agent would only wait.
+    async fn observe(&mut self) -> Observed {
+        let (ready, suspect) = health::triage(&self.hosts, self.limits());
+        for (host, s) in &suspect {
+            if !self.suspect.contains(host) {
+                warn!(host = %host, why = %s.why, "host suspect: missed heartbeats; its VMs are unknown until it answers");
+            }
+        }
+        for host in &self.suspect {
+            if !suspect.contains_key(host) && self.hosts.contains_key(host) {
+                info!(host = %host, "host answers again; ready");
+            }
+        }
+        self.suspect = suspect.keys().cloned().collect();
+        let unreachable = Unreachable {
+            down: self.down.clone(),
+            suspect,
+        };
+        crate::observe::observe_with_memory(ready, &unreachable, &self.state).await
     }
 
     /// Whether host health calls for a reconcile: a connected host closed or went silent
-    /// past `down_after`, or an unreachable one is due for fencing.
+    /// past `down_after`, one entered or left `suspect`, or an unreachable one is due for
+    /// fencing.
     fn health_changed(&self) -> bool {
-        let lost = self
-            .hosts
-            .values()
-            .any(|h| h.is_closed() || h.silence() >= self.down_after);
+        let limits = self.limits();
+        let lost = self.hosts.values().any(|h| limits.of(h) == Health::Down);
+        let suspect_changed = health::suspects(&self.hosts, limits) != self.suspect;
         let fence_due = self.away_since.iter().any(|(host, since)| {
             since.elapsed() >= self.down_after
                 && self
@@ -361,7 +392,7 @@ impl Daemon {
                     .get(host)
                     .is_none_or(|t| t.elapsed() >= self.down_after)
         });
-        lost || fence_due
+        lost || suspect_changed || fence_due
     }
 
     /// Runs the `fence` command of every host away for `down_after` that is not fenced
@@ -382,7 +413,15 @@ impl Daemon {
                     .fence_tried
                     .get(&host)
                     .is_none_or(|t| t.elapsed() >= self.down_after);
-            if fenced.contains_key(&host) || !due {
+            if fenced.contains_key(&host) {
+                // Nothing to run any more; throttle the health check's "fence due" all
+                // the same, or a fenced host would cost a reconcile (and a reconnection
+                // attempt) at every heartbeat until it returns.
+                self.fence_tried
+                    .insert(host.clone(), std::time::Instant::now());
+                continue;
+            }
+            if !due {
                 continue;
             }
             self.fence_tried
@@ -404,11 +443,9 @@ impl Daemon {
     /// Keeps one agent connection per host of `desired`: new hosts and broken channels are
     /// (re)connected, hosts gone from the specs are dropped (their agents exit).
     async fn ensure_hosts(&mut self, desired: &plasmavmc_specs::Desired) {
-        let down_after = self.down_after;
+        let limits = self.limits();
         self.hosts.retain(|name, host| {
-            let keep = desired.hosts.contains_key(name)
-                && !host.is_closed()
-                && host.silence() < down_after;
+            let keep = desired.hosts.contains_key(name) && limits.of(host) != Health::Down;
             if !keep {
                 // Hang up for real: a silent (partitioned) agent must see EOF when it
                 // wakes, release its root and exit, so the host can rejoin.
@@ -433,6 +470,7 @@ impl Daemon {
             }
             let opts = ConnectOptions {
                 heartbeat: self.heartbeat,
+                down_after: self.down_after,
                 ..ConnectOptions::default()
             };
             match AgentHost::connect(&entry.name, &argv, opts).await {

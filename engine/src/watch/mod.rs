@@ -14,6 +14,7 @@
 //! ```
 
 mod daemon;
+mod health;
 mod triggers;
 
 use std::path::PathBuf;

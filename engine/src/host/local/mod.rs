@@ -261,6 +261,56 @@ impl LocalHost {
         out
     }
 
+    /// Refuses to start `vm` while another process holds the image lock of one of its
+    /// shared disks: that is another host's QEMU, maybe running this very VM (a fence
+    /// that lied). Asked before QEMU is spawned, so no second QEMU of the VM ever exists,
+    /// not even one that would die on the lock at once; QEMU's own lock still guards the
+    /// moment between this check and its start.
+    async fn ensure_disks_free(&self, vm: &VmInstance) -> Result<(), HostError> {
+        for disk in &vm.spec.disks {
+            let Some(path) = vm.disk_path(disk).filter(|p| p.is_absolute()) else {
+                continue;
+            };
+            match img::lock_holder(&path).await {
+                Ok(None) => {}
+                Ok(Some(qemu)) => {
+                    return Err(HostError::DiskLocked {
+                        vm: vm.name.clone(),
+                        disk: disk.name.clone(),
+                        path,
+                        qemu,
+                    })
+                }
+                // Not a lock: QEMU will say what is wrong with the image in its own words.
+                Err(e) => {
+                    debug!(vm = %vm.name, disk = %disk.name, error = %e, "cannot check the disk's lock");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Records a start that did not bring QEMU up as an exit, so that the restart policy
+    /// backs off (or gives up) instead of retrying at every reconcile.
+    fn record_failed_start(dir: &InstanceDir, reason: ExitReason, pid: u32, message: String) {
+        let Ok(mut now) = dir.read() else {
+            return;
+        };
+        let at_ms = super::now_ms();
+        now.last_exit = Some(ExitRecord {
+            reason,
+            at_ms,
+            pid,
+            status: Some(message),
+        });
+        now.exits.push(at_ms);
+        let excess = now.exits.len().saturating_sub(instance::EXIT_HISTORY);
+        now.exits.drain(..excess);
+        if let Err(e) = dir.write(&now) {
+            warn!(vm = %now.vm.name, error = %e, "cannot record the failed start");
+        }
+    }
+
     fn failure_reason(dir: &InstanceDir) -> String {
         let log = fs::read_to_string(dir.file(QEMU_LOG)).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(5).collect();
@@ -491,6 +541,17 @@ impl Host for LocalHost {
         // of the new QEMU is recorded afresh.
         inst.last_exit = None;
         Self::write(&dir, &inst)?;
+        if let Err(e) = self.ensure_disks_free(&inst.vm).await {
+            if let HostError::DiskLocked {
+                disk, path, qemu, ..
+            } = &e
+            {
+                let message = format!("disk {disk} ({}): {qemu}", path.display());
+                warn!(vm, disk = %message, "not starting: another QEMU holds a disk; the VM may run elsewhere");
+                Self::record_failed_start(&dir, ExitReason::ImageLocked, 0, message);
+            }
+            return Err(e);
+        }
         let args = qemu_args(&inst, self.accel_for(&inst));
         let pid = process::spawn_detached(
             &process::qemu_binary(),
@@ -504,25 +565,18 @@ impl Host for LocalHost {
             source,
         })?;
         if let Err(e) = self.wait_ready(&dir, vm, &inst.uuid, pid).await {
-            // A failed start counts as an exit: the restart policy backs off and gives up
-            // instead of retrying at every reconcile.
             let message = match &e {
                 HostError::StartFailed { reason, .. } => reason.clone(),
                 other => other.to_string(),
             };
-            if let Ok(mut now) = dir.read() {
-                let at_ms = super::now_ms();
-                now.last_exit = Some(ExitRecord {
-                    reason: ExitReason::StartFailed,
-                    at_ms,
-                    pid,
-                    status: Some(message),
-                });
-                now.exits.push(at_ms);
-                let excess = now.exits.len().saturating_sub(instance::EXIT_HISTORY);
-                now.exits.drain(..excess);
-                Self::write(&dir, &now)?;
-            }
+            // QEMU's own image lock: the last line of defence, when another QEMU took the
+            // disk after the check above.
+            let reason = if img::is_lock_refusal(&message) {
+                ExitReason::ImageLocked
+            } else {
+                ExitReason::StartFailed
+            };
+            Self::record_failed_start(&dir, reason, pid, message);
             return Err(e);
         }
         info!(vm, pid, "started");

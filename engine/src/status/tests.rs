@@ -1,0 +1,118 @@
+//! Status of hosts that are not asked (suspect, down, fenced) and of their VMs.
+
+use std::collections::BTreeMap;
+
+use super::*;
+use crate::observe::{Suspect, Unreachable};
+
+/// A previous status file saying `vm` runs on `host` with pid 100.
+fn ran_before(dir: &StatusDir, vm: &str, host: &str) {
+    let snap = Snapshot {
+        vms: vec![VmStatus {
+            name: vm.to_owned(),
+            phase: VmPhase::Running,
+            host: Some(host.to_owned()),
+            pid: Some(100),
+            since: Some("2026-11-26T20:00:00Z".to_owned()),
+            restarts: 0,
+            spec_revision: None,
+            spec_hash: None,
+            up_to_date: true,
+            message: None,
+            events: Vec::new(),
+        }],
+        ..Snapshot::default()
+    };
+    dir.write(&snap).expect("status written");
+}
+
+/// `hv2` answers (empty); `hv1` is not asked: suspect when `last_heard_ms` is given,
+/// else down. `a` was last seen on hv1; `fences` are the fence records.
+fn observed(last_heard_ms: Option<u64>, fences: &[&str]) -> Observed {
+    let why = "host hv1 missed heartbeats: nothing heard for 0.6s (down after 1s)".to_owned();
+    let mut unreachable = Unreachable::default();
+    match last_heard_ms {
+        Some(ms) => {
+            unreachable.suspect.insert(
+                "hv1".into(),
+                Suspect {
+                    why,
+                    last_heard_ms: ms,
+                },
+            );
+        }
+        None => {
+            unreachable
+                .down
+                .insert("hv1".into(), "host hv1 is unreachable: gone".into());
+        }
+    }
+    Observed {
+        hosts: BTreeMap::from([("hv2".to_owned(), Inventory::default())]),
+        ..Observed::default()
+    }
+    .with_context(
+        &unreachable,
+        BTreeMap::from([("a".to_owned(), "hv1".to_owned())]),
+        fences
+            .iter()
+            .map(|h| ((*h).to_owned(), "fenced by operator".to_owned()))
+            .collect(),
+    )
+}
+
+fn build(observed: &Observed) -> Snapshot {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let dir = StatusDir::new(tmp.path());
+    ran_before(&dir, "a", "hv1");
+    dir.build(EngineStatus::default(), None, observed, None, &[])
+}
+
+fn host<'s>(snap: &'s Snapshot, name: &str) -> &'s HostStatus {
+    snap.hosts
+        .iter()
+        .find(|h| h.name == name)
+        .expect("host status")
+}
+
+#[test]
+fn a_suspect_host_says_since_when_it_is_silent_and_its_vms_are_unknown() {
+    let o = observed(Some(1_800_000_000_000), &[]);
+    assert!(
+        o.lost_on("a") == Some("hv1"),
+        "a planner sees hv1 as unreachable"
+    );
+    let snap = build(&o);
+    let hv1 = host(&snap, "hv1");
+    assert_eq!(hv1.phase, "suspect");
+    assert_eq!(hv1.last_heartbeat.as_deref(), Some("2027-01-15T08:00:00Z"));
+    assert_eq!(
+        hv1.message.as_deref(),
+        Some("host hv1 missed heartbeats: nothing heard for 0.6s (down after 1s)")
+    );
+    assert_eq!(hv1.vms, ["a"]);
+    assert_eq!(host(&snap, "hv2").phase, "ready");
+    let a = &snap.vms[0];
+    assert_eq!(
+        a.phase,
+        VmPhase::Unknown,
+        "never running while hv1 is suspect"
+    );
+    assert_eq!((a.pid, a.since.as_deref()), (None, None));
+    assert_eq!(a.host.as_deref(), Some("hv1"));
+    assert!(a
+        .message
+        .as_deref()
+        .is_some_and(|m| m.contains("missed heartbeats")));
+}
+
+#[test]
+fn a_fence_record_does_not_count_while_the_host_is_only_suspect() {
+    let suspect = observed(Some(1_800_000_000_000), &["hv1"]);
+    assert!(suspect.fenced.is_empty(), "{:?}", suspect.fenced);
+    assert_eq!(host(&build(&suspect), "hv1").phase, "suspect");
+    let down = observed(None, &["hv1"]);
+    assert_eq!(down.fenced.len(), 1);
+    assert_eq!(host(&build(&down), "hv1").phase, "fenced");
+    assert_eq!(host(&build(&observed(None, &[])), "hv1").phase, "down");
+}
