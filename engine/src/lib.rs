@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod cli;
+pub mod drill;
 pub mod execute;
 pub mod host;
 pub mod observe;

@@ -2,6 +2,7 @@
 //! Nothing here decides what happens to a VM.
 
 mod context;
+mod drill;
 mod plan;
 mod status;
 
@@ -59,6 +60,10 @@ enum Command {
     /// The host side: serve one engine on stdin/stdout (started by the engine itself,
     /// over ssh, or by a host's `exec` command).
     Agent(AgentArgs),
+    /// The failure table, measured: every failure mode (engine, QEMU, guest, host,
+    /// network, migration) run against the real engine on a throw-away cluster of
+    /// simulated hosts on this machine.
+    Drill(drill::DrillArgs),
     /// Write the JSON Schemas of the spec files.
     Schema {
         /// Folder to write vm/host/cluster.schema.json into.
@@ -174,6 +179,10 @@ pub fn main() -> ExitCode {
                 action: FenceAction::Confirm { host, repo },
             } => fence_confirm(&host, &repo),
             Command::Schema { out } => schema(&out),
+            // Blocking by design (processes, polling): off the async workers.
+            Command::Drill(args) => tokio::task::spawn_blocking(move || drill::drill(&args))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("the drill panicked: {e}"))),
         }
     });
     // A blocked stdin read (the agent after its controller went silent) must not keep

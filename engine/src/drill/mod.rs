@@ -1,0 +1,212 @@
+//! `plasmavmc drill`: the failure table, filled in by measurement.
+//!
+//! In: a guest to boot (the tiny test guest by default), how many runs per row, the
+//! heartbeat settings. Out: one row per failure mode — detection time, time until the
+//! VM runs again (QMP-ready) and until its guest is seen again, whether recovery was
+//! automatic, the manual steps, and whether any VM ran twice or lost disk data.
+//!
+//! Every row runs against the real engine (`plasmavmc watch`, a child process), real
+//! agents and real QEMU on a throw-away cluster of three simulated hosts
+//! ([`sandbox`]); the rows are in [`modes`].
+
+mod modes;
+mod sandbox;
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Context as _, Result};
+use serde::Serialize;
+
+pub use modes::Sample;
+use sandbox::{Guest, Sandbox};
+
+/// How a drill runs.
+#[derive(Debug, Clone)]
+pub struct DrillConfig {
+    pub runs: usize,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    /// `[heartbeat]` of the sandbox (`None`: the defaults, 1 s / 5 s).
+    pub heartbeat: Option<(String, String)>,
+    /// Only the rows whose name contains one of these (all when empty).
+    pub only: Vec<String>,
+}
+
+/// One row of the table: every run's sample, or why the row could not be measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    pub mode: String,
+    pub automatic: String,
+    pub manual: String,
+    pub samples: Vec<Sample>,
+    pub errors: Vec<String>,
+    /// Invariants that broke (a VM ran twice, data lost, a healthy VM restarted).
+    pub broken: Vec<String>,
+}
+
+impl Row {
+    fn times(&self, pick: fn(&Sample) -> Option<f64>) -> Vec<f64> {
+        self.samples.iter().filter_map(pick).collect()
+    }
+}
+
+/// Runs every row `cfg.runs` times; `progress` hears what happens.
+pub fn run(cfg: &DrillConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
+    for file in [&cfg.kernel, &cfg.initrd] {
+        anyhow::ensure!(
+            file.is_file(),
+            "{} does not exist: build the test guest (tests/guest/build.sh) or pass --kernel and --initrd",
+            file.display()
+        );
+    }
+    let settings = cfg.heartbeat.as_ref().map_or_else(String::new, |(i, d)| {
+        format!("[heartbeat]\ninterval = {i:?}\ndown_after = {d:?}\n")
+    });
+    let guest = Guest {
+        kernel: std::path::absolute(&cfg.kernel)?,
+        initrd: std::path::absolute(&cfg.initrd)?,
+    };
+    let mut sb = Sandbox::new(guest, &settings)?;
+    progress(&format!("sandbox in {}", sb.root().display()));
+    sb.start_watch().context("starting the engine")?;
+    let mut rows = Vec::new();
+    for mode in &modes::MODES {
+        if !cfg.only.is_empty() && !cfg.only.iter().any(|o| mode.name.contains(o.as_str())) {
+            continue;
+        }
+        let mut row = Row {
+            mode: mode.name.to_owned(),
+            automatic: mode.automatic.to_owned(),
+            manual: mode.manual.to_owned(),
+            samples: Vec::new(),
+            errors: Vec::new(),
+            broken: Vec::new(),
+        };
+        for i in 1..=cfg.runs {
+            progress(&format!("{}: run {i}/{}", mode.name, cfg.runs));
+            match (mode.run)(&mut sb) {
+                Ok(sample) => {
+                    if sample.most_copies > mode.copies_allowed {
+                        row.broken.push(format!(
+                            "run {i}: {} QEMUs of one VM at once",
+                            sample.most_copies
+                        ));
+                    }
+                    row.broken
+                        .extend(sample.broken.iter().map(|b| format!("run {i}: {b}")));
+                    progress(&format!("  {sample:?}"));
+                    row.samples.push(sample);
+                }
+                Err(e) => {
+                    progress(&format!("  failed: {e:#}"));
+                    row.errors.push(format!("run {i}: {e:#}"));
+                    // A failed row may leave the daemon gone: bring it back for the next.
+                    if !sb.watch_running() {
+                        let _ = sb.start_watch();
+                    }
+                }
+            }
+        }
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+/// True when every row was measured and no invariant broke.
+pub fn passed(rows: &[Row]) -> bool {
+    rows.iter()
+        .all(|r| r.errors.is_empty() && r.broken.is_empty())
+}
+
+/// The table in Markdown.
+pub fn markdown(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| failure mode | runs | detection | running again (QMP-ready) | guest output again | automatic | manual steps | VM ran twice / data lost |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for row in rows {
+        let fig = |pick: fn(&Sample) -> Option<f64>| figure(&row.times(pick));
+        let invariants = if row.broken.is_empty() {
+            "no / no".to_owned()
+        } else {
+            format!("**BROKEN**: {}", row.broken.join("; "))
+        };
+        let runs = if row.errors.is_empty() {
+            row.samples.len().to_string()
+        } else {
+            format!("{} ({} failed)", row.samples.len(), row.errors.len())
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {runs} | {} | {} | {} | {} | {} | {invariants} |",
+            row.mode,
+            fig(|s| s.detection_ms),
+            fig(|s| s.running_ms),
+            fig(|s| s.guest_ms),
+            row.automatic,
+            row.manual,
+        );
+    }
+    out.push('\n');
+    for row in rows {
+        if let Some(last) = row.samples.last() {
+            let _ = writeln!(out, "- {}: {}", row.mode, last.note);
+        }
+        for e in &row.errors {
+            let _ = writeln!(out, "- {}: **not measured**: {e}", row.mode);
+        }
+    }
+    out
+}
+
+/// `median / max` in ms (or s), `—` when nothing was measured.
+fn figure(samples: &[f64]) -> String {
+    if samples.is_empty() {
+        return "—".to_owned();
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[(sorted.len() - 1) / 2];
+    let max = sorted[sorted.len() - 1];
+    let show = |v: f64| {
+        if v >= 1000.0 {
+            format!("{:.2} s", v / 1000.0)
+        } else {
+            format!("{v:.0} ms")
+        }
+    };
+    if sorted.len() == 1 {
+        show(median)
+    } else {
+        format!("{} / {}", show(median), show(max))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_are_median_and_max_in_readable_units() {
+        assert_eq!(figure(&[]), "—");
+        assert_eq!(figure(&[12.4]), "12 ms");
+        assert_eq!(figure(&[3000.0, 10.0, 2500.0]), "2.50 s / 3.00 s");
+    }
+
+    #[test]
+    fn a_broken_invariant_or_a_failed_run_fails_the_drill() {
+        let row = |broken: Vec<String>, errors: Vec<String>| Row {
+            mode: "m".into(),
+            automatic: "yes".into(),
+            manual: "none".into(),
+            samples: vec![Sample::default()],
+            errors,
+            broken,
+        };
+        assert!(passed(&[row(vec![], vec![])]));
+        assert!(!passed(&[row(vec!["twice".into()], vec![])]));
+        assert!(!passed(&[row(vec![], vec!["timed out".into()])]));
+        let table = markdown(&[row(vec!["run 1: 2 QEMUs".into()], vec![])]);
+        assert!(table.contains("**BROKEN**: run 1: 2 QEMUs"), "{table}");
+    }
+}

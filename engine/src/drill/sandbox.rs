@@ -1,0 +1,474 @@
+//! The throw-away cluster a drill runs on: a git repository of specs, three simulated
+//! hosts (this binary's agent on a root of its own, started through `sh -c` so a host
+//! can be "powered off"), one shared-storage folder, and the real `plasmavmc watch` as
+//! a child process whose JSON log is read back.
+//!
+//! ```text
+//! <tmp>/repo/          plasmavmc.toml, hosts/hv{1,2,3}.toml, vms/*.toml (committed)
+//! <tmp>/state/         the engine's state directory
+//! <tmp>/hosts/hvN/     host roots; <tmp>/hosts/hvN.off = powered off
+//! <tmp>/shared/        shared storage of pool "drill"
+//! <tmp>/fence.sh       fence command of hv1 and hv2 (kills the host's QEMUs); hv3 has none
+//! <tmp>/watch-N.log    the daemon's log (JSON lines)
+//! ```
+
+use std::fmt::Write as _;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context as _, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// Every host of the sandbox; hv3 has no fence command.
+pub const HOSTS: [&str; 3] = ["hv1", "hv2", "hv3"];
+
+/// One line of the daemon's JSON log.
+#[derive(Debug, Clone)]
+pub struct LogLine {
+    pub at: SystemTime,
+    pub fields: Value,
+}
+
+impl LogLine {
+    pub fn message(&self) -> &str {
+        self.fields["message"].as_str().unwrap_or_default()
+    }
+
+    pub fn str(&self, key: &str) -> Option<&str> {
+        self.fields[key].as_str()
+    }
+
+    pub fn is(&self, message: &str, vm: Option<&str>) -> bool {
+        self.message() == message && vm.is_none_or(|v| self.str("vm") == Some(v))
+    }
+}
+
+/// The sandbox; dropping it kills everything it started and removes its folder.
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+    exe: PathBuf,
+    repo: git2::Repository,
+    pub guest: Guest,
+    /// The running daemon and its log file.
+    watch: Option<(Child, PathBuf)>,
+    watches: usize,
+}
+
+/// The kernel and initramfs the drill's VMs boot (the tiny test guest by default).
+#[derive(Debug, Clone)]
+pub struct Guest {
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+}
+
+impl Sandbox {
+    /// Creates the sandbox and commits its hosts; `settings` is the extra TOML of
+    /// plasmavmc.toml (heartbeat).
+    pub fn new(guest: Guest, settings: &str) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("plasmavmc-drill-")
+            .tempdir()
+            .context("creating the sandbox folder")?;
+        let exe = std::env::current_exe().context("finding this program")?;
+        let root = dir.path();
+        let repo = git2::Repository::init(root.join("repo")).context("git init")?;
+        fs::create_dir_all(root.join("shared"))?;
+        let fence = root.join("fence.sh");
+        fs::write(&fence, FENCE_SCRIPT)?;
+        let sandbox = Self {
+            exe,
+            repo,
+            guest,
+            watch: None,
+            watches: 0,
+            dir,
+        };
+        sandbox.write(
+            "plasmavmc.toml",
+            &format!("[timeouts]\nstop = \"5s\"\n\n{settings}"),
+        )?;
+        for host in HOSTS {
+            sandbox.write(
+                &format!("hosts/{host}.toml"),
+                &sandbox.host_toml(host, host != "hv3"),
+            )?;
+        }
+        sandbox.commit("drill hosts")?;
+        Ok(sandbox)
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn repo_dir(&self) -> PathBuf {
+        self.root().join("repo")
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        self.root().join("state")
+    }
+
+    pub fn host_root(&self, host: &str) -> PathBuf {
+        self.root().join("hosts").join(host)
+    }
+
+    fn host_toml(&self, host: &str, fenced: bool) -> String {
+        let root = self.host_root(host);
+        let marker = format!("{}.off", root.display());
+        let script = format!(
+            "test -e '{marker}' && {{ echo 'host powered off' >&2; exit 1; }}; exec '{}' agent --stdio --root '{}'",
+            self.exe.display(),
+            root.display()
+        );
+        let mut text = format!(
+            "exec = [\"sh\", \"-c\", {}]\nmemory_mb = 2048\nvcpus = 8\nshared_storage = {:?}\nstorage_pool = \"drill\"\n",
+            toml::Value::String(script),
+            self.root().join("shared").display().to_string()
+        );
+        if fenced {
+            let _ = writeln!(
+                text,
+                "fence = [\"sh\", {:?}, {:?}]",
+                self.root().join("fence.sh").display().to_string(),
+                root.display().to_string()
+            );
+        }
+        text
+    }
+
+    /// Writes `rel` in the repository's working tree.
+    pub fn write(&self, rel: &str, text: &str) -> Result<()> {
+        let path = self.repo_dir().join(rel);
+        fs::create_dir_all(path.parent().expect("a file in a folder"))?;
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
+    }
+
+    pub fn remove(&self, rel: &str) -> Result<()> {
+        fs::remove_file(self.repo_dir().join(rel)).with_context(|| format!("removing {rel}"))
+    }
+
+    /// Commits the working tree (additions, edits, removals) on the current branch.
+    pub fn commit(&self, message: &str) -> Result<()> {
+        let mut index = self.repo.index()?;
+        index.add_all(["*"], git2::IndexAddOption::DEFAULT, None)?;
+        index.update_all(["*"], None)?;
+        index.write()?;
+        let tree = self.repo.find_tree(index.write_tree()?)?;
+        let sig = git2::Signature::now("plasmavmc drill", "drill@plasmavmc.invalid")?;
+        let parent = self.repo.head().ok().and_then(|h| h.peel_to_commit().ok());
+        let parents: Vec<&git2::Commit> = parent.iter().collect();
+        self.repo
+            .commit(Some("HEAD"), &sig, &sig, message, &tree, &parents)?;
+        Ok(())
+    }
+
+    /// A VM spec booting the drill's guest with `extra` fields and `cmdline` knobs.
+    pub fn vm_toml(&self, extra: &str, cmdline: &str, disk: Option<&str>) -> String {
+        let mut text = format!(
+            "memory_mb = 96\nrestart = \"always\"\n{extra}\n[boot]\nkernel = {:?}\ninitrd = {:?}\ncmdline = \"console=ttyS0 quiet panic=-1 {cmdline}\"\n\n[qemu]\naccel = \"tcg\"\n",
+            self.guest.kernel.display().to_string(),
+            self.guest.initrd.display().to_string(),
+        );
+        if let Some(storage) = disk {
+            let _ = write!(
+                text,
+                "\n[[disks]]\nname = \"data\"\nsize_gb = 1\nstorage = {storage:?}\n"
+            );
+        }
+        text
+    }
+
+    // ---- the daemon ---------------------------------------------------------------
+
+    /// Starts `plasmavmc watch` on the sandbox; returns when it logged its first
+    /// reconcile.
+    pub fn start_watch(&mut self) -> Result<SystemTime> {
+        self.watches += 1;
+        let log = self.root().join(format!("watch-{}.log", self.watches));
+        let file = fs::File::create(&log)?;
+        let started = SystemTime::now();
+        let child = Command::new(&self.exe)
+            .args([
+                "watch",
+                "--log-format",
+                "json",
+                "--interval",
+                "5s",
+                "--repo",
+            ])
+            .arg(self.repo_dir())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .context("starting plasmavmc watch")?;
+        self.watch = Some((child, log));
+        self.wait_log(
+            "the daemon's first reconcile",
+            Duration::from_secs(60),
+            0,
+            |l| l.is("reconcile", None),
+        )?;
+        Ok(started)
+    }
+
+    /// True while the daemon this sandbox started runs.
+    pub fn watch_running(&mut self) -> bool {
+        self.watch
+            .as_mut()
+            .is_some_and(|(child, _)| matches!(child.try_wait(), Ok(None)))
+    }
+
+    /// kill -9 of the daemon (its agents see EOF and exit; every QEMU keeps running).
+    pub fn kill_watch(&mut self) {
+        if let Some((mut child, _)) = self.watch.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Every line the current daemon logged.
+    pub fn log(&self) -> Vec<LogLine> {
+        let Some((_, path)) = &self.watch else {
+            return Vec::new();
+        };
+        let Ok(file) = fs::File::open(path) else {
+            return Vec::new();
+        };
+        BufReader::new(file)
+            .lines()
+            .map_while(Result::ok)
+            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
+            .map(|fields| {
+                let at = fields["timestamp"]
+                    .as_str()
+                    .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
+                    .unwrap_or(SystemTime::UNIX_EPOCH);
+                LogLine { at, fields }
+            })
+            .collect()
+    }
+
+    /// Waits for a log line (from index `since`) matching `pred`.
+    pub fn wait_log(
+        &self,
+        what: &str,
+        timeout: Duration,
+        since: usize,
+        mut pred: impl FnMut(&LogLine) -> bool,
+    ) -> Result<LogLine> {
+        let mut found = None;
+        wait(what, timeout, || {
+            found = self.log().into_iter().skip(since).find(|l| pred(l));
+            found.is_some()
+        })?;
+        Ok(found.expect("found"))
+    }
+
+    // ---- what runs ------------------------------------------------------------------
+
+    /// QEMUs of `vm` anywhere in the sandbox, by host.
+    pub fn qemus_of(&self, vm: &str) -> Vec<(String, i32)> {
+        qemus_of(self.root(), vm)
+    }
+
+    /// Every QEMU under `host`'s root.
+    pub fn host_qemus(&self, host: &str) -> Vec<i32> {
+        qemus_in(&self.host_root(host))
+    }
+
+    pub fn serial(&self, host: &str, vm: &str) -> String {
+        fs::read(self.host_root(host).join("vms").join(vm).join("serial.log"))
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The VM's status file.
+    pub fn vm_status(&self, vm: &str) -> Option<toml::Table> {
+        let path = self
+            .state_dir()
+            .join("status/vms")
+            .join(format!("{vm}.toml"));
+        fs::read_to_string(path).ok()?.parse().ok()
+    }
+
+    /// Where the status says `vm` runs, when it says `running`.
+    pub fn running_on(&self, vm: &str) -> Option<String> {
+        let s = self.vm_status(vm)?;
+        (s.get("phase")?.as_str()? == "running")
+            .then(|| s.get("host")?.as_str().map(str::to_owned))
+            .flatten()
+    }
+
+    // ---- faults ---------------------------------------------------------------------
+
+    /// The agent process serving `host` (its command line names the host's root).
+    pub fn agent_of(&self, host: &str) -> Option<i32> {
+        let root = self.host_root(host).display().to_string();
+        all_pids().into_iter().find(|&pid| {
+            let args = cmdline(pid);
+            args.iter().any(|a| a == "agent") && args.contains(&root)
+        })
+    }
+
+    /// Power-off: the host cannot start an agent any more, its agent and QEMUs die.
+    pub fn power_off(&self, host: &str) -> Result<()> {
+        fs::write(format!("{}.off", self.host_root(host).display()), b"")?;
+        if let Some(agent) = self.agent_of(host) {
+            let _ = kill(Pid::from_raw(agent), Signal::SIGCONT);
+            let _ = kill(Pid::from_raw(agent), Signal::SIGKILL);
+        }
+        for pid in self.host_qemus(host) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        wait(
+            "the host's processes to die",
+            Duration::from_secs(10),
+            || self.host_qemus(host).is_empty(),
+        )
+    }
+
+    /// Power back on: agents may start again.
+    pub fn power_on(&self, host: &str) {
+        let _ = fs::remove_file(format!("{}.off", self.host_root(host).display()));
+    }
+
+    /// Partition: the host's agent is frozen (SIGSTOP); its QEMUs run on.
+    pub fn partition(&self, host: &str) -> Result<i32> {
+        let agent = self.agent_of(host).context("no agent serves the host")?;
+        kill(Pid::from_raw(agent), Signal::SIGSTOP)?;
+        Ok(agent)
+    }
+
+    /// `plasmavmc fence confirm HOST`, as the operator runs it.
+    pub fn fence_confirm(&self, host: &str) -> Result<()> {
+        let out = Command::new(&self.exe)
+            .args(["fence", "confirm", host, "--repo"])
+            .arg(self.repo_dir())
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "fence confirm {host} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.kill_watch();
+        for host in HOSTS {
+            if let Some(agent) = self.agent_of(host) {
+                let _ = kill(Pid::from_raw(agent), Signal::SIGCONT);
+                let _ = kill(Pid::from_raw(agent), Signal::SIGKILL);
+            }
+            for pid in self.host_qemus(host) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Kills every QEMU whose working directory is under the root given as `$1` (an
+/// instance folder of that host), then exits 0: the host is "powered off".
+const FENCE_SCRIPT: &str = r#"root=$1
+for d in /proc/[0-9]*; do
+  cwd=$(readlink "$d/cwd" 2>/dev/null) || continue
+  case "$cwd" in "$root"/*) ;; *) continue ;; esac
+  case "$(tr '\0' ' ' < "$d/cmdline" 2>/dev/null)" in
+    *qemu-system*) kill -9 "${d#/proc/}" 2>/dev/null ;;
+  esac
+done
+exit 0
+"#;
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn all_pids() -> Vec<i32> {
+    fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn cmdline(pid: i32) -> Vec<String> {
+    fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|b| {
+            b.split(|c| *c == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Live (not zombie) QEMUs whose working directory is under `dir`.
+fn qemus_in(dir: &Path) -> Vec<i32> {
+    let Ok(dir) = dir.canonicalize() else {
+        return Vec::new();
+    };
+    all_pids()
+        .into_iter()
+        .filter(|&pid| {
+            !is_zombie(pid)
+                && fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c.starts_with(&dir))
+                && cmdline(pid)
+                    .first()
+                    .is_some_and(|p| p.contains("qemu-system"))
+        })
+        .collect()
+}
+
+/// QEMUs of `vm` in the sandbox at `root` (their cwd is its instance folder on a host).
+pub fn qemus_of(root: &Path, vm: &str) -> Vec<(String, i32)> {
+    let needle = format!("guest={vm},");
+    let mut out = Vec::new();
+    for host in HOSTS {
+        let dir = root.join("hosts").join(host).join("vms").join(vm);
+        for pid in qemus_in(&dir) {
+            if cmdline(pid).iter().any(|a| a.contains(&needle)) {
+                out.push((host.to_owned(), pid));
+            }
+        }
+    }
+    out
+}
+
+/// True when `pid` is gone or a zombie.
+pub fn is_zombie(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
