@@ -1,0 +1,222 @@
+//! The failure modes a drill runs, one function each, on a [`Sandbox`] with the daemon
+//! running. Each returns what it measured; times are from the fault (or the step that
+//! starts the row) to what the daemon logged (QMP-ready QEMU: its `started`, `adopted`
+//! or `done` line) and to the first guest output seen by polling its console.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context as _, Result};
+
+mod host;
+mod moves;
+mod vm;
+
+use super::sandbox::{wait, LogLine, Sandbox};
+
+/// The VM most rows act on: `ha`, its disk on shared storage.
+pub const APP: &str = "app";
+
+/// Bound for any one step of a row.
+const STEP: Duration = Duration::from_secs(120);
+
+/// What one run of one row measured, in ms.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Sample {
+    pub detection_ms: Option<f64>,
+    pub running_ms: Option<f64>,
+    pub guest_ms: Option<f64>,
+    /// Copies of a VM seen at once (QEMU processes; a migration has two by design).
+    pub most_copies: usize,
+    /// An invariant that broke, if any.
+    pub broken: Option<String>,
+    pub note: String,
+}
+
+/// One row of the table.
+pub struct Mode {
+    pub name: &'static str,
+    pub automatic: &'static str,
+    pub manual: &'static str,
+    /// Copies allowed at once (2 while a live migration runs).
+    pub copies_allowed: usize,
+    pub run: fn(&mut Sandbox) -> Result<Sample>,
+}
+
+pub const MODES: [Mode; 9] = [
+    Mode {
+        name: "engine crash (kill -9)",
+        automatic: "yes (a service manager restarts the engine)",
+        manual: "none",
+        copies_allowed: 1,
+        run: vm::engine_crash,
+    },
+    Mode {
+        name: "QEMU crash (kill -9)",
+        automatic: "yes",
+        manual: "none",
+        copies_allowed: 1,
+        run: vm::qemu_crash,
+    },
+    Mode {
+        name: "guest panic",
+        automatic: "yes",
+        manual: "none",
+        copies_allowed: 1,
+        run: vm::guest_panic,
+    },
+    Mode {
+        name: "guest power-off (restart = always)",
+        automatic: "yes",
+        manual: "none",
+        copies_allowed: 1,
+        run: vm::guest_poweroff,
+    },
+    Mode {
+        name: "host reboot (its QEMUs die while the engine is down)",
+        automatic: "yes",
+        manual: "none",
+        copies_allowed: 1,
+        run: host::host_reboot,
+    },
+    Mode {
+        name: "host power-off, fence command",
+        automatic: "yes",
+        manual: "none",
+        copies_allowed: 1,
+        run: host::host_power_off,
+    },
+    Mode {
+        name: "network partition, no fence command",
+        automatic: "no: recovered after the operator's step",
+        manual: "power the host off, `plasmavmc fence confirm HOST`",
+        copies_allowed: 1,
+        run: host::partition,
+    },
+    Mode {
+        name: "live migration round trip",
+        automatic: "yes (by commit)",
+        manual: "commit `host = ...`",
+        copies_allowed: 2,
+        run: moves::live_round_trip,
+    },
+    Mode {
+        name: "cold migration",
+        automatic: "yes (by commit)",
+        manual: "commit `host = ...`",
+        copies_allowed: 1,
+        run: moves::cold_move,
+    },
+];
+
+fn ms(from: SystemTime, to: SystemTime) -> f64 {
+    to.duration_since(from)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// Samples how many QEMUs `vm` has, every 10 ms, while `body` runs.
+fn watching<T>(
+    sb: &mut Sandbox,
+    vm: &str,
+    body: impl FnOnce(&mut Sandbox) -> Result<T>,
+) -> Result<(T, usize)> {
+    let stop = AtomicBool::new(false);
+    let most = AtomicUsize::new(0);
+    let root = sb.root().to_path_buf();
+    let result = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(Ordering::Relaxed) {
+                let n = super::sandbox::qemus_of(&root, vm).len();
+                most.fetch_max(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let r = body(sb);
+        stop.store(true, Ordering::Relaxed);
+        r
+    });
+    Ok((result?, most.load(Ordering::Relaxed)))
+}
+
+/// The boot count the guest found on its disk at its last boot on `host`.
+fn boots(sb: &Sandbox, host: &str, vm: &str) -> Option<u64> {
+    sb.serial(host, vm)
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("disk: boots="))
+        .filter_map(|n| n.trim().parse().ok())
+        .next_back()
+}
+
+/// Waits until `vm`'s console on `host` shows a tick (after a restart: a new console).
+fn first_tick(sb: &Sandbox, host: &str, vm: &str) -> Result<SystemTime> {
+    wait(&format!("{vm} ticking on {host}"), STEP, || {
+        sb.serial(host, vm).contains("tick ")
+    })?;
+    Ok(SystemTime::now())
+}
+
+/// Waits until the console shows a tick later than `after`.
+fn tick_after(sb: &Sandbox, host: &str, vm: &str, after: u64) -> Result<SystemTime> {
+    wait(
+        &format!("{vm} ticking past {after} on {host}"),
+        STEP,
+        || last_tick(&sb.serial(host, vm)).is_some_and(|t| t > after),
+    )?;
+    Ok(SystemTime::now())
+}
+
+fn last_tick(serial: &str) -> Option<u64> {
+    serial
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok())
+        .next_back()
+}
+
+/// Commits `app` (pinned to `pin` when given).
+fn write_app(sb: &Sandbox, pin: Option<&str>) -> Result<()> {
+    let extra = match pin {
+        Some(h) => format!("ha = true\nhost = {h:?}\n"),
+        None => "ha = true\n".to_owned(),
+    };
+    sb.write("vms/app.toml", &sb.vm_toml(&extra, "", Some("shared")))
+}
+
+/// `app` running (created the first time), moved to `host` when given: pinned there
+/// (a live move), then unpinned (placement is sticky). Returns where it runs.
+pub fn app_on(sb: &mut Sandbox, host: Option<&str>) -> Result<String> {
+    let now = sb.running_on(APP);
+    if now.is_none() && sb.qemus_of(APP).is_empty() {
+        write_app(sb, host)?;
+        sb.commit("drill: app")?;
+    } else if let Some(h) = host.filter(|h| now.as_deref() != Some(*h)) {
+        write_app(sb, Some(h))?;
+        sb.commit(&format!("drill: app to {h}"))?;
+    }
+    wait("app running where wanted", STEP, || {
+        let on = sb.running_on(APP);
+        on.is_some() && (host.is_none() || on.as_deref() == host) && sb.qemus_of(APP).len() == 1
+    })?;
+    let on = sb.running_on(APP).context("app runs nowhere")?;
+    first_tick(sb, &on, APP)?;
+    if host.is_some() {
+        write_app(sb, None)?;
+        sb.commit("drill: app unpinned")?;
+    }
+    Ok(on)
+}
+
+fn the_pid(sb: &Sandbox, vm: &str) -> Result<(String, i32)> {
+    match sb.qemus_of(vm).as_slice() {
+        [one] => Ok(one.clone()),
+        other => bail!("{vm} should have one QEMU, has {other:?}"),
+    }
+}
+
+fn find_after(
+    sb: &Sandbox,
+    what: &str,
+    since: usize,
+    pred: impl FnMut(&LogLine) -> bool,
+) -> Result<LogLine> {
+    sb.wait_log(what, STEP, since, pred)
+}
