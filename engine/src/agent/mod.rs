@@ -218,90 +218,60 @@ fn decode(
 }
 
 async fn handle(host: &LocalHost, store: &FileStore, request: Request) -> Result<Reply, String> {
-    let err = |e: &dyn std::error::Error| crate::execute::error_chain(e);
+    let done = |()| Reply::Done;
     match request {
-        Request::Inventory => host
-            .inventory()
-            .await
-            .map(|inventory| Reply::Inventory { inventory })
-            .map_err(|e| err(&e)),
-        Request::Create { vm } => host
-            .create(&vm)
-            .await
-            .map(|()| Reply::Done)
-            .map_err(|e| err(&e)),
-        Request::Update { vm } => host
-            .update(&vm)
-            .await
-            .map(|()| Reply::Done)
-            .map_err(|e| err(&e)),
-        Request::Start { vm } => host
-            .start(&vm)
-            .await
-            .map(|pid| Reply::Pid { pid })
-            .map_err(|e| err(&e)),
-        Request::Stop { vm, timeout_ms } => host
-            .stop(&vm, Duration::from_millis(timeout_ms))
-            .await
-            .map(|o| Reply::Stopped {
+        Request::Inventory => reply(host.inventory().await, |inventory| Reply::Inventory {
+            inventory,
+        }),
+        Request::Create { vm } => reply(host.create(&vm).await, done),
+        Request::Recover { vm } => reply(host.recover(&vm).await, done),
+        Request::Update { vm } => reply(host.update(&vm).await, done),
+        Request::Start { vm } => reply(host.start(&vm).await, |pid| Reply::Pid { pid }),
+        Request::Stop { vm, timeout_ms } => reply(
+            host.stop(&vm, Duration::from_millis(timeout_ms)).await,
+            |o| Reply::Stopped {
                 outcome: stop_name(o).to_owned(),
-            })
-            .map_err(|e| err(&e)),
-        Request::Delete { vm } => host
-            .delete(&vm)
-            .await
-            .map(|retained| Reply::Deleted { retained })
-            .map_err(|e| err(&e)),
-        Request::Prune { folder, pid } => host
-            .prune(&folder, pid)
-            .await
-            .map(|()| Reply::Done)
-            .map_err(|e| err(&e)),
+            },
+        ),
+        Request::Delete { vm } => reply(host.delete(&vm).await, |retained| Reply::Deleted {
+            retained,
+        }),
+        Request::Prune { folder, pid } => reply(host.prune(&folder, pid).await, done),
         Request::PrepareIncoming {
             vm,
             from,
             listen,
             mirror,
-        } => host
-            .prepare_incoming(&vm, &from, &listen, &mirror)
-            .await
-            .map(|incoming| Reply::Incoming { incoming })
-            .map_err(|e| err(&e)),
-        Request::MigrateOut { vm, to, tuning } => host
-            .migrate_out(&vm, &to, &tuning)
-            .await
-            .map(|stats| Reply::Migrated { stats })
-            .map_err(|e| err(&e)),
-        Request::MigrationStats { vm } => host
-            .migration_stats(&vm)
-            .await
-            .map(|stats| Reply::Migrated { stats })
-            .map_err(|e| err(&e)),
-        Request::Discard { vm } => host
-            .discard(&vm)
-            .await
-            .map(|()| Reply::Done)
-            .map_err(|e| err(&e)),
-        Request::ReadDisk { vm, disk, offset } => host
-            .read_disk(&vm, &disk, offset)
-            .await
-            .map(|chunk| Reply::DiskChunk { chunk })
-            .map_err(|e| err(&e)),
+        } => reply(
+            host.prepare_incoming(&vm, &from, &listen, &mirror).await,
+            |incoming| Reply::Incoming { incoming },
+        ),
+        Request::MigrateOut { vm, to, tuning } => {
+            reply(host.migrate_out(&vm, &to, &tuning).await, |stats| {
+                Reply::Migrated { stats }
+            })
+        }
+        Request::MigrationStats { vm } => reply(host.migration_stats(&vm).await, |stats| {
+            Reply::Migrated { stats }
+        }),
+        Request::Discard { vm } => reply(host.discard(&vm).await, done),
+        Request::ReadDisk { vm, disk, offset } => {
+            reply(host.read_disk(&vm, &disk, offset).await, |chunk| {
+                Reply::DiskChunk { chunk }
+            })
+        }
         Request::WriteDisk {
             vm,
             disk,
             offset,
             chunk,
             finish,
-        } => host
-            .write_disk(&vm, &disk, offset, &chunk, finish.as_deref())
-            .await
-            .map(|()| Reply::Done)
-            .map_err(|e| err(&e)),
-        Request::HasFile { sha256 } => store
-            .get(&sha256)
-            .map(|path| Reply::File { path })
-            .map_err(|e| err(&e)),
+        } => reply(
+            host.write_disk(&vm, &disk, offset, &chunk, finish.as_deref())
+                .await,
+            done,
+        ),
+        Request::HasFile { sha256 } => reply(store.get(&sha256), |path| Reply::File { path }),
         Request::PutFile {
             sha256,
             offset,
@@ -309,13 +279,20 @@ async fn handle(host: &LocalHost, store: &FileStore, request: Request) -> Result
             last,
         } => {
             let store = store.clone();
-            tokio::task::spawn_blocking(move || store.put(&sha256, offset, &data, last))
+            let put = tokio::task::spawn_blocking(move || store.put(&sha256, offset, &data, last))
                 .await
-                .map_err(|e| e.to_string())?
-                .map(|path| Reply::File { path })
-                .map_err(|e| err(&e))
+                .map_err(|e| e.to_string())?;
+            reply(put, |path| Reply::File { path })
         }
     }
+}
+
+/// A host call's result as the protocol answers it: the reply, or the error's whole chain.
+fn reply<T, E: std::error::Error>(
+    result: Result<T, E>,
+    ok: impl FnOnce(T) -> Reply,
+) -> Result<Reply, String> {
+    result.map(ok).map_err(|e| crate::execute::error_chain(&e))
 }
 
 /// The wire name of a stop outcome.

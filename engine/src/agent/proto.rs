@@ -80,6 +80,10 @@ pub enum Request {
     Update {
         vm: VmInstance,
     },
+    /// [`Host::recover`](crate::host::Host::recover).
+    Recover {
+        vm: VmInstance,
+    },
     Start {
         vm: String,
     },

@@ -191,7 +191,7 @@ async fn run<H: Host>(
     };
     Ok(match action {
         Action::Recover { from, .. } => {
-            host.create(&instance()?).await?;
+            host.recover(&instance()?).await?;
             format!("instance created (recovering from {from})")
         }
         Action::Create { .. } => {

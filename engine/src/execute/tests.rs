@@ -48,6 +48,9 @@ impl Host for FakeHost {
     async fn create(&self, vm: &VmInstance) -> Result<(), HostError> {
         self.record(format!("create {} {}", vm.name, vm.spec.memory_mb))
     }
+    async fn recover(&self, vm: &VmInstance) -> Result<(), HostError> {
+        self.record(format!("recover {} {}", vm.name, vm.spec.memory_mb))
+    }
     async fn update(&self, vm: &VmInstance) -> Result<(), HostError> {
         self.record(format!("update {} {}", vm.name, vm.spec.memory_mb))
     }

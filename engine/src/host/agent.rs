@@ -527,6 +527,21 @@ impl Host for AgentHost {
         }
     }
 
+    async fn recover(&self, vm: &VmInstance) -> Result<(), HostError> {
+        let vm = self.localise(vm).await?;
+        match self
+            .call(
+                &vm.name,
+                Request::Recover { vm: vm.clone() },
+                Duration::from_secs(600),
+            )
+            .await?
+        {
+            Reply::Done => Ok(()),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     async fn update(&self, vm: &VmInstance) -> Result<(), HostError> {
         let vm = self.localise(vm).await?;
         match self

@@ -171,6 +171,11 @@ pub trait Host: Send + Sync {
     /// instance that exists only updates its spec.
     fn create(&self, vm: &VmInstance) -> impl Future<Output = Result<(), HostError>> + Send;
 
+    /// Creates the instance of a VM recovered from a lost host: as [`Host::create`], but
+    /// its disks on shared storage hold the VM's data and must be there already; a missing
+    /// one (storage not mounted here?) is refused, never created empty.
+    fn recover(&self, vm: &VmInstance) -> impl Future<Output = Result<(), HostError>> + Send;
+
     /// Replaces the spec of an existing instance (effective at its next start); creates
     /// disks the new spec adds, grows disks it enlarges, retains disks it drops.
     fn update(&self, vm: &VmInstance) -> impl Future<Output = Result<(), HostError>> + Send;

@@ -444,12 +444,19 @@ impl Daemon {
     /// (re)connected, hosts gone from the specs are dropped (their agents exit).
     async fn ensure_hosts(&mut self, desired: &plasmavmc_specs::Desired) {
         let limits = self.limits();
+        // When each dropped host was last heard from: its `down_after` (and so its
+        // fencing) counts from there, not from when this engine gave up on it.
+        let mut last_heard = BTreeMap::new();
         self.hosts.retain(|name, host| {
             let keep = desired.hosts.contains_key(name) && limits.of(host) != Health::Down;
             if !keep {
                 // Hang up for real: a silent (partitioned) agent must see EOF when it
                 // wakes, release its root and exit, so the host can rejoin.
                 host.close();
+                let heard = std::time::Instant::now()
+                    .checked_sub(host.silence())
+                    .unwrap_or_else(std::time::Instant::now);
+                last_heard.insert(name.clone(), heard);
             }
             keep
         });
@@ -494,7 +501,9 @@ impl Daemon {
                 self.away_since.remove(name);
                 self.fence_tried.remove(name);
             } else {
-                self.away_since.entry(name.clone()).or_insert(now);
+                self.away_since
+                    .entry(name.clone())
+                    .or_insert_with(|| last_heard.get(name).copied().unwrap_or(now));
             }
         }
         self.away_since

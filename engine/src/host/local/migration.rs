@@ -53,21 +53,7 @@ impl LocalHost {
             }
             self.discard_here(name).await?;
         }
-        for disk in &vm.spec.disks {
-            let Some(path) = vm.disk_path(disk) else {
-                continue;
-            };
-            if path.is_absolute() && !mirror.contains(&disk.name) && !path.exists() {
-                return Err(HostError::Refused {
-                    vm: name.to_owned(),
-                    reason: format!(
-                        "disk {} should be on shared storage at {} but is not there",
-                        disk.name,
-                        path.display()
-                    ),
-                });
-            }
-        }
+        missing_shared_disk(vm, mirror)?;
         crate::state::create_private_dir(&dir.dir).map_err(|source| HostError::State {
             vm: name.to_owned(),
             source: Box::new(source),
@@ -452,6 +438,27 @@ impl LocalHost {
     }
 }
 
+/// Refuses when a disk of `vm` on shared storage (other than the `except` ones) is not
+/// there: it holds the VM's data, and must never be created empty in its place.
+pub(super) fn missing_shared_disk(vm: &VmInstance, except: &[String]) -> Result<(), HostError> {
+    for disk in &vm.spec.disks {
+        let Some(path) = vm.disk_path(disk) else {
+            continue;
+        };
+        if path.is_absolute() && !except.contains(&disk.name) && !path.exists() {
+            return Err(HostError::Refused {
+                vm: vm.name.clone(),
+                reason: format!(
+                    "disk {} should be on shared storage at {} but is not there (is the storage mounted on this host?); not creating it empty",
+                    disk.name,
+                    path.display()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A free TCP port on `addr` (bound and released: QEMU binds it right after).
 fn free_port(vm: &str, addr: &str) -> Result<u16, HostError> {
     TcpListener::bind((addr, 0))
@@ -470,5 +477,46 @@ fn bracketed(addr: &str) -> String {
         format!("[{addr}]")
     } else {
         addr.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::host::Host;
+
+    #[tokio::test]
+    async fn a_recovery_never_creates_a_missing_shared_disk_empty() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let shared = tmp.path().join("shared");
+        let d = crate::test_utils::desired(&[
+            (
+                "hosts/hv2.toml",
+                "address = \"local\"\nshared_storage = \"/mnt/s\"\nstorage_pool = \"p\"",
+            ),
+            (
+                "vms/db.toml",
+                "[[disks]]\nname = \"data\"\nsize_gb = 1\nstorage = \"shared\"",
+            ),
+        ]);
+        let e = &d.vms["db"];
+        let vm = VmInstance {
+            name: "db".into(),
+            revision: "r".into(),
+            spec_hash: e.hash.clone(),
+            spec: e.spec.clone(),
+            files: crate::qemu::instance::ResolvedFiles::default(),
+            shared_storage: Some(shared.clone()),
+        };
+        let host = LocalHost::new(
+            "hv2",
+            &tmp.path().join("root"),
+            plasmavmc_specs::Accel::Tcg,
+            std::time::Duration::from_secs(1),
+        );
+        let err = host.recover(&vm).await.expect_err("refused");
+        assert!(err.to_string().contains("not creating it empty"), "{err}");
+        assert!(!shared.join("db/data.qcow2").exists());
+        assert!(!tmp.path().join("root/vms/db").exists());
     }
 }

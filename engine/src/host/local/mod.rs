@@ -477,6 +477,11 @@ impl Host for LocalHost {
         self.ensure_disks(&dir, vm).await
     }
 
+    async fn recover(&self, vm: &VmInstance) -> Result<(), HostError> {
+        migration::missing_shared_disk(vm, &[])?;
+        self.create(vm).await
+    }
+
     async fn update(&self, vm: &VmInstance) -> Result<(), HostError> {
         let (dir, mut inst) = self.read(&vm.name)?;
         for old in &inst.vm.spec.disks {
