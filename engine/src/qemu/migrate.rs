@@ -509,3 +509,50 @@ struct BlockJob {
     #[serde(default)]
     ready: bool,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn clock(timeout_s: u64, stall_s: u64, quiet_for_s: u64, running_for_s: u64) -> Clock {
+        let now = Instant::now();
+        Clock {
+            started: now - Duration::from_secs(running_for_s),
+            timeout: Duration::from_secs(timeout_s),
+            stall: Duration::from_secs(stall_s),
+            last_bytes: 7,
+            last_move: now - Duration::from_secs(quiet_for_s),
+        }
+    }
+
+    #[test]
+    fn a_migration_is_cancelled_when_it_stalls_or_runs_too_long() {
+        // Bytes moved: progress resets the stall clock.
+        assert!(clock(100, 10, 20, 30).check(8).is_ok());
+        // No byte for longer than the progress timeout.
+        assert!(matches!(
+            clock(100, 10, 20, 30).check(7),
+            Err(MigrateError::Stalled(_))
+        ));
+        // Moving, but past the completion bound.
+        assert!(matches!(
+            clock(100, 10, 0, 120).check(9),
+            Err(MigrateError::TimedOut(_))
+        ));
+    }
+
+    #[test]
+    fn progress_reads_for_people() {
+        let p = Progress {
+            phase: "active".into(),
+            transferred: 512 << 20,
+            remaining: 128 << 20,
+            passes: 2,
+            elapsed_ms: 3100,
+        };
+        assert_eq!(
+            p.describe(),
+            "active: 512 MiB sent, 128 MiB to go, pass 2, 3.1 s"
+        );
+    }
+}
