@@ -30,6 +30,9 @@ pub struct VmSpec {
     pub ha: Option<bool>,
     /// `migration = "..."` when set (`live`, `cold`, `none`).
     pub migration: Option<String>,
+    /// No `[boot]` table: the firmware boots the first disk (no kernel is copied to
+    /// the host; on an empty disk the guest never gets past the BIOS).
+    pub firmware: bool,
 }
 
 impl Default for VmSpec {
@@ -46,6 +49,7 @@ impl Default for VmSpec {
             host: None,
             ha: None,
             migration: None,
+            firmware: false,
         }
     }
 }
@@ -122,6 +126,12 @@ impl VmSpec {
         self
     }
 
+    /// No `[boot]`: the firmware boots the first disk (see [`Self::firmware`]).
+    pub fn firmware(mut self) -> Self {
+        self.firmware = true;
+        self
+    }
+
     /// The TOML text. `memory_mb` is always on line 2 (tests point at it).
     pub fn to_toml(&self, guest: &Guest) -> String {
         let mut cmdline = BASE_CMDLINE.to_owned();
@@ -148,10 +158,12 @@ impl VmSpec {
         if let Some(policy) = &self.migration {
             let _ = writeln!(s, "migration = {policy:?}");
         }
-        let _ = writeln!(s, "\n[boot]");
-        let _ = writeln!(s, "kernel = {:?}", guest.kernel.display().to_string());
-        let _ = writeln!(s, "initrd = {:?}", guest.initrd.display().to_string());
-        let _ = writeln!(s, "cmdline = {cmdline:?}");
+        if !self.firmware {
+            let _ = writeln!(s, "\n[boot]");
+            let _ = writeln!(s, "kernel = {:?}", guest.kernel.display().to_string());
+            let _ = writeln!(s, "initrd = {:?}", guest.initrd.display().to_string());
+            let _ = writeln!(s, "cmdline = {cmdline:?}");
+        }
         for (name, size_gb) in &self.disks {
             let _ = writeln!(s, "\n[[disks]]\nname = {name:?}\nsize_gb = {size_gb}");
         }

@@ -210,6 +210,29 @@ impl LocalHost {
         Ok(())
     }
 
+    /// Records a failed start (`pid` 0: no QEMU was spawned) as an exit: the restart
+    /// policy backs off and gives up instead of retrying at every reconcile.
+    fn record_failed_start(dir: &InstanceDir, pid: u32, e: &HostError) -> Result<(), HostError> {
+        let message = match e {
+            HostError::StartFailed { reason, .. } => reason.clone(),
+            other => crate::execute::error_chain(other),
+        };
+        if let Ok(mut now) = dir.read() {
+            let at_ms = super::now_ms();
+            now.last_exit = Some(ExitRecord {
+                reason: ExitReason::StartFailed,
+                at_ms,
+                pid,
+                status: Some(message),
+            });
+            now.exits.push(at_ms);
+            let excess = now.exits.len().saturating_sub(instance::EXIT_HISTORY);
+            now.exits.drain(..excess);
+            Self::write(dir, &now)?;
+        }
+        Ok(())
+    }
+
     /// Moves `what` (a disk file or a disks folder) to `retained/<vm>-<time>/`, with a
     /// note saying why. Returns the new folder.
     fn retain(&self, vm: &str, what: &Path, reason: &str) -> Result<PathBuf, HostError> {
@@ -475,7 +498,15 @@ impl Host for LocalHost {
                         .to_owned(),
             });
         }
-        self.ensure_disks(&dir, &inst.vm).await?;
+        if let Err(e) = self.ensure_disks(&dir, &inst.vm).await {
+            // Disks that cannot be made (the host's disk is full) fail the start as a
+            // QEMU that cannot start does: an exit, so the restart policy backs off
+            // instead of retrying at every reconcile.
+            inst.power = Power::Running;
+            Self::write(&dir, &inst)?;
+            Self::record_failed_start(&dir, 0, &e)?;
+            return Err(e);
+        }
         rotate(&dir, SERIAL_LOG);
         rotate(&dir, QEMU_LOG);
         for stale in [QMP_SOCKET, instance::PID_FILE] {
@@ -504,25 +535,7 @@ impl Host for LocalHost {
             source,
         })?;
         if let Err(e) = self.wait_ready(&dir, vm, &inst.uuid, pid).await {
-            // A failed start counts as an exit: the restart policy backs off and gives up
-            // instead of retrying at every reconcile.
-            let message = match &e {
-                HostError::StartFailed { reason, .. } => reason.clone(),
-                other => other.to_string(),
-            };
-            if let Ok(mut now) = dir.read() {
-                let at_ms = super::now_ms();
-                now.last_exit = Some(ExitRecord {
-                    reason: ExitReason::StartFailed,
-                    at_ms,
-                    pid,
-                    status: Some(message),
-                });
-                now.exits.push(at_ms);
-                let excess = now.exits.len().saturating_sub(instance::EXIT_HISTORY);
-                now.exits.drain(..excess);
-                Self::write(&dir, &now)?;
-            }
+            Self::record_failed_start(&dir, pid, &e)?;
             return Err(e);
         }
         info!(vm, pid, "started");
