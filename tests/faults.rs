@@ -12,23 +12,30 @@
 //!   starts `big`;
 //! - **agent killed mid-command**: the agent of host `hv1` is killed (SIGKILL) while it waits
 //!   for a guest that ignores the ACPI power button to stop (a 30 s stop timeout):
-//!   `apply` exits 1 within seconds naming the host as unreachable, status says so,
+//!   `apply` exits 1 at once (~0.1 s) naming the host as unreachable, status says so,
 //!   both QEMUs of that host keep running (the one being stopped too: no VM lost, and
 //!   the other is never touched), and the next `apply` converges;
 //! - **QMP dropped**: the QEMU of a guest that ignores the ACPI power button is
 //!   frozen (SIGSTOP) once its stop began: its QMP commands time out, and the stop
 //!   ends as designed: `quit` unanswered, then SIGKILL, reported as "QEMU did not quit
-//!   and was killed", with a bounded `apply` that exits 0 and a next plan that is
-//!   empty.
+//!   and was killed", with a bounded `apply` (2 s stop timeout + 10 s for the
+//!   unanswered `quit`, ~12 s here) that exits 0 and a next plan that is empty.
 //!
 //! Each test has its own repository, state dir and hosts in a temp folder and kills
 //! every process it started, even when it fails; the tmpfs is unmounted by the same
 //! cleanup (see `tests/harness/`).
 
 use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
-use plasmavmc_e2e::{is_alive, HostSpec, TestRepo, VmSpec, ACT_TIMEOUT as ACT, BOOT_TIMEOUT};
+use anyhow::{bail, ensure, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use plasmavmc_e2e::{
+    is_alive, poll_for, HostSpec, Running, TestRepo, VmSpec, ACT_TIMEOUT as ACT, BOOT_TIMEOUT,
+    RUN_TIMEOUT,
+};
 
 /// Size of the tmpfs that holds the root of host `full`.
 const TMPFS: &str = "8m";
@@ -134,6 +141,149 @@ fn disk_full_while_creating_a_disk_fails_that_vm_alone_until_space_returns() -> 
         "small was restarted"
     );
     repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
+    repo.run(&["plan", "--detailed-exitcode"])?.expect_code(0)?;
+    Ok(())
+}
+
+/// A guest that ignores the ACPI power button: a stop waits the whole stop timeout.
+fn deaf() -> VmSpec {
+    VmSpec::new().no_disks().cmdline("plasmavmc.ignore_acpi=1")
+}
+
+/// Waits until the running `apply` has begun to stop the VM of `instance` (a folder on
+/// a host): the host records `power = "stopped"` before it presses the power button.
+/// Fails, with the apply's output, if the apply ends first.
+fn wait_stop_begun(apply: &mut Running, instance: &Path) -> Result<()> {
+    let file = instance.join("instance.toml");
+    let begun = poll_for("the stop to begin", ACT, || {
+        if !matches!(apply.try_wait(), Ok(None)) {
+            return Some(false);
+        }
+        let table: toml::Table = fs::read_to_string(&file).ok()?.parse().ok()?;
+        (table.get("power")?.as_str()? == "stopped").then_some(true)
+    })?;
+    ensure!(begun, "the apply ended before the stop began");
+    Ok(())
+}
+
+#[test]
+fn agent_killed_mid_stop_reports_the_host_unreachable_and_loses_no_vm() -> Result<()> {
+    let repo = TestRepo::new()?;
+    // Long enough that an apply waiting for it could not pass for a quick failure.
+    repo.set_stop_timeout("30s")?;
+    repo.write_host("hv1", &HostSpec::agent())?;
+    repo.write_vm("deaf", &deaf().pin("hv1"))?;
+    repo.write_vm("steady", &VmSpec::new().no_disks().pin("hv1"))?;
+    repo.commit("two VMs on hv1")?;
+    repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
+    let deaf_pid = repo.qemu_on("hv1", "deaf")?;
+    let steady = repo.qemu_on("hv1", "steady")?;
+    repo.wait_serial("deaf", "tick 1", BOOT_TIMEOUT)?;
+
+    repo.write_vm("deaf", &deaf().pin("hv1").power("stopped"))?;
+    repo.commit("stop deaf")?;
+    let mut apply = repo.spawn(&["apply", "--auto-approve"])?;
+    wait_stop_begun(&mut apply, &repo.instance_dir_on("hv1", "deaf"))?;
+    let agent = repo.wait_host_agent("hv1", ACT)?;
+    kill(Pid::from_raw(agent), Signal::SIGKILL).context("killing hv1's agent")?;
+    let killed = Instant::now();
+    let out = apply.finish(RUN_TIMEOUT)?;
+    let took = killed.elapsed();
+    eprintln!("apply ended {took:.2?} after hv1's agent was killed mid-stop\n{out}");
+    out.expect_code(1)?;
+    ensure!(
+        took < Duration::from_secs(10),
+        "apply took {took:?} after the agent died (the stop timeout is 30 s)\n{out}"
+    );
+    let fail = out
+        .stdout
+        .lines()
+        .find(|l| l.contains("FAIL") && l.contains("deaf"))
+        .with_context(|| format!("no FAIL line for deaf\n{out}"))?;
+    ensure!(
+        fail.contains("host hv1 is unreachable"),
+        "the FAIL line does not say hv1 is unreachable: {fail}\n{out}"
+    );
+    ensure!(
+        !out.all().contains("panicked"),
+        "the engine panicked\n{out}"
+    );
+    // No VM lost: the QEMU being stopped and its neighbour both run on.
+    for (vm, pid) in [("deaf", deaf_pid), ("steady", steady)] {
+        ensure!(
+            is_alive(pid) && repo.qemu_on("hv1", vm)? == pid,
+            "{vm}'s QEMU {pid} is gone after the agent died\n{out}"
+        );
+    }
+    // Status: what runs on hv1 is unknown (never reported stopped on a guess), and why.
+    for vm in ["deaf", "steady"] {
+        let view = repo
+            .vm_view(vm)?
+            .with_context(|| format!("no status/vms/{vm}.toml"))?;
+        ensure!(
+            view.phase == "unknown" && view.message.contains("host hv1 is unreachable"),
+            "the status of {vm} does not say hv1 is unreachable: {view}"
+        );
+    }
+    let engine = repo.engine_status()?.context("no status/engine.toml")?;
+    let last_error = engine
+        .get("last_error")
+        .and_then(|e| e.as_str())
+        .unwrap_or("");
+    ensure!(
+        last_error.contains("host hv1 is unreachable"),
+        "last_error does not say hv1 is unreachable: {last_error:?}"
+    );
+
+    // The next apply (a shorter stop timeout, not to wait 30 s) reaches a new agent and
+    // converges: deaf stopped (quit after the timeout), steady untouched.
+    repo.set_stop_timeout("2s")?;
+    repo.commit("stop timeout 2s")?;
+    let next = repo.run(&["apply", "--auto-approve"])?;
+    next.expect_code(0)?;
+    ensure!(!is_alive(deaf_pid), "deaf's QEMU still runs\n{next}");
+    ensure!(
+        repo.qemu_on("hv1", "steady")? == steady,
+        "steady was restarted\n{next}"
+    );
+    repo.wait_vm("deaf", "phase stopped", ACT, |v| v.phase == "stopped")?;
+    repo.run(&["plan", "--detailed-exitcode"])?.expect_code(0)?;
+    Ok(())
+}
+
+#[test]
+fn qemu_frozen_mid_stop_is_killed_as_the_last_resort() -> Result<()> {
+    // The default test stop timeout: 2 s.
+    let repo = TestRepo::with_vm("deaf", &deaf())?;
+    repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
+    let pid = repo.wait_qemu_alive("deaf", ACT)?;
+    repo.wait_serial("deaf", "tick 1", BOOT_TIMEOUT)?;
+
+    repo.write_vm("deaf", &deaf().power("stopped"))?;
+    repo.commit("stop deaf")?;
+    let mut apply = repo.spawn(&["apply", "--auto-approve"])?;
+    wait_stop_begun(&mut apply, &repo.instance_dir("deaf"))?;
+    repo.freeze(pid)?;
+    let frozen = Instant::now();
+    let out = apply.finish(RUN_TIMEOUT)?;
+    let took = frozen.elapsed();
+    eprintln!("apply ended {took:.2?} after deaf's QEMU was frozen mid-stop\n{out}");
+    out.expect_code(0)?;
+    // What stop promises: the power button, `quit` after the stop timeout, SIGKILL last;
+    // each unanswered QMP command waits its 10 s timeout, the kill 10 s at most:
+    // 2 s + 3 × 10 s + 10 s.
+    ensure!(
+        took < Duration::from_secs(42),
+        "the stop of a frozen QEMU took {took:?}\n{out}"
+    );
+    ensure!(
+        out.stdout.contains("QEMU did not quit and was killed"),
+        "apply does not say the QEMU was killed\n{out}"
+    );
+    if is_alive(pid) {
+        bail!("the frozen QEMU {pid} still exists\n{out}");
+    }
+    repo.wait_vm("deaf", "phase stopped", ACT, |v| v.phase == "stopped")?;
     repo.run(&["plan", "--detailed-exitcode"])?.expect_code(0)?;
     Ok(())
 }
