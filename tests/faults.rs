@@ -26,14 +26,13 @@
 //! cleanup (see `tests/harness/`).
 
 use std::fs;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use plasmavmc_e2e::{
-    is_alive, poll_for, HostSpec, Running, TestRepo, VmSpec, ACT_TIMEOUT as ACT, BOOT_TIMEOUT,
+    is_alive, poll_for, HostSpec, Output, TestRepo, VmSpec, ACT_TIMEOUT as ACT, BOOT_TIMEOUT,
     RUN_TIMEOUT,
 };
 
@@ -150,20 +149,38 @@ fn deaf() -> VmSpec {
     VmSpec::new().no_disks().cmdline("plasmavmc.ignore_acpi=1")
 }
 
-/// Waits until the running `apply` has begun to stop the VM of `instance` (a folder on
-/// a host): the host records `power = "stopped"` before it presses the power button.
-/// Fails, with the apply's output, if the apply ends first.
-fn wait_stop_begun(apply: &mut Running, instance: &Path) -> Result<()> {
-    let file = instance.join("instance.toml");
-    let begun = poll_for("the stop to begin", ACT, || {
+/// Commits `spec` (the VM `vm` with `power = "stopped"`), runs `apply`, and once it has
+/// begun to stop the VM (its instance on `host` records `power = "stopped"`, written
+/// before the power button is pressed) calls `fault`. Returns the apply's output and
+/// how long it ran after the fault.
+fn stop_with_fault(
+    repo: &TestRepo,
+    vm: &str,
+    host: &str,
+    spec: &VmSpec,
+    fault: impl FnOnce() -> Result<()>,
+) -> Result<(Output, Duration)> {
+    repo.write_vm(vm, spec)?;
+    repo.commit(&format!("stop {vm}"))?;
+    let file = repo.instance_dir_on(host, vm).join("instance.toml");
+    let mut apply = repo.spawn(&["apply", "--auto-approve"])?;
+    let begun = poll_for(format!("the stop of {vm} to begin"), ACT, || {
         if !matches!(apply.try_wait(), Ok(None)) {
             return Some(false);
         }
         let table: toml::Table = fs::read_to_string(&file).ok()?.parse().ok()?;
         (table.get("power")?.as_str()? == "stopped").then_some(true)
     })?;
-    ensure!(begun, "the apply ended before the stop began");
-    Ok(())
+    if !begun {
+        bail!(
+            "the apply ended before the stop of {vm} began\n{}",
+            apply.finish(RUN_TIMEOUT)?
+        );
+    }
+    fault()?;
+    let at = Instant::now();
+    let out = apply.finish(RUN_TIMEOUT)?;
+    Ok((out, at.elapsed()))
 }
 
 #[test]
@@ -180,15 +197,11 @@ fn agent_killed_mid_stop_reports_the_host_unreachable_and_loses_no_vm() -> Resul
     let steady = repo.qemu_on("hv1", "steady")?;
     repo.wait_serial("deaf", "tick 1", BOOT_TIMEOUT)?;
 
-    repo.write_vm("deaf", &deaf().pin("hv1").power("stopped"))?;
-    repo.commit("stop deaf")?;
-    let mut apply = repo.spawn(&["apply", "--auto-approve"])?;
-    wait_stop_begun(&mut apply, &repo.instance_dir_on("hv1", "deaf"))?;
-    let agent = repo.wait_host_agent("hv1", ACT)?;
-    kill(Pid::from_raw(agent), Signal::SIGKILL).context("killing hv1's agent")?;
-    let killed = Instant::now();
-    let out = apply.finish(RUN_TIMEOUT)?;
-    let took = killed.elapsed();
+    let stopped = deaf().pin("hv1").power("stopped");
+    let (out, took) = stop_with_fault(&repo, "deaf", "hv1", &stopped, || {
+        let agent = repo.wait_host_agent("hv1", ACT)?;
+        kill(Pid::from_raw(agent), Signal::SIGKILL).context("killing hv1's agent")
+    })?;
     eprintln!("apply ended {took:.2?} after hv1's agent was killed mid-stop\n{out}");
     out.expect_code(1)?;
     ensure!(
@@ -259,14 +272,9 @@ fn qemu_frozen_mid_stop_is_killed_as_the_last_resort() -> Result<()> {
     let pid = repo.wait_qemu_alive("deaf", ACT)?;
     repo.wait_serial("deaf", "tick 1", BOOT_TIMEOUT)?;
 
-    repo.write_vm("deaf", &deaf().power("stopped"))?;
-    repo.commit("stop deaf")?;
-    let mut apply = repo.spawn(&["apply", "--auto-approve"])?;
-    wait_stop_begun(&mut apply, &repo.instance_dir("deaf"))?;
-    repo.freeze(pid)?;
-    let frozen = Instant::now();
-    let out = apply.finish(RUN_TIMEOUT)?;
-    let took = frozen.elapsed();
+    let (out, took) = stop_with_fault(&repo, "deaf", "local", &deaf().power("stopped"), || {
+        repo.freeze(pid)
+    })?;
     eprintln!("apply ended {took:.2?} after deaf's QEMU was frozen mid-stop\n{out}");
     out.expect_code(0)?;
     // What stop promises: the power button, `quit` after the stop timeout, SIGKILL last;
