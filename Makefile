@@ -1,5 +1,5 @@
 # Task runner: every recipe CI runs is here. `make help` lists them.
-.PHONY: help deps build guest demo demo-stop test lint bench
+.PHONY: help deps build guest demo demo-stop test lint bench fuzz
 
 CARGO ?= cargo
 QUICKSTART := examples/quickstart
@@ -10,6 +10,7 @@ help:
 	@echo "make demo-stop  stop the quickstart VM and forget its state (disks included)"
 	@echo "make test       set up this machine and run every test (real QEMU)"
 	@echo "make lint       rustfmt and clippy, as CI runs them"
+	@echo "make fuzz       fuzz the spec loader for FUZZ_TIME seconds (needs nightly and cargo-fuzz)"
 	@echo "make bench      the benchmarks quoted in the README (plan at 10k VMs, crash -> running, failover, migration)"
 
 deps:
@@ -44,6 +45,15 @@ test: deps guest
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+FUZZ_TIME ?= 120
+
+# The real fuzzer: nightly Rust and `cargo install cargo-fuzz`. CI runs the stable smoke
+# test (specs/tests/fuzz_smoke.rs) instead, as part of `make test`.
+fuzz:
+	PLASMAVMC_FUZZ_SEEDS_OUT=$(CURDIR)/fuzz/corpus/specs PLASMAVMC_FUZZ_MUTATIONS=0 \
+		$(CARGO) test -p plasmavmc-specs --test fuzz_smoke -- seeded_mutations
+	cd fuzz && $(CARGO) +nightly fuzz run specs -- -dict=specs.dict -max_total_time=$(FUZZ_TIME)
 
 bench:
 	$(CARGO) bench -p plasmavmc-e2e --bench heal

@@ -177,7 +177,7 @@ impl ClusterSpec {
                 vec![Seg::Key("heartbeat"), Seg::Key("interval")],
                 "interval must be at least 100ms".to_owned(),
             ));
-        } else if hb.down_after.0 < hb.interval.0 * 2 {
+        } else if hb.down_after.0 < hb.interval.0.saturating_mul(2) {
             out.push((
                 vec![Seg::Key("heartbeat"), Seg::Key("down_after")],
                 "down_after must be at least twice the heartbeat interval".to_owned(),
@@ -293,15 +293,24 @@ impl Serialize for HumanDuration {
     }
 }
 
+/// The longest duration a setting may hold: a year (`"1y"` is 365.25 days). Every
+/// setting is a timeout, an interval or a window of minutes; far longer values are typos,
+/// and times that large overflow the clock arithmetic that uses them.
+pub const MAX_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
 impl<'de> Deserialize<'de> for HumanDuration {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let text = String::deserialize(d)?;
-        humantime::parse_duration(&text)
-            .map(HumanDuration)
-            .map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "invalid duration {text:?} ({e}); write e.g. \"30s\" or \"500ms\""
-                ))
-            })
+        let duration = humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {text:?} ({e}); write e.g. \"30s\" or \"500ms\""
+            ))
+        })?;
+        if duration > MAX_DURATION {
+            return Err(serde::de::Error::custom(format!(
+                "duration {text:?} is longer than a year"
+            )));
+        }
+        Ok(HumanDuration(duration))
     }
 }

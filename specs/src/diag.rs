@@ -26,7 +26,7 @@ impl Diagnostic {
             path: path.to_owned(),
             line: 0,
             col: 0,
-            message: message.into(),
+            message: one_line(message.into()),
         }
     }
 
@@ -37,7 +37,7 @@ impl Diagnostic {
             path: path.to_owned(),
             line,
             col,
-            message: message.into(),
+            message: one_line(message.into()),
         }
     }
 
@@ -64,6 +64,24 @@ impl fmt::Display for Diagnostic {
             write!(f, "{path}:{}:{}: {}", self.line, self.col, self.message)
         }
     }
+}
+
+/// `message` with its control characters escaped (`\n` as `\\n`): a message quotes
+/// spec content (an unknown variant, a key), which must not start another
+/// `path:line:col:` line nor rewrite the terminal.
+fn one_line(message: String) -> String {
+    if !message.contains(char::is_control) {
+        return message;
+    }
+    let mut out = String::with_capacity(message.len() + 8);
+    for c in message.chars() {
+        if c.is_control() {
+            out.extend(c.escape_debug());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// One step of a key path into a TOML document: a table key or an array index.
@@ -172,6 +190,18 @@ mod tests {
         assert_eq!(
             Diagnostic::file("vms/b.toml", "bad").to_string(),
             "vms/b.toml: bad"
+        );
+    }
+
+    #[test]
+    fn control_characters_in_messages_are_escaped() {
+        let d = Diagnostic::file(
+            "vms/a.toml",
+            "unknown variant `x\nvms/b.toml:1:1: forged\r`",
+        );
+        assert_eq!(
+            d.to_string(),
+            "vms/a.toml: unknown variant `x\\nvms/b.toml:1:1: forged\\r`"
         );
     }
 }

@@ -7,6 +7,8 @@
 
 pub mod cluster;
 pub mod diag;
+#[doc(hidden)]
+pub mod fuzz;
 pub mod host;
 pub mod load;
 pub mod name;

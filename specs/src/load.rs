@@ -371,11 +371,35 @@ fn parse<T: DeserializeOwned>(
                 &file.path,
                 text,
                 offset,
-                e.message().trim().to_owned(),
+                toml_message(text, offset, &e),
             ));
             None
         }
     }
+}
+
+/// The TOML error's message on one line. A syntax error comes in lines ("invalid table
+/// header", then "expected `.`, `]`"), joined with ": "; at the end of a file after `=`
+/// it is empty, and said in words. Errors of well-formed TOML (wrong type, unknown field)
+/// stay as they are: a newline there is spec content, escaped by [`Diagnostic`].
+fn toml_message(text: &str, offset: usize, e: &toml::de::Error) -> String {
+    let message = e.message().trim();
+    if message.is_empty() {
+        return if offset >= text.len() {
+            "unexpected end of file: expected a value".to_owned()
+        } else {
+            "invalid TOML".to_owned()
+        };
+    }
+    if toml_edit::ImDocument::parse(text).is_ok() {
+        return message.to_owned();
+    }
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 fn push_problems(

@@ -145,6 +145,26 @@ fn durations_in_cluster_settings_are_checked() {
 }
 
 #[test]
+fn durations_beyond_a_year_are_refused_not_overflowed() {
+    // Found by the fuzz check: `interval * 2` overflowed and the validator panicked.
+    let errs = errors(&[file(
+        "plasmavmc.toml",
+        "[heartbeat]\ninterval = \"18446744073709551615s\"\n\n[timeouts]\nqmp_ready = \"500000000years\"\n",
+    )]);
+    assert_eq!(
+        errs,
+        ["repo/plasmavmc.toml:2:12: duration \"18446744073709551615s\" is longer than a year",],
+        "{errs:#?}"
+    );
+    let d = load(&[file(
+        "plasmavmc.toml",
+        "[restart]\nbackoff_max = \"1y\"\nwindow = \"365d\"\n",
+    )])
+    .expect("a year is allowed");
+    assert_eq!(d.cluster.restart.window.0.as_secs(), 365 * 24 * 3600);
+}
+
+#[test]
 fn ssh_files_are_for_ssh_hosts_only() {
     let d = load(&[file(
         "hosts/hv1.toml",

@@ -1,12 +1,9 @@
 //! The published JSON Schemas (`schemas/`) and the examples stay in step with the types.
 
-use std::path::{Path, PathBuf};
+mod common;
 
+use common::{files_below, workspace};
 use plasmavmc_specs::{load, SourceFile};
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 #[test]
 fn committed_schemas_are_up_to_date() {
@@ -21,33 +18,6 @@ fn committed_schemas_are_up_to_date() {
     }
 }
 
-fn collect(dir: &Path, base: &Path, out: &mut Vec<SourceFile>) {
-    for entry in std::fs::read_dir(dir)
-        .expect("readable example folder")
-        .flatten()
-    {
-        let path = entry.path();
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') || name == "guest" {
-            continue;
-        }
-        if path.is_dir() {
-            collect(&path, base, out);
-        } else if name.ends_with(".toml") {
-            let rel = path
-                .strip_prefix(base)
-                .expect("inside")
-                .to_string_lossy()
-                .into_owned();
-            out.push(SourceFile {
-                path: path.display().to_string(),
-                rel,
-                bytes: std::fs::read(&path).expect("readable"),
-            });
-        }
-    }
-}
-
 #[test]
 fn every_example_is_valid_and_points_editors_at_the_schema() {
     let examples = workspace().join("examples");
@@ -57,8 +27,16 @@ fn every_example_is_valid_and_points_editors_at_the_schema() {
         if !dir.join("vms").is_dir() {
             continue;
         }
-        let mut files = Vec::new();
-        collect(&dir, &dir, &mut files);
+        let files: Vec<SourceFile> =
+            files_below(&dir, &|name| !name.starts_with('.') && name != "guest")
+                .into_iter()
+                .filter(|(rel, _)| rel.ends_with(".toml"))
+                .map(|(rel, bytes)| SourceFile {
+                    path: dir.join(&rel).display().to_string(),
+                    rel,
+                    bytes,
+                })
+                .collect();
         for f in &files {
             let text = String::from_utf8_lossy(&f.bytes);
             assert!(

@@ -225,18 +225,23 @@ done
     /// [`Self::resume`]).
     pub fn partition(&self, host: &str) -> Result<i32> {
         let agent = self.wait_host_agent(host, KILL_TIMEOUT)?;
-        kill(Pid::from_raw(agent), Signal::SIGSTOP)
-            .with_context(|| format!("SIGSTOP to {host}'s agent {agent}"))?;
-        self.remember_stopped(agent);
-        wait_for(
-            format!("{host}'s agent {agent} to stop"),
-            KILL_TIMEOUT,
-            || proc::state(agent) == Some('T'),
-        )?;
+        self.freeze(agent)
+            .with_context(|| format!("stopping {host}'s agent"))?;
         Ok(agent)
     }
 
-    /// Resumes (SIGCONT) a process stopped by [`Self::partition`].
+    /// Freezes `pid` (SIGSTOP) and waits until it is stopped: it keeps its sockets and
+    /// files but answers nothing (a hung QEMU, a cut-off agent). The cleanup resumes it
+    /// before killing anything; [`Self::resume`] does it earlier.
+    pub fn freeze(&self, pid: i32) -> Result<()> {
+        kill(Pid::from_raw(pid), Signal::SIGSTOP).with_context(|| format!("SIGSTOP to {pid}"))?;
+        self.remember_stopped(pid);
+        wait_for(format!("{pid} to stop"), KILL_TIMEOUT, || {
+            proc::state(pid) == Some('T')
+        })
+    }
+
+    /// Resumes (SIGCONT) a process stopped by [`Self::partition`] or [`Self::freeze`].
     pub fn resume(&self, pid: i32) -> Result<()> {
         self.forget_stopped(pid);
         kill(Pid::from_raw(pid), Signal::SIGCONT).with_context(|| format!("SIGCONT to {pid}"))

@@ -17,6 +17,8 @@
 //! - [`fault`] simulates host failures (power-off, network partition), writes fence
 //!   commands, and [`CopyWatch`] samples how many copies of a VM run at once;
 //!   [`PhaseTrail`] samples the phases a host and a VM go through, fast.
+//! - [`space`] mounts a small tmpfs (a host root whose disk fills up) and fills it
+//!   with ballast; the cleanup unmounts it.
 //! - [`Sshd`] is a real OpenSSH server on 127.0.0.1 for one test, with its own keys,
 //!   reaching the binary under test: what `ssh://` hosts connect to.
 //! - [`bench`] holds what the benchmark binaries share (release binary, percentiles,
@@ -32,6 +34,7 @@ pub mod qmp;
 mod repo;
 mod run;
 pub mod serial;
+pub mod space;
 mod spec;
 mod sshd;
 mod status;

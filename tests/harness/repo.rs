@@ -7,8 +7,9 @@
 //!
 //! Dropping it kills every process it owns: each QEMU named by a
 //! `<host root>/vms/*/qemu.pid` whose cwd or argv points into the temp folder, and
-//! any other process (engine, agent, orphaned QEMU) whose cwd or argv does. Set
-//! `PLASMAVMC_E2E_KEEP=1` to keep the temp folder for a post-mortem.
+//! any other process (engine, agent, orphaned QEMU) whose cwd or argv does; then it
+//! unmounts every filesystem the test mounted there. Set `PLASMAVMC_E2E_KEEP=1` to
+//! keep the temp folder for a post-mortem.
 
 use std::cell::{Cell, RefCell};
 use std::ffi::OsStr;
@@ -55,6 +56,8 @@ pub struct TestRepo {
     /// Processes this test stopped (SIGSTOP) and has not resumed yet: resumed
     /// (SIGCONT) before anything is killed.
     stopped: RefCell<Vec<i32>>,
+    /// Filesystems this test mounted (see `space`): unmounted last by the cleanup.
+    mounts: RefCell<Vec<PathBuf>>,
 }
 
 impl TestRepo {
@@ -83,6 +86,7 @@ impl TestRepo {
             daemon_groups: RefCell::new(Vec::new()),
             daemons: Cell::new(0),
             stopped: RefCell::new(Vec::new()),
+            mounts: RefCell::new(Vec::new()),
         };
         repo.set_stop_timeout("2s")?;
         Ok(repo)
@@ -560,7 +564,13 @@ impl TestRepo {
         }
     }
 
-    /// Kills everything this test owns and waits for it to be gone.
+    /// Remembers a filesystem the test mounted, unmounted by the cleanup.
+    pub(crate) fn remember_mount(&self, dir: &Path) {
+        self.mounts.borrow_mut().push(dir.to_path_buf());
+    }
+
+    /// Kills everything this test owns and waits for it to be gone, then unmounts what
+    /// it mounted (newest first).
     pub fn cleanup(&self) -> Result<()> {
         // Stopped processes are resumed before any SIGKILL.
         self.resume_stopped();
@@ -579,6 +589,12 @@ impl TestRepo {
         for pid in pids {
             if let Err(e) = proc::kill_and_wait(pid, Duration::from_secs(10)) {
                 errors.push(e.to_string());
+            }
+        }
+        let mounts: Vec<PathBuf> = self.mounts.borrow_mut().drain(..).rev().collect();
+        for dir in mounts {
+            if let Err(e) = crate::space::unmount(&dir) {
+                errors.push(format!("{e:#}"));
             }
         }
         if errors.is_empty() {

@@ -34,6 +34,9 @@ pub struct VmSpec {
     pub priority: Option<i32>,
     /// `storage = "..."` of every disk when set (`auto`, `shared`, `local`).
     pub storage: Option<String>,
+    /// No `[boot]` table: the firmware boots the first disk (no kernel is copied to
+    /// the host; on an empty disk the guest never gets past the BIOS).
+    pub firmware: bool,
 }
 
 impl Default for VmSpec {
@@ -52,6 +55,7 @@ impl Default for VmSpec {
             migration: None,
             priority: None,
             storage: None,
+            firmware: false,
         }
     }
 }
@@ -141,6 +145,12 @@ impl VmSpec {
         self
     }
 
+    /// No `[boot]`: the firmware boots the first disk (see [`Self::firmware`]).
+    pub fn firmware(mut self) -> Self {
+        self.firmware = true;
+        self
+    }
+
     /// The TOML text. `memory_mb` is always on line 2 (tests point at it).
     pub fn to_toml(&self, guest: &Guest) -> String {
         let mut cmdline = BASE_CMDLINE.to_owned();
@@ -170,10 +180,12 @@ impl VmSpec {
         if let Some(priority) = self.priority {
             let _ = writeln!(s, "priority = {priority}");
         }
-        let _ = writeln!(s, "\n[boot]");
-        let _ = writeln!(s, "kernel = {:?}", guest.kernel.display().to_string());
-        let _ = writeln!(s, "initrd = {:?}", guest.initrd.display().to_string());
-        let _ = writeln!(s, "cmdline = {cmdline:?}");
+        if !self.firmware {
+            let _ = writeln!(s, "\n[boot]");
+            let _ = writeln!(s, "kernel = {:?}", guest.kernel.display().to_string());
+            let _ = writeln!(s, "initrd = {:?}", guest.initrd.display().to_string());
+            let _ = writeln!(s, "cmdline = {cmdline:?}");
+        }
         for (name, size_gb) in &self.disks {
             let _ = writeln!(s, "\n[[disks]]\nname = {name:?}\nsize_gb = {size_gb}");
             if let Some(storage) = &self.storage {

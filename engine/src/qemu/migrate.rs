@@ -517,11 +517,15 @@ mod tests {
     fn clock(timeout_s: u64, stall_s: u64, quiet_for_s: u64, running_for_s: u64) -> Clock {
         let now = Instant::now();
         Clock {
-            started: now - Duration::from_secs(running_for_s),
+            started: now
+                .checked_sub(Duration::from_secs(running_for_s))
+                .expect("uptime"),
             timeout: Duration::from_secs(timeout_s),
             stall: Duration::from_secs(stall_s),
             last_bytes: 7,
-            last_move: now - Duration::from_secs(quiet_for_s),
+            last_move: now
+                .checked_sub(Duration::from_secs(quiet_for_s))
+                .expect("uptime"),
         }
     }
 

@@ -530,7 +530,16 @@ impl Host for LocalHost {
                         .to_owned(),
             });
         }
-        self.ensure_disks(&dir, &inst.vm).await?;
+        if let Err(e) = self.ensure_disks(&dir, &inst.vm).await {
+            // Disks that cannot be made (the host's disk is full) fail the start as a
+            // QEMU that cannot start does: an exit, so the restart policy backs off
+            // instead of retrying at every reconcile.
+            inst.power = Power::Running;
+            Self::write(&dir, &inst)?;
+            let message = crate::execute::error_chain(&e);
+            Self::record_failed_start(&dir, ExitReason::StartFailed, 0, message);
+            return Err(e);
+        }
         rotate(&dir, SERIAL_LOG);
         rotate(&dir, QEMU_LOG);
         for stale in [QMP_SOCKET, instance::PID_FILE] {
