@@ -447,8 +447,10 @@ async fn read_loop(
     }
     // Info, not a warning: every command ends this way; watch reports lost hosts itself.
     info!(host = %name, "agent channel closed");
-    pending.lock().expect("pending").clear();
+    // Closed first, then the waiting calls failed: a call registered in between sees the
+    // channel closed (it checks after registering) instead of waiting out its timeout.
     let _ = closed.send(true);
+    pending.lock().expect("pending").clear();
 }
 
 /// Copies the agent's stderr (its logs) to ours, keeping the last lines for errors; the
