@@ -155,6 +155,51 @@ fn apply_starts_the_vm() -> Result<()> {
     Ok(())
 }
 
+/// The user id a process runs as (`Uid:` of /proc/PID/status, the real one).
+fn uid_of(pid: i32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn qemu_drops_to_its_runas_user_inside_its_chroot() -> Result<()> {
+    let repo = TestRepo::new()?;
+    let jail = repo.root().join("empty");
+    std::fs::create_dir_all(&jail)?;
+    let spec = VmSpec::new()
+        .memory(128)
+        .qemu_line("runas = \"nobody\"")
+        .qemu_line(&format!("chroot = {:?}", jail.display().to_string()));
+    repo.write_vm("web", &spec)?;
+    repo.commit("web as nobody, chrooted")?;
+    repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
+    let pid = repo.qemu_pid("web")?;
+    repo.wait_serial("web", "tick 3", BOOT_TIMEOUT)?;
+    let nobody = nix::unistd::User::from_name("nobody")?
+        .context("no user nobody on this machine")?
+        .uid
+        .as_raw();
+    ensure!(
+        uid_of(pid) == Some(nobody),
+        "QEMU {pid} runs as uid {:?}, not nobody ({nobody})",
+        uid_of(pid)
+    );
+    let root = std::fs::read_link(format!("/proc/{pid}/root"))?;
+    ensure!(
+        root == jail.canonicalize()?,
+        "QEMU's root is {}, not {}",
+        root.display(),
+        jail.display()
+    );
+    Ok(())
+}
+
 #[test]
 fn memory_change_restarts_and_keeps_the_disk() -> Result<()> {
     let (repo, old_pid) = running_web()?;

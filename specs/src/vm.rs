@@ -206,6 +206,14 @@ pub struct QemuSettings {
     /// setups that need QEMU to spawn helpers (e.g. `qemu-bridge-helper`).
     #[serde(default = "default_true")]
     pub sandbox: bool,
+    /// Drop to this user once QEMU has set up (`-runas`): it opens disks, sockets and logs
+    /// as the agent's user, then runs as this one. Needs an agent running as root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runas: Option<String>,
+    /// Change QEMU's root to this folder once it has set up (`-chroot`); an empty folder
+    /// owned by root is the usual choice. Absolute; needs an agent running as root.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub chroot: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -218,6 +226,8 @@ impl Default for QemuSettings {
             accel: Accel::default(),
             machine: default_machine(),
             sandbox: true,
+            runas: None,
+            chroot: None,
         }
     }
 }
@@ -351,6 +361,30 @@ impl VmSpec {
                 vec![Seg::Key("qemu"), Seg::Key("machine")],
                 format!("machine {machine:?} may only hold letters, digits, '.', '-' and '_'"),
             );
+        }
+        if let Some(user) = &self.qemu.runas {
+            let ok = !user.is_empty()
+                && user.len() <= 32
+                && user.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+                && user.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '-')
+                });
+            if !ok {
+                bad(
+                    vec![Seg::Key("qemu"), Seg::Key("runas")],
+                    format!(
+                        "runas {user:?} is not a user name (lowercase letters, digits, '_', '-')"
+                    ),
+                );
+            }
+        }
+        if let Some(dir) = &self.qemu.chroot {
+            if !dir.starts_with('/') || dir.split('/').any(|c| c == "..") || dir.contains(',') {
+                bad(
+                    vec![Seg::Key("qemu"), Seg::Key("chroot")],
+                    format!("chroot {dir:?} must be an absolute path without '..' or ','"),
+                );
+            }
         }
         out
     }

@@ -237,3 +237,25 @@ fn priority_defaults_to_zero_is_bounded_and_leaves_old_hashes_alone() {
         "{errs:#?}"
     );
 }
+
+#[test]
+fn runas_and_chroot_are_checked() {
+    let d = load(&[file(
+        "vms/a.toml",
+        "[qemu]\nrunas = \"qemu-vm\"\nchroot = \"/var/lib/plasmavmc/empty\"\n",
+    )])
+    .expect("valid");
+    assert_eq!(d.vms["a"].spec.qemu.runas.as_deref(), Some("qemu-vm"));
+    let errs = errors(&[file(
+        "vms/b.toml",
+        "[qemu]\nrunas = \"Root;x\"\nchroot = \"../jail\"\n",
+    )]);
+    assert_eq!(
+        errs,
+        [
+            "repo/vms/b.toml:2:1: runas \"Root;x\" is not a user name (lowercase letters, digits, '_', '-')",
+            "repo/vms/b.toml:3:1: chroot \"../jail\" must be an absolute path without '..' or ','",
+        ],
+        "{errs:#?}"
+    );
+}

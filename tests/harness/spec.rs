@@ -22,6 +22,8 @@ pub struct VmSpec {
     pub cmdline_extra: String,
     /// `[qemu] machine = "..."` when set (default: the engine's, q35).
     pub machine: Option<String>,
+    /// More `[qemu]` lines, as written (e.g. `runas = "nobody"`).
+    pub qemu_lines: Vec<String>,
     /// `group = "..."` (anti-affinity) when set.
     pub group: Option<String>,
     /// `host = "..."` (a pin) when set.
@@ -49,6 +51,7 @@ impl Default for VmSpec {
             disks: vec![("data".to_owned(), 1)],
             cmdline_extra: String::new(),
             machine: None,
+            qemu_lines: Vec::new(),
             group: None,
             host: None,
             ha: None,
@@ -126,6 +129,12 @@ impl VmSpec {
         self
     }
 
+    /// One more line of the `[qemu]` table, as written.
+    pub fn qemu_line(mut self, line: &str) -> Self {
+        self.qemu_lines.push(line.to_owned());
+        self
+    }
+
     /// `migration = policy`: how the VM moves when its placement changes.
     pub fn migration(mut self, policy: &str) -> Self {
         self.migration = Some(policy.to_owned());
@@ -195,6 +204,9 @@ impl VmSpec {
         let _ = writeln!(s, "\n[qemu]\naccel = \"tcg\"");
         if let Some(machine) = &self.machine {
             let _ = writeln!(s, "machine = {machine:?}");
+        }
+        for line in &self.qemu_lines {
+            let _ = writeln!(s, "{line}");
         }
         s
     }

@@ -54,10 +54,25 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
     ]);
     push(&["-nodefaults", "-no-user-config", "-display", "none"]);
     if spec.qemu.sandbox {
+        // Dropping to `runas` is a privilege change QEMU makes after the filter is in
+        // place: the filter must let it (measured: SIGSYS otherwise, even `children`).
+        let elevate = if spec.qemu.runas.is_some() {
+            "allow"
+        } else {
+            "deny"
+        };
         push(&[
             "-sandbox",
-            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            &format!(
+                "on,obsolete=deny,elevateprivileges={elevate},spawn=deny,resourcecontrol=deny"
+            ),
         ]);
+    }
+    if let Some(user) = &spec.qemu.runas {
+        push(&["-runas", user]);
+    }
+    if let Some(dir) = &spec.qemu.chroot {
+        push(&["-chroot", dir]);
     }
     push(&[
         "-chardev",
@@ -196,5 +211,21 @@ mod tests {
         assert!(qemu_args(&instance(), Accel::Kvm)
             .iter()
             .any(|x| x == "-cpu"));
+    }
+
+    #[test]
+    fn runas_and_chroot_drop_privileges_and_let_the_sandbox_allow_it() {
+        let mut inst = instance();
+        inst.vm.spec.qemu.runas = Some("qemu-vm".into());
+        inst.vm.spec.qemu.chroot = Some("/var/lib/plasmavmc/empty".into());
+        let joined = qemu_args(&inst, Accel::Tcg).join(" ");
+        assert!(
+            joined.contains("-runas qemu-vm -chroot /var/lib/plasmavmc/empty"),
+            "{joined}"
+        );
+        assert!(joined.contains("elevateprivileges=allow"), "{joined}");
+        assert!(!qemu_args(&instance(), Accel::Tcg)
+            .iter()
+            .any(|x| x == "-runas" || x == "-chroot"));
     }
 }
