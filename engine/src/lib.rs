@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod cli;
 pub mod execute;
+pub mod failpoint;
 pub mod host;
 pub mod observe;
 pub mod plan;

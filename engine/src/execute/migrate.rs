@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::ExecError;
+use crate::failpoint::failpoint;
 use crate::host::{Host, HostError, HostEvent};
 use crate::plan::MoveMode;
 use crate::qemu::instance::VmInstance;
@@ -115,6 +116,7 @@ async fn live_move<H: Host>(
         copy,
     } = ends;
     let incoming = dst.prepare_incoming(there, m.from, listen, copy).await?;
+    failpoint!("engine.migrate.live.prepared");
     live(
         m.vm,
         &format!("target QEMU waiting on {} at {}", m.to, incoming.uri),
@@ -136,11 +138,13 @@ async fn live_move<H: Host>(
         }
     };
     // Past the commit point: the guest lives on the target now.
+    failpoint!("engine.migrate.live.completed");
     live(
         m.vm,
         &format!("migration completed; resuming the guest on {}", m.to),
     );
     let pid = dst.start(m.vm).await?;
+    failpoint!("engine.migrate.live.resumed");
     live(
         m.vm,
         &format!(
@@ -156,6 +160,7 @@ async fn live_move<H: Host>(
         },
         Err(_) => stats,
     };
+    failpoint!("engine.migrate.live.discarding");
     discard_source(*src, m).await;
     Ok(format!(
         "live to {}, pid {pid}: {} ms, downtime {} ms, {} MiB memory{}, {} passes",
@@ -189,10 +194,13 @@ async fn cold_move<H: Host>(
         &format!("moving cold to {}: stopping the guest on {}", m.to, m.from),
     );
     src.stop(m.vm, stop_timeout).await?;
+    failpoint!("engine.migrate.cold.stopped");
     dst.create(there).await?;
+    failpoint!("engine.migrate.cold.created");
     let mut bytes = 0;
     for disk in copy {
         bytes += copy_disk(*src, *dst, m, disk, live).await?;
+        failpoint!("engine.migrate.cold.copied");
     }
     let started = if there.spec.power == plasmavmc_specs::Power::Running {
         let pid = dst.start(m.vm).await?;
@@ -200,6 +208,7 @@ async fn cold_move<H: Host>(
     } else {
         String::new()
     };
+    failpoint!("engine.migrate.cold.started");
     discard_source(*src, m).await;
     Ok(format!(
         "cold to {}: {} disk{} copied ({} MiB){started}",

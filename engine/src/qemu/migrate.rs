@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
 use super::qmp::{Qmp, QmpError};
+use crate::failpoint::failpoint;
 
 /// How often progress is polled: every poll of a finished migration is time the guest
 /// waits, paused, for its target to be resumed.
@@ -98,6 +99,10 @@ pub enum MigrateError {
     TimedOut(Duration),
     #[error("the incoming migration has not completed (QEMU is {0})")]
     NotCompleted(String),
+    /// A fail point's `error` action (test builds only).
+    #[cfg(feature = "failpoints")]
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
 }
 
 fn node(disk: &str) -> String {
@@ -230,6 +235,7 @@ async fn run_outgoing(
             "pre-switchover" => {
                 // Guest paused: finish the mirrors (no pivot), then let the switchover go.
                 disk_bytes = finish_mirrors(qmp, mirror).await?;
+                failpoint!("agent.migrate-out.switchover");
                 qmp.execute(
                     "migrate-continue",
                     Some(json!({ "state": "pre-switchover" })),
@@ -315,6 +321,7 @@ async fn start_mirrors(
         )
         .await?;
     }
+    failpoint!("agent.migrate-out.mirroring");
     // Every mirror in sync before the memory moves.
     let mut last_log = Instant::now();
     loop {

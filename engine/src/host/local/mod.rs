@@ -17,6 +17,7 @@ mod migration;
 
 use super::monitor::Monitor;
 use super::{Host, HostError, StopOutcome};
+use crate::failpoint::failpoint;
 use crate::observe::{Capacity, Inventory, ObservedVm, Orphan, Retained, RunState};
 use crate::qemu::args::{qemu_args, Accel};
 use crate::qemu::exit::{ExitReason, ExitRecord};
@@ -474,6 +475,7 @@ impl Host for LocalHost {
             vm: vm.clone(),
         };
         Self::write(&dir, &inst)?;
+        failpoint!("agent.create.recorded");
         self.ensure_disks(&dir, vm).await
     }
 
@@ -541,6 +543,7 @@ impl Host for LocalHost {
         // of the new QEMU is recorded afresh.
         inst.last_exit = None;
         Self::write(&dir, &inst)?;
+        failpoint!("agent.start.recorded");
         if let Err(e) = self.ensure_disks_free(&inst.vm).await {
             if let HostError::DiskLocked {
                 disk, path, qemu, ..
@@ -564,6 +567,7 @@ impl Host for LocalHost {
             what: format!("cannot run {}", process::qemu_binary()),
             source,
         })?;
+        failpoint!("agent.start.spawned");
         if let Err(e) = self.wait_ready(&dir, vm, &inst.uuid, pid).await {
             let message = match &e {
                 HostError::StartFailed { reason, .. } => reason.clone(),
@@ -589,6 +593,7 @@ impl Host for LocalHost {
             inst.power = Power::Stopped;
             Self::write(&dir, &inst)?;
         }
+        failpoint!("agent.stop.recorded");
         let Some(pid) = Self::live_pid(&dir, &inst) else {
             return Ok(StopOutcome::AlreadyStopped);
         };
@@ -676,6 +681,7 @@ impl Host for LocalHost {
         } else {
             None
         };
+        failpoint!("agent.delete.retained");
         fs::remove_dir_all(&dir.dir).map_err(|source| HostError::Io {
             vm: vm.to_owned(),
             what: "cannot remove instance folder".to_owned(),
