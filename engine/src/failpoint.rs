@@ -63,7 +63,7 @@ pub const POINTS: &[Point] = &[
     point("engine.migrate.cold.copied", "a disk copied to the target (after each disk)"),
     point("engine.migrate.cold.started", "target runs, the stopped source not discarded"),
     // The agent's side (host/local, qemu/migrate.rs).
-    point("agent.create.recorded", "instance.toml written, disks not created"),
+    point("agent.create.disks", "disks created, instance.toml not written: no instance yet"),
     point("agent.start.recorded", "power = running recorded, QEMU not spawned"),
     point("agent.start.spawned", "QEMU spawned, not yet answering QMP"),
     point("agent.stop.recorded", "power = stopped recorded, QEMU still runs"),

@@ -82,6 +82,7 @@ impl LocalHost {
             last_exit: None,
             exits: Vec::new(),
             restarts: 0,
+            starting: false,
             incoming: Some(IncomingRecord {
                 from: from.to_owned(),
                 nbd_disks: mirror.to_vec(),
