@@ -130,6 +130,12 @@ async fn live_move<H: Host>(
     };
     let stats = match outcome {
         Ok(stats) => stats,
+        // The source's answer was lost (its agent died) or came after the migration
+        // completed all the same: the target holds the guest, and must not be discarded.
+        Err(e) if completed_on(*dst, m.vm).await => {
+            warn!(vm = m.vm, host = m.from, error = %super::error_chain(&e), "the source failed, but the migration completed: resuming the guest on the target");
+            crate::qemu::migrate::Stats::default()
+        }
         Err(e) => {
             if let Err(cleanup) = dst.discard(m.vm).await {
                 warn!(vm = m.vm, host = m.to, error = %super::error_chain(&cleanup), "cannot remove the half-made target; the next plan removes it");
@@ -217,6 +223,15 @@ async fn cold_move<H: Host>(
         if copy.len() == 1 { "" } else { "s" },
         bytes >> 20
     ))
+}
+
+/// Whether `host` holds `vm` as a migration target whose migration completed.
+async fn completed_on<H: Host>(host: &H, vm: &str) -> bool {
+    host.inventory().await.is_ok_and(|inv| {
+        inv.vms
+            .get(vm)
+            .is_some_and(crate::observe::ObservedVm::holds_completed_migration)
+    })
 }
 
 /// Removes the source's copy once the target holds the VM. A failure is only logged: the

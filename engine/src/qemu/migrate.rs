@@ -306,6 +306,8 @@ async fn start_mirrors(
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<(), MigrateError> {
     let mirror = &nbd.disks[..];
+    // An earlier attempt whose agent died mid-way left its mirrors behind.
+    drop_mirrors(qmp, mirror).await;
     for disk in &nbd.disks {
         qmp.execute(
             "blockdev-add",
@@ -355,14 +357,7 @@ pub async fn cancel(qmp: &Qmp, mirror: &[String]) {
     if let Err(e) = qmp.execute("migrate_cancel", None).await {
         debug!(error = %e, "migrate_cancel");
     }
-    for disk in mirror {
-        let _ = qmp
-            .execute(
-                "block-job-cancel",
-                Some(json!({ "device": mirror_node(disk), "force": true })),
-            )
-            .await;
-    }
+    drop_mirrors(qmp, mirror).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let migrating = qmp
@@ -374,10 +369,34 @@ pub async fn cancel(qmp: &Qmp, mirror: &[String]) {
                     "cancelling" | "active" | "pre-switchover" | "device"
                 )
             });
-        let jobs = mirror_jobs(qmp, mirror).await.map_or(0, |j| j.len());
-        if !migrating && jobs == 0 {
+        if !migrating {
             break;
         }
+        tokio::time::sleep(POLL).await;
+    }
+    match qmp.query_status().await {
+        Ok(s) if !s.running && s.status != "postmigrate" => {
+            if let Err(e) = qmp.execute("cont", None).await {
+                warn!(error = %e, status = %s.status, "cannot resume the source after a cancelled migration");
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Ends the mirror jobs of `mirror`'s disks and removes their NBD nodes, if any are
+/// there: best effort, waiting at most 10 s for the jobs to go.
+async fn drop_mirrors(qmp: &Qmp, mirror: &[String]) {
+    for disk in mirror {
+        let _ = qmp
+            .execute(
+                "block-job-cancel",
+                Some(json!({ "device": mirror_node(disk), "force": true })),
+            )
+            .await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline && mirror_jobs(qmp, mirror).await.is_ok_and(|j| !j.is_empty()) {
         tokio::time::sleep(POLL).await;
     }
     for disk in mirror {
@@ -387,14 +406,6 @@ pub async fn cancel(qmp: &Qmp, mirror: &[String]) {
                 Some(json!({ "node-name": mirror_node(disk) })),
             )
             .await;
-    }
-    match qmp.query_status().await {
-        Ok(s) if !s.running && s.status != "postmigrate" => {
-            if let Err(e) = qmp.execute("cont", None).await {
-                warn!(error = %e, status = %s.status, "cannot resume the source after a cancelled migration");
-            }
-        }
-        _ => {}
     }
 }
 

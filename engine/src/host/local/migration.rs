@@ -197,6 +197,15 @@ impl LocalHost {
                 vm: vm.to_owned(),
                 source: Box::new(source),
             })?;
+        let now = qmp.query_status().await.map_err(|source| HostError::Qmp {
+            vm: vm.to_owned(),
+            source: Box::new(source),
+        })?;
+        if !now.running {
+            // An earlier migration, cut short, left the guest paused: it goes on here
+            // before it moves.
+            self.resume_here(&dir, inst, pid).await?;
+        }
         let monitor = self.monitor.clone();
         let announce = move |progress| {
             monitor.announce(crate::host::HostEvent::Migrating {
