@@ -54,6 +54,7 @@ pub const POINTS: &[Point] = &[
     point("engine.migrate.after", "move done; journal not advanced"),
     // Live moves (execute/migrate.rs).
     point("engine.migrate.live.prepared", "target QEMU waits (-incoming), the source runs"),
+    point("engine.migrate.live.progress", "migration under way; nobody will resume the target"),
     point("engine.migrate.live.completed", "commit point passed: source postmigrate, target paused"),
     point("engine.migrate.live.resumed", "target runs the guest, source postmigrate"),
     point("engine.migrate.live.discarding", "target runs, source about to be discarded"),
@@ -109,15 +110,20 @@ pub fn fire(point: &'static str, action: Option<&str>) -> Injected {
 }
 
 /// A fail point: `failpoint!("engine.start.after")` in a function returning a `Result`
-/// whose error type converts from [`Injected`].
+/// whose error type converts from [`Injected`]; `failpoint!("name", ())` in one returning
+/// `()`, where `error` only returns early.
 #[cfg(feature = "failpoints")]
 macro_rules! failpoint {
     ($name:literal) => {
-        ::fail::fail_point!($name, |action| Err($crate::failpoint::fire(
-            $name,
-            action.as_deref()
-        )
-        .into()))
+        ::fail::fail_point!($name, |action| {
+            let injected = $crate::failpoint::fire($name, action.as_deref());
+            Err(injected.into())
+        })
+    };
+    ($name:literal, ()) => {
+        ::fail::fail_point!($name, |action| {
+            let _ = $crate::failpoint::fire($name, action.as_deref());
+        })
     };
 }
 
@@ -125,6 +131,7 @@ macro_rules! failpoint {
 #[cfg(not(feature = "failpoints"))]
 macro_rules! failpoint {
     ($name:literal) => {};
+    ($name:literal, ()) => {};
 }
 
 pub(crate) use failpoint;

@@ -259,6 +259,7 @@ async fn show_progress(
                     m.vm,
                     &format!("migrating live to {}: {}", m.to, progress.describe()),
                 );
+                failpoint!("engine.migrate.live.progress", ());
             }
             Ok(_) | Err(RecvError::Lagged(_)) => {}
             Err(RecvError::Closed) => return,

@@ -198,6 +198,7 @@ async fn run_outgoing(
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Stats, MigrateError> {
     let mirror = nbd.map_or(&[][..], |n| &n.disks);
+    end_earlier(qmp, mirror).await;
     set_capabilities(
         qmp,
         &[
@@ -306,8 +307,6 @@ async fn start_mirrors(
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<(), MigrateError> {
     let mirror = &nbd.disks[..];
-    // An earlier attempt whose agent died mid-way left its mirrors behind.
-    drop_mirrors(qmp, mirror).await;
     for disk in &nbd.disks {
         qmp.execute(
             "blockdev-add",
@@ -358,22 +357,7 @@ pub async fn cancel(qmp: &Qmp, mirror: &[String]) {
         debug!(error = %e, "migrate_cancel");
     }
     drop_mirrors(qmp, mirror).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let migrating = qmp
-            .query::<MigrateInfo>("query-migrate", None)
-            .await
-            .is_ok_and(|i| {
-                matches!(
-                    i.status.as_str(),
-                    "cancelling" | "active" | "pre-switchover" | "device"
-                )
-            });
-        if !migrating {
-            break;
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    wait_not_under_way(qmp).await;
     match qmp.query_status().await {
         Ok(s) if !s.running && s.status != "postmigrate" => {
             if let Err(e) = qmp.execute("cont", None).await {
@@ -382,6 +366,46 @@ pub async fn cancel(qmp: &Qmp, mirror: &[String]) {
         }
         _ => {}
     }
+}
+
+/// Whether a migration in QEMU state `status` still holds its source (a new one would
+/// be refused).
+fn under_way(status: &str) -> bool {
+    matches!(
+        status,
+        "setup" | "active" | "pre-switchover" | "device" | "cancelling" | "wait-unplug"
+    )
+}
+
+/// Waits, at most 10 s, until no migration is under way from this QEMU.
+async fn wait_not_under_way(qmp: &Qmp) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let busy = qmp
+            .query::<MigrateInfo>("query-migrate", None)
+            .await
+            .is_ok_and(|i| under_way(&i.status));
+        if !busy {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Ends what an earlier migration from this QEMU left when its engine or agent died:
+/// one still under way (its target was removed since) is cancelled, its disk mirrors
+/// and their NBD nodes are removed. Otherwise QEMU refuses the new migration ("There's
+/// a migration process in progress", "Duplicate nodes").
+async fn end_earlier(qmp: &Qmp, mirror: &[String]) {
+    let earlier = qmp.query::<MigrateInfo>("query-migrate", None).await;
+    if let Some(info) = earlier.ok().filter(|i| under_way(&i.status)) {
+        warn!(status = %info.status, "an earlier migration is still under way; cancelling it first");
+        if let Err(e) = qmp.execute("migrate_cancel", None).await {
+            debug!(error = %e, "migrate_cancel");
+        }
+        wait_not_under_way(qmp).await;
+    }
+    drop_mirrors(qmp, mirror).await;
 }
 
 /// Ends the mirror jobs of `mirror`'s disks and removes their NBD nodes, if any are
@@ -526,4 +550,49 @@ struct BlockJob {
     len: u64,
     #[serde(default)]
     ready: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::end_earlier;
+    use crate::qemu::qmp::tests::fake::{connected, TestResult};
+
+    #[tokio::test]
+    async fn a_migration_left_under_way_is_cancelled_and_its_mirrors_dropped_first() -> TestResult {
+        let (qmp, mut fake) = connected().await?;
+        let script = async {
+            // A dead agent's migration still runs towards a target removed since.
+            let (id, _) = fake.expect("query-migrate").await?;
+            fake.reply(&id, json!({"status": "active"})).await?;
+            let (id, _) = fake.expect("migrate_cancel").await?;
+            fake.reply(&id, json!({})).await?;
+            let (id, _) = fake.expect("query-migrate").await?;
+            fake.reply(&id, json!({"status": "cancelled"})).await?;
+            // Its mirror job and NBD node would make the next `blockdev-add` fail.
+            let (id, args) = fake.expect("block-job-cancel").await?;
+            assert_eq!(args, Some(json!({"device": "mig-data", "force": true})));
+            fake.reply(&id, json!({})).await?;
+            let (id, _) = fake.expect("query-block-jobs").await?;
+            fake.reply(&id, json!([])).await?;
+            let (id, args) = fake.expect("blockdev-del").await?;
+            assert_eq!(args, Some(json!({"node-name": "mig-data"})));
+            fake.reply(&id, json!({})).await
+        };
+        let disks = ["data".to_owned()];
+        let ((), script) = tokio::join!(end_earlier(&qmp, &disks), script);
+        script
+    }
+
+    #[tokio::test]
+    async fn nothing_left_nothing_cancelled() -> TestResult {
+        let (qmp, mut fake) = connected().await?;
+        let script = async {
+            let (id, _) = fake.expect("query-migrate").await?;
+            fake.reply(&id, json!({"status": "completed"})).await
+        };
+        let ((), script) = tokio::join!(end_earlier(&qmp, &[]), script);
+        script
+    }
 }
