@@ -76,44 +76,6 @@ fn apply(repo: &TestRepo) -> Result<String> {
     Ok(out.all())
 }
 
-/// Waits until `vm`'s console on `host` shows a tick past `after`; returns the last one.
-fn ticking_on(repo: &TestRepo, host: &str, vm: &str, after: u64) -> Result<u64> {
-    wait_for(
-        format!("{vm} ticking past {after} on {host}"),
-        BOOT_TIMEOUT,
-        || {
-            ticks(&repo.serial_on(host, vm))
-                .last()
-                .is_some_and(|t| *t > after)
-        },
-    )?;
-    Ok(ticks(&repo.serial_on(host, vm))
-        .last()
-        .copied()
-        .unwrap_or(0))
-}
-
-/// Fails unless exactly one QEMU runs `vm`, on `host`; returns its pid.
-fn only_on(repo: &TestRepo, host: &str, vm: &str) -> Result<i32> {
-    let pid = repo.qemu_on(host, vm)?;
-    ensure!(
-        repo.qemus_of(vm) == [pid],
-        "{vm}: QEMUs {:?}, expected only {pid} on {host}",
-        repo.qemus_of(vm)
-    );
-    ensure!(
-        repo.hosts_with_instance(vm) == [host],
-        "{vm} has instances on {:?}, expected only on {host}",
-        repo.hosts_with_instance(vm)
-    );
-    let view = repo.vm_view(vm)?.context("no status")?;
-    ensure!(
-        view.phase == "running" && view.host == host && view.pid == Some(pid),
-        "{vm}'s status after the move:\n{view}"
-    );
-    Ok(pid)
-}
-
 /// Commits `vm` pinned to `to` and checks the plan has exactly one move of it.
 fn repin(repo: &TestRepo, spec: &VmSpec, vm: &str, from: &str, to: &str, mode: &str) -> Result<()> {
     repo.write_vm(vm, &spec.clone().pin(to))?;
@@ -134,7 +96,7 @@ fn live_migration_with_a_shared_disk_keeps_the_guest_running() -> Result<()> {
     repo.commit("web on hv1")?;
     apply(&repo)?;
     let before = repo.qemu_on("hv1", "web")?;
-    let seen = ticking_on(&repo, "hv1", "web", 5)?;
+    let seen = repo.ticking_on("hv1", "web", 5)?;
     let disk = repo.root().join("shared/web/data.qcow2");
     ensure!(
         disk.exists(),
@@ -145,10 +107,10 @@ fn live_migration_with_a_shared_disk_keeps_the_guest_running() -> Result<()> {
     repin(&repo, &spec, "web", "hv1", "hv2", "live")?;
     let out = apply(&repo)?;
     println!("{out}");
-    let after = only_on(&repo, "hv2", "web")?;
+    let after = repo.only_on("hv2", "web")?;
     ensure!(after != before, "the same pid {before} runs on hv2?");
     // The guest went on: the target's console starts where the source's left off.
-    ticking_on(&repo, "hv2", "web", seen)?;
+    repo.ticking_on("hv2", "web", seen)?;
     let there = ticks(&repo.serial_on("hv2", "web"));
     ensure!(
         there.first().is_some_and(|t| *t > seen) && !repo.serial_on("hv2", "web").contains("booted"),
@@ -189,7 +151,7 @@ fn live_migration_with_local_disks_carries_what_the_guest_wrote() -> Result<()> 
     repo.write_vm("web", &spec.clone().pin("hv1"))?;
     repo.commit("web on hv1")?;
     apply(&repo)?;
-    let seen = ticking_on(&repo, "hv1", "web", 10)?;
+    let seen = repo.ticking_on("hv1", "web", 10)?;
     ensure!(
         repo.serial_on("hv1", "web").contains("disk: boots=1"),
         "the guest did not write its boot counter on hv1"
@@ -198,8 +160,8 @@ fn live_migration_with_local_disks_carries_what_the_guest_wrote() -> Result<()> 
     repin(&repo, &spec, "web", "hv1", "hv2", "live")?;
     let out = apply(&repo)?;
     println!("{out}");
-    only_on(&repo, "hv2", "web")?;
-    ticking_on(&repo, "hv2", "web", seen)?;
+    repo.only_on("hv2", "web")?;
+    repo.ticking_on("hv2", "web", seen)?;
     let there = ticks(&repo.serial_on("hv2", "web"));
     ensure!(
         there.first().is_some_and(|t| *t > seen),
@@ -224,12 +186,12 @@ fn cold_migration_copies_the_disk_and_boots_on_the_target() -> Result<()> {
     repo.write_vm("db", &spec.clone().pin("hv1"))?;
     repo.commit("db on hv1")?;
     apply(&repo)?;
-    ticking_on(&repo, "hv1", "db", 5)?;
+    repo.ticking_on("hv1", "db", 5)?;
 
     repin(&repo, &spec, "db", "hv1", "hv2", "cold")?;
     let out = apply(&repo)?;
     println!("{out}");
-    only_on(&repo, "hv2", "db")?;
+    repo.only_on("hv2", "db")?;
     wait_for("db to boot on hv2 and find its disk", BOOT_TIMEOUT, || {
         repo.serial_on("hv2", "db").contains("disk: boots=2")
     })
@@ -302,7 +264,7 @@ fn maintenance_drains_a_host_live_keeping_anti_affinity() -> Result<()> {
     apply(&repo)?;
     let mut seen = Vec::new();
     for (name, _, host) in layout {
-        seen.push(ticking_on(&repo, host, name, 3)?);
+        seen.push(repo.ticking_on(host, name, 3)?);
     }
 
     // One commit: hv1 in maintenance, its VMs no longer pinned.
@@ -329,14 +291,14 @@ fn maintenance_drains_a_host_live_keeping_anti_affinity() -> Result<()> {
     );
     // Anti-affinity: a1 avoids hv2 (a2), b1 avoids hv3 (b2).
     for (name, host) in [("a1", "hv3"), ("b1", "hv2")] {
-        only_on(&repo, host, name)?;
+        repo.only_on(host, name)?;
     }
     let c1 = repo.hosts_with_instance("c1");
     ensure!(c1 == ["hv2"] || c1 == ["hv3"], "c1 is on {c1:?}");
-    only_on(&repo, &c1[0], "c1")?;
+    repo.only_on(&c1[0], "c1")?;
     for ((name, _, _), before) in layout[..3].iter().zip(&seen) {
         let host = repo.hosts_with_instance(name).remove(0);
-        ticking_on(&repo, &host, name, *before)?;
+        repo.ticking_on(&host, name, *before)?;
         let first = ticks(&repo.serial_on(&host, name)).first().copied();
         ensure!(
             first.is_some_and(|t| t > 1),
@@ -365,7 +327,7 @@ fn slow_move() -> Result<(TestRepo, VmSpec, i32)> {
     repo.write_vm("web", &spec.clone().pin("hv1"))?;
     repo.commit("web on hv1")?;
     apply(&repo)?;
-    ticking_on(&repo, "hv1", "web", 5)?;
+    repo.ticking_on("hv1", "web", 5)?;
     let pid = repo.qemu_on("hv1", "web")?;
     repin(&repo, &spec, "web", "hv1", "hv2", "live")?;
     Ok((repo, spec, pid))
@@ -408,7 +370,7 @@ fn target_killed_mid_migration_leaves_the_source_running() -> Result<()> {
         .last()
         .copied()
         .unwrap_or(0);
-    ticking_on(&repo, "hv1", "web", seen)?;
+    repo.ticking_on("hv1", "web", seen)?;
     ensure!(
         !repo.instance_dir_on("hv2", "web").exists(),
         "the half-made target on hv2 was not removed"
@@ -432,6 +394,11 @@ fn engine_killed_mid_migration_ends_with_one_copy() -> Result<()> {
     let (repo, _spec, source) = slow_move()?;
     let engine = repo.spawn(&["apply", "--auto-approve"])?;
     let target = target_receiving(&repo)?;
+    // The target's memory also grows while QEMU starts: kill once the engine journaled
+    // that the migration is under way.
+    repo.wait_vm("web", "migrating, with its progress", MOVE_TIMEOUT, |v| {
+        v.phase == "migrating" && v.message.contains("MiB sent")
+    })?;
     kill_and_wait(engine.pid(), ACT_TIMEOUT)?;
     drop(engine);
     // The QEMUs outlive the engine; only the source runs the guest.
@@ -448,8 +415,8 @@ fn engine_killed_mid_migration_ends_with_one_copy() -> Result<()> {
         out.contains("was interrupted") && out.contains("last step: web: migrating live to hv2"),
         "the next apply does not say where the migration was cut short:\n{out}"
     );
-    let pid = only_on(&repo, "hv2", "web")?;
-    ticking_on(&repo, "hv2", "web", 1)?;
+    let pid = repo.only_on("hv2", "web")?;
+    repo.ticking_on("hv2", "web", 1)?;
     let first = ticks(&repo.serial_on("hv2", "web")).first().copied();
     ensure!(
         first.is_some_and(|t| t > 1),
@@ -470,7 +437,7 @@ fn watch_moves_a_vm_live_when_a_commit_pins_it_elsewhere() -> Result<()> {
     repo.commit("web on hv1")?;
     let daemon = repo.watch(&[])?;
     daemon.wait_running_on("web", "hv1")?;
-    let seen = ticking_on(&repo, "hv1", "web", 3)?;
+    let seen = repo.ticking_on("hv1", "web", 3)?;
 
     repo.write_vm("web", &spec.clone().pin("hv2"))?;
     repo.commit("move web to hv2")?;
@@ -487,7 +454,7 @@ fn watch_moves_a_vm_live_when_a_commit_pins_it_elsewhere() -> Result<()> {
         "web's QEMUs are {:?}, expected only {pid}",
         repo.qemus_of("web")
     );
-    ticking_on(&repo, "hv2", "web", seen)?;
+    repo.ticking_on("hv2", "web", seen)?;
     let first = ticks(&repo.serial_on("hv2", "web")).first().copied();
     ensure!(
         first.is_some_and(|t| t > 1),

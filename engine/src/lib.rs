@@ -11,6 +11,7 @@ pub mod agent;
 pub mod cli;
 pub mod drill;
 pub mod execute;
+pub mod failpoint;
 pub mod host;
 pub mod observe;
 pub mod plan;

@@ -3,8 +3,9 @@
 //! - Binary: `$PLASMAVMC_BIN` if set; otherwise `<target>/debug/plasmavmc`, where
 //!   `<target>` is `$CARGO_TARGET_DIR` or `<workspace>/target`. Unless
 //!   `$PLASMAVMC_BIN` is set, the harness runs `cargo build -p plasmavmc --bin
-//!   plasmavmc` once per test process, so `cargo test -p plasmavmc-e2e` never runs
-//!   a stale binary (a no-op when it is up to date).
+//!   plasmavmc --features failpoints` once per test process, so `cargo test -p
+//!   plasmavmc-e2e` never runs a stale binary (a no-op when it is up to date), and the
+//!   binary has the fail points tests/crashpoints.rs needs.
 //! - Guest: `<workspace>/target/guest/{vmlinuz,initrd.img}`, built by
 //!   `tests/guest/build.sh` when missing, once, under a file lock shared by every
 //!   test process.
@@ -57,6 +58,18 @@ pub fn binary() -> Result<PathBuf> {
         .map_err(|e| anyhow!(e))
 }
 
+/// How the harness builds the binary: with the fail points the crash-point test uses
+/// (`cargo build -p plasmavmc` alone would build it without them).
+const FEATURED_BUILD: [&str; 7] = [
+    "build",
+    "-p",
+    "plasmavmc",
+    "--bin",
+    "plasmavmc",
+    "--features",
+    "failpoints",
+];
+
 fn locate_binary() -> Result<PathBuf> {
     if let Some(bin) = std::env::var_os("PLASMAVMC_BIN").filter(|b| !b.is_empty()) {
         let bin = PathBuf::from(bin);
@@ -67,13 +80,14 @@ fn locate_binary() -> Result<PathBuf> {
     }
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(&cargo)
-        .args(["build", "-p", "plasmavmc", "--bin", "plasmavmc"])
+        .args(FEATURED_BUILD)
         .current_dir(workspace_root())
         .output()
         .with_context(|| format!("running {} build", cargo.to_string_lossy()))?;
     if !out.status.success() {
         bail!(
-            "`cargo build -p plasmavmc --bin plasmavmc` failed ({}):\n{}",
+            "`cargo {}` failed ({}):\n{}",
+            FEATURED_BUILD.join(" "),
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );

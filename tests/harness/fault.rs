@@ -15,7 +15,9 @@
 //!   logs each run and either kills every QEMU under the host's root ([`Fence::Kills`]:
 //!   the host is powered off) or kills nothing ([`Fence::Lies`]: exit 0 all the same).
 //! - [`CopyWatch`] samples the live QEMUs of one VM on every host: the invariant "never
-//!   two at once", and how long two coexisted when a test breaks it on purpose.
+//!   two at once", and how long two coexisted when a test breaks it on purpose; and,
+//!   where two QEMUs of a VM exist by design (a live migration's source and target),
+//!   whether both guests ever ran: their serial consoles grew in turns.
 //! - [`failover_repo`] and its variants build the two-host repositories of these
 //!   tests; [`shared_failover_repo`] puts both hosts in one storage pool sharing
 //!   [`TestRepo::shared_dir`], so disks on shared storage are seen by both.
@@ -329,6 +331,41 @@ done
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
     }
+
+    /// Waits until `vm`'s console on `host` shows a tick past `after`; returns the last
+    /// one.
+    pub fn ticking_on(&self, host: &str, vm: &str, after: u64) -> Result<u64> {
+        let last = || crate::last_tick(&self.serial_on(host, vm));
+        wait_for(
+            format!("{vm} ticking past {after} on {host}"),
+            crate::BOOT_TIMEOUT,
+            || last().is_some_and(|t| t > after),
+        )
+        .with_context(|| self.serial_on(host, vm))?;
+        Ok(last().unwrap_or(0))
+    }
+
+    /// Fails unless exactly one QEMU runs `vm`, on `host`, the only host with an instance
+    /// of it, and its status says so (`running` there, with that pid); returns the pid.
+    pub fn only_on(&self, host: &str, vm: &str) -> Result<i32> {
+        let pid = self.qemu_on(host, vm)?;
+        ensure!(
+            self.qemus_of(vm) == [pid],
+            "{vm}: QEMUs {:?}, expected only {pid} on {host}",
+            self.qemus_of(vm)
+        );
+        ensure!(
+            self.hosts_with_instance(vm) == [host],
+            "{vm} has instances on {:?}, expected only on {host}",
+            self.hosts_with_instance(vm)
+        );
+        let view = self.vm_view(vm)?.context("no status")?;
+        ensure!(
+            view.phase == "running" && view.host == host && view.pid == Some(pid),
+            "{vm}'s status does not say it runs on {host} as pid {pid}:\n{view}"
+        );
+        Ok(pid)
+    }
 }
 
 impl Daemon<'_> {
@@ -351,11 +388,25 @@ impl Daemon<'_> {
 
 /// Samples the live QEMUs of one VM (on any host of the test, whatever the pid files
 /// say): how many ran at once, and for how long more than one did.
+///
+/// It also follows each QEMU's serial console (the file its `serial.log` fd points to,
+/// wherever it was renamed): a guest that runs prints a tick every 0.2 s, a paused one
+/// nothing. The QEMUs whose console grew, in the order they took turns, show whether
+/// two guests of the VM ever ran: a live migration hands over once (source, then
+/// target); a guest that prints again after another copy printed, or two that print in
+/// one sample, ran at the same time.
 #[derive(Debug)]
 pub struct CopyWatch<'r> {
     repo: &'r TestRepo,
     vm: String,
     samples: usize,
+    /// Console size of each QEMU at its last sample.
+    console: std::collections::BTreeMap<i32, u64>,
+    /// The QEMUs whose console grew, one entry per turn (consecutive samples of one
+    /// QEMU are one turn).
+    turns: Vec<i32>,
+    /// The first sign that two guests ran at once.
+    ran_twice: Option<String>,
     /// The most seen at once, and which.
     most: Vec<i32>,
     /// First and last sample that saw two or more.
@@ -374,6 +425,9 @@ impl<'r> CopyWatch<'r> {
             repo,
             vm: vm.to_owned(),
             samples: 0,
+            console: std::collections::BTreeMap::new(),
+            turns: Vec::new(),
+            ran_twice: None,
             most: Vec::new(),
             first_double: None,
             last_double: None,
@@ -403,7 +457,59 @@ impl<'r> CopyWatch<'r> {
             self.after_double = Some(now);
         }
         self.last = Some(now);
+        self.follow_consoles(&pids);
         pids
+    }
+
+    /// Notes which of `pids` printed on their console since their last sample.
+    fn follow_consoles(&mut self, pids: &[i32]) {
+        let mut grew = Vec::new();
+        for &pid in pids {
+            let Some(size) = console_size(pid) else {
+                continue;
+            };
+            if self
+                .console
+                .insert(pid, size)
+                .is_some_and(|before| size > before)
+            {
+                grew.push(pid);
+            }
+        }
+        if self.ran_twice.is_none() && grew.len() >= 2 {
+            self.ran_twice = Some(format!("QEMUs {grew:?} printed on their consoles at once"));
+        }
+        for pid in grew {
+            if self.turns.last() == Some(&pid) {
+                continue;
+            }
+            if self.ran_twice.is_none() && self.turns.contains(&pid) {
+                self.ran_twice = Some(format!(
+                    "QEMU {pid}'s guest printed again after another copy's had (turns {:?}, then {pid})",
+                    self.turns
+                ));
+            }
+            self.turns.push(pid);
+        }
+    }
+
+    /// Fails if two guests of the VM ever ran at once (see [`CopyWatch`]): for live
+    /// migrations, where two QEMUs exist by design but only one may run the guest.
+    pub fn ensure_never_two_running(&self) -> Result<()> {
+        match &self.ran_twice {
+            Some(why) => bail!("two guests of {} ran: {why} ({})", self.vm, self.summary()),
+            None => Ok(()),
+        }
+    }
+
+    /// The QEMUs whose guests printed, in turn order (see [`CopyWatch`]).
+    pub fn turns(&self) -> &[i32] {
+        &self.turns
+    }
+
+    /// Forgets what was seen so far (the checks start again from the next sample).
+    pub fn reset(&mut self) {
+        *self = Self::new(self.repo, &self.vm);
     }
 
     /// Samples every 50 ms until `cond` holds (checked after each sample, which it
@@ -476,4 +582,18 @@ impl<'r> CopyWatch<'r> {
             self.most
         )
     }
+}
+
+/// The size of the file `pid` writes its guest's serial console to (an open file named
+/// `serial.log`, possibly renamed since to `serial.log.1`), if any.
+fn console_size(pid: i32) -> Option<u64> {
+    let fds = fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    fds.flatten().find_map(|fd| {
+        let target = fs::read_link(fd.path()).ok()?;
+        let name = target.file_name()?.to_str()?;
+        if !name.starts_with("serial.log") {
+            return None;
+        }
+        fs::metadata(fd.path()).ok().map(|m| m.len())
+    })
 }

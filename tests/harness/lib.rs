@@ -15,7 +15,8 @@
 //! - [`proc`] inspects processes through `/proc`; [`wait`] polls with deadlines
 //!   (tests never sleep to synchronise).
 //! - [`fault`] simulates host failures (power-off, network partition), writes fence
-//!   commands, and [`CopyWatch`] samples how many copies of a VM run at once;
+//!   commands, and [`CopyWatch`] samples how many copies of a VM run at once (and
+//!   whether two of its guests ever ran, where two QEMUs exist by design);
 //!   [`PhaseTrail`] samples the phases a host and a VM go through, fast.
 //! - [`space`] mounts a small tmpfs (a host root whose disk fills up) and fills it
 //!   with ballast; the cleanup unmounts it.

@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
 use super::ExecError;
+use crate::failpoint::failpoint;
 use crate::host::{Host, HostError, HostEvent};
 use crate::plan::MoveMode;
 use crate::qemu::instance::VmInstance;
@@ -115,6 +116,7 @@ async fn live_move<H: Host>(
         copy,
     } = ends;
     let incoming = dst.prepare_incoming(there, m.from, listen, copy).await?;
+    failpoint!("engine.migrate.live.prepared");
     live(
         m.vm,
         &format!("target QEMU waiting on {} at {}", m.to, incoming.uri),
@@ -128,6 +130,12 @@ async fn live_move<H: Host>(
     };
     let stats = match outcome {
         Ok(stats) => stats,
+        // The source's answer was lost (its agent died) or came after the migration
+        // completed all the same: the target holds the guest, and must not be discarded.
+        Err(e) if completed_on(*dst, m.vm).await => {
+            warn!(vm = m.vm, host = m.from, error = %super::error_chain(&e), "the source failed, but the migration completed: resuming the guest on the target");
+            crate::qemu::migrate::Stats::default()
+        }
         Err(e) => {
             if let Err(cleanup) = dst.discard(m.vm).await {
                 warn!(vm = m.vm, host = m.to, error = %super::error_chain(&cleanup), "cannot remove the half-made target; the next plan removes it");
@@ -136,11 +144,13 @@ async fn live_move<H: Host>(
         }
     };
     // Past the commit point: the guest lives on the target now.
+    failpoint!("engine.migrate.live.completed");
     live(
         m.vm,
         &format!("migration completed; resuming the guest on {}", m.to),
     );
     let pid = dst.start(m.vm).await?;
+    failpoint!("engine.migrate.live.resumed");
     live(
         m.vm,
         &format!(
@@ -156,6 +166,7 @@ async fn live_move<H: Host>(
         },
         Err(_) => stats,
     };
+    failpoint!("engine.migrate.live.discarding");
     discard_source(*src, m).await;
     Ok(format!(
         "live to {}, pid {pid}: {} ms, downtime {} ms, {} MiB memory{}, {} passes",
@@ -189,10 +200,13 @@ async fn cold_move<H: Host>(
         &format!("moving cold to {}: stopping the guest on {}", m.to, m.from),
     );
     src.stop(m.vm, stop_timeout).await?;
+    failpoint!("engine.migrate.cold.stopped");
     dst.create(there).await?;
+    failpoint!("engine.migrate.cold.created");
     let mut bytes = 0;
     for disk in copy {
         bytes += copy_disk(*src, *dst, m, disk, live).await?;
+        failpoint!("engine.migrate.cold.copied");
     }
     let started = if there.spec.power == plasmavmc_specs::Power::Running {
         let pid = dst.start(m.vm).await?;
@@ -200,6 +214,7 @@ async fn cold_move<H: Host>(
     } else {
         String::new()
     };
+    failpoint!("engine.migrate.cold.started");
     discard_source(*src, m).await;
     Ok(format!(
         "cold to {}: {} disk{} copied ({} MiB){started}",
@@ -208,6 +223,15 @@ async fn cold_move<H: Host>(
         if copy.len() == 1 { "" } else { "s" },
         bytes >> 20
     ))
+}
+
+/// Whether `host` holds `vm` as a migration target whose migration completed.
+async fn completed_on<H: Host>(host: &H, vm: &str) -> bool {
+    host.inventory().await.is_ok_and(|inv| {
+        inv.vms
+            .get(vm)
+            .is_some_and(crate::observe::ObservedVm::holds_completed_migration)
+    })
 }
 
 /// Removes the source's copy once the target holds the VM. A failure is only logged: the
@@ -235,6 +259,7 @@ async fn show_progress(
                     m.vm,
                     &format!("migrating live to {}: {}", m.to, progress.describe()),
                 );
+                failpoint!("engine.migrate.live.progress", ());
             }
             Ok(_) | Err(RecvError::Lagged(_)) => {}
             Err(RecvError::Closed) => return,

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, info_span, Instrument};
 
+use crate::failpoint::failpoint;
 use crate::host::{Host, HostError, StopOutcome};
 use crate::plan::{Action, Plan};
 use crate::source::Target;
@@ -70,6 +71,10 @@ pub enum ExecError {
     NotInCommit { vm: String, commit: String },
     #[error(transparent)]
     Host(#[from] HostError),
+    /// A fail point's `error` action (test builds only).
+    #[cfg(feature = "failpoints")]
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
 }
 
 /// Told what a long action (a migration) is doing while it runs: `(vm, what)`.
@@ -189,31 +194,50 @@ async fn run<H: Host>(
                 commit: target.commit.short().to_owned(),
             })
     };
+    // Fail points (test builds): `before` with the journal saying the action is next,
+    // `after` with the action done but the journal not yet advanced past it.
     Ok(match action {
         Action::Recover { from, .. } => {
+            failpoint!("engine.recover.before");
             host.recover(&instance()?).await?;
+            failpoint!("engine.recover.after");
             format!("instance created (recovering from {from})")
         }
         Action::Create { .. } => {
+            failpoint!("engine.create.before");
             host.create(&instance()?).await?;
+            failpoint!("engine.create.after");
             "instance and disks created".to_owned()
         }
         Action::Start { .. } => {
+            failpoint!("engine.start.before");
             let pid = host.start(vm).await?;
             info!(vm, pid, "started");
+            failpoint!("engine.start.after");
             format!("running, pid {pid}")
         }
-        Action::Stop { .. } => describe_stop(host.stop(vm, stop_timeout).await?).to_owned(),
+        Action::Stop { .. } => {
+            failpoint!("engine.stop.before");
+            let how = describe_stop(host.stop(vm, stop_timeout).await?);
+            failpoint!("engine.stop.after");
+            how.to_owned()
+        }
         Action::Restart { .. } => {
+            failpoint!("engine.restart.before");
             let inst = instance()?;
             let how = describe_stop(host.stop(vm, stop_timeout).await?);
+            failpoint!("engine.restart.stopped");
             host.update(&inst).await?;
+            failpoint!("engine.restart.updated");
             let pid = host.start(vm).await?;
             info!(vm, pid, "started");
+            failpoint!("engine.restart.after");
             format!("{how}; running the new spec, pid {pid}")
         }
         Action::Update { .. } => {
+            failpoint!("engine.update.before");
             host.update(&instance()?).await?;
+            failpoint!("engine.update.after");
             "spec updated".to_owned()
         }
         Action::Prune { pid, .. } => {
@@ -221,18 +245,26 @@ async fn run<H: Host>(
             format!("orphan QEMU pid {pid} stopped")
         }
         Action::Migrate { to, mode, .. } => {
+            failpoint!("engine.migrate.before");
             let m = migrate::Move {
                 vm,
                 from: action.host(),
                 to,
                 mode: *mode,
             };
-            migrate::run_move(&m, target, hosts, stop_timeout, live).await?
+            let done = migrate::run_move(&m, target, hosts, stop_timeout, live).await?;
+            failpoint!("engine.migrate.after");
+            done
         }
-        Action::Delete { .. } => match host.delete(vm).await? {
-            Some(kept) => format!("instance removed; disks retained in {}", kept.display()),
-            None => "instance removed (no local disks to retain)".to_owned(),
-        },
+        Action::Delete { .. } => {
+            failpoint!("engine.delete.before");
+            let kept = host.delete(vm).await?;
+            failpoint!("engine.delete.after");
+            match kept {
+                Some(kept) => format!("instance removed; disks retained in {}", kept.display()),
+                None => "instance removed (no local disks to retain)".to_owned(),
+            }
+        }
     })
 }
 

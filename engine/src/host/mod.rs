@@ -93,6 +93,10 @@ pub enum HostError {
         #[source]
         source: Box<crate::qemu::migrate::MigrateError>,
     },
+    /// A fail point's `error` action (test builds only).
+    #[cfg(feature = "failpoints")]
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
 }
 
 /// The hosts this engine reaches directly: every `address = "local"` host of `desired`,

@@ -197,6 +197,7 @@ impl Watcher {
         if inst.power == Power::Stopped {
             return true;
         }
+        inst.starting = false;
         inst.last_exit = Some(ExitRecord {
             reason,
             at_ms,

@@ -71,6 +71,31 @@ pub struct ObservedVm {
     pub incoming: bool,
 }
 
+impl ObservedVm {
+    /// A live-migration target whose incoming migration completed: it holds the guest,
+    /// paused (QEMU `paused` after `-incoming`) until it is started.
+    pub fn holds_completed_migration(&self) -> bool {
+        self.incoming && self.state == RunState::Paused && self.detail.as_deref() == Some("paused")
+    }
+
+    /// A live-migration source paused in the migration's last stage (QEMU
+    /// `finish-migrate`, e.g. waiting before the switchover): an engine or agent that
+    /// died there leaves it so. Its guest has not gone anywhere yet.
+    pub fn paused_mid_migration(&self) -> bool {
+        !self.incoming
+            && self.state == RunState::Paused
+            && self.detail.as_deref() == Some("finish-migrate")
+    }
+
+    /// A live-migration source whose migration completed (QEMU `postmigrate`): its guest
+    /// went to the target; resuming it is safe only once the target is known dead.
+    pub fn is_migrated_source(&self) -> bool {
+        !self.incoming
+            && self.state == RunState::Paused
+            && self.detail.as_deref() == Some("postmigrate")
+    }
+}
+
 /// Disks kept after their VM (or the disk) was removed from the specs.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Retained {

@@ -112,7 +112,8 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
             }
             (Some(want), None) => plan_new(desired, &mut load, want, &mut out),
             (Some(want), Some((host, have))) => {
-                if !recover::plan_resume(name, host, have, copies.len() > 1, &mut out) {
+                let source = recover::source_may_resume(observed, have, copies.len());
+                if !recover::plan_resume(name, host, have, source, &mut out) {
                     plan_existing(desired, observed, want, (host, have), now_ms, &mut out);
                 }
             }

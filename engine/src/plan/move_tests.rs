@@ -230,6 +230,11 @@ fn a_source_resumes_only_when_its_target_is_known_dead() {
         ("hv2", copy(&d, "web", RunState::Stopped, None, true)),
     ]);
     let p = plan(&d, &dead, NOW);
+    // Still pinned to hv2: the move resumes the source, then moves it again.
+    assert_eq!(lines(&p), ["delete web hv2", "migrate web hv1>hv2 live"]);
+    // Pinned back to hv1: resumed where it is.
+    let back = specs(&[("vms/web.toml", "host = \"hv1\"")]);
+    let p = plan(&back, &dead, NOW);
     assert_eq!(lines(&p), ["delete web hv2", "start web hv1"]);
     // The target's host does not answer: nothing is resumed on a guess.
     let mut away = world(vec![(
@@ -240,4 +245,81 @@ fn a_source_resumes_only_when_its_target_is_known_dead() {
     away.unreachable.insert("hv2".into(), "no answer".into());
     let p = plan(&d, &away, NOW);
     assert!(lines(&p).is_empty(), "{:?}", lines(&p));
+}
+
+#[test]
+fn a_source_alone_resumes_when_its_migration_was_cut_short_or_its_target_is_gone() {
+    let d = specs(&[("vms/web.toml", "host = \"hv2\"")]);
+    // The target was removed (or never found again) while every host answers.
+    let gone = world(vec![(
+        "hv1",
+        copy(&d, "web", RunState::Paused, Some("postmigrate"), false),
+    )]);
+    let p = plan(&d, &gone, NOW);
+    assert_eq!(lines(&p), ["migrate web hv1>hv2 live"]);
+    let mut away = gone.clone();
+    away.hosts.remove("hv3");
+    away.unreachable.insert("hv3".into(), "no answer".into());
+    assert!(lines(&plan(&d, &away, NOW)).is_empty());
+    // Paused before the switchover (its agent died there): the guest went nowhere.
+    let cut = world(vec![(
+        "hv1",
+        copy(&d, "web", RunState::Paused, Some("finish-migrate"), false),
+    )]);
+    assert_eq!(lines(&plan(&d, &cut, NOW)), ["migrate web hv1>hv2 live"]);
+    let stay = specs(&[("vms/web.toml", "host = \"hv1\"")]);
+    let cut = world(vec![(
+        "hv1",
+        copy(
+            &stay,
+            "web",
+            RunState::Paused,
+            Some("finish-migrate"),
+            false,
+        ),
+    )]);
+    assert_eq!(lines(&plan(&stay, &cut, NOW)), ["start web hv1"]);
+    // A source paused for another reason (not a finished migration) is left alone.
+    let other = world(vec![(
+        "hv1",
+        copy(&d, "web", RunState::Paused, Some("paused"), false),
+    )]);
+    assert!(lines(&plan(&d, &other, NOW)).is_empty());
+}
+
+#[test]
+fn a_target_that_ran_and_exited_is_kept_over_its_migrated_source() {
+    let d = specs(&[("vms/web.toml", "host = \"hv2\"")]);
+    // Resumed on hv2, then its QEMU exited before the source was removed: hv2 holds the
+    // newer guest (and disks); the source's memory is stale and is never resumed.
+    let o = world(vec![
+        (
+            "hv1",
+            copy(&d, "web", RunState::Paused, Some("postmigrate"), false),
+        ),
+        ("hv2", copy(&d, "web", RunState::Exited, None, false)),
+    ]);
+    let p = plan(&d, &o, NOW);
+    assert_eq!(
+        lines(&p),
+        ["stop web hv1", "delete web hv1", "start web hv2"]
+    );
+}
+
+#[test]
+fn a_cold_move_cut_short_keeps_the_copy_that_ran_whatever_the_status_says() {
+    let d = specs(&[("vms/db.toml", "host = \"hv1\"\nmigration = \"cold\"")]);
+    let stopped = |started: Option<&str>| ObservedVm {
+        power: Power::Stopped,
+        started_at: started.map(str::to_owned),
+        ..copy(&d, "db", RunState::Stopped, None, false)
+    };
+    // The target on hv1 was created (empty disks) and never started; no status file says
+    // where db was last seen: the source on hv2, which ran, keeps the VM.
+    let o = world(vec![
+        ("hv1", stopped(None)),
+        ("hv2", stopped(Some("2026-11-26T20:00:00Z"))),
+    ]);
+    let p = plan(&d, &o, NOW);
+    assert_eq!(lines(&p), ["delete db hv1", "migrate db hv2>hv1 cold"]);
 }

@@ -143,14 +143,35 @@ pub(super) fn plan_moves<'a>(
             } else {
                 first
             };
-            if super::recover::resumable(have, several) {
+            let source = super::recover::source_may_resume(observed, have, copies.len());
+            let resume = super::recover::resumable(have, source);
+            if resume && have.holds_completed_migration() {
                 return false;
             }
+            // A source an earlier migration left paused moves as the running guest it
+            // is again once resumed: the move resumes it first (it stays put, the
+            // plan resumes it where it is).
+            let resumed;
+            let have = if resume {
+                resumed = ObservedVm {
+                    state: RunState::Running,
+                    detail: None,
+                    ..have.clone()
+                };
+                &resumed
+            } else {
+                have
+            };
             match plan_move(desired, load, want, host, have) {
                 Decision::Stay => false,
                 Decision::Move { action, note } => {
                     out.actions.push(action);
                     out.notes.extend(note);
+                    if resume {
+                        out.notes.push(format!(
+                            "{name}: its last migration was cut short with the guest paused on {host}; the move resumes it there first"
+                        ));
+                    }
                     load.release(host, want);
                     moved.insert(name);
                     blocked.remove(name);

@@ -8,6 +8,7 @@
 //! instances on several hosts ──> keep the one that holds the guest (running, or a
 //!                                completed migration target; see `keeper`), resume it
 //!                                if a migration left it paused; stop+delete the rest
+//! a migrated source alone, every host answering ──> its target is gone: resume it
 //! start refused by a disk's image lock ──> failed; say which hosts may hold the disk
 //! ```
 
@@ -117,8 +118,11 @@ fn local_disk(want: &VmEntry, host_has_shared: bool) -> Option<&str> {
 ///    fence command that lied, or a migration whose source was resumed);
 /// 2. a live-migration target whose migration completed (QEMU `paused` after
 ///    `-incoming`): the guest's state is there, the source is `postmigrate` or gone;
-/// 3. among the rest, copies that are not half-made migration targets first, then the
-///    ones with a QEMU.
+/// 3. among the rest, copies that are not half-made migration targets first; then
+///    copies that are not migrated sources (`postmigrate`: a target that was resumed
+///    and exited since holds a newer guest and newer disks); then the ones with a QEMU;
+///    then the ones that ever ran (a cold move's target, created but never started,
+///    holds empty or half-copied disks).
 ///
 /// Of equals, the one where the VM was last seen, else the first.
 pub(super) fn keeper<'a>(
@@ -130,9 +134,11 @@ pub(super) fn keeper<'a>(
     let rank = |v: &ObservedVm| {
         (
             v.state != RunState::Running,
-            !completed_target(v),
+            !v.holds_completed_migration(),
             v.incoming,
+            v.is_migrated_source(),
             !v.state.has_process(),
+            v.started_at.is_none(),
         )
     };
     let best = copies
@@ -152,32 +158,41 @@ pub(super) fn keeper<'a>(
         .expect("at least one copy")
 }
 
-/// A migration target whose incoming migration completed: it holds the guest, paused
-/// until it is started.
-pub(super) fn completed_target(v: &ObservedVm) -> bool {
-    v.incoming && v.state == RunState::Paused && v.detail.as_deref() == Some("paused")
+/// Whether a kept copy paused by a migration, and no completed target, may be resumed
+/// where it is: when other copies of it were found (its migration was cut short between
+/// them); when it is paused in the migration's last stage (its guest went nowhere, and
+/// nothing finishes that migration now); or when it is a migrated source alone while
+/// every host answers — its target is gone, and the guest with it unless the source
+/// resumes. Never on a guess: while a host does not answer, the target may live there.
+pub(super) fn source_may_resume(observed: &Observed, have: &ObservedVm, copies: usize) -> bool {
+    copies > 1
+        || have.paused_mid_migration()
+        || (have.is_migrated_source() && observed.unreachable.is_empty())
 }
 
-/// Whether [`plan_resume`] would resume this kept copy.
-pub(super) fn resumable(have: &ObservedVm, several: bool) -> bool {
-    have.state == RunState::Paused && (completed_target(have) || several)
+/// Whether [`plan_resume`] would resume this kept copy (`source`: see
+/// [`source_may_resume`]).
+pub(super) fn resumable(have: &ObservedVm, source: bool) -> bool {
+    have.state == RunState::Paused && (have.holds_completed_migration() || source)
 }
 
 /// A kept copy whose QEMU holds the guest paused by a migration: a completed target, or
-/// (when other copies were found) a source whose migration was cut short. Plans its
-/// resumption and returns true.
+/// a source whose migration was cut short or whose target is gone (`source`: see
+/// [`source_may_resume`]). Plans its resumption and returns true.
 pub(super) fn plan_resume(
     name: &str,
     host: &str,
     have: &ObservedVm,
-    several: bool,
+    source: bool,
     out: &mut Plan,
 ) -> bool {
-    if !resumable(have, several) {
+    if !resumable(have, source) {
         return false;
     }
-    let reason = if completed_target(have) {
+    let reason = if have.holds_completed_migration() {
         "live migration completed here; resuming the guest".to_owned()
+    } else if have.is_migrated_source() {
+        "its migration completed but no host holds the target any more; resuming the guest here, where it was".to_owned()
     } else {
         format!(
             "its migration did not finish (QEMU is {}); resuming the guest here, where it was",

@@ -168,6 +168,7 @@ mod tests {
             last_exit: None,
             exits: vec![],
             restarts: 0,
+            starting: false,
             incoming: None,
             vm: VmInstance {
                 name: "web".into(),

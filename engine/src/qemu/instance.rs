@@ -98,6 +98,11 @@ pub struct InstanceFile {
     /// Automatic restarts so far.
     #[serde(default)]
     pub restarts: u32,
+    /// Set with `power = running` when a start begins, cleared once its QEMU runs the
+    /// guest (or its exit is recorded): a record that still says so with no QEMU alive is
+    /// a start cut short (the agent died mid-start), not an exit of the VM.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub starting: bool,
     /// Set while this instance is the target of a live migration that has not been
     /// resumed here yet; its QEMU (`-S -incoming defer`) holds no guest until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]

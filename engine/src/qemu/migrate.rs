@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use tracing::{debug, info, warn};
 
 use super::qmp::{Qmp, QmpError};
+use crate::failpoint::failpoint;
 
 /// How often progress is polled: every poll of a finished migration is time the guest
 /// waits, paused, for its target to be resumed.
@@ -98,6 +99,10 @@ pub enum MigrateError {
     TimedOut(Duration),
     #[error("the incoming migration has not completed (QEMU is {0})")]
     NotCompleted(String),
+    /// A fail point's `error` action (test builds only).
+    #[cfg(feature = "failpoints")]
+    #[error(transparent)]
+    Injected(#[from] crate::failpoint::Injected),
 }
 
 fn node(disk: &str) -> String {
@@ -193,6 +198,7 @@ async fn run_outgoing(
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Stats, MigrateError> {
     let mirror = nbd.map_or(&[][..], |n| &n.disks);
+    end_earlier(qmp, mirror).await;
     set_capabilities(
         qmp,
         &[
@@ -230,6 +236,7 @@ async fn run_outgoing(
             "pre-switchover" => {
                 // Guest paused: finish the mirrors (no pivot), then let the switchover go.
                 disk_bytes = finish_mirrors(qmp, mirror).await?;
+                failpoint!("agent.migrate-out.switchover");
                 qmp.execute(
                     "migrate-continue",
                     Some(json!({ "state": "pre-switchover" })),
@@ -315,6 +322,7 @@ async fn start_mirrors(
         )
         .await?;
     }
+    failpoint!("agent.migrate-out.mirroring");
     // Every mirror in sync before the memory moves.
     let mut last_log = Instant::now();
     loop {
@@ -348,6 +356,61 @@ pub async fn cancel(qmp: &Qmp, mirror: &[String]) {
     if let Err(e) = qmp.execute("migrate_cancel", None).await {
         debug!(error = %e, "migrate_cancel");
     }
+    drop_mirrors(qmp, mirror).await;
+    wait_not_under_way(qmp).await;
+    match qmp.query_status().await {
+        Ok(s) if !s.running && s.status != "postmigrate" => {
+            if let Err(e) = qmp.execute("cont", None).await {
+                warn!(error = %e, status = %s.status, "cannot resume the source after a cancelled migration");
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Whether a migration in QEMU state `status` still holds its source (a new one would
+/// be refused).
+fn under_way(status: &str) -> bool {
+    matches!(
+        status,
+        "setup" | "active" | "pre-switchover" | "device" | "cancelling" | "wait-unplug"
+    )
+}
+
+/// Waits, at most 10 s, until no migration is under way from this QEMU.
+async fn wait_not_under_way(qmp: &Qmp) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let busy = qmp
+            .query::<MigrateInfo>("query-migrate", None)
+            .await
+            .is_ok_and(|i| under_way(&i.status));
+        if !busy {
+            break;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Ends what an earlier migration from this QEMU left when its engine or agent died:
+/// one still under way (its target was removed since) is cancelled, its disk mirrors
+/// and their NBD nodes are removed. Otherwise QEMU refuses the new migration ("There's
+/// a migration process in progress", "Duplicate nodes").
+async fn end_earlier(qmp: &Qmp, mirror: &[String]) {
+    let earlier = qmp.query::<MigrateInfo>("query-migrate", None).await;
+    if let Some(info) = earlier.ok().filter(|i| under_way(&i.status)) {
+        warn!(status = %info.status, "an earlier migration is still under way; cancelling it first");
+        if let Err(e) = qmp.execute("migrate_cancel", None).await {
+            debug!(error = %e, "migrate_cancel");
+        }
+        wait_not_under_way(qmp).await;
+    }
+    drop_mirrors(qmp, mirror).await;
+}
+
+/// Ends the mirror jobs of `mirror`'s disks and removes their NBD nodes, if any are
+/// there: best effort, waiting at most 10 s for the jobs to go.
+async fn drop_mirrors(qmp: &Qmp, mirror: &[String]) {
     for disk in mirror {
         let _ = qmp
             .execute(
@@ -357,20 +420,7 @@ pub async fn cancel(qmp: &Qmp, mirror: &[String]) {
             .await;
     }
     let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let migrating = qmp
-            .query::<MigrateInfo>("query-migrate", None)
-            .await
-            .is_ok_and(|i| {
-                matches!(
-                    i.status.as_str(),
-                    "cancelling" | "active" | "pre-switchover" | "device"
-                )
-            });
-        let jobs = mirror_jobs(qmp, mirror).await.map_or(0, |j| j.len());
-        if !migrating && jobs == 0 {
-            break;
-        }
+    while Instant::now() < deadline && mirror_jobs(qmp, mirror).await.is_ok_and(|j| !j.is_empty()) {
         tokio::time::sleep(POLL).await;
     }
     for disk in mirror {
@@ -380,14 +430,6 @@ pub async fn cancel(qmp: &Qmp, mirror: &[String]) {
                 Some(json!({ "node-name": mirror_node(disk) })),
             )
             .await;
-    }
-    match qmp.query_status().await {
-        Ok(s) if !s.running && s.status != "postmigrate" => {
-            if let Err(e) = qmp.execute("cont", None).await {
-                warn!(error = %e, status = %s.status, "cannot resume the source after a cancelled migration");
-            }
-        }
-        _ => {}
     }
 }
 
@@ -512,7 +554,10 @@ struct BlockJob {
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
+    use crate::qemu::qmp::tests::fake::{connected, TestResult};
 
     fn clock(timeout_s: u64, stall_s: u64, quiet_for_s: u64, running_for_s: u64) -> Clock {
         let now = Instant::now();
@@ -558,5 +603,42 @@ mod tests {
             p.describe(),
             "active: 512 MiB sent, 128 MiB to go, pass 2, 3.1 s"
         );
+    }
+
+    #[tokio::test]
+    async fn a_migration_left_under_way_is_cancelled_and_its_mirrors_dropped_first() -> TestResult {
+        let (qmp, mut fake) = connected().await?;
+        let script = async {
+            // A dead agent's migration still runs towards a target removed since.
+            let (id, _) = fake.expect("query-migrate").await?;
+            fake.reply(&id, json!({"status": "active"})).await?;
+            let (id, _) = fake.expect("migrate_cancel").await?;
+            fake.reply(&id, json!({})).await?;
+            let (id, _) = fake.expect("query-migrate").await?;
+            fake.reply(&id, json!({"status": "cancelled"})).await?;
+            // Its mirror job and NBD node would make the next `blockdev-add` fail.
+            let (id, args) = fake.expect("block-job-cancel").await?;
+            assert_eq!(args, Some(json!({"device": "mig-data", "force": true})));
+            fake.reply(&id, json!({})).await?;
+            let (id, _) = fake.expect("query-block-jobs").await?;
+            fake.reply(&id, json!([])).await?;
+            let (id, args) = fake.expect("blockdev-del").await?;
+            assert_eq!(args, Some(json!({"node-name": "mig-data"})));
+            fake.reply(&id, json!({})).await
+        };
+        let disks = ["data".to_owned()];
+        let ((), script) = tokio::join!(end_earlier(&qmp, &disks), script);
+        script
+    }
+
+    #[tokio::test]
+    async fn nothing_left_nothing_cancelled() -> TestResult {
+        let (qmp, mut fake) = connected().await?;
+        let script = async {
+            let (id, _) = fake.expect("query-migrate").await?;
+            fake.reply(&id, json!({"status": "completed"})).await
+        };
+        let ((), script) = tokio::join!(end_earlier(&qmp, &[]), script);
+        script
     }
 }

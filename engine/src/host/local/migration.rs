@@ -11,6 +11,7 @@ use plasmavmc_specs::Power;
 use tracing::{info, warn};
 
 use super::{LocalHost, EXIT_GRACE, QMP_PROBE};
+use crate::failpoint::failpoint;
 use crate::host::{DiskChunk, HostError, Incoming};
 use crate::qemu::args::qemu_args;
 use crate::qemu::instance::{
@@ -67,6 +68,7 @@ impl LocalHost {
             last_exit: None,
             exits: Vec::new(),
             restarts: 0,
+            starting: false,
             incoming: Some(IncomingRecord {
                 from: from.to_owned(),
                 nbd_disks: mirror.to_vec(),
@@ -80,6 +82,7 @@ impl LocalHost {
             let mut args = qemu_args(&inst, self.accel_for(&inst));
             args.extend(["-S", "-incoming", "defer"].map(String::from));
             let pid = Self::spawn(&dir, &inst, &args)?;
+            failpoint!("agent.incoming.spawned");
             let qmp = self.wait_qmp(&dir, name, &inst.uuid, pid).await?;
             let nbd = if mirror.is_empty() {
                 None
@@ -180,6 +183,15 @@ impl LocalHost {
                 vm: vm.to_owned(),
                 source: Box::new(source),
             })?;
+        let now = qmp.query_status().await.map_err(|source| HostError::Qmp {
+            vm: vm.to_owned(),
+            source: Box::new(source),
+        })?;
+        if !now.running {
+            // An earlier migration, cut short, left the guest paused: it goes on here
+            // before it moves.
+            self.resume_here(&dir, inst, pid).await?;
+        }
         let monitor = self.monitor.clone();
         let announce = move |progress| {
             monitor.announce(crate::host::HostEvent::Migrating {
@@ -190,6 +202,7 @@ impl LocalHost {
         let stats = migrate::outgoing(&qmp, &to.uri, to.nbd.as_ref(), tuning, &announce)
             .await
             .map_err(|e| Self::migration_err(vm, e))?;
+        failpoint!("agent.migrate-out.completed");
         info!(
             vm,
             pid,
@@ -243,6 +256,7 @@ impl LocalHost {
             migrate::finish_incoming(&qmp, &incoming.nbd_disks)
                 .await
                 .map_err(|e| Self::migration_err(&vm, e))?;
+            failpoint!("agent.resume.continued");
             inst.incoming = None;
             inst.power = Power::Running;
             inst.started_at = Some(crate::time::now());
@@ -310,6 +324,7 @@ impl LocalHost {
                 }
             }
         }
+        failpoint!("agent.discard.stopped");
         fs::remove_dir_all(&dir.dir).map_err(|source| HostError::Io {
             vm: vm.to_owned(),
             what: "cannot remove instance folder".to_owned(),
@@ -410,6 +425,7 @@ impl LocalHost {
                 file.sync_all().map_err(|e| io("cannot sync", e))?;
             }
         }
+        failpoint!("agent.disk.partial");
         let Some(expected) = finish else {
             return Ok(());
         };

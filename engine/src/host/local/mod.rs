@@ -17,6 +17,7 @@ mod migration;
 
 use super::monitor::Monitor;
 use super::{Host, HostError, StopOutcome};
+use crate::failpoint::failpoint;
 use crate::observe::{Capacity, Inventory, ObservedVm, Orphan, Retained, RunState};
 use crate::qemu::args::{qemu_args, Accel};
 use crate::qemu::exit::{ExitReason, ExitRecord};
@@ -117,9 +118,14 @@ impl LocalHost {
         }
     }
 
-    async fn observe_one(&self, dir: &InstanceDir, inst: InstanceFile) -> ObservedVm {
+    async fn observe_one(&self, dir: &InstanceDir, mut inst: InstanceFile) -> ObservedVm {
         let pid = Self::live_pid(dir, &inst);
         let (state, detail) = match pid {
+            // Nothing ran: the next start is the same start again, not a restart.
+            None if inst.power == Power::Running && inst.starting => (
+                RunState::Stopped,
+                Some("its start was cut short before QEMU ran".to_owned()),
+            ),
             None if inst.power == Power::Running => {
                 (RunState::Exited, Some("QEMU is not running".to_owned()))
             }
@@ -137,6 +143,9 @@ impl LocalHost {
                 Err(e) => (RunState::Unresponsive, Some(format!("QMP: {e}"))),
             },
         };
+        if state == RunState::Running {
+            Self::settle(dir, &mut inst);
+        }
         ObservedVm {
             name: inst.vm.name,
             uuid: inst.uuid,
@@ -290,6 +299,26 @@ impl LocalHost {
         Ok(())
     }
 
+    /// Brings the record of an instance whose guest runs up to date when the agent died
+    /// between a step and writing it down: a start whose QEMU came up (`starting` still
+    /// set), a migration target resumed (`incoming` still set, power still `stopped`).
+    /// Left stale, a later exit of this QEMU would not count as a crash, and the target
+    /// would be taken for a half-made copy holding no data.
+    fn settle(dir: &InstanceDir, inst: &mut InstanceFile) {
+        if !inst.starting && inst.incoming.is_none() {
+            return;
+        }
+        if inst.incoming.take().is_some() {
+            inst.power = Power::Running;
+            inst.started_at = Some(crate::time::now());
+            info!(vm = %inst.vm.name, "the migrated guest runs here: its migration record is done");
+        }
+        inst.starting = false;
+        if let Err(e) = dir.write(inst) {
+            warn!(vm = %inst.vm.name, error = %e, "cannot bring the instance record up to date");
+        }
+    }
+
     /// Records a start that did not bring QEMU up as an exit, so that the restart policy
     /// backs off (or gives up) instead of retrying at every reconcile.
     fn record_failed_start(dir: &InstanceDir, reason: ExitReason, pid: u32, message: String) {
@@ -297,6 +326,7 @@ impl LocalHost {
             return;
         };
         let at_ms = super::now_ms();
+        now.starting = false;
         now.last_exit = Some(ExitRecord {
             reason,
             at_ms,
@@ -470,11 +500,15 @@ impl Host for LocalHost {
             last_exit: None,
             exits: Vec::new(),
             restarts: 0,
+            starting: false,
             incoming: None,
             vm: vm.clone(),
         };
-        Self::write(&dir, &inst)?;
-        self.ensure_disks(&dir, vm).await
+        // The record last: until it exists the folder is no instance (inventory skips
+        // it), so a create cut short is done again in full, never taken as done.
+        self.ensure_disks(&dir, vm).await?;
+        failpoint!("agent.create.disks");
+        Self::write(&dir, &inst)
     }
 
     async fn recover(&self, vm: &VmInstance) -> Result<(), HostError> {
@@ -545,16 +579,18 @@ impl Host for LocalHost {
         for stale in [QMP_SOCKET, instance::PID_FILE] {
             let _ = fs::remove_file(dir.file(stale));
         }
-        if inst.power == Power::Running {
+        if inst.power == Power::Running && !inst.starting {
             // It should have been running: this start recovers from an exit.
             inst.restarts += 1;
         }
         inst.power = Power::Running;
+        inst.starting = true;
         inst.started_at = Some(crate::time::now());
         // The exit being recovered from is history now (status events keep it); an exit
         // of the new QEMU is recorded afresh.
         inst.last_exit = None;
         Self::write(&dir, &inst)?;
+        failpoint!("agent.start.recorded");
         if let Err(e) = self.ensure_disks_free(&inst.vm).await {
             if let HostError::DiskLocked {
                 disk, path, qemu, ..
@@ -578,6 +614,7 @@ impl Host for LocalHost {
             what: format!("cannot run {}", process::qemu_binary()),
             source,
         })?;
+        failpoint!("agent.start.spawned");
         if let Err(e) = self.wait_ready(&dir, vm, &inst.uuid, pid).await {
             let message = match &e {
                 HostError::StartFailed { reason, .. } => reason.clone(),
@@ -593,6 +630,12 @@ impl Host for LocalHost {
             Self::record_failed_start(&dir, reason, pid, message);
             return Err(e);
         }
+        if let Ok(mut now) = dir.read() {
+            now.starting = false;
+            if let Err(e) = dir.write(&now) {
+                warn!(vm, error = %e, "cannot record that the start finished; the next inventory does");
+            }
+        }
         info!(vm, pid, "started");
         Ok(pid)
     }
@@ -603,6 +646,7 @@ impl Host for LocalHost {
             inst.power = Power::Stopped;
             Self::write(&dir, &inst)?;
         }
+        failpoint!("agent.stop.recorded");
         let Some(pid) = Self::live_pid(&dir, &inst) else {
             return Ok(StopOutcome::AlreadyStopped);
         };
@@ -690,6 +734,7 @@ impl Host for LocalHost {
         } else {
             None
         };
+        failpoint!("agent.delete.retained");
         fs::remove_dir_all(&dir.dir).map_err(|source| HostError::Io {
             vm: vm.to_owned(),
             what: "cannot remove instance folder".to_owned(),

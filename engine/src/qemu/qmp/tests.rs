@@ -3,7 +3,7 @@
 //! In: socket pairs and temp-dir sockets served by [`fake::FakeQemu`]. Out: assertions on the
 //! client's results, events and close reports. Touches nothing outside its temp dirs.
 
-mod fake;
+pub(crate) mod fake;
 
 use std::os::fd::AsRawFd;
 use std::time::{Duration, SystemTime};

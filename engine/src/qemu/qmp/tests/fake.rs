@@ -13,14 +13,14 @@ use tokio::net::UnixStream;
 
 use super::super::Qmp;
 
-pub(super) type TestError = Box<dyn std::error::Error + Send + Sync>;
-pub(super) type TestResult<T = ()> = Result<T, TestError>;
+pub(crate) type TestError = Box<dyn std::error::Error + Send + Sync>;
+pub(crate) type TestResult<T = ()> = Result<T, TestError>;
 
 /// Upper bound for anything a test waits for.
-pub(super) const DEADLINE: Duration = Duration::from_secs(5);
+pub(crate) const DEADLINE: Duration = Duration::from_secs(5);
 
 /// What QEMU 7.2 (Debian 12) sends first.
-pub(super) fn greeting() -> Value {
+pub(crate) fn greeting() -> Value {
     json!({"QMP": {
         "version": {"qemu": {"micro": 0, "minor": 2, "major": 7}, "package": "Debian 1:7.2+dfsg-7"},
         "capabilities": ["oob"]
@@ -28,13 +28,13 @@ pub(super) fn greeting() -> Value {
 }
 
 /// The server side of one QMP connection.
-pub(super) struct FakeQemu {
+pub(crate) struct FakeQemu {
     reader: BufReader<OwnedReadHalf>,
     writer: OwnedWriteHalf,
 }
 
 impl FakeQemu {
-    pub(super) fn new(stream: UnixStream) -> Self {
+    pub(crate) fn new(stream: UnixStream) -> Self {
         let (read, writer) = stream.into_split();
         Self {
             reader: BufReader::new(read),
@@ -43,19 +43,19 @@ impl FakeQemu {
     }
 
     /// Sends one message as QEMU does: compact JSON, `\r\n`-terminated.
-    pub(super) async fn send(&mut self, message: &Value) -> TestResult {
+    pub(crate) async fn send(&mut self, message: &Value) -> TestResult {
         let mut line = message.to_string().into_bytes();
         line.extend_from_slice(b"\r\n");
         self.send_raw(&line).await
     }
 
-    pub(super) async fn send_raw(&mut self, bytes: &[u8]) -> TestResult {
+    pub(crate) async fn send_raw(&mut self, bytes: &[u8]) -> TestResult {
         tokio::time::timeout(DEADLINE, self.writer.write_all(bytes)).await??;
         Ok(())
     }
 
     /// The next message from the client, or `None` at EOF.
-    pub(super) async fn recv(&mut self) -> TestResult<Option<Value>> {
+    pub(crate) async fn recv(&mut self) -> TestResult<Option<Value>> {
         let mut line = String::new();
         let read = tokio::time::timeout(DEADLINE, self.reader.read_line(&mut line)).await??;
         if read == 0 {
@@ -65,7 +65,7 @@ impl FakeQemu {
     }
 
     /// Reads a command, checks its name, and returns its `id` and `arguments`.
-    pub(super) async fn expect(&mut self, command: &str) -> TestResult<(Value, Option<Value>)> {
+    pub(crate) async fn expect(&mut self, command: &str) -> TestResult<(Value, Option<Value>)> {
         let (name, id, arguments) = self.next_command().await?;
         if name != command {
             return Err(format!("expected command {command:?}, got {name:?}").into());
@@ -74,7 +74,7 @@ impl FakeQemu {
     }
 
     /// Reads a command: its name, `id` and `arguments`.
-    pub(super) async fn next_command(&mut self) -> TestResult<(String, Value, Option<Value>)> {
+    pub(crate) async fn next_command(&mut self) -> TestResult<(String, Value, Option<Value>)> {
         let Some(mut message) = self.recv().await? else {
             return Err("client closed the connection instead of sending a command".into());
         };
@@ -91,17 +91,17 @@ impl FakeQemu {
         Ok((name, id, arguments))
     }
 
-    pub(super) async fn reply(&mut self, id: &Value, value: Value) -> TestResult {
+    pub(crate) async fn reply(&mut self, id: &Value, value: Value) -> TestResult {
         self.send(&json!({"return": value, "id": id})).await
     }
 
-    pub(super) async fn reply_error(&mut self, id: &Value, class: &str, desc: &str) -> TestResult {
+    pub(crate) async fn reply_error(&mut self, id: &Value, class: &str, desc: &str) -> TestResult {
         self.send(&json!({"error": {"class": class, "desc": desc}, "id": id}))
             .await
     }
 
     /// Sends an event stamped 1700000000 s + `micros` µs.
-    pub(super) async fn event(
+    pub(crate) async fn event(
         &mut self,
         name: &str,
         data: Option<Value>,
@@ -119,7 +119,7 @@ impl FakeQemu {
 
     /// Hangs up as soon as the client's next bytes arrive, without reading them: the kernel then
     /// gives the client ECONNRESET instead of EOF, as QEMU 7.2 does after `quit`.
-    pub(super) async fn hang_up_unread(self) -> TestResult {
+    pub(crate) async fn hang_up_unread(self) -> TestResult {
         if !self.reader.buffer().is_empty() {
             return Err("client bytes already read into the buffer".into());
         }
@@ -128,7 +128,7 @@ impl FakeQemu {
     }
 
     /// Greeting and capabilities negotiation, sending `events` before the negotiation's reply.
-    pub(super) async fn greet_with(&mut self, events: &[(&str, u32)]) -> TestResult {
+    pub(crate) async fn greet_with(&mut self, events: &[(&str, u32)]) -> TestResult {
         self.send(&greeting()).await?;
         let (id, arguments) = self.expect("qmp_capabilities").await?;
         if arguments.is_some() {
@@ -140,13 +140,13 @@ impl FakeQemu {
         self.reply(&id, json!({})).await
     }
 
-    pub(super) async fn greet(&mut self) -> TestResult {
+    pub(crate) async fn greet(&mut self) -> TestResult {
         self.greet_with(&[]).await
     }
 }
 
 /// A client connected to a fake server, handshake done.
-pub(super) async fn connected() -> TestResult<(Qmp, FakeQemu)> {
+pub(crate) async fn connected() -> TestResult<(Qmp, FakeQemu)> {
     let (client, server) = UnixStream::pair()?;
     let mut fake = FakeQemu::new(server);
     let (qmp, greeted) = tokio::join!(Qmp::from_stream(client, DEADLINE), fake.greet());
