@@ -110,6 +110,25 @@ pub struct InstanceFile {
     pub vm: VmInstance,
 }
 
+impl InstanceFile {
+    /// The record of a new instance of `vm`: a fresh uuid, stopped, no history;
+    /// `incoming` when it is a live migration's target.
+    pub fn fresh(vm: &VmInstance, incoming: Option<IncomingRecord>) -> Self {
+        Self {
+            uuid: uuid::Uuid::new_v4().to_string(),
+            created_at: crate::time::now(),
+            power: Power::Stopped,
+            started_at: None,
+            last_exit: None,
+            exits: Vec::new(),
+            restarts: 0,
+            starting: false,
+            incoming,
+            vm: vm.clone(),
+        }
+    }
+}
+
 /// What a migration target remembers until it is resumed or discarded.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IncomingRecord {

@@ -59,22 +59,12 @@ impl LocalHost {
             vm: name.to_owned(),
             source: Box::new(source),
         })?;
-        let inst = InstanceFile {
-            uuid: uuid::Uuid::new_v4().to_string(),
-            created_at: crate::time::now(),
-            // Not ours to run until resumed: an exit of this QEMU is no crash.
-            power: Power::Stopped,
-            started_at: None,
-            last_exit: None,
-            exits: Vec::new(),
-            restarts: 0,
-            starting: false,
-            incoming: Some(IncomingRecord {
-                from: from.to_owned(),
-                nbd_disks: mirror.to_vec(),
-            }),
-            vm: vm.clone(),
+        // Stopped: not ours to run until resumed, so an exit of this QEMU is no crash.
+        let record = IncomingRecord {
+            from: from.to_owned(),
+            nbd_disks: mirror.to_vec(),
         };
+        let inst = InstanceFile::fresh(vm, Some(record));
         Self::write(&dir, &inst)?;
         self.ensure_disks(&dir, vm).await?;
         let spawn = async {
@@ -170,19 +160,9 @@ impl LocalHost {
         to: &Incoming,
         tuning: &Tuning,
     ) -> Result<Stats, HostError> {
-        let (dir, inst) = self.read(vm)?;
-        let pid = Self::live_pid(&dir, &inst).ok_or_else(|| HostError::Refused {
-            vm: vm.to_owned(),
-            reason: "not running here; nothing to migrate".to_owned(),
-        })?;
-        let qmp = self
-            .monitor
-            .qmp(&dir, vm, &inst.uuid, pid, QMP_PROBE)
-            .await
-            .map_err(|source| HostError::Qmp {
-                vm: vm.to_owned(),
-                source: Box::new(source),
-            })?;
+        let (dir, inst, pid, qmp) = self
+            .live_qmp(vm, "not running here; nothing to migrate")
+            .await?;
         let now = qmp.query_status().await.map_err(|source| HostError::Qmp {
             vm: vm.to_owned(),
             source: Box::new(source),
@@ -215,11 +195,17 @@ impl LocalHost {
         Ok(stats)
     }
 
-    pub(super) async fn migration_stats_here(&self, vm: &str) -> Result<Stats, HostError> {
+    /// `vm`'s instance, its live QEMU's pid and QMP connection; `gone` says why not when
+    /// its QEMU does not run.
+    async fn live_qmp(
+        &self,
+        vm: &str,
+        gone: &str,
+    ) -> Result<(InstanceDir, InstanceFile, u32, crate::qemu::qmp::Qmp), HostError> {
         let (dir, inst) = self.read(vm)?;
         let pid = Self::live_pid(&dir, &inst).ok_or_else(|| HostError::Refused {
             vm: vm.to_owned(),
-            reason: "its QEMU is gone; no migration figures".to_owned(),
+            reason: gone.to_owned(),
         })?;
         let qmp = self
             .monitor
@@ -229,6 +215,13 @@ impl LocalHost {
                 vm: vm.to_owned(),
                 source: Box::new(source),
             })?;
+        Ok((dir, inst, pid, qmp))
+    }
+
+    pub(super) async fn migration_stats_here(&self, vm: &str) -> Result<Stats, HostError> {
+        let (_, _, _, qmp) = self
+            .live_qmp(vm, "its QEMU is gone; no migration figures")
+            .await?;
         migrate::final_stats(&qmp)
             .await
             .map_err(|e| Self::migration_err(vm, e))

@@ -492,18 +492,7 @@ impl Host for LocalHost {
             vm: vm.name.clone(),
             source: Box::new(source),
         })?;
-        let inst = InstanceFile {
-            uuid: uuid::Uuid::new_v4().to_string(),
-            created_at: crate::time::now(),
-            power: Power::Stopped,
-            started_at: None,
-            last_exit: None,
-            exits: Vec::new(),
-            restarts: 0,
-            starting: false,
-            incoming: None,
-            vm: vm.clone(),
-        };
+        let inst = InstanceFile::fresh(vm, None);
         // The record last: until it exists the folder is no instance (inventory skips
         // it), so a create cut short is done again in full, never taken as done.
         self.ensure_disks(&dir, vm).await?;
