@@ -230,6 +230,14 @@ fn raw_migration(pid: i32, source_dir: &Path, scratch: &Path) -> Result<Figures>
             std::thread::sleep(Duration::from_millis(10));
         };
         target.execute("cont", None)?;
+        // QEMU settles its figures a moment after `completed`: ask again, as the engine
+        // does (inside its step, so inside this span too).
+        let mut info = info;
+        let settle = Instant::now() + Duration::from_secs(1);
+        while info["total-time"].as_u64().unwrap_or(0) == 0 && Instant::now() < settle {
+            std::thread::sleep(Duration::from_millis(10));
+            info = source.execute("query-migrate", None)?;
+        }
         let _ = source.execute("quit", None);
         wait_for("the raw source to exit", Duration::from_secs(10), || {
             !is_alive(pid)

@@ -231,6 +231,22 @@ fn fence_confirm(host: &str, repo: &RepoArgs) -> anyhow::Result<u8> {
     );
     let record = FenceRecords::new(&ctx.state).record(host, "operator")?;
     println!("recorded: host {host} is fenced (by operator at {}); its ha VMs may now be recovered elsewhere", record.at);
+    // A daemon holding the state directory acts on it now rather than at its next
+    // health check (up to `down_after` later).
+    if let Err(crate::state::LockError::Held { holder, .. }) =
+        crate::state::StateLock::acquire(&ctx.state_dir()?.lock_path(), "plasmavmc fence confirm")
+    {
+        if let Some(pid) = crate::state::watch_pid(&holder) {
+            if nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGHUP,
+            )
+            .is_ok()
+            {
+                println!("told the running daemon (pid {pid}) to act on it now");
+            }
+        }
+    }
     Ok(0)
 }
 

@@ -88,9 +88,11 @@ impl Sandbox {
             watches: 0,
             dir,
         };
+        // A short restart window: every run of a row is a first failure (the restart
+        // policy's backoff, by design, would slow down the later runs of a row).
         sandbox.write(
             "plasmavmc.toml",
-            &format!("[timeouts]\nstop = \"5s\"\n\n{settings}"),
+            &format!("[timeouts]\nstop = \"5s\"\n\n[restart]\nwindow = \"2s\"\n\n{settings}"),
         )?;
         for host in HOSTS {
             sandbox.write(

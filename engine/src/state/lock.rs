@@ -72,6 +72,16 @@ impl StateLock {
     }
 }
 
+/// The pid of a `plasmavmc watch` named as a lock's holder (`plasmavmc watch (pid N,
+/// since ...)`), to signal it. Only meaningful while that holder still holds the lock.
+pub fn watch_pid(holder: &str) -> Option<i32> {
+    let rest = holder.strip_prefix("plasmavmc watch (pid ")?;
+    rest.split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,5 +96,15 @@ mod tests {
         assert!(msg.contains("in use by plasmavmc apply (pid "), "{msg}");
         drop(first);
         StateLock::acquire(&path, "plasmavmc plan").expect("free again");
+    }
+
+    #[test]
+    fn only_a_watch_daemon_holder_gives_a_pid_to_signal() {
+        assert_eq!(
+            watch_pid("plasmavmc watch (pid 4242, since 2026-11-27T01:00:00Z)"),
+            Some(4242)
+        );
+        assert_eq!(watch_pid("plasmavmc apply (pid 4242, since x)"), None);
+        assert_eq!(watch_pid("garbage"), None);
     }
 }

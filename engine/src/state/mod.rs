@@ -12,7 +12,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-pub use lock::{LockError, StateLock};
+pub use lock::{watch_pid, LockError, StateLock};
 
 /// Errors preparing the state directory.
 #[derive(Debug, thiserror::Error)]
