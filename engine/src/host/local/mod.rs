@@ -494,8 +494,16 @@ impl Host for LocalHost {
         })?;
         let inst = InstanceFile::fresh(vm, None);
         // The record last: until it exists the folder is no instance (inventory skips
-        // it), so a create cut short is done again in full, never taken as done.
-        self.ensure_disks(&dir, vm).await?;
+        // it), so a create cut short (the agent killed) is done again in full, never
+        // taken as done.
+        if let Err(e) = self.ensure_disks(&dir, vm).await {
+            // A disk that cannot be made (a full disk) is a failure the engine must see
+            // and back off from: with the record, the next step is a start, which fails
+            // the same way and counts as a failed start (backoff), instead of a create
+            // at every reconcile.
+            Self::write(&dir, &inst)?;
+            return Err(e);
+        }
         failpoint!("agent.create.disks");
         Self::write(&dir, &inst)
     }
