@@ -432,20 +432,14 @@ fn cmdline(pid: i32) -> Vec<String> {
         .unwrap_or_default()
 }
 
-/// Live (not zombie) QEMUs whose working directory is under `dir`.
+/// Live QEMUs whose working directory is under `dir` (the engine's own scan).
 fn qemus_in(dir: &Path) -> Vec<i32> {
     let Ok(dir) = dir.canonicalize() else {
         return Vec::new();
     };
-    all_pids()
+    crate::qemu::process::qemus_in(&dir)
         .into_iter()
-        .filter(|&pid| {
-            !is_zombie(pid)
-                && fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|c| c.starts_with(&dir))
-                && cmdline(pid)
-                    .first()
-                    .is_some_and(|p| p.contains("qemu-system"))
-        })
+        .filter_map(|(pid, _)| i32::try_from(pid).ok())
         .collect()
 }
 
@@ -462,15 +456,4 @@ pub fn qemus_of(root: &Path, vm: &str) -> Vec<(String, i32)> {
         }
     }
     out
-}
-
-/// True when `pid` is gone or a zombie.
-pub fn is_zombie(pid: i32) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, r)| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
 }

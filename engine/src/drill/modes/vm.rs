@@ -44,7 +44,7 @@ pub(super) fn exit_and_restart(sb: &mut Sandbox, vm: &str, by_guest: bool) -> Re
     let ((t0, exited, started), most) = watching(sb, vm, |sb| {
         let t0 = if by_guest {
             wait("the guest to end its QEMU", STEP, || {
-                crate::drill::sandbox::is_zombie(pid)
+                !crate::qemu::process::is_alive(pid.unsigned_abs())
             })?;
             SystemTime::now()
         } else {

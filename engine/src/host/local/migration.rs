@@ -14,9 +14,7 @@ use super::{LocalHost, EXIT_GRACE, QMP_PROBE};
 use crate::failpoint::failpoint;
 use crate::host::{DiskChunk, HostError, Incoming};
 use crate::qemu::args::qemu_args;
-use crate::qemu::instance::{
-    IncomingRecord, InstanceDir, InstanceFile, VmInstance, QEMU_LOG, QMP_SOCKET, SERIAL_LOG,
-};
+use crate::qemu::instance::{IncomingRecord, InstanceDir, InstanceFile, VmInstance};
 use crate::qemu::migrate::{self, NbdTarget, Stats, Tuning};
 use crate::qemu::{img, process};
 
@@ -71,9 +69,9 @@ impl LocalHost {
             let port = free_port(name, listen)?;
             let mut args = qemu_args(&inst, self.accel_for(&inst));
             args.extend(["-S", "-incoming", "defer"].map(String::from));
-            let pid = Self::spawn(&dir, &inst, &args)?;
+            let pid = Self::spawn(&dir, name, &args)?;
             failpoint!("agent.incoming.spawned");
-            let qmp = self.wait_qmp(&dir, name, &inst.uuid, pid).await?;
+            let qmp = self.wait_qmp(&dir, name, &inst.uuid, pid, false).await?;
             let nbd = if mirror.is_empty() {
                 None
             } else {
@@ -98,59 +96,6 @@ impl LocalHost {
                 }
                 Err(e)
             }
-        }
-    }
-
-    fn spawn(dir: &InstanceDir, inst: &InstanceFile, args: &[String]) -> Result<u32, HostError> {
-        let name = inst.vm.name.as_str();
-        for file in [SERIAL_LOG, QEMU_LOG] {
-            super::rotate(dir, file);
-        }
-        for stale in [QMP_SOCKET, crate::qemu::instance::PID_FILE] {
-            let _ = fs::remove_file(dir.file(stale));
-        }
-        process::spawn_detached(&process::qemu_binary(), args, &dir.dir, &dir.file(QEMU_LOG))
-            .map_err(|source| HostError::Io {
-                vm: name.to_owned(),
-                what: format!("cannot run {}", process::qemu_binary()),
-                source,
-            })
-    }
-
-    /// Waits until a freshly spawned QEMU answers QMP (its guest need not run).
-    async fn wait_qmp(
-        &self,
-        dir: &InstanceDir,
-        vm: &str,
-        uuid: &str,
-        pid: u32,
-    ) -> Result<crate::qemu::qmp::Qmp, HostError> {
-        let deadline = std::time::Instant::now() + self.qmp_ready;
-        loop {
-            if !process::is_alive(pid) {
-                return Err(HostError::StartFailed {
-                    vm: vm.to_owned(),
-                    reason: Self::failure_reason(dir),
-                });
-            }
-            if let Ok(qmp) = self
-                .monitor
-                .qmp(dir, vm, uuid, pid, std::time::Duration::from_secs(1))
-                .await
-            {
-                return Ok(qmp);
-            }
-            if std::time::Instant::now() >= deadline {
-                process::kill_hard(pid);
-                return Err(HostError::StartFailed {
-                    vm: vm.to_owned(),
-                    reason: format!(
-                        "QMP did not answer within {:?}; QEMU killed",
-                        self.qmp_ready
-                    ),
-                });
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
     }
 

@@ -351,13 +351,17 @@ impl LocalHost {
         }
     }
 
-    async fn wait_ready(
+    /// Waits until a freshly spawned QEMU (`pid`) answers QMP and, with `guest_running`,
+    /// runs its guest; a QEMU that dies, or does not get there within `qmp_ready`
+    /// (then killed), is a failed start.
+    async fn wait_qmp(
         &self,
         dir: &InstanceDir,
         vm: &str,
         uuid: &str,
         pid: u32,
-    ) -> Result<(), HostError> {
+        guest_running: bool,
+    ) -> Result<crate::qemu::qmp::Qmp, HostError> {
         let deadline = Instant::now() + self.qmp_ready;
         loop {
             if !process::is_alive(pid) {
@@ -371,12 +375,15 @@ impl LocalHost {
                 .qmp(dir, vm, uuid, pid, Duration::from_secs(1))
                 .await
             {
+                if !guest_running {
+                    return Ok(qmp);
+                }
                 let status = qmp.query_status().await.map_err(|source| HostError::Qmp {
                     vm: vm.to_owned(),
                     source: Box::new(source),
                 })?;
                 if status.running {
-                    return Ok(());
+                    return Ok(qmp);
                 }
                 debug!(vm, status = %status.status, "QEMU up, guest not running yet");
             }
@@ -392,6 +399,22 @@ impl LocalHost {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// Spawns QEMU with `args` in instance folder `dir`: the previous run's logs are
+    /// kept as `.1`, a stale socket and pid file removed first.
+    fn spawn(dir: &InstanceDir, vm: &str, args: &[String]) -> Result<u32, HostError> {
+        rotate(dir, SERIAL_LOG);
+        rotate(dir, QEMU_LOG);
+        for stale in [QMP_SOCKET, instance::PID_FILE] {
+            let _ = fs::remove_file(dir.file(stale));
+        }
+        process::spawn_detached(&process::qemu_binary(), args, &dir.dir, &dir.file(QEMU_LOG))
+            .map_err(|source| HostError::Io {
+                vm: vm.to_owned(),
+                what: format!("cannot run {}", process::qemu_binary()),
+                source,
+            })
     }
 }
 
@@ -571,11 +594,6 @@ impl Host for LocalHost {
             Self::record_failed_start(&dir, ExitReason::StartFailed, 0, message);
             return Err(e);
         }
-        rotate(&dir, SERIAL_LOG);
-        rotate(&dir, QEMU_LOG);
-        for stale in [QMP_SOCKET, instance::PID_FILE] {
-            let _ = fs::remove_file(dir.file(stale));
-        }
         if inst.power == Power::Running && !inst.starting {
             // It should have been running: this start recovers from an exit.
             inst.restarts += 1;
@@ -600,19 +618,9 @@ impl Host for LocalHost {
             return Err(e);
         }
         let args = qemu_args(&inst, self.accel_for(&inst));
-        let pid = process::spawn_detached(
-            &process::qemu_binary(),
-            &args,
-            &dir.dir,
-            &dir.file(QEMU_LOG),
-        )
-        .map_err(|source| HostError::Io {
-            vm: vm.to_owned(),
-            what: format!("cannot run {}", process::qemu_binary()),
-            source,
-        })?;
+        let pid = Self::spawn(&dir, vm, &args)?;
         failpoint!("agent.start.spawned");
-        if let Err(e) = self.wait_ready(&dir, vm, &inst.uuid, pid).await {
+        if let Err(e) = self.wait_qmp(&dir, vm, &inst.uuid, pid, true).await {
             let message = match &e {
                 HostError::StartFailed { reason, .. } => reason.clone(),
                 other => other.to_string(),
