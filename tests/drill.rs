@@ -7,14 +7,19 @@
 //! step, every measured row has its figures, and no invariant broke (no VM ran twice,
 //! no disk lost data, no healthy VM restarted) — and the drill says so with exit 0. The
 //! drill cleans up its own sandbox; this test checks nothing of it is left running.
+//!
+//! Then the drill against a "real" cluster (two agent hosts, a running `watch` kept
+//! alive by the test as a service manager would): only after `--yes-disrupt NAME`, its
+//! four rows measured on the designated VM, a bystander VM never touched, and the
+//! repository's spec file back as it was.
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use plasmavmc_e2e::artifacts::{binary, guest};
 use plasmavmc_e2e::proc::processes_under;
-use plasmavmc_e2e::wait_for;
+use plasmavmc_e2e::{wait_for, Daemon, HostSpec, Output, TestRepo, VmSpec};
 use serde_json::Value;
 
 /// The rows of the failure table, in order.
@@ -111,5 +116,193 @@ fn drill_measures_every_failure_mode_and_nothing_breaks() -> Result<()> {
         },
     )?;
     println!("{stderr}");
+    Ok(())
+}
+
+/// The rows of a real cluster's drill, in order.
+const CLUSTER_ROWS: [&str; 4] = [
+    "QEMU crash (kill -9)",
+    "guest panic (NMI)",
+    "engine crash (kill -9)",
+    "live migration round trip",
+];
+
+#[test]
+fn drill_on_a_real_cluster_disrupts_only_the_named_vm() -> Result<()> {
+    let repo = TestRepo::new()?;
+    let pool = repo.root().join("shared");
+    std::fs::create_dir_all(&pool)?;
+    for host in ["hv1", "hv2"] {
+        repo.write_host(host, &HostSpec::agent().memory(2048).shared(&pool, "pool1"))?;
+    }
+    // The drilled guest panics on an NMI, as an operator sets up a test VM for the drill.
+    let drillee = VmSpec::new()
+        .no_disks()
+        .memory(96)
+        .cmdline("unknown_nmi_panic");
+    let bystander = VmSpec::new().no_disks().memory(96).pin("hv1");
+    repo.write_vm("drillee", &drillee)?;
+    repo.write_vm("bystander", &bystander)?;
+    repo.commit("two VMs")?;
+    let spec_before = std::fs::read(repo.repo_dir().join("vms/drillee.toml"))?;
+    let daemon = repo.watch(&[])?;
+    daemon.wait_running("drillee")?;
+    let bystander_pid = daemon.wait_running_on("bystander", "hv1")?;
+    let drillee_pid = repo.qemus_of("drillee");
+
+    // Without the confirmation (or with another name) nothing happens.
+    for extra in [&[][..], &["--yes-disrupt", "bystander"][..]] {
+        let mut args = vec!["drill", "--vm", "drillee", "--runs", "1"];
+        args.extend_from_slice(extra);
+        let out = repo.run(&args)?;
+        out.expect_code(1)?;
+        ensure!(
+            out.stderr.contains("--yes-disrupt") && out.stderr.contains("nothing was done"),
+            "no clear refusal:\n{out}"
+        );
+    }
+    ensure!(
+        repo.qemus_of("drillee") == drillee_pid,
+        "a refused drill touched drillee"
+    );
+
+    let out = drill_supervised(&repo, daemon)?;
+    check_cluster_rows(&out)?;
+
+    // Nothing else was touched: the bystander's QEMU is the one it had, and its status
+    // never saw an exit or a drill.
+    ensure!(
+        repo.qemus_of("bystander") == [bystander_pid],
+        "bystander's QEMUs are {:?}, was {bystander_pid}",
+        repo.qemus_of("bystander")
+    );
+    let view = repo.vm_view("bystander")?.context("bystander's status")?;
+    ensure!(
+        view.events
+            .iter()
+            .all(|e| e.kind != "exited" && e.kind != "drill"),
+        "bystander was disrupted: {view:?}"
+    );
+    check_spec_restored(&repo, &spec_before)?;
+    ensure!(
+        std::fs::read_dir(repo.state_dir().join("drill"))?
+            .flatten()
+            .all(|e| !e.file_name().to_string_lossy().ends_with(".request.toml")),
+        "a drill request was left behind"
+    );
+    println!("{}", out.stderr);
+    Ok(())
+}
+
+/// Runs the drill on `drillee` while acting as the daemon's service manager: a daemon
+/// killed by the drill is reaped and started again. It must have ended exactly once.
+fn drill_supervised<'r>(repo: &'r TestRepo, mut daemon: Daemon<'r>) -> Result<Output> {
+    let mut drill = repo.spawn(&[
+        "drill",
+        "--vm",
+        "drillee",
+        "--yes-disrupt",
+        "drillee",
+        "--runs",
+        "1",
+        "--supervised",
+        "--settle",
+        "8s",
+        "--json",
+    ])?;
+    let deadline = Instant::now() + Duration::from_secs(300);
+    let mut ended = Vec::new();
+    while drill.try_wait()?.is_none() {
+        if Instant::now() >= deadline {
+            bail!(
+                "the drill did not finish within 5 minutes\n{}",
+                daemon.describe()
+            );
+        }
+        if daemon.try_exit()?.is_some() {
+            ended.push(daemon.describe());
+            daemon = repo.watch(&[])?;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = drill.finish(Duration::from_secs(1))?;
+    ensure!(
+        out.code == Some(0),
+        "the drill failed:\n{out}\n{}",
+        daemon.describe()
+    );
+    ensure!(
+        ended.len() == 1,
+        "the daemon ended {} times\n{out}\nthe daemons that ended:\n{}",
+        ended.len(),
+        ended.join("\n")
+    );
+    Ok(out)
+}
+
+/// Every row of a real cluster's drill measured once, cleanly.
+fn check_cluster_rows(out: &Output) -> Result<()> {
+    let rows: Vec<Value> = serde_json::from_str(&out.stdout).with_context(|| out.to_string())?;
+    let names: Vec<&str> = rows.iter().filter_map(|r| r["mode"].as_str()).collect();
+    ensure!(names == CLUSTER_ROWS, "rows {names:?}\n{out}");
+    for row in &rows {
+        let mode = row["mode"].as_str().unwrap_or_default();
+        let samples = row["samples"].as_array().context("samples")?;
+        ensure!(
+            samples.len() == 1
+                && row["errors"].as_array().is_some_and(Vec::is_empty)
+                && row["broken"].as_array().is_some_and(Vec::is_empty)
+                && row.get("skipped").is_none(),
+            "{mode}: not measured cleanly: {row:#}"
+        );
+        let s = &samples[0];
+        ensure!(
+            s["running_ms"].as_f64().is_some(),
+            "{mode}: no recovery figure: {row:#}"
+        );
+        // The hosts are on this machine: the drillee's QEMUs were sampled.
+        ensure!(
+            s["most_copies"].as_u64().is_some(),
+            "{mode}: copies not sampled: {row:#}"
+        );
+        let detected = s["detection_ms"].as_f64().is_some();
+        ensure!(
+            detected == (mode.starts_with("QEMU") || mode.starts_with("guest")),
+            "{mode}: detection: {row:#}"
+        );
+    }
+    ensure!(
+        rows[1]["samples"][0]["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("exit reason panic")),
+        "the NMI did not make a guest panic: {:#}",
+        rows[1]
+    );
+    Ok(())
+}
+
+/// The drill committed drillee's spec file back as it was; the working tree matches it.
+fn check_spec_restored(repo: &TestRepo, before: &[u8]) -> Result<()> {
+    let git = git2::Repository::open(repo.repo_dir())?;
+    let head = git.head()?.peel_to_commit()?;
+    let entry = head
+        .tree()?
+        .get_path(std::path::Path::new("vms/drillee.toml"))?;
+    ensure!(
+        git.find_blob(entry.id())?.content() == before,
+        "drillee's spec at HEAD differs from the original"
+    );
+    ensure!(
+        head.summary()
+            .is_some_and(|s| s.starts_with("plasmavmc drill:")),
+        "the last commit is not the drill's restore: {:?}",
+        head.summary()
+    );
+    ensure!(
+        git.statuses(None)?
+            .iter()
+            .all(|s| s.path() != Some("vms/drillee.toml")),
+        "the working tree's drillee.toml no longer matches HEAD"
+    );
     Ok(())
 }

@@ -348,14 +348,23 @@ impl<'r> Daemon<'r> {
         Ok(())
     }
 
+    /// Reaps the daemon if it has ended (as a service manager learns of it: every
+    /// thread gone, its files and locks released).
+    pub fn try_exit(&mut self) -> Result<Option<ExitStatus>> {
+        let status = self.child.try_wait()?;
+        if status.is_some() && !self.reaped {
+            self.reaped = true;
+            self.repo.unregister_group(self.pid());
+        }
+        Ok(status)
+    }
+
     /// Waits for the daemon to exit by itself; after `timeout` fails (the group is
     /// killed on drop).
     pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(status) = self.child.try_wait()? {
-                self.reaped = true;
-                self.repo.unregister_group(self.pid());
+            if let Some(status) = self.try_exit()? {
                 return Ok(status);
             }
             if Instant::now() >= deadline {

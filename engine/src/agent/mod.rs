@@ -255,6 +255,9 @@ async fn handle(host: &LocalHost, store: &FileStore, request: Request) -> Result
             Reply::Migrated { stats }
         }),
         Request::Discard { vm } => reply(host.discard(&vm).await, done),
+        Request::Inject { vm, fault } => {
+            reply(host.inject(&vm, fault).await, |pid| Reply::Pid { pid })
+        }
         Request::ReadDisk { vm, disk, offset } => {
             reply(host.read_disk(&vm, &disk, offset).await, |chunk| {
                 Reply::DiskChunk { chunk }

@@ -17,7 +17,7 @@ use crate::qemu::instance::VmInstance;
 use crate::qemu::migrate::{Stats, Tuning};
 
 /// Version of this protocol; both sides must speak the same.
-pub const VERSION: u32 = 2;
+pub const VERSION: u32 = 3;
 
 /// Largest frame either side accepts (a file chunk plus envelope).
 pub const MAX_FRAME: usize = 4 << 20;
@@ -131,6 +131,11 @@ pub enum Request {
     /// The final figures of a completed outgoing migration ([`Reply::Migrated`]).
     MigrationStats {
         vm: String,
+    },
+    /// `plasmavmc drill`: inflict a fault on a running VM. Answered with [`Reply::Pid`].
+    Inject {
+        vm: String,
+        fault: crate::host::Fault,
     },
     /// A chunk of a stopped instance's local disk. Answered with [`Reply::DiskChunk`],
     /// whose bytes travel raw in the frame right after it.

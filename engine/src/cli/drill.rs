@@ -1,10 +1,14 @@
 //! `plasmavmc drill`: arguments and printing; the drill itself is [`crate::drill`].
+//!
+//! Without `--repo`: every failure mode on a throw-away sandbox cluster. With `--repo R
+//! --vm NAME --yes-disrupt NAME`: the rows that touch one VM only, against a real
+//! cluster's designated test VM and its running daemon.
 
 use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::drill::{markdown, passed, run, DrillConfig};
+use crate::drill::{markdown, passed, run, run_cluster, ClusterConfig, DrillConfig};
 
 /// `drill` arguments.
 #[derive(Debug, Args)]
@@ -12,16 +16,43 @@ pub struct DrillArgs {
     /// Runs of every failure mode.
     #[arg(long, default_value_t = 5)]
     runs: usize,
-    /// Kernel the drill's VMs boot (default: the test guest, target/guest/vmlinuz).
+    /// A real cluster's repository: drill its designated VM (--vm) through its running
+    /// daemon instead of a sandbox.
+    #[arg(long, requires = "vm")]
+    repo: Option<PathBuf>,
+    /// Folder of the repository that holds the specs (relative to --repo).
+    #[arg(long, requires = "repo")]
+    path: Option<PathBuf>,
+    /// State directory of the cluster's daemon (default: <repo>/<path>/.plasmavmc).
+    #[arg(long, requires = "repo", env = "PLASMAVMC_STATE_DIR")]
+    state_dir: Option<PathBuf>,
+    /// The designated test VM: the only one the drill touches (crashes, panics, moves).
+    #[arg(long, requires = "repo")]
+    vm: Option<String>,
+    /// Confirms the disruption: must repeat the --vm name.
+    #[arg(long, value_name = "NAME")]
+    yes_disrupt: Option<String>,
+    /// Host the live round trip goes to (default: another ready host).
+    #[arg(long, requires = "repo")]
+    to: Option<String>,
+    /// The daemon is restarted by a service manager other than systemd, so the engine
+    /// crash row may kill it.
+    #[arg(long, requires = "repo")]
+    supervised: bool,
+    /// How long the VM's QEMU must have run before a fault strikes it (its guest booted,
+    /// e.g. after the previous row restarted it).
+    #[arg(long, requires = "repo", default_value = "30s", value_parser = humantime::parse_duration)]
+    settle: std::time::Duration,
+    /// Sandbox: kernel the drill's VMs boot (default: the test guest, target/guest/vmlinuz).
     #[arg(long, default_value = "target/guest/vmlinuz")]
     kernel: PathBuf,
-    /// Their initramfs (default: target/guest/initrd.img).
+    /// Sandbox: their initramfs (default: target/guest/initrd.img).
     #[arg(long, default_value = "target/guest/initrd.img")]
     initrd: PathBuf,
-    /// `[heartbeat] interval` of the drill's cluster (default: the engine's, 1s).
+    /// Sandbox: `[heartbeat] interval` of the drill's cluster (default: the engine's, 1s).
     #[arg(long, requires = "down_after")]
     heartbeat: Option<String>,
-    /// `[heartbeat] down_after` (default: the engine's, 5s).
+    /// Sandbox: `[heartbeat] down_after` (default: the engine's, 5s).
     #[arg(long, requires = "heartbeat")]
     down_after: Option<String>,
     /// Only the failure modes whose name contains this (repeatable).
@@ -35,14 +66,31 @@ pub struct DrillArgs {
 /// Runs the drill; exit 1 when a row could not be measured or an invariant broke.
 pub fn drill(args: &DrillArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
-    let cfg = DrillConfig {
-        runs: args.runs,
-        kernel: args.kernel.clone(),
-        initrd: args.initrd.clone(),
-        heartbeat: args.heartbeat.clone().zip(args.down_after.clone()),
-        only: args.only.clone(),
+    let progress = &mut |line: &str| eprintln!("drill: {line}");
+    let rows = if let (Some(repo), Some(vm)) = (&args.repo, &args.vm) {
+        confirm(vm, args.yes_disrupt.as_deref(), args.runs)?;
+        let cfg = ClusterConfig {
+            repo: repo.clone(),
+            path: args.path.clone(),
+            state_dir: args.state_dir.clone(),
+            vm: vm.clone(),
+            runs: args.runs,
+            to: args.to.clone(),
+            supervised: args.supervised,
+            settle: args.settle,
+            only: args.only.clone(),
+        };
+        run_cluster(&cfg, progress)?
+    } else {
+        let cfg = DrillConfig {
+            runs: args.runs,
+            kernel: args.kernel.clone(),
+            initrd: args.initrd.clone(),
+            heartbeat: args.heartbeat.clone().zip(args.down_after.clone()),
+            only: args.only.clone(),
+        };
+        run(&cfg, progress)?
     };
-    let rows = run(&cfg, &mut |line| eprintln!("drill: {line}"))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
@@ -53,5 +101,18 @@ pub fn drill(args: &DrillArgs) -> anyhow::Result<u8> {
     } else {
         eprintln!("drill: a row was not measured or an invariant broke (see the table)");
         Ok(1)
+    }
+}
+
+/// A real cluster's VM is disrupted only when `--yes-disrupt` repeats its name.
+fn confirm(vm: &str, yes: Option<&str>, runs: usize) -> anyhow::Result<()> {
+    match yes {
+        Some(name) if name == vm => Ok(()),
+        Some(name) => anyhow::bail!(
+            "--yes-disrupt {name} does not name the VM to drill ({vm}); nothing was done"
+        ),
+        None => anyhow::bail!(
+            "the drill would kill {vm}'s QEMU, panic its guest, kill the watch daemon and move {vm} to another host and back (by commits), up to {runs} times each; no other VM is touched. Confirm with --yes-disrupt {vm}; nothing was done"
+        ),
     }
 }

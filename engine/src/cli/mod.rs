@@ -62,7 +62,8 @@ enum Command {
     Agent(AgentArgs),
     /// The failure table, measured: every failure mode (engine, QEMU, guest, host,
     /// network, migration) run against the real engine on a throw-away cluster of
-    /// simulated hosts on this machine.
+    /// simulated hosts on this machine; or, with --repo/--vm/--yes-disrupt, the rows that
+    /// touch one VM only, against a real cluster's designated test VM.
     Drill(drill::DrillArgs),
     /// Write the JSON Schemas of the spec files.
     Schema {
@@ -233,18 +234,14 @@ fn fence_confirm(host: &str, repo: &RepoArgs) -> anyhow::Result<u8> {
     println!("recorded: host {host} is fenced (by operator at {}); its ha VMs may now be recovered elsewhere", record.at);
     // A daemon holding the state directory acts on it now rather than at its next
     // health check (up to `down_after` later).
-    if let Err(crate::state::LockError::Held { holder, .. }) =
-        crate::state::StateLock::acquire(&ctx.state_dir()?.lock_path(), "plasmavmc fence confirm")
-    {
-        if let Some(pid) = crate::state::watch_pid(&holder) {
-            if nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGHUP,
-            )
-            .is_ok()
-            {
-                println!("told the running daemon (pid {pid}) to act on it now");
-            }
+    if let Some(pid) = crate::state::running_watch(&ctx.state_dir()?.lock_path()) {
+        if nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .is_ok()
+        {
+            println!("told the running daemon (pid {pid}) to act on it now");
         }
     }
     Ok(0)

@@ -9,6 +9,7 @@
 //! agents and real QEMU on a throw-away cluster of three simulated hosts
 //! ([`sandbox`]); the rows are in [`modes`].
 
+mod cluster;
 mod modes;
 mod sandbox;
 
@@ -18,10 +19,11 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
+pub use cluster::{run_cluster, ClusterConfig};
 pub use modes::Sample;
 use sandbox::{Guest, Sandbox};
 
-/// How a drill runs.
+/// How a drill on the sandbox runs.
 #[derive(Debug, Clone)]
 pub struct DrillConfig {
     pub runs: usize,
@@ -43,6 +45,12 @@ pub struct Row {
     pub errors: Vec<String>,
     /// Invariants that broke (a VM ran twice, data lost, a healthy VM restarted).
     pub broken: Vec<String>,
+    /// Why the row was not run at all (a real cluster that cannot show it safely).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+    /// Why fewer runs than asked for were made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capped: Option<String>,
 }
 
 impl Row {
@@ -51,7 +59,8 @@ impl Row {
     }
 }
 
-/// Runs every row `cfg.runs` times; `progress` hears what happens.
+/// Runs every row `cfg.runs` times on a throw-away sandbox; `progress` hears what
+/// happens.
 pub fn run(cfg: &DrillConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
     for file in [&cfg.kernel, &cfg.initrd] {
         anyhow::ensure!(
@@ -70,9 +79,41 @@ pub fn run(cfg: &DrillConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>
     let mut sb = Sandbox::new(guest, &settings)?;
     progress(&format!("sandbox in {}", sb.root().display()));
     sb.start_watch().context("starting the engine")?;
+    let plan = |_: &modes::Mode<Sandbox>| Ok(cfg.runs);
+    let recover = |sb: &mut Sandbox| {
+        // A failed row may leave the daemon gone: bring it back for the next.
+        if !sb.watch_running() {
+            let _ = sb.start_watch();
+        }
+    };
+    Ok(run_rows(
+        &mut sb,
+        &modes::MODES,
+        &cfg.only,
+        cfg.runs,
+        &plan,
+        &recover,
+        progress,
+    ))
+}
+
+/// How many runs a row gets (`Err`: why it is skipped).
+type RunPlan<'a, C> = dyn Fn(&modes::Mode<C>) -> Result<usize, String> + 'a;
+
+/// Runs `modes` on `ctx`, each as often as `plan` says; `after_error` puts `ctx` back
+/// in shape after a run failed.
+fn run_rows<C>(
+    ctx: &mut C,
+    modes: &[modes::Mode<C>],
+    only: &[String],
+    runs: usize,
+    plan: &RunPlan<'_, C>,
+    after_error: &dyn Fn(&mut C),
+    progress: &mut dyn FnMut(&str),
+) -> Vec<Row> {
     let mut rows = Vec::new();
-    for mode in &modes::MODES {
-        if !cfg.only.is_empty() && !cfg.only.iter().any(|o| mode.name.contains(o.as_str())) {
+    for mode in modes {
+        if !only.is_empty() && !only.iter().any(|o| mode.name.contains(o.as_str())) {
             continue;
         }
         let mut row = Row {
@@ -82,15 +123,29 @@ pub fn run(cfg: &DrillConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>
             samples: Vec::new(),
             errors: Vec::new(),
             broken: Vec::new(),
+            skipped: None,
+            capped: None,
         };
-        for i in 1..=cfg.runs {
-            progress(&format!("{}: run {i}/{}", mode.name, cfg.runs));
-            match (mode.run)(&mut sb) {
+        let n = match plan(mode) {
+            Ok(n) => n,
+            Err(why) => {
+                progress(&format!("{}: skipped: {why}", mode.name));
+                row.skipped = Some(why);
+                rows.push(row);
+                continue;
+            }
+        };
+        if n < runs {
+            row.capped = Some(format!("{n} of {runs} runs"));
+        }
+        for i in 1..=n {
+            progress(&format!("{}: run {i}/{n}", mode.name));
+            match (mode.run)(ctx) {
                 Ok(sample) => {
-                    if sample.most_copies > mode.copies_allowed {
+                    if sample.most_copies.is_some_and(|m| m > mode.copies_allowed) {
                         row.broken.push(format!(
                             "run {i}: {} QEMUs of one VM at once",
-                            sample.most_copies
+                            sample.most_copies.unwrap_or_default()
                         ));
                     }
                     row.broken
@@ -101,16 +156,13 @@ pub fn run(cfg: &DrillConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>
                 Err(e) => {
                     progress(&format!("  failed: {e:#}"));
                     row.errors.push(format!("run {i}: {e:#}"));
-                    // A failed row may leave the daemon gone: bring it back for the next.
-                    if !sb.watch_running() {
-                        let _ = sb.start_watch();
-                    }
+                    after_error(ctx);
                 }
             }
         }
         rows.push(row);
     }
-    Ok(rows)
+    rows
 }
 
 /// True when every row was measured and no invariant broke.
@@ -126,15 +178,27 @@ pub fn markdown(rows: &[Row]) -> String {
     );
     for row in rows {
         let fig = |pick: fn(&Sample) -> Option<f64>| figure(&row.times(pick));
-        let invariants = if row.broken.is_empty() {
-            "no / no".to_owned()
-        } else {
+        let invariants = if !row.broken.is_empty() {
             format!("**BROKEN**: {}", row.broken.join("; "))
-        };
-        let runs = if row.errors.is_empty() {
-            row.samples.len().to_string()
+        } else if row.samples.is_empty() {
+            "—".to_owned()
         } else {
-            format!("{} ({} failed)", row.samples.len(), row.errors.len())
+            let twice = if row.samples.iter().all(|s| s.most_copies.is_some()) {
+                "no"
+            } else {
+                "not sampled"
+            };
+            let data = if row.samples.iter().any(|s| s.data_checked) {
+                "no"
+            } else {
+                "not checked"
+            };
+            format!("{twice} / {data}")
+        };
+        let runs = match (&row.skipped, row.errors.len()) {
+            (Some(_), _) => "skipped".to_owned(),
+            (None, 0) => row.samples.len().to_string(),
+            (None, failed) => format!("{} ({failed} failed)", row.samples.len()),
         };
         let _ = writeln!(
             out,
@@ -151,6 +215,12 @@ pub fn markdown(rows: &[Row]) -> String {
     for row in rows {
         if let Some(last) = row.samples.last() {
             let _ = writeln!(out, "- {}: {}", row.mode, last.note);
+        }
+        if let Some(why) = &row.skipped {
+            let _ = writeln!(out, "- {}: **skipped**: {why}", row.mode);
+        }
+        if let Some(why) = &row.capped {
+            let _ = writeln!(out, "- {}: {why}", row.mode);
         }
         for e in &row.errors {
             let _ = writeln!(out, "- {}: **not measured**: {e}", row.mode);
@@ -202,6 +272,8 @@ mod tests {
             samples: vec![Sample::default()],
             errors,
             broken,
+            skipped: None,
+            capped: None,
         };
         assert!(passed(&[row(vec![], vec![])]));
         assert!(!passed(&[row(vec!["twice".into()], vec![])]));

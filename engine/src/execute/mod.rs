@@ -31,6 +31,8 @@ pub enum Outcome {
 pub struct Step {
     pub action: Action,
     pub outcome: Outcome,
+    /// When it ended (RFC 3339, ms).
+    pub at: String,
 }
 
 /// The result of executing a plan.
@@ -127,6 +129,7 @@ pub async fn execute<H: Host>(
         let step = Step {
             action: action.clone(),
             outcome,
+            at: crate::time::now_ms(),
         };
         progress(&step);
         report.steps.push(step);

@@ -100,6 +100,9 @@ impl Host for FakeHost {
     async fn discard(&self, vm: &str) -> Result<(), HostError> {
         self.record(format!("discard {vm}"))
     }
+    async fn inject(&self, vm: &str, fault: crate::host::Fault) -> Result<u32, HostError> {
+        self.record(format!("inject {vm} {fault:?}")).map(|()| 42)
+    }
     async fn read_disk(&self, vm: &str, disk: &str, offset: u64) -> Result<DiskChunk, HostError> {
         self.record(format!("read {vm} {disk} {offset}"))?;
         let size = 3 << 20;

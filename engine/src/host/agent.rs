@@ -683,6 +683,17 @@ impl Host for AgentHost {
         }
     }
 
+    async fn inject(&self, vm: &str, fault: super::Fault) -> Result<u32, HostError> {
+        let request = Request::Inject {
+            vm: vm.to_owned(),
+            fault,
+        };
+        match self.call(vm, request, self.opts.request_timeout).await? {
+            Reply::Pid { pid } => Ok(pid),
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
     async fn read_disk(&self, vm: &str, disk: &str, offset: u64) -> Result<DiskChunk, HostError> {
         let request = Request::ReadDisk {
             vm: vm.to_owned(),

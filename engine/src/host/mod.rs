@@ -128,6 +128,26 @@ pub fn local_hosts(
         .collect()
 }
 
+/// A failure `plasmavmc drill` inflicts on a running VM, as if it came from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// SIGKILL of its QEMU: a QEMU crash.
+    KillQemu,
+    /// An NMI to the guest (QMP `inject-nmi`, the server's NMI button): a guest set to
+    /// panic on NMI (`unknown_nmi_panic`) panics.
+    Nmi,
+}
+
+impl Fault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::KillQemu => "kill -9 of its QEMU",
+            Fault::Nmi => "NMI to the guest",
+        }
+    }
+}
+
 /// How a stop ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopOutcome {
@@ -261,4 +281,9 @@ pub trait Host: Send + Sync {
         chunk: &DiskChunk,
         finish: Option<&str>,
     ) -> impl Future<Output = Result<(), HostError>> + Send;
+
+    /// For `plasmavmc drill` only: inflicts `fault` on `vm`'s running QEMU and returns
+    /// its pid. Nothing is recorded: the engine learns of what follows as of any failure.
+    fn inject(&self, vm: &str, fault: Fault)
+        -> impl Future<Output = Result<u32, HostError>> + Send;
 }

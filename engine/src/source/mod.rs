@@ -134,6 +134,16 @@ impl Source {
         self.repo.path()
     }
 
+    /// The `.git` folder, canonical: how `watch` names the repository it follows in
+    /// its status (and how the drill recognises it).
+    pub fn canonical_git_dir(&self) -> String {
+        let git = self.git_dir();
+        git.canonicalize()
+            .unwrap_or_else(|_| git.to_path_buf())
+            .display()
+            .to_string()
+    }
+
     /// The branch HEAD points to (`main`), if HEAD is a branch.
     pub fn current_branch(&self) -> Option<String> {
         let head = self.repo.find_reference("HEAD").ok()?;

@@ -72,6 +72,31 @@ impl StateLock {
     }
 }
 
+/// Who holds the lock at `path`, found without taking it (a probe that took the lock,
+/// however briefly, could make a daemon starting at that moment fail): the pid
+/// `/proc/locks` gives for the file's inode, and what the file says of its holder.
+pub fn lock_holder(path: &Path) -> Option<(i32, String)> {
+    use std::os::unix::fs::MetadataExt;
+    let ino = std::fs::metadata(path).ok()?.ino();
+    let locks = std::fs::read_to_string("/proc/locks").ok()?;
+    // `1: FLOCK  ADVISORY  WRITE 2193 fe:00:6292246 0 EOF` (waiters have `->` after `1:`).
+    let pid = locks.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let inode = f.get(5)?.rsplit(':').next()?.parse::<u64>().ok()?;
+        (f.get(1) == Some(&"FLOCK") && inode == ino)
+            .then(|| f.get(4)?.parse().ok())
+            .flatten()
+    })?;
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    Some((pid, text.trim().to_owned()))
+}
+
+/// The pid of the `plasmavmc watch` holding the lock at `path`, if one does.
+pub fn running_watch(path: &Path) -> Option<i32> {
+    let (pid, text) = lock_holder(path)?;
+    (watch_pid(&text) == Some(pid)).then_some(pid)
+}
+
 /// The pid of a `plasmavmc watch` named as a lock's holder (`plasmavmc watch (pid N,
 /// since ...)`), to signal it. Only meaningful while that holder still holds the lock.
 pub fn watch_pid(holder: &str) -> Option<i32> {
@@ -96,6 +121,24 @@ mod tests {
         assert!(msg.contains("in use by plasmavmc apply (pid "), "{msg}");
         drop(first);
         StateLock::acquire(&path, "plasmavmc plan").expect("free again");
+    }
+
+    #[test]
+    fn the_holder_is_found_without_taking_the_lock() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("lock");
+        let me = i32::try_from(std::process::id()).expect("pid");
+        let lock = StateLock::acquire(&path, "plasmavmc watch").expect("lock");
+        let (pid, text) = lock_holder(&path).expect("a holder");
+        assert_eq!(pid, me);
+        assert!(text.starts_with("plasmavmc watch (pid "), "{text}");
+        assert_eq!(running_watch(&path), Some(me));
+        drop(lock);
+        assert_eq!(lock_holder(&path), None, "nobody holds it now");
+        assert_eq!(running_watch(&path), None);
+        let other = StateLock::acquire(&path, "plasmavmc apply").expect("lock");
+        assert_eq!(running_watch(&path), None, "an apply is not a daemon");
+        drop(other);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! In: a path chosen by the CLI. Out: the folder, created 0700 and git-ignored, and
 //! the paths inside it. Touches only that folder.
 
+pub mod drill;
 pub mod fence;
 mod lock;
 
@@ -12,7 +13,7 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-pub use lock::{watch_pid, LockError, StateLock};
+pub use lock::{lock_holder, running_watch, LockError, StateLock};
 
 /// Errors preparing the state directory.
 #[derive(Debug, thiserror::Error)]

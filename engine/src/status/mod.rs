@@ -32,6 +32,12 @@ pub struct EngineStatus {
     pub updated_at: String,
     /// Spec folder, relative to the repository top.
     pub spec_dir: String,
+    /// What `plasmavmc watch` follows: the repository's git folder (or the remote's URL)…
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// …and the branch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
     /// The newest commit the engine read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revision_seen: Option<String>,
@@ -368,7 +374,7 @@ impl StatusDir {
         for (vm, why) in newly_failed {
             if let Some(status) = vms.get_mut(&vm) {
                 status.events.push(VmEvent {
-                    at: crate::time::now(),
+                    at: crate::time::now_ms(),
                     kind: "failed".to_owned(),
                     message: why,
                 });
@@ -552,7 +558,6 @@ fn exited_phase(
 
 /// Records this run's steps as events; a failure becomes the VM's message.
 fn apply_report(vms: &mut BTreeMap<String, VmStatus>, report: &Report) {
-    let now = crate::time::now();
     for step in &report.steps {
         let Some(status) = vms.get_mut(step.action.vm()) else {
             continue;
@@ -566,7 +571,7 @@ fn apply_report(vms: &mut BTreeMap<String, VmStatus>, report: &Report) {
             Outcome::Skipped { .. } => continue,
         };
         status.events.push(VmEvent {
-            at: now.clone(),
+            at: step.at.clone(),
             kind,
             message,
         });

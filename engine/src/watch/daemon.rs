@@ -36,6 +36,8 @@ struct Daemon {
     remote: Option<Remote>,
     /// `refs/heads/<branch>`.
     rev: String,
+    /// The repository followed: its git folder, or the URL of a remote.
+    follows: String,
     state: StateDir,
     _lock: StateLock,
     status: StatusDir,
@@ -183,8 +185,14 @@ impl Daemon {
             warn!(journal = %j.describe(), "resuming after an interrupted apply");
         }
         info!(repo = %cfg.repo, branch = %branch, state = %state.root().display(), pid = std::process::id(), "watching");
+        let follows = if remote_url {
+            cfg.repo.clone()
+        } else {
+            source.canonical_git_dir()
+        };
         let daemon = Self {
             rev: format!("refs/heads/{branch}"),
+            follows,
             cfg,
             source,
             remote,
@@ -246,6 +254,14 @@ impl Daemon {
             .any(|t| matches!(t, Trigger::Startup | Trigger::Timer | Trigger::Signal));
         if let Err(e) = self.reconcile(name, fetch).await {
             error!(error = %error_chain(e.as_ref()), "reconcile failed; retrying at the next trigger");
+        }
+        // A drill's fault last: what it causes is then seen as any failure is, through
+        // the host's events, not by a reconcile that knew it was coming.
+        if let Some(target) = &self.target {
+            let vms: Vec<&String> = target.desired.vms.keys().collect();
+            let desk = crate::state::drill::DrillDesk::new(self.state.root());
+            let events = super::drill::serve(&desk, &self.hosts, &vms).await;
+            self.events.extend(events);
         }
     }
 
@@ -552,6 +568,8 @@ impl Daemon {
     ) -> anyhow::Result<()> {
         self.engine.updated_at = crate::time::now();
         env!("CARGO_PKG_VERSION").clone_into(&mut self.engine.version);
+        self.engine.repo = Some(self.follows.clone());
+        self.engine.branch = self.rev.strip_prefix("refs/heads/").map(str::to_owned);
         self.source.spec_dir().clone_into(&mut self.engine.spec_dir);
         let events = std::mem::take(&mut self.events);
         let mut snap = self.status.build(
@@ -605,7 +623,6 @@ fn forward_events(host: &AgentHost, tx: UnboundedSender<Trigger>) {
     tokio::spawn(async move {
         loop {
             let trigger = match events.recv().await {
-                // Exits the engine asked for are its own doing: nothing to react to.
                 // Exits the engine asked for are its own doing, progress is only shown:
                 // nothing to react to.
                 Ok(HostEvent::Exited { expected: true, .. } | HostEvent::Migrating { .. }) => {
@@ -624,7 +641,7 @@ fn forward_events(host: &AgentHost, tx: UnboundedSender<Trigger>) {
 
 fn event(kind: &str, message: String) -> VmEvent {
     VmEvent {
-        at: crate::time::now(),
+        at: crate::time::now_ms(),
         kind: kind.to_owned(),
         message,
     }

@@ -14,6 +14,7 @@
 //! ```
 
 mod daemon;
+mod drill;
 mod health;
 mod triggers;
 

@@ -34,7 +34,8 @@ pub(super) fn host_reboot(sb: &mut Sandbox) -> Result<Sample> {
         detection_ms: Some(ms(t0, seen.at)),
         running_ms: Some(ms(t0, started.at)),
         guest_ms: Some(ms(t0, guest)),
-        most_copies: most,
+        most_copies: Some(most),
+        data_checked: boots_before.is_some(),
         broken: lost,
         note: "times from the engine's start after the reboot".to_owned(),
     })
@@ -92,7 +93,8 @@ pub(super) fn host_power_off(sb: &mut Sandbox) -> Result<Sample> {
         detection_ms: Some(ms(t0, lost.at)),
         running_ms: Some(ms(t0, started.at)),
         guest_ms: Some(ms(t0, guest)),
-        most_copies: most,
+        most_copies: Some(most),
+        data_checked: boots_before.is_some(),
         broken: data,
         note: format!(
             "{host} fenced at {} ms; app recovered on {to}",
@@ -103,6 +105,7 @@ pub(super) fn host_power_off(sb: &mut Sandbox) -> Result<Sample> {
 
 pub(super) fn partition(sb: &mut Sandbox) -> Result<Sample> {
     let host = app_on(sb, Some("hv3"))?;
+    let boots_before = boots(sb, &host, APP);
     let since = sb.log().len();
     let ((t0, unknown, confirmed, started, to), most) = watching(sb, APP, |sb| {
         let t0 = SystemTime::now();
@@ -128,13 +131,18 @@ pub(super) fn partition(sb: &mut Sandbox) -> Result<Sample> {
         Ok((t0, unknown, confirmed, started, to))
     })?;
     let guest = first_tick(sb, &to, APP)?;
+    let data = match (boots_before, boots(sb, &to, APP)) {
+        (Some(b), Some(a)) if a <= b => Some(format!("app's disk lost its data: boots {b} -> {a}")),
+        _ => None,
+    };
     rejoin(sb, &host)?;
     Ok(Sample {
         detection_ms: Some(ms(t0, unknown)),
         running_ms: Some(ms(confirmed, started.at)),
         guest_ms: Some(ms(confirmed, guest)),
-        most_copies: most,
-        broken: None,
+        most_copies: Some(most),
+        data_checked: boots_before.is_some(),
+        broken: data,
         note: format!("recovery times from `fence confirm`; app recovered on {to}"),
     })
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context as _, Result};
 
 mod host;
-mod moves;
+pub mod moves;
 mod vm;
 
 use super::sandbox::{wait, LogLine, Sandbox};
@@ -26,24 +26,27 @@ pub struct Sample {
     pub detection_ms: Option<f64>,
     pub running_ms: Option<f64>,
     pub guest_ms: Option<f64>,
-    /// Copies of a VM seen at once (QEMU processes; a migration has two by design).
-    pub most_copies: usize,
+    /// Copies of a VM seen at once (QEMU processes; a migration has two by design);
+    /// `None` when they could not be sampled (hosts on other machines).
+    pub most_copies: Option<usize>,
+    /// True when the VM's disk was checked to keep its data (the guest's boot counter).
+    pub data_checked: bool,
     /// An invariant that broke, if any.
     pub broken: Option<String>,
     pub note: String,
 }
 
-/// One row of the table.
-pub struct Mode {
+/// One row of the table, run on a `C` (the sandbox, or a real cluster).
+pub struct Mode<C> {
     pub name: &'static str,
     pub automatic: &'static str,
     pub manual: &'static str,
     /// Copies allowed at once (2 while a live migration runs).
     pub copies_allowed: usize,
-    pub run: fn(&mut Sandbox) -> Result<Sample>,
+    pub run: fn(&mut C) -> Result<Sample>,
 }
 
-pub const MODES: [Mode; 9] = [
+pub const MODES: [Mode<Sandbox>; 9] = [
     Mode {
         name: "engine crash (kill -9)",
         automatic: "yes (a service manager restarts the engine)",
@@ -120,18 +123,26 @@ fn watching<T>(
     vm: &str,
     body: impl FnOnce(&mut Sandbox) -> Result<T>,
 ) -> Result<(T, usize)> {
+    let root = sb.root().to_path_buf();
+    sampling(sb, &|| super::sandbox::qemus_of(&root, vm).len(), body)
+}
+
+/// Runs `body` while sampling `count` (copies of a VM) every 10 ms; returns the most seen.
+pub fn sampling<C, T>(
+    ctx: &mut C,
+    count: &(dyn Fn() -> usize + Sync),
+    body: impl FnOnce(&mut C) -> Result<T>,
+) -> Result<(T, usize)> {
     let stop = AtomicBool::new(false);
     let most = AtomicUsize::new(0);
-    let root = sb.root().to_path_buf();
     let result = std::thread::scope(|s| {
         s.spawn(|| {
             while !stop.load(Ordering::Relaxed) {
-                let n = super::sandbox::qemus_of(&root, vm).len();
-                most.fetch_max(n, Ordering::Relaxed);
+                most.fetch_max(count(), Ordering::Relaxed);
                 std::thread::sleep(Duration::from_millis(10));
             }
         });
-        let r = body(sb);
+        let r = body(ctx);
         stop.store(true, Ordering::Relaxed);
         r
     });

@@ -20,9 +20,13 @@ pub(super) fn move_app(sb: &mut Sandbox, to: &str) -> Result<LogLine> {
     })
 }
 
-/// `downtime N ms` of a migrate step's detail.
+/// `downtime N ms` of a migrate step's log line.
 pub(super) fn downtime(line: &LogLine) -> Option<f64> {
-    let detail = line.str("detail")?;
+    downtime_in(line.str("detail")?)
+}
+
+/// `downtime N ms` of a migrate step's detail (its log line, its status event).
+pub fn downtime_in(detail: &str) -> Option<f64> {
     let rest = &detail[detail.find("downtime ")? + 9..];
     rest.split(' ').next()?.parse().ok()
 }
@@ -59,7 +63,8 @@ pub(super) fn live_round_trip(sb: &mut Sandbox) -> Result<Sample> {
         detection_ms: None,
         running_ms: Some(worst),
         guest_ms: Some(ms(t0, guest)),
-        most_copies: most,
+        most_copies: Some(most),
+        data_checked: false,
         broken: (rebooted || now == pid).then(|| "the guest rebooted instead of moving".to_owned()),
         note: format!(
             "{home} -> {away} -> {home}; running again = worst downtime; legs {:.0} / {:.0} ms from commit",
@@ -105,7 +110,8 @@ pub(super) fn cold_move(sb: &mut Sandbox) -> Result<Sample> {
         detection_ms: None,
         running_ms: Some(ms(t0, done.at)),
         guest_ms: Some(ms(t0, guest)),
-        most_copies: most,
+        most_copies: Some(most),
+        data_checked: true,
         broken: match (before, after) {
             (Some(b), Some(a)) if a > b => None,
             other => Some(format!("the disk did not arrive whole: boots {other:?}")),

@@ -29,7 +29,8 @@ pub(super) fn engine_crash(sb: &mut Sandbox) -> Result<Sample> {
         detection_ms: None,
         running_ms: Some(ms(t0, adopted.at)),
         guest_ms: Some(ms(t0, guest)),
-        most_copies: most,
+        most_copies: Some(most),
+        data_checked: false,
         broken: (after != pid).then(|| format!("app was restarted (pid {pid} -> {after})")),
         note: "the VM never stopped; a new engine adopted the same QEMU".to_owned(),
     })
@@ -59,7 +60,8 @@ pub(super) fn exit_and_restart(sb: &mut Sandbox, vm: &str, by_guest: bool) -> Re
         Ok((t0, exited, started))
     })?;
     let guest = first_tick(sb, &host, vm)?;
-    let lost = match (boots_before, boots(sb, &host, vm)) {
+    let boots_after = boots(sb, &host, vm);
+    let lost = match (boots_before, boots_after) {
         (Some(b), Some(a)) if a <= b => {
             Some(format!("{vm}'s disk lost its data: boots {b} -> {a}"))
         }
@@ -69,7 +71,8 @@ pub(super) fn exit_and_restart(sb: &mut Sandbox, vm: &str, by_guest: bool) -> Re
         detection_ms: Some(ms(t0, exited.at)),
         running_ms: Some(ms(t0, started.at)),
         guest_ms: Some(ms(t0, guest)),
-        most_copies: most,
+        most_copies: Some(most),
+        data_checked: boots_before.is_some() && boots_after.is_some(),
         broken: lost,
         note: format!("exit reason {}", exited.str("reason").unwrap_or("?")),
     })

@@ -776,6 +776,31 @@ impl Host for LocalHost {
         self.migration_stats_here(vm).await
     }
 
+    async fn inject(&self, vm: &str, fault: super::Fault) -> Result<u32, HostError> {
+        let (dir, inst) = self.read(vm)?;
+        let pid = Self::live_pid(&dir, &inst).ok_or_else(|| HostError::Refused {
+            vm: vm.to_owned(),
+            reason: "no QEMU of it runs on this host".to_owned(),
+        })?;
+        match fault {
+            super::Fault::KillQemu => process::kill_hard(pid),
+            super::Fault::Nmi => {
+                let qmp_err = |source| HostError::Qmp {
+                    vm: vm.to_owned(),
+                    source: Box::new(source),
+                };
+                let qmp = self
+                    .monitor
+                    .qmp(&dir, vm, &inst.uuid, pid, QMP_PROBE)
+                    .await
+                    .map_err(qmp_err)?;
+                qmp.execute("inject-nmi", None).await.map_err(qmp_err)?;
+            }
+        }
+        warn!(vm, pid, fault = fault.as_str(), "drill: fault injected");
+        Ok(pid)
+    }
+
     async fn read_disk(
         &self,
         vm: &str,

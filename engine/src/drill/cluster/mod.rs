@@ -1,0 +1,416 @@
+//! `plasmavmc drill --repo R --vm NAME --yes-disrupt NAME`: the rows that touch one VM
+//! only, against a real cluster's designated test VM and its running daemon.
+//!
+//! The daemon (`plasmavmc watch`) owns the hosts' agents, so the drill never talks to a
+//! host: faults go to the daemon as requests in the state directory (see
+//! [`crate::state::drill`]), moves go through commits to the branch it follows (see
+//! [`pin`]), the engine crash is a `kill -9` of the daemon (its service manager must
+//! start it again), and everything is measured from the status files the daemon writes
+//! (event times to the millisecond). No other VM is named in any request or commit.
+
+mod pin;
+mod rows;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{bail, Context as _, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use plasmavmc_specs::{RestartPolicy, VmSpec};
+
+use super::{run_rows, Row};
+use crate::host::Fault;
+use crate::source::{Source, Target};
+use crate::state::drill::{DrillAnswer, DrillDesk};
+use crate::state::{lock_holder, running_watch};
+use crate::status::{EngineStatus, VmEvent, VmPhase, VmStatus};
+
+/// How a drill against a real cluster runs.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub repo: PathBuf,
+    pub path: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+    /// The designated test VM: the only one the drill touches.
+    pub vm: String,
+    pub runs: usize,
+    /// Where the live round trip goes (default: another ready host).
+    pub to: Option<String>,
+    /// The daemon is restarted by a service manager other than systemd.
+    pub supervised: bool,
+    /// How long the VM's QEMU must have run before a fault strikes it (its guest booted).
+    pub settle: Duration,
+    pub only: Vec<String>,
+}
+
+/// The cluster as the drill sees it: its repository, state directory and daemon.
+pub struct Cluster {
+    source: Source,
+    state: PathBuf,
+    vm: String,
+    spec: VmSpec,
+    /// The VM's spec file, relative to the repository top.
+    spec_path: String,
+    cfg: ClusterConfig,
+    /// Restart settings of the applied commit: `(max_failures, window)`.
+    restart: (u32, Duration),
+}
+
+/// Bound for one step of a row (a restart, a move, the engine coming back).
+const STEP: Duration = Duration::from_secs(120);
+
+/// Runs the rows of a real cluster; refuses up front (touching nothing) when the VM or
+/// the daemon is not in a state to be drilled.
+pub fn run_cluster(cfg: &ClusterConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
+    let mut cluster = Cluster::open(cfg.clone())?;
+    let pid = cluster.daemon()?;
+    progress(&format!(
+        "drilling VM {} through the daemon (pid {pid}) of {}",
+        cluster.vm,
+        cluster.state.display()
+    ));
+    cluster.settled()?;
+    let exits = cluster.exit_budget();
+    let refusals: BTreeMap<&str, String> = rows::ROWS
+        .iter()
+        .filter_map(|m| Some((m.name, rows::refusal(&cluster, m.name, pid)?)))
+        .collect();
+    let plan = |mode: &super::modes::Mode<Cluster>| match refusals.get(mode.name) {
+        Some(why) => Err(why.clone()),
+        None => cluster_plan(mode.name, cfg, exits),
+    };
+    Ok(run_rows(
+        &mut cluster,
+        &rows::ROWS,
+        &cfg.only,
+        cfg.runs,
+        &plan,
+        &|_| {},
+        progress,
+    ))
+}
+
+/// How many runs `row` gets: the rows that end the VM's QEMU share what the restart
+/// policy allows before it gives up (`exits`), so the drill never leaves the VM failed.
+fn cluster_plan(row: &str, cfg: &ClusterConfig, exits: u32) -> Result<usize, String> {
+    let exit_rows = rows::ROWS
+        .iter()
+        .filter(|m| rows::ends_qemu(m.name))
+        .filter(|m| cfg.only.is_empty() || cfg.only.iter().any(|o| m.name.contains(o.as_str())))
+        .count();
+    if !rows::ends_qemu(row) {
+        return Ok(cfg.runs);
+    }
+    let share = usize::try_from(exits).unwrap_or(usize::MAX) / exit_rows.max(1);
+    if share == 0 {
+        return Err(format!(
+            "the restart policy allows no more exits of {} now ([restart] max_failures within its window): another would leave it failed",
+            cfg.vm
+        ));
+    }
+    Ok(cfg.runs.min(share))
+}
+
+impl Cluster {
+    fn open(cfg: ClusterConfig) -> Result<Self> {
+        let source = Source::open(&cfg.repo, cfg.path.as_deref())?;
+        let state = match (&cfg.state_dir, source.spec_root()) {
+            (Some(dir), _) => dir.clone(),
+            (None, Some(root)) => root.join(".plasmavmc"),
+            (None, None) => bail!("the repository has no working tree; pass --state-dir"),
+        };
+        let state = std::path::absolute(&state).unwrap_or(state);
+        let engine = read_engine(&state)?;
+        let applied = engine.last_applied_revision.clone().with_context(|| {
+            format!(
+                "the daemon of {} has applied no commit yet",
+                state.display()
+            )
+        })?;
+        let target = Target::load(&source, &applied)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .with_context(|| format!("reading the applied commit {applied}"))?;
+        let entry = target.desired.vms.get(&cfg.vm).with_context(|| {
+            format!(
+                "{} is not a VM of the applied commit {}",
+                cfg.vm,
+                target.commit.short()
+            )
+        })?;
+        if entry.spec.restart == RestartPolicy::Never {
+            bail!(
+                "{} has restart = \"never\": a crash would leave it stopped; the drill needs a VM the engine restarts",
+                cfg.vm
+            );
+        }
+        let file = target
+            .commit
+            .files
+            .iter()
+            .find(|f| f.path == entry.file)
+            .context("the VM's spec file")?;
+        let spec_path = match source.spec_dir() {
+            "" => file.rel.clone(),
+            dir => format!("{dir}/{}", file.rel),
+        };
+        let restart = &target.desired.cluster.restart;
+        Ok(Self {
+            vm: cfg.vm.clone(),
+            spec: entry.spec.clone(),
+            spec_path,
+            restart: (restart.max_failures, restart.window.0),
+            source,
+            state,
+            cfg,
+        })
+    }
+
+    /// The pid of the daemon holding the state directory (never taking its lock: a
+    /// daemon starting at that moment would fail).
+    fn daemon(&self) -> Result<i32> {
+        let lock = self.state.join("lock");
+        if let Some(pid) = running_watch(&lock) {
+            return Ok(pid);
+        }
+        match lock_holder(&lock) {
+            Some((pid, text)) => bail!(
+                "{} is held by {text} (pid {pid}), not by `plasmavmc watch`",
+                self.state.display()
+            ),
+            None => bail!(
+                "no `plasmavmc watch` holds {}: the drill measures the running daemon; start it (e.g. examples/systemd) and retry",
+                self.state.display()
+            ),
+        }
+    }
+
+    /// The daemon's pid, if one holds the state directory now.
+    fn daemon_now(&self) -> Option<i32> {
+        self.daemon().ok()
+    }
+
+    fn status(&self) -> Option<VmStatus> {
+        let path = self
+            .state
+            .join("status/vms")
+            .join(format!("{}.toml", self.vm));
+        toml::from_str(&std::fs::read_to_string(path).ok()?).ok()
+    }
+
+    fn engine(&self) -> Result<EngineStatus> {
+        read_engine(&self.state)
+    }
+
+    /// Waits until the VM runs (after what a previous row did); returns its status.
+    fn settled(&self) -> Result<VmStatus> {
+        let mut last = None;
+        let ok = wait(STEP, || {
+            last = self.status();
+            last.as_ref()
+                .is_some_and(|s| s.phase == VmPhase::Running && s.pid.is_some() && s.host.is_some())
+        });
+        match (ok, last) {
+            (true, Some(s)) => Ok(s),
+            (_, s) => bail!(
+                "{} is not running (status: {}); the drill starts from a running VM",
+                self.vm,
+                s.map_or_else(
+                    || "none".to_owned(),
+                    |s| format!(
+                        "{}{}",
+                        s.phase.as_str(),
+                        s.message.map(|m| format!(", {m}")).unwrap_or_default()
+                    )
+                )
+            ),
+        }
+    }
+
+    /// Exits the restart policy still allows before giving up on the VM.
+    fn exit_budget(&self) -> u32 {
+        let (max, window) = self.restart;
+        let now = SystemTime::now();
+        let recent = self.status().map_or(0, |s| {
+            s.events
+                .iter()
+                .filter(|e| e.kind == "exited")
+                .filter_map(|e| crate::time::parse(&e.at))
+                .filter(|at| now.duration_since(*at).unwrap_or_default() <= window)
+                .count()
+        });
+        let recent = u32::try_from(recent).unwrap_or(u32::MAX);
+        max.saturating_sub(1).saturating_sub(recent)
+    }
+
+    /// Asks the daemon to inflict `fault` on the VM once its QEMU has run for the
+    /// settle time (a guest still booting may not even see an NMI); returns the answer.
+    fn inflict(&self, fault: Fault) -> Result<DrillAnswer> {
+        let mut status = self.settled()?;
+        let booted = |s: &VmStatus| {
+            s.since
+                .as_deref()
+                .and_then(crate::time::parse)
+                .is_some_and(|t| t.elapsed().unwrap_or_default() >= self.cfg.settle)
+        };
+        if !booted(&status) {
+            let ok = wait(self.cfg.settle + STEP, || {
+                self.status().is_some_and(|s| {
+                    let ok = s.phase == VmPhase::Running && booted(&s);
+                    if ok {
+                        status = s;
+                    }
+                    ok
+                })
+            });
+            if !ok {
+                bail!("{} did not stay running for {:?}", self.vm, self.cfg.settle);
+            }
+        }
+        let host = status.host.clone().context("the VM's host")?;
+        let pid = self.daemon()?;
+        let desk = DrillDesk::new(&self.state);
+        let request = desk.ask(&self.vm, &host, fault)?;
+        kill(Pid::from_raw(pid), Signal::SIGHUP).context("waking the daemon")?;
+        let mut answer = None;
+        if !wait(Duration::from_secs(15), || {
+            answer = desk.take_answer(&request.id);
+            answer.is_some()
+        }) {
+            desk.withdraw(&request.id);
+            bail!("the daemon (pid {pid}) did not answer the drill's request within 15 s (an older plasmavmc?); withdrawn");
+        }
+        let answer = answer.expect("waited");
+        if let Some(why) = &answer.error {
+            bail!("the daemon refused: {why}");
+        }
+        Ok(answer)
+    }
+
+    /// Events of the VM after `t0`, oldest first.
+    fn events_after(&self, t0: SystemTime) -> Vec<(SystemTime, VmEvent)> {
+        self.status().map_or_else(Vec::new, |s| {
+            s.events
+                .into_iter()
+                .filter_map(|e| Some((crate::time::parse(&e.at)?, e)))
+                .filter(|(at, _)| *at >= t0)
+                .collect()
+        })
+    }
+
+    /// Waits for an event of the VM after `t0` matching `pred`; `what` names it.
+    fn event_after(
+        &self,
+        what: &str,
+        t0: SystemTime,
+        timeout: Duration,
+        pred: impl Fn(&VmEvent) -> bool,
+    ) -> Result<(SystemTime, VmEvent)> {
+        let mut found = None;
+        if wait(timeout, || {
+            found = self.events_after(t0).into_iter().find(|(_, e)| pred(e));
+            found.is_some()
+        }) {
+            return Ok(found.expect("waited"));
+        }
+        let status = self.status().map_or_else(
+            || "no status".to_owned(),
+            |s| {
+                format!(
+                    "phase {}{}",
+                    s.phase.as_str(),
+                    s.message.map(|m| format!(", {m}")).unwrap_or_default()
+                )
+            },
+        );
+        bail!(
+            "timed out after {timeout:?} waiting for {what} ({} now: {status})",
+            self.vm
+        )
+    }
+
+    fn local_copies(&self) -> Vec<u32> {
+        local_copies_of(&self.vm)
+    }
+}
+
+/// QEMUs of `vm` running on this machine (instance folders `.../vms/<vm>`).
+fn local_copies_of(vm: &str) -> Vec<u32> {
+    crate::qemu::process::qemus_in(Path::new("/"))
+        .into_iter()
+        .filter(|(_, cwd)| {
+            cwd.file_name().is_some_and(|n| *n == *vm)
+                && cwd
+                    .parent()
+                    .and_then(Path::file_name)
+                    .is_some_and(|n| n == "vms")
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+fn read_engine(state: &Path) -> Result<EngineStatus> {
+    let path = state.join("status/engine.toml");
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "reading {} (is this the state directory of a running daemon?)",
+            path.display()
+        )
+    })?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Polls `cond` every 20 ms until it holds (true) or `timeout` passes (false).
+fn wait(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn ms(from: SystemTime, to: SystemTime) -> f64 {
+    to.duration_since(from)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(runs: usize, only: &[&str]) -> ClusterConfig {
+        ClusterConfig {
+            repo: PathBuf::from("."),
+            path: None,
+            state_dir: None,
+            vm: "app".into(),
+            runs,
+            to: None,
+            supervised: false,
+            settle: Duration::from_secs(1),
+            only: only.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn exits_are_shared_so_the_vm_is_never_given_up_on() {
+        // max_failures 5, none recent: 4 exits for 2 rows.
+        assert_eq!(cluster_plan("QEMU crash (kill -9)", &cfg(5, &[]), 4), Ok(2));
+        assert_eq!(cluster_plan("guest panic", &cfg(5, &[]), 4), Ok(2));
+        assert_eq!(cluster_plan("guest panic", &cfg(1, &[]), 4), Ok(1));
+        // One row chosen: it gets the whole budget.
+        assert_eq!(cluster_plan("guest panic", &cfg(5, &["panic"]), 4), Ok(4));
+        // Rows that end no QEMU are not limited.
+        assert_eq!(
+            cluster_plan("live migration round trip", &cfg(5, &[]), 0),
+            Ok(5)
+        );
+        assert!(cluster_plan("QEMU crash (kill -9)", &cfg(5, &[]), 1).is_err());
+    }
+}

@@ -1,0 +1,344 @@
+//! The rows a real cluster's designated VM goes through. Each starts from the VM running
+//! and measures from the fault (the daemon's answer says when it struck) to the events
+//! the daemon writes in the VM's status.
+
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context as _, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use plasmavmc_specs::MigrationPolicy;
+
+use super::{ms, pin, wait, Cluster, STEP};
+use crate::drill::modes::moves::downtime_in;
+use crate::drill::modes::{sampling, Mode, Sample};
+use crate::host::Fault;
+
+pub const ROWS: [Mode<Cluster>; 4] = [
+    Mode {
+        name: "QEMU crash (kill -9)",
+        automatic: "yes",
+        manual: "none",
+        copies_allowed: 1,
+        run: qemu_crash,
+    },
+    Mode {
+        name: "guest panic (NMI)",
+        automatic: "yes",
+        manual: "none",
+        copies_allowed: 1,
+        run: guest_panic,
+    },
+    Mode {
+        name: "engine crash (kill -9)",
+        automatic: "yes (its service manager restarts the engine)",
+        manual: "none",
+        copies_allowed: 1,
+        run: engine_crash,
+    },
+    Mode {
+        name: "live migration round trip",
+        automatic: "yes (by commit)",
+        manual: "commit `host = ...`",
+        copies_allowed: 2,
+        run: round_trip,
+    },
+];
+
+/// True for the rows that end the VM's QEMU (they count against its restart policy).
+pub fn ends_qemu(row: &str) -> bool {
+    row.starts_with("QEMU crash") || row.starts_with("guest panic")
+}
+
+/// Why a row cannot run on this cluster, decided before anything is touched.
+pub fn refusal(c: &Cluster, row: &str, daemon: i32) -> Option<String> {
+    match row {
+        r if r.starts_with("engine crash") => {
+            (!c.cfg.supervised && !under_systemd(daemon)).then(|| format!(
+                "the daemon (pid {daemon}) was not started by systemd, so nothing would start it again after a kill -9; run it as a service (examples/systemd) or pass --supervised if another service manager restarts it"
+            ))
+        }
+        r if r.starts_with("live migration") => {
+            if c.spec.migration != MigrationPolicy::Live {
+                return Some(format!("{} has migration = {:?}, not live", c.vm, c.spec.migration));
+            }
+            match c.engine() {
+                Ok(e) if e.repo.as_deref() == Some(c.source.canonical_git_dir().as_str()) && e.branch.is_some() => None,
+                Ok(e) => Some(format!(
+                    "the daemon follows {} (branch {}), not this repository: the drill moves the VM by committing to the branch the daemon reads",
+                    e.repo.as_deref().unwrap_or("an unknown repository"),
+                    e.branch.as_deref().unwrap_or("?")
+                )),
+                Err(e) => Some(format!("{e:#}")),
+            }
+        }
+        _ => None,
+    }
+}
+
+/// True when `pid` runs under a systemd unit (its environment has `INVOCATION_ID`).
+fn under_systemd(pid: i32) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+        env.split(|b| *b == 0)
+            .any(|var| var.starts_with(b"INVOCATION_ID="))
+    })
+}
+
+fn qemu_crash(c: &mut Cluster) -> Result<Sample> {
+    exit_row(c, Fault::KillQemu)
+}
+
+fn guest_panic(c: &mut Cluster) -> Result<Sample> {
+    exit_row(c, Fault::Nmi)
+}
+
+/// Samples the VM's QEMUs on this machine while `body` runs, when its QEMU is here.
+fn watching<T>(
+    c: &mut Cluster,
+    body: impl FnOnce(&mut Cluster) -> Result<T>,
+) -> Result<(T, Option<usize>)> {
+    let pid = c.settled()?.pid;
+    if !pid.is_some_and(|p| c.local_copies().contains(&p)) {
+        return Ok((body(c)?, None));
+    }
+    let vm = c.vm.clone();
+    let copies = move || super::local_copies_of(&vm).len();
+    let (out, most) = sampling(c, &copies, body)?;
+    Ok((out, Some(most)))
+}
+
+/// Inflicts `fault`, then measures until the daemon saw the exit and the VM runs again.
+fn exit_row(c: &mut Cluster, fault: Fault) -> Result<Sample> {
+    let ((answer, t0, exited, started), most) = watching(c, |c| {
+        let answer = c.inflict(fault)?;
+        let t0 = crate::time::parse(&answer.at).context("the daemon's answer has no time")?;
+        let bound = if fault == Fault::Nmi {
+            Duration::from_secs(30)
+        } else {
+            STEP
+        };
+        let exited = c
+            .event_after("its QEMU's exit", t0, bound, |e| e.kind == "exited")
+            .map_err(|e| {
+                if fault == Fault::Nmi {
+                    e.context("the guest did not panic on the NMI: boot it with `unknown_nmi_panic` on its kernel command line (or sysctl kernel.unknown_nmi_panic=1) and a pvpanic driver to measure this row")
+                } else {
+                    e
+                }
+            })?;
+        let started = c.event_after("a new QEMU", t0, STEP, |e| {
+            matches!(e.kind.as_str(), "start" | "restart")
+        })?;
+        Ok((answer, t0, exited, started))
+    })?;
+    let reason = exited.1.message.split(' ').next().unwrap_or("?").to_owned();
+    let after = c.settled()?;
+    let broken = (fault == Fault::Nmi && reason != "panic")
+        .then(|| format!("the NMI ended the QEMU as {reason}, not as a guest panic"));
+    Ok(Sample {
+        detection_ms: Some(ms(t0, exited.0)),
+        running_ms: Some(ms(t0, started.0)),
+        guest_ms: None,
+        most_copies: most,
+        data_checked: false,
+        broken,
+        note: format!(
+            "{} struck QEMU pid {}; exit reason {reason}; running again as pid {} on {} (the restart policy's backoff counts in: repeated exits wait longer)",
+            fault.as_str(),
+            answer.pid.unwrap_or_default(),
+            after.pid.unwrap_or_default(),
+            after.host.unwrap_or_default()
+        ),
+    })
+}
+
+fn engine_crash(c: &mut Cluster) -> Result<Sample> {
+    let before = c.settled()?;
+    let daemon = c.daemon()?;
+    let ((t0, back_at, new, adopted), most) = watching(c, |c| {
+        let t0 = SystemTime::now();
+        kill(Pid::from_raw(daemon), Signal::SIGKILL).context("killing the daemon")?;
+        let mut new = None;
+        if !wait(STEP, || {
+            new = c.daemon_now().filter(|p| *p != daemon);
+            new.is_some()
+        }) {
+            bail!(
+                "nothing started `plasmavmc watch` again within {STEP:?}: start it by hand (the VM kept running: an engine's death never stops a VM)"
+            );
+        }
+        let back_at = SystemTime::now();
+        let adopted = c.event_after("the new daemon adopting the VM", t0, STEP, |e| {
+            e.kind == "adopted"
+        })?;
+        Ok((t0, back_at, new.expect("waited"), adopted))
+    })?;
+    let after = c.settled()?;
+    let broken = (after.pid != before.pid).then(|| {
+        format!(
+            "{} was restarted (pid {:?} -> {:?}) instead of adopted",
+            c.vm, before.pid, after.pid
+        )
+    });
+    Ok(Sample {
+        detection_ms: None,
+        running_ms: Some(ms(t0, adopted.0)),
+        guest_ms: None,
+        most_copies: most,
+        data_checked: false,
+        broken,
+        note: format!(
+            "the VM never stopped; a new daemon (pid {new}) held the state directory {:.0} ms after the kill and adopted QEMU pid {}",
+            ms(t0, back_at),
+            after.pid.unwrap_or_default()
+        ),
+    })
+}
+
+fn round_trip(c: &mut Cluster) -> Result<Sample> {
+    let home = c.settled()?.host.expect("settled");
+    let away = match &c.cfg.to {
+        Some(to) if *to == home => bail!("--to {to}: the VM already runs there"),
+        Some(to) => to.clone(),
+        None => c
+            .ready_hosts()
+            .into_iter()
+            .find(|h| *h != home)
+            .context("no other ready host to move the VM to")?,
+    };
+    let branch = c.engine()?.branch.context("the daemon's branch")?;
+    let original = c.spec_text(&branch)?;
+    let ((t0, there, back), most) = watching(c, |c| {
+        let t0 = SystemTime::now();
+        let moved = c
+            .move_to(&branch, &original, &away)
+            .and_then(|there| Ok((there, c.move_to(&branch, &original, &home)?)));
+        // Whatever happened: the spec file goes back to what it was.
+        let restored = c.restore(&branch, &original);
+        let (there, back) = moved?;
+        restored?;
+        Ok((t0, there, back))
+    })?;
+    let after = c.settled()?;
+    let legs = [&there.1.message, &back.1.message];
+    let broken = if let Some(cold) = legs.iter().find(|m| !m.starts_with("live")) {
+        Some(format!("a leg was not live: {cold}"))
+    } else if after.host.as_deref() != Some(home.as_str()) {
+        Some(format!(
+            "{} ended on {:?}, not back on {home}",
+            c.vm, after.host
+        ))
+    } else {
+        None
+    };
+    let worst = legs
+        .iter()
+        .filter_map(|m| downtime_in(m))
+        .fold(0.0_f64, f64::max);
+    Ok(Sample {
+        detection_ms: None,
+        running_ms: Some(worst),
+        guest_ms: None,
+        most_copies: most,
+        data_checked: false,
+        broken,
+        note: format!(
+            "{home} -> {away} -> {home} by commits to {branch} (the spec file committed back as it was); running again = worst downtime; legs {:.0} / {:.0} ms from commit",
+            ms(t0, there.0),
+            ms(there.0, back.0)
+        ),
+    })
+}
+
+impl Cluster {
+    /// Hosts whose status says `ready`, by name.
+    fn ready_hosts(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(self.state.join("status/hosts")) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = dir
+            .flatten()
+            .filter_map(|e| {
+                let s: crate::status::HostStatus =
+                    toml::from_str(&std::fs::read_to_string(e.path()).ok()?).ok()?;
+                (s.phase == "ready").then_some(s.name)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn tip(&self, branch: &str) -> Result<git2::Commit<'_>> {
+        Ok(self
+            .source
+            .repository()
+            .find_reference(&format!("refs/heads/{branch}"))?
+            .peel_to_commit()?)
+    }
+
+    /// The VM's spec file at the tip of `branch`.
+    fn spec_text(&self, branch: &str) -> Result<String> {
+        let tip = self.tip(branch)?;
+        let entry = tip
+            .tree()?
+            .get_path(std::path::Path::new(&self.spec_path))
+            .with_context(|| format!("{} at the tip of {branch}", self.spec_path))?;
+        let blob = self.source.repository().find_blob(entry.id())?;
+        String::from_utf8(blob.content().to_vec()).context("the VM's spec file is not UTF-8")
+    }
+
+    /// Commits `text` as the VM's spec file (when it differs); returns the commit.
+    fn commit_spec(&self, branch: &str, text: &str, message: &str) -> Result<Option<git2::Oid>> {
+        if self.spec_text(branch)? == text {
+            return Ok(None);
+        }
+        let tip = self.tip(branch)?.id();
+        let repo = self.source.repository();
+        pin::commit_file(repo, branch, tip, &self.spec_path, text, message).map(Some)
+    }
+
+    /// Commits the VM pinned to `to`; returns its `migrate` event once it runs there.
+    fn move_to(
+        &self,
+        branch: &str,
+        original: &str,
+        to: &str,
+    ) -> Result<(SystemTime, crate::status::VmEvent)> {
+        let since = SystemTime::now();
+        let text = pin::with_pin(original, Some(to))?;
+        let message = format!(
+            "plasmavmc drill: move {} to {to} (live round trip)",
+            self.vm
+        );
+        self.commit_spec(branch, &text, &message)?;
+        let event = self.event_after(&format!("the move to {to}"), since, STEP, |e| {
+            e.kind.starts_with("migrate")
+        })?;
+        if event.1.kind != "migrate" {
+            bail!("the move to {to} failed: {}", event.1.message);
+        }
+        if !wait(STEP, || {
+            self.status().and_then(|s| s.host).as_deref() == Some(to)
+        }) {
+            bail!("the status never said {} runs on {to}", self.vm);
+        }
+        Ok(event)
+    }
+
+    /// Commits the spec file back as it was and waits until the daemon applied it.
+    fn restore(&self, branch: &str, original: &str) -> Result<()> {
+        let message = format!("plasmavmc drill: {} spec as it was", self.vm);
+        let Some(id) = self.commit_spec(branch, original, &message)? else {
+            return Ok(());
+        };
+        let id = id.to_string();
+        let applied = wait(STEP, || {
+            self.engine()
+                .is_ok_and(|e| e.last_applied_revision.as_deref() == Some(id.as_str()))
+        });
+        if !applied {
+            bail!("the daemon did not apply the restoring commit {id} within {STEP:?}");
+        }
+        Ok(())
+    }
+}
