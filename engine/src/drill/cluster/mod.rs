@@ -123,12 +123,25 @@ impl Cluster {
         };
         let state = std::path::absolute(&state).unwrap_or(state);
         let engine = read_engine(&state)?;
-        let applied = engine.last_applied_revision.clone().with_context(|| {
-            format!(
-                "the daemon of {} has applied no commit yet",
-                state.display()
-            )
-        })?;
+        if engine.spec_dir != source.spec_dir() {
+            bail!(
+                "the daemon reads the specs in {:?} of its repository, this drill in {:?}: pass the same --path",
+                engine.spec_dir,
+                source.spec_dir()
+            );
+        }
+        // The commit the daemon works toward (applied, or tried while another VM's
+        // problem keeps it from counting as applied).
+        let applied = engine
+            .last_attempted_revision
+            .clone()
+            .or(engine.last_applied_revision.clone())
+            .with_context(|| {
+                format!(
+                    "the daemon of {} has applied no commit yet",
+                    state.display()
+                )
+            })?;
         let target = Target::load(&source, &applied)
             .map_err(|e| anyhow::anyhow!("{e}"))
             .with_context(|| format!("reading the applied commit {applied}"))?;
@@ -228,7 +241,8 @@ impl Cluster {
         }
     }
 
-    /// Exits the restart policy still allows before giving up on the VM.
+    /// Exits the restart policy still allows before giving up on the VM (unlimited when
+    /// they never pile up in its window).
     fn exit_budget(&self) -> u32 {
         let (max, window) = self.restart;
         let now = SystemTime::now();
@@ -241,7 +255,14 @@ impl Cluster {
                 .count()
         });
         let recent = u32::try_from(recent).unwrap_or(u32::MAX);
-        max.saturating_sub(1).saturating_sub(recent)
+        let left = max.saturating_sub(1).saturating_sub(recent);
+        // Each fault waits `settle` after the restart the previous one caused: with a
+        // window shorter than that, every exit has left the window before the next.
+        if left > 0 && self.cfg.settle > window {
+            u32::MAX
+        } else {
+            left
+        }
     }
 
     /// Asks the daemon to inflict `fault` on the VM once its QEMU has run for the

@@ -325,7 +325,7 @@ impl Cluster {
         Ok(event)
     }
 
-    /// Commits the spec file back as it was and waits until the daemon applied it.
+    /// Commits the spec file back as it was and waits until the daemon reconciled with it.
     fn restore(&self, branch: &str, original: &str) -> Result<()> {
         let message = format!("plasmavmc drill: {} spec as it was", self.vm);
         let Some(id) = self.commit_spec(branch, original, &message)? else {
@@ -334,10 +334,10 @@ impl Cluster {
         let id = id.to_string();
         let applied = wait(STEP, || {
             self.engine()
-                .is_ok_and(|e| e.last_applied_revision.as_deref() == Some(id.as_str()))
+                .is_ok_and(|e| e.last_attempted_revision.as_deref() == Some(id.as_str()))
         });
         if !applied {
-            bail!("the daemon did not apply the restoring commit {id} within {STEP:?}");
+            bail!("the daemon did not take up the restoring commit {id} within {STEP:?}");
         }
         Ok(())
     }
