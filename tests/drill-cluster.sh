@@ -19,7 +19,7 @@ for f in "$bin" "$kernel" "$initrd"; do
     [ -e "$f" ] || { echo "missing $f: run cargo build --release and make guest" >&2; exit 1; }
 done
 
-dir=$(mktemp -d /tmp/plasmavmc-drill-cluster-XXXXXX)
+dir=$(mktemp -d /tmp/plasmavmc-cluster-drill-XXXXXX)
 repo=$dir/repo
 state=$dir/state
 loop_pid=
@@ -68,10 +68,10 @@ git -C "$repo" -c user.name=drill -c user.email=drill@plasmavmc.invalid commit -
 # The service manager: start the daemon again whenever it ends.
 (
     while [ ! -e "$dir/stop" ]; do
-        "$bin" watch --repo "$repo" --state-dir "$state" --interval 15s 2>>"$dir/watch.log" || true
+        "$bin" watch --repo "$repo" --state-dir "$state" --interval 15s || true
         sleep 0.05
     done
-) &
+) 2>>"$dir/watch.log" &
 loop_pid=$!
 
 deadline=$((SECONDS + 120))

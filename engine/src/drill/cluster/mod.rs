@@ -351,6 +351,23 @@ impl Cluster {
         )
     }
 
+    /// Hosts whose status says `ready`, by name.
+    fn ready_hosts(&self) -> Vec<String> {
+        let Ok(dir) = std::fs::read_dir(self.state.join("status/hosts")) else {
+            return Vec::new();
+        };
+        let mut out: Vec<String> = dir
+            .flatten()
+            .filter_map(|e| {
+                let s: crate::status::HostStatus =
+                    toml::from_str(&std::fs::read_to_string(e.path()).ok()?).ok()?;
+                (s.phase == "ready").then_some(s.name)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     fn local_copies(&self) -> Vec<u32> {
         local_copies_of(&self.vm)
     }

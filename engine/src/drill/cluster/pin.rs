@@ -6,7 +6,12 @@
 //! once the drill has committed the original file back, a checkout of that branch is
 //! clean again.
 
+use std::time::SystemTime;
+
 use anyhow::{bail, Context as _, Result};
+
+use super::{wait, Cluster, STEP};
+use crate::status::VmEvent;
 
 /// `text` (a VM spec file) with its top-level `host` set to `host`, or removed (`None`).
 /// Only that line changes; the result is checked to differ from `text` in nothing else.
@@ -100,6 +105,82 @@ pub fn commit_file(
             format!("branch {branch} moved while the drill committed; not overwritten")
         })?;
     Ok(id)
+}
+
+impl Cluster {
+    fn tip(&self, branch: &str) -> Result<git2::Commit<'_>> {
+        Ok(self
+            .source
+            .repository()
+            .find_reference(&format!("refs/heads/{branch}"))?
+            .peel_to_commit()?)
+    }
+
+    /// The VM's spec file at the tip of `branch`.
+    pub(super) fn spec_text(&self, branch: &str) -> Result<String> {
+        let tip = self.tip(branch)?;
+        let entry = tip
+            .tree()?
+            .get_path(std::path::Path::new(&self.spec_path))
+            .with_context(|| format!("{} at the tip of {branch}", self.spec_path))?;
+        let blob = self.source.repository().find_blob(entry.id())?;
+        String::from_utf8(blob.content().to_vec()).context("the VM's spec file is not UTF-8")
+    }
+
+    /// Commits `text` as the VM's spec file (when it differs); returns the commit.
+    fn commit_spec(&self, branch: &str, text: &str, message: &str) -> Result<Option<git2::Oid>> {
+        if self.spec_text(branch)? == text {
+            return Ok(None);
+        }
+        let tip = self.tip(branch)?.id();
+        let repo = self.source.repository();
+        commit_file(repo, branch, tip, &self.spec_path, text, message).map(Some)
+    }
+
+    /// Commits the VM pinned to `to`; returns its `migrate` event once it runs there.
+    pub(super) fn move_to(
+        &self,
+        branch: &str,
+        original: &str,
+        to: &str,
+    ) -> Result<(SystemTime, VmEvent)> {
+        let since = SystemTime::now();
+        let text = with_pin(original, Some(to))?;
+        let message = format!(
+            "plasmavmc drill: move {} to {to} (live round trip)",
+            self.vm
+        );
+        self.commit_spec(branch, &text, &message)?;
+        let event = self.event_after(&format!("the move to {to}"), since, STEP, |e| {
+            e.kind.starts_with("migrate")
+        })?;
+        if event.1.kind != "migrate" {
+            bail!("the move to {to} failed: {}", event.1.message);
+        }
+        if !wait(STEP, || {
+            self.status().and_then(|s| s.host).as_deref() == Some(to)
+        }) {
+            bail!("the status never said {} runs on {to}", self.vm);
+        }
+        Ok(event)
+    }
+
+    /// Commits the spec file back as it was and waits until the daemon reconciled with it.
+    pub(super) fn restore(&self, branch: &str, original: &str) -> Result<()> {
+        let message = format!("plasmavmc drill: {} spec as it was", self.vm);
+        let Some(id) = self.commit_spec(branch, original, &message)? else {
+            return Ok(());
+        };
+        let id = id.to_string();
+        let applied = wait(STEP, || {
+            self.engine()
+                .is_ok_and(|e| e.last_attempted_revision.as_deref() == Some(id.as_str()))
+        });
+        if !applied {
+            bail!("the daemon did not take up the restoring commit {id} within {STEP:?}");
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

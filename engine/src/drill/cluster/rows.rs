@@ -9,7 +9,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use plasmavmc_specs::MigrationPolicy;
 
-use super::{ms, pin, wait, Cluster, STEP};
+use super::{ms, wait, Cluster, STEP};
 use crate::drill::modes::moves::downtime_in;
 use crate::drill::modes::{sampling, Mode, Sample};
 use crate::host::Fault;
@@ -248,97 +248,4 @@ fn round_trip(c: &mut Cluster) -> Result<Sample> {
             ms(there.0, back.0)
         ),
     })
-}
-
-impl Cluster {
-    /// Hosts whose status says `ready`, by name.
-    fn ready_hosts(&self) -> Vec<String> {
-        let Ok(dir) = std::fs::read_dir(self.state.join("status/hosts")) else {
-            return Vec::new();
-        };
-        let mut out: Vec<String> = dir
-            .flatten()
-            .filter_map(|e| {
-                let s: crate::status::HostStatus =
-                    toml::from_str(&std::fs::read_to_string(e.path()).ok()?).ok()?;
-                (s.phase == "ready").then_some(s.name)
-            })
-            .collect();
-        out.sort();
-        out
-    }
-
-    fn tip(&self, branch: &str) -> Result<git2::Commit<'_>> {
-        Ok(self
-            .source
-            .repository()
-            .find_reference(&format!("refs/heads/{branch}"))?
-            .peel_to_commit()?)
-    }
-
-    /// The VM's spec file at the tip of `branch`.
-    fn spec_text(&self, branch: &str) -> Result<String> {
-        let tip = self.tip(branch)?;
-        let entry = tip
-            .tree()?
-            .get_path(std::path::Path::new(&self.spec_path))
-            .with_context(|| format!("{} at the tip of {branch}", self.spec_path))?;
-        let blob = self.source.repository().find_blob(entry.id())?;
-        String::from_utf8(blob.content().to_vec()).context("the VM's spec file is not UTF-8")
-    }
-
-    /// Commits `text` as the VM's spec file (when it differs); returns the commit.
-    fn commit_spec(&self, branch: &str, text: &str, message: &str) -> Result<Option<git2::Oid>> {
-        if self.spec_text(branch)? == text {
-            return Ok(None);
-        }
-        let tip = self.tip(branch)?.id();
-        let repo = self.source.repository();
-        pin::commit_file(repo, branch, tip, &self.spec_path, text, message).map(Some)
-    }
-
-    /// Commits the VM pinned to `to`; returns its `migrate` event once it runs there.
-    fn move_to(
-        &self,
-        branch: &str,
-        original: &str,
-        to: &str,
-    ) -> Result<(SystemTime, crate::status::VmEvent)> {
-        let since = SystemTime::now();
-        let text = pin::with_pin(original, Some(to))?;
-        let message = format!(
-            "plasmavmc drill: move {} to {to} (live round trip)",
-            self.vm
-        );
-        self.commit_spec(branch, &text, &message)?;
-        let event = self.event_after(&format!("the move to {to}"), since, STEP, |e| {
-            e.kind.starts_with("migrate")
-        })?;
-        if event.1.kind != "migrate" {
-            bail!("the move to {to} failed: {}", event.1.message);
-        }
-        if !wait(STEP, || {
-            self.status().and_then(|s| s.host).as_deref() == Some(to)
-        }) {
-            bail!("the status never said {} runs on {to}", self.vm);
-        }
-        Ok(event)
-    }
-
-    /// Commits the spec file back as it was and waits until the daemon reconciled with it.
-    fn restore(&self, branch: &str, original: &str) -> Result<()> {
-        let message = format!("plasmavmc drill: {} spec as it was", self.vm);
-        let Some(id) = self.commit_spec(branch, original, &message)? else {
-            return Ok(());
-        };
-        let id = id.to_string();
-        let applied = wait(STEP, || {
-            self.engine()
-                .is_ok_and(|e| e.last_attempted_revision.as_deref() == Some(id.as_str()))
-        });
-        if !applied {
-            bail!("the daemon did not take up the restoring commit {id} within {STEP:?}");
-        }
-        Ok(())
-    }
 }
