@@ -183,8 +183,8 @@ impl Load {
 
 impl HostLoad {
     fn add(&mut self, vcpus: u32, memory_mb: u64, group: Option<&str>) {
-        self.used.vcpus += vcpus;
-        self.used.memory_mb += memory_mb;
+        self.used.vcpus = self.used.vcpus.saturating_add(vcpus);
+        self.used.memory_mb = self.used.memory_mb.saturating_add(memory_mb);
         if let Some(g) = group {
             *self.groups.entry(g.to_owned()).or_default() += 1;
         }

@@ -468,3 +468,22 @@ fn a_suspect_host_is_planned_like_an_unreachable_one_that_is_not_fenced() {
     let once_down = on_hosts(&["hv2"], vec![]).with_context(&down, last_known, fences);
     assert_eq!(ops(&plan(&d, &once_down, NOW)), ["recover ha", "start ha"]);
 }
+
+#[test]
+fn huge_memory_of_placed_vms_saturates_instead_of_overflowing() {
+    // Specs accept any TOML integer: VMs whose shares add up past u64 must not panic
+    // the planner (they could never have started, but their records may exist).
+    let huge = format!("memory_mb = {}", i64::MAX);
+    let d = desired(&[
+        ("vms/a.toml", huge.as_str()),
+        ("vms/b.toml", huge.as_str()),
+        ("vms/c.toml", huge.as_str()),
+    ]);
+    let o = observed(
+        ["a", "b", "c"]
+            .map(|v| running(&d, v, RunState::Running))
+            .to_vec(),
+    );
+    let p = plan(&d, &o, NOW);
+    assert!(p.actions.is_empty(), "{:?}", p.actions);
+}

@@ -504,8 +504,13 @@ fn host_status(
                 .unwrap_or(inv.capacity.memory_mb),
         },
         allocated: Capacity {
-            vcpus: running.iter().map(|v| v.spec.vcpus).sum(),
-            memory_mb: running.iter().map(|v| v.spec.memory_mb).sum(),
+            // Saturating: specs accept any u64, and a status must never panic on one.
+            vcpus: running
+                .iter()
+                .fold(0, |n: u32, v| n.saturating_add(v.spec.vcpus)),
+            memory_mb: running
+                .iter()
+                .fold(0, |n: u64, v| n.saturating_add(v.spec.memory_mb)),
         },
         vms: inv.vms.keys().cloned().collect(),
         orphans: inv.orphans.clone(),
