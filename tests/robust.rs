@@ -465,6 +465,44 @@ fn qemu_that_cannot_start_is_reported_clearly() -> Result<()> {
     Ok(())
 }
 
+/// No QEMU binary at all (`PLASMAVMC_QEMU` names nothing): the start fails naming the
+/// program, and counts as a failed start, so the restart policy backs off instead of
+/// trying again at every reconcile.
+#[test]
+fn a_missing_qemu_binary_is_a_failed_start_that_backs_off() -> Result<()> {
+    let repo = TestRepo::new()?;
+    repo.set_cluster_settings("[restart]\nbackoff = \"1h\"\nbackoff_max = \"1h\"\n")?;
+    repo.write_vm("web", &VmSpec::new().no_disks())?;
+    repo.commit("web, no QEMU on the host")?;
+    let apply = |n: usize| -> Result<String> {
+        let mut cmd = repo.command(&["apply", "--auto-approve"]);
+        cmd.env("PLASMAVMC_QEMU", "/nonexistent/qemu-system-x86_64");
+        let out = plasmavmc_e2e::Running::spawn(cmd)?.finish(RUN_TIMEOUT)?;
+        out.expect_code(1)
+            .with_context(|| format!("apply {n} should fail"))?;
+        Ok(out.all())
+    };
+    let first = apply(1)?;
+    ensure!(
+        first.contains("cannot run /nonexistent/qemu-system-x86_64"),
+        "the failure does not name the program:\n{first}"
+    );
+    // The first restart is immediate; it fails too; the next waits the 1 h backoff.
+    apply(2)?;
+    let plan = repo.plan_json(&[])?;
+    let actions = plan["actions"].as_array().context("plan actions")?;
+    ensure!(
+        actions.is_empty(),
+        "a third start is planned at once, no backoff: {plan:#}"
+    );
+    let view = repo.vm_view("web")?.context("web's status")?;
+    ensure!(
+        view.message.contains("cannot run"),
+        "web's status does not say why: {view:?}"
+    );
+    Ok(())
+}
+
 /// After a failed start, the retry is due when the backoff ends (here: at once, the
 /// first failure), not at the next periodic resync (`--interval 1h`).
 #[test]

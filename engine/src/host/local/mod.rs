@@ -618,7 +618,16 @@ impl Host for LocalHost {
             return Err(e);
         }
         let args = qemu_args(&inst, self.accel_for(&inst));
-        let pid = Self::spawn(&dir, vm, &args)?;
+        let pid = match Self::spawn(&dir, vm, &args) {
+            Ok(pid) => pid,
+            Err(e) => {
+                // No QEMU binary (or no way to run it): a failed start all the same, so
+                // the restart policy backs off instead of retrying at every reconcile.
+                let message = crate::execute::error_chain(&e);
+                Self::record_failed_start(&dir, ExitReason::StartFailed, 0, message);
+                return Err(e);
+            }
+        };
         failpoint!("agent.start.spawned");
         if let Err(e) = self.wait_qmp(&dir, vm, &inst.uuid, pid, true).await {
             let message = match &e {
