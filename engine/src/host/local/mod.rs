@@ -665,25 +665,36 @@ impl Host for LocalHost {
             return Ok(StopOutcome::AlreadyStopped);
         };
         let qmp = self.monitor.qmp(&dir, vm, &inst.uuid, pid, QMP_PROBE).await;
-        if let Ok(qmp) = &qmp {
+        let status = match &qmp {
+            Ok(qmp) => Some(qmp.query_status().await),
+            Err(_) => None,
+        };
+        if let Some(Err(e @ crate::qemu::qmp::QmpError::Timeout { .. })) = &status {
+            // A QEMU that does not answer is frozen: no command will be heard (each would
+            // wait out its own timeout), only SIGKILL ends it.
+            warn!(vm, pid, error = %e, "QEMU does not answer QMP; killing it");
+        } else if let Ok(qmp) = &qmp {
             // A paused guest (a migration's source or target) cannot see the power button.
-            let paused = qmp.query_status().await.is_ok_and(|s| !s.running);
+            let paused = status.is_some_and(|s| s.is_ok_and(|s| !s.running));
             if paused && qmp.quit().await.is_ok() && process::wait_gone(pid, EXIT_GRACE).await {
                 info!(vm, pid, "QEMU held no running guest; quit");
                 return Ok(StopOutcome::Paused);
             }
-            if qmp.system_powerdown().await.is_ok() && process::wait_gone(pid, timeout).await {
+            let pressed = qmp.system_powerdown().await;
+            if pressed.is_ok() && process::wait_gone(pid, timeout).await {
                 info!(vm, pid, "stopped gracefully");
                 return Ok(StopOutcome::Graceful);
             }
-            warn!(
-                vm,
-                pid,
-                ?timeout,
-                "guest ignored the ACPI power button; quitting QEMU"
-            );
-            if qmp.quit().await.is_ok() && process::wait_gone(pid, EXIT_GRACE).await {
-                return Ok(StopOutcome::Quit);
+            if !matches!(pressed, Err(crate::qemu::qmp::QmpError::Timeout { .. })) {
+                warn!(
+                    vm,
+                    pid,
+                    ?timeout,
+                    "guest ignored the ACPI power button; quitting QEMU"
+                );
+                if qmp.quit().await.is_ok() && process::wait_gone(pid, EXIT_GRACE).await {
+                    return Ok(StopOutcome::Quit);
+                }
             }
         }
         warn!(vm, pid, "QEMU did not quit; killing it");
