@@ -11,6 +11,17 @@
 //! <tmp>/fence.sh       fence command of hv1 and hv2 (kills the host's QEMUs); hv3 has none
 //! <tmp>/watch-N.log    the daemon's log (JSON lines)
 //! ```
+//!
+//! A host's processes are the ones whose working directory is in its root: its agent
+//! (the `sh -c` that starts it enters the root first, then looks for the power-off
+//! marker, then becomes the agent) and its QEMUs (each runs in its instance folder).
+//! Powering a host off writes the marker, then kills its processes until none is
+//! left: a starter that entered the root before the marker existed is killed with the
+//! rest, one that had not will see the marker. Killing only the agent seen first would
+//! let an agent the daemon was starting at that moment live on a "powered off" host.
+//!
+//! The folder is removed at the end unless `PLASMAVMC_DRILL_KEEP` is set (to anything):
+//! then it stays, with every daemon log, status file and host root, for a post-mortem.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -122,12 +133,7 @@ impl Sandbox {
 
     fn host_toml(&self, host: &str, fenced: bool) -> String {
         let root = self.host_root(host);
-        let marker = format!("{}.off", root.display());
-        let script = format!(
-            "test -e '{marker}' && {{ echo 'host powered off' >&2; exit 1; }}; exec '{}' agent --stdio --root '{}'",
-            self.exe.display(),
-            root.display()
-        );
+        let script = starter(&self.exe, &root);
         let mut text = format!(
             "exec = [\"sh\", \"-c\", {}]\nmemory_mb = 2048\nvcpus = 8\nshared_storage = {:?}\nstorage_pool = \"drill\"\n",
             toml::Value::String(script),
@@ -322,26 +328,15 @@ impl Sandbox {
         })
     }
 
-    /// Power-off: the host cannot start an agent any more, its agent and QEMUs die.
+    /// Power-off: the host cannot start an agent any more; every process of it (agents,
+    /// agents being started, QEMUs) dies.
     pub fn power_off(&self, host: &str) -> Result<()> {
-        fs::write(format!("{}.off", self.host_root(host).display()), b"")?;
-        if let Some(agent) = self.agent_of(host) {
-            let _ = kill(Pid::from_raw(agent), Signal::SIGCONT);
-            let _ = kill(Pid::from_raw(agent), Signal::SIGKILL);
-        }
-        for pid in self.host_qemus(host) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-        }
-        wait(
-            "the host's processes to die",
-            Duration::from_secs(10),
-            || self.host_qemus(host).is_empty(),
-        )
+        power_off(&self.host_root(host))
     }
 
     /// Power back on: agents may start again.
     pub fn power_on(&self, host: &str) {
-        let _ = fs::remove_file(format!("{}.off", self.host_root(host).display()));
+        let _ = fs::remove_file(marker(&self.host_root(host)));
     }
 
     /// Partition: the host's agent is frozen (SIGSTOP); its QEMUs run on.
@@ -372,16 +367,71 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.kill_watch();
+        if std::env::var_os("PLASMAVMC_DRILL_KEEP").is_some() {
+            self.dir.disable_cleanup(true);
+            eprintln!("PLASMAVMC_DRILL_KEEP: kept {}", self.root().display());
+        }
         for host in HOSTS {
-            if let Some(agent) = self.agent_of(host) {
-                let _ = kill(Pid::from_raw(agent), Signal::SIGCONT);
-                let _ = kill(Pid::from_raw(agent), Signal::SIGKILL);
-            }
-            for pid in self.host_qemus(host) {
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
+            kill_all(&host_processes(&self.host_root(host)));
         }
     }
+}
+
+/// The power-off marker of the host on `root`: while it exists, no agent starts there.
+fn marker(root: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.off", root.display()))
+}
+
+/// The `sh -c` script that starts the agent of the host on `root`: it enters the root
+/// first (from then on it is one of the host's processes, see [`host_processes`]),
+/// refuses while the power-off marker exists, then becomes the agent.
+fn starter(exe: &Path, root: &Path) -> String {
+    format!(
+        "mkdir -p '{r}' && cd '{r}' || exit 1; test -e '{m}' && {{ echo 'host powered off' >&2; exit 1; }}; exec '{e}' agent --stdio --root '{r}'",
+        r = root.display(),
+        m = marker(root).display(),
+        e = exe.display(),
+    )
+}
+
+/// Powers the host on `root` off: writes its marker, then kills its processes until
+/// none is left. Every process that entered the root before the marker existed is
+/// seen (its working directory is there); any other one checks the marker after it
+/// enters the root, finds it and exits: none can be left serving the host.
+fn power_off(root: &Path) -> Result<()> {
+    fs::write(marker(root), b"")?;
+    wait(
+        "the host's processes to die",
+        Duration::from_secs(10),
+        || {
+            let left = host_processes(root);
+            kill_all(&left);
+            left.is_empty()
+        },
+    )
+}
+
+/// SIGCONT (a partitioned agent is stopped) then SIGKILL to each of `pids`.
+fn kill_all(pids: &[i32]) {
+    for &pid in pids {
+        let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+    }
+}
+
+/// Live processes (not zombies) whose working directory is `root` or under it.
+fn host_processes(root: &Path) -> Vec<i32> {
+    let Ok(root) = root.canonicalize() else {
+        return Vec::new();
+    };
+    all_pids()
+        .into_iter()
+        .filter(|&pid| {
+            fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd.starts_with(&root))
+                && u32::try_from(pid)
+                    .is_ok_and(|p| crate::qemu::process::proc_state(p).is_some_and(|s| s != 'Z'))
+        })
+        .collect()
 }
 
 /// Kills every QEMU whose working directory is under the root given as `$1` (an
@@ -456,4 +506,77 @@ pub fn qemus_of(root: &Path, vm: &str) -> Vec<(String, i32)> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    /// Children killed (resumed first) and reaped however the test ends.
+    struct Reap(Vec<Child>);
+
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for child in &mut self.0 {
+                // Not reaped yet, so its pid is still its own.
+                if let (Ok(None), Ok(pid)) = (child.try_wait(), i32::try_from(child.id())) {
+                    kill_all(&[pid]);
+                }
+                let _ = child.wait();
+            }
+        }
+    }
+
+    fn start(script: &str) -> Result<Child> {
+        Ok(Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?)
+    }
+
+    /// The flake this catches: the drill saw `app` unknown and powered hv3 off just as
+    /// the daemon, having given up on hv3's stopped agent, started a new one. That one
+    /// had passed the marker check and took the root's lock once the stopped agent was
+    /// killed; power-off killed only the agent it saw first, so hv3 answered again,
+    /// restarted `app` there, and the operator's `fence confirm` was void.
+    #[test]
+    fn power_off_kills_every_agent_and_no_agent_starts_after_it() -> Result<()> {
+        let tmp = tempfile::tempdir()?;
+        let root = tmp.path().join("hosts").join("hv3");
+        // The agent: it reads its stdin (kept open) until it is killed.
+        let exe = tmp.path().join("agent.sh");
+        fs::write(&exe, "#!/bin/sh\nread -r request\n")?;
+        fs::set_permissions(&exe, fs::Permissions::from_mode(0o755))?;
+        let script = starter(&exe, &root);
+        // The partitioned agent (stopped), and the one the daemon was starting.
+        let agents = Reap(vec![start(&script)?, start(&script)?]);
+        wait("both agents to run", Duration::from_secs(10), || {
+            host_processes(&root).len() == 2
+        })?;
+        let stopped = i32::try_from(agents.0[0].id())?;
+        kill(Pid::from_raw(stopped), Signal::SIGSTOP)?;
+        // A start that runs its script once the power-off is over.
+        let go = tmp.path().join("go");
+        let mut late = Reap(vec![start(&format!(
+            "while ! test -e '{}'; do sleep 0.01; done; {script}",
+            go.display()
+        ))?]);
+
+        power_off(&root)?;
+        assert!(host_processes(&root).is_empty());
+        fs::write(&go, b"")?;
+        let status = late.0[0].wait()?;
+        assert_eq!(
+            status.code(),
+            Some(1),
+            "a start after the power-off must fail"
+        );
+        assert!(host_processes(&root).is_empty());
+        Ok(())
+    }
 }

@@ -303,12 +303,17 @@ pub async fn observe_with_memory<'a, H: Host + 'a>(
         }
     }
     let fences = crate::state::fence::FenceRecords::new(state.root());
+    let records = fences.all();
     let observed =
         Observed::gather(hosts)
             .await
-            .with_context(unreachable, last_known, fences.all());
+            .with_context(unreachable, last_known, records.clone());
     for host in observed.hosts.keys() {
-        fences.clear(host);
+        if let (Some(how), true) = (records.get(host), fences.clear(host)) {
+            // Said, not silent: an operator's `fence confirm` is void once the host
+            // answers, and its VMs are then not recovered elsewhere.
+            tracing::info!(host = %host, fencing = %how, "the host answers: it has rejoined; its fence record is cleared");
+        }
     }
     observed
 }

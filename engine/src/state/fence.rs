@@ -60,9 +60,9 @@ impl FenceRecords {
             .collect()
     }
 
-    /// Forgets the fencing of `host` (it answers again).
-    pub fn clear(&self, host: &str) {
-        let _ = fs::remove_file(self.dir.join(format!("{host}.toml")));
+    /// Forgets the fencing of `host` (it answers again); true when there was one.
+    pub fn clear(&self, host: &str) -> bool {
+        fs::remove_file(self.dir.join(format!("{host}.toml"))).is_ok()
     }
 }
 
@@ -77,8 +77,9 @@ mod tests {
         assert!(fences.all().is_empty());
         fences.record("hv1", "operator")?;
         assert!(fences.all()["hv1"].starts_with("fenced by operator at "));
-        fences.clear("hv1");
+        assert!(fences.clear("hv1"));
         assert!(fences.all().is_empty());
+        assert!(!fences.clear("hv1"), "nothing left to clear");
         Ok(())
     }
 }
