@@ -454,6 +454,23 @@ fn watch_moves_a_vm_live_when_a_commit_pins_it_elsewhere() -> Result<()> {
         "web's QEMUs are {:?}, expected only {pid}",
         repo.qemus_of("web")
     );
+    // The source's end, removed by the engine, is no exit to report or react to.
+    daemon.resync(ACT_TIMEOUT)?;
+    let unexpected = daemon
+        .lines()
+        .into_iter()
+        .find(|l| l.is("vm exited", Some("web")) && l.field("expected") == Some(&false.into()));
+    ensure!(
+        unexpected.is_none(),
+        "the discarded source's exit was taken for a crash: {unexpected:?}\n{}",
+        daemon.describe()
+    );
+    let view = repo.vm_view("web")?.context("web's status")?;
+    ensure!(
+        view.events.iter().all(|e| e.kind != "exited"),
+        "web's status reports an exit after the move: {:?}",
+        view.events
+    );
     repo.ticking_on("hv2", "web", seen)?;
     let first = ticks(&repo.serial_on("hv2", "web")).first().copied();
     ensure!(

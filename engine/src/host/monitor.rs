@@ -186,13 +186,15 @@ impl Watcher {
     }
 
     /// Records an exit the engine did not ask for in `instance.toml`; returns whether the
-    /// exit was expected (the instance's power was already `stopped`).
+    /// exit was expected: the instance's power was already `stopped`, or the instance is
+    /// no longer this QEMU's (removed by the engine — a migration's source discarded, a VM
+    /// deleted — or replaced by a newer one): nothing to record, nothing to react to.
     fn record(&self, reason: ExitReason, status: Option<String>, at_ms: u64) -> bool {
         let Ok(mut inst) = self.dir.read() else {
-            return false;
+            return true;
         };
         if inst.uuid != self.uuid {
-            return false;
+            return true;
         }
         if inst.power == Power::Stopped {
             return true;
