@@ -271,19 +271,33 @@ done
 
     /// Powers `host` off: creates its power-off marker (its agent cannot be started
     /// again; the host must be [`HostSpec::switchable`]), then kills its agents
-    /// (resumed first if stopped) and every QEMU under its root, and waits until they
-    /// are gone. Returns the wall clock just before the first kill.
+    /// (resumed first if stopped) and every QEMU under its root, until none is left: a
+    /// start script that passed the marker check just before the marker existed names
+    /// the root in its argv, so it is found (before or after it execs the agent) and
+    /// killed too. Returns the wall clock just before the first kill.
     pub fn power_off(&self, host: &str) -> Result<SystemTime> {
-        let marker = HostSpec::power_marker(&self.host_root(host));
+        let root = self.host_root(host);
+        let marker = HostSpec::power_marker(&root);
         fs::write(&marker, "off\n").with_context(|| format!("writing {}", marker.display()))?;
         let at = SystemTime::now();
-        // The agent first: with it alive, the engine would hear the QEMUs die.
-        for agent in self.host_agents(host) {
-            self.forget_stopped(agent);
-            let _ = kill(Pid::from_raw(agent), Signal::SIGCONT);
-            proc::kill_and_wait(agent, KILL_TIMEOUT)?;
-        }
-        self.kill_host_qemus(host)?;
+        poll_for(format!("every process of {host} to be gone"), KILL_TIMEOUT, || {
+            let qemus = self.host_qemus(host);
+            // Agents and their start scripts first: with an agent alive, the engine
+            // would hear the QEMUs die.
+            let others: Vec<i32> = proc::processes_under(&root)
+                .into_iter()
+                .filter(|pid| !qemus.contains(pid))
+                .collect();
+            if others.is_empty() && qemus.is_empty() {
+                return Some(());
+            }
+            for pid in others.into_iter().chain(qemus) {
+                self.forget_stopped(pid);
+                let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+            None
+        })?;
         Ok(at)
     }
 
