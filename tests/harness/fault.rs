@@ -280,24 +280,28 @@ done
         let marker = HostSpec::power_marker(&root);
         fs::write(&marker, "off\n").with_context(|| format!("writing {}", marker.display()))?;
         let at = SystemTime::now();
-        poll_for(format!("every process of {host} to be gone"), KILL_TIMEOUT, || {
-            let qemus = self.host_qemus(host);
-            // Agents and their start scripts first: with an agent alive, the engine
-            // would hear the QEMUs die.
-            let others: Vec<i32> = proc::processes_under(&root)
-                .into_iter()
-                .filter(|pid| !qemus.contains(pid))
-                .collect();
-            if others.is_empty() && qemus.is_empty() {
-                return Some(());
-            }
-            for pid in others.into_iter().chain(qemus) {
-                self.forget_stopped(pid);
-                let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
-                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-            }
-            None
-        })?;
+        poll_for(
+            format!("every process of {host} to be gone"),
+            KILL_TIMEOUT,
+            || {
+                let qemus = self.host_qemus(host);
+                // Agents and their start scripts first: with an agent alive, the engine
+                // would hear the QEMUs die.
+                let others: Vec<i32> = proc::processes_under(&root)
+                    .into_iter()
+                    .filter(|pid| !qemus.contains(pid))
+                    .collect();
+                if others.is_empty() && qemus.is_empty() {
+                    return Some(());
+                }
+                for pid in others.into_iter().chain(qemus) {
+                    self.forget_stopped(pid);
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGCONT);
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                }
+                None
+            },
+        )?;
         Ok(at)
     }
 

@@ -241,20 +241,26 @@ impl Cluster {
         }
     }
 
-    /// Exits the restart policy still allows before giving up on the VM (unlimited when
-    /// they never pile up in its window).
-    fn exit_budget(&self) -> u32 {
-        let (max, window) = self.restart;
-        let now = SystemTime::now();
+    /// Unexpected exits of the VM in the restart policy's window before `at`, as its
+    /// status events tell.
+    fn exits_before(&self, at: SystemTime) -> u32 {
+        let (_, window) = self.restart;
         let recent = self.status().map_or(0, |s| {
             s.events
                 .iter()
                 .filter(|e| e.kind == "exited")
                 .filter_map(|e| crate::time::parse(&e.at))
-                .filter(|at| now.duration_since(*at).unwrap_or_default() <= window)
+                .filter(|t| *t < at && at.duration_since(*t).unwrap_or_default() <= window)
                 .count()
         });
-        let recent = u32::try_from(recent).unwrap_or(u32::MAX);
+        u32::try_from(recent).unwrap_or(u32::MAX)
+    }
+
+    /// Exits the restart policy still allows before giving up on the VM (unlimited when
+    /// they never pile up in its window).
+    fn exit_budget(&self) -> u32 {
+        let (max, window) = self.restart;
+        let recent = self.exits_before(SystemTime::now());
         let left = max.saturating_sub(1).saturating_sub(recent);
         // Each fault waits `settle` after the restart the previous one caused: with a
         // window shorter than that, every exit has left the window before the next.

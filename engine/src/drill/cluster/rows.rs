@@ -109,7 +109,7 @@ fn watching<T>(
 
 /// Inflicts `fault`, then measures until the daemon saw the exit and the VM runs again.
 fn exit_row(c: &mut Cluster, fault: Fault) -> Result<Sample> {
-    let ((answer, t0, exited, started), most) = watching(c, |c| {
+    let ((answer, t0, exited, started, earlier), most) = watching(c, |c| {
         let answer = c.inflict(fault)?;
         let t0 = crate::time::parse(&answer.at).context("the daemon's answer has no time")?;
         let bound = if fault == Fault::Nmi {
@@ -129,7 +129,8 @@ fn exit_row(c: &mut Cluster, fault: Fault) -> Result<Sample> {
         let started = c.event_after("a new QEMU", t0, STEP, |e| {
             matches!(e.kind.as_str(), "start" | "restart")
         })?;
-        Ok((answer, t0, exited, started))
+        let earlier = c.exits_before(t0);
+        Ok((answer, t0, exited, started, earlier))
     })?;
     let reason = exited.1.message.split(' ').next().unwrap_or("?").to_owned();
     let after = c.settled()?;
@@ -143,11 +144,19 @@ fn exit_row(c: &mut Cluster, fault: Fault) -> Result<Sample> {
         data_checked: false,
         broken,
         note: format!(
-            "{} struck QEMU pid {}; exit reason {reason}; running again as pid {} on {} (the restart policy's backoff counts in: repeated exits wait longer)",
+            "{} struck QEMU pid {}; exit reason {reason}; running again as pid {} on {}; {}",
             fault.as_str(),
             answer.pid.unwrap_or_default(),
             after.pid.unwrap_or_default(),
-            after.host.unwrap_or_default()
+            after.host.unwrap_or_default(),
+            if earlier == 0 {
+                "a first failure in the [restart] window: restarted at once".to_owned()
+            } else {
+                format!(
+                    "exit {} in the [restart] window: the restart waited its backoff",
+                    earlier + 1
+                )
+            }
         ),
     })
 }

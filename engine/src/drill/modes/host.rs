@@ -6,12 +6,14 @@ use anyhow::{bail, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-use super::{app_on, boots, find_after, first_tick, ms, watching, Sample, APP, STEP};
+use super::{
+    app_on, boots, boots_anywhere, find_after, first_tick, ms, watching, Sample, APP, STEP,
+};
 use crate::drill::sandbox::{wait, Sandbox};
 
 pub(super) fn host_reboot(sb: &mut Sandbox) -> Result<Sample> {
     let host = app_on(sb, Some("hv2"))?;
-    let boots_before = boots(sb, &host, APP);
+    let boots_before = boots_anywhere(sb, APP);
     sb.kill_watch();
     for pid in sb.host_qemus(&host) {
         let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
@@ -63,7 +65,7 @@ pub(super) fn rejoin(sb: &Sandbox, host: &str) -> Result<()> {
 
 pub(super) fn host_power_off(sb: &mut Sandbox) -> Result<Sample> {
     let host = app_on(sb, Some("hv1"))?;
-    let boots_before = boots(sb, &host, APP);
+    let boots_before = boots_anywhere(sb, APP);
     let since = sb.log().len();
     let ((t0, lost, started, to), most) = watching(sb, APP, |sb| {
         let t0 = SystemTime::now();
@@ -105,7 +107,7 @@ pub(super) fn host_power_off(sb: &mut Sandbox) -> Result<Sample> {
 
 pub(super) fn partition(sb: &mut Sandbox) -> Result<Sample> {
     let host = app_on(sb, Some("hv3"))?;
-    let boots_before = boots(sb, &host, APP);
+    let boots_before = boots_anywhere(sb, APP);
     let since = sb.log().len();
     let ((t0, unknown, confirmed, started, to), most) = watching(sb, APP, |sb| {
         let t0 = SystemTime::now();

@@ -158,6 +158,16 @@ fn boots(sb: &Sandbox, host: &str, vm: &str) -> Option<u64> {
         .next_back()
 }
 
+/// The boot count `vm`'s guest last found on its disk, wherever it booted (after a live
+/// move the console where it runs shows no boot; the count only grows, so the highest
+/// any host's console shows is the latest).
+fn boots_anywhere(sb: &Sandbox, vm: &str) -> Option<u64> {
+    super::sandbox::HOSTS
+        .iter()
+        .filter_map(|h| boots(sb, h, vm))
+        .max()
+}
+
 /// Waits until `vm`'s console on `host` shows a tick (after a restart: a new console).
 fn first_tick(sb: &Sandbox, host: &str, vm: &str) -> Result<SystemTime> {
     wait(&format!("{vm} ticking on {host}"), STEP, || {

@@ -7,8 +7,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::{
-    app_on, boots, find_after, first_tick, last_tick, ms, the_pid, tick_after, watching, Sample,
-    APP, STEP,
+    app_on, boots, boots_anywhere, find_after, first_tick, last_tick, ms, the_pid, tick_after,
+    watching, Sample, APP, STEP,
 };
 use crate::drill::sandbox::{wait, Sandbox};
 
@@ -40,7 +40,7 @@ pub(super) fn engine_crash(sb: &mut Sandbox) -> Result<Sample> {
 /// it runs again where it was, checking its disk kept its data when it has one.
 pub(super) fn exit_and_restart(sb: &mut Sandbox, vm: &str, by_guest: bool) -> Result<Sample> {
     let (host, pid) = the_pid(sb, vm)?;
-    let boots_before = boots(sb, &host, vm);
+    let boots_before = boots_anywhere(sb, vm);
     let since = sb.log().len();
     let ((t0, exited, started), most) = watching(sb, vm, |sb| {
         let t0 = if by_guest {
