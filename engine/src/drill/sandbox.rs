@@ -68,6 +68,9 @@ pub struct Sandbox {
     /// The running daemon and its log file.
     watch: Option<(Child, PathBuf)>,
     watches: usize,
+    /// The highest boot count each VM's guest was seen to find on its disk: its console
+    /// shows the count only where it booted, and a live move discards that console.
+    boots_seen: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// The kernel and initramfs the drill's VMs boot (the tiny test guest by default).
@@ -97,6 +100,7 @@ impl Sandbox {
             guest,
             watch: None,
             watches: 0,
+            boots_seen: std::sync::Mutex::default(),
             dir,
         };
         // A short restart window: every run of a row is a first failure (the restart
@@ -292,6 +296,17 @@ impl Sandbox {
     /// Every QEMU under `host`'s root.
     pub fn host_qemus(&self, host: &str) -> Vec<i32> {
         qemus_in(&self.host_root(host))
+    }
+
+    /// Remembers that `vm`'s guest found boot count `n` on its disk; returns the highest
+    /// count seen so far.
+    pub fn saw_boots(&self, vm: &str, n: Option<u64>) -> Option<u64> {
+        let mut seen = self.boots_seen.lock().expect("boots_seen");
+        if let Some(n) = n {
+            let best = seen.entry(vm.to_owned()).or_default();
+            *best = (*best).max(n);
+        }
+        seen.get(vm).copied()
     }
 
     pub fn serial(&self, host: &str, vm: &str) -> String {
