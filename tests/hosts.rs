@@ -240,6 +240,21 @@ fn placement_explains_what_is_missing() -> Result<()> {
     );
     repo.wait_agents_exit("apply")?;
 
+    // A fresh `status` says why big is not running, as apply did.
+    let status = repo.run(&["status", "--json"])?;
+    status.expect_code(0)?;
+    let snap: Value = serde_json::from_str(&status.stdout).context("status --json")?;
+    let message = snap["vms"]
+        .as_array()
+        .and_then(|vms| vms.iter().find(|v| v["name"] == "big"))
+        .and_then(|v| v["message"].as_str())
+        .unwrap_or_default();
+    ensure!(
+        message.contains("cannot be placed") && message.contains("needs 512 MB"),
+        "status does not say why big is not running: {message:?}\n{status}"
+    );
+    repo.wait_agents_exit("status")?;
+
     // The note now counts what the pinned VM takes on hv1.
     let plan = repo.plan_json(&[])?;
     let note = note_for(&plan, "big")?;

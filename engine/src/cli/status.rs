@@ -36,13 +36,19 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<u8> {
             engine.updated_at = crate::time::now();
             env!("CARGO_PKG_VERSION").clone_into(&mut engine.version);
             ctx.source.spec_dir().clone_into(&mut engine.spec_dir);
-            let snap = dir.build(
+            let mut snap = dir.build(
                 engine,
                 target.as_ref().map(|t| &t.desired),
                 &observed,
                 None,
                 &[],
             );
+            // What the planner cannot do (no room, a pin to a drained host, ...), in
+            // those VMs' messages, as `apply` and `watch` write them.
+            if let Some(t) = &target {
+                let plan = crate::plan::plan(&t.desired, &observed, crate::host::now_ms());
+                snap.explain_pending(&plan.pending);
+            }
             dir.write(&snap)?;
             snap
         }
