@@ -99,7 +99,9 @@ pub fn drill(args: &DrillArgs) -> anyhow::Result<u8> {
     if passed(&rows) {
         Ok(0)
     } else {
-        eprintln!("drill: a row was not measured or an invariant broke (see the table)");
+        eprintln!(
+            "drill: a row was not measured, an invariant broke, or nothing ran (see the table)"
+        );
         Ok(1)
     }
 }

@@ -165,10 +165,12 @@ fn run_rows<C>(
     rows
 }
 
-/// True when every row was measured and no invariant broke.
+/// True when no invariant broke, every row that ran was measured, and something was
+/// (rows a real cluster cannot show safely are skipped, but a drill of nothing fails).
 pub fn passed(rows: &[Row]) -> bool {
     rows.iter()
         .all(|r| r.errors.is_empty() && r.broken.is_empty())
+        && rows.iter().any(|r| !r.samples.is_empty())
 }
 
 /// The table in Markdown.
@@ -278,6 +280,11 @@ mod tests {
         assert!(passed(&[row(vec![], vec![])]));
         assert!(!passed(&[row(vec!["twice".into()], vec![])]));
         assert!(!passed(&[row(vec![], vec!["timed out".into()])]));
+        let mut skipped = row(vec![], vec![]);
+        skipped.samples.clear();
+        skipped.skipped = Some("no other host".into());
+        assert!(passed(&[row(vec![], vec![]), skipped.clone()]));
+        assert!(!passed(&[skipped]), "nothing measured is no pass");
         let table = markdown(&[row(vec!["run 1: 2 QEMUs".into()], vec![])]);
         assert!(table.contains("**BROKEN**: run 1: 2 QEMUs"), "{table}");
     }

@@ -62,6 +62,10 @@ pub fn refusal(c: &Cluster, row: &str, daemon: i32) -> Option<String> {
             if c.spec.migration != MigrationPolicy::Live {
                 return Some(format!("{} has migration = {:?}, not live", c.vm, c.spec.migration));
             }
+            let home = c.status().and_then(|s| s.host);
+            if c.cfg.to.is_none() && c.ready_hosts().iter().all(|h| Some(h) == home.as_ref()) {
+                return Some("no other ready host to move it to".to_owned());
+            }
             match c.engine() {
                 Ok(e) if e.repo.as_deref() == Some(c.source.canonical_git_dir().as_str()) && e.branch.is_some() => None,
                 Ok(e) => Some(format!(
