@@ -22,6 +22,7 @@ usage() {
 usage: tests/guest/build.sh [--force] [--install DIR]
 
   --force        rebuild even if target/guest/{vmlinuz,initrd.img} are up to date
+                 (boot.img, the same guest as a bootable disk image, follows them)
   --install DIR  afterwards copy vmlinuz and initrd.img into DIR (created if needed)
 EOF
 }
@@ -70,6 +71,7 @@ if [[ $force -eq 0 && -f "$OUT/vmlinuz" && -f "$OUT/initrd.img" &&
       "$OUT/vmlinuz" -nt "$SCRIPT" && "$OUT/initrd.img" -nt "$SCRIPT" &&
       "$OUT/initrd.img" -nt "$INIT_SRC" ]]; then
     log "guest already built and up to date: $OUT/{vmlinuz,initrd.img} (use --force to rebuild)"
+    bash "$SCRIPT_DIR/boot-image.sh" "$OUT"
     install_outputs
     exit 0
 fi
@@ -250,4 +252,5 @@ modules=$(for p in "${load_order[@]}"; do basename "$p" .ko; done | tr '\n' ' ' 
 EOF
 log "built $OUT/vmlinuz ($(stat -c %s "$OUT/vmlinuz") bytes, $kernel_pkg $kernel_ver)"
 log "built $OUT/initrd.img ($(stat -c %s "$OUT/initrd.img") bytes, $BUSYBOX_PKG $busybox_ver)"
+bash "$SCRIPT_DIR/boot-image.sh" "$OUT"
 install_outputs

@@ -35,6 +35,7 @@ panic_after=0
 ignore_acpi=0
 fill_mb=0
 dirty_mb=0
+disk_arg=/dev/vda
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         plasmavmc.poweroff=*) poweroff_after=${arg#plasmavmc.poweroff=} ;;
@@ -42,6 +43,7 @@ for arg in $(cat /proc/cmdline); do
         plasmavmc.ignore_acpi=*) ignore_acpi=${arg#plasmavmc.ignore_acpi=} ;;
         plasmavmc.fill=*) fill_mb=${arg#plasmavmc.fill=} ;;
         plasmavmc.dirty=*) dirty_mb=${arg#plasmavmc.dirty=} ;;
+        plasmavmc.disk=*) disk_arg=${arg#plasmavmc.disk=} ;;
     esac
 done
 case "$poweroff_after" in ''|*[!0-9]*) poweroff_after=0 ;; esac
@@ -77,7 +79,9 @@ fi
 done
 
 # --- data disk -------------------------------------------------------------
-DISK=/dev/vda
+# plasmavmc.disk=DEV: the disk holding the boot counter (default /dev/vda; `none`:
+# no counter). The boot image (boot.img) is vda itself and names vdb.
+DISK=$disk_arg
 MAGIC=PLASMAVMC-DISK
 
 # write_sector N TEXT: write TEXT, NUL-padded to 512 bytes, into sector N of
@@ -94,7 +98,7 @@ for d in /sys/bus/virtio/devices/*; do
     [ -f "$d/device" ] || continue
     [ "$(cat "$d/device")" = "0x0002" ] && has_virtio_blk=1
 done
-if [ "$has_virtio_blk" = 1 ]; then
+if [ "$has_virtio_blk" = 1 ] && [ "$DISK" != none ]; then
     i=0
     while [ ! -b "$DISK" ] && [ "$i" -lt 50 ]; do
         usleep 100000

@@ -20,11 +20,13 @@ use anyhow::{anyhow, bail, Context, Result};
 use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
-/// The test guest's kernel and initrd (absolute paths).
+/// The test guest's kernel and initrd, and the same guest as a bootable disk image
+/// (absolute paths).
 #[derive(Debug, Clone)]
 pub struct Guest {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    pub boot_image: PathBuf,
 }
 
 /// The workspace root: the parent of this crate's folder.
@@ -114,8 +116,9 @@ fn build_guest() -> Result<Guest> {
     let guest = Guest {
         kernel: dir.join("vmlinuz"),
         initrd: dir.join("initrd.img"),
+        boot_image: dir.join("boot.img"),
     };
-    let present = |g: &Guest| g.kernel.is_file() && g.initrd.is_file();
+    let present = |g: &Guest| g.kernel.is_file() && g.initrd.is_file() && g.boot_image.is_file();
     if present(&guest) {
         return Ok(guest);
     }

@@ -49,6 +49,13 @@ pub struct DrillArgs {
     /// Sandbox: their initramfs (default: target/guest/initrd.img).
     #[arg(long, default_value = "target/guest/initrd.img")]
     initrd: PathBuf,
+    /// Sandbox: boot this disk image (qcow2 or raw) through the firmware instead of a
+    /// kernel and initrd; the rows that need the test guest's knobs are skipped.
+    #[arg(long, conflicts_with = "repo")]
+    image: Option<PathBuf>,
+    /// Sandbox: memory of every VM, in MiB (raise it for your image).
+    #[arg(long, default_value_t = 96)]
+    memory: u64,
     /// Sandbox: `[heartbeat] interval` of the drill's cluster (default: the engine's, 1s).
     #[arg(long, requires = "down_after")]
     heartbeat: Option<String>,
@@ -86,6 +93,8 @@ pub fn drill(args: &DrillArgs) -> anyhow::Result<u8> {
             runs: args.runs,
             kernel: args.kernel.clone(),
             initrd: args.initrd.clone(),
+            image: args.image.clone(),
+            memory_mb: args.memory,
             heartbeat: args.heartbeat.clone().zip(args.down_after.clone()),
             only: args.only.clone(),
         };

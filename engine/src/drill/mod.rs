@@ -29,6 +29,10 @@ pub struct DrillConfig {
     pub runs: usize,
     pub kernel: PathBuf,
     pub initrd: PathBuf,
+    /// A disk image the VMs boot through the firmware instead of kernel and initrd.
+    pub image: Option<PathBuf>,
+    /// Memory of every VM of the sandbox.
+    pub memory_mb: u64,
     /// `[heartbeat]` of the sandbox (`None`: the defaults, 1 s / 5 s).
     pub heartbeat: Option<(String, String)>,
     /// Only the rows whose name contains one of these (all when empty).
@@ -62,24 +66,43 @@ impl Row {
 /// Runs every row `cfg.runs` times on a throw-away sandbox; `progress` hears what
 /// happens.
 pub fn run(cfg: &DrillConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
-    for file in [&cfg.kernel, &cfg.initrd] {
+    let files = match &cfg.image {
+        Some(image) => vec![image],
+        None => vec![&cfg.kernel, &cfg.initrd],
+    };
+    for file in files {
         anyhow::ensure!(
             file.is_file(),
-            "{} does not exist: build the test guest (tests/guest/build.sh) or pass --kernel and --initrd",
+            "{} does not exist: build the test guest (tests/guest/build.sh) or pass --kernel and --initrd (or --image)",
             file.display()
         );
     }
     let settings = cfg.heartbeat.as_ref().map_or_else(String::new, |(i, d)| {
         format!("[heartbeat]\ninterval = {i:?}\ndown_after = {d:?}\n")
     });
-    let guest = Guest {
-        kernel: std::path::absolute(&cfg.kernel)?,
-        initrd: std::path::absolute(&cfg.initrd)?,
+    let guest = match &cfg.image {
+        Some(image) => Guest::Image {
+            image: std::path::absolute(image)?,
+        },
+        None => Guest::Kernel {
+            kernel: std::path::absolute(&cfg.kernel)?,
+            initrd: std::path::absolute(&cfg.initrd)?,
+        },
     };
-    let mut sb = Sandbox::new(guest, &settings)?;
+    let image = cfg.image.is_some();
+    let mut sb = Sandbox::new(guest, cfg.memory_mb, &settings)?;
     progress(&format!("sandbox in {}", sb.root().display()));
     sb.start_watch().context("starting the engine")?;
-    let plan = |_: &modes::Mode<Sandbox>| Ok(cfg.runs);
+    let plan = |mode: &modes::Mode<Sandbox>| {
+        if image && modes::needs_knobs(mode.name) {
+            Err(
+                "needs the test guest: its kernel command line makes it panic or power off on cue"
+                    .to_owned(),
+            )
+        } else {
+            Ok(cfg.runs)
+        }
+    };
     let recover = |sb: &mut Sandbox| {
         // A failed row may leave the daemon gone: bring it back for the next.
         if !sb.watch_running() {

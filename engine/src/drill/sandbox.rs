@@ -65,6 +65,8 @@ pub struct Sandbox {
     exe: PathBuf,
     repo: git2::Repository,
     pub guest: Guest,
+    /// Memory of every VM.
+    memory_mb: u64,
     /// The running daemon and its log file.
     watch: Option<(Child, PathBuf)>,
     watches: usize,
@@ -73,17 +75,29 @@ pub struct Sandbox {
     boots_seen: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
-/// The kernel and initramfs the drill's VMs boot (the tiny test guest by default).
+/// What the drill's VMs boot.
 #[derive(Debug, Clone)]
-pub struct Guest {
-    pub kernel: PathBuf,
-    pub initrd: PathBuf,
+pub enum Guest {
+    /// A kernel and initramfs given to QEMU (the tiny test guest by default): its kernel
+    /// command line carries the drill's knobs (panic, power off), its console counts
+    /// `tick N`.
+    Kernel { kernel: PathBuf, initrd: PathBuf },
+    /// A disk image the firmware boots (a copy-on-write overlay per VM): nothing is known
+    /// of its console but that it grows.
+    Image { image: PathBuf },
+}
+
+impl Guest {
+    /// True when its console counts `tick N` (so progress and reboots can be told).
+    pub fn ticks(&self) -> bool {
+        matches!(self, Guest::Kernel { .. })
+    }
 }
 
 impl Sandbox {
     /// Creates the sandbox and commits its hosts; `settings` is the extra TOML of
     /// plasmavmc.toml (heartbeat).
-    pub fn new(guest: Guest, settings: &str) -> Result<Self> {
+    pub fn new(guest: Guest, memory_mb: u64, settings: &str) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("plasmavmc-drill-")
             .tempdir()
@@ -98,6 +112,7 @@ impl Sandbox {
             exe,
             repo,
             guest,
+            memory_mb,
             watch: None,
             watches: 0,
             boots_seen: std::sync::Mutex::default(),
@@ -180,18 +195,36 @@ impl Sandbox {
         Ok(())
     }
 
-    /// A VM spec booting the drill's guest with `extra` fields and `cmdline` knobs.
+    /// A VM spec booting the drill's guest with `extra` fields, `cmdline` knobs (the
+    /// test guest only) and a data disk on `disk` storage. An image is the VM's first
+    /// disk, on the same storage as its data disk (shared: recoverable elsewhere).
     pub fn vm_toml(&self, extra: &str, cmdline: &str, disk: Option<&str>) -> String {
         let mut text = format!(
-            "memory_mb = 96\nrestart = \"always\"\n{extra}\n[boot]\nkernel = {:?}\ninitrd = {:?}\ncmdline = \"console=ttyS0 quiet panic=-1 {cmdline}\"\n\n[qemu]\naccel = \"tcg\"\n",
-            self.guest.kernel.display().to_string(),
-            self.guest.initrd.display().to_string(),
+            "memory_mb = {}\nrestart = \"always\"\n{extra}\n[qemu]\naccel = \"tcg\"\n",
+            self.memory_mb
         );
-        if let Some(storage) = disk {
-            let _ = write!(
-                text,
-                "\n[[disks]]\nname = \"data\"\nsize_gb = 1\nstorage = {storage:?}\n"
-            );
+        let storage = disk
+            .map(|s| format!("storage = {s:?}\n"))
+            .unwrap_or_default();
+        match &self.guest {
+            Guest::Kernel { kernel, initrd } => {
+                let _ = write!(
+                    text,
+                    "\n[boot]\nkernel = {:?}\ninitrd = {:?}\ncmdline = \"console=ttyS0 quiet panic=-1 {cmdline}\"\n",
+                    kernel.display().to_string(),
+                    initrd.display().to_string(),
+                );
+            }
+            Guest::Image { image } => {
+                let _ = write!(
+                    text,
+                    "\n[[disks]]\nname = \"root\"\nimage = {:?}\n{storage}",
+                    image.display().to_string()
+                );
+            }
+        }
+        if disk.is_some() {
+            let _ = write!(text, "\n[[disks]]\nname = \"data\"\nsize_gb = 1\n{storage}");
         }
         text
     }

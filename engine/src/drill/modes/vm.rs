@@ -7,7 +7,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::{
-    app_on, boots, boots_anywhere, find_after, first_tick, last_tick, ms, the_pid, tick_after,
+    app_on, boots, boots_anywhere, find_after, first_tick, ms, progress, the_pid, tick_after,
     watching, Sample, APP, STEP,
 };
 use crate::drill::sandbox::{wait, Sandbox};
@@ -15,7 +15,7 @@ use crate::drill::sandbox::{wait, Sandbox};
 pub(super) fn engine_crash(sb: &mut Sandbox) -> Result<Sample> {
     let host = app_on(sb, None)?;
     let (_, pid) = the_pid(sb, APP)?;
-    let before = last_tick(&sb.serial(&host, APP)).unwrap_or(0);
+    let before = progress(sb, &host, APP);
     let ((adopted, t0), most) = watching(sb, APP, |sb| {
         let t0 = SystemTime::now();
         sb.kill_watch();
