@@ -59,6 +59,13 @@ MODULES=(virtio_pci virtio_blk pvpanic_mmio pvpanic_pci button evdev)
 
 [[ -f "$INIT_SRC" ]] || die "missing $INIT_SRC"
 
+# The same guest as a bootable disk image (only `drill --image` and its test need it):
+# a missing tool leaves it unbuilt with a warning, it does not fail the guest.
+boot_image() {
+    bash "$SCRIPT_DIR/boot-image.sh" "$OUT" ||
+        log "warning: target/guest/boot.img not built (see above); the rest of the guest is"
+}
+
 install_outputs() {
     [[ -n "$install_dir" ]] || return 0
     mkdir -p "$install_dir"
@@ -71,7 +78,7 @@ if [[ $force -eq 0 && -f "$OUT/vmlinuz" && -f "$OUT/initrd.img" &&
       "$OUT/vmlinuz" -nt "$SCRIPT" && "$OUT/initrd.img" -nt "$SCRIPT" &&
       "$OUT/initrd.img" -nt "$INIT_SRC" ]]; then
     log "guest already built and up to date: $OUT/{vmlinuz,initrd.img} (use --force to rebuild)"
-    bash "$SCRIPT_DIR/boot-image.sh" "$OUT"
+    boot_image
     install_outputs
     exit 0
 fi
@@ -252,5 +259,5 @@ modules=$(for p in "${load_order[@]}"; do basename "$p" .ko; done | tr '\n' ' ' 
 EOF
 log "built $OUT/vmlinuz ($(stat -c %s "$OUT/vmlinuz") bytes, $kernel_pkg $kernel_ver)"
 log "built $OUT/initrd.img ($(stat -c %s "$OUT/initrd.img") bytes, $BUSYBOX_PKG $busybox_ver)"
-bash "$SCRIPT_DIR/boot-image.sh" "$OUT"
+boot_image
 install_outputs
