@@ -665,3 +665,46 @@ fn returning_host_never_runs_a_second_copy() -> Result<()> {
 fn returning_host_with_a_restarted_agent_never_keeps_a_second_copy() -> Result<()> {
     lying_fence_then_return(Return::AgentRestart)
 }
+
+/// A host that freezes while the daemon asks it what runs holds that reconcile only
+/// until the host is suspect (two heartbeats of silence), not until `down_after`: a
+/// crash on another host meanwhile is healed within seconds.
+#[test]
+fn a_host_freezing_mid_look_does_not_hold_up_healing_elsewhere() -> Result<()> {
+    // Suspect after 1 s; down only after 30 s (never reached here).
+    let settings = "[heartbeat]\ninterval = \"500ms\"\ndown_after = \"30s\"\n";
+    let vm = VmSpec::new().no_disks().memory(96);
+    let repo = failover_repo_with(
+        None,
+        &[("a", vm.clone().pin("hv1")), ("b", vm.pin("hv2"))],
+        settings,
+    )?;
+    let daemon = repo.watch(&[])?;
+    let a = daemon.wait_running_on("a", "hv1")?;
+    daemon.wait_running_on("b", "hv2")?;
+
+    let agent = repo.partition("hv2")?;
+    // A reconcile at once: hv2 is not yet suspect, so it is asked what runs, and its
+    // frozen agent leaves the question unanswered.
+    let since = daemon.lines().len();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP)?;
+    daemon.wait_log_since("the reconcile asking hv2", DETECT, since, |l| {
+        l.is("reconcile", None)
+    })?;
+    let crashed = Instant::now();
+    plasmavmc_e2e::proc::kill_and_wait(a, DETECT)?;
+    let started =
+        daemon.wait_log_since("a restarted on hv1", Duration::from_secs(40), since, |l| {
+            l.is("started", Some("a")) && l.int("pid").is_some_and(|p| p != i64::from(a))
+        });
+    let took = crashed.elapsed();
+    repo.resume(agent)?;
+    started?;
+    println!("a restarted {took:.2?} after its crash, while hv2 was frozen");
+    ensure!(
+        took < Duration::from_secs(6),
+        "a's restart waited {took:.2?} for the frozen hv2 (down_after is 30 s)\n{}",
+        daemon.describe()
+    );
+    Ok(())
+}

@@ -214,6 +214,18 @@ impl AgentHost {
         request: Request,
         timeout: Duration,
     ) -> Result<Reply, HostError> {
+        self.call_within(vm, request, timeout, self.opts.down_after)
+            .await
+    }
+
+    /// [`Self::call`], giving up once the agent has sent nothing for `silence`.
+    async fn call_within(
+        &self,
+        vm: &str,
+        request: Request,
+        timeout: Duration,
+        silence: Duration,
+    ) -> Result<Reply, HostError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         self.pending.lock().expect("pending").insert(id, tx);
@@ -227,11 +239,11 @@ impl AgentHost {
         }
         let answer = tokio::select! {
             answer = tokio::time::timeout(timeout, rx) => answer,
-            () = self.gone_silent() => {
+            () = self.gone_silent(silence) => {
                 self.pending.lock().expect("pending").remove(&id);
                 return Err(HostError::Unreachable {
                     host: self.name.clone(),
-                    reason: format!("its agent sent nothing for {:?}", self.opts.down_after),
+                    reason: format!("its agent sent nothing for {silence:?}"),
                 });
             }
         };
@@ -253,10 +265,10 @@ impl AgentHost {
         }
     }
 
-    /// Resolves once the agent has sent nothing for `down_after`.
-    async fn gone_silent(&self) {
+    /// Resolves once the agent has sent nothing for `limit`.
+    async fn gone_silent(&self, limit: Duration) {
         loop {
-            let left = self.opts.down_after.saturating_sub(self.silence());
+            let left = limit.saturating_sub(self.silence());
             if left.is_zero() {
                 return;
             }
@@ -505,8 +517,16 @@ impl Host for AgentHost {
     }
 
     async fn inventory(&self) -> Result<Inventory, HostError> {
+        // A look, not an action: it gives up as soon as the host is suspect (two
+        // heartbeats of silence), so a host freezing mid-call holds a reconcile, and the
+        // healing of every other host, that long rather than `down_after`.
+        let suspect = self
+            .opts
+            .heartbeat
+            .saturating_mul(2)
+            .min(self.opts.down_after);
         match self
-            .call("", Request::Inventory, self.opts.request_timeout)
+            .call_within("", Request::Inventory, self.opts.request_timeout, suspect)
             .await?
         {
             Reply::Inventory { inventory } => Ok(inventory),

@@ -161,8 +161,11 @@ impl Observed {
     /// unreachable, with the reason.
     pub async fn gather<'a, H: Host + 'a>(hosts: impl IntoIterator<Item = &'a H>) -> Self {
         let mut out = Self::default();
-        for host in hosts {
-            match host.inventory().await {
+        // All at once: a slow or silent host costs its own wait, not the sum of all.
+        let hosts: Vec<&H> = hosts.into_iter().collect();
+        let answers = futures_util::future::join_all(hosts.iter().map(|h| h.inventory())).await;
+        for (host, answer) in hosts.into_iter().zip(answers) {
+            match answer {
                 Ok(inv) => {
                     out.hosts.insert(host.name().to_owned(), inv);
                 }
