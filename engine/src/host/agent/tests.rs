@@ -39,7 +39,7 @@ fn welcome() -> FromAgent {
 }
 
 #[tokio::test]
-async fn a_call_to_an_agent_gone_silent_gives_up_after_down_after() {
+async fn a_call_to_an_agent_gone_silent_gives_up_after_down_after_a_look_sooner() {
     let dir = tempfile::tempdir().expect("temp dir");
     let opts = ConnectOptions {
         heartbeat: Duration::from_millis(50),
@@ -50,14 +50,16 @@ async fn a_call_to_an_agent_gone_silent_gives_up_after_down_after() {
     let host = AgentHost::connect("hv1", &silent_agent(dir.path(), &[welcome()]), opts)
         .await
         .expect("the fake agent welcomes");
+    let gave_up = |err: &HostError, after: &str| matches!(err, HostError::Unreachable { reason, .. } if reason.contains(&format!("sent nothing for {after}")));
+    // A look (inventory) gives up once the host is suspect: two heartbeats of silence.
     let asked = Instant::now();
     let err = host.inventory().await.expect_err("nothing answers");
+    assert!(gave_up(&err, "100ms"), "{err}");
+    // An action waits until the host is down.
+    let err = host.delete("web").await.expect_err("nothing answers");
     let waited = asked.elapsed();
     host.close();
-    assert!(
-        matches!(&err, HostError::Unreachable { reason, .. } if reason.contains("sent nothing for 300ms")),
-        "{err}"
-    );
+    assert!(gave_up(&err, "300ms"), "{err}");
     // Not the 120 s request timeout: at most down_after, plus generous slack.
     assert!(waited < Duration::from_secs(5), "waited {waited:?}");
     assert!(host.silence() >= Duration::from_millis(300));
