@@ -13,6 +13,7 @@
 //! four rows measured on the designated VM, a bystander VM never touched, and the
 //! repository's spec file back as it was.
 
+use std::ffi::OsStr;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -38,33 +39,12 @@ const ROWS: [&str; 9] = [
 #[test]
 fn drill_measures_every_failure_mode_and_nothing_breaks() -> Result<()> {
     let guest = guest()?;
-    let out = Command::new(binary()?)
-        .args([
-            "drill",
-            "--runs",
-            "1",
-            "--heartbeat",
-            "200ms",
-            "--down-after",
-            "1s",
-            "--json",
-        ])
-        .arg("--kernel")
-        .arg(&guest.kernel)
-        .arg("--initrd")
-        .arg(&guest.initrd)
-        .env_remove("RUST_LOG")
-        .output()
-        .context("running plasmavmc drill")?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
-    ensure!(
-        out.status.success(),
-        "the drill failed ({}):\n{all}",
-        out.status
-    );
-    let rows: Vec<Value> = serde_json::from_str(&stdout).with_context(|| all.clone())?;
+    let (rows, stderr, all) = sandbox_drill(&[
+        "--kernel".as_ref(),
+        guest.kernel.as_os_str(),
+        "--initrd".as_ref(),
+        guest.initrd.as_os_str(),
+    ])?;
     let names: Vec<&str> = rows.iter().filter_map(|r| r["mode"].as_str()).collect();
     ensure!(names == ROWS, "rows {names:?}\n{all}");
     for row in &rows {
@@ -125,12 +105,10 @@ fn drill_measures_every_failure_mode_and_nothing_breaks() -> Result<()> {
     Ok(())
 }
 
-/// The drill on a disk image the firmware boots (the test guest packed as one, with
-/// SYSLINUX): the rows that need the test guest's kernel command line are skipped and
-/// say why, the others are measured from the console's growth.
-#[test]
-fn drill_boots_a_disk_image_through_the_firmware() -> Result<()> {
-    let guest = guest()?;
+/// `plasmavmc drill --runs 1 --heartbeat 200ms --down-after 1s --json` plus `args` on
+/// a sandbox; it must exit 0. Returns its rows, its stderr, and all it printed (for
+/// messages).
+fn sandbox_drill(args: &[&OsStr]) -> Result<(Vec<Value>, String, String)> {
     let out = Command::new(binary()?)
         .args([
             "drill",
@@ -141,31 +119,39 @@ fn drill_boots_a_disk_image_through_the_firmware() -> Result<()> {
             "--down-after",
             "1s",
         ])
-        .args([
-            "--only",
-            "QEMU crash",
-            "--only",
-            "guest panic",
-            "--only",
-            "cold",
-        ])
-        .arg("--image")
-        .arg(&guest.boot_image)
+        .args(args)
         .arg("--json")
         .env_remove("RUST_LOG")
         .output()
-        .context("running plasmavmc drill --image")?;
+        .context("running plasmavmc drill")?;
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let all = format!(
-        "stdout:\n{stdout}\nstderr:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
     ensure!(
         out.status.success(),
         "the drill failed ({}):\n{all}",
         out.status
     );
-    let rows: Vec<Value> = serde_json::from_str(&stdout).with_context(|| all.clone())?;
+    let rows = serde_json::from_str(&stdout).with_context(|| all.clone())?;
+    Ok((rows, stderr, all))
+}
+
+/// The drill on a disk image the firmware boots (the test guest packed as one, with
+/// SYSLINUX): the rows that need the test guest's kernel command line are skipped and
+/// say why, the others are measured from the console's growth.
+#[test]
+fn drill_boots_a_disk_image_through_the_firmware() -> Result<()> {
+    let guest = guest()?;
+    let (rows, _, all) = sandbox_drill(&[
+        "--only".as_ref(),
+        "QEMU crash".as_ref(),
+        "--only".as_ref(),
+        "guest panic".as_ref(),
+        "--only".as_ref(),
+        "cold".as_ref(),
+        "--image".as_ref(),
+        guest.boot_image.as_os_str(),
+    ])?;
     let names: Vec<&str> = rows.iter().filter_map(|r| r["mode"].as_str()).collect();
     ensure!(
         names == ["QEMU crash (kill -9)", "guest panic", "cold migration"],

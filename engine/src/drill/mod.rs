@@ -188,6 +188,26 @@ fn run_rows<C>(
     rows
 }
 
+/// Polls `cond` every 20 ms until it holds (true) or `timeout` passes (false).
+fn poll_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if cond() {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Milliseconds from `from` to `to` (0 when `to` is earlier).
+fn ms(from: std::time::SystemTime, to: std::time::SystemTime) -> f64 {
+    to.duration_since(from)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
 /// True when no invariant broke, every row that ran was measured, and something was
 /// (rows a real cluster cannot show safely are skipped, but a drill of nothing fails).
 pub fn passed(rows: &[Row]) -> bool {

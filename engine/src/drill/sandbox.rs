@@ -28,7 +28,7 @@ use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context as _, Result};
 use nix::sys::signal::{kill, Signal};
@@ -496,17 +496,11 @@ exit 0
 "#;
 
 /// Polls `cond` every 20 ms until it holds or `timeout` passes.
-pub fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+pub fn wait(what: &str, timeout: Duration, cond: impl FnMut() -> bool) -> Result<()> {
+    if !super::poll_until(timeout, cond) {
+        bail!("timed out after {timeout:?} waiting for {what}");
     }
+    Ok(())
 }
 
 fn all_pids() -> Vec<i32> {

@@ -13,14 +13,14 @@ mod rows;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context as _, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use plasmavmc_specs::{RestartPolicy, VmSpec};
 
-use super::{run_rows, Row};
+use super::{ms, poll_until, run_rows, Row};
 use crate::host::Fault;
 use crate::source::{Source, Target};
 use crate::state::drill::{DrillAnswer, DrillDesk};
@@ -219,7 +219,7 @@ impl Cluster {
     /// Waits until the VM runs (after what a previous row did); returns its status.
     fn settled(&self) -> Result<VmStatus> {
         let mut last = None;
-        let ok = wait(STEP, || {
+        let ok = poll_until(STEP, || {
             last = self.status();
             last.as_ref()
                 .is_some_and(|s| s.phase == VmPhase::Running && s.pid.is_some() && s.host.is_some())
@@ -282,7 +282,7 @@ impl Cluster {
                 .is_some_and(|t| t.elapsed().unwrap_or_default() >= self.cfg.settle)
         };
         if !booted(&status) {
-            let ok = wait(self.cfg.settle + STEP, || {
+            let ok = poll_until(self.cfg.settle + STEP, || {
                 self.status().is_some_and(|s| {
                     let ok = s.phase == VmPhase::Running && booted(&s);
                     if ok {
@@ -301,7 +301,7 @@ impl Cluster {
         let request = desk.ask(&self.vm, &host, fault)?;
         kill(Pid::from_raw(pid), Signal::SIGHUP).context("waking the daemon")?;
         let mut answer = None;
-        if !wait(Duration::from_secs(15), || {
+        if !poll_until(Duration::from_secs(15), || {
             answer = desk.take_answer(&request.id);
             answer.is_some()
         }) {
@@ -335,7 +335,7 @@ impl Cluster {
         pred: impl Fn(&VmEvent) -> bool,
     ) -> Result<(SystemTime, VmEvent)> {
         let mut found = None;
-        if wait(timeout, || {
+        if poll_until(timeout, || {
             found = self.events_after(t0).into_iter().find(|(_, e)| pred(e));
             found.is_some()
         }) {
@@ -403,25 +403,6 @@ fn read_engine(state: &Path) -> Result<EngineStatus> {
         )
     })?;
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
-}
-
-/// Polls `cond` every 20 ms until it holds (true) or `timeout` passes (false).
-fn wait(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn ms(from: SystemTime, to: SystemTime) -> f64 {
-    to.duration_since(from)
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 #[cfg(test)]

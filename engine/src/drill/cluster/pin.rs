@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{wait, Cluster, STEP};
+use super::{poll_until, Cluster, STEP};
 use crate::status::VmEvent;
 
 /// `text` (a VM spec file) with its top-level `host` set to `host`, or removed (`None`).
@@ -157,7 +157,7 @@ impl Cluster {
         if event.1.kind != "migrate" {
             bail!("the move to {to} failed: {}", event.1.message);
         }
-        if !wait(STEP, || {
+        if !poll_until(STEP, || {
             self.status().and_then(|s| s.host).as_deref() == Some(to)
         }) {
             bail!("the status never said {} runs on {to}", self.vm);
@@ -172,7 +172,7 @@ impl Cluster {
             return Ok(());
         };
         let id = id.to_string();
-        let applied = wait(STEP, || {
+        let applied = poll_until(STEP, || {
             self.engine()
                 .is_ok_and(|e| e.last_attempted_revision.as_deref() == Some(id.as_str()))
         });

@@ -9,7 +9,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use plasmavmc_specs::MigrationPolicy;
 
-use super::{ms, wait, Cluster, STEP};
+use super::{ms, poll_until, Cluster, STEP};
 use crate::drill::modes::moves::downtime_in;
 use crate::drill::modes::{sampling, Mode, Sample};
 use crate::host::Fault;
@@ -172,7 +172,7 @@ fn engine_crash(c: &mut Cluster) -> Result<Sample> {
         let t0 = SystemTime::now();
         kill(Pid::from_raw(daemon), Signal::SIGKILL).context("killing the daemon")?;
         let mut new = None;
-        if !wait(STEP, || {
+        if !poll_until(STEP, || {
             new = c.daemon_now().filter(|p| *p != daemon);
             new.is_some()
         }) {

@@ -12,6 +12,7 @@ mod host;
 pub mod moves;
 mod vm;
 
+use super::ms;
 use super::sandbox::{wait, LogLine, Sandbox};
 
 /// The VM most rows act on: `ha`, its disk on shared storage.
@@ -111,11 +112,6 @@ pub const MODES: [Mode<Sandbox>; 9] = [
         run: moves::cold_move,
     },
 ];
-
-fn ms(from: SystemTime, to: SystemTime) -> f64 {
-    to.duration_since(from)
-        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
 
 /// Samples how many QEMUs `vm` has, every 10 ms, while `body` runs.
 fn watching<T>(
