@@ -65,11 +65,7 @@ fn disk_full_while_creating_a_disk_fails_that_vm_alone_until_space_returns() -> 
     let apply = repo.run(&["apply", "--auto-approve"])?;
     apply.expect_code(1)?;
     eprintln!("{apply}");
-    let fail = apply
-        .stdout
-        .lines()
-        .find(|l| l.contains("FAIL") && l.contains("big"))
-        .with_context(|| format!("no FAIL line for big\n{apply}"))?;
+    let fail = apply.fail_line("big")?;
     ensure!(
         fail.contains("disk root") && fail.contains("No space left on device"),
         "the FAIL line does not name the disk and the reason: {fail}\n{apply}"
@@ -208,11 +204,7 @@ fn agent_killed_mid_stop_reports_the_host_unreachable_and_loses_no_vm() -> Resul
         took < Duration::from_secs(10),
         "apply took {took:?} after the agent died (the stop timeout is 30 s)\n{out}"
     );
-    let fail = out
-        .stdout
-        .lines()
-        .find(|l| l.contains("FAIL") && l.contains("deaf"))
-        .with_context(|| format!("no FAIL line for deaf\n{out}"))?;
+    let fail = out.fail_line("deaf")?;
     ensure!(
         fail.contains("host hv1 is unreachable"),
         "the FAIL line does not say hv1 is unreachable: {fail}\n{out}"

@@ -365,12 +365,7 @@ fn qemu_that_cannot_start_is_reported_clearly() -> Result<()> {
 
     let apply = repo.run(&["apply", "--auto-approve"])?;
     apply.expect_code(1)?;
-    let fail = apply
-        .stdout
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("FAIL") && l.contains(" bad"))
-        .with_context(|| format!("no FAIL line for bad\n{apply}"))?;
+    let fail = apply.fail_line("bad")?;
     ensure!(
         fail.contains(QEMU_SAYS),
         "the FAIL line does not quote QEMU ({QEMU_SAYS:?}): {fail}\n{apply}"

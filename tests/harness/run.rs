@@ -34,6 +34,19 @@ impl Output {
         Ok(self)
     }
 
+    /// The `FAIL <op> <vm>: <error>` line `apply` printed for `vm` (trimmed).
+    pub fn fail_line(&self, vm: &str) -> Result<&str> {
+        self.stdout
+            .lines()
+            .map(str::trim)
+            .find(|l| {
+                l.strip_prefix("FAIL ")
+                    .and_then(|rest| rest.split_once(' '))
+                    .is_some_and(|(_, rest)| rest.starts_with(&format!("{vm}:")))
+            })
+            .with_context(|| format!("no FAIL line for {vm}\n{self}"))
+    }
+
     /// stdout followed by stderr.
     pub fn all(&self) -> String {
         format!("{}{}", self.stdout, self.stderr)

@@ -203,7 +203,7 @@ impl StatusDir {
     /// Shows what a long action (a migration) is doing now: `vm`'s phase becomes
     /// `migrating` and its message `what`, until the next full status write.
     pub fn set_migrating(&self, vm: &str, what: &str) -> Result<(), StatusError> {
-        let Some(mut status) = read_toml::<VmStatus>(&self.vm_path(vm))? else {
+        let Some(mut status) = self.vm(vm)? else {
             return Ok(());
         };
         status.phase = VmPhase::Migrating;
@@ -211,10 +211,20 @@ impl StatusDir {
         write_toml(&self.vm_path(vm), &status)
     }
 
+    /// `vm`'s status file, if there is one.
+    pub fn vm(&self, vm: &str) -> Result<Option<VmStatus>, StatusError> {
+        read_toml(&self.vm_path(vm))
+    }
+
+    /// `engine.toml`, if there is one.
+    pub fn engine(&self) -> Result<Option<EngineStatus>, StatusError> {
+        read_toml(&self.dir.join("engine.toml"))
+    }
+
     /// Reads what the status folder holds; missing files give defaults.
     pub fn read(&self) -> Result<Snapshot, StatusError> {
         let mut snap = Snapshot {
-            engine: read_toml(&self.dir.join("engine.toml"))?.unwrap_or_default(),
+            engine: self.engine()?.unwrap_or_default(),
             ..Snapshot::default()
         };
         for (sub, push) in [("vms", 0), ("hosts", 1)] {

@@ -25,7 +25,7 @@ use crate::host::Fault;
 use crate::source::{Source, Target};
 use crate::state::drill::{DrillAnswer, DrillDesk};
 use crate::state::{lock_holder, running_watch};
-use crate::status::{EngineStatus, VmEvent, VmPhase, VmStatus};
+use crate::status::{EngineStatus, StatusDir, VmEvent, VmPhase, VmStatus};
 
 /// How a drill against a real cluster runs.
 #[derive(Debug, Clone)]
@@ -205,11 +205,7 @@ impl Cluster {
     }
 
     fn status(&self) -> Option<VmStatus> {
-        let path = self
-            .state
-            .join("status/vms")
-            .join(format!("{}.toml", self.vm));
-        toml::from_str(&std::fs::read_to_string(path).ok()?).ok()
+        status_dir(&self.state).vm(&self.vm).ok().flatten()
     }
 
     fn engine(&self) -> Result<EngineStatus> {
@@ -359,19 +355,16 @@ impl Cluster {
 
     /// Hosts whose status says `ready`, by name.
     fn ready_hosts(&self) -> Vec<String> {
-        let Ok(dir) = std::fs::read_dir(self.state.join("status/hosts")) else {
-            return Vec::new();
-        };
-        let mut out: Vec<String> = dir
-            .flatten()
-            .filter_map(|e| {
-                let s: crate::status::HostStatus =
-                    toml::from_str(&std::fs::read_to_string(e.path()).ok()?).ok()?;
-                (s.phase == "ready").then_some(s.name)
-            })
-            .collect();
-        out.sort();
-        out
+        status_dir(&self.state).read().map_or_else(
+            |_| Vec::new(),
+            |snap| {
+                snap.hosts
+                    .into_iter()
+                    .filter(|h| h.phase == "ready")
+                    .map(|h| h.name)
+                    .collect()
+            },
+        )
     }
 
     fn local_copies(&self) -> Vec<u32> {
@@ -394,15 +387,17 @@ fn local_copies_of(vm: &str) -> Vec<u32> {
         .collect()
 }
 
+fn status_dir(state: &Path) -> StatusDir {
+    StatusDir::new(&crate::state::StateDir::at(state).status_dir())
+}
+
 fn read_engine(state: &Path) -> Result<EngineStatus> {
-    let path = state.join("status/engine.toml");
-    let text = std::fs::read_to_string(&path).with_context(|| {
+    status_dir(state).engine()?.with_context(|| {
         format!(
-            "reading {} (is this the state directory of a running daemon?)",
-            path.display()
+            "{} has no status/engine.toml: is it the state directory of a running daemon?",
+            state.display()
         )
-    })?;
-    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    })
 }
 
 #[cfg(test)]
