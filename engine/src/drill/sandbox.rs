@@ -349,19 +349,19 @@ impl Sandbox {
     }
 
     /// The VM's status file.
-    pub fn vm_status(&self, vm: &str) -> Option<toml::Table> {
-        let path = self
-            .state_dir()
-            .join("status/vms")
-            .join(format!("{vm}.toml"));
-        fs::read_to_string(path).ok()?.parse().ok()
+    pub fn vm_status(&self, vm: &str) -> Option<crate::status::VmStatus> {
+        let state = crate::state::StateDir::at(&self.state_dir());
+        crate::status::StatusDir::new(&state.status_dir())
+            .vm(vm)
+            .ok()
+            .flatten()
     }
 
     /// Where the status says `vm` runs, when it says `running`.
     pub fn running_on(&self, vm: &str) -> Option<String> {
         let s = self.vm_status(vm)?;
-        (s.get("phase")?.as_str()? == "running")
-            .then(|| s.get("host")?.as_str().map(str::to_owned))
+        (s.phase == crate::status::VmPhase::Running)
+            .then_some(s.host)
             .flatten()
     }
 

@@ -114,8 +114,7 @@ pub(super) fn partition(sb: &mut Sandbox) -> Result<Sample> {
         sb.partition(&host)?;
         wait("app unknown", STEP, || {
             sb.vm_status(APP)
-                .and_then(|s| s.get("phase")?.as_str().map(|p| p == "unknown"))
-                .unwrap_or(false)
+                .is_some_and(|s| s.phase == crate::status::VmPhase::Unknown)
         })?;
         let unknown = SystemTime::now();
         // Nothing may start elsewhere before the operator acts.
