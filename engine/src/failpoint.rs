@@ -2,11 +2,16 @@
 //! die as `kill -9` would, or makes the step fail, to prove that the next run recovers.
 //!
 //! In: the `FAILPOINTS` environment variable, read once when the process starts
-//! ([`setup`], from `main`), in the `fail` crate's syntax: `NAME=return(kill)` or
-//! `NAME=return(error)`, several joined by `;` (`1*return(kill)` fires once, see the
-//! crate's docs). Out: at a point named there, `kill` sends SIGKILL to this process —
-//! nothing is flushed or cleaned up — and `error` makes the step fail with [`Injected`],
-//! which names the point. Points not named cost one atomic load.
+//! ([`setup`], from `main`), in the `fail` crate's syntax: `NAME=return(kill)`,
+//! `NAME=return(error)`, `NAME=return(freeze)` or `NAME=return(pause)`, several joined by
+//! `;` (`1*return(kill)` fires once, see the crate's docs). Out: at a point named there,
+//! `kill` sends SIGKILL to this process — nothing is flushed or cleaned up — and `error`
+//! makes the step fail with [`Injected`], which names the point. The other two are for
+//! partitions: `freeze` stops this process (SIGSTOP) until it gets SIGCONT — an agent
+//! frozen mid-command, as a partitioned host looks to the engine — and `pause` holds it
+//! until the test removes a file (`PLASMAVMC_FAILPOINT_DIR/<point>.paused`), so that a
+//! test can freeze an agent just before the engine's next call to it; both then let the
+//! step go on. Points not named cost one atomic load.
 //!
 //! Only in builds with the `failpoints` feature, which the e2e tests turn on (see
 //! engine/Cargo.toml). Without it [`failpoint!`] expands to nothing, and a `FAILPOINTS`
@@ -85,14 +90,15 @@ pub struct Injected {
     pub point: &'static str,
 }
 
-/// Ends the process at `point` (`kill`, also the default) or returns the error to fail the
-/// step with (`error`).
+/// Ends the process at `point` (`kill`, also the default), returns the error to fail the
+/// step with (`error`), or holds the process there and then lets the step go on
+/// (`freeze`: SIGSTOP until SIGCONT; `pause`: until a test removes a file, see [`pause`]).
 #[cfg(feature = "failpoints")]
-pub fn fire(point: &'static str, action: Option<&str>) -> Injected {
+pub fn fire(point: &'static str, action: Option<&str>) -> Option<Injected> {
     match action {
         Some("error") => {
             eprintln!("fail point {point}: the step fails (injected)");
-            Injected { point }
+            Some(Injected { point })
         }
         None | Some("kill") => {
             eprintln!(
@@ -103,10 +109,48 @@ pub fn fire(point: &'static str, action: Option<&str>) -> Injected {
             // SIGKILL cannot be caught; should it somehow return, still die at once.
             std::process::abort()
         }
+        Some("freeze") => {
+            // A partition as the engine sees it: this process stops answering (SIGSTOP,
+            // as a frozen host or a cut cable would) until someone sends it SIGCONT.
+            eprintln!(
+                "fail point {point}: freezing this process (pid {}) until SIGCONT",
+                std::process::id()
+            );
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::this(), nix::sys::signal::SIGSTOP);
+            eprintln!("fail point {point}: continued");
+            None
+        }
+        Some("pause") => {
+            pause(point);
+            None
+        }
         Some(other) => {
-            panic!("fail point {point}: unknown action return({other}); use return(kill) or return(error)")
+            panic!("fail point {point}: unknown action return({other}); use return(kill), return(error), return(freeze) or return(pause)")
         }
     }
+}
+
+/// Holds this process at `point` until a test lets it go: writes
+/// `$PLASMAVMC_FAILPOINT_DIR/<point>.paused` (holding this pid) and waits, blocking this
+/// thread, until that file is removed. The test does what it wants meanwhile (freeze an
+/// agent with SIGSTOP, cut a channel), then removes the file to let the step go on.
+#[cfg(feature = "failpoints")]
+fn pause(point: &'static str) {
+    let dir = std::env::var_os("PLASMAVMC_FAILPOINT_DIR")
+        .map_or_else(std::env::temp_dir, std::path::PathBuf::from);
+    let file = dir.join(format!("{point}.paused"));
+    if let Err(e) = std::fs::write(&file, std::process::id().to_string()) {
+        panic!("fail point {point}: cannot write {}: {e}", file.display());
+    }
+    eprintln!(
+        "fail point {point}: paused (pid {}) until {} is removed",
+        std::process::id(),
+        file.display()
+    );
+    while file.exists() {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    eprintln!("fail point {point}: goes on");
 }
 
 /// A fail point: `failpoint!("engine.start.after")` in a function returning a `Result`
@@ -115,15 +159,20 @@ pub fn fire(point: &'static str, action: Option<&str>) -> Injected {
 #[cfg(feature = "failpoints")]
 macro_rules! failpoint {
     ($name:literal) => {
-        ::fail::fail_point!($name, |action| {
-            let injected = $crate::failpoint::fire($name, action.as_deref());
-            Err(injected.into())
-        })
+        if let Some(injected) =
+            ::fail::eval($name, |action| $crate::failpoint::fire($name, action.as_deref()))
+                .flatten()
+        {
+            return Err(injected.into());
+        }
     };
     ($name:literal, ()) => {
-        ::fail::fail_point!($name, |action| {
-            let _ = $crate::failpoint::fire($name, action.as_deref());
-        })
+        if ::fail::eval($name, |action| $crate::failpoint::fire($name, action.as_deref()))
+            .flatten()
+            .is_some()
+        {
+            return;
+        }
     };
 }
 
