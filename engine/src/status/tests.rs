@@ -53,7 +53,7 @@ fn observed(last_heard_ms: Option<u64>, fences: &[&str]) -> Observed {
     }
     .with_context(
         &unreachable,
-        BTreeMap::from([("a".to_owned(), "hv1".to_owned())]),
+        BTreeMap::from([("a".to_owned(), vec!["hv1".to_owned()])]),
         fences
             .iter()
             .map(|h| ((*h).to_owned(), "fenced by operator".to_owned()))
