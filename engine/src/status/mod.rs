@@ -356,17 +356,25 @@ impl StatusDir {
             }
         }
         // VMs that may be on a host that does not answer: unknown, never reported
-        // running (nor pending: they may still run there).
+        // running (nor pending, nor stopped: they may still run there), unless a copy
+        // that answers runs.
         for name in observed.whereabouts.keys() {
-            if vms.contains_key(name) {
+            if vms.get(name).is_some_and(|v| v.phase == VmPhase::Running) {
                 continue;
             }
-            let Some(host) = observed.lost_on(name) else {
+            let found = vms.remove(name);
+            let lost = match &found {
+                Some(_) => observed.unknown_on(name),
+                None => observed.lost_on(name),
+            };
+            let Some(host) = lost else {
+                vms.extend(found.map(|f| (name.clone(), f)));
                 continue;
             };
             let why = observed.unreachable.get(host).cloned().unwrap_or_default();
             let want = desired.and_then(|d| d.vms.get(name));
-            vms.insert(name.clone(), unknown(name, host, why, previous(name), want));
+            let prev = found.or_else(|| previous(name));
+            vms.insert(name.clone(), unknown(name, host, why, prev, want));
         }
         if let Some(d) = desired {
             let missing: Vec<&String> = d.vms.keys().filter(|n| !vms.contains_key(*n)).collect();
