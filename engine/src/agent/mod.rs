@@ -13,7 +13,6 @@
 //! ```
 
 mod files;
-pub mod proto;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -24,10 +23,10 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tracing::{info, warn};
 
-pub use files::{hex, sha256_file, FileStore};
-use proto::{FromAgent, HostFacts, Reply, Request, ToAgent, MAX_FRAME, VERSION};
+use crate::wire::{codec, stop_name, FromAgent, HostFacts, Reply, Request, ToAgent, VERSION};
+pub use files::FileStore;
 
-use crate::host::{Host, LocalHost, StopOutcome};
+use crate::host::{Host, LocalHost};
 use crate::state::{StateDir, StateLock};
 
 /// Errors that end the agent.
@@ -61,13 +60,6 @@ pub struct AgentOptions {
     pub silence: Duration,
     /// Bound on spawn → QMP answering, for starts.
     pub qmp_ready: Duration,
-}
-
-/// Length-delimited frames, bounded.
-pub fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME)
-        .new_codec()
 }
 
 /// Serves one controller on `input`/`output` until it goes away.
@@ -295,29 +287,7 @@ fn reply<T, E: std::error::Error>(
     result: Result<T, E>,
     ok: impl FnOnce(T) -> Reply,
 ) -> Result<Reply, String> {
-    result.map(ok).map_err(|e| crate::execute::error_chain(&e))
-}
-
-/// The wire name of a stop outcome.
-pub fn stop_name(outcome: StopOutcome) -> &'static str {
-    match outcome {
-        StopOutcome::AlreadyStopped => "already-stopped",
-        StopOutcome::Graceful => "graceful",
-        StopOutcome::Quit => "quit",
-        StopOutcome::Paused => "paused",
-        StopOutcome::Killed => "killed",
-    }
-}
-
-/// The stop outcome of a wire name.
-pub fn stop_outcome(name: &str) -> StopOutcome {
-    match name {
-        "already-stopped" => StopOutcome::AlreadyStopped,
-        "graceful" => StopOutcome::Graceful,
-        "quit" => StopOutcome::Quit,
-        "paused" => StopOutcome::Paused,
-        _ => StopOutcome::Killed,
-    }
+    result.map(ok).map_err(|e| crate::errors::error_chain(&e))
 }
 
 fn forward_events(host: &LocalHost, tx: mpsc::UnboundedSender<FromAgent>) {

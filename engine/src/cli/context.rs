@@ -77,7 +77,7 @@ impl Ctx {
     /// What the hosts run, plus what is known of the unreachable ones: where each VM was
     /// last seen (status files, and the creations of an interrupted apply).
     pub async fn observe(&self, hosts: &Hosts) -> Observed {
-        crate::observe::observe_with_memory(
+        crate::step::look(
             hosts.up.values(),
             &crate::observe::Unreachable::down(&hosts.down),
             &StateDir::at(&self.state),

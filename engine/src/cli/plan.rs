@@ -129,7 +129,7 @@ pub async fn plan(args: &PlanArgs) -> anyhow::Result<u8> {
 
 /// The plan for `target` against `observed`, now; with `prune`, orphans are stopped too.
 fn planned(target: &Target, observed: &Observed, prune: bool) -> Plan {
-    let mut plan = make_plan(&target.desired, observed, crate::host::now_ms());
+    let mut plan = make_plan(&target.desired, observed, crate::time::now_ms());
     if prune {
         // Orphans go first: the VMs they block can start in the next run.
         plan.actions.splice(0..0, prune_actions(observed));

@@ -46,7 +46,7 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<u8> {
             // What the planner cannot do (no room, a pin to a drained host, ...), in
             // those VMs' messages, as `apply` and `watch` write them.
             if let Some(t) = &target {
-                let plan = crate::plan::plan(&t.desired, &observed, crate::host::now_ms());
+                let plan = crate::plan::plan(&t.desired, &observed, crate::time::now_ms());
                 snap.explain_pending(&plan.pending);
             }
             dir.write(&snap)?;

@@ -20,11 +20,12 @@ use tracing::{info, warn};
 
 use super::ExecError;
 use crate::failpoint::failpoint;
-use crate::host::{Host, HostError, HostEvent};
+use crate::host::{Host, HostError};
 use crate::plan::MoveMode;
 use crate::qemu::instance::VmInstance;
 use crate::qemu::migrate::Tuning;
 use crate::source::Target;
+use crate::wire::HostEvent;
 
 /// One move, as the plan gave it.
 pub(super) struct Move<'a> {
@@ -133,12 +134,12 @@ async fn live_move<H: Host>(
         // The source's answer was lost (its agent died) or came after the migration
         // completed all the same: the target holds the guest, and must not be discarded.
         Err(e) if completed_on(*dst, m.vm).await => {
-            warn!(vm = m.vm, host = m.from, error = %super::error_chain(&e), "the source failed, but the migration completed: resuming the guest on the target");
+            warn!(vm = m.vm, host = m.from, error = %crate::errors::error_chain(&e), "the source failed, but the migration completed: resuming the guest on the target");
             crate::qemu::migrate::Stats::default()
         }
         Err(e) => {
             if let Err(cleanup) = dst.discard(m.vm).await {
-                warn!(vm = m.vm, host = m.to, error = %super::error_chain(&cleanup), "cannot remove the half-made target; the next plan removes it");
+                warn!(vm = m.vm, host = m.to, error = %crate::errors::error_chain(&cleanup), "cannot remove the half-made target; the next plan removes it");
             }
             return Err(e.into());
         }
@@ -240,7 +241,7 @@ async fn discard_source<H: Host>(src: &H, m: &Move<'_>) {
     match src.discard(m.vm).await {
         Ok(()) => info!(vm = m.vm, host = m.from, "source copy removed"),
         Err(e) => {
-            warn!(vm = m.vm, host = m.from, error = %super::error_chain(&e), "cannot remove the source copy; the next plan removes it");
+            warn!(vm = m.vm, host = m.from, error = %crate::errors::error_chain(&e), "cannot remove the source copy; the next plan removes it");
         }
     }
 }
@@ -299,7 +300,7 @@ async fn copy_disk<H: Host>(
         }
         let end = offset + chunk.len;
         let last = end >= chunk.size || chunk.len == 0;
-        let sum = last.then(|| crate::agent::hex(&hasher.clone().finalize()));
+        let sum = last.then(|| crate::digest::hex(&hasher.clone().finalize()));
         dst.write_disk(vm, disk, offset, &chunk, sum.as_deref())
             .await?;
         if last {

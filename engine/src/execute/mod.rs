@@ -13,11 +13,13 @@ use std::time::{Duration, Instant};
 
 use tracing::{error, info, info_span, Instrument};
 
+use crate::errors::error_chain;
 use crate::failpoint::failpoint;
-use crate::host::{Host, HostError, StopOutcome};
+use crate::host::{Host, HostError};
 use crate::plan::{Action, Plan};
 use crate::source::Target;
 use crate::state::whereabouts::Whereabouts;
+use crate::wire::StopOutcome;
 
 /// What happened to one action.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -150,7 +152,7 @@ async fn execute_with<H: Host>(
         let step = Step {
             action: action.clone(),
             outcome,
-            at: crate::time::now_ms(),
+            at: crate::time::stamp_ms(),
         };
         progress(&step);
         report.steps.push(step);
@@ -333,18 +335,6 @@ fn describe_stop(outcome: StopOutcome) -> &'static str {
         StopOutcome::Paused => "QEMU held no running guest (paused by a migration); quit",
         StopOutcome::Killed => "QEMU did not quit and was killed",
     }
-}
-
-/// `error: cause: cause`, the whole `source()` chain on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        cur = s.source();
-    }
-    out
 }
 
 #[cfg(test)]

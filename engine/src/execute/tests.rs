@@ -6,12 +6,13 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::{execute, Outcome};
-use crate::host::{DiskChunk, Host, HostError, Incoming, StopOutcome};
+use crate::host::{Host, HostError};
 use crate::observe::Inventory;
 use crate::plan::{Action, Plan};
 use crate::qemu::instance::VmInstance;
 use crate::qemu::migrate::{Stats, Tuning};
 use crate::source::{Commit, Target};
+use crate::wire::{DiskChunk, Incoming, StopOutcome};
 
 #[derive(Debug, Default)]
 struct FakeHost {
@@ -39,7 +40,7 @@ impl Host for FakeHost {
     fn name(&self) -> &str {
         "local"
     }
-    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::host::HostEvent> {
+    fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::wire::HostEvent> {
         tokio::sync::broadcast::channel(1).1
     }
     async fn inventory(&self) -> Result<Inventory, HostError> {
@@ -100,7 +101,7 @@ impl Host for FakeHost {
     async fn discard(&self, vm: &str) -> Result<(), HostError> {
         self.record(format!("discard {vm}"))
     }
-    async fn inject(&self, vm: &str, fault: crate::host::Fault) -> Result<u32, HostError> {
+    async fn inject(&self, vm: &str, fault: crate::state::drill::Fault) -> Result<u32, HostError> {
         self.record(format!("inject {vm} {fault:?}")).map(|()| 42)
     }
     async fn read_disk(&self, vm: &str, disk: &str, offset: u64) -> Result<DiskChunk, HostError> {

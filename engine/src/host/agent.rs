@@ -21,14 +21,14 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info, warn};
 
-use super::{DiskChunk, Host, HostError, HostEvent, Incoming, StopOutcome};
-use crate::agent::proto::{
-    to_frames, FromAgent, HostFacts, Reply, Request, ToAgent, CHUNK, VERSION,
-};
-use crate::agent::{codec, sha256_file, stop_outcome};
+use super::{Host, HostError};
+use crate::digest::sha256_file;
 use crate::observe::Inventory;
 use crate::qemu::instance::VmInstance;
 use crate::qemu::migrate::{Stats, Tuning};
+use crate::wire::{codec, stop_outcome};
+use crate::wire::{to_frames, FromAgent, HostFacts, Reply, Request, ToAgent, CHUNK, VERSION};
+use crate::wire::{DiskChunk, HostEvent, Incoming, StopOutcome};
 
 /// How a connection behaves.
 #[derive(Debug, Clone, Copy)]

@@ -15,11 +15,12 @@ use std::time::Duration;
 
 pub use agent::{AgentHost, ConnectOptions};
 pub use local::{local_capacity, LocalHost};
-pub use monitor::{now_ms, HostEvent};
 pub use transport::{agent_argv, connect_hosts};
 
 use crate::observe::Inventory;
 use crate::qemu::instance::VmInstance;
+use crate::state::drill::Fault;
+use crate::wire::{DiskChunk, HostEvent, Incoming, StopOutcome};
 
 /// Errors a host reports.
 #[derive(Debug, thiserror::Error)]
@@ -128,61 +129,6 @@ pub fn local_hosts(
         .collect()
 }
 
-/// A failure `plasmavmc drill` inflicts on a running VM, as if it came from outside.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Fault {
-    /// SIGKILL of its QEMU: a QEMU crash.
-    KillQemu,
-    /// An NMI to the guest (QMP `inject-nmi`, the server's NMI button): a guest set to
-    /// panic on NMI (`unknown_nmi_panic`) panics.
-    Nmi,
-}
-
-impl Fault {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Fault::KillQemu => "kill -9 of its QEMU",
-            Fault::Nmi => "NMI to the guest",
-        }
-    }
-}
-
-/// How a stop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopOutcome {
-    /// It was not running.
-    AlreadyStopped,
-    /// The guest shut down after the ACPI power button.
-    Graceful,
-    /// The guest ignored the power button until the timeout; QEMU was told to quit.
-    Quit,
-    /// QEMU held no running guest (paused, e.g. by a migration) and was told to quit.
-    Paused,
-    /// QEMU did not quit either and was killed.
-    Killed,
-}
-
-/// Where a live-migration target waits: QEMU's migration URI (`tcp:ADDR:PORT`) and,
-/// when local disks are mirrored, its NBD server.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Incoming {
-    pub uri: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbd: Option<crate::qemu::migrate::NbdTarget>,
-}
-
-/// A piece of a disk file in a cold migration: `len` bytes from some offset; `data` is
-/// empty when they are all zero (holes stay holes on the target).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DiskChunk {
-    /// Size of the whole file.
-    pub size: u64,
-    pub len: u64,
-    #[serde(skip)]
-    pub data: Vec<u8>,
-}
-
 /// A hypervisor host.
 pub trait Host: Send + Sync {
     /// The host's name in the specs.
@@ -261,7 +207,7 @@ pub trait Host: Send + Sync {
     fn discard(&self, vm: &str) -> impl Future<Output = Result<(), HostError>> + Send;
 
     /// Reads local disk `disk` of stopped instance `vm` at `offset` (a chunk of at most
-    /// [`crate::agent::proto::CHUNK`] bytes).
+    /// [`crate::wire::CHUNK`] bytes).
     fn read_disk(
         &self,
         vm: &str,

@@ -8,10 +8,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use plasmavmc_specs::Power;
-use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, Mutex};
 use tracing::{debug, info, warn};
 
@@ -19,26 +18,7 @@ use crate::qemu::exit::{classify, describe_status, ExitReason, ExitRecord};
 use crate::qemu::instance::{InstanceDir, EXIT_HISTORY, QMP_SOCKET};
 use crate::qemu::process;
 use crate::qemu::qmp::{Qmp, QmpError};
-
-/// Something a host tells the engine without being asked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "kebab-case")]
-pub enum HostEvent {
-    /// A QEMU exited. `expected` when the engine had asked it to stop.
-    Exited {
-        vm: String,
-        pid: u32,
-        reason: ExitReason,
-        status: Option<String>,
-        expected: bool,
-        at_ms: u64,
-    },
-    /// How an outgoing live migration is going (about once a second).
-    Migrating {
-        vm: String,
-        progress: crate::qemu::migrate::Progress,
-    },
-}
+use crate::wire::HostEvent;
 
 struct Attached {
     pid: u32,
@@ -55,13 +35,6 @@ impl std::fmt::Debug for Monitor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Monitor").finish_non_exhaustive()
     }
-}
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Monitor {
@@ -161,7 +134,7 @@ impl Watcher {
         }
         let reason = classify(closed.as_ref().and_then(|c| c.shutdown.as_ref()));
         let status = self.exit_status().await;
-        let at_ms = now_ms();
+        let at_ms = crate::time::now_ms();
         let expected = self.record(reason, status.clone(), at_ms);
         info!(vm = %self.vm, pid = self.pid, reason = reason.as_str(), status = status.as_deref().unwrap_or("-"), expected, "vm exited");
         let _ = monitor.events.send(HostEvent::Exited {

@@ -123,7 +123,7 @@ pub async fn connect_hosts(
                 up.insert(name, host);
             }
             Err(e) => {
-                let why = crate::execute::error_chain(&e);
+                let why = crate::errors::error_chain(&e);
                 warn!(host = %name, error = %why, "host unreachable");
                 down.insert(name, why);
             }

@@ -1,17 +1,15 @@
 //! What the hosts really run, as data.
 //!
-//! In: one [`Inventory`] per host, each gathered by its [`Host`](crate::host::Host)
-//! (instance folders + QMP). Out: [`Observed`], the planner's second input, and a
-//! fingerprint that saved plans record to detect that the world moved on.
+//! In: one [`Inventory`] per host, each gathered by its `Host` (instance folders + QMP;
+//! see `step::look`), and what the engine remembers of the hosts that did not answer.
+//! Out: [`Observed`], the planner's second input, and a fingerprint that saved plans
+//! record to detect that the world moved on. Data only: no I/O here.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use plasmavmc_specs::{Power, VmSpec};
 use serde::{Deserialize, Serialize};
-
-use crate::host::Host;
-use crate::state::whereabouts::{Answers, Whereabouts};
 
 /// What QEMU is doing for one instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,27 +168,6 @@ pub struct Observed {
 }
 
 impl Observed {
-    /// Gathers the inventory of each host; a host that does not answer is listed as
-    /// unreachable, with the reason.
-    pub async fn gather<'a, H: Host + 'a>(hosts: impl IntoIterator<Item = &'a H>) -> Self {
-        let mut out = Self::default();
-        // All at once: a slow or silent host costs its own wait, not the sum of all.
-        let hosts: Vec<&H> = hosts.into_iter().collect();
-        let answers = futures_util::future::join_all(hosts.iter().map(|h| h.inventory())).await;
-        for (host, answer) in hosts.into_iter().zip(answers) {
-            match answer {
-                Ok(inv) => {
-                    out.hosts.insert(host.name().to_owned(), inv);
-                }
-                Err(e) => {
-                    out.unreachable
-                        .insert(host.name().to_owned(), crate::execute::error_chain(&e));
-                }
-            }
-        }
-        out
-    }
-
     /// Adds what is known beyond the hosts that answered: the ones that could not be
     /// reached (and why), the suspect ones, and where each VM may be. A host of the
     /// record that neither answered nor is known to be unreachable (it was not asked at
@@ -333,50 +310,4 @@ impl Unreachable {
             ..Self::default()
         }
     }
-}
-
-/// Observes `hosts` and adds what the state directory `state` remembers: where each VM
-/// may be (the durable record, brought up to date with what the hosts that answered
-/// report) and which unreachable hosts are fenced. A fenced host that answers again has
-/// rejoined: its fence record is cleared (its stale copies are cleaned up by the plan).
-///
-/// Callers hold the state lock (the record is rewritten here).
-pub async fn observe_with_memory<'a, H: Host + 'a>(
-    hosts: impl IntoIterator<Item = &'a H>,
-    unreachable: &Unreachable,
-    state: &crate::state::StateDir,
-) -> Observed {
-    let record = Whereabouts::new(state.root());
-    let mut places = match record.read() {
-        Ok(Some(places)) => places,
-        // First run of an engine that keeps the record: start from where the status
-        // files last saw each VM.
-        Ok(None) => crate::status::StatusDir::new(&state.status_dir()).last_known(),
-        Err(e) => {
-            tracing::error!(error = %crate::execute::error_chain(&e), "the record of where VMs are is damaged; rebuilt from the status files and what the hosts answer");
-            crate::status::StatusDir::new(&state.status_dir()).last_known()
-        }
-    };
-    let fences = crate::state::fence::FenceRecords::new(state.root());
-    let records = fences.all();
-    let gathered = Observed::gather(hosts).await;
-    let answers: Answers<'_> = gathered
-        .hosts
-        .iter()
-        .map(|(host, inv)| (host.as_str(), inv.holds()))
-        .collect();
-    if Whereabouts::settle(&mut places, &answers) || !record.path().exists() {
-        if let Err(e) = record.write(&places) {
-            tracing::error!(error = %crate::execute::error_chain(&e), "cannot update the record of where VMs are");
-        }
-    }
-    let observed = gathered.with_context(unreachable, places, records.clone());
-    for host in observed.hosts.keys() {
-        if let (Some(how), true) = (records.get(host), fences.clear(host)) {
-            // Said, not silent: an operator's `fence confirm` is void once the host
-            // answers, and its VMs are then not recovered elsewhere.
-            tracing::info!(host = %host, fencing = %how, "the host answers: it has rejoined; its fence record is cleared");
-        }
-    }
-    observed
 }

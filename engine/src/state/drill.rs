@@ -14,7 +14,6 @@ use std::time::{Duration, SystemTime};
 use serde::{Deserialize, Serialize};
 
 use super::{create_private_dir, write_atomic, StateError};
-use crate::host::Fault;
 
 /// How long a request may wait for the daemon.
 pub const FRESH: Duration = Duration::from_secs(30);
@@ -65,12 +64,12 @@ impl DrillDesk {
                 "{}-{}-{}",
                 crate::time::now_compact(),
                 std::process::id(),
-                crate::host::now_ms() % 1000
+                crate::time::now_ms() % 1000
             ),
             vm: vm.to_owned(),
             host: host.to_owned(),
             fault,
-            at: crate::time::now_ms(),
+            at: crate::time::stamp_ms(),
         };
         let text = toml::to_string(&request).expect("a drill request serialises");
         write_atomic(&self.request_path(&request.id), text.as_bytes())?;
@@ -136,6 +135,26 @@ impl DrillDesk {
     }
 }
 
+/// A failure `plasmavmc drill` inflicts on a running VM, as if it came from outside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// SIGKILL of its QEMU: a QEMU crash.
+    KillQemu,
+    /// An NMI to the guest (QMP `inject-nmi`, the server's NMI button): a guest set to
+    /// panic on NMI (`unknown_nmi_panic`) panics.
+    Nmi,
+}
+
+impl Fault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::KillQemu => "kill -9 of its QEMU",
+            Fault::Nmi => "NMI to the guest",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,7 +174,7 @@ mod tests {
         let answer = DrillAnswer {
             id: req.id.clone(),
             pid: Some(7),
-            at: crate::time::now_ms(),
+            at: crate::time::stamp_ms(),
             error: None,
         };
         desk.answer(&answer)?;

@@ -317,7 +317,7 @@ impl StatusDir {
         report: Option<&Report>,
         extra: &[(String, VmEvent)],
     ) -> Snapshot {
-        let now_ms = crate::host::now_ms();
+        let now_ms = crate::time::now_ms();
         let mut vms: BTreeMap<String, VmStatus> = BTreeMap::new();
         // VMs that entered `failed` now: their event goes after the exits that caused it.
         let mut newly_failed: Vec<(String, String)> = Vec::new();
@@ -393,7 +393,7 @@ impl StatusDir {
         for (vm, why) in newly_failed {
             if let Some(status) = vms.get_mut(&vm) {
                 status.events.push(VmEvent {
-                    at: crate::time::now_ms(),
+                    at: crate::time::stamp_ms(),
                     kind: "failed".to_owned(),
                     message: why,
                 });

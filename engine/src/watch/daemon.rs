@@ -13,9 +13,10 @@ use tracing::{debug, error, info, warn};
 use super::health::{self, Health, Limits};
 use super::triggers::{watch_refs, Trigger};
 use super::WatchConfig;
+use crate::errors::error_chain;
 use crate::execute::journal::JournalFile;
-use crate::execute::{error_chain, execute_journaled, Report};
-use crate::host::{agent_argv, now_ms, AgentHost, ConnectOptions, Host, HostEvent};
+use crate::execute::{execute_journaled, Report};
+use crate::host::{agent_argv, AgentHost, ConnectOptions, Host};
 use crate::observe::{Observed, Unreachable};
 use crate::plan::{plan, prune_actions};
 use crate::source::remote::{is_remote, Remote};
@@ -24,6 +25,8 @@ use crate::state::fence::FenceRecords;
 use crate::state::whereabouts::Whereabouts;
 use crate::state::{StateDir, StateLock};
 use crate::status::{EngineStatus, StatusDir, VmEvent};
+use crate::time::now_ms;
+use crate::wire::HostEvent;
 
 /// The soonest a failed action is retried.
 const RETRY_FLOOR_MS: u64 = 1000;
@@ -404,7 +407,7 @@ impl Daemon {
         let mut down = down;
         down.extend(self.down.clone());
         let unreachable = Unreachable { down, suspect };
-        crate::observe::observe_with_memory(ready, &unreachable, &self.state).await
+        crate::step::look(ready, &unreachable, &self.state).await
     }
 
     /// Whether host health calls for a reconcile: a connected host closed or went silent
@@ -654,7 +657,7 @@ fn forward_events(host: &AgentHost, tx: UnboundedSender<Trigger>) {
 
 fn event(kind: &str, message: String) -> VmEvent {
     VmEvent {
-        at: crate::time::now_ms(),
+        at: crate::time::stamp_ms(),
         kind: kind.to_owned(),
         message,
     }

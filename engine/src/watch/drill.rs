@@ -6,7 +6,7 @@ use std::time::SystemTime;
 
 use tracing::{info, warn};
 
-use crate::execute::error_chain;
+use crate::errors::error_chain;
 use crate::host::{AgentHost, Host};
 use crate::state::drill::{DrillAnswer, DrillDesk};
 use crate::status::VmEvent;
@@ -20,7 +20,7 @@ pub async fn serve(
 ) -> Vec<(String, VmEvent)> {
     let mut events = Vec::new();
     for request in desk.requests() {
-        let at = crate::time::now_ms();
+        let at = crate::time::stamp_ms();
         let result = if DrillDesk::expired(&request, SystemTime::now()) {
             Err(format!(
                 "expired: asked at {}, more than {:?} ago; not carried out",

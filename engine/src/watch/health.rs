@@ -21,8 +21,9 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::host::{now_ms, AgentHost};
+use crate::host::AgentHost;
 use crate::observe::Suspect;
+use crate::time::now_ms;
 
 /// What one agent connection says about its host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

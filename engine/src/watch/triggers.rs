@@ -7,7 +7,7 @@ use notify::{RecursiveMode, Watcher};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::warn;
 
-use crate::host::HostEvent;
+use crate::wire::HostEvent;
 
 /// Why the daemon reconciles.
 #[derive(Debug, Clone, PartialEq, Eq)]

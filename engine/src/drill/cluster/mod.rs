@@ -21,8 +21,8 @@ use nix::unistd::Pid;
 use plasmavmc_specs::{RestartPolicy, VmSpec};
 
 use super::{ms, poll_until, run_rows, Row};
-use crate::host::Fault;
 use crate::source::{Source, Target};
+use crate::state::drill::Fault;
 use crate::state::drill::{DrillAnswer, DrillDesk};
 use crate::state::{lock_holder, running_watch};
 use crate::status::{EngineStatus, StatusDir, VmEvent, VmPhase, VmStatus};

@@ -12,11 +12,12 @@ use tracing::{info, warn};
 
 use super::{LocalHost, EXIT_GRACE, QMP_PROBE};
 use crate::failpoint::failpoint;
-use crate::host::{DiskChunk, HostError, Incoming};
+use crate::host::HostError;
 use crate::qemu::args::qemu_args;
 use crate::qemu::instance::{IncomingRecord, InstanceDir, InstanceFile, VmInstance};
 use crate::qemu::migrate::{self, NbdTarget, Stats, Tuning};
 use crate::qemu::{img, process};
+use crate::wire::{DiskChunk, Incoming};
 
 /// Suffix of a disk file being received.
 const PART: &str = "part";
@@ -119,7 +120,7 @@ impl LocalHost {
         }
         let monitor = self.monitor.clone();
         let announce = move |progress| {
-            monitor.announce(crate::host::HostEvent::Migrating {
+            monitor.announce(crate::wire::HostEvent::Migrating {
                 vm: vm.to_owned(),
                 progress,
             });
@@ -318,8 +319,8 @@ impl LocalHost {
         let mut file = fs::File::open(&path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
         file.seek(SeekFrom::Start(offset)).map_err(io)?;
-        let mut data = Vec::with_capacity(crate::agent::proto::CHUNK);
-        file.take(crate::agent::proto::CHUNK as u64)
+        let mut data = Vec::with_capacity(crate::wire::CHUNK);
+        file.take(crate::wire::CHUNK as u64)
             .read_to_end(&mut data)
             .map_err(io)?;
         let len = data.len() as u64;
@@ -367,7 +368,7 @@ impl LocalHost {
         let Some(expected) = finish else {
             return Ok(());
         };
-        let actual = crate::agent::sha256_file(&part).map_err(|e| io("cannot hash", e))?;
+        let actual = crate::digest::sha256_file(&part).map_err(|e| io("cannot hash", e))?;
         if actual != expected {
             let _ = fs::remove_file(&part);
             return Err(HostError::Refused {

@@ -16,7 +16,7 @@ use tracing::{debug, info, warn};
 mod migration;
 
 use super::monitor::Monitor;
-use super::{Host, HostError, StopOutcome};
+use super::{Host, HostError};
 use crate::failpoint::failpoint;
 use crate::observe::{Capacity, Inventory, ObservedVm, Orphan, Retained, RunState};
 use crate::qemu::args::{qemu_args, Accel};
@@ -25,6 +25,7 @@ use crate::qemu::instance::{
     self, InstanceDir, InstanceFile, VmInstance, QEMU_LOG, QMP_SOCKET, SERIAL_LOG,
 };
 use crate::qemu::{img, process};
+use crate::wire::StopOutcome;
 
 /// How long to wait for a QMP answer when only asking what QEMU does.
 const QMP_PROBE: Duration = Duration::from_secs(3);
@@ -325,7 +326,7 @@ impl LocalHost {
         let Ok(mut now) = dir.read() else {
             return;
         };
-        let at_ms = super::now_ms();
+        let at_ms = crate::time::now_ms();
         now.starting = false;
         now.last_exit = Some(ExitRecord {
             reason,
@@ -590,7 +591,7 @@ impl Host for LocalHost {
             // instead of retrying at every reconcile.
             inst.power = Power::Running;
             Self::write(&dir, &inst)?;
-            let message = crate::execute::error_chain(&e);
+            let message = crate::errors::error_chain(&e);
             Self::record_failed_start(&dir, ExitReason::StartFailed, 0, message);
             return Err(e);
         }
@@ -623,7 +624,7 @@ impl Host for LocalHost {
             Err(e) => {
                 // No QEMU binary (or no way to run it): a failed start all the same, so
                 // the restart policy backs off instead of retrying at every reconcile.
-                let message = crate::execute::error_chain(&e);
+                let message = crate::errors::error_chain(&e);
                 Self::record_failed_start(&dir, ExitReason::StartFailed, 0, message);
                 return Err(e);
             }

@@ -1,4 +1,5 @@
-//! The agent protocol: what the engine and `plasmavmc agent` say to each other.
+//! The agent protocol: what the engine (`host::AgentHost`, the client) and `plasmavmc
+//! agent` (`agent`, the server) say to each other. Below both: it imports neither.
 //!
 //! Frames are length-delimited (tokio-util's `LengthDelimitedCodec`), each holding one
 //! JSON message. The engine speaks first with [`ToAgent::Hello`]; the agent answers
@@ -10,11 +11,13 @@
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
+use tokio_util::codec::LengthDelimitedCodec;
 
-use crate::host::{DiskChunk, HostEvent, Incoming};
 use crate::observe::{Capacity, Inventory};
+use crate::qemu::exit::ExitReason;
 use crate::qemu::instance::VmInstance;
 use crate::qemu::migrate::{Stats, Tuning};
+use crate::state::drill::Fault;
 
 /// Version of this protocol; both sides must speak the same.
 pub const VERSION: u32 = 3;
@@ -135,7 +138,7 @@ pub enum Request {
     /// `plasmavmc drill`: inflict a fault on a running VM. Answered with [`Reply::Pid`].
     Inject {
         vm: String,
-        fault: crate::host::Fault,
+        fault: Fault,
     },
     /// A chunk of a stopped instance's local disk. Answered with [`Reply::DiskChunk`],
     /// whose bytes travel raw in the frame right after it.
@@ -298,4 +301,88 @@ mod tests {
         assert_eq!(frames.len(), 2);
         assert_eq!(&frames[1][..], &[0xab, 0x01]);
     }
+}
+
+/// Length-delimited frames, bounded.
+pub fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+/// The wire name of a stop outcome.
+pub fn stop_name(outcome: StopOutcome) -> &'static str {
+    match outcome {
+        StopOutcome::AlreadyStopped => "already-stopped",
+        StopOutcome::Graceful => "graceful",
+        StopOutcome::Quit => "quit",
+        StopOutcome::Paused => "paused",
+        StopOutcome::Killed => "killed",
+    }
+}
+
+/// The stop outcome of a wire name.
+pub fn stop_outcome(name: &str) -> StopOutcome {
+    match name {
+        "already-stopped" => StopOutcome::AlreadyStopped,
+        "graceful" => StopOutcome::Graceful,
+        "quit" => StopOutcome::Quit,
+        "paused" => StopOutcome::Paused,
+        _ => StopOutcome::Killed,
+    }
+}
+
+/// How a stop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopOutcome {
+    /// It was not running.
+    AlreadyStopped,
+    /// The guest shut down after the ACPI power button.
+    Graceful,
+    /// The guest ignored the power button until the timeout; QEMU was told to quit.
+    Quit,
+    /// QEMU held no running guest (paused, e.g. by a migration) and was told to quit.
+    Paused,
+    /// QEMU did not quit either and was killed.
+    Killed,
+}
+
+/// Where a live-migration target waits: QEMU's migration URI (`tcp:ADDR:PORT`) and,
+/// when local disks are mirrored, its NBD server.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Incoming {
+    pub uri: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<crate::qemu::migrate::NbdTarget>,
+}
+
+/// A piece of a disk file in a cold migration: `len` bytes from some offset; `data` is
+/// empty when they are all zero (holes stay holes on the target).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskChunk {
+    /// Size of the whole file.
+    pub size: u64,
+    pub len: u64,
+    #[serde(skip)]
+    pub data: Vec<u8>,
+}
+
+/// Something a host tells the engine without being asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum HostEvent {
+    /// A QEMU exited. `expected` when the engine had asked it to stop.
+    Exited {
+        vm: String,
+        pid: u32,
+        reason: ExitReason,
+        status: Option<String>,
+        expected: bool,
+        at_ms: u64,
+    },
+    /// How an outgoing live migration is going (about once a second).
+    Migrating {
+        vm: String,
+        progress: crate::qemu::migrate::Progress,
+    },
 }
