@@ -169,14 +169,18 @@ impl<'s> Checker<'s> {
 
     /// One look at everything.
     pub fn sample(&mut self) {
-        let all = qemus(&self.root);
+        self.observe(&qemus(&self.root));
+    }
+
+    /// Judges one look at the sandbox's QEMUs.
+    fn observe(&mut self, all: &[Qemu]) {
         self.incoming
             .retain(|pid, _| all.iter().any(|q| q.pid == *pid));
-        for q in &all {
+        for q in all {
             self.incoming.entry(q.pid).or_insert_with(|| q.incoming());
         }
         let mut by_vm: BTreeMap<&str, Vec<&Qemu>> = BTreeMap::new();
-        for q in &all {
+        for q in all {
             by_vm.entry(q.vm.as_str()).or_default().push(q);
         }
         self.turns
@@ -193,7 +197,7 @@ impl<'s> Checker<'s> {
             .flat_map(|c| c.iter().map(|q| q.pid))
             .collect();
         self.console.retain(|pid, _| doubled.contains(pid));
-        self.unreachable(&all);
+        self.unreachable(all);
         let n = self.shared.samples.fetch_add(1, Ordering::Relaxed);
         if n % DISK_EVERY == 0 {
             self.disks();
@@ -328,4 +332,111 @@ fn console_head(path: &std::path::Path) -> String {
     }
     let end = buf.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
     String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A QEMU that is no process (so not `-incoming`, unless the test says it is).
+    fn qemu(host: &'static str, vm: &str, pid: i32) -> Qemu {
+        Qemu {
+            host,
+            vm: vm.to_owned(),
+            pid,
+        }
+    }
+
+    fn broken(shared: &Shared) -> Vec<&'static str> {
+        shared
+            .violations
+            .lock()
+            .expect("violations")
+            .iter()
+            .map(|v| v.invariant)
+            .collect()
+    }
+
+    // Pids far above any pid_max: no such process exists.
+    const A: i32 = i32::MAX - 1;
+    const B: i32 = i32::MAX - 2;
+
+    #[test]
+    fn two_booted_copies_break_it_a_migration_target_does_not() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let shared = Shared::new();
+        let mut c = Checker::new(tmp.path().to_path_buf(), &shared, vec![]);
+        c.incoming.insert(B, true);
+        c.observe(&[qemu("hv1", "s1", A), qemu("hv2", "s1", B)]);
+        assert!(
+            broken(&shared).is_empty(),
+            "a source and its -incoming target"
+        );
+        c.incoming.insert(B, false);
+        c.observe(&[qemu("hv1", "s1", A), qemu("hv2", "s1", B)]);
+        assert_eq!(broken(&shared), ["never two QEMUs of one VM"]);
+    }
+
+    #[test]
+    fn a_start_elsewhere_breaks_it_until_the_host_is_fenced() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let shared = Shared::new();
+        shared.episodes.lock().expect("episodes").insert(
+            "hv3",
+            Episode {
+                host: "hv3",
+                step: 4,
+                vms: BTreeSet::from(["s1".to_owned()]),
+                known: BTreeSet::from([A]),
+                confirmed: true,
+            },
+        );
+        let mut c = Checker::new(tmp.path().to_path_buf(), &shared, vec![]);
+        c.observe(&[qemu("hv1", "s1", B)]);
+        assert!(broken(&shared).is_empty(), "fenced by the operator");
+        shared
+            .episodes
+            .lock()
+            .expect("episodes")
+            .get_mut("hv3")
+            .expect("hv3")
+            .confirmed = false;
+        c.observe(&[qemu("hv3", "s1", A), qemu("hv1", "n1", B)]);
+        assert!(broken(&shared).is_empty(), "another VM, or the old copy");
+        c.observe(&[qemu("hv1", "s1", B)]);
+        let v = shared.violations.lock().expect("violations").clone();
+        assert_eq!(v.len(), 1);
+        assert!(
+            v[0].seen.contains("hv3 is unreachable (since step 4)"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_boot_that_finds_a_lower_count_breaks_it() {
+        let tmp = tempfile::tempdir().expect("tmp");
+        let shared = Shared::new();
+        let mut c = Checker::new(tmp.path().to_path_buf(), &shared, vec!["l1"]);
+        let console = |host: &str, text: &str| {
+            let path = serial_path(tmp.path(), host, "l1");
+            fs::create_dir_all(path.parent().expect("folder")).expect("mkdir");
+            // A new file, as a new QEMU's console is (the engine keeps the last one).
+            let _ = fs::rename(&path, path.with_extension("log.1"));
+            fs::write(&path, text).expect("console");
+        };
+        console("hv1", "disk: fresh\r\ndisk: boots=1\r\ntick 1\r\n");
+        c.disks();
+        console(
+            "hv1",
+            "disk: found boots=1\r\ndisk: boots=2\r\ndisk: boots=3",
+        );
+        c.disks();
+        assert!(
+            broken(&shared).is_empty(),
+            "a line still being written is not read"
+        );
+        console("hv2", "disk: fresh\r\ndisk: boots=1\r\n");
+        c.disks();
+        assert_eq!(broken(&shared), ["no disk data lost"]);
+    }
 }

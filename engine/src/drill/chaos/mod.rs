@@ -186,7 +186,11 @@ fn soak(
         let at = t0.elapsed().as_secs_f64();
         progress(&format!("{at:7.2}s step {index}: {}", planned.step));
         report.steps_done = index;
+        let began = Instant::now();
         let outcome = nemesis.apply(index, &planned.step);
+        if matches!(planned.step, Step::Heal) {
+            progress(&format!("         the heal took {:.2?}", began.elapsed()));
+        }
         *report.faults.entry(planned.step.kind()).or_default() += 1;
         match outcome {
             Ok(Outcome::Done) => {}

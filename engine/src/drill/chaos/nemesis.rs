@@ -15,6 +15,7 @@ use nix::unistd::Pid;
 
 use super::checker::{Episode, Shared};
 use super::schedule::{Step, VMS};
+use crate::drill::modes::last_tick;
 use crate::drill::poll_until;
 use crate::drill::sandbox::Sandbox;
 
@@ -206,10 +207,14 @@ impl<'a> Nemesis<'a> {
     /// Waits until every VM runs, once; [`Outcome::NotHealed`] when it did not within
     /// [`HEAL`] (the cluster did not recover: reported, the soak goes on).
     pub fn heal(&self) -> Outcome {
+        // Running by its status, one QEMU, and its guest ticking on that host's console.
         let healed = poll_until(HEAL, || {
             self.shared.violated()
                 || VMS.iter().all(|(vm, ..)| {
-                    self.sb.running_on(vm).is_some() && self.sb.qemus_of(vm).len() == 1
+                    self.sb.running_on(vm).is_some_and(|host| {
+                        self.sb.qemus_of(vm).len() == 1
+                            && last_tick(&self.sb.serial(&host, vm)).is_some()
+                    })
                 })
         });
         if healed {

@@ -198,7 +198,7 @@ fn tick_after(sb: &Sandbox, host: &str, vm: &str, after: u64) -> Result<SystemTi
     Ok(SystemTime::now())
 }
 
-fn last_tick(serial: &str) -> Option<u64> {
+pub fn last_tick(serial: &str) -> Option<u64> {
     serial
         .lines()
         .filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok())
