@@ -37,7 +37,10 @@ fn a_90s_chaos_soak_runs_clean() -> Result<()> {
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let all = format!("stdout:\n{stdout}\nstderr:\n{stderr}");
     ensure!(
-        stderr.lines().next().is_some_and(|l| l.contains(&format!("chaos seed {SEED}"))),
+        stderr
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains(&format!("chaos seed {SEED}"))),
         "the seed is not printed first:\n{all}"
     );
     let sandbox = stderr
@@ -52,7 +55,11 @@ fn a_90s_chaos_soak_runs_clean() -> Result<()> {
         || processes_under(&sandbox).is_empty(),
     )?;
     ensure!(!sandbox.exists(), "{} was left behind", sandbox.display());
-    ensure!(out.status.success(), "the soak failed ({}):\n{all}", out.status);
+    ensure!(
+        out.status.success(),
+        "the soak failed ({}):\n{all}",
+        out.status
+    );
     let report: Value = serde_json::from_str(&stdout).with_context(|| all.clone())?;
     ensure!(
         report["violations"].as_array().is_some_and(Vec::is_empty),

@@ -1,5 +1,5 @@
 //! `plasmavmc drill --chaos DURATION [--seed N]`: a soak under random faults, the way
-//! trusted systems test themselves (Jepsen's nemesis, FoundationDB's simulation).
+//! trusted systems test themselves (Jepsen's nemesis, `FoundationDB`'s simulation).
 //!
 //! In: how long, a seed, the guest. Out: a [`Report`] — faults injected by kind,
 //! invariant samples taken, every violation with its time and step, how to replay.
@@ -132,7 +132,9 @@ pub fn run_chaos(cfg: &ChaosConfig, progress: &mut dyn FnMut(&str)) -> Result<Re
     })?;
     report.boots = boots;
     report.samples = shared.samples.load(Ordering::Relaxed);
-    report.violations = shared.violations.lock().expect("violations").clone();
+    report
+        .violations
+        .clone_from(&shared.violations.lock().expect("violations"));
     let log = sb.log();
     for v in &mut report.violations {
         v.during = match v.step.checked_sub(1).and_then(|i| plan.get(i)) {

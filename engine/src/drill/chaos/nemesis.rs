@@ -7,6 +7,7 @@
 //! (partition, power-off, `fence confirm`, the daemon's restart).
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
@@ -77,7 +78,7 @@ impl<'a> Nemesis<'a> {
             .context("a VM of the soak")?;
         let mut extra = format!("ha = {ha}\n");
         if let Some(host) = self.specs.pins.get(vm) {
-            extra.push_str(&format!("host = {host:?}\n"));
+            let _ = writeln!(extra, "host = {host:?}");
         }
         let mb = self.specs.memory.get(vm).copied().unwrap_or(self.memory_mb);
         self.sb.write(
