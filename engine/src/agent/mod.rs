@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tracing::{info, warn};
 
-use crate::wire::{codec, stop_name, FromAgent, HostFacts, Reply, Request, ToAgent, VERSION};
+use crate::wire::{codec, FromAgent, HostFacts, Reply, Request, ToAgent, VERSION};
 pub use files::FileStore;
 
 use crate::host::{Host, LocalHost};
@@ -221,9 +221,7 @@ async fn handle(host: &LocalHost, store: &FileStore, request: Request) -> Result
         Request::Start { vm } => reply(host.start(&vm).await, |pid| Reply::Pid { pid }),
         Request::Stop { vm, timeout_ms } => reply(
             host.stop(&vm, Duration::from_millis(timeout_ms)).await,
-            |o| Reply::Stopped {
-                outcome: stop_name(o).to_owned(),
-            },
+            |outcome| Reply::Stopped { outcome },
         ),
         Request::Delete { vm } => reply(host.delete(&vm).await, |retained| Reply::Deleted {
             retained,

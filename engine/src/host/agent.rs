@@ -26,7 +26,7 @@ use crate::digest::sha256_file;
 use crate::observe::Inventory;
 use crate::qemu::instance::VmInstance;
 use crate::qemu::migrate::{Stats, Tuning};
-use crate::wire::{codec, stop_outcome};
+use crate::wire::codec;
 use crate::wire::{to_frames, FromAgent, HostFacts, Reply, Request, ToAgent, CHUNK, VERSION};
 use crate::wire::{DiskChunk, HostEvent, Incoming, StopOutcome};
 
@@ -602,7 +602,7 @@ impl Host for AgentHost {
             .call(vm, request, timeout + self.opts.request_timeout)
             .await?
         {
-            Reply::Stopped { outcome } => Ok(stop_outcome(&outcome)),
+            Reply::Stopped { outcome } => Ok(outcome),
             other => Err(self.unexpected(&other)),
         }
     }

@@ -184,7 +184,7 @@ pub enum Reply {
         pid: u32,
     },
     Stopped {
-        outcome: String,
+        outcome: StopOutcome,
     },
     Deleted {
         retained: Option<PathBuf>,
@@ -239,6 +239,70 @@ pub fn to_frames(msg: &ToAgent) -> Vec<tokio_util::bytes::Bytes> {
         }
     }
     frames
+}
+
+/// Length-delimited frames, bounded.
+pub fn codec() -> LengthDelimitedCodec {
+    LengthDelimitedCodec::builder()
+        .max_frame_length(MAX_FRAME)
+        .new_codec()
+}
+
+/// How a stop ended. On the wire in kebab-case (`already-stopped`, ...); an unknown word
+/// is a protocol error, never read as one of these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopOutcome {
+    /// It was not running.
+    AlreadyStopped,
+    /// The guest shut down after the ACPI power button.
+    Graceful,
+    /// The guest ignored the power button until the timeout; QEMU was told to quit.
+    Quit,
+    /// QEMU held no running guest (paused, e.g. by a migration) and was told to quit.
+    Paused,
+    /// QEMU did not quit either and was killed.
+    Killed,
+}
+
+/// Where a live-migration target waits: QEMU's migration URI (`tcp:ADDR:PORT`) and,
+/// when local disks are mirrored, its NBD server.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Incoming {
+    pub uri: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd: Option<crate::qemu::migrate::NbdTarget>,
+}
+
+/// A piece of a disk file in a cold migration: `len` bytes from some offset; `data` is
+/// empty when they are all zero (holes stay holes on the target).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DiskChunk {
+    /// Size of the whole file.
+    pub size: u64,
+    pub len: u64,
+    #[serde(skip)]
+    pub data: Vec<u8>,
+}
+
+/// Something a host tells the engine without being asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum HostEvent {
+    /// A QEMU exited. `expected` when the engine had asked it to stop.
+    Exited {
+        vm: String,
+        pid: u32,
+        reason: ExitReason,
+        status: Option<String>,
+        expected: bool,
+        at_ms: u64,
+    },
+    /// How an outgoing live migration is going (about once a second).
+    Migrating {
+        vm: String,
+        progress: crate::qemu::migrate::Progress,
+    },
 }
 
 #[cfg(test)]
@@ -301,88 +365,17 @@ mod tests {
         assert_eq!(frames.len(), 2);
         assert_eq!(&frames[1][..], &[0xab, 0x01]);
     }
-}
 
-/// Length-delimited frames, bounded.
-pub fn codec() -> LengthDelimitedCodec {
-    LengthDelimitedCodec::builder()
-        .max_frame_length(MAX_FRAME)
-        .new_codec()
-}
-
-/// The wire name of a stop outcome.
-pub fn stop_name(outcome: StopOutcome) -> &'static str {
-    match outcome {
-        StopOutcome::AlreadyStopped => "already-stopped",
-        StopOutcome::Graceful => "graceful",
-        StopOutcome::Quit => "quit",
-        StopOutcome::Paused => "paused",
-        StopOutcome::Killed => "killed",
+    #[test]
+    fn a_stop_outcome_is_a_word_of_its_own_and_an_unknown_word_is_refused() {
+        let reply = Reply::Stopped {
+            outcome: StopOutcome::AlreadyStopped,
+        };
+        let json = serde_json::to_string(&reply).expect("ser");
+        assert_eq!(json, r#"{"reply":"stopped","outcome":"already-stopped"}"#);
+        assert!(
+            serde_json::from_str::<Reply>(r#"{"reply":"stopped","outcome":"vanished"}"#).is_err(),
+            "an unknown outcome must not be read as one of ours"
+        );
     }
-}
-
-/// The stop outcome of a wire name.
-pub fn stop_outcome(name: &str) -> StopOutcome {
-    match name {
-        "already-stopped" => StopOutcome::AlreadyStopped,
-        "graceful" => StopOutcome::Graceful,
-        "quit" => StopOutcome::Quit,
-        "paused" => StopOutcome::Paused,
-        _ => StopOutcome::Killed,
-    }
-}
-
-/// How a stop ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StopOutcome {
-    /// It was not running.
-    AlreadyStopped,
-    /// The guest shut down after the ACPI power button.
-    Graceful,
-    /// The guest ignored the power button until the timeout; QEMU was told to quit.
-    Quit,
-    /// QEMU held no running guest (paused, e.g. by a migration) and was told to quit.
-    Paused,
-    /// QEMU did not quit either and was killed.
-    Killed,
-}
-
-/// Where a live-migration target waits: QEMU's migration URI (`tcp:ADDR:PORT`) and,
-/// when local disks are mirrored, its NBD server.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Incoming {
-    pub uri: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub nbd: Option<crate::qemu::migrate::NbdTarget>,
-}
-
-/// A piece of a disk file in a cold migration: `len` bytes from some offset; `data` is
-/// empty when they are all zero (holes stay holes on the target).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct DiskChunk {
-    /// Size of the whole file.
-    pub size: u64,
-    pub len: u64,
-    #[serde(skip)]
-    pub data: Vec<u8>,
-}
-
-/// Something a host tells the engine without being asked.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "kebab-case")]
-pub enum HostEvent {
-    /// A QEMU exited. `expected` when the engine had asked it to stop.
-    Exited {
-        vm: String,
-        pid: u32,
-        reason: ExitReason,
-        status: Option<String>,
-        expected: bool,
-        at_ms: u64,
-    },
-    /// How an outgoing live migration is going (about once a second).
-    Migrating {
-        vm: String,
-        progress: crate::qemu::migrate::Progress,
-    },
 }
