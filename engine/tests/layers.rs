@@ -54,6 +54,35 @@ fn is_test_file(rel: &Path) -> bool {
             .is_some_and(|s| s == "tests" || s == "test_utils")
 }
 
+/// `text` without its inline `#[cfg(test)] mod tests { ... }` blocks (braces counted).
+fn without_test_modules(text: &str) -> String {
+    const MARK: &str = "#[cfg(test)]\nmod tests {";
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(MARK) {
+        out.push_str(&rest[..start]);
+        let body = &rest[start + MARK.len()..];
+        let mut depth = 1usize;
+        let mut end = body.len();
+        for (i, c) in body.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        end = i + 1;
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+        rest = &body[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[test]
 fn every_import_runs_down_the_layer_table() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
@@ -81,11 +110,7 @@ fn every_import_runs_down_the_layer_table() {
             continue;
         };
         let text = fs::read_to_string(&file).expect("readable source");
-        // Inline test modules sit at the end of a file, after `#[cfg(test)]`.
-        let code = text
-            .split("#[cfg(test)]\nmod tests")
-            .next()
-            .unwrap_or_default();
+        let code = without_test_modules(&text);
         for (n, line) in code.lines().enumerate() {
             if line.trim_start().starts_with("//") {
                 continue;
@@ -137,4 +162,15 @@ fn every_module_of_lib_rs_is_in_the_table() {
             );
         }
     }
+}
+
+#[test]
+fn inline_test_modules_are_left_out_and_what_follows_them_is_not() {
+    let text = "use crate::a;\n#[cfg(test)]\nmod tests {\n    fn f() { let _ = \"{x}\"; }\n}\nuse crate::b;\n";
+    let code = without_test_modules(text);
+    assert!(
+        code.contains("crate::a") && code.contains("crate::b"),
+        "{code}"
+    );
+    assert!(!code.contains("fn f"), "{code}");
 }

@@ -236,18 +236,7 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
     engine.updated_at = crate::time::now();
     ctx.source.spec_dir().clone_into(&mut engine.spec_dir);
     engine.revision_seen = Some(target.commit.id.clone());
-    engine.last_attempted_revision = Some(target.commit.id.clone());
-    let problems = [report.failures(), plan.pending.join("\n")]
-        .into_iter()
-        .filter(|p| !p.is_empty())
-        .collect::<Vec<_>>()
-        .join("\n");
-    if problems.is_empty() {
-        engine.last_applied_revision = Some(target.commit.id.clone());
-        engine.last_error = None;
-    } else {
-        engine.last_error = Some(problems.clone());
-    }
+    let problems = engine.attempted(&target.commit.id, Some(&report), &plan.pending);
     let mut snap = status.build(engine, Some(&target.desired), &after, Some(&report), &[]);
     snap.explain_pending(&plan.pending);
     status.write(&snap)?;

@@ -45,7 +45,7 @@ pub struct Plan {
     /// VMs this plan cannot bring to their desired state, and why: unplaceable, unknown on
     /// a lost host, given up on. While any remain, the commit does not count as applied.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub pending: Vec<String>,
+    pub pending: Vec<Pending>,
     /// When to plan again, in ms since the epoch: a restart waits for its backoff.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub wake_at_ms: Option<u64>,
@@ -54,6 +54,68 @@ pub struct Plan {
 impl Plan {
     pub fn is_empty(&self) -> bool {
         self.actions.is_empty()
+    }
+
+    /// The pending VMs as `vm: why` lines (what tests compare).
+    #[cfg(test)]
+    pub fn pending_lines(&self) -> Vec<String> {
+        self.pending.iter().map(ToString::to_string).collect()
+    }
+
+    /// Records that `vm` cannot be brought to its desired state, and says why in the notes.
+    fn pend(&mut self, vm: &str, why: String) {
+        let pending = Pending {
+            vm: vm.to_owned(),
+            why,
+        };
+        self.notes.push(pending.to_string());
+        self.pending.push(pending);
+    }
+}
+
+/// A VM a plan cannot bring to its desired state, and why. Written `vm: why` (in saved
+/// plans too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub struct Pending {
+    pub vm: String,
+    pub why: String,
+}
+
+impl Pending {
+    /// `pending` one `vm: why` a line.
+    pub fn lines(pending: &[Pending]) -> String {
+        pending
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+impl std::fmt::Display for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.vm, self.why)
+    }
+}
+
+impl From<Pending> for String {
+    fn from(p: Pending) -> String {
+        p.to_string()
+    }
+}
+
+impl TryFrom<String> for Pending {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let (vm, why) = text
+            .split_once(": ")
+            .ok_or_else(|| format!("{text:?} is not `vm: why`"))?;
+        Ok(Self {
+            vm: vm.to_owned(),
+            why: why.to_owned(),
+        })
     }
 }
 
@@ -173,9 +235,7 @@ fn hold_where_unknown(observed: &Observed, out: &mut Plan) {
         }
     });
     for (vm, away, target) in held {
-        let note = format!("{vm}: unknown: it may still run on {away}, which is unreachable and not fenced; nothing of it is started on {target} until {away} answers or is fenced");
-        out.pending.push(note.clone());
-        out.notes.push(note);
+        out.pend(&vm, format!("unknown: it may still run on {away}, which is unreachable and not fenced; nothing of it is started on {target} until {away} answers or is fenced"));
     }
 }
 
@@ -200,9 +260,7 @@ fn plan_new(desired: &Desired, load: &mut Load, want: &VmEntry, out: &mut Plan) 
     let placement = match load.place_where(desired, want, moves::storage_fit(desired, want)) {
         Ok(p) => p,
         Err(missing) => {
-            out.notes.push(format!("{vm}: cannot be placed: {missing}"));
-            out.pending
-                .push(format!("{vm}: cannot be placed: {missing}"));
+            out.pend(&vm, format!("cannot be placed: {missing}"));
             return;
         }
     };
@@ -337,7 +395,10 @@ fn plan_exited(
                 why.push_str(&recover::lock_holders(desired, observed, host));
             }
             out.notes.push(format!("{vm}: {why}"));
-            out.pending.push(format!("{vm}: failed: {why}"));
+            out.pending.push(Pending {
+                vm,
+                why: format!("failed: {why}"),
+            });
         }
         Verdict::Stay { why } => {
             out.notes.push(format!("{vm}: {why}"));

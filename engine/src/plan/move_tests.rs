@@ -150,7 +150,7 @@ fn stopped_or_cold_policy_vms_move_cold_and_none_stays_with_a_reason() {
     assert!(l.contains(&"migrate b hv1>hv2 cold".to_owned()), "{l:?}");
     assert!(!l.iter().any(|a| a.starts_with("migrate c")), "{l:?}");
     assert!(
-        p.pending
+        p.pending_lines()
             .iter()
             .any(|n| n.starts_with("c: must move") && n.contains("\"none\"")),
         "{p:?}"

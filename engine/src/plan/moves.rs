@@ -30,7 +30,7 @@ pub(super) enum Decision {
         note: Option<String>,
     },
     /// It should move but cannot (now); `pending` when the commit cannot count as applied.
-    Blocked { note: String, pending: bool },
+    Blocked { why: String, pending: bool },
 }
 
 /// Whether `want` (kept on `host` as `have`) must move, and how; a move books its place on
@@ -51,8 +51,8 @@ pub(super) fn plan_move(
         Some(pin) if pin != host => format!("pinned to {pin} (runs on {host})"),
         Some(_) if draining => {
             return Decision::Blocked {
-                note: format!(
-                    "{vm}: {host} is in maintenance but {vm} is pinned to it; change or remove the pin to move it"
+                why: format!(
+                    "{host} is in maintenance but {vm} is pinned to it; change or remove the pin to move it"
                 ),
                 pending: false,
             };
@@ -65,8 +65,8 @@ pub(super) fn plan_move(
         RunState::Running | RunState::Stopped | RunState::Exited
     ) {
         return Decision::Blocked {
-            note: format!(
-                "{vm}: must move ({why}) but its QEMU is {}; not moved now",
+            why: format!(
+                "must move ({why}) but its QEMU is {}; not moved now",
                 have.detail.as_deref().unwrap_or("not running normally")
             ),
             pending: false,
@@ -78,8 +78,8 @@ pub(super) fn plan_move(
     let mode = match want.spec.migration {
         MigrationPolicy::None => {
             return Decision::Blocked {
-                note: format!(
-                    "{vm}: must move ({why}) but migration = \"none\": commit migration = \"cold\" (restart elsewhere) or \"live\" to allow it"
+                why: format!(
+                    "must move ({why}) but migration = \"none\": commit migration = \"cold\" (restart elsewhere) or \"live\" to allow it"
                 ),
                 pending: true,
             };
@@ -111,7 +111,7 @@ pub(super) fn plan_move(
             note,
         },
         Err(missing) => Decision::Blocked {
-            note: format!("{vm}: must move ({why}) but cannot be placed: {missing}"),
+            why: format!("must move ({why}) but cannot be placed: {missing}"),
             pending: true,
         },
     }
@@ -178,8 +178,8 @@ pub(super) fn plan_moves<'a>(
                     progress = true;
                     false
                 }
-                Decision::Blocked { note, pending } => {
-                    blocked.insert(name, (note, pending));
+                Decision::Blocked { why, pending } => {
+                    blocked.insert(name, (why, pending));
                     true
                 }
             }
@@ -188,11 +188,12 @@ pub(super) fn plan_moves<'a>(
             break;
         }
     }
-    for (note, pending) in blocked.into_values() {
+    for (name, (why, pending)) in blocked {
         if pending {
-            out.pending.push(note.clone());
+            out.pend(name, why);
+        } else {
+            out.notes.push(format!("{name}: {why}"));
         }
-        out.notes.push(note);
     }
     moved
 }

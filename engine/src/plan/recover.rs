@@ -32,9 +32,7 @@ pub(super) fn plan_lost(
             Some(_) => "its fence command has not succeeded yet".to_owned(),
             None => format!("once it is powered off, run `plasmavmc fence confirm {host}`"),
         };
-        let note = format!("{name}: unknown: last seen on {host}, which is unreachable; not started elsewhere (it may still run there): {needed}");
-        out.pending.push(note.clone());
-        out.notes.push(note);
+        out.pend(name, format!("unknown: last seen on {host}, which is unreachable; not started elsewhere (it may still run there): {needed}"));
         return;
     };
     let Some(want) = desired.vms.get(name) else {
@@ -44,16 +42,12 @@ pub(super) fn plan_lost(
         return;
     };
     if !want.spec.ha {
-        let note = format!("{name}: on fenced host {host} ({how}); ha = false, so it is not recovered elsewhere: set ha = true, or bring {host} back");
-        out.pending.push(note.clone());
-        out.notes.push(note);
+        out.pend(name, format!("on fenced host {host} ({how}); ha = false, so it is not recovered elsewhere: set ha = true, or bring {host} back"));
         return;
     }
     let lost = desired.hosts.get(host).map(|h| &h.spec);
     if let Some(disk) = local_disk(want, lost.is_some_and(|s| s.shared_storage.is_some())) {
-        let note = format!("{name}: on fenced host {host} with local disk {disk}: not recreated without its data; commit a decision (remove the VM, or bring {host} back)");
-        out.pending.push(note.clone());
-        out.notes.push(note);
+        out.pend(name, format!("on fenced host {host} with local disk {disk}: not recreated without its data; commit a decision (remove the VM, or bring {host} back)"));
         return;
     }
     // Disks on shared storage are only visible to hosts of the same pool.
@@ -92,9 +86,10 @@ pub(super) fn plan_lost(
             }
         }
         Err(missing) => {
-            let note = format!("{name}: on fenced host {host}; cannot be recovered: {missing}");
-            out.pending.push(note.clone());
-            out.notes.push(note);
+            out.pend(
+                name,
+                format!("on fenced host {host}; cannot be recovered: {missing}"),
+            );
         }
     }
 }

@@ -332,7 +332,7 @@ fn a_fenced_hosts_ha_vms_are_recovered_elsewhere_and_the_rest_explained() {
     // Not fenced yet: all unknown, nothing moves.
     let p = plan(&d, &o, NOW);
     assert!(p.actions.is_empty(), "{:?}", p.actions);
-    assert_eq!(p.pending.len(), 3);
+    assert_eq!(p.pending_lines().len(), 3);
     assert!(p
         .notes
         .iter()
@@ -454,11 +454,11 @@ fn a_suspect_host_is_planned_like_an_unreachable_one_that_is_not_fenced() {
     let p = plan(&d, &o, NOW);
     assert!(p.actions.is_empty(), "{:?}", p.actions);
     assert!(
-        p.pending
+        p.pending_lines()
             .iter()
             .any(|n| n.starts_with("ha: unknown: last seen on hv1")),
         "{:?}",
-        p.pending
+        p.pending_lines()
     );
     // The same host unreachable without a fence record plans the same.
     let mut down = crate::observe::Unreachable::default();

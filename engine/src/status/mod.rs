@@ -52,6 +52,36 @@ pub struct EngineStatus {
     pub last_error: Option<String>,
 }
 
+impl EngineStatus {
+    /// Records an attempt to apply `revision` that ended with `report` (none: nothing was
+    /// to be done) and left `pending` VMs: applied when nothing failed and nothing is
+    /// pending, else the problems, one a line, are the last error. Returns them (empty
+    /// when there are none).
+    pub fn attempted(
+        &mut self,
+        revision: &str,
+        report: Option<&Report>,
+        pending: &[crate::plan::Pending],
+    ) -> String {
+        self.last_attempted_revision = Some(revision.to_owned());
+        let problems = [
+            report.map(Report::failures).unwrap_or_default(),
+            crate::plan::Pending::lines(pending),
+        ]
+        .into_iter()
+        .filter(|p| !p.is_empty())
+        .collect::<Vec<_>>()
+        .join("\n");
+        if problems.is_empty() {
+            self.last_applied_revision = Some(revision.to_owned());
+            self.last_error = None;
+        } else {
+            self.last_error = Some(problems.clone());
+        }
+        problems
+    }
+}
+
 /// Phase of a VM as status reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -80,6 +110,40 @@ impl VmPhase {
             VmPhase::Failed => "failed",
             VmPhase::Unknown => "unknown",
         }
+    }
+}
+
+/// Phase of a host as status reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HostPhase {
+    /// It answers; placement uses it.
+    Ready,
+    /// It answers but is being drained (`state = "maintenance"`).
+    Maintenance,
+    /// Connected, but it missed heartbeats: not asked, its VMs unknown.
+    Suspect,
+    /// It does not answer (channel closed, silent for `down_after`, cannot be reached).
+    Down,
+    /// It does not answer and is known to be powered off.
+    Fenced,
+}
+
+impl HostPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostPhase::Ready => "ready",
+            HostPhase::Maintenance => "maintenance",
+            HostPhase::Suspect => "suspect",
+            HostPhase::Down => "down",
+            HostPhase::Fenced => "fenced",
+        }
+    }
+}
+
+impl std::fmt::Display for HostPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -124,7 +188,7 @@ pub struct VmStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostStatus {
     pub name: String,
-    pub phase: String,
+    pub phase: HostPhase,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_heartbeat: Option<String>,
     pub capacity: Capacity,
@@ -152,13 +216,10 @@ pub struct Snapshot {
 impl Snapshot {
     /// Puts what the plan could not do (`vm: why` lines) into those VMs' messages: the
     /// status of a VM that will not run says why and what is needed.
-    pub fn explain_pending(&mut self, pending: &[String]) {
-        for line in pending {
-            let Some((vm, why)) = line.split_once(": ") else {
-                continue;
-            };
-            if let Some(status) = self.vms.iter_mut().find(|v| v.name == vm) {
-                status.message = Some(why.to_owned());
+    pub fn explain_pending(&mut self, pending: &[crate::plan::Pending]) {
+        for p in pending {
+            if let Some(status) = self.vms.iter_mut().find(|v| v.name == p.vm) {
+                status.message = Some(p.why.clone());
             }
         }
     }
@@ -511,13 +572,13 @@ fn unreachable_host(name: &str, why: &str, observed: &Observed) -> HostStatus {
     let fenced = observed.fenced.get(name);
     let last_heard = observed.suspect.get(name);
     let phase = match (last_heard, fenced) {
-        (Some(_), _) => "suspect",
-        (None, Some(_)) => "fenced",
-        (None, None) => "down",
+        (Some(_), _) => HostPhase::Suspect,
+        (None, Some(_)) => HostPhase::Fenced,
+        (None, None) => HostPhase::Down,
     };
     HostStatus {
         name: name.to_owned(),
-        phase: phase.to_owned(),
+        phase,
         last_heartbeat: last_heard.map(|ms| crate::time::at_ms(*ms)),
         capacity: Capacity::default(),
         allocated: Capacity::default(),
@@ -544,7 +605,11 @@ fn host_status(
     let maintenance = spec.is_some_and(|s| s.state == plasmavmc_specs::HostState::Maintenance);
     HostStatus {
         name: name.to_owned(),
-        phase: if maintenance { "maintenance" } else { "ready" }.to_owned(),
+        phase: if maintenance {
+            HostPhase::Maintenance
+        } else {
+            HostPhase::Ready
+        },
         last_heartbeat: Some(crate::time::now()),
         capacity: Capacity {
             vcpus: spec.and_then(|s| s.vcpus).unwrap_or(inv.capacity.vcpus),

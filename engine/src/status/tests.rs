@@ -84,14 +84,14 @@ fn a_suspect_host_says_since_when_it_is_silent_and_its_vms_are_unknown() {
     );
     let snap = build(&o);
     let hv1 = host(&snap, "hv1");
-    assert_eq!(hv1.phase, "suspect");
+    assert_eq!(hv1.phase.as_str(), "suspect");
     assert_eq!(hv1.last_heartbeat.as_deref(), Some("2027-01-15T08:00:00Z"));
     assert_eq!(
         hv1.message.as_deref(),
         Some("host hv1 missed heartbeats: nothing heard for 0.6s (down after 1s)")
     );
     assert_eq!(hv1.vms, ["a"]);
-    assert_eq!(host(&snap, "hv2").phase, "ready");
+    assert_eq!(host(&snap, "hv2").phase.as_str(), "ready");
     let a = &snap.vms[0];
     assert_eq!(
         a.phase,
@@ -110,11 +110,14 @@ fn a_suspect_host_says_since_when_it_is_silent_and_its_vms_are_unknown() {
 fn a_fence_record_does_not_count_while_the_host_is_only_suspect() {
     let suspect = observed(Some(1_800_000_000_000), &["hv1"]);
     assert!(suspect.fenced.is_empty(), "{:?}", suspect.fenced);
-    assert_eq!(host(&build(&suspect), "hv1").phase, "suspect");
+    assert_eq!(host(&build(&suspect), "hv1").phase.as_str(), "suspect");
     let down = observed(None, &["hv1"]);
     assert_eq!(down.fenced.len(), 1);
-    assert_eq!(host(&build(&down), "hv1").phase, "fenced");
-    assert_eq!(host(&build(&observed(None, &[])), "hv1").phase, "down");
+    assert_eq!(host(&build(&down), "hv1").phase.as_str(), "fenced");
+    assert_eq!(
+        host(&build(&observed(None, &[])), "hv1").phase.as_str(),
+        "down"
+    );
 }
 
 /// A stopped copy of `a` on hv2 (a cold move's source) while the record says `a` may
@@ -162,4 +165,30 @@ fn a_copy_that_does_not_run_is_unknown_while_another_host_may_run_the_vm() {
     let snap = build(&stopped_on_hv2_recorded_on_hv1(true));
     assert_eq!(snap.vms[0].phase, VmPhase::Stopped);
     assert_eq!(snap.vms[0].host.as_deref(), Some("hv2"));
+}
+
+#[test]
+fn an_attempt_counts_as_applied_only_without_failures_or_pending_vms() {
+    let mut engine = EngineStatus::default();
+    assert_eq!(engine.attempted("r1", None, &[]), "");
+    assert_eq!(engine.last_applied_revision.as_deref(), Some("r1"));
+    let pending = [crate::plan::Pending {
+        vm: "a".to_owned(),
+        why: "cannot be placed: no room".to_owned(),
+    }];
+    assert_eq!(
+        engine.attempted("r2", None, &pending),
+        "a: cannot be placed: no room"
+    );
+    assert_eq!(engine.last_attempted_revision.as_deref(), Some("r2"));
+    assert_eq!(engine.last_applied_revision.as_deref(), Some("r1"));
+    assert_eq!(
+        engine.last_error.as_deref(),
+        Some("a: cannot be placed: no room")
+    );
+    engine.attempted("r2", None, &[]);
+    assert_eq!(
+        (engine.last_applied_revision.as_deref(), engine.last_error),
+        (Some("r2"), None)
+    );
 }

@@ -59,7 +59,7 @@ struct Daemon {
     /// Connected hosts that were suspect (missed heartbeats) at the last observation.
     suspect: Vec<String>,
     /// What the last plan could not do (`vm: why`), shown in those VMs' status.
-    pending: Vec<String>,
+    pending: Vec<crate::plan::Pending>,
     /// Since when each unreachable host has been away, and when it was last fenced at.
     away_since: BTreeMap<String, std::time::Instant>,
     fence_tried: BTreeMap<String, std::time::Instant>,
@@ -355,21 +355,7 @@ impl Daemon {
             (Some(report), after)
         };
         if self.bad.is_none() {
-            self.engine.last_attempted_revision = Some(id.clone());
-            let problems = [
-                report.as_ref().map(Report::failures).unwrap_or_default(),
-                self.pending.join("\n"),
-            ]
-            .into_iter()
-            .filter(|p| !p.is_empty())
-            .collect::<Vec<_>>()
-            .join("\n");
-            if problems.is_empty() {
-                self.engine.last_applied_revision = Some(id.clone());
-                self.engine.last_error = None;
-            } else {
-                self.engine.last_error = Some(problems);
-            }
+            self.engine.attempted(&id, report.as_ref(), &self.pending);
         }
         changed |= !self.events.is_empty();
         self.write_status(Some(&target), report.as_ref(), &after, changed)

@@ -360,7 +360,7 @@ impl Cluster {
             |snap| {
                 snap.hosts
                     .into_iter()
-                    .filter(|h| h.phase == "ready")
+                    .filter(|h| h.phase == crate::status::HostPhase::Ready)
                     .map(|h| h.name)
                     .collect()
             },

@@ -58,7 +58,7 @@ fn a_start_refused_by_the_image_lock_is_not_retried_and_names_the_hosts_that_may
     assert!(p.actions.is_empty(), "{:?}", p.actions);
     assert_eq!(p.wake_at_ms, None, "nothing to wake for: no retry");
     assert_eq!(
-        p.pending,
+        p.pending_lines(),
         [
             "db: failed: not started: a disk is in use by another QEMU (image lock: disk data \
           (/mnt/vms/db/data.qcow2): Failed to get shared \"write\" lock); the VM may still run \
@@ -81,11 +81,11 @@ fn with_every_host_of_the_pool_answering_the_holder_is_not_ours() {
     let p = plan(&d, &o, NOW);
     assert!(p.actions.is_empty(), "{:?}", p.actions);
     assert!(
-        p.pending[0].ends_with(
+        p.pending_lines()[0].ends_with(
             "every host of its storage pool answers: a QEMU this engine does not manage holds the disk"
         ),
         "{:?}",
-        p.pending
+        p.pending_lines()
     );
 }
 
@@ -113,5 +113,5 @@ fn when_the_holder_answers_its_copy_is_kept_and_the_refused_one_deleted() {
         "{}",
         p.actions[0].reason()
     );
-    assert!(p.pending.is_empty(), "{:?}", p.pending);
+    assert!(p.pending_lines().is_empty(), "{:?}", p.pending_lines());
 }

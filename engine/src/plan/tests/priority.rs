@@ -73,7 +73,7 @@ fn new_vms_are_placed_highest_priority_first_then_by_name() {
         p.notes
     );
     assert_eq!(
-        p.pending,
+        p.pending_lines(),
         [
             "a: cannot be placed: needs 300 MB and 1 vCPUs: hv1 has 100 MB free",
             "d: cannot be placed: needs 300 MB and 1 vCPUs: hv1 has 100 MB free",
@@ -92,7 +92,7 @@ fn a_fenced_hosts_vms_are_recovered_highest_priority_first() {
     // hv2 holds one: zulu, though alpha comes first by name.
     assert_eq!(placed(&p), ["recover zulu hv2", "start zulu hv2"]);
     assert_eq!(
-        p.pending,
+        p.pending_lines(),
         ["alpha: on fenced host hv1; cannot be recovered: needs 300 MB and 1 vCPUs: hv1 unreachable, hv2 has 212 MB free"]
     );
     // Equal priorities: by name, alpha.
@@ -118,9 +118,9 @@ fn new_and_recovered_vms_compete_in_one_order() {
     let p = plan(&d, &hv1_fenced(&["lost"]), NOW);
     assert_eq!(placed(&p), ["create fresh hv2", "start fresh hv2"]);
     assert!(
-        p.pending[0].starts_with("lost: on fenced host hv1; cannot be recovered"),
+        p.pending_lines()[0].starts_with("lost: on fenced host hv1; cannot be recovered"),
         "{:?}",
-        p.pending
+        p.pending_lines()
     );
 }
 
@@ -132,7 +132,7 @@ fn priority_never_moves_a_placed_vm() {
     let p = plan(&d, &on_hosts(&["hv1"], vec![b_runs]), NOW);
     assert!(p.actions.is_empty(), "{:?}", p.actions);
     assert_eq!(
-        p.pending,
+        p.pending_lines(),
         ["a: cannot be placed: needs 300 MB and 1 vCPUs: hv1 has 100 MB free"]
     );
 }

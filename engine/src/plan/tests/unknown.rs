@@ -58,11 +58,11 @@ fn an_update_cut_short_on_a_frozen_host_leaves_the_vm_unknown_not_created_elsewh
     let p = plan(&d, &o, NOW);
     assert!(p.actions.is_empty(), "{:?}", p.actions);
     assert!(
-        p.pending
+        p.pending_lines()
             .iter()
             .any(|n| n.starts_with("app: unknown: last seen on hv3")),
         "{:?}",
-        p.pending
+        p.pending_lines()
     );
     // Fenced: recovered once, on a host of the pool.
     let p = plan(&d, &hv3_down(vec![], &["hv3"], true), NOW);
@@ -79,10 +79,10 @@ fn a_copy_that_answers_is_not_started_while_another_may_run_on_a_host_that_does_
     let p = plan(&d, &o, NOW);
     assert!(p.actions.is_empty(), "{:?}", p.actions);
     assert!(
-        p.pending.iter().any(|n| n
+        p.pending_lines().iter().any(|n| n
             == "app: unknown: it may still run on hv3, which is unreachable and not fenced; nothing of it is started on hv1 until hv3 answers or is fenced"),
         "{:?}",
-        p.pending
+        p.pending_lines()
     );
     // The same after a crash (exited, restart = always).
     let mut exited = running(&d, "app", RunState::Exited);
