@@ -100,6 +100,7 @@ fn main() {
                     spec: e.spec.clone(),
                     started_at: None,
                     detail: None,
+                    paused: None,
                     last_exit: None,
                     exits: vec![],
                     restarts: 0,

@@ -52,9 +52,13 @@ pub struct ObservedVm {
     pub spec: VmSpec,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
-    /// QEMU's own words for its state (`query-status`), or why it could not be asked.
+    /// QEMU's own words for its state (`query-status`), or why it could not be asked:
+    /// for people. Decisions read [`ObservedVm::paused`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// What a paused QEMU (state [`RunState::Paused`]) is paused for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paused: Option<Paused>,
     /// The last exit the engine did not ask for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_exit: Option<crate::qemu::exit::ExitRecord>,
@@ -70,11 +74,49 @@ pub struct ObservedVm {
     pub incoming: bool,
 }
 
+/// The QEMU run states of a paused QEMU that recovery decides by (QMP `query-status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Paused {
+    /// Stopped (`-S`, `stop`), or a live-migration target whose migration completed.
+    Paused,
+    /// A live-migration target still receiving.
+    Inmigrate,
+    /// A live-migration source in the migration's last stage (e.g. before switchover).
+    FinishMigrate,
+    /// A live-migration source whose migration completed: its guest went to the target.
+    Postmigrate,
+    /// Any other run state (QEMU's word is in `detail`): nothing is decided by it.
+    #[serde(other)]
+    Other,
+}
+
+impl Paused {
+    /// The state of QEMU's `query-status` word.
+    pub fn of(word: &str) -> Self {
+        match word {
+            "paused" => Self::Paused,
+            "inmigrate" => Self::Inmigrate,
+            "finish-migrate" => Self::FinishMigrate,
+            "postmigrate" => Self::Postmigrate,
+            _ => Self::Other,
+        }
+    }
+
+    /// Paused by a live migration (either end).
+    pub fn by_migration(self) -> bool {
+        matches!(
+            self,
+            Self::Inmigrate | Self::FinishMigrate | Self::Postmigrate
+        )
+    }
+}
+
 impl ObservedVm {
     /// A live-migration target whose incoming migration completed: it holds the guest,
     /// paused (QEMU `paused` after `-incoming`) until it is started.
     pub fn holds_completed_migration(&self) -> bool {
-        self.incoming && self.state == RunState::Paused && self.detail.as_deref() == Some("paused")
+        self.incoming && self.state == RunState::Paused && self.paused == Some(Paused::Paused)
     }
 
     /// A live-migration source paused in the migration's last stage (QEMU
@@ -83,15 +125,13 @@ impl ObservedVm {
     pub fn paused_mid_migration(&self) -> bool {
         !self.incoming
             && self.state == RunState::Paused
-            && self.detail.as_deref() == Some("finish-migrate")
+            && self.paused == Some(Paused::FinishMigrate)
     }
 
     /// A live-migration source whose migration completed (QEMU `postmigrate`): its guest
     /// went to the target; resuming it is safe only once the target is known dead.
     pub fn is_migrated_source(&self) -> bool {
-        !self.incoming
-            && self.state == RunState::Paused
-            && self.detail.as_deref() == Some("postmigrate")
+        !self.incoming && self.state == RunState::Paused && self.paused == Some(Paused::Postmigrate)
     }
 }
 

@@ -45,6 +45,7 @@ fn copy(
         spec_hash: e.hash.clone(),
         spec: e.spec.clone(),
         started_at: None,
+        paused: detail.map(crate::observe::Paused::of),
         detail: detail.map(str::to_owned),
         last_exit: None,
         exits: vec![],

@@ -156,6 +156,7 @@ pub(super) fn plan_moves<'a>(
                 resumed = ObservedVm {
                     state: RunState::Running,
                     detail: None,
+                    paused: None,
                     ..have.clone()
                 };
                 &resumed

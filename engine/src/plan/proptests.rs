@@ -143,17 +143,17 @@ fn world(cases: &[Case]) -> (Desired, Observed) {
                 spec,
                 started_at: None,
                 detail: None,
+                paused: None,
                 last_exit: (state == RunState::Exited).then_some(ExitRecord {
                     reason: ExitReason::Crash,
                     at_ms: NOW - 1,
                     pid: 1,
                     status: None,
                 }),
-                exits: if state == RunState::Exited {
-                    vec![NOW - 1]
-                } else {
-                    vec![]
-                },
+                exits: (state == RunState::Exited)
+                    .then_some(NOW - 1)
+                    .into_iter()
+                    .collect(),
                 restarts: 0,
                 incoming: false,
             };
@@ -191,6 +191,7 @@ fn simulate(d: &Desired, observed: &Observed, plan: &Plan) -> Observed {
                     spec: want.spec.clone(),
                     started_at: None,
                     detail: None,
+                    paused: None,
                     last_exit: None,
                     exits: vec![],
                     restarts: 0,

@@ -167,6 +167,7 @@ mod tests {
             },
             started_at: None,
             detail: None,
+            paused: None,
             last_exit: reason.map(|reason| ExitRecord {
                 reason,
                 at_ms: *exits.last().unwrap_or(&0),

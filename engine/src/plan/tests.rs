@@ -33,6 +33,7 @@ fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
         spec: e.spec.clone(),
         started_at: None,
         detail: None,
+        paused: None,
         last_exit: None,
         exits: vec![],
         restarts: 0,

@@ -512,11 +512,7 @@ fn observed_phase(
 
 /// A QEMU paused by a live migration: its target, or a source mid-way or done.
 fn migrating(o: &ObservedVm) -> bool {
-    o.incoming
-        || matches!(
-            o.detail.as_deref(),
-            Some("inmigrate" | "postmigrate" | "finish-migrate")
-        )
+    o.incoming || o.paused.is_some_and(crate::observe::Paused::by_migration)
 }
 
 /// A VM that may be on `host`, which does not answer (`why`).

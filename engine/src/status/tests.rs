@@ -136,6 +136,7 @@ fn stopped_on_hv2_recorded_on_hv1(fenced: bool) -> Observed {
         spec,
         started_at: None,
         detail: None,
+        paused: None,
         last_exit: None,
         exits: Vec::new(),
         restarts: 0,

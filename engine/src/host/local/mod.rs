@@ -121,7 +121,7 @@ impl LocalHost {
 
     async fn observe_one(&self, dir: &InstanceDir, mut inst: InstanceFile) -> ObservedVm {
         let pid = Self::live_pid(dir, &inst);
-        let (state, detail) = match pid {
+        let (state, detail): (RunState, Option<String>) = match pid {
             // Nothing ran: the next start is the same start again, not a restart.
             None if inst.power == Power::Running && inst.starting => (
                 RunState::Stopped,
@@ -157,6 +157,8 @@ impl LocalHost {
             spec_hash: inst.vm.spec_hash,
             spec: inst.vm.spec,
             started_at: inst.started_at,
+            paused: (state == RunState::Paused)
+                .then(|| crate::observe::Paused::of(detail.as_deref().unwrap_or_default())),
             detail,
             last_exit: inst.last_exit,
             exits: inst.exits,
