@@ -620,14 +620,14 @@ fn lying_fence_then_return(how: Return) -> Result<()> {
         .with_context(|| daemon.describe())?;
     let removed_after = back.elapsed();
     ensure!(!is_alive(old), "hv1's copy {old} still runs");
-    let log = daemon.lines_since(since);
+    // The folder goes before the daemon logs the delete's end: wait for the line.
     for op in ["stop", "delete"] {
-        ensure!(
-            log.iter()
-                .any(|l| l.is("done", Some("ha1")) && l.str("op") == Some(op)),
-            "no \"done\" line for op {op} of ha1 after hv1 came back\n{}",
-            daemon.describe()
-        );
+        daemon.wait_log_since(
+            format!("a \"done\" line for op {op} of ha1 after hv1 came back"),
+            DETECT,
+            since,
+            |l| l.is("done", Some("ha1")) && l.str("op") == Some(op),
+        )?;
     }
     println!(
         "lying fence, hv1 back by {how:?}: {}; hv1's copy removed {removed_after:.2?} after \

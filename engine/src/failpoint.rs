@@ -159,17 +159,20 @@ fn pause(point: &'static str) {
 #[cfg(feature = "failpoints")]
 macro_rules! failpoint {
     ($name:literal) => {
-        if let Some(injected) =
-            ::fail::eval($name, |action| $crate::failpoint::fire($name, action.as_deref()))
-                .flatten()
+        if let Some(injected) = ::fail::eval($name, |action| {
+            $crate::failpoint::fire($name, action.as_deref())
+        })
+        .flatten()
         {
             return Err(injected.into());
         }
     };
     ($name:literal, ()) => {
-        if ::fail::eval($name, |action| $crate::failpoint::fire($name, action.as_deref()))
-            .flatten()
-            .is_some()
+        if ::fail::eval($name, |action| {
+            $crate::failpoint::fire($name, action.as_deref())
+        })
+        .flatten()
+        .is_some()
         {
             return;
         }

@@ -220,9 +220,16 @@ fn init_logging(format: LogFormat, default_level: &str) {
 fn fence_confirm(host: &str, repo: &RepoArgs) -> anyhow::Result<u8> {
     let ctx = context::Ctx::open(repo)?;
     if let Ok(target) = Target::load(&ctx.source, &ctx.rev) {
+        // A host removed from the specs may still hold VMs (the engine's record says
+        // which): they stay unknown until it is fenced, so it can be confirmed too.
+        let recorded = crate::state::whereabouts::Whereabouts::new(&ctx.state)
+            .read()
+            .ok()
+            .flatten()
+            .is_some_and(|places| places.values().flatten().any(|h| h == host));
         anyhow::ensure!(
-            target.desired.hosts.contains_key(host),
-            "host {host:?} is not in commit {}",
+            target.desired.hosts.contains_key(host) || recorded,
+            "host {host:?} is not in commit {} and no VM is recorded on it",
             target.commit.short()
         );
     }

@@ -14,6 +14,7 @@ use crate::execute::{execute_journaled, Outcome, Step};
 use crate::observe::Observed;
 use crate::plan::{plan as make_plan, prune_actions, Plan, SavedPlan};
 use crate::source::Target;
+use crate::state::whereabouts::Whereabouts;
 use crate::state::StateLock;
 use crate::status::StatusDir;
 
@@ -220,7 +221,16 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
         eprintln!("note: {}", j.describe());
     }
     let live = show_live(&status);
-    let report = execute_journaled(&plan, &target, &hosts.up, &journal, &live, print_step).await?;
+    let report = execute_journaled(
+        &plan,
+        &target,
+        &hosts.up,
+        &journal,
+        &Whereabouts::new(&ctx.state),
+        &live,
+        print_step,
+    )
+    .await?;
     let after = ctx.observe(&hosts).await;
     env!("CARGO_PKG_VERSION").clone_into(&mut engine.version);
     engine.updated_at = crate::time::now();

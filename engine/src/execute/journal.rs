@@ -58,14 +58,6 @@ impl JournalFile {
 }
 
 impl Journal {
-    /// The hosts this run was creating VMs on: an instance may exist there already.
-    pub fn creations(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.actions
-            .iter()
-            .filter(|a| matches!(a, Action::Create { .. }))
-            .map(|a| (a.vm(), a.host()))
-    }
-
     /// One line for logs and status: what was cut short.
     pub fn describe(&self) -> String {
         let next = self

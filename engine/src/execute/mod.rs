@@ -17,6 +17,7 @@ use crate::failpoint::failpoint;
 use crate::host::{Host, HostError, StopOutcome};
 use crate::plan::{Action, Plan};
 use crate::source::Target;
+use crate::state::whereabouts::Whereabouts;
 
 /// What happened to one action.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,6 +74,8 @@ pub enum ExecError {
     NotInCommit { vm: String, commit: String },
     #[error(transparent)]
     Host(#[from] HostError),
+    #[error("not done: {0}")]
+    Record(String),
     /// A fail point's `error` action (test builds only).
     #[cfg(feature = "failpoints")]
     #[error(transparent)]
@@ -89,6 +92,19 @@ pub async fn execute<H: Host>(
     target: &Target,
     hosts: &BTreeMap<String, H>,
     live: Live<'_>,
+    progress: impl FnMut(&Step),
+) -> Report {
+    execute_with(plan, target, hosts, live, |_| Ok(()), progress).await
+}
+
+/// [`execute`], with `before` asked before each action touches a host: an error fails
+/// the action untouched (e.g. where the VM goes could not be recorded).
+async fn execute_with<H: Host>(
+    plan: &Plan,
+    target: &Target,
+    hosts: &BTreeMap<String, H>,
+    live: Live<'_>,
+    mut before: impl FnMut(&Action) -> Result<(), String>,
     mut progress: impl FnMut(&Step),
 ) -> Report {
     let stop_timeout = target.desired.cluster.timeouts.stop.0;
@@ -107,10 +123,15 @@ pub async fn execute<H: Host>(
                 host = action.host()
             );
             let started = Instant::now();
-            match run(action, target, hosts, stop_timeout, live)
-                .instrument(span)
-                .await
-            {
+            let result = match before(action) {
+                Ok(()) => {
+                    run(action, target, hosts, stop_timeout, live)
+                        .instrument(span)
+                        .await
+                }
+                Err(why) => Err(ExecError::Record(why)),
+            };
+            match result {
                 Ok(detail) => {
                     info!(op = action.op(), vm = action.vm(), %detail, "done");
                     Outcome::Done {
@@ -139,11 +160,15 @@ pub async fn execute<H: Host>(
 
 /// [`execute`], journaled: the plan is written to `journal` before the first action and
 /// after each, and removed at the end. Refuses to act when the journal cannot be written.
+/// Before an action may put a VM on a host (see [`may_put`]), that host is added to
+/// `record` (where each VM may be); an action whose host cannot be recorded fails
+/// without touching anything.
 pub async fn execute_journaled<H: Host>(
     plan: &Plan,
     target: &Target,
     hosts: &BTreeMap<String, H>,
     journal: &journal::JournalFile,
+    record: &Whereabouts,
     live: Live<'_>,
     mut progress: impl FnMut(&Step),
 ) -> Result<Report, crate::state::StateError> {
@@ -166,7 +191,22 @@ pub async fn execute_journaled<H: Host>(
         save(&|j| j.step = Some(format!("{vm}: {what}")));
         live(vm, what);
     };
-    let report = execute(plan, target, hosts, &steps, |step| {
+    let note = |action: &Action| {
+        let hosts = may_put(action);
+        if hosts.is_empty() {
+            return Ok(());
+        }
+        record.note(action.vm(), &hosts).map_err(|e| {
+            let why = format!(
+                "cannot record where {} may run: {}",
+                action.vm(),
+                error_chain(&e)
+            );
+            error!(%why);
+            why
+        })
+    };
+    let report = execute_with(plan, target, hosts, &steps, note, |step| {
         save(&|j| {
             j.done += 1;
             j.step = None;
@@ -176,6 +216,20 @@ pub async fn execute_journaled<H: Host>(
     .await;
     journal.clear();
     Ok(report)
+}
+
+/// The hosts `action` may leave a copy of its VM on (where a QEMU may be started, or an
+/// instance made): noted in the record of where VMs are before the action runs.
+pub fn may_put(action: &Action) -> Vec<&str> {
+    match action {
+        Action::Create { host, .. }
+        | Action::Recover { host, .. }
+        | Action::Start { host, .. }
+        | Action::Restart { host, .. }
+        | Action::Update { host, .. } => vec![host],
+        Action::Migrate { host, to, .. } => vec![host, to],
+        Action::Stop { .. } | Action::Delete { .. } | Action::Prune { .. } => Vec::new(),
+    }
 }
 
 async fn run<H: Host>(

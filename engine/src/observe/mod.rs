@@ -11,6 +11,7 @@ use plasmavmc_specs::{Power, VmSpec};
 use serde::{Deserialize, Serialize};
 
 use crate::host::Host;
+use crate::state::whereabouts::{Answers, Whereabouts};
 
 /// What QEMU is doing for one instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,6 +127,17 @@ pub struct Inventory {
     pub capacity: Capacity,
 }
 
+impl Inventory {
+    /// The VMs this host may run: its instances, and the folders orphan QEMUs run in.
+    pub fn holds(&self) -> Vec<&str> {
+        let mut vms: Vec<&str> = self.vms.keys().map(String::as_str).collect();
+        vms.extend(self.orphans.iter().map(|o| o.folder.as_str()));
+        vms.sort_unstable();
+        vms.dedup();
+        vms
+    }
+}
+
 /// Host resources.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Capacity {
@@ -140,11 +152,12 @@ pub struct Observed {
     /// Hosts that could not be asked, and why.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unreachable: BTreeMap<String, String>,
-    /// Where each VM was last seen (from the status files). A VM last seen on an
-    /// unreachable host is unknown: it may still run there, so it is never started
-    /// anywhere else on a guess.
+    /// Where each VM may be, by the engine's durable record
+    /// ([`crate::state::whereabouts`]): every host that may hold an instance of it, the
+    /// one noted last at the end. A VM that may be on an unreachable host that is not
+    /// fenced is unknown: it may still run there, so it is never started anywhere else.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub last_known: BTreeMap<String, String>,
+    pub whereabouts: BTreeMap<String, Vec<String>>,
     /// Hosts known to be powered off (fence command succeeded, or an operator confirmed),
     /// with how and when.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -179,11 +192,14 @@ impl Observed {
     }
 
     /// Adds what is known beyond the hosts that answered: the ones that could not be
-    /// reached (and why), the suspect ones, and where each VM was last seen.
+    /// reached (and why), the suspect ones, and where each VM may be. A host of the
+    /// record that neither answered nor is known to be unreachable (it was not asked at
+    /// all: dropped, or no longer in the specs) counts as unreachable too: what it holds
+    /// is unknown.
     pub fn with_context(
         mut self,
         unreachable: &Unreachable,
-        last_known: BTreeMap<String, String>,
+        whereabouts: BTreeMap<String, Vec<String>>,
         fenced: BTreeMap<String, String>,
     ) -> Self {
         let suspect = unreachable.suspect.iter().map(|(h, s)| (h, &s.why));
@@ -192,12 +208,20 @@ impl Observed {
                 .entry(host.clone())
                 .or_insert_with(|| why.clone());
         }
+        for host in whereabouts.values().flatten() {
+            if !self.hosts.contains_key(host) && !self.unreachable.contains_key(host) {
+                self.unreachable.insert(
+                    host.clone(),
+                    format!("host {host} was not asked (no connection to its agent)"),
+                );
+            }
+        }
         self.suspect = unreachable
             .suspect
             .iter()
             .map(|(h, s)| (h.clone(), s.last_heard_ms))
             .collect();
-        self.last_known = last_known;
+        self.whereabouts = whereabouts;
         // A fencing only counts while the host is away: not while it answers, nor while
         // it is only suspect (still connected, not down).
         self.fenced = fenced
@@ -207,10 +231,33 @@ impl Observed {
         self
     }
 
-    /// The unreachable host `vm` was last seen on, if that is where it may be.
+    /// An unreachable host `vm` may be on: one that is not fenced first (the VM is then
+    /// unknown), else a fenced one (the VM is lost with it and may be recovered).
     pub fn lost_on(&self, vm: &str) -> Option<&str> {
-        self.last_known
+        self.unknown_on(vm)
+            .or_else(|| self.away_hosts(vm).find(|h| self.fenced.contains_key(*h)))
+    }
+
+    /// An unreachable host that is not fenced and may hold `vm`: while there is one, `vm`
+    /// may still run there and is started nowhere else.
+    pub fn unknown_on(&self, vm: &str) -> Option<&str> {
+        self.away_hosts(vm).find(|h| !self.fenced.contains_key(*h))
+    }
+
+    /// The host `vm` was noted on last (where it was put or seen most recently).
+    pub fn last_seen(&self, vm: &str) -> Option<&str> {
+        self.whereabouts
             .get(vm)
+            .and_then(|hosts| hosts.last())
+            .map(String::as_str)
+    }
+
+    /// The unreachable hosts of the record that may hold `vm`, noted last first.
+    fn away_hosts(&self, vm: &str) -> impl Iterator<Item = &str> {
+        self.whereabouts
+            .get(vm)
+            .into_iter()
+            .flat_map(|hosts| hosts.iter().rev())
             .filter(|h| self.unreachable.contains_key(*h))
             .map(String::as_str)
     }
@@ -289,28 +336,41 @@ impl Unreachable {
 }
 
 /// Observes `hosts` and adds what the state directory `state` remembers: where each VM
-/// was last seen (status files, and the creations of an interrupted apply) and which
-/// unreachable hosts are fenced. A fenced host that answers again has rejoined: its
-/// fence record is cleared (its stale copies are cleaned up by the plan).
+/// may be (the durable record, brought up to date with what the hosts that answered
+/// report) and which unreachable hosts are fenced. A fenced host that answers again has
+/// rejoined: its fence record is cleared (its stale copies are cleaned up by the plan).
+///
+/// Callers hold the state lock (the record is rewritten here).
 pub async fn observe_with_memory<'a, H: Host + 'a>(
     hosts: impl IntoIterator<Item = &'a H>,
     unreachable: &Unreachable,
     state: &crate::state::StateDir,
 ) -> Observed {
-    let mut last_known = crate::status::StatusDir::new(&state.status_dir()).last_known();
-    if let Some(journal) = crate::execute::journal::JournalFile::new(state.root()).interrupted() {
-        for (vm, host) in journal.creations() {
-            last_known
-                .entry(vm.to_owned())
-                .or_insert_with(|| host.to_owned());
+    let record = Whereabouts::new(state.root());
+    let mut places = match record.read() {
+        Ok(Some(places)) => places,
+        // First run of an engine that keeps the record: start from where the status
+        // files last saw each VM.
+        Ok(None) => crate::status::StatusDir::new(&state.status_dir()).last_known(),
+        Err(e) => {
+            tracing::error!(error = %crate::execute::error_chain(&e), "the record of where VMs are is damaged; rebuilt from the status files and what the hosts answer");
+            crate::status::StatusDir::new(&state.status_dir()).last_known()
         }
-    }
+    };
     let fences = crate::state::fence::FenceRecords::new(state.root());
     let records = fences.all();
-    let observed =
-        Observed::gather(hosts)
-            .await
-            .with_context(unreachable, last_known, records.clone());
+    let gathered = Observed::gather(hosts).await;
+    let answers: Answers<'_> = gathered
+        .hosts
+        .iter()
+        .map(|(host, inv)| (host.as_str(), inv.holds()))
+        .collect();
+    if Whereabouts::settle(&mut places, &answers) || !record.path().exists() {
+        if let Err(e) = record.write(&places) {
+            tracing::error!(error = %crate::execute::error_chain(&e), "cannot update the record of where VMs are");
+        }
+    }
+    let observed = gathered.with_context(unreachable, places, records.clone());
     for host in observed.hosts.keys() {
         if let (Some(how), true) = (records.get(host), fences.clear(host)) {
             // Said, not silent: an operator's `fence confirm` is void once the host

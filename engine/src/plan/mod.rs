@@ -121,6 +121,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
             (None, None) => {}
         }
     }
+    hold_where_unknown(observed, &mut out);
     // Never start a second QEMU in a folder where an orphan still runs: it would share
     // the socket, pid file and disks. When in doubt, do not start.
     let blocked: BTreeSet<&str> = observed
@@ -143,6 +144,39 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
         _ => 2,
     });
     out
+}
+
+/// When in doubt, do not start: drops every action that could start a copy of a VM on
+/// one host (create, recover, start, restart, a move's target) while the VM may still be
+/// on another host that does not answer and is not fenced. Stops, updates and deletes
+/// where it is found go ahead; the VM is `unknown` until that host answers or is fenced.
+fn hold_where_unknown(observed: &Observed, out: &mut Plan) {
+    let mut held: BTreeSet<(String, String, String)> = BTreeSet::new();
+    out.actions.retain(|a| {
+        let target = match a {
+            Action::Create { host, .. }
+            | Action::Recover { host, .. }
+            | Action::Start { host, .. }
+            | Action::Restart { host, .. } => host,
+            Action::Migrate { to, .. } => to,
+            Action::Stop { .. }
+            | Action::Update { .. }
+            | Action::Delete { .. }
+            | Action::Prune { .. } => return true,
+        };
+        match observed.unknown_on(a.vm()) {
+            Some(away) if away != target => {
+                held.insert((a.vm().to_owned(), away.to_owned(), target.clone()));
+                false
+            }
+            _ => true,
+        }
+    });
+    for (vm, away, target) in held {
+        let note = format!("{vm}: unknown: it may still run on {away}, which is unreachable and not fenced; nothing of it is started on {target} until {away} answers or is fenced");
+        out.pending.push(note.clone());
+        out.notes.push(note);
+    }
 }
 
 /// Actions that stop every orphan QEMU (what `--prune` adds to a plan).

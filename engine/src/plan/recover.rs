@@ -124,13 +124,14 @@ fn local_disk(want: &VmEntry, host_has_shared: bool) -> Option<&str> {
 ///    then the ones that ever ran (a cold move's target, created but never started,
 ///    holds empty or half-copied disks).
 ///
-/// Of equals, the one where the VM was last seen, else the first.
+/// Of equals, the one on the host noted last in the record of where VMs are (where the
+/// engine put it most recently), else the first.
 pub(super) fn keeper<'a>(
     observed: &Observed,
     name: &str,
     copies: &[(&'a str, &'a ObservedVm)],
 ) -> (&'a str, &'a ObservedVm) {
-    let last = observed.last_known.get(name).map(String::as_str);
+    let last = observed.last_seen(name);
     let rank = |v: &ObservedVm| {
         (
             v.state != RunState::Running,

@@ -2,6 +2,7 @@
 
 mod lock;
 mod priority;
+mod unknown;
 
 use std::collections::BTreeMap;
 
@@ -284,8 +285,8 @@ fn a_vm_last_seen_on_an_unreachable_host_is_never_started_elsewhere() {
         "hv2".into(),
         "host hv2 is unreachable: the agent channel closed".into(),
     );
-    o.last_known.insert("a".into(), "hv2".into());
-    o.last_known.insert("b".into(), "hv1".into());
+    o.whereabouts.insert("a".into(), vec!["hv2".into()]);
+    o.whereabouts.insert("b".into(), vec!["hv1".into()]);
     let p = plan(&d, &o, NOW);
     // a may still run on hv2: unknown, left alone. b is not on hv1 any more: placed anew.
     assert_eq!(ops(&p), ["create b", "start b"]);
@@ -326,7 +327,7 @@ fn a_fenced_hosts_ha_vms_are_recovered_elsewhere_and_the_rest_explained() {
         "host hv1 is unreachable: the agent exited".into(),
     );
     for vm in ["ha", "plain", "disky"] {
-        o.last_known.insert(vm.into(), "hv1".into());
+        o.whereabouts.insert(vm.into(), vec!["hv1".into()]);
     }
     // Not fenced yet: all unknown, nothing moves.
     let p = plan(&d, &o, NOW);
@@ -360,7 +361,8 @@ fn a_returning_host_loses_its_stale_copy() {
         ("vms/a.toml", "ha = true"),
     ]);
     let mut o = on_hosts(&["hv1", "hv2"], vec![running(&d, "a", RunState::Running)]);
-    o.last_known.insert("a".into(), "hv2".into());
+    o.whereabouts
+        .insert("a".into(), vec!["hv1".into(), "hv2".into()]);
     let p = plan(&d, &o, NOW);
     assert_eq!(
         p.actions
@@ -389,7 +391,7 @@ fn vms_on_shared_storage_are_recovered_within_their_pool() {
         "host hv1 is unreachable: the agent exited".into(),
     );
     o.fenced.insert("hv1".into(), "fenced by operator".into());
-    o.last_known.insert("db".into(), "hv1".into());
+    o.whereabouts.insert("db".into(), vec!["hv1".into()]);
     let p = plan(&d, &o, NOW);
     // hv2 has more room for nothing in particular but no access to the pool: hv3 it is.
     assert_eq!(ops(&p), ["recover db", "start db"]);
@@ -414,7 +416,8 @@ fn the_only_running_copy_is_kept_even_when_last_seen_elsewhere() {
         .insert("a".into(), running(&d, "a", RunState::Exited));
     o.hosts.insert("hv1".into(), hv1);
     o.hosts.insert("hv2".into(), hv2);
-    o.last_known.insert("a".into(), "hv2".into());
+    o.whereabouts
+        .insert("a".into(), vec!["hv1".into(), "hv2".into()]);
     let p = plan(&d, &o, NOW);
     assert_eq!(
         p.actions
@@ -435,7 +438,7 @@ fn a_suspect_host_is_planned_like_an_unreachable_one_that_is_not_fenced() {
         ("hosts/hv2.toml", "address = \"local\""),
         ("vms/ha.toml", "ha = true"),
     ]);
-    let last_known = BTreeMap::from([("ha".to_owned(), "hv1".to_owned())]);
+    let whereabouts = BTreeMap::from([("ha".to_owned(), vec!["hv1".to_owned()])]);
     let fences = BTreeMap::from([("hv1".to_owned(), "fenced by operator".to_owned())]);
     let mut suspect = crate::observe::Unreachable::default();
     suspect.suspect.insert(
@@ -447,7 +450,7 @@ fn a_suspect_host_is_planned_like_an_unreachable_one_that_is_not_fenced() {
     );
     // Even with a fence record (an operator's word, given early), a host that is still
     // connected is not fenced: nothing of it moves.
-    let o = on_hosts(&["hv2"], vec![]).with_context(&suspect, last_known.clone(), fences.clone());
+    let o = on_hosts(&["hv2"], vec![]).with_context(&suspect, whereabouts.clone(), fences.clone());
     let p = plan(&d, &o, NOW);
     assert!(p.actions.is_empty(), "{:?}", p.actions);
     assert!(
@@ -462,10 +465,10 @@ fn a_suspect_host_is_planned_like_an_unreachable_one_that_is_not_fenced() {
     down.down
         .insert("hv1".into(), "host hv1 missed heartbeats".into());
     let not_fenced =
-        on_hosts(&["hv2"], vec![]).with_context(&down, last_known.clone(), BTreeMap::new());
+        on_hosts(&["hv2"], vec![]).with_context(&down, whereabouts.clone(), BTreeMap::new());
     assert_eq!(plan(&d, &not_fenced, NOW), p);
     // Once down, the record counts.
-    let once_down = on_hosts(&["hv2"], vec![]).with_context(&down, last_known, fences);
+    let once_down = on_hosts(&["hv2"], vec![]).with_context(&down, whereabouts, fences);
     assert_eq!(ops(&plan(&d, &once_down, NOW)), ["recover ha", "start ha"]);
 }
 

@@ -7,6 +7,7 @@
 pub mod drill;
 pub mod fence;
 mod lock;
+pub mod whereabouts;
 
 use std::fs;
 use std::io;
@@ -30,6 +31,14 @@ pub enum StateError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{path} is damaged: {message}")]
+    Parse { path: PathBuf, message: String },
 }
 
 /// The state directory and the well-known paths inside it.

@@ -248,13 +248,14 @@ impl StatusDir {
         Ok(snap)
     }
 
-    /// Where each VM was last seen, by the VM status files.
-    pub fn last_known(&self) -> BTreeMap<String, String> {
+    /// Where each VM was last seen, by the VM status files (what seeds the engine's
+    /// record of where VMs are when it has none yet).
+    pub fn last_known(&self) -> BTreeMap<String, Vec<String>> {
         self.read()
             .map(|s| {
                 s.vms
                     .into_iter()
-                    .filter_map(|v| Some((v.name, v.host?)))
+                    .filter_map(|v| Some((v.name, vec![v.host?])))
                     .collect()
             })
             .unwrap_or_default()
@@ -354,18 +355,26 @@ impl StatusDir {
                 );
             }
         }
-        // VMs last seen on a host that does not answer: unknown, never reported running.
-        for (name, host) in &observed.last_known {
-            if vms.contains_key(name) {
+        // VMs that may be on a host that does not answer: unknown, never reported
+        // running (nor pending, nor stopped: they may still run there), unless a copy
+        // that answers runs.
+        for name in observed.whereabouts.keys() {
+            if vms.get(name).is_some_and(|v| v.phase == VmPhase::Running) {
                 continue;
             }
-            if let (Some(why), Some(mut prev)) = (observed.unreachable.get(host), previous(name)) {
-                prev.phase = VmPhase::Unknown;
-                prev.pid = None;
-                prev.since = None;
-                prev.message = Some(why.clone());
-                vms.insert(name.clone(), prev);
-            }
+            let found = vms.remove(name);
+            let lost = match &found {
+                Some(_) => observed.unknown_on(name),
+                None => observed.lost_on(name),
+            };
+            let Some(host) = lost else {
+                vms.extend(found.map(|f| (name.clone(), f)));
+                continue;
+            };
+            let why = observed.unreachable.get(host).cloned().unwrap_or_default();
+            let want = desired.and_then(|d| d.vms.get(name));
+            let prev = found.or_else(|| previous(name));
+            vms.insert(name.clone(), unknown(name, host, why, prev, want));
         }
         if let Some(d) = desired {
             let missing: Vec<&String> = d.vms.keys().filter(|n| !vms.contains_key(*n)).collect();
@@ -449,6 +458,36 @@ fn migrating(o: &ObservedVm) -> bool {
         )
 }
 
+/// A VM that may be on `host`, which does not answer (`why`).
+fn unknown(
+    name: &str,
+    host: &str,
+    why: String,
+    prev: Option<VmStatus>,
+    want: Option<&plasmavmc_specs::VmEntry>,
+) -> VmStatus {
+    let mut status = prev.unwrap_or_else(|| VmStatus {
+        name: name.to_owned(),
+        phase: VmPhase::Unknown,
+        host: None,
+        pid: None,
+        since: None,
+        restarts: 0,
+        spec_revision: None,
+        spec_hash: None,
+        up_to_date: false,
+        message: None,
+        events: Vec::new(),
+    });
+    status.phase = VmPhase::Unknown;
+    status.host = Some(host.to_owned());
+    status.pid = None;
+    status.since = None;
+    status.up_to_date = want.is_some_and(|w| status.spec_hash.as_deref() == Some(w.hash.as_str()));
+    status.message = Some(why);
+    status
+}
+
 /// A VM of the specs with no instance anywhere (yet).
 fn pending(want: &plasmavmc_specs::VmEntry, prev: Option<VmStatus>) -> VmStatus {
     VmStatus {
@@ -483,9 +522,9 @@ fn unreachable_host(name: &str, why: &str, observed: &Observed) -> HostStatus {
         capacity: Capacity::default(),
         allocated: Capacity::default(),
         vms: observed
-            .last_known
+            .whereabouts
             .iter()
-            .filter(|(_, h)| *h == name)
+            .filter(|(_, hosts)| hosts.iter().any(|h| h == name))
             .map(|(vm, _)| vm.clone())
             .collect(),
         orphans: Vec::new(),

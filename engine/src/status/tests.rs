@@ -53,7 +53,7 @@ fn observed(last_heard_ms: Option<u64>, fences: &[&str]) -> Observed {
     }
     .with_context(
         &unreachable,
-        BTreeMap::from([("a".to_owned(), "hv1".to_owned())]),
+        BTreeMap::from([("a".to_owned(), vec!["hv1".to_owned()])]),
         fences
             .iter()
             .map(|h| ((*h).to_owned(), "fenced by operator".to_owned()))
@@ -115,4 +115,51 @@ fn a_fence_record_does_not_count_while_the_host_is_only_suspect() {
     assert_eq!(down.fenced.len(), 1);
     assert_eq!(host(&build(&down), "hv1").phase, "fenced");
     assert_eq!(host(&build(&observed(None, &[])), "hv1").phase, "down");
+}
+
+/// A stopped copy of `a` on hv2 (a cold move's source) while the record says `a` may
+/// also be on hv1, which does not answer.
+fn stopped_on_hv2_recorded_on_hv1(fenced: bool) -> Observed {
+    let mut o = observed(None, if fenced { &["hv1"] } else { &[] });
+    let spec: plasmavmc_specs::VmSpec = toml::from_str("").expect("an empty spec");
+    let copy = ObservedVm {
+        name: "a".to_owned(),
+        uuid: "uuid-a".to_owned(),
+        state: RunState::Stopped,
+        pid: None,
+        power: plasmavmc_specs::Power::Stopped,
+        revision: "0123456789ab".to_owned(),
+        spec_hash: "hash".to_owned(),
+        spec,
+        started_at: None,
+        detail: None,
+        last_exit: None,
+        exits: Vec::new(),
+        restarts: 0,
+        incoming: false,
+    };
+    o.hosts
+        .get_mut("hv2")
+        .expect("hv2")
+        .vms
+        .insert("a".to_owned(), copy);
+    o.whereabouts
+        .insert("a".to_owned(), vec!["hv2".to_owned(), "hv1".to_owned()]);
+    o
+}
+
+#[test]
+fn a_copy_that_does_not_run_is_unknown_while_another_host_may_run_the_vm() {
+    let snap = build(&stopped_on_hv2_recorded_on_hv1(false));
+    let a = &snap.vms[0];
+    assert_eq!(
+        a.phase,
+        VmPhase::Unknown,
+        "never `stopped` while hv1 may run it"
+    );
+    assert_eq!(a.host.as_deref(), Some("hv1"));
+    // hv1 fenced: the copy that answers speaks.
+    let snap = build(&stopped_on_hv2_recorded_on_hv1(true));
+    assert_eq!(snap.vms[0].phase, VmPhase::Stopped);
+    assert_eq!(snap.vms[0].host.as_deref(), Some("hv2"));
 }

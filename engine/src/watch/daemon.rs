@@ -21,6 +21,7 @@ use crate::plan::{plan, prune_actions};
 use crate::source::remote::{is_remote, Remote};
 use crate::source::{Source, Target, TargetError};
 use crate::state::fence::FenceRecords;
+use crate::state::whereabouts::Whereabouts;
 use crate::state::{StateDir, StateLock};
 use crate::status::{EngineStatus, StatusDir, VmEvent};
 
@@ -325,9 +326,16 @@ impl Daemon {
                     warn!(vm, error = %e, "cannot show progress in the status");
                 }
             };
-            let report =
-                execute_journaled(&plan, &target, &self.hosts, &self.journal, &live, |_| {})
-                    .await?;
+            let report = execute_journaled(
+                &plan,
+                &target,
+                &self.hosts,
+                &self.journal,
+                &Whereabouts::new(self.state.root()),
+                &live,
+                |_| {},
+            )
+            .await?;
             let after = self.observe().await;
             // Acting changes what comes next (a failed start records an exit and starts a
             // backoff): plan again to know when to wake. Actions still due mean something
@@ -375,7 +383,11 @@ impl Daemon {
     /// suspect hosts, where each VM was last seen). Suspect hosts are not asked: a call
     /// to a silent agent would only wait.
     async fn observe(&mut self) -> Observed {
-        let (ready, suspect) = health::triage(&self.hosts, self.limits());
+        let health::Triage {
+            ready,
+            suspect,
+            down,
+        } = health::triage(&self.hosts, self.limits());
         for (host, s) in &suspect {
             if !self.suspect.contains(host) {
                 warn!(host = %host, why = %s.why, "host suspect: missed heartbeats; its VMs are unknown until it answers");
@@ -387,10 +399,11 @@ impl Daemon {
             }
         }
         self.suspect = suspect.keys().cloned().collect();
-        let unreachable = Unreachable {
-            down: self.down.clone(),
-            suspect,
-        };
+        // A host that went down after `ensure_hosts` looked (during the actions) is not
+        // asked, and says why: its VMs are unknown, never "gone".
+        let mut down = down;
+        down.extend(self.down.clone());
+        let unreachable = Unreachable { down, suspect };
         crate::observe::observe_with_memory(ready, &unreachable, &self.state).await
     }
 

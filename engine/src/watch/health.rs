@@ -3,7 +3,7 @@
 //!
 //! In: the connected [`AgentHost`]s and `[heartbeat]` (`interval`, `down_after`). Out:
 //! each host's [`Health`], and the split the daemon observes with: the hosts to ask
-//! for their inventory, and the suspect ones (never asked, with why).
+//! for their inventory, and the suspect and down ones (never asked, with why).
 //!
 //! ```text
 //!            a frame arrives (no reconnect)
@@ -60,24 +60,42 @@ impl Limits {
     }
 }
 
-/// Splits the connected hosts: the ones to ask (ready), and the suspect ones with why.
-/// Down hosts are in neither (the daemon drops them before observing).
-pub fn triage(
-    hosts: &BTreeMap<String, AgentHost>,
-    limits: Limits,
-) -> (Vec<&AgentHost>, BTreeMap<String, Suspect>) {
-    let mut ready = Vec::new();
-    let mut suspect = BTreeMap::new();
+/// How the connected hosts stand right now.
+#[derive(Debug, Default)]
+pub struct Triage<'a> {
+    /// The ones to ask for their inventory.
+    pub ready: Vec<&'a AgentHost>,
+    /// The ones that missed heartbeats, with why (not asked).
+    pub suspect: BTreeMap<String, Suspect>,
+    /// The ones that went down since the daemon last dropped its down hosts, with why
+    /// (not asked; their VMs are unknown like those of any host that does not answer).
+    pub down: BTreeMap<String, String>,
+}
+
+/// Splits the connected hosts into ready, suspect and down ones.
+pub fn triage(hosts: &BTreeMap<String, AgentHost>, limits: Limits) -> Triage<'_> {
+    let mut out = Triage::default();
     for (name, host) in hosts {
         match limits.of(host) {
-            Health::Ready => ready.push(host),
+            Health::Ready => out.ready.push(host),
             Health::Suspect { silent } => {
-                suspect.insert(name.clone(), describe(name, silent, limits));
+                out.suspect
+                    .insert(name.clone(), describe(name, silent, limits));
             }
-            Health::Down => {}
+            Health::Down => {
+                let why = if host.is_closed() {
+                    format!("host {name} is unreachable: its agent channel closed")
+                } else {
+                    format!(
+                        "host {name} is unreachable: its agent sent nothing for {:.1}s",
+                        host.silence().as_secs_f64()
+                    )
+                };
+                out.down.insert(name.clone(), why);
+            }
         }
     }
-    (ready, suspect)
+    out
 }
 
 /// The names of the suspect hosts among `hosts`.

@@ -47,7 +47,7 @@ fn refused_on_hv2(d: &Desired, fenced: bool) -> Observed {
         o.fenced
             .insert("hv1".into(), "fenced by its fence command".into());
     }
-    o.last_known.insert("db".into(), "hv2".into());
+    o.whereabouts.insert("db".into(), vec!["hv2".into()]);
     o
 }
 

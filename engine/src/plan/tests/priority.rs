@@ -40,7 +40,7 @@ fn hv1_fenced(lost: &[&str]) -> Observed {
     o.fenced
         .insert("hv1".into(), "fenced by its fence command".into());
     for vm in lost {
-        o.last_known.insert((*vm).into(), "hv1".into());
+        o.whereabouts.insert((*vm).into(), vec!["hv1".into()]);
     }
     o
 }

@@ -1,0 +1,189 @@
+//! Where each VM may be: the engine's own durable record of the hosts that may hold an
+//! instance of each VM (a running or stopped QEMU, or only its folder).
+//!
+//! `<state>/whereabouts.toml`, one line per VM: `app = ["hv1", "hv3"]` (several hosts while
+//! a move is in flight, or after a fenced host returns), the host noted last at the end.
+//!
+//! - A host is added *before* an action may put the VM on it (create, recover, start, a
+//!   move's target), fsync'd, so a crash, a failed call or a timeout never leaves a copy
+//!   the record does not name.
+//! - A host is removed only when that host answers and does not have the VM (see
+//!   [`Whereabouts::settle`]); a host that does not answer keeps its VMs, for as long as
+//!   it takes. While it is not fenced, those VMs are `unknown` and are started nowhere
+//!   else (DESIGN.md §4, invariant 1).
+//!
+//! It is not derived from the status files (an output, rewritten from whatever the last
+//! look saw): only the first run of an engine without this file seeds it from them.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{write_atomic, StateError};
+
+/// VM name -> the hosts that may hold it, the one noted last at the end.
+pub type Places = BTreeMap<String, Vec<String>>;
+
+/// What each host that answered holds: host name -> the VMs (instances and orphan
+/// QEMUs' folders) it reported.
+pub type Answers<'a> = BTreeMap<&'a str, Vec<&'a str>>;
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RecordFile {
+    #[serde(default)]
+    vms: Places,
+}
+
+/// The record file of a state directory.
+#[derive(Debug, Clone)]
+pub struct Whereabouts {
+    path: PathBuf,
+}
+
+impl Whereabouts {
+    pub fn new(state_root: &Path) -> Self {
+        Self {
+            path: state_root.join("whereabouts.toml"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The record; `Ok(None)` when there is none yet (a new state directory, or one
+    /// written by an older engine).
+    pub fn read(&self) -> Result<Option<Places>, StateError> {
+        let text = match fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        toml::from_str::<RecordFile>(&text)
+            .map(|f| Some(f.vms))
+            .map_err(|e| StateError::Parse {
+                path: self.path.clone(),
+                message: e.message().to_owned(),
+            })
+    }
+
+    /// Replaces the record (atomically, fsync'd).
+    pub fn write(&self, places: &Places) -> Result<(), StateError> {
+        let file = RecordFile {
+            vms: places.clone(),
+        };
+        let body = toml::to_string(&file).expect("a record of strings serialises");
+        let text = format!(
+            "# Where each VM may be (PlasmaVMC's own record; never edit it while an engine runs).\n{body}"
+        );
+        write_atomic(&self.path, text.as_bytes())
+    }
+
+    /// Notes that `vm` may be on each of `hosts` from now on, before anything is done
+    /// there. Writes only when the record changes (a host noted again moves to the end).
+    pub fn note(&self, vm: &str, hosts: &[&str]) -> Result<(), StateError> {
+        let mut places = self.read()?.unwrap_or_default();
+        let before = places.get(vm).cloned();
+        let entry = places.entry(vm.to_owned()).or_default();
+        for host in hosts {
+            entry.retain(|h| h != host);
+            entry.push((*host).to_owned());
+        }
+        if places.get(vm) == before.as_ref() {
+            return Ok(());
+        }
+        self.write(&places)
+    }
+
+    /// Brings `places` up to date with the hosts that answered: each of them holds exactly
+    /// the VMs it reported. Hosts that did not answer keep what the record says of them.
+    /// True when anything changed.
+    pub fn settle(places: &mut Places, answers: &Answers<'_>) -> bool {
+        let before = places.clone();
+        for (vm, hosts) in places.iter_mut() {
+            hosts.retain(|h| {
+                answers
+                    .get(h.as_str())
+                    .is_none_or(|vms| vms.contains(&vm.as_str()))
+            });
+        }
+        places.retain(|_, hosts| !hosts.is_empty());
+        for (host, vms) in answers {
+            for vm in vms {
+                let entry = places.entry((*vm).to_owned()).or_default();
+                if !entry.iter().any(|h| h == host) {
+                    entry.push((*host).to_owned());
+                }
+            }
+        }
+        *places != before
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn places(rows: &[(&str, &[&str])]) -> Places {
+        rows.iter()
+            .map(|(vm, hosts)| {
+                (
+                    (*vm).to_owned(),
+                    hosts.iter().map(|h| (*h).to_owned()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_host_that_does_not_answer_keeps_its_vms() {
+        let mut p = places(&[
+            ("app", &["hv3"]),
+            ("web", &["hv1"]),
+            ("db", &["hv1", "hv2"]),
+        ]);
+        // hv1 answers with web only; hv2 answers with nothing; hv3 is silent.
+        let answers = Answers::from([("hv1", vec!["web"]), ("hv2", vec![])]);
+        assert!(Whereabouts::settle(&mut p, &answers));
+        assert_eq!(p, places(&[("app", &["hv3"]), ("web", &["hv1"])]));
+        // Nothing new: nothing changes.
+        assert!(!Whereabouts::settle(&mut p, &answers));
+    }
+
+    #[test]
+    fn what_an_answering_host_reports_is_added_at_the_end() {
+        let mut p = places(&[("app", &["hv3"])]);
+        let answers = Answers::from([("hv1", vec!["app", "new"])]);
+        assert!(Whereabouts::settle(&mut p, &answers));
+        assert_eq!(p, places(&[("app", &["hv3", "hv1"]), ("new", &["hv1"])]));
+    }
+
+    #[test]
+    fn notes_are_durable_and_the_last_noted_host_comes_last() -> Result<(), StateError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = Whereabouts::new(dir.path());
+        assert_eq!(record.read()?, None);
+        record.note("app", &["hv1"])?;
+        record.note("app", &["hv1", "hv2"])?;
+        record.note("app", &["hv1"])?;
+        assert_eq!(record.read()?, Some(places(&[("app", &["hv2", "hv1"])])));
+        Ok(())
+    }
+
+    #[test]
+    fn a_damaged_record_is_an_error_not_an_empty_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = Whereabouts::new(dir.path());
+        fs::write(record.path(), "vms = [").expect("write");
+        assert!(matches!(record.read(), Err(StateError::Parse { .. })));
+        assert!(record.note("app", &["hv1"]).is_err(), "never overwrites it");
+    }
+}
