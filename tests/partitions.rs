@@ -35,7 +35,9 @@ use anyhow::{bail, ensure, Context, Result};
 use nix::sys::signal::Signal;
 use plasmavmc_e2e::partition::{partition_host, Strays, SAMPLE};
 use plasmavmc_e2e::proc::qemu_memory_mb;
-use plasmavmc_e2e::{cmdline, last_tick, ticks, CopyWatch, Daemon, TestRepo, VmSpec, BOOT_TIMEOUT};
+use plasmavmc_e2e::{
+    cmdline, last_tick, ticks, wait_for, CopyWatch, Daemon, TestRepo, VmSpec, BOOT_TIMEOUT,
+};
 
 /// Fast host health: a host silent for 1 s is down.
 const HEARTBEAT: &str = "[heartbeat]\ninterval = \"200ms\"\ndown_after = \"1s\"\n";
@@ -171,6 +173,8 @@ fn update_after_a_move_with_hv3_cut_off<'r>(
     repo.commit("app on hv1")?;
     let daemon = flow.daemon(BUG, "hv3")?;
     flow.converge(&daemon, End::Runs("hv1"), None)?;
+    // From now on app boots from the disk it wrote its first boot on.
+    flow.kept_disk = true;
     let seen = last_tick(&repo.serial_on("hv1", "app")).unwrap_or(0);
     repo.write_vm("app", &spec.clone().pin("hv3"))?;
     repo.commit("move app to hv3")?;
@@ -290,16 +294,14 @@ fn partitions_while_restarting() -> Result<()> {
     repo.write_vm("big", &spec)?;
     repo.commit("add big")?;
     apply(&repo)?;
+    first_boot_counted(&repo, "hv1", "big")?;
     for (i, point) in RESTART.iter().enumerate() {
         let mb = VM_MB + 16 * (i as u64 % 2 + 1);
         repo.write_vm("big", &spec.clone().memory(mb))?;
         repo.commit(&format!("big with {mb} MiB"))?;
-        Flow::new(&repo, "big", Copies::One).partition_at(
-            point,
-            "hv1",
-            &["hv1"],
-            End::Runs("hv1"),
-        )?;
+        Flow::new(&repo, "big", Copies::One)
+            .keeping_disk()
+            .partition_at(point, "hv1", &["hv1"], End::Runs("hv1"))?;
         let pid = repo.only_on("hv1", "big")?;
         let has = qemu_memory_mb(&cmdline(pid)?);
         ensure!(
@@ -318,17 +320,21 @@ fn partitions_while_recovering_a_vm_of_a_host_confirmed_off() -> Result<()> {
     repo.write_vm("ha1", &VmSpec::new().memory(VM_MB).shared_disks().ha(true))?;
     repo.commit("add ha1")?;
     apply(&repo)?;
+    first_boot_counted(&repo, "hv1", "ha1")?;
     let mut lost = "hv1";
     for point in RECOVER {
         let to = if lost == "hv1" { "hv2" } else { "hv1" };
         repo.power_off(lost)?;
         repo.fence_confirm(lost)?.expect_code(0)?;
-        let mut flow = Flow::new(&repo, "ha1", Copies::One);
+        let mut flow = Flow::new(&repo, "ha1", Copies::One).keeping_disk();
         let daemon = flow.daemon(point, to)?;
         flow.logged(&daemon, |flow| {
             let window = flow.cut(&daemon, point, to, &[lost, to])?;
             repo.resume(window.agent)?;
-            // The lost host holds its dead copy's folder until it returns.
+            // The recovery goes on on `to`; the lost host still holds the folder of
+            // its dead copy, until it returns.
+            let on = flow.converge(&daemon, End::Elsewhere(lost), Some(to))?;
+            ensure!(on == to, "ha1 was recovered on {on}, not on {to}");
             repo.power_on(lost)?;
             flow.converge(&daemon, End::Runs(to), Some(lost))?;
             Ok(())
@@ -386,6 +392,7 @@ fn moves(
     repo.write_vm(vm, &spec.clone().pin("hv1"))?;
     repo.commit(&format!("{vm} on hv1"))?;
     apply(repo)?;
+    first_boot_counted(repo, "hv1", vm)?;
     let copies = if spec.migration.as_deref() == Some("cold") {
         Copies::One
     } else {
@@ -400,7 +407,12 @@ fn moves(
         repo.write_vm(vm, &spec.clone().pin(to))?;
         repo.commit(&format!("move {vm} to {to}"))?;
         let cut = if side == Side::Source { from } else { to };
-        Flow::new(repo, vm, copies).partition_at(point, cut, &[from, to], End::Runs(to))?;
+        Flow::new(repo, vm, copies).keeping_disk().partition_at(
+            point,
+            cut,
+            &[from, to],
+            End::Runs(to),
+        )?;
         from = to;
     }
     Ok(())
@@ -428,6 +440,26 @@ fn cluster(hosts: usize, shared: bool) -> Result<TestRepo> {
 fn apply(repo: &TestRepo) -> Result<()> {
     repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
     repo.wait_agents_exit("apply")
+}
+
+/// Waits until `vm`'s guest on `host` counted its first boot on its disk (a move or a
+/// restart before that would rightly find the disk empty).
+fn first_boot_counted(repo: &TestRepo, host: &str, vm: &str) -> Result<()> {
+    wait_for(
+        format!("{vm} to count its first boot on its disk on {host}"),
+        BOOT_TIMEOUT,
+        || repo.serial_on(host, vm).contains("disk: boots=1"),
+    )
+    .with_context(|| repo.serial_on(host, vm))
+}
+
+/// Whether `vm`'s guest on `host` prints a new tick within a second (a few ticks).
+fn guest_runs(repo: &TestRepo, host: &str, vm: &str) -> bool {
+    let seen = last_tick(&repo.serial_on(host, vm));
+    wait_for("a tick", Duration::from_secs(1), || {
+        last_tick(&repo.serial_on(host, vm)) > seen
+    })
+    .is_ok()
 }
 
 /// Whether a VM may have two QEMUs at once.
@@ -465,6 +497,9 @@ struct Flow<'r> {
     vm: String,
     copies: CopyWatch<'r>,
     kind: Copies,
+    /// The VM has a disk it booted from before: its guest must never come up on an
+    /// empty one (`disk: fresh` on its console).
+    kept_disk: bool,
 }
 
 impl<'r> Flow<'r> {
@@ -474,7 +509,14 @@ impl<'r> Flow<'r> {
             vm: vm.to_owned(),
             copies: CopyWatch::new(repo, vm),
             kind,
+            kept_disk: false,
         }
+    }
+
+    /// See [`Flow::kept_disk`].
+    fn keeping_disk(mut self) -> Self {
+        self.kept_disk = true;
+        self
     }
 
     /// The daemon, set to cut `host` off at `point` (engine points hold the daemon
@@ -510,6 +552,7 @@ impl<'r> Flow<'r> {
         allowed: &[&str],
         end: End<'_>,
     ) -> Result<()> {
+        let started = Instant::now();
         let daemon = self.daemon(point, host)?;
         self.logged(&daemon, |flow| {
             let window = flow.cut(&daemon, point, host, allowed)?;
@@ -518,7 +561,12 @@ impl<'r> Flow<'r> {
             Ok(())
         })
         .with_context(|| format!("{host} cut off at {point}"))?;
-        self.settle(daemon)
+        self.settle(daemon)?;
+        println!(
+            "{point}: converged and settled {:.1?} after the daemon started",
+            started.elapsed()
+        );
+        Ok(())
     }
 
     fn sample(copies: &mut CopyWatch<'_>, strays: &mut Strays<'_>) {
@@ -551,6 +599,13 @@ impl<'r> Flow<'r> {
             agent
         };
         let since = daemon.lines().len();
+        // A QEMU of the VM on the cut-off host may run its guest as far as anyone can
+        // tell from outside: a guest booted anywhere meanwhile would make two.
+        let held: Vec<i32> = repo
+            .host_qemus(host)
+            .into_iter()
+            .filter(|pid| repo.qemus_of(&self.vm).contains(pid))
+            .collect();
         let frozen = Instant::now();
         let mut phases: Vec<String> = Vec::new();
         daemon.poll_every(SAMPLE, "the partition window to end", WINDOW * 2, || {
@@ -581,6 +636,11 @@ impl<'r> Flow<'r> {
                     problems.push(format!(
                         "the daemon started it as pid {pid} on {on:?}: {line}"
                     ));
+                } else if !held.is_empty() {
+                    problems.push(format!(
+                        "the daemon started it afresh as pid {pid} on {on:?} while its QEMU \
+                         {held:?} lived on the cut-off {host}: {line}"
+                    ));
                 }
             }
         }
@@ -608,6 +668,11 @@ impl<'r> Flow<'r> {
                     "its status says it runs on {} as {:?}, but its QEMU there is {pid:?}",
                     v.host, v.pid
                 ));
+            } else if v.phase == "running" && !guest_runs(repo, &v.host, &self.vm) {
+                problems.push(format!(
+                    "its status says it runs on {}, but its guest there does not tick",
+                    v.host
+                ));
             }
             if !problems.is_empty() {
                 problems.push(format!("its status:\n{v}"));
@@ -630,6 +695,9 @@ impl<'r> Flow<'r> {
         let repo = self.repo;
         let vm = self.vm.clone();
         let copies = &mut self.copies;
+        // What the status files said meanwhile, from when this began (printed).
+        let begun = Instant::now();
+        let mut trail: Vec<String> = Vec::new();
         let host = daemon
             .poll_every(
                 SAMPLE,
@@ -637,6 +705,21 @@ impl<'r> Flow<'r> {
                 REACH,
                 || {
                     copies.sample();
+                    let now = format!(
+                        "{} on {}{}",
+                        repo.vm_phase(&vm).ok().flatten().unwrap_or_default(),
+                        repo.vm_view(&vm)
+                            .ok()
+                            .flatten()
+                            .map(|v| v.host)
+                            .unwrap_or_default(),
+                        rejoined
+                            .map(|h| format!(" ({h} {})", repo.host_phase(h)))
+                            .unwrap_or_default(),
+                    );
+                    if trail.last().is_none_or(|l| !l.ends_with(&now)) {
+                        trail.push(format!("{:.1?} {now}", begun.elapsed()));
+                    }
                     if rejoined.is_some_and(|h| repo.host_phase(h) != "ready") {
                         return None;
                     }
@@ -666,10 +749,16 @@ impl<'r> Flow<'r> {
                     }
                 },
             )
-            .with_context(|| repo.describe_vm(&vm))?;
+            .with_context(|| format!("{}\n{}", trail.join(" → "), repo.describe_vm(&vm)))?;
+        println!("{vm} converging to {end:?}: {}", trail.join(" → "));
         if !host.is_empty() {
             let seen = last_tick(&repo.serial_on(&host, &vm)).unwrap_or(0);
             repo.ticking_on(&host, &vm, seen)?;
+            let serial = repo.serial_on(&host, &vm);
+            ensure!(
+                !(self.kept_disk && serial.contains("disk: fresh")),
+                "{vm} came up on {host} with an empty disk (its own is elsewhere):\n{serial}"
+            );
         }
         self.check_copies()?;
         Ok(host)
