@@ -16,6 +16,12 @@
 //! - [`Strays`] samples where a VM has an instance folder or a QEMU, and records every
 //!   one on a host outside the ones allowed: the invariant "a VM whose host is cut off
 //!   is started nowhere else".
+//! - [`Flow`] runs one partition scenario of one VM from a commit to an empty plan
+//!   ([`flow`]'s doc says how).
+
+mod flow;
+
+pub use flow::{apply, cluster, first_boot_counted, Copies, End, Flow, Window, HEARTBEAT, WINDOW};
 
 use std::collections::BTreeMap;
 use std::fs;
