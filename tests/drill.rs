@@ -271,8 +271,10 @@ fn drill_supervised<'r>(repo: &'r TestRepo, mut daemon: Daemon<'r>) -> Result<Ou
         "--runs",
         "1",
         "--supervised",
+        // Long enough for the guest to have booted on a loaded 2-core machine (the
+        // other drill tests run beside this one): an NMI during early boot can wedge it.
         "--settle",
-        "8s",
+        "15s",
         "--json",
     ])?;
     let deadline = Instant::now() + Duration::from_secs(300);
