@@ -6,7 +6,7 @@
 //! operator confirms it is off (DESIGN.md §4, invariant 1), even `ha` VMs whose disk is
 //! on storage every host sees.
 //!
-//! How a host is cut off at a step (tests/harness/partition.rs):
+//! How a host is cut off at a step (tests/harness/partition/):
 //! - engine points (`engine.*`): the daemon runs with `<point>=1*return(pause)`, waits
 //!   there, the test stops the agent the action is about, then lets the daemon go on:
 //!   its very next call goes to a frozen agent;
