@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context, Result};
 use plasmavmc_e2e::artifacts::{binary, guest};
 use plasmavmc_e2e::proc::processes_under;
-use plasmavmc_e2e::{wait_for, Daemon, HostSpec, Output, TestRepo, VmSpec};
+use plasmavmc_e2e::{wait_for, Daemon, HostSpec, Output, TestRepo, VmSpec, BOOT_TIMEOUT};
 use serde_json::Value;
 
 /// The rows of the failure table, in order.
@@ -210,10 +210,22 @@ fn drill_on_a_real_cluster_disrupts_only_the_named_vm() -> Result<()> {
     repo.write_vm("bystander", &bystander)?;
     repo.commit("two VMs")?;
     let spec_before = std::fs::read(repo.repo_dir().join("vms/drillee.toml"))?;
+    let started = Instant::now();
     let daemon = repo.watch(&[])?;
     daemon.wait_running("drillee")?;
     let bystander_pid = daemon.wait_running_on("bystander", "hv1")?;
     let drillee_pid = repo.qemus_of("drillee");
+    // How long a boot takes on this machine now (daemon start to the guest's first
+    // tick): the drill must not strike before the guest has booted (an NMI during early
+    // boot can wedge it), and a loaded 2-core machine boots several times slower.
+    plasmavmc_e2e::wait::poll_for("drillee's first tick", BOOT_TIMEOUT, || {
+        ["hv1", "hv2"]
+            .iter()
+            .any(|h| repo.serial_on(h, "drillee").contains("tick 1"))
+            .then_some(())
+    })?;
+    let settle = (started.elapsed() * 3).max(Duration::from_secs(15));
+    let settle = format!("{}s", settle.as_secs());
 
     // Without the confirmation (or with another name) nothing happens.
     for extra in [&[][..], &["--yes-disrupt", "bystander"][..]] {
@@ -231,7 +243,7 @@ fn drill_on_a_real_cluster_disrupts_only_the_named_vm() -> Result<()> {
         "a refused drill touched drillee"
     );
 
-    let out = drill_supervised(&repo, daemon)?;
+    let out = drill_supervised(&repo, daemon, &settle)?;
     check_cluster_rows(&out)?;
 
     // Nothing else was touched: the bystander's QEMU is the one it had, and its status
@@ -259,9 +271,14 @@ fn drill_on_a_real_cluster_disrupts_only_the_named_vm() -> Result<()> {
     Ok(())
 }
 
-/// Runs the drill on `drillee` while acting as the daemon's service manager: a daemon
-/// killed by the drill is reaped and started again. It must have ended exactly once.
-fn drill_supervised<'r>(repo: &'r TestRepo, mut daemon: Daemon<'r>) -> Result<Output> {
+/// Runs the drill on `drillee` (with `--settle SETTLE`) while acting as the daemon's
+/// service manager: a daemon killed by the drill is reaped and started again. It must
+/// have ended exactly once.
+fn drill_supervised<'r>(
+    repo: &'r TestRepo,
+    mut daemon: Daemon<'r>,
+    settle: &str,
+) -> Result<Output> {
     let mut drill = repo.spawn(&[
         "drill",
         "--vm",
@@ -271,10 +288,8 @@ fn drill_supervised<'r>(repo: &'r TestRepo, mut daemon: Daemon<'r>) -> Result<Ou
         "--runs",
         "1",
         "--supervised",
-        // Long enough for the guest to have booted on a loaded 2-core machine (the
-        // other drill tests run beside this one): an NMI during early boot can wedge it.
         "--settle",
-        "15s",
+        settle,
         "--json",
     ])?;
     let deadline = Instant::now() + Duration::from_secs(300);

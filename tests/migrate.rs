@@ -406,6 +406,11 @@ fn engine_killed_mid_migration_ends_with_one_copy() -> Result<()> {
         is_alive(source) && is_alive(target),
         "a QEMU died with the engine"
     );
+    // Its agents see their channel close and exit; one that has not yet still holds its
+    // host (the next apply would find the host unreachable and, rightly, leave it be).
+    plasmavmc_e2e::wait::wait_for("the dead engine's agents to exit", ACT_TIMEOUT, || {
+        repo.host_agents("hv1").is_empty() && repo.host_agents("hv2").is_empty()
+    })?;
 
     repo.set_cluster_settings("")?;
     repo.commit("full speed")?;

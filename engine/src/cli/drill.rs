@@ -8,7 +8,10 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::drill::{markdown, passed, run, run_cluster, ClusterConfig, DrillConfig};
+use crate::drill::{
+    clock_seed, markdown, passed, run, run_chaos, run_cluster, summary, ChaosConfig, ClusterConfig,
+    DrillConfig,
+};
 
 /// `drill` arguments.
 #[derive(Debug, Args)]
@@ -68,12 +71,23 @@ pub struct DrillArgs {
     /// Print the rows as JSON instead of the Markdown table.
     #[arg(long)]
     json: bool,
+    /// Sandbox: a chaos soak of this long instead of the table: random faults from a
+    /// seeded schedule, the invariants checked every 10 ms.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration, conflicts_with_all = ["repo", "image", "only"])]
+    chaos: Option<std::time::Duration>,
+    /// The chaos schedule's seed (default: one from the clock); the same seed replays
+    /// the same faults with the same pauses.
+    #[arg(long, requires = "chaos")]
+    seed: Option<u64>,
 }
 
 /// Runs the drill; exit 1 when a row could not be measured or an invariant broke.
 pub fn drill(args: &DrillArgs) -> anyhow::Result<u8> {
     anyhow::ensure!(args.runs >= 1, "--runs must be at least 1");
     let progress = &mut |line: &str| eprintln!("drill: {line}");
+    if let Some(duration) = args.chaos {
+        return chaos(args, duration, progress);
+    }
     let rows = if let (Some(repo), Some(vm)) = (&args.repo, &args.vm) {
         confirm(vm, args.yes_disrupt.as_deref(), args.runs)?;
         let cfg = ClusterConfig {
@@ -113,6 +127,34 @@ pub fn drill(args: &DrillArgs) -> anyhow::Result<u8> {
         );
         Ok(1)
     }
+}
+
+/// The chaos soak; exit 1 on any violation.
+fn chaos(
+    args: &DrillArgs,
+    duration: std::time::Duration,
+    progress: &mut dyn FnMut(&str),
+) -> anyhow::Result<u8> {
+    let cfg = ChaosConfig {
+        duration,
+        seed: args.seed.unwrap_or_else(clock_seed),
+        kernel: args.kernel.clone(),
+        initrd: args.initrd.clone(),
+        memory_mb: args.memory,
+    };
+    // First, whatever happens next: the seed is what replays a failure.
+    progress(&format!(
+        "chaos seed {} (replay: {})",
+        cfg.seed,
+        crate::drill::replay(&cfg)
+    ));
+    let report = run_chaos(&cfg, progress)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", summary(&report));
+    }
+    Ok(u8::from(!report.clean()))
 }
 
 /// A real cluster's VM is disrupted only when `--yes-disrupt` repeats its name.

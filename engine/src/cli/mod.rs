@@ -64,7 +64,7 @@ enum Command {
     /// network, migration) run against the real engine on a throw-away cluster of
     /// simulated hosts on this machine; or, with --repo/--vm/--yes-disrupt, the rows that
     /// touch one VM only, against a real cluster's designated test VM.
-    Drill(drill::DrillArgs),
+    Drill(Box<drill::DrillArgs>),
     /// Write the JSON Schemas of the spec files.
     Schema {
         /// Folder to write vm/host/cluster.schema.json into.

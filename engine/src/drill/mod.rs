@@ -9,6 +9,7 @@
 //! agents and real QEMU on a throw-away cluster of three simulated hosts
 //! ([`sandbox`]); the rows are in [`modes`].
 
+mod chaos;
 mod cluster;
 mod modes;
 mod sandbox;
@@ -19,6 +20,7 @@ use std::path::PathBuf;
 use anyhow::{Context as _, Result};
 use serde::Serialize;
 
+pub use chaos::{clock_seed, replay, run_chaos, summary, ChaosConfig, Report};
 pub use cluster::{run_cluster, ClusterConfig};
 pub use modes::Sample;
 use sandbox::{Guest, Sandbox};
@@ -66,28 +68,17 @@ impl Row {
 /// Runs every row `cfg.runs` times on a throw-away sandbox; `progress` hears what
 /// happens.
 pub fn run(cfg: &DrillConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>> {
-    let files = match &cfg.image {
-        Some(image) => vec![image],
-        None => vec![&cfg.kernel, &cfg.initrd],
-    };
-    for file in files {
-        anyhow::ensure!(
-            file.is_file(),
-            "{} does not exist: build the test guest (tests/guest/build.sh) or pass --kernel and --initrd (or --image)",
-            file.display()
-        );
-    }
     let settings = cfg.heartbeat.as_ref().map_or_else(String::new, |(i, d)| {
         format!("[heartbeat]\ninterval = {i:?}\ndown_after = {d:?}\n")
     });
     let guest = match &cfg.image {
-        Some(image) => Guest::Image {
-            image: std::path::absolute(image)?,
-        },
-        None => Guest::Kernel {
-            kernel: std::path::absolute(&cfg.kernel)?,
-            initrd: std::path::absolute(&cfg.initrd)?,
-        },
+        Some(image) => {
+            ensure_file(image)?;
+            Guest::Image {
+                image: std::path::absolute(image)?,
+            }
+        }
+        None => kernel_guest(&cfg.kernel, &cfg.initrd)?,
     };
     let image = cfg.image.is_some();
     let mut sb = Sandbox::new(guest, cfg.memory_mb, &settings)?;
@@ -118,6 +109,25 @@ pub fn run(cfg: &DrillConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>
         &recover,
         progress,
     ))
+}
+
+/// The guest booting `kernel` and `initrd`, which must exist.
+fn kernel_guest(kernel: &std::path::Path, initrd: &std::path::Path) -> Result<Guest> {
+    ensure_file(kernel)?;
+    ensure_file(initrd)?;
+    Ok(Guest::Kernel {
+        kernel: std::path::absolute(kernel)?,
+        initrd: std::path::absolute(initrd)?,
+    })
+}
+
+fn ensure_file(file: &std::path::Path) -> Result<()> {
+    anyhow::ensure!(
+        file.is_file(),
+        "{} does not exist: build the test guest (tests/guest/build.sh) or pass --kernel and --initrd (or --image)",
+        file.display()
+    );
+    Ok(())
 }
 
 /// How many runs a row gets (`Err`: why it is skipped).

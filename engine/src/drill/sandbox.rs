@@ -8,7 +8,8 @@
 //! <tmp>/state/         the engine's state directory
 //! <tmp>/hosts/hvN/     host roots; <tmp>/hosts/hvN.off = powered off
 //! <tmp>/shared/        shared storage of pool "drill"
-//! <tmp>/fence.sh       fence command of hv1 and hv2 (kills the host's QEMUs); hv3 has none
+//! <tmp>/fence.sh       fence command of hv1 and hv2 (kills the host's QEMUs, then writes
+//!                      <tmp>/hosts/hvN.fenced); hv3 has none
 //! <tmp>/watch-N.log    the daemon's log (JSON lines)
 //! ```
 //!
@@ -150,6 +151,17 @@ impl Sandbox {
         self.root().join("hosts").join(host)
     }
 
+    /// Commits `host` in maintenance (`on`) or active again.
+    pub fn set_maintenance(&self, host: &str, on: bool) -> Result<()> {
+        let mut text = self.host_toml(host, host != "hv3");
+        if on {
+            text.push_str("state = \"maintenance\"\n");
+        }
+        self.write(&format!("hosts/{host}.toml"), &text)?;
+        let word = if on { "in maintenance" } else { "active" };
+        self.commit(&format!("drill: {host} {word}"))
+    }
+
     fn host_toml(&self, host: &str, fenced: bool) -> String {
         let root = self.host_root(host);
         let script = starter(&self.exe, &root);
@@ -199,9 +211,19 @@ impl Sandbox {
     /// test guest only) and a data disk on `disk` storage. An image is the VM's first
     /// disk, on the same storage as its data disk (shared: recoverable elsewhere).
     pub fn vm_toml(&self, extra: &str, cmdline: &str, disk: Option<&str>) -> String {
+        self.vm_toml_mb(self.memory_mb, extra, cmdline, disk)
+    }
+
+    /// [`Sandbox::vm_toml`] with `memory_mb` of its own.
+    pub fn vm_toml_mb(
+        &self,
+        memory_mb: u64,
+        extra: &str,
+        cmdline: &str,
+        disk: Option<&str>,
+    ) -> String {
         let mut text = format!(
-            "memory_mb = {}\nrestart = \"always\"\n{extra}\n[qemu]\naccel = \"tcg\"\n",
-            self.memory_mb
+            "memory_mb = {memory_mb}\nrestart = \"always\"\n{extra}\n[qemu]\naccel = \"tcg\"\n"
         );
         let storage = disk
             .map(|s| format!("storage = {s:?}\n"))
@@ -326,6 +348,11 @@ impl Sandbox {
         qemus_of(self.root(), vm)
     }
 
+    /// Every QEMU of the sandbox (one look at `/proc`).
+    pub fn qemus(&self) -> Vec<Qemu> {
+        qemus(self.root())
+    }
+
     /// Every QEMU under `host`'s root.
     pub fn host_qemus(&self, host: &str) -> Vec<i32> {
         qemus_in(&self.host_root(host))
@@ -343,7 +370,7 @@ impl Sandbox {
     }
 
     pub fn serial(&self, host: &str, vm: &str) -> String {
-        fs::read(self.host_root(host).join("vms").join(vm).join("serial.log"))
+        fs::read(serial_path(self.root(), host, vm))
             .map(|b| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
     }
@@ -380,6 +407,11 @@ impl Sandbox {
     /// agents being started, QEMUs) dies.
     pub fn power_off(&self, host: &str) -> Result<()> {
         power_off(&self.host_root(host))
+    }
+
+    /// Forgets that `host`'s fence command ran (a new episode of the host away begins).
+    pub fn unfence(&self, host: &str) {
+        let _ = fs::remove_file(fenced_marker(&self.host_root(host)));
     }
 
     /// Power back on: agents may start again.
@@ -428,6 +460,26 @@ impl Drop for Sandbox {
 /// The power-off marker of the host on `root`: while it exists, no agent starts there.
 fn marker(root: &Path) -> PathBuf {
     PathBuf::from(format!("{}.off", root.display()))
+}
+
+/// Written by the fence command of the host on `root` once it killed the host's QEMUs.
+fn fenced_marker(root: &Path) -> PathBuf {
+    PathBuf::from(format!("{}.fenced", root.display()))
+}
+
+/// True once the fence command of `host` of the sandbox at `root` ran (since its
+/// marker was last removed).
+pub fn fence_ran(root: &Path, host: &str) -> bool {
+    fenced_marker(&root.join("hosts").join(host)).exists()
+}
+
+/// The console of `vm` on `host` of the sandbox at `root`.
+pub fn serial_path(root: &Path, host: &str, vm: &str) -> PathBuf {
+    root.join("hosts")
+        .join(host)
+        .join("vms")
+        .join(vm)
+        .join("serial.log")
 }
 
 /// The `sh -c` script that starts the agent of the host on `root`: it enters the root
@@ -483,7 +535,8 @@ fn host_processes(root: &Path) -> Vec<i32> {
 }
 
 /// Kills every QEMU whose working directory is under the root given as `$1` (an
-/// instance folder of that host), then exits 0: the host is "powered off".
+/// instance folder of that host), notes it ran (`$1.fenced`), then exits 0: the host is
+/// "powered off".
 const FENCE_SCRIPT: &str = r#"root=$1
 for d in /proc/[0-9]*; do
   cwd=$(readlink "$d/cwd" 2>/dev/null) || continue
@@ -492,6 +545,7 @@ for d in /proc/[0-9]*; do
     *qemu-system*) kill -9 "${d#/proc/}" 2>/dev/null ;;
   esac
 done
+: > "$root.fenced"
 exit 0
 "#;
 
@@ -535,19 +589,52 @@ fn qemus_in(dir: &Path) -> Vec<i32> {
         .collect()
 }
 
+/// A QEMU of the sandbox: the host and VM whose instance folder it runs in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Qemu {
+    pub host: &'static str,
+    pub vm: String,
+    pub pid: i32,
+}
+
+impl Qemu {
+    /// True when it was started as a live migration's target (`-incoming`): it waits for
+    /// a guest's state instead of booting one (and keeps the flag once it has it).
+    pub fn incoming(&self) -> bool {
+        cmdline(self.pid).iter().any(|a| a == "-incoming")
+    }
+}
+
+/// Every QEMU of the sandbox at `root`, by the instance folder it runs in
+/// (`hosts/<host>/vms/<vm>/`), from one look at `/proc`.
+pub fn qemus(root: &Path) -> Vec<Qemu> {
+    let Ok(hosts) = root.join("hosts").canonicalize() else {
+        return Vec::new();
+    };
+    crate::qemu::process::qemus_in(&hosts)
+        .into_iter()
+        .filter_map(|(pid, cwd)| {
+            let mut parts = cwd.strip_prefix(&hosts).ok()?.iter();
+            let host = parts.next()?.to_str()?;
+            let host = HOSTS.into_iter().find(|h| *h == host)?;
+            (parts.next()? == "vms").then_some(())?;
+            let vm = parts.next()?.to_str()?.to_owned();
+            Some(Qemu {
+                host,
+                vm,
+                pid: i32::try_from(pid).ok()?,
+            })
+        })
+        .collect()
+}
+
 /// QEMUs of `vm` in the sandbox at `root` (their cwd is its instance folder on a host).
 pub fn qemus_of(root: &Path, vm: &str) -> Vec<(String, i32)> {
-    let needle = format!("guest={vm},");
-    let mut out = Vec::new();
-    for host in HOSTS {
-        let dir = root.join("hosts").join(host).join("vms").join(vm);
-        for pid in qemus_in(&dir) {
-            if cmdline(pid).iter().any(|a| a.contains(&needle)) {
-                out.push((host.to_owned(), pid));
-            }
-        }
-    }
-    out
+    qemus(root)
+        .into_iter()
+        .filter(|q| q.vm == vm)
+        .map(|q| (q.host.to_owned(), q.pid))
+        .collect()
 }
 
 #[cfg(test)]

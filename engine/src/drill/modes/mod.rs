@@ -147,14 +147,18 @@ pub fn sampling<C, T>(
 
 /// The boot count the guest found on its disk at its last boot on `host`.
 fn boots(sb: &Sandbox, host: &str, vm: &str) -> Option<u64> {
-    let n = sb
-        .serial(host, vm)
+    let n = boot_count(&sb.serial(host, vm));
+    sb.saw_boots(vm, n);
+    n
+}
+
+/// The boot count the guest printed on `console` (`disk: boots=N`), if it did.
+pub fn boot_count(console: &str) -> Option<u64> {
+    console
         .lines()
         .filter_map(|l| l.trim().strip_prefix("disk: boots="))
         .filter_map(|n| n.trim().parse().ok())
-        .next_back();
-    sb.saw_boots(vm, n);
-    n
+        .next_back()
 }
 
 /// The boot count `vm`'s guest last found on its disk, wherever it booted: the count
@@ -194,7 +198,7 @@ fn tick_after(sb: &Sandbox, host: &str, vm: &str, after: u64) -> Result<SystemTi
     Ok(SystemTime::now())
 }
 
-fn last_tick(serial: &str) -> Option<u64> {
+pub fn last_tick(serial: &str) -> Option<u64> {
     serial
         .lines()
         .filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok())
