@@ -18,6 +18,9 @@
 //!   commands, and [`CopyWatch`] samples how many copies of a VM run at once (and
 //!   whether two of its guests ever ran, where two QEMUs exist by design);
 //!   [`PhaseTrail`] samples the phases a host and a VM go through, fast.
+//! - [`partition`] holds the engine at a fail point (`pause`) or lets an agent freeze
+//!   itself at one (`freeze`), so a test cuts a host off at a chosen step, and
+//!   [`partition::Strays`] records a VM showing up on hosts it must not be on.
 //! - [`space`] mounts a small tmpfs (a host root whose disk fills up) and fills it
 //!   with ballast; the cleanup unmounts it.
 //! - [`Sshd`] is a real OpenSSH server on 127.0.0.1 for one test, with its own keys,
@@ -30,6 +33,7 @@ pub mod bench;
 mod daemon;
 pub mod fault;
 mod git;
+pub mod partition;
 pub mod proc;
 pub mod qmp;
 mod repo;
