@@ -533,3 +533,41 @@ fn start_attempts(lines: &[LogLine], vm: &str) -> Result<(Vec<SystemTime>, usize
         .collect::<Result<_>>()?;
     Ok((attempts, reconciles))
 }
+
+/// A journal that cannot be read is reported — on stderr, in the engine's status and in
+/// the exit code — and kept aside for the operator; the apply still plans from what
+/// runs (it never takes a damaged journal for "the last run ended").
+#[test]
+fn a_damaged_journal_is_reported_and_kept() -> Result<()> {
+    let repo = TestRepo::new()?;
+    repo.write_vm("a", &VmSpec::new().no_disks())?;
+    repo.commit("a")?;
+    std::fs::create_dir_all(repo.state_dir())?;
+    std::fs::write(repo.state_dir().join("journal.json"), "{\"revision\": ")?;
+    let out = repo.run(&["apply", "--auto-approve"])?;
+    out.expect_code(1)?;
+    ensure!(
+        out.stderr.contains("journal.json is damaged") && out.stderr.contains("kept as"),
+        "the damaged journal is not reported:\n{}",
+        out.stderr
+    );
+    let engine = repo.engine_status()?.context("engine status")?;
+    let error = engine
+        .get("last_error")
+        .and_then(|e| e.as_str())
+        .unwrap_or_default();
+    ensure!(
+        error.contains("journal.json is damaged"),
+        "status last_error: {error:?}"
+    );
+    let kept = std::fs::read_dir(repo.state_dir())?.flatten().any(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .starts_with("journal.json.damaged-")
+    });
+    ensure!(kept, "the damaged journal was not kept");
+    repo.wait_serial("a", "tick 1", BOOT_TIMEOUT)?;
+    // The next apply has nothing to report and nothing to do.
+    repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
+    Ok(())
+}

@@ -217,9 +217,7 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
         plan
     };
     let journal = JournalFile::new(&ctx.state);
-    if let Some(j) = journal.interrupted() {
-        eprintln!("note: {}", j.describe());
-    }
+    let damaged = announce_interrupted(&journal);
     let live = show_live(&status);
     let report = execute_journaled(
         &plan,
@@ -236,7 +234,16 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
     engine.updated_at = crate::time::now();
     ctx.source.spec_dir().clone_into(&mut engine.spec_dir);
     engine.revision_seen = Some(target.commit.id.clone());
-    let problems = engine.attempted(&target.commit.id, Some(&report), &plan.pending);
+    let mut problems = engine.attempted(&target.commit.id, Some(&report), &plan.pending);
+    if let Some(why) = damaged {
+        // Reported, never ignored: in the status and in the exit code.
+        problems = if problems.is_empty() {
+            why
+        } else {
+            format!("{why}\n{problems}")
+        };
+        engine.last_error = Some(problems.clone());
+    }
     let mut snap = status.build(engine, Some(&target.desired), &after, Some(&report), &[]);
     snap.explain_pending(&plan.pending);
     status.write(&snap)?;
@@ -251,6 +258,22 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
         println!("Applied commit {}.", target.commit.short());
     }
     Ok(0)
+}
+
+/// Says on stderr what an interrupted run left; returns why, when its journal could not
+/// be read (it is set aside, and the apply reports it in status and exit code).
+fn announce_interrupted(journal: &JournalFile) -> Option<String> {
+    match journal.before_run() {
+        Ok(Some(what)) => {
+            eprintln!("note: {what}");
+            None
+        }
+        Ok(None) => None,
+        Err(why) => {
+            eprintln!("error: {why}");
+            Some(why)
+        }
+    }
 }
 
 /// A plan file written by `plan --out`.

@@ -23,9 +23,46 @@ pub struct Journal {
     pub actions: Vec<Action>,
     /// How many actions finished (successfully or not).
     pub done: usize,
-    /// The last step reported inside the running action (a migration's), `vm: what`.
+    /// The last step reported inside the running action (a migration's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step: Option<String>,
+    pub step: Option<JournalStep>,
+}
+
+/// A step inside a running action: which VM, and what it was doing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "StepForm")]
+pub struct JournalStep {
+    pub vm: String,
+    pub what: String,
+}
+
+/// How a step is written: a table, or (journals of older engines) `vm: what`.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum StepForm {
+    Table { vm: String, what: String },
+    Text(String),
+}
+
+impl From<StepForm> for JournalStep {
+    fn from(form: StepForm) -> Self {
+        match form {
+            StepForm::Table { vm, what } => Self { vm, what },
+            StepForm::Text(text) => {
+                let (vm, what) = text.split_once(": ").unwrap_or(("", &text));
+                Self {
+                    vm: vm.to_owned(),
+                    what: what.to_owned(),
+                }
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for JournalStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.vm, self.what)
+    }
 }
 
 /// Where the journal lives.
@@ -41,10 +78,54 @@ impl JournalFile {
         }
     }
 
-    /// The journal of an interrupted run, if any.
-    pub fn interrupted(&self) -> Option<Journal> {
-        let text = std::fs::read_to_string(&self.path).ok()?;
-        serde_json::from_str(&text).ok()
+    /// The journal of an interrupted run, if any. One that cannot be read is an error,
+    /// never taken for "none" (see [`JournalFile::set_aside`]).
+    pub fn interrupted(&self) -> Result<Option<Journal>, StateError> {
+        let text = match std::fs::read_to_string(&self.path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => {
+                return Err(StateError::Read {
+                    path: self.path.clone(),
+                    source,
+                })
+            }
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|e| StateError::Parse {
+                path: self.path.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Moves a journal that cannot be read out of the way (`journal.json.damaged-<time>`),
+    /// keeping it for the operator; returns where it went.
+    pub fn set_aside(&self) -> Option<PathBuf> {
+        let to = self.path.with_file_name(format!(
+            "journal.json.damaged-{}",
+            crate::time::now_compact()
+        ));
+        std::fs::rename(&self.path, &to).ok().map(|()| to)
+    }
+
+    /// [`JournalFile::interrupted`], for a run about to start: describes the interrupted
+    /// run (`Ok`), or says that the journal was damaged and where it was set aside
+    /// (`Err`); `Ok(None)` when the last run ended.
+    pub fn before_run(&self) -> Result<Option<String>, String> {
+        match self.interrupted() {
+            Ok(journal) => Ok(journal.map(|j| j.describe())),
+            Err(e) => {
+                let kept = self.set_aside().map_or_else(
+                    || "it could not be moved aside".to_owned(),
+                    |p| format!("kept as {}", p.display()),
+                );
+                Err(format!(
+                    "{}; {kept}; what an interrupted run left is planned from what runs",
+                    crate::errors::error_chain(&e)
+                ))
+            }
+        }
     }
 
     pub fn write(&self, journal: &Journal) -> Result<(), StateError> {
@@ -75,5 +156,56 @@ impl Journal {
             self.done,
             self.actions.len()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_is_a_table_and_an_older_engines_text_still_reads() {
+        let step = JournalStep {
+            vm: "web".to_owned(),
+            what: "migrating live to hv2".to_owned(),
+        };
+        let json = serde_json::to_string(&step).expect("ser");
+        assert_eq!(json, r#"{"vm":"web","what":"migrating live to hv2"}"#);
+        assert_eq!(
+            serde_json::from_str::<JournalStep>(&json).expect("de"),
+            step
+        );
+        let old: JournalStep =
+            serde_json::from_str(r#""web: migrating live to hv2""#).expect("old form");
+        assert_eq!(old, step);
+        assert_eq!(step.to_string(), "web: migrating live to hv2");
+    }
+
+    #[test]
+    fn a_damaged_journal_is_reported_and_set_aside_never_taken_for_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = JournalFile::new(dir.path());
+        assert_eq!(file.before_run(), Ok(None));
+        std::fs::write(dir.path().join("journal.json"), "{\"revision\": ").expect("write");
+        assert!(matches!(file.interrupted(), Err(StateError::Parse { .. })));
+        let why = file
+            .before_run()
+            .expect_err("a damaged journal is an error");
+        assert!(
+            why.contains("journal.json is damaged") && why.contains("kept as"),
+            "{why}"
+        );
+        assert!(!dir.path().join("journal.json").exists(), "set aside");
+        let kept = std::fs::read_dir(dir.path())
+            .expect("dir")
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("journal.json.damaged-")
+            })
+            .count();
+        assert_eq!(kept, 1, "the damaged journal is kept for the operator");
+        assert_eq!(file.before_run(), Ok(None));
     }
 }

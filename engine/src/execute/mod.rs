@@ -190,7 +190,12 @@ pub async fn execute_journaled<H: Host>(
     };
     journal.write(&entry.lock().expect("journal entry"))?;
     let steps = |vm: &str, what: &str| {
-        save(&|j| j.step = Some(format!("{vm}: {what}")));
+        save(&|j| {
+            j.step = Some(journal::JournalStep {
+                vm: vm.to_owned(),
+                what: what.to_owned(),
+            });
+        });
         live(vm, what);
     };
     let note = |action: &Action| {

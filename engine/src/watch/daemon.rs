@@ -185,8 +185,10 @@ impl Daemon {
             }
         });
         let journal = JournalFile::new(state.root());
-        if let Some(j) = journal.interrupted() {
-            warn!(journal = %j.describe(), "resuming after an interrupted apply");
+        match journal.before_run() {
+            Ok(Some(what)) => warn!(journal = %what, "resuming after an interrupted apply"),
+            Ok(None) => {}
+            Err(why) => error!(%why, "the apply journal is damaged"),
         }
         info!(repo = %cfg.repo, branch = %branch, state = %state.root().display(), pid = std::process::id(), "watching");
         let follows = if remote_url {
