@@ -26,7 +26,7 @@ use crate::digest::sha256_file;
 use crate::observe::Inventory;
 use crate::qemu::instance::VmInstance;
 use crate::qemu::migrate::{Stats, Tuning};
-use crate::wire::codec;
+use crate::wire::{codec, FromReply};
 use crate::wire::{to_frames, FromAgent, HostFacts, Reply, Request, ToAgent, CHUNK, VERSION};
 use crate::wire::{DiskChunk, HostEvent, Incoming, StopOutcome};
 
@@ -216,6 +216,17 @@ impl AgentHost {
     ) -> Result<Reply, HostError> {
         self.call_within(vm, request, timeout, self.opts.down_after)
             .await
+    }
+
+    /// [`Self::call`], typed: the reply must carry a `T`, else it is unexpected.
+    async fn ask<T: FromReply>(
+        &self,
+        vm: &str,
+        request: Request,
+        timeout: Duration,
+    ) -> Result<T, HostError> {
+        let reply = self.call(vm, request, timeout).await?;
+        T::from_reply(reply).map_err(|other| self.unexpected(&other))
     }
 
     /// [`Self::call`], giving up once the agent has sent nothing for `silence`.
@@ -525,72 +536,49 @@ impl Host for AgentHost {
             .heartbeat
             .saturating_mul(2)
             .min(self.opts.down_after);
-        match self
+        let reply = self
             .call_within("", Request::Inventory, self.opts.request_timeout, suspect)
-            .await?
-        {
-            Reply::Inventory { inventory } => Ok(inventory),
-            other => Err(self.unexpected(&other)),
-        }
+            .await?;
+        Inventory::from_reply(reply).map_err(|other| self.unexpected(&other))
     }
 
     async fn create(&self, vm: &VmInstance) -> Result<(), HostError> {
         let vm = self.localise(vm).await?;
-        match self
-            .call(
-                &vm.name,
-                Request::Create { vm: vm.clone() },
-                Duration::from_secs(600),
-            )
-            .await?
-        {
-            Reply::Done => Ok(()),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(
+            &vm.name,
+            Request::Create { vm: vm.clone() },
+            Duration::from_secs(600),
+        )
+        .await
     }
 
     async fn recover(&self, vm: &VmInstance) -> Result<(), HostError> {
         let vm = self.localise(vm).await?;
-        match self
-            .call(
-                &vm.name,
-                Request::Recover { vm: vm.clone() },
-                Duration::from_secs(600),
-            )
-            .await?
-        {
-            Reply::Done => Ok(()),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(
+            &vm.name,
+            Request::Recover { vm: vm.clone() },
+            Duration::from_secs(600),
+        )
+        .await
     }
 
     async fn update(&self, vm: &VmInstance) -> Result<(), HostError> {
         let vm = self.localise(vm).await?;
-        match self
-            .call(
-                &vm.name,
-                Request::Update { vm: vm.clone() },
-                Duration::from_secs(600),
-            )
-            .await?
-        {
-            Reply::Done => Ok(()),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(
+            &vm.name,
+            Request::Update { vm: vm.clone() },
+            Duration::from_secs(600),
+        )
+        .await
     }
 
     async fn start(&self, vm: &str) -> Result<u32, HostError> {
-        match self
-            .call(
-                vm,
-                Request::Start { vm: vm.to_owned() },
-                self.opts.request_timeout,
-            )
-            .await?
-        {
-            Reply::Pid { pid } => Ok(pid),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(
+            vm,
+            Request::Start { vm: vm.to_owned() },
+            self.opts.request_timeout,
+        )
+        .await
     }
 
     async fn stop(&self, vm: &str, timeout: Duration) -> Result<StopOutcome, HostError> {
@@ -598,30 +586,20 @@ impl Host for AgentHost {
             vm: vm.to_owned(),
             timeout_ms: timeout.as_millis() as u64,
         };
-        match self
-            .call(vm, request, timeout + self.opts.request_timeout)
-            .await?
-        {
-            Reply::Stopped { outcome } => Ok(outcome),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(vm, request, timeout + self.opts.request_timeout)
+            .await
     }
 
     async fn prune(&self, folder: &str, pid: u32) -> Result<(), HostError> {
-        match self
-            .call(
-                folder,
-                Request::Prune {
-                    folder: folder.to_owned(),
-                    pid,
-                },
-                self.opts.request_timeout,
-            )
-            .await?
-        {
-            Reply::Done => Ok(()),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(
+            folder,
+            Request::Prune {
+                folder: folder.to_owned(),
+                pid,
+            },
+            self.opts.request_timeout,
+        )
+        .await
     }
 
     fn subscribe(&self) -> broadcast::Receiver<HostEvent> {
@@ -629,17 +607,12 @@ impl Host for AgentHost {
     }
 
     async fn delete(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {
-        match self
-            .call(
-                vm,
-                Request::Delete { vm: vm.to_owned() },
-                self.opts.request_timeout,
-            )
-            .await?
-        {
-            Reply::Deleted { retained } => Ok(retained),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(
+            vm,
+            Request::Delete { vm: vm.to_owned() },
+            self.opts.request_timeout,
+        )
+        .await
     }
 
     async fn prepare_incoming(
@@ -656,13 +629,7 @@ impl Host for AgentHost {
             listen: listen.to_owned(),
             mirror: mirror.to_vec(),
         };
-        match self
-            .call(&vm.name, request, Duration::from_secs(600))
-            .await?
-        {
-            Reply::Incoming { incoming } => Ok(incoming),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(&vm.name, request, Duration::from_secs(600)).await
     }
 
     async fn migrate_out(
@@ -678,29 +645,17 @@ impl Host for AgentHost {
         };
         // The agent enforces the migration's own bounds; this one only catches a lost reply.
         let bound = Duration::from_millis(tuning.timeout_ms) + self.opts.request_timeout * 2;
-        match self.call(vm, request, bound).await? {
-            Reply::Migrated { stats } => Ok(stats),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(vm, request, bound).await
     }
 
     async fn migration_stats(&self, vm: &str) -> Result<Stats, HostError> {
         let request = Request::MigrationStats { vm: vm.to_owned() };
-        match self.call(vm, request, self.opts.request_timeout).await? {
-            Reply::Migrated { stats } => Ok(stats),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(vm, request, self.opts.request_timeout).await
     }
 
     async fn discard(&self, vm: &str) -> Result<(), HostError> {
         let request = Request::Discard { vm: vm.to_owned() };
-        match self
-            .call(vm, request, self.opts.request_timeout * 3)
-            .await?
-        {
-            Reply::Done => Ok(()),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(vm, request, self.opts.request_timeout * 3).await
     }
 
     async fn inject(&self, vm: &str, fault: super::Fault) -> Result<u32, HostError> {
@@ -708,10 +663,7 @@ impl Host for AgentHost {
             vm: vm.to_owned(),
             fault,
         };
-        match self.call(vm, request, self.opts.request_timeout).await? {
-            Reply::Pid { pid } => Ok(pid),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(vm, request, self.opts.request_timeout).await
     }
 
     async fn read_disk(&self, vm: &str, disk: &str, offset: u64) -> Result<DiskChunk, HostError> {
@@ -720,10 +672,7 @@ impl Host for AgentHost {
             disk: disk.to_owned(),
             offset,
         };
-        match self.call(vm, request, self.opts.request_timeout).await? {
-            Reply::DiskChunk { chunk } => Ok(chunk),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(vm, request, self.opts.request_timeout).await
     }
 
     async fn write_disk(
@@ -747,10 +696,7 @@ impl Host for AgentHost {
         } else {
             self.opts.request_timeout
         };
-        match self.call(vm, request, bound).await? {
-            Reply::Done => Ok(()),
-            other => Err(self.unexpected(&other)),
-        }
+        self.ask(vm, request, bound).await
     }
 }
 

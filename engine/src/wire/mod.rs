@@ -305,6 +305,35 @@ pub enum HostEvent {
     },
 }
 
+/// The value a [`Reply`] carries for one kind of request: the host client's calls name
+/// the type they expect, and any other reply is an unexpected one.
+pub trait FromReply: Sized {
+    /// The value, or the reply back when it is another kind.
+    fn from_reply(reply: Reply) -> Result<Self, Reply>;
+}
+
+macro_rules! from_reply {
+    ($t:ty, $pat:pat => $value:expr) => {
+        impl FromReply for $t {
+            fn from_reply(reply: Reply) -> Result<Self, Reply> {
+                match reply {
+                    $pat => Ok($value),
+                    other => Err(other),
+                }
+            }
+        }
+    };
+}
+
+from_reply!((), Reply::Done => ());
+from_reply!(u32, Reply::Pid { pid } => pid);
+from_reply!(StopOutcome, Reply::Stopped { outcome } => outcome);
+from_reply!(Option<PathBuf>, Reply::Deleted { retained } => retained);
+from_reply!(Incoming, Reply::Incoming { incoming } => incoming);
+from_reply!(Stats, Reply::Migrated { stats } => stats);
+from_reply!(DiskChunk, Reply::DiskChunk { chunk } => chunk);
+from_reply!(Inventory, Reply::Inventory { inventory } => inventory);
+
 #[cfg(test)]
 mod tests {
     use super::*;
