@@ -4,7 +4,7 @@
 //! implementation runs QEMU on this machine ([`LocalHost`]); tests use a fake that
 //! records calls. Every request is idempotent: asking twice is harmless.
 
-mod agent;
+mod client;
 mod local;
 mod monitor;
 mod transport;
@@ -13,7 +13,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
-pub use agent::{AgentHost, ConnectOptions};
+pub use client::{AgentHost, ConnectOptions};
 pub use local::{local_capacity, LocalHost};
 pub use transport::{agent_argv, connect_hosts};
 

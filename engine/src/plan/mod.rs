@@ -12,11 +12,11 @@
 //! spec changed, needs a reboot  -> restart (running) | update (+ start/stop)
 //! spec changed, no reboot       -> update (+ start/stop)
 //! instance, not in specs        -> stop if it runs, then delete (disks retained)
-//! pin elsewhere / host drained  -> migrate (live or cold, see moves.rs)
+//! pin elsewhere / host drained  -> migrate (live or cold, see migrate.rs)
 //! ```
 
 mod action;
-mod moves;
+mod migrate;
 pub mod place;
 mod recover;
 pub mod restart;
@@ -152,7 +152,7 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
     let mut load = Load::new(desired, observed);
     // Moves first: the capacity they free on their source is free before anything new
     // is placed (moves run before creations).
-    let moved = moves::plan_moves(desired, observed, &names, &mut load, &mut out);
+    let moved = migrate::plan_moves(desired, observed, &names, &mut load, &mut out);
     for name in names {
         let copies = observed.copies(name);
         let found = match copies.as_slice() {
@@ -257,7 +257,7 @@ pub fn prune_actions(observed: &Observed) -> Vec<Action> {
 
 fn plan_new(desired: &Desired, load: &mut Load, want: &VmEntry, out: &mut Plan) {
     let vm = want.name.clone();
-    let placement = match load.place_where(desired, want, moves::storage_fit(desired, want)) {
+    let placement = match load.place_where(desired, want, migrate::storage_fit(desired, want)) {
         Ok(p) => p,
         Err(missing) => {
             out.pend(&vm, format!("cannot be placed: {missing}"));
@@ -474,7 +474,7 @@ pub fn spec_diff(old: &VmSpec, old_rev: &str, new: &VmSpec, new_file: &str) -> S
 }
 
 #[cfg(test)]
-mod move_tests;
+mod migrate_tests;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use plasmavmc_specs::Power;
 use tracing::{debug, info, warn};
 
-mod migration;
+mod migrate;
 
 use super::monitor::Monitor;
 use super::{Host, HostError};
@@ -535,7 +535,7 @@ impl Host for LocalHost {
     }
 
     async fn recover(&self, vm: &VmInstance) -> Result<(), HostError> {
-        migration::missing_shared_disk(vm, &[])?;
+        migrate::missing_shared_disk(vm, &[])?;
         self.create(vm).await
     }
 
