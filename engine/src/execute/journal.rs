@@ -81,15 +81,8 @@ impl JournalFile {
     /// The journal of an interrupted run, if any. One that cannot be read is an error,
     /// never taken for "none" (see [`JournalFile::set_aside`]).
     pub fn interrupted(&self) -> Result<Option<Journal>, StateError> {
-        let text = match std::fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(StateError::Read {
-                    path: self.path.clone(),
-                    source,
-                })
-            }
+        let Some(text) = crate::state::read_if_there(&self.path)? else {
+            return Ok(None);
         };
         serde_json::from_str(&text)
             .map(Some)

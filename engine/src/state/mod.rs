@@ -100,6 +100,18 @@ pub fn create_private_dir(path: &Path) -> Result<(), StateError> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o700)).map_err(err)
 }
 
+/// The text of `path`; `Ok(None)` when there is no such file.
+pub fn read_if_there(path: &Path) -> Result<Option<String>, StateError> {
+    match fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(StateError::Read {
+            path: path.to_path_buf(),
+            source,
+        }),
+    }
+}
+
 /// Writes `bytes` to `path` atomically: a temporary file in the same folder, fsync,
 /// rename, fsync of the folder. Readers see the old or the new content, never half.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {

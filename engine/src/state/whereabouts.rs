@@ -16,7 +16,7 @@
 //! look saw): only the first run of an engine without this file seeds it from them.
 
 use std::collections::BTreeMap;
-use std::fs;
+
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -57,15 +57,8 @@ impl Whereabouts {
     /// The record; `Ok(None)` when there is none yet (a new state directory, or one
     /// written by an older engine).
     pub fn read(&self) -> Result<Option<Places>, StateError> {
-        let text = match fs::read_to_string(&self.path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(StateError::Read {
-                    path: self.path.clone(),
-                    source,
-                })
-            }
+        let Some(text) = super::read_if_there(&self.path)? else {
+            return Ok(None);
         };
         toml::from_str::<RecordFile>(&text)
             .map(|f| Some(f.vms))
@@ -182,7 +175,7 @@ mod tests {
     fn a_damaged_record_is_an_error_not_an_empty_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let record = Whereabouts::new(dir.path());
-        fs::write(record.path(), "vms = [").expect("write");
+        std::fs::write(record.path(), "vms = [").expect("write");
         assert!(matches!(record.read(), Err(StateError::Parse { .. })));
         assert!(record.note("app", &["hv1"]).is_err(), "never overwrites it");
     }
