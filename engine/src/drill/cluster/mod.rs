@@ -368,20 +368,79 @@ impl Cluster {
     }
 
     fn local_copies(&self) -> Vec<u32> {
-        local_copies_of(&self.vm)
+        local_copies_of(&self.vm, &self.local_roots())
+    }
+
+    /// The roots of this cluster's hosts that run on this machine: the `--root` of every
+    /// agent the running daemon started here. A QEMU of a VM of the same name in another
+    /// cluster (another state directory, another test) is none of this VM's copies.
+    pub(super) fn local_roots(&self) -> Vec<PathBuf> {
+        let Some(daemon) = self.daemon_now().and_then(|p| u32::try_from(p).ok()) else {
+            return Vec::new();
+        };
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+            .filter(|pid| descends_from(*pid, daemon))
+            .filter_map(|pid| {
+                let argv = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+                let argv: Vec<String> = argv
+                    .split(|b| *b == 0)
+                    .map(|a| String::from_utf8_lossy(a).into_owned())
+                    .collect();
+                let at = argv.iter().position(|a| a == "--root")?;
+                let root = argv.get(at + 1)?;
+                // As /proc shows a QEMU's working directory: links resolved.
+                let root = std::fs::canonicalize(root).unwrap_or_else(|_| PathBuf::from(root));
+                argv.iter().any(|a| a == "agent").then_some(root)
+            })
+            .collect()
     }
 }
 
-/// QEMUs of `vm` running on this machine (instance folders `.../vms/<vm>`).
-fn local_copies_of(vm: &str) -> Vec<u32> {
+/// Whether `pid` is `ancestor` or one of its descendants (by `/proc/PID/stat`'s ppid).
+fn descends_from(mut pid: u32, ancestor: u32) -> bool {
+    for _ in 0..64 {
+        if pid == ancestor {
+            return true;
+        }
+        let Some(parent) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|s| {
+                s.rsplit_once(')')?
+                    .1
+                    .split_whitespace()
+                    .nth(1)?
+                    .parse()
+                    .ok()
+            })
+        else {
+            return false;
+        };
+        if parent <= 1 {
+            return false;
+        }
+        pid = parent;
+    }
+    false
+}
+
+/// QEMUs of `vm` running on this machine (instance folders `<root>/vms/<vm>`); with
+/// `roots`, only those under one of them (none known: under any root).
+fn local_copies_of(vm: &str, roots: &[PathBuf]) -> Vec<u32> {
     crate::qemu::process::qemus_in(Path::new("/"))
         .into_iter()
         .filter(|(_, cwd)| {
+            let vms = cwd.parent();
             cwd.file_name().is_some_and(|n| *n == *vm)
-                && cwd
-                    .parent()
-                    .and_then(Path::file_name)
-                    .is_some_and(|n| n == "vms")
+                && vms.and_then(Path::file_name).is_some_and(|n| n == "vms")
+                && (roots.is_empty()
+                    || vms
+                        .and_then(Path::parent)
+                        .is_some_and(|root| roots.iter().any(|r| r == root)))
         })
         .map(|(pid, _)| pid)
         .collect()

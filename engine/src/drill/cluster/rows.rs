@@ -111,7 +111,10 @@ fn watching<T>(
         return Ok((body(c)?, None));
     }
     let vm = c.vm.clone();
-    let copies = move || super::local_copies_of(&vm).len();
+    // The hosts' roots do not change while the rows run (a new daemon starts the same
+    // agents): looked up once, not at every sample.
+    let roots = c.local_roots();
+    let copies = move || super::local_copies_of(&vm, &roots).len();
     let (out, most) = sampling(c, &copies, body)?;
     Ok((out, Some(most)))
 }
