@@ -42,15 +42,18 @@ pub async fn look<'a, H: Host + 'a>(
     state: &crate::state::StateDir,
 ) -> Observed {
     let record = Whereabouts::new(state.root());
-    let mut places = match record.read() {
-        Ok(Some(places)) => places,
-        // First run of an engine that keeps the record: start from where the status
-        // files last saw each VM.
-        Ok(None) => crate::status::StatusDir::new(&state.status_dir()).last_known(),
-        Err(e) => {
-            tracing::error!(error = %error_chain(&e), "the record of where VMs are is damaged; rebuilt from the status files and what the hosts answer");
-            crate::status::StatusDir::new(&state.status_dir()).last_known()
-        }
+    let read = record.read();
+    if let Err(e) = &read {
+        tracing::error!(error = %error_chain(e), "the record of where VMs are is damaged; rebuilt from the status files and what the hosts answer");
+    }
+    // None yet (the first run of an engine that keeps it), or damaged: start from where
+    // the status files last saw each VM, and write it whatever the hosts answer.
+    let (mut places, rebuilt) = match read {
+        Ok(Some(places)) => (places, false),
+        Ok(None) | Err(_) => (
+            crate::status::StatusDir::new(&state.status_dir()).last_known(),
+            true,
+        ),
     };
     let fences = crate::state::fence::FenceRecords::new(state.root());
     let records = fences.all();
@@ -60,7 +63,7 @@ pub async fn look<'a, H: Host + 'a>(
         .iter()
         .map(|(host, inv)| (host.as_str(), inv.holds()))
         .collect();
-    if Whereabouts::settle(&mut places, &answers) || !record.path().exists() {
+    if Whereabouts::settle(&mut places, &answers) || rebuilt {
         if let Err(e) = record.write(&places) {
             tracing::error!(error = %error_chain(&e), "cannot update the record of where VMs are");
         }
