@@ -10,12 +10,10 @@
 //! process of it — the drill cleans up after itself.
 
 use std::process::Command;
-use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use plasmavmc_e2e::artifacts::{binary, guest};
-use plasmavmc_e2e::proc::processes_under;
-use plasmavmc_e2e::wait_for;
+use plasmavmc_e2e::proc::drill_sandbox_left_nothing;
 use serde_json::Value;
 
 /// A fixed seed: a failure here replays with `plasmavmc drill --chaos 90s --seed 20261206`.
@@ -43,18 +41,8 @@ fn a_90s_chaos_soak_runs_clean() -> Result<()> {
             .is_some_and(|l| l.contains(&format!("chaos seed {SEED}"))),
         "the seed is not printed first:\n{all}"
     );
-    let sandbox = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("drill: sandbox in "))
-        .map(std::path::PathBuf::from)
-        .context("the drill did not say where its sandbox is")?;
     // Whatever the verdict, nothing of the sandbox may be left running.
-    wait_for(
-        "the soak's processes to be gone",
-        Duration::from_secs(10),
-        || processes_under(&sandbox).is_empty(),
-    )?;
-    ensure!(!sandbox.exists(), "{} was left behind", sandbox.display());
+    drill_sandbox_left_nothing(&stderr)?;
     ensure!(
         out.status.success(),
         "the soak failed ({}):\n{all}",

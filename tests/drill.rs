@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use plasmavmc_e2e::artifacts::{binary, guest};
-use plasmavmc_e2e::proc::processes_under;
-use plasmavmc_e2e::{wait_for, Daemon, HostSpec, Output, TestRepo, VmSpec, BOOT_TIMEOUT};
+use plasmavmc_e2e::proc::drill_sandbox_left_nothing;
+use plasmavmc_e2e::{Daemon, HostSpec, Output, TestRepo, VmSpec, BOOT_TIMEOUT};
 use serde_json::Value;
 
 /// The rows of the failure table, in order.
@@ -86,21 +86,7 @@ fn drill_measures_every_failure_mode_and_nothing_breaks() -> Result<()> {
             "{mode}: detection {detected:?}: {row:#}"
         );
     }
-    // The sandbox is gone, and nothing of it runs (only this drill's: others may run).
-    let sandbox = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("drill: sandbox in "))
-        .map(std::path::PathBuf::from)
-        .context("the drill did not say where its sandbox is")?;
-    wait_for(
-        "the drill's processes to be gone",
-        Duration::from_secs(10),
-        || {
-            // Every process of a sandbox has its folder in its command line or cwd.
-            processes_under(&sandbox).is_empty()
-        },
-    )?;
-    ensure!(!sandbox.exists(), "{} was left behind", sandbox.display());
+    drill_sandbox_left_nothing(&stderr)?;
     println!("{stderr}");
     Ok(())
 }

@@ -156,6 +156,24 @@ pub fn kill_and_wait(pid: i32, timeout: Duration) -> Result<()> {
     })
 }
 
+/// Checks that the drill sandbox named on `stderr` (`drill: sandbox in DIR`) left nothing
+/// behind: no process of it runs any more (every one has the folder in its command line
+/// or working directory) and the folder is gone. Only that drill's: others may run.
+pub fn drill_sandbox_left_nothing(stderr: &str) -> Result<()> {
+    let sandbox = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("drill: sandbox in "))
+        .map(PathBuf::from)
+        .context("the drill did not say where its sandbox is")?;
+    wait_for(
+        "the drill's processes to be gone",
+        Duration::from_secs(10),
+        || processes_under(&sandbox).is_empty(),
+    )?;
+    anyhow::ensure!(!sandbox.exists(), "{} was left behind", sandbox.display());
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
