@@ -15,7 +15,10 @@
 
 mod daemon;
 mod drill;
+mod fleet;
 mod health;
+#[cfg(test)]
+mod tests;
 mod triggers;
 
 use std::path::PathBuf;
