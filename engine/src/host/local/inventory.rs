@@ -17,6 +17,8 @@ use crate::qemu::process;
 impl LocalHost {
     pub(super) async fn inventory_here(&self) -> Result<Inventory, HostError> {
         let mut inv = Inventory {
+            bridges: Vec::new(),
+            cpu: None,
             capacity: local_capacity(),
             retained: self.scan_retained(),
             ..Inventory::default()
