@@ -55,7 +55,7 @@ KERNEL_META=linux-image-cloud-amd64
 BUSYBOX_PKG=busybox-static
 # Kernel modules the guest needs (Debian's cloud kernel builds them as =m).
 # Their dependencies are resolved from each module's modinfo "depends=".
-MODULES=(virtio_pci virtio_blk pvpanic_mmio pvpanic_pci button evdev)
+MODULES=(virtio_pci virtio_blk virtio_net pvpanic_mmio pvpanic_pci button evdev)
 
 [[ -f "$INIT_SRC" ]] || die "missing $INIT_SRC"
 

@@ -27,6 +27,8 @@ if [ -f /etc/modules.load ]; then
 fi
 
 echo "plasmavmc-guest: booted"
+# The CPU model the guest sees (`[qemu] cpu`): the first "model name" of /proc/cpuinfo.
+echo "cpu: $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo | head -n 1)"
 
 
 # --- kernel command line -------------------------------------------------
@@ -36,6 +38,10 @@ ignore_acpi=0
 fill_mb=0
 dirty_mb=0
 disk_arg=/dev/vda
+ip_arg=
+ping_arg=
+ping_tries=60
+echo_port=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         plasmavmc.poweroff=*) poweroff_after=${arg#plasmavmc.poweroff=} ;;
@@ -44,12 +50,56 @@ for arg in $(cat /proc/cmdline); do
         plasmavmc.fill=*) fill_mb=${arg#plasmavmc.fill=} ;;
         plasmavmc.dirty=*) dirty_mb=${arg#plasmavmc.dirty=} ;;
         plasmavmc.disk=*) disk_arg=${arg#plasmavmc.disk=} ;;
+        plasmavmc.ip=*) ip_arg=${arg#plasmavmc.ip=} ;;
+        plasmavmc.ping=*) ping_arg=${arg#plasmavmc.ping=} ;;
+        plasmavmc.ping_tries=*) ping_tries=${arg#plasmavmc.ping_tries=} ;;
+        plasmavmc.echo=*) echo_port=${arg#plasmavmc.echo=} ;;
     esac
 done
 case "$poweroff_after" in ''|*[!0-9]*) poweroff_after=0 ;; esac
 case "$panic_after" in ''|*[!0-9]*) panic_after=0 ;; esac
 case "$fill_mb" in ''|*[!0-9]*) fill_mb=0 ;; esac
 case "$dirty_mb" in ''|*[!0-9]*) dirty_mb=0 ;; esac
+case "$ping_tries" in ''|*[!0-9]*) ping_tries=60 ;; esac
+case "$echo_port" in *[!0-9]*) echo_port= ;; esac
+
+# --- network ---------------------------------------------------------------
+# Every virtio NIC is ethN (virtio_net is loaded above). plasmavmc.ip=ADDR/LEN gives
+# eth0 that address; every ethN is brought up and printed as
+# `net: ethN MAC [ADDR/LEN]`, so tests can see which MAC the guest has.
+for dev in /sys/class/net/eth*; do
+    [ -e "$dev" ] || continue
+    nic=${dev##*/}
+    addr=
+    if [ "$nic" = eth0 ] && [ -n "$ip_arg" ]; then
+        ip addr add "$ip_arg" dev eth0 && addr=$ip_arg
+    fi
+    ip link set "$nic" up
+    echo "net: $nic $(cat "$dev/address") $addr"
+done
+# plasmavmc.echo=PORT: a TCP echo server on PORT (one `cat` per connection).
+if [ -n "$echo_port" ]; then
+    nc -ll -p "$echo_port" -e cat &
+    echo "net: echo on tcp port $echo_port"
+fi
+# plasmavmc.ping=IP: ping IP once a second until it answers (at most
+# plasmavmc.ping_tries tries, default 60); print `ping IP: ok` or `ping IP: failed`.
+if [ -n "$ping_arg" ]; then
+    (
+        i=0
+        result=failed
+        while [ "$i" -lt "$ping_tries" ]; do
+            i=$((i + 1))
+            if ping -c 1 -W 1 "$ping_arg" >/dev/null 2>&1; then
+                result=ok
+                break
+            fi
+            # A refusal (no route, no ARP answer yet) can return at once: pace the tries.
+            usleep 500000
+        done
+        echo "ping $ping_arg: $result after $i tries"
+    ) &
+fi
 
 # --- memory load (migration benchmarks) ------------------------------------
 # plasmavmc.fill=N: N MiB of guest memory hold non-zero data (no zero pages to skip).
