@@ -24,7 +24,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use plasmavmc_e2e::bench::{env_count, machine, percentile, release_binary};
+use plasmavmc_e2e::bench::{
+    env_count, machine, migrate_step, percentile, release_binary, MoveFigures as Figures,
+};
 use plasmavmc_e2e::qmp::RawQmp;
 use plasmavmc_e2e::{cmdline, is_alive, wait_for, HostSpec, TestRepo, VmSpec};
 use serde_json::json;
@@ -65,15 +67,6 @@ const GUESTS: [Guest; 3] = [
         ready: "dirtying 128 MiB",
     },
 ];
-
-/// One migration's figures, in milliseconds.
-#[derive(Debug, Clone, Copy, Default)]
-struct Figures {
-    wall: f64,
-    total: f64,
-    downtime: f64,
-    passes: f64,
-}
 
 fn main() -> Result<()> {
     let runs = env_count("MIGRATE_RUNS", RUNS)?;
@@ -140,7 +133,7 @@ fn run(guest: &Guest) -> Result<(Figures, Figures)> {
         repo.commit(&format!("web to {to}"))?;
         let out = repo.run(&["apply", "--auto-approve"])?;
         out.expect_code(0)?;
-        engine = parse_step(&out.stdout)?;
+        engine = migrate_step(&out.stdout, "web")?;
         eprintln!("  engine to {to}: {engine:?}");
     }
 
@@ -148,34 +141,6 @@ fn run(guest: &Guest) -> Result<(Figures, Figures)> {
     let source_dir = repo.instance_dir_on("hv1", "web");
     let raw = raw_migration(pid, &source_dir, &repo.root().join("raw"))?;
     Ok((engine, raw))
-}
-
-/// `ok   migrate web (0.61s): live to hv2, pid 1: 241 ms, downtime 121 ms, 74 MiB memory, 3 passes`
-fn parse_step(stdout: &str) -> Result<Figures> {
-    let line = stdout
-        .lines()
-        .find(|l| l.trim_start().starts_with("ok   migrate web"))
-        .with_context(|| format!("no migrate step in:\n{stdout}"))?;
-    let num_before = |text: &str, unit: &str| -> Option<f64> {
-        let end = text.find(unit)?;
-        let start = text[..end].rfind(|c: char| !(c.is_ascii_digit() || c == '.'))? + 1;
-        text[start..end].parse().ok()
-    };
-    let wall = num_before(line, "s):").context("step time")? * 1000.0;
-    let after_pid = &line[line.find("pid").context("pid")?..];
-    let total = num_before(after_pid, " ms, downtime").context("total")?;
-    let downtime = num_before(
-        &after_pid[after_pid.find("downtime").context("downtime")?..],
-        " ms",
-    )
-    .context("downtime figure")?;
-    let passes = num_before(line, " passes").context("passes")?;
-    Ok(Figures {
-        wall,
-        total,
-        downtime,
-        passes,
-    })
 }
 
 /// Migrates the QEMU `pid` (instance folder `source_dir`, QMP free) by hand to a new

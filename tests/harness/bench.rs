@@ -56,6 +56,48 @@ pub fn percentile(samples: &[f64], pct: usize) -> f64 {
     sorted[rank - 1]
 }
 
+/// What `plasmavmc apply` says about one live move, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct MoveFigures {
+    /// The migrate step's wall time.
+    pub wall: f64,
+    /// QEMU's own total time and downtime.
+    pub total: f64,
+    pub downtime: f64,
+    /// Passes over memory (`dirty-sync-count`).
+    pub passes: f64,
+}
+
+/// The figures of `vm`'s migrate step in `apply`'s stdout, e.g.
+/// `ok   migrate web (0.61s): live to hv2, pid 1: 241 ms, downtime 121 ms, 74 MiB memory, 3 passes`.
+pub fn migrate_step(stdout: &str, vm: &str) -> Result<MoveFigures> {
+    let prefix = format!("ok   migrate {vm} ");
+    let line = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(&prefix))
+        .with_context(|| format!("no migrate step of {vm} in:\n{stdout}"))?;
+    let num_before = |text: &str, unit: &str| -> Option<f64> {
+        let end = text.find(unit)?;
+        let start = text[..end].rfind(|c: char| !(c.is_ascii_digit() || c == '.'))? + 1;
+        text[start..end].parse().ok()
+    };
+    let wall = num_before(line, "s):").context("step time")? * 1000.0;
+    let after_pid = &line[line.find("pid").context("pid")?..];
+    let total = num_before(after_pid, " ms, downtime").context("total")?;
+    let downtime = num_before(
+        &after_pid[after_pid.find("downtime").context("downtime")?..],
+        " ms",
+    )
+    .context("downtime figure")?;
+    let passes = num_before(line, " passes").context("passes")?;
+    Ok(MoveFigures {
+        wall,
+        total,
+        downtime,
+        passes,
+    })
+}
+
 /// nproc, memory, QEMU version, kernel.
 pub fn machine() -> Vec<(&'static str, String)> {
     let nproc = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
@@ -99,5 +141,21 @@ mod tests {
         assert!((percentile(&samples, 100) - 5.0).abs() < f64::EPSILON);
         assert!((percentile(&samples, 1) - 1.0).abs() < f64::EPSILON);
         assert!(percentile(&[], 50).is_nan());
+    }
+
+    #[test]
+    fn a_migrate_step_gives_its_figures() {
+        let out = "plan: 1 action\nok   migrate web (0.61s): live to hv2, pid 1: 241 ms, downtime 121 ms, 74 MiB memory, 3 passes\n";
+        let f = migrate_step(out, "web").expect("parses");
+        assert_eq!(
+            f,
+            MoveFigures {
+                wall: 610.0,
+                total: 241.0,
+                downtime: 121.0,
+                passes: 3.0
+            }
+        );
+        assert!(migrate_step(out, "db").is_err());
     }
 }

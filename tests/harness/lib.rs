@@ -25,6 +25,8 @@
 //!   with ballast; the cleanup unmounts it.
 //! - [`Sshd`] is a real OpenSSH server on 127.0.0.1 for one test, with its own keys,
 //!   reaching the binary under test: what `ssh://` hosts connect to.
+//! - [`netns`] gives simulated hosts a real L2 network ([`Lan`]: a namespace per host
+//!   with a bridge, a switch, a client) and measures it (pings, a TCP echo stream).
 //! - [`bench`] holds what the benchmark binaries share (release binary, percentiles,
 //!   the machine's description).
 
@@ -33,6 +35,7 @@ pub mod bench;
 mod daemon;
 pub mod fault;
 mod git;
+pub mod netns;
 pub mod partition;
 pub mod proc;
 pub mod qmp;
@@ -49,6 +52,7 @@ pub mod wait;
 pub use artifacts::Guest;
 pub use daemon::{Daemon, LogLine};
 pub use fault::{CopyWatch, Fence};
+pub use netns::Lan;
 pub use proc::{cmdline, is_alive};
 pub use repo::{TestRepo, BRANCH};
 pub use run::{diagnostic, Output, Running};

@@ -39,6 +39,8 @@ pub struct VmSpec {
     /// No `[boot]` table: the firmware boots the first disk (no kernel is copied to
     /// the host; on an empty disk the guest never gets past the BIOS).
     pub firmware: bool,
+    /// `[[nics]]`: `(network, mac)`, the MAC written only when given.
+    pub nics: Vec<(String, Option<String>)>,
 }
 
 impl Default for VmSpec {
@@ -59,6 +61,7 @@ impl Default for VmSpec {
             priority: None,
             storage: None,
             firmware: false,
+            nics: Vec::new(),
         }
     }
 }
@@ -160,6 +163,13 @@ impl VmSpec {
         self
     }
 
+    /// One more `[[nics]]` on `network` (`"user"` or a declared network), with `mac` when
+    /// given (else the engine derives it).
+    pub fn nic(mut self, network: &str, mac: Option<&str>) -> Self {
+        self.nics.push((network.to_owned(), mac.map(str::to_owned)));
+        self
+    }
+
     /// The TOML text. `memory_mb` is always on line 2 (tests point at it).
     pub fn to_toml(&self, guest: &Guest) -> String {
         let mut cmdline = BASE_CMDLINE.to_owned();
@@ -199,6 +209,12 @@ impl VmSpec {
             let _ = writeln!(s, "\n[[disks]]\nname = {name:?}\nsize_gb = {size_gb}");
             if let Some(storage) = &self.storage {
                 let _ = writeln!(s, "storage = {storage:?}");
+            }
+        }
+        for (network, mac) in &self.nics {
+            let _ = writeln!(s, "\n[[nics]]\nnetwork = {network:?}");
+            if let Some(mac) = mac {
+                let _ = writeln!(s, "mac = {mac:?}");
             }
         }
         let _ = writeln!(s, "\n[qemu]\naccel = \"tcg\"");
@@ -241,6 +257,11 @@ pub struct HostSpec {
     pub switchable: bool,
     /// `shared_storage` and `storage_pool` when set.
     pub shared: Option<(PathBuf, String)>,
+    /// The agent runs in this network namespace (`ip netns exec NS …`, see
+    /// [`crate::netns::Lan`]). Ignored with [`Self::exec`] and [`Self::ssh`].
+    pub netns: Option<String>,
+    /// `networks = [...]` when not empty: the networks this host says it has.
+    pub networks: Vec<String>,
 }
 
 /// How a [`HostSpec`] of an `ssh://` host logs in: the values of its `address`,
@@ -317,6 +338,18 @@ impl HostSpec {
         self
     }
 
+    /// The agent runs in network namespace `ns` (`ip netns exec ns plasmavmc agent …`).
+    pub fn netns(mut self, ns: &str) -> Self {
+        self.netns = Some(ns.to_owned());
+        self
+    }
+
+    /// `networks = [...]`: the host has these networks (their bridges).
+    pub fn networks(mut self, networks: &[&str]) -> Self {
+        self.networks = networks.iter().map(|&n| n.to_owned()).collect();
+        self
+    }
+
     /// A host that can be powered off: its agent does not start while
     /// [`HostSpec::power_marker`] of its root exists.
     pub fn switchable(mut self) -> Self {
@@ -361,34 +394,52 @@ impl HostSpec {
             let _ = writeln!(s, "shared_storage = {:?}", path.display().to_string());
             let _ = writeln!(s, "storage_pool = {pool:?}");
         }
+        if !self.networks.is_empty() {
+            let _ = writeln!(s, "networks = {}", toml_strings(&self.networks));
+        }
         s
     }
 
     /// The `exec` argv: [`Self::exec`], or the agent of `bin` on [`Self::root`] (default
-    /// `root`), through `sh -c` when [`Self::switchable`].
+    /// `root`), through `sh -c` when [`Self::switchable`], in [`Self::netns`] when set.
     fn agent_argv(&self, bin: &Path, root: &Path) -> Vec<String> {
-        self.exec.clone().unwrap_or_else(|| {
-            let root = self.root.as_deref().unwrap_or(root);
-            if self.switchable {
-                let marker = Self::power_marker(root);
-                let script = format!(
-                    "test -e {m} && {{ echo \"host powered off: {p} exists\" >&2; exit 1; }}; \
-                     exec {b} agent --stdio --root {r}",
-                    m = shell_quote(&marker.display().to_string()),
-                    p = marker.display(),
-                    b = shell_quote(&bin.display().to_string()),
-                    r = shell_quote(&root.display().to_string()),
-                );
-                return vec!["sh".to_owned(), "-c".to_owned(), script];
-            }
-            vec![
-                bin.display().to_string(),
-                "agent".to_owned(),
-                "--stdio".to_owned(),
-                "--root".to_owned(),
-                root.display().to_string(),
-            ]
-        })
+        if let Some(exec) = &self.exec {
+            return exec.clone();
+        }
+        let argv = self.local_agent_argv(bin, root);
+        match &self.netns {
+            Some(ns) => ["ip", "netns", "exec", ns]
+                .into_iter()
+                .map(str::to_owned)
+                .chain(argv)
+                .collect(),
+            None => argv,
+        }
+    }
+
+    /// The agent of `bin` on [`Self::root`] (default `root`), through `sh -c` when
+    /// [`Self::switchable`].
+    fn local_agent_argv(&self, bin: &Path, root: &Path) -> Vec<String> {
+        let root = self.root.as_deref().unwrap_or(root);
+        if self.switchable {
+            let marker = Self::power_marker(root);
+            let script = format!(
+                "test -e {m} && {{ echo \"host powered off: {p} exists\" >&2; exit 1; }}; \
+                 exec {b} agent --stdio --root {r}",
+                m = shell_quote(&marker.display().to_string()),
+                p = marker.display(),
+                b = shell_quote(&bin.display().to_string()),
+                r = shell_quote(&root.display().to_string()),
+            );
+            return vec!["sh".to_owned(), "-c".to_owned(), script];
+        }
+        vec![
+            bin.display().to_string(),
+            "agent".to_owned(),
+            "--stdio".to_owned(),
+            "--root".to_owned(),
+            root.display().to_string(),
+        ]
     }
 }
 
@@ -440,6 +491,28 @@ mod tests {
         );
         assert_eq!(exec(&shared)[4], "/other/root");
         assert!(!shared.contains_key("memory_mb") && !shared.contains_key("state"));
+
+        let in_ns = parse(
+            &HostSpec::agent()
+                .netns("pvn-1-0-h0")
+                .networks(&["lan"])
+                .to_toml(bin, Path::new("/t/hosts/hv1")),
+        );
+        assert_eq!(
+            exec(&in_ns),
+            [
+                "ip",
+                "netns",
+                "exec",
+                "pvn-1-0-h0",
+                "/x/plasmavmc",
+                "agent",
+                "--stdio",
+                "--root",
+                "/t/hosts/hv1"
+            ]
+        );
+        assert_eq!(in_ns["networks"].as_array().map(Vec::len), Some(1));
 
         let down = parse(&HostSpec::exec(&["/bin/false"]).to_toml(bin, Path::new("/r")));
         assert_eq!(exec(&down), ["/bin/false"]);
