@@ -11,7 +11,7 @@ help:
 	@echo "make test       set up this machine and run every test (real QEMU)"
 	@echo "make lint       rustfmt and clippy, as CI runs them"
 	@echo "make fuzz       fuzz the spec loader for FUZZ_TIME seconds (needs nightly and cargo-fuzz)"
-	@echo "make bench      the benchmarks quoted in the README (plan at 10k VMs, crash -> running, failover, migration)"
+	@echo "make bench      the benchmarks quoted in the README (plan at 10k VMs, crash -> running, failover, migration, network during moves)"
 
 deps:
 	@bash .ci/install-deps
@@ -61,4 +61,5 @@ bench:
 	$(CARGO) bench -p plasmavmc-e2e --bench heal
 	$(CARGO) bench -p plasmavmc-e2e --bench failover
 	$(CARGO) bench -p plasmavmc-e2e --bench migrate
+	$(CARGO) bench -p plasmavmc-e2e --bench netmove
 	$(CARGO) bench -p plasmavmc --bench plan10k
