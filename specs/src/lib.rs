@@ -12,6 +12,7 @@ pub mod fuzz;
 pub mod host;
 pub mod load;
 pub mod name;
+pub mod net;
 pub mod schema;
 pub mod vm;
 

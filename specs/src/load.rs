@@ -162,6 +162,7 @@ pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
             Kind::Cluster => {
                 if let Some(spec) = parse::<ClusterSpec>(file, &text, &mut diags) {
                     push_problems(file, &text, spec.problems(), &mut diags);
+                    crate::net::cluster_problems(file, &text, &spec, &mut diags);
                     desired.cluster = spec;
                 }
             }
@@ -234,7 +235,7 @@ pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
 }
 
 /// Checks between files: host pins exist; on the implicit local host, no two VMs
-/// forward the same host port.
+/// forward the same host port; networks are declared and MACs unique (`net`).
 fn check_across(
     desired: &Desired,
     vms: &[(&SourceFile, String, VmSpec)],
@@ -272,6 +273,7 @@ fn check_across(
             }
         }
     }
+    crate::net::check_networks(desired, vms, texts, diags);
 }
 
 /// Settings no host of this commit can ever satisfy.

@@ -421,6 +421,14 @@ impl VmSpec {
                 format!("machine {machine:?} may only hold letters, digits, '.', '-' and '_'"),
             );
         }
+        if let Some(p) = self
+            .qemu
+            .cpu
+            .as_deref()
+            .and_then(crate::net::cpu_model_problem)
+        {
+            bad(vec![Seg::Key("qemu"), Seg::Key("cpu")], p);
+        }
         if let Some(user) = &self.qemu.runas {
             let ok = !user.is_empty()
                 && user.len() <= 32
@@ -488,6 +496,20 @@ impl VmSpec {
     fn nic_problems(&self, bad: &mut impl FnMut(Vec<Seg<'static>>, String)) {
         let mut ports = std::collections::BTreeSet::new();
         for (i, nic) in self.nics.iter().enumerate() {
+            let at = |k: &'static str| vec![Seg::Key("nics"), Seg::Index(i), Seg::Key(k)];
+            if let Some(p) = nic.mac.as_deref().and_then(crate::net::mac_problem) {
+                bad(at("mac"), p);
+            }
+            if !nic.network.is_user() && !nic.forward.is_empty() {
+                bad(
+                    at("forward"),
+                    format!(
+                        "forward is only for network = \"user\" NICs; a NIC on {:?} is reached through its bridge",
+                        nic.network.as_str()
+                    ),
+                );
+                continue;
+            }
             for (j, fwd) in nic.forward.iter().enumerate() {
                 let at = vec![
                     Seg::Key("nics"),

@@ -7,8 +7,10 @@
 //!                                                                    ├─ running, live ─────> migrate (live)
 //!                                                                    └─ otherwise ─────────> migrate (cold)
 //! ```
+//! The target has every network and the CPU model the VM needs (placement, `fit.rs`).
 //! A live move needs the same QEMU configuration on both ends: a spec change that needs a
-//! reboot makes it cold. A paused or unresponsive QEMU is not moved (it may be half-way
+//! reboot makes it cold, and so does a guest on the host's CPU (`cpu = "host"`, or no
+//! `cpu` under KVM) between hosts whose CPUs differ or are not known. A paused or unresponsive QEMU is not moved (it may be half-way
 //! through a migration already).
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -37,6 +39,7 @@ pub(super) enum Decision {
 /// the target in `load`.
 pub(super) fn plan_move(
     desired: &Desired,
+    observed: &Observed,
     load: &mut Load,
     want: &VmEntry,
     host: &str,
@@ -100,16 +103,28 @@ pub(super) fn plan_move(
         storage_fit(desired, want)(candidate)
     };
     match load.place_where(desired, want, not_here) {
-        Ok(placement) => Decision::Move {
-            action: Action::Migrate {
-                vm: vm.clone(),
-                host: host.to_owned(),
-                to: placement.host.clone(),
-                mode,
-                reason: format!("{why}; to {}: {}", placement.host, placement.why),
-            },
-            note,
-        },
+        Ok(placement) => {
+            let mut reason = format!("{why}; to {}: {}", placement.host, placement.why);
+            let cpu =
+                super::fit::live_cpu_problem(desired, observed, &want.spec, host, &placement.host);
+            let mode = match cpu {
+                Some(cold) if mode == MoveMode::Live => {
+                    reason = format!("{reason}; {cold}");
+                    MoveMode::Cold
+                }
+                _ => mode,
+            };
+            Decision::Move {
+                action: Action::Migrate {
+                    vm: vm.clone(),
+                    host: host.to_owned(),
+                    to: placement.host,
+                    mode,
+                    reason,
+                },
+                note,
+            }
+        }
         Err(missing) => Decision::Blocked {
             why: format!("must move ({why}) but cannot be placed: {missing}"),
             pending: true,
@@ -163,7 +178,7 @@ pub(super) fn plan_moves<'a>(
             } else {
                 have
             };
-            match plan_move(desired, load, want, host, have) {
+            match plan_move(desired, observed, load, want, host, have) {
                 Decision::Stay => false,
                 Decision::Move { action, note } => {
                     out.actions.push(action);

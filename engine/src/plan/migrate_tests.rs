@@ -326,3 +326,150 @@ fn a_cold_move_cut_short_keeps_the_copy_that_ran_whatever_the_status_says() {
     let p = plan(&d, &o, NOW);
     assert_eq!(lines(&p), ["delete db hv1", "migrate db hv2>hv1 cold"]);
 }
+
+/// `o` with `host` reporting a CPU of `digest` that can run `models`.
+fn with_cpu(mut o: Observed, host: &str, digest: &str, models: &[&str]) -> Observed {
+    o.hosts.get_mut(host).expect("known host").cpu = Some(crate::observe::HostCpu {
+        model: format!("cpu {digest}"),
+        digest: digest.to_owned(),
+        models: models.iter().map(|m| (*m).to_owned()).collect(),
+    });
+    o
+}
+
+#[test]
+fn a_guest_on_the_host_cpu_moves_live_only_between_equal_cpus() {
+    // (VM settings, hv1's CPU digest, hv2's, the move expected, words its reason holds)
+    let table: [(&str, Option<&str>, Option<&str>, &str, &str); 9] = [
+        ("cpu = \"host\"", Some("aa"), Some("aa"), "live", ""),
+        (
+            "cpu = \"host\"",
+            Some("aa"),
+            Some("bb"),
+            "cold",
+            "cpu = host: hv1 and hv2 have different CPUs; moving cold",
+        ),
+        (
+            "cpu = \"host\"",
+            Some("aa"),
+            None,
+            "cold",
+            "cpu = host: hv2 has not reported its CPU, so the CPUs cannot be compared; moving cold",
+        ),
+        (
+            "cpu = \"host\"",
+            None,
+            None,
+            "cold",
+            "hv1 and hv2 have not reported their CPU",
+        ),
+        // No cpu under KVM is the host's CPU too; under tcg (and auto) QEMU's default.
+        (
+            "accel = \"kvm\"",
+            Some("aa"),
+            Some("bb"),
+            "cold",
+            "cpu = host (the default under KVM): hv1 and hv2 have different CPUs",
+        ),
+        ("accel = \"kvm\"", Some("aa"), Some("aa"), "live", ""),
+        ("accel = \"tcg\"", Some("aa"), Some("bb"), "live", ""),
+        ("", None, None, "live", ""),
+        // A named model is the same CPU wherever it runs.
+        ("cpu = \"x86-64-v2\"", Some("aa"), Some("bb"), "live", ""),
+    ];
+    for (qemu, cpu1, cpu2, mode, says) in table {
+        let vm = |host: &str| format!("host = \"{host}\"\n[qemu]\n{qemu}\n");
+        let before = specs(&[("vms/web.toml", &vm("hv1"))]);
+        let after = specs(&[("vms/web.toml", &vm("hv2"))]);
+        let mut o = world(vec![(
+            "hv1",
+            copy(&before, "web", RunState::Running, None, false),
+        )]);
+        for (host, digest) in [("hv1", cpu1), ("hv2", cpu2)] {
+            if let Some(digest) = digest {
+                o = with_cpu(o, host, digest, &["x86-64-v2"]);
+            }
+        }
+        let p = plan(&after, &o, NOW);
+        assert_eq!(
+            lines(&p),
+            [format!("migrate web hv1>hv2 {mode}")],
+            "{qemu} {cpu1:?} {cpu2:?}"
+        );
+        let reason = p.actions[0].reason();
+        if says.is_empty() {
+            assert!(!reason.contains("cold"), "{qemu}: {reason}");
+        } else {
+            assert!(reason.contains(says), "{qemu} {cpu1:?} {cpu2:?}: {reason}");
+        }
+    }
+}
+
+#[test]
+fn the_cpu_check_leaves_cold_and_none_policies_as_they_were() {
+    let before = specs(&[
+        (
+            "vms/a.toml",
+            "host = \"hv1\"\nmigration = \"none\"\n[qemu]\ncpu = \"host\"",
+        ),
+        (
+            "vms/b.toml",
+            "host = \"hv1\"\nmigration = \"cold\"\n[qemu]\ncpu = \"host\"",
+        ),
+    ]);
+    let after = specs(&[
+        (
+            "vms/a.toml",
+            "host = \"hv2\"\nmigration = \"none\"\n[qemu]\ncpu = \"host\"",
+        ),
+        (
+            "vms/b.toml",
+            "host = \"hv2\"\nmigration = \"cold\"\n[qemu]\ncpu = \"host\"",
+        ),
+    ]);
+    let o = world(vec![
+        ("hv1", copy(&before, "a", RunState::Running, None, false)),
+        ("hv1", copy(&before, "b", RunState::Running, None, false)),
+    ]);
+    let o = with_cpu(with_cpu(o, "hv1", "aa", &[]), "hv2", "bb", &[]);
+    let p = plan(&after, &o, NOW);
+    // a records its new pin where it is (as before); it does not move.
+    assert_eq!(lines(&p), ["migrate b hv1>hv2 cold", "update a hv1"]);
+    assert!(!p.actions[0].reason().contains("CPU"), "{p:?}");
+    assert!(
+        p.pending_lines()
+            .iter()
+            .any(|n| n.starts_with("a: must move") && n.contains("\"none\"")),
+        "{p:?}"
+    );
+}
+
+#[test]
+fn a_named_cpu_model_moves_only_to_a_host_that_can_run_it() {
+    let spec = |host: &str| format!("host = \"{host}\"\n[qemu]\ncpu = \"Skylake-Server\"\n");
+    let before = specs(&[("vms/web.toml", &spec("hv1"))]);
+    let after = specs(&[("vms/web.toml", &spec("hv2"))]);
+    let o = world(vec![(
+        "hv1",
+        copy(&before, "web", RunState::Running, None, false),
+    )]);
+    let o = with_cpu(o, "hv1", "aa", &["Skylake-Server"]);
+    let p = plan(&after, &o, NOW);
+    assert_eq!(
+        lines(&p),
+        ["update web hv1"],
+        "it stays; its pin is recorded"
+    );
+    assert_eq!(
+        p.pending_lines(),
+        ["web: must move (pinned to hv2 (runs on hv1)) but cannot be placed: needs CPU model Skylake-Server: hv2 has not reported its CPU"]
+    );
+    let o = with_cpu(o, "hv2", "bb", &["x86-64-v2"]);
+    let p = plan(&after, &o, NOW);
+    assert!(
+        p.pending_lines()[0].ends_with("needs CPU model Skylake-Server: hv2 cannot run it"),
+        "{p:?}"
+    );
+    let o = with_cpu(o, "hv2", "bb", &["x86-64-v2", "Skylake-Server"]);
+    assert_eq!(lines(&plan(&after, &o, NOW)), ["migrate web hv1>hv2 live"]);
+}

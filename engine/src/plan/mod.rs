@@ -13,9 +13,11 @@
 //! spec changed, no reboot       -> update (+ start/stop)
 //! instance, not in specs        -> stop if it runs, then delete (disks retained)
 //! pin elsewhere / host drained  -> migrate (live or cold, see migrate.rs)
+//! its host lacks a network / CPU model it needs -> nothing started there; pending (fit.rs)
 //! ```
 
 mod action;
+pub mod fit;
 mod migrate;
 pub mod place;
 mod recover;
@@ -176,7 +178,9 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
             (Some(want), Some((host, have))) => {
                 let source = recover::source_may_resume(observed, have, copies.len());
                 if !recover::plan_resume(name, host, have, source, &mut out) {
+                    let first = out.actions.len();
                     plan_existing(desired, observed, want, (host, have), now_ms, &mut out);
+                    fit::hold_starts(desired, observed, want, host, first, &mut out);
                 }
             }
             (None, Some((host, have))) => plan_removed(host, have, &mut out),

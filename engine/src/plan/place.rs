@@ -4,8 +4,10 @@
 //! Rules, in order:
 //! 1. a pin (`host = ...`) is the only candidate;
 //! 2. a host must be reachable and `state = "active"` (maintenance receives nothing);
-//! 3. memory is never overcommitted; vCPUs up to `[placement] vcpu_overcommit` × CPUs;
-//! 4. among fitting hosts: fewest VMs of the same anti-affinity `group`, then most free
+//! 3. the host has what the VM needs besides room: every network of its NICs (listed in
+//!    the host's `networks`, its bridge present) and its named CPU model ([`super::fit`]);
+//! 4. memory is never overcommitted; vCPUs up to `[placement] vcpu_overcommit` × CPUs;
+//! 5. among fitting hosts: fewest VMs of the same anti-affinity `group`, then most free
 //!    memory, then name.
 //!
 //! Placement is sticky: it is only asked for VMs that have no instance anywhere. When
@@ -16,6 +18,7 @@ use std::collections::BTreeMap;
 
 use plasmavmc_specs::{Desired, HostState, VmEntry};
 
+use super::fit::{self, Facts, Lack};
 use crate::observe::{Capacity, Observed};
 
 /// What each host has and has handed out, kept up to date while one plan places VMs.
@@ -30,6 +33,8 @@ struct HostLoad {
     used: Capacity,
     /// VMs per anti-affinity group.
     groups: BTreeMap<String, u32>,
+    /// Its bridges and CPU, for what VMs need besides room.
+    facts: Facts,
 }
 
 /// Where a VM goes and the reason, for the plan.
@@ -54,6 +59,7 @@ impl Load {
             };
             let load = HostLoad {
                 capacity,
+                facts: Facts::of(inv),
                 ..HostLoad::default()
             };
             hosts.insert(name.clone(), load);
@@ -94,6 +100,7 @@ impl Load {
         let spec = &vm.spec;
         let ratio = desired.cluster.placement.vcpu_overcommit;
         let mut refusals = Vec::new();
+        let mut lacks: Vec<Lack> = Vec::new();
         let mut fitting = Vec::new();
         let candidates: Vec<&String> = match &spec.host {
             Some(pin) => desired.hosts.keys().filter(|h| *h == pin).collect(),
@@ -114,6 +121,10 @@ impl Load {
                 .is_some_and(|h| h.spec.state == HostState::Maintenance)
             {
                 refusals.push(format!("{name} in maintenance"));
+                continue;
+            }
+            if let Some(lack) = fit::lack(desired, name, &load.facts, spec) {
+                lacks.push(lack);
                 continue;
             }
             let free_mem = load.capacity.memory_mb.saturating_sub(load.used.memory_mb);
@@ -139,13 +150,7 @@ impl Load {
         }
         fitting.sort();
         let Some((same_group, std::cmp::Reverse(free_mem), host)) = fitting.first().cloned() else {
-            let needs = format!("needs {} MB and {} vCPUs", spec.memory_mb, spec.vcpus);
-            let what = if refusals.is_empty() {
-                "no host matches".to_owned()
-            } else {
-                refusals.join(", ")
-            };
-            return Err(format!("{needs}: {what}"));
+            return Err(explain(spec, &lacks, &refusals));
         };
         let mut why = format!(
             "{free_mem} MB free, the most of {} fitting host{}",
@@ -165,6 +170,41 @@ impl Load {
         }
         Ok(Placement { host, why })
     }
+}
+
+/// Why no host took `spec`: per need, the hosts that lack it ("needs network lan: hv2 has
+/// no bridge br-lan, hv3 does not list it in networks"), then the hosts refused for room,
+/// state or reachability ("needs 256 MB and 1 vCPUs: hv1 has 100 MB free").
+fn explain(spec: &plasmavmc_specs::VmSpec, lacks: &[Lack], refusals: &[String]) -> String {
+    let mut needs: Vec<&str> = Vec::new();
+    for lack in lacks {
+        if !needs.contains(&lack.need.as_str()) {
+            needs.push(&lack.need);
+        }
+    }
+    let mut parts: Vec<String> = needs
+        .iter()
+        .map(|need| {
+            let whys: Vec<&str> = lacks
+                .iter()
+                .filter(|l| l.need == *need)
+                .map(|l| l.why.as_str())
+                .collect();
+            format!("needs {need}: {}", whys.join(", "))
+        })
+        .collect();
+    if !refusals.is_empty() || parts.is_empty() {
+        let what = if refusals.is_empty() {
+            "no host matches".to_owned()
+        } else {
+            refusals.join(", ")
+        };
+        parts.push(format!(
+            "needs {} MB and {} vCPUs: {what}",
+            spec.memory_mb, spec.vcpus
+        ));
+    }
+    parts.join("; ")
 }
 
 impl Load {

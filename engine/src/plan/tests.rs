@@ -1,6 +1,7 @@
 //! Table tests of the pure planner: (desired, observed) -> actions.
 
 mod lock;
+mod network;
 mod priority;
 mod unknown;
 
