@@ -462,6 +462,7 @@ mod tests {
             spec: e.spec.clone(),
             files: crate::qemu::instance::ResolvedFiles::default(),
             shared_storage: Some(shared.clone()),
+            networks: std::collections::BTreeMap::default(),
         };
         let host = LocalHost::new(
             "hv2",
