@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 
-use plasmavmc_specs::Forward;
+use plasmavmc_specs::{Forward, Nic};
 
 use super::instance::{InstanceFile, PID_FILE, QMP_SOCKET, SERIAL_LOG};
 use super::net::tap_name;
@@ -19,7 +19,7 @@ pub enum Accel {
 }
 
 impl Accel {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
@@ -123,26 +123,7 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
         ]);
     }
     for (i, nic) in spec.nics.iter().enumerate() {
-        let netdev = if nic.network.is_user() {
-            let mut netdev = format!("user,id=net{i}");
-            for fwd in nic.forward.iter().filter_map(|f| Forward::parse(f).ok()) {
-                let proto = if fwd.udp { "udp" } else { "tcp" };
-                let _ = write!(
-                    netdev,
-                    ",hostfwd={proto}::{}-:{}",
-                    fwd.host_port, fwd.guest_port
-                );
-            }
-            netdev
-        } else {
-            // The host made the tap and put it on its bridge before QEMU starts: QEMU
-            // only opens it, so no helper script runs (the sandbox denies spawning).
-            format!(
-                "tap,id=net{i},ifname={},script=no,downscript=no",
-                tap_name(&vm.name, i)
-            )
-        };
-        push(&["-netdev", &netdev]);
+        push(&["-netdev", &netdev(&vm.name, i, nic)]);
         push(&[
             "-device",
             &format!(
@@ -154,11 +135,33 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
     a
 }
 
+/// The `-netdev` of NIC `i` of `vm`: user-mode with its port forwards, or the tap the
+/// host made and put on the bridge before QEMU starts. QEMU only opens that tap, so no
+/// helper script runs (the sandbox denies spawning).
+fn netdev(vm: &str, i: usize, nic: &Nic) -> String {
+    if !nic.network.is_user() {
+        return format!(
+            "tap,id=net{i},ifname={},script=no,downscript=no",
+            tap_name(vm, i)
+        );
+    }
+    let mut netdev = format!("user,id=net{i}");
+    for fwd in nic.forward.iter().filter_map(|f| Forward::parse(f).ok()) {
+        let proto = if fwd.udp { "udp" } else { "tcp" };
+        let _ = write!(
+            netdev,
+            ",hostfwd={proto}::{}-:{}",
+            fwd.host_port, fwd.guest_port
+        );
+    }
+    netdev
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::qemu::instance::{ResolvedFiles, VmInstance};
-    use plasmavmc_specs::{Boot, Disk, Nic, Power, VmSpec};
+    use plasmavmc_specs::{Boot, Disk, Power, VmSpec};
 
     fn instance() -> InstanceFile {
         let mut spec: VmSpec = toml::from_str("vcpus = 2\nmemory_mb = 128\n").expect("spec");
