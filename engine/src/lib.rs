@@ -16,8 +16,8 @@
 //!
 //! ```text
 //! cli                              arguments -> the calls below; nothing else
-//! drill                            `plasmavmc drill`: the failure table, measured
 //! watch                            the daemon: triggers, timers, heartbeats, fencing
+//! drill                            `plasmavmc drill`: the failure table, measured
 //! step                             what apply and watch compose: a look with memory
 //! status                           the status files the engine publishes
 //! execute                          Plan -> Host calls, journaled, whereabouts noted first
