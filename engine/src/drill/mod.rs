@@ -11,6 +11,7 @@
 
 mod chaos;
 mod cluster;
+pub mod desk;
 mod modes;
 mod sandbox;
 
@@ -22,6 +23,7 @@ use serde::Serialize;
 
 pub use chaos::{clock_seed, replay, run_chaos, summary, ChaosConfig, Report};
 pub use cluster::{run_cluster, ClusterConfig};
+pub use desk::DrillDesk;
 pub use modes::Sample;
 use sandbox::{Guest, Sandbox};
 

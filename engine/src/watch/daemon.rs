@@ -265,7 +265,7 @@ impl Daemon {
         // the host's events, not by a reconcile that knew it was coming.
         if let Some(target) = &self.target {
             let vms: Vec<&String> = target.desired.vms.keys().collect();
-            let desk = crate::state::drill::DrillDesk::new(self.state.root());
+            let desk = crate::drill::DrillDesk::new(self.state.root());
             let events = super::drill::serve(&desk, &self.hosts, &vms).await;
             self.events.extend(events);
         }

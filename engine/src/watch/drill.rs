@@ -1,14 +1,14 @@
 //! The daemon's side of `plasmavmc drill` against a real cluster: carrying out the fault
-//! requests it finds in the state directory (see [`crate::state::drill`]).
+//! requests it finds in the state directory (see [`crate::drill::desk`]).
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use tracing::{info, warn};
 
+use crate::drill::desk::{DrillAnswer, DrillDesk};
 use crate::errors::error_chain;
 use crate::host::{AgentHost, Host};
-use crate::state::drill::{DrillAnswer, DrillDesk};
 use crate::status::VmEvent;
 
 /// Carries out every waiting request on `hosts`, for VMs of `vms` only; returns the
@@ -25,7 +25,7 @@ pub async fn serve(
             Err(format!(
                 "expired: asked at {}, more than {:?} ago; not carried out",
                 request.at,
-                crate::state::drill::FRESH
+                crate::drill::desk::FRESH
             ))
         } else if !vms.contains(&&request.vm) {
             Err(format!("{} is not a VM of the applied commit", request.vm))
