@@ -7,13 +7,19 @@
 //!
 //! Every row runs against the real engine (`plasmavmc watch`, a child process), real
 //! agents and real QEMU on a throw-away cluster of three simulated hosts
-//! ([`sandbox`]); the rows are in [`modes`].
+//! ([`sandbox`]); the rows are in [`modes`]. [`chaos`] is the soak on the same sandbox.
+//!
+//! Against a real cluster ([`cluster`]) the daemon owns the hosts, so the drill reaches
+//! a VM's QEMU only through it: the drill files a fault on the [`desk`], the daemon
+//! carries it out ([`serve()`], called by `watch` after each reconcile) and answers there.
+//! Both sides live here; nothing here imports `watch` or `cli` (the layers of `lib.rs`).
 
 mod chaos;
 mod cluster;
 pub mod desk;
 mod modes;
 mod sandbox;
+mod serve;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -26,6 +32,7 @@ pub use cluster::{run_cluster, ClusterConfig};
 pub use desk::DrillDesk;
 pub use modes::Sample;
 use sandbox::{Guest, Sandbox};
+pub use serve::serve;
 
 /// How a drill on the sandbox runs.
 #[derive(Debug, Clone)]

@@ -266,7 +266,7 @@ impl Daemon {
         if let Some(target) = &self.target {
             let vms: Vec<&String> = target.desired.vms.keys().collect();
             let desk = crate::drill::DrillDesk::new(self.state.root());
-            let events = super::drill::serve(&desk, &self.hosts, &vms).await;
+            let events = crate::drill::serve(&desk, &self.hosts, &vms).await;
             self.events.extend(events);
         }
     }

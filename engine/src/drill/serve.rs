@@ -1,12 +1,13 @@
 //! The daemon's side of `plasmavmc drill` against a real cluster: carrying out the fault
-//! requests it finds in the state directory (see [`crate::drill::desk`]).
+//! requests it finds on the drill's desk in the state directory (see [`super::desk`]).
+//! `plasmavmc watch` calls [`serve`] after each reconcile; the drill itself never does.
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use tracing::{info, warn};
 
-use crate::drill::desk::{DrillAnswer, DrillDesk};
+use super::desk::{DrillAnswer, DrillDesk, FRESH};
 use crate::errors::error_chain;
 use crate::host::{AgentHost, Host};
 use crate::status::VmEvent;
@@ -24,8 +25,7 @@ pub async fn serve(
         let result = if DrillDesk::expired(&request, SystemTime::now()) {
             Err(format!(
                 "expired: asked at {}, more than {:?} ago; not carried out",
-                request.at,
-                crate::drill::desk::FRESH
+                request.at, FRESH
             ))
         } else if !vms.contains(&&request.vm) {
             Err(format!("{} is not a VM of the applied commit", request.vm))
