@@ -16,8 +16,10 @@
 
 mod chaos;
 mod cluster;
+pub mod console;
 pub mod desk;
 mod modes;
+pub mod poll;
 mod sandbox;
 mod serve;
 
@@ -207,18 +209,12 @@ fn run_rows<C>(
     rows
 }
 
+/// How often the drill looks at what it waits for.
+const POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Polls `cond` every 20 ms until it holds (true) or `timeout` passes (false).
 fn poll_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    poll::poll_every(POLL, "", timeout, || cond().then_some(())).is_ok()
 }
 
 /// Milliseconds from `from` to `to` (0 when `to` is earlier).

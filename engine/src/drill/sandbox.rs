@@ -549,12 +549,9 @@ done
 exit 0
 "#;
 
-/// Polls `cond` every 20 ms until it holds or `timeout` passes.
-pub fn wait(what: &str, timeout: Duration, cond: impl FnMut() -> bool) -> Result<()> {
-    if !super::poll_until(timeout, cond) {
-        bail!("timed out after {timeout:?} waiting for {what}");
-    }
-    Ok(())
+/// Polls `cond` every 20 ms until it holds, or fails after `timeout` naming `what`.
+pub fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+    super::poll::poll_every(super::POLL, what, timeout, || cond().then_some(()))
 }
 
 fn all_pids() -> Vec<i32> {

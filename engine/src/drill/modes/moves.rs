@@ -5,9 +5,9 @@ use std::time::SystemTime;
 use anyhow::Result;
 
 use super::{
-    app_on, boots, find_after, last_tick, ms, the_pid, tick_after, watching, write_app, Sample,
-    APP, STEP,
+    app_on, boots, find_after, ms, the_pid, tick_after, watching, write_app, Sample, APP, STEP,
 };
+use crate::drill::console::last_tick;
 use crate::drill::sandbox::{wait, LogLine, Sandbox, HOSTS};
 
 /// Commits `app` pinned to `to` and waits for the move; returns its `done` line.
