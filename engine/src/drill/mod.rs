@@ -18,6 +18,7 @@ mod chaos;
 mod cluster;
 pub mod console;
 pub mod desk;
+pub mod log;
 mod modes;
 pub mod poll;
 mod sandbox;

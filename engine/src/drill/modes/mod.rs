@@ -13,8 +13,9 @@ pub mod moves;
 mod vm;
 
 use super::console::{boot_count, last_tick};
+use super::log::LogLine;
 use super::ms;
-use super::sandbox::{wait, LogLine, Sandbox};
+use super::sandbox::{wait, Sandbox};
 
 /// The VM most rows act on: `ha`, its disk on shared storage.
 pub const APP: &str = "app";
