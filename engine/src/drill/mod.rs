@@ -13,6 +13,10 @@
 //! a VM's QEMU only through it: the drill files a fault on the [`desk`], the daemon
 //! carries it out ([`serve()`], called by `watch` after each reconcile) and answers there.
 //! Both sides live here; nothing here imports `watch` or `cli` (the layers of `lib.rs`).
+//!
+//! What the sandbox reads back the way the end-to-end tests do is public, and their
+//! harness uses it: the test guest's [`console`], the daemon's JSON [`log`], the
+//! deadline loop ([`poll`]).
 
 mod chaos;
 mod cluster;
