@@ -39,8 +39,10 @@ demo-stop:
 	if [ -n "$$pid" ] && [ "$$(readlink /proc/$$pid/cwd)" = "$$dir" ]; then kill $$pid && echo "stopped QEMU $$pid"; fi
 	rm -rf $(QUICKSTART)/.plasmavmc
 
+# No backtraces in test failures: the error (and what the test tells with it) is the
+# last thing printed, where a CI log that keeps only its head and tail still shows it.
 test: deps guest
-	$(CARGO) test --workspace
+	RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0 $(CARGO) test --workspace
 
 lint:
 	$(CARGO) fmt --all -- --check

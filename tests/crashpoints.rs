@@ -151,6 +151,9 @@ struct Flow<'r> {
     repo: &'r TestRepo,
     watches: Vec<CopyWatch<'r>>,
     copies: Copies,
+    /// The last crash and the apply after it: told with any failure that follows, so
+    /// a red run shows the one crash it is about (not every crash of the flow).
+    last: String,
 }
 
 impl<'r> Flow<'r> {
@@ -159,6 +162,7 @@ impl<'r> Flow<'r> {
             repo,
             watches: vms.iter().map(|vm| CopyWatch::new(repo, vm)).collect(),
             copies,
+            last: "(before the first crash)".to_owned(),
         }
     }
 
@@ -229,8 +233,7 @@ impl<'r> Flow<'r> {
             );
         }
         let again = self.apply(None)?;
-        // Shown when the test fails.
-        println!("=== crash at {point}\n{crashed}\n=== the next apply\n{again}");
+        self.last = format!("=== crash at {point}\n{crashed}\n=== the next apply\n{again}");
         again.expect_code(0).with_context(|| {
             format!("after a crash at {point}, the next apply did not converge\n--- the crashed apply:\n{crashed}")
         })?;
@@ -264,7 +267,7 @@ impl<'r> Flow<'r> {
                     watch.ensure_never_two_running()
                 }
             }
-            .with_context(|| format!("around the crash at {point}"))?;
+            .with_context(|| format!("around the crash at {point}\n{}", self.last))?;
             watch.reset();
         }
         Ok(())
@@ -273,6 +276,11 @@ impl<'r> Flow<'r> {
     /// `vm` runs on `host` alone, as its status and its instance record say, and every
     /// disk file its QEMU was started with is there; returns its pid.
     fn runs_on(&self, host: &str, vm: &str) -> Result<i32> {
+        let checked = self.runs_on_now(host, vm);
+        checked.with_context(|| self.last.clone())
+    }
+
+    fn runs_on_now(&self, host: &str, vm: &str) -> Result<i32> {
         let pid = self.repo.only_on(host, vm)?;
         let record = self.record(host, vm)?;
         ensure!(
@@ -306,6 +314,11 @@ impl<'r> Flow<'r> {
 
     /// `vm` has a stopped instance on `host` and nowhere else, as its status says.
     fn stopped_on(&self, host: &str, vm: &str) -> Result<()> {
+        let checked = self.stopped_on_now(host, vm);
+        checked.with_context(|| self.last.clone())
+    }
+
+    fn stopped_on_now(&self, host: &str, vm: &str) -> Result<()> {
         ensure!(
             self.repo.qemus_of(vm).is_empty(),
             "{vm} should be stopped; QEMUs {:?}",
@@ -334,6 +347,11 @@ impl<'r> Flow<'r> {
 
     /// Waits until `vm`'s guest on `host` booted and counted boot `n` on its disk.
     fn booted(&mut self, host: &str, vm: &str, n: u32) -> Result<()> {
+        let checked = self.booted_now(host, vm, n);
+        checked.with_context(|| self.last.clone())
+    }
+
+    fn booted_now(&mut self, host: &str, vm: &str, n: u32) -> Result<()> {
         let line = format!("disk: boots={n}");
         self.wait(
             &format!("{vm} to boot on {host} and count boot {n} on its disk"),
@@ -352,6 +370,11 @@ impl<'r> Flow<'r> {
     /// Waits until `vm`'s guest on `host` ticks past `seen` without having booted there:
     /// it moved live.
     fn went_on(&mut self, host: &str, vm: &str, seen: u64) -> Result<()> {
+        let checked = self.went_on_now(host, vm, seen);
+        checked.with_context(|| self.last.clone())
+    }
+
+    fn went_on_now(&mut self, host: &str, vm: &str, seen: u64) -> Result<()> {
         self.wait(
             &format!("{vm} ticking past {seen} on {host}"),
             BOOT_TIMEOUT,

@@ -8,15 +8,36 @@ use plasmavmc_specs::{Desired, Diagnostic};
 
 use super::RepoArgs;
 use crate::host::{connect_hosts, AgentHost, ConnectOptions};
-use crate::observe::Observed;
+use crate::observe::{Observed, Unreachable};
+use crate::source::{Source, Target, TargetError};
+use crate::state::StateDir;
+use crate::step::Fleet;
 
-/// The connected hosts, and the ones that could not be reached with the reason.
+/// The hosts one command connected to, and the ones it could not reach with the reason.
 pub struct Hosts {
     pub up: BTreeMap<String, AgentHost>,
     pub down: BTreeMap<String, String>,
+    state: StateDir,
 }
-use crate::source::{Source, Target, TargetError};
-use crate::state::StateDir;
+
+impl Fleet for Hosts {
+    type Host = AgentHost;
+
+    fn hosts(&self) -> &BTreeMap<String, AgentHost> {
+        &self.up
+    }
+
+    /// What the hosts run, plus what is known of the unreachable ones: where each VM
+    /// may be (the whereabouts record), which are fenced.
+    async fn look(&mut self) -> Observed {
+        crate::step::look(
+            self.up.values(),
+            &Unreachable::down(&self.down),
+            &self.state,
+        )
+        .await
+    }
+}
 
 /// The repository and the state directory of one command.
 pub struct Ctx {
@@ -71,18 +92,11 @@ impl Ctx {
         for why in down.values() {
             eprintln!("warning: {why}");
         }
-        Hosts { up, down }
-    }
-
-    /// What the hosts run, plus what is known of the unreachable ones: where each VM was
-    /// last seen (status files, and the creations of an interrupted apply).
-    pub async fn observe(&self, hosts: &Hosts) -> Observed {
-        crate::step::look(
-            hosts.up.values(),
-            &crate::observe::Unreachable::down(&hosts.down),
-            &StateDir::at(&self.state),
-        )
-        .await
+        Hosts {
+            up,
+            down,
+            state: StateDir::at(&self.state),
+        }
     }
 
     /// Prints a note about uncommitted spec changes (they are never used).

@@ -10,13 +10,13 @@ use super::context::Hosts;
 use super::context::{print_invalid, Ctx};
 use super::{RepoArgs, EXIT_CHANGES};
 use crate::execute::journal::JournalFile;
-use crate::execute::{execute_journaled, Outcome, Step};
+use crate::execute::{Outcome, Step};
 use crate::observe::Observed;
-use crate::plan::{plan as make_plan, prune_actions, Plan, SavedPlan};
+use crate::plan::{Plan, SavedPlan};
 use crate::source::Target;
-use crate::state::whereabouts::Whereabouts;
 use crate::state::StateLock;
 use crate::status::StatusDir;
+use crate::step::{carry_out, planned, publish, Fleet as _};
 
 #[derive(Debug, Args)]
 pub struct PlanArgs {
@@ -77,8 +77,8 @@ async fn observe(
 ) -> anyhow::Result<(StateLock, Hosts, Observed)> {
     let state = ctx.state_dir()?;
     let lock = StateLock::acquire(&state.lock_path(), what)?;
-    let hosts = ctx.hosts(&target.desired).await;
-    let observed = ctx.observe(&hosts).await;
+    let mut hosts = ctx.hosts(&target.desired).await;
+    let observed = hosts.look().await;
     Ok((lock, hosts, observed))
 }
 
@@ -125,16 +125,6 @@ pub async fn plan(args: &PlanArgs) -> anyhow::Result<u8> {
     } else {
         0
     })
-}
-
-/// The plan for `target` against `observed`, now; with `prune`, orphans are stopped too.
-fn planned(target: &Target, observed: &Observed, prune: bool) -> Plan {
-    let mut plan = make_plan(&target.desired, observed, crate::time::now_ms());
-    if prune {
-        // Orphans go first: the VMs they block can start in the next run.
-        plan.actions.splice(0..0, prune_actions(observed));
-    }
-    plan
 }
 
 fn print_plan(target: &Target, plan: &Plan) {
@@ -196,7 +186,7 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
         }
     };
     ctx.warn_uncommitted();
-    let (_lock, hosts, observed) = observe(&ctx, &target, "plasmavmc apply").await?;
+    let (_lock, mut hosts, observed) = observe(&ctx, &target, "plasmavmc apply").await?;
     let plan = if let Some(saved) = &saved {
         saved.check(ctx.source.spec_dir(), &observed)?;
         let prune = saved
@@ -216,25 +206,16 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
         }
         plan
     };
-    let journal = JournalFile::new(&ctx.state);
-    let damaged = announce_interrupted(&journal);
+    let damaged = announce_interrupted(&JournalFile::new(&ctx.state));
     let live = show_live(&status);
-    let report = execute_journaled(
-        &plan,
-        &target,
-        &hosts.up,
-        &journal,
-        &Whereabouts::new(&ctx.state),
-        &live,
-        print_step,
+    let outcome = carry_out(
+        &mut hosts, &target, observed, &plan, &state, &live, print_step,
     )
     .await?;
-    let after = ctx.observe(&hosts).await;
-    env!("CARGO_PKG_VERSION").clone_into(&mut engine.version);
-    engine.updated_at = crate::time::now();
-    ctx.source.spec_dir().clone_into(&mut engine.spec_dir);
+    engine.stamp(ctx.source.spec_dir());
     engine.revision_seen = Some(target.commit.id.clone());
-    let mut problems = engine.attempted(&target.commit.id, Some(&report), &plan.pending);
+    let mut problems =
+        engine.attempted(&target.commit.id, outcome.report.as_ref(), &outcome.pending);
     if let Some(why) = damaged {
         // Reported, never ignored: in the status and in the exit code.
         problems = if problems.is_empty() {
@@ -244,9 +225,7 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
         };
         engine.last_error = Some(problems.clone());
     }
-    let mut snap = status.build(engine, Some(&target.desired), &after, Some(&report), &[]);
-    snap.explain_pending(&plan.pending);
-    status.write(&snap)?;
+    publish(&status, engine, Some(&target.desired), &outcome, &[])?;
     if !problems.is_empty() {
         eprintln!(
             "error: commit {} is not fully applied:\n{problems}",

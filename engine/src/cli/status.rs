@@ -7,6 +7,7 @@ use super::context::Ctx;
 use super::RepoArgs;
 use crate::state::{LockError, StateLock};
 use crate::status::{print_table, StatusDir};
+use crate::step::{publish, Fleet as _, Outcome};
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -24,33 +25,34 @@ pub async fn status(args: &StatusArgs) -> anyhow::Result<u8> {
     let snap = match StateLock::acquire(&state.lock_path(), "plasmavmc status") {
         Ok(_lock) => {
             let target = ctx.target()?.ok();
-            let hosts = match &target {
+            let mut hosts = match &target {
                 Some(t) => ctx.hosts(&t.desired).await,
                 None => {
                     ctx.hosts(&plasmavmc_specs::Desired::with_implicit_local())
                         .await
                 }
             };
-            let observed = ctx.observe(&hosts).await;
+            let observed = hosts.look().await;
             let mut engine = dir.read().map(|s| s.engine).unwrap_or_default();
-            engine.updated_at = crate::time::now();
-            env!("CARGO_PKG_VERSION").clone_into(&mut engine.version);
-            ctx.source.spec_dir().clone_into(&mut engine.spec_dir);
-            let mut snap = dir.build(
-                engine,
-                target.as_ref().map(|t| &t.desired),
-                &observed,
-                None,
-                &[],
-            );
+            engine.stamp(ctx.source.spec_dir());
             // What the planner cannot do (no room, a pin to a drained host, ...), in
             // those VMs' messages, as `apply` and `watch` write them.
-            if let Some(t) = &target {
-                let plan = crate::plan::plan(&t.desired, &observed, crate::time::now_ms());
-                snap.explain_pending(&plan.pending);
-            }
-            dir.write(&snap)?;
-            snap
+            let pending = target
+                .as_ref()
+                .map(|t| crate::step::planned(t, &observed, false).pending)
+                .unwrap_or_default();
+            let seen = Outcome {
+                after: observed,
+                pending,
+                ..Outcome::default()
+            };
+            publish(
+                &dir,
+                engine,
+                target.as_ref().map(|t| &t.desired),
+                &seen,
+                &[],
+            )?
         }
         Err(LockError::Held { holder, .. }) => {
             eprintln!("note: {holder} holds the state directory; showing its status files");

@@ -9,14 +9,14 @@ use tracing::{info, warn};
 
 use super::desk::{DrillAnswer, DrillDesk, FRESH};
 use crate::errors::error_chain;
-use crate::host::{AgentHost, Host};
+use crate::host::Host;
 use crate::status::VmEvent;
 
 /// Carries out every waiting request on `hosts`, for VMs of `vms` only; returns the
 /// events to show in those VMs' status.
-pub async fn serve(
+pub async fn serve<H: Host>(
     desk: &DrillDesk,
-    hosts: &BTreeMap<String, AgentHost>,
+    hosts: &BTreeMap<String, H>,
     vms: &[&String],
 ) -> Vec<(String, VmEvent)> {
     let mut events = Vec::new();

@@ -53,6 +53,13 @@ pub struct EngineStatus {
 }
 
 impl EngineStatus {
+    /// Marks this status as written now, by this version, for specs in `spec_dir`.
+    pub fn stamp(&mut self, spec_dir: &str) {
+        self.updated_at = crate::time::now();
+        env!("CARGO_PKG_VERSION").clone_into(&mut self.version);
+        spec_dir.clone_into(&mut self.spec_dir);
+    }
+
     /// Records an attempt to apply `revision` that ended with `report` (none: nothing was
     /// to be done) and left `pending` VMs: applied when nothing failed and nothing is
     /// pending, else the problems, one a line, are the last error. Returns them (empty

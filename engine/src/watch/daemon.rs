@@ -1,6 +1,7 @@
-//! The daemon's state and its one step, `reconcile`.
+//! The daemon's state and its one step, `reconcile`: the step `apply` takes too
+//! ([`crate::step`]), around what is the daemon's own (triggers, timers, the hosts it
+//! keeps connected and fences, adoption, the status branch).
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -10,31 +11,25 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, warn};
 
-use super::health::{self, Health, Limits};
+use super::fleet::{Agents, Connector, Hosts};
+use super::health::Limits;
 use super::triggers::{watch_refs, Trigger};
 use super::WatchConfig;
 use crate::errors::error_chain;
 use crate::execute::journal::JournalFile;
-use crate::execute::{execute_journaled, Report};
-use crate::host::{agent_argv, AgentHost, ConnectOptions, Host};
-use crate::observe::{Observed, Unreachable};
-use crate::plan::{plan, prune_actions};
+use crate::observe::Observed;
 use crate::source::remote::{is_remote, Remote};
 use crate::source::{Source, Target, TargetError};
-use crate::state::fence::FenceRecords;
-use crate::state::whereabouts::Whereabouts;
 use crate::state::{StateDir, StateLock};
 use crate::status::{EngineStatus, StatusDir, VmEvent};
+use crate::step::{carry_out, planned, publish, Fleet as _, Outcome};
 use crate::time::now_ms;
 use crate::wire::HostEvent;
-
-/// The soonest a failed action is retried.
-const RETRY_FLOOR_MS: u64 = 1000;
 
 /// How long a `git fetch` of a remote may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(60);
 
-struct Daemon {
+pub(super) struct Daemon<C: Connector> {
     cfg: WatchConfig,
     source: Source,
     remote: Option<Remote>,
@@ -45,52 +40,43 @@ struct Daemon {
     state: StateDir,
     _lock: StateLock,
     status: StatusDir,
-    journal: JournalFile,
     /// The newest valid commit.
     target: Option<Target>,
     /// The newest commit seen, when it is invalid.
     bad: Option<String>,
-    /// Connected hosts.
-    hosts: BTreeMap<String, AgentHost>,
-    /// The agent argv each connected host was reached with.
-    host_argv: BTreeMap<String, Vec<String>>,
-    /// Hosts of the specs that could not be reached, and why.
-    down: BTreeMap<String, String>,
-    /// Connected hosts that were suspect (missed heartbeats) at the last observation.
-    suspect: Vec<String>,
-    /// What the last plan could not do (`vm: why`), shown in those VMs' status.
-    pending: Vec<crate::plan::Pending>,
-    /// Since when each unreachable host has been away, and when it was last fenced at.
-    away_since: BTreeMap<String, std::time::Instant>,
-    fence_tried: BTreeMap<String, std::time::Instant>,
-    /// Heartbeat interval and the silence after which a host is down.
-    heartbeat: Duration,
-    down_after: Duration,
+    /// The hosts, connected or away.
+    pub(super) fleet: Hosts<C>,
     engine: EngineStatus,
+    /// Why the journal of an interrupted apply could not be read, until the status says
+    /// so once.
+    damaged_journal: Option<String>,
     /// Status events not written yet.
     events: Vec<(String, VmEvent)>,
-    wake_at_ms: Option<u64>,
+    pub(super) wake_at_ms: Option<u64>,
     adopted: bool,
-    tx: UnboundedSender<Trigger>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(cfg: WatchConfig) -> anyhow::Result<()> {
     let (tx, mut rx) = unbounded_channel();
-    let (mut daemon, _ref_watcher) = Daemon::open(cfg, tx).await?;
+    let (mut daemon, _ref_watcher) = Daemon::open(cfg, tx, |state| Agents {
+        state: state.clone(),
+    })
+    .await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut hup = signal(SignalKind::hangup())?;
     let mut timer = tokio::time::interval(daemon.cfg.interval);
     timer.set_missed_tick_behavior(MissedTickBehavior::Delay);
     timer.tick().await;
-    let mut health = tokio::time::interval(daemon.heartbeat);
+    let heartbeat = |d: &Daemon<Agents>| d.fleet.limits.interval;
+    let mut health = tokio::time::interval(heartbeat(&daemon));
     health.set_missed_tick_behavior(MissedTickBehavior::Delay);
     daemon.step(vec![Trigger::Startup]).await;
     loop {
-        if health.period() != daemon.heartbeat {
+        if health.period() != heartbeat(&daemon) {
             // [heartbeat] interval comes from the commit: follow it.
-            health = tokio::time::interval(daemon.heartbeat);
+            health = tokio::time::interval(heartbeat(&daemon));
             health.set_missed_tick_behavior(MissedTickBehavior::Delay);
         }
         let wake = daemon
@@ -102,7 +88,7 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<()> {
             _ = hup.recv() => Trigger::Signal,
             _ = timer.tick() => Trigger::Timer,
             _ = health.tick() => {
-                if !daemon.health_changed() {
+                if !daemon.fleet.health_changed() {
                     continue;
                 }
                 Trigger::Health
@@ -120,10 +106,13 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-impl Daemon {
-    async fn open(
+impl<C: Connector> Daemon<C> {
+    /// Opens the repository and the state directory (taking its lock); `connector`
+    /// makes how hosts are reached, given the state directory.
+    pub(super) async fn open(
         cfg: WatchConfig,
         tx: UnboundedSender<Trigger>,
+        connector: impl FnOnce(&StateDir) -> C,
     ) -> anyhow::Result<(Self, Option<notify::RecommendedWatcher>)> {
         let remote_url = is_remote(&cfg.repo);
         let state_root = match (&cfg.state_dir, remote_url) {
@@ -184,18 +173,24 @@ impl Daemon {
                 None
             }
         });
-        let journal = JournalFile::new(state.root());
-        match journal.before_run() {
-            Ok(Some(what)) => warn!(journal = %what, "resuming after an interrupted apply"),
-            Ok(None) => {}
-            Err(why) => error!(%why, "the apply journal is damaged"),
-        }
+        let damaged_journal = match JournalFile::new(state.root()).before_run() {
+            Ok(Some(what)) => {
+                warn!(journal = %what, "resuming after an interrupted apply");
+                None
+            }
+            Ok(None) => None,
+            Err(why) => {
+                error!(%why, "the apply journal is damaged");
+                Some(why)
+            }
+        };
         info!(repo = %cfg.repo, branch = %branch, state = %state.root().display(), pid = std::process::id(), "watching");
         let follows = if remote_url {
             cfg.repo.clone()
         } else {
             source.canonical_git_dir()
         };
+        let fleet = Hosts::new(connector(&state), state.clone(), tx);
         let daemon = Self {
             rev: format!("refs/heads/{branch}"),
             follows,
@@ -205,29 +200,20 @@ impl Daemon {
             state,
             _lock: lock,
             status,
-            journal,
             target,
             bad: None,
-            hosts: BTreeMap::new(),
-            host_argv: BTreeMap::new(),
-            down: BTreeMap::new(),
-            suspect: Vec::new(),
-            pending: Vec::new(),
-            away_since: BTreeMap::new(),
-            fence_tried: BTreeMap::new(),
-            heartbeat: Duration::from_secs(1),
-            down_after: Duration::from_secs(5),
+            fleet,
             engine,
+            damaged_journal,
             events: Vec::new(),
             wake_at_ms: None,
             adopted: false,
-            tx,
         };
         Ok((daemon, watcher))
     }
 
     /// Records what the triggers tell (host events) and reconciles once.
-    async fn step(&mut self, triggers: Vec<Trigger>) {
+    pub(super) async fn step(&mut self, triggers: Vec<Trigger>) {
         let mut name = triggers.first().map_or("timer", Trigger::name);
         for t in &triggers {
             if let Trigger::Host(HostEvent::Exited {
@@ -266,7 +252,7 @@ impl Daemon {
         if let Some(target) = &self.target {
             let vms: Vec<&String> = target.desired.vms.keys().collect();
             let desk = crate::drill::DrillDesk::new(self.state.root());
-            let events = crate::drill::serve(&desk, &self.hosts, &vms).await;
+            let events = crate::drill::serve(&desk, self.fleet.connected(), &vms).await;
             self.events.extend(events);
         }
     }
@@ -280,254 +266,81 @@ impl Daemon {
         let id = self.source.resolve(&self.rev)?;
         info!(trigger, revision = %short(&id), "reconcile");
         let mut changed = self.load(&id);
-        let Some(target) = &self.target else {
+        let Some(target) = self.target.clone() else {
             // Nothing valid was ever applied here: report what runs, act on nothing.
-            self.ensure_hosts(&plasmavmc_specs::Desired::with_implicit_local())
+            self.fleet
+                .ensure(&plasmavmc_specs::Desired::with_implicit_local())
                 .await;
-            let observed = self.observe().await;
-            self.write_status(None, None, &observed, changed)?;
-            return Ok(());
+            let seen = Outcome {
+                after: self.fleet.look().await,
+                ..Outcome::default()
+            };
+            return self.publish(None, &seen, changed);
         };
-        let desired = target.desired.clone();
-        self.heartbeat = desired.cluster.heartbeat.interval.0;
-        self.down_after = desired.cluster.heartbeat.down_after.0;
-        self.ensure_hosts(&desired).await;
-        self.fence_away_hosts(&desired).await;
-        let observed = self.observe().await;
-        if !self.adopted {
-            self.adopted = true;
-            for (name, vm) in observed
-                .hosts
-                .values()
-                .flat_map(|inv| inv.vms.iter())
-                .filter(|(_, v)| v.state.has_process())
-            {
-                let pid = vm.pid.unwrap_or(0);
-                info!(vm = %name, pid, "adopted");
-                self.events.push((
-                    name.clone(),
-                    event("adopted", format!("QEMU pid {pid} adopted; not restarted")),
-                ));
-            }
-        }
-        let target = self.target.clone().expect("checked above");
-        let mut plan = plan(&target.desired, &observed, now_ms());
-        self.pending.clone_from(&plan.pending);
-        if self.cfg.prune {
-            plan.actions.splice(0..0, prune_actions(&observed));
-        }
-        self.wake_at_ms = plan.wake_at_ms;
+        let heartbeat = &target.desired.cluster.heartbeat;
+        self.fleet.limits = Limits {
+            interval: heartbeat.interval.0,
+            down_after: heartbeat.down_after.0,
+        };
+        self.fleet.ensure(&target.desired).await;
+        self.fleet.fence_away(&target.desired).await;
+        let observed = self.fleet.look().await;
+        self.adopt(&observed);
+        let plan = planned(&target, &observed, self.cfg.prune);
         for note in &plan.notes {
             debug!(%note, "plan note");
         }
-        let (report, after) = if plan.is_empty() {
-            (None, observed)
-        } else {
-            changed = true;
-            let status = &self.status;
-            let live = |vm: &str, what: &str| {
-                info!(vm, %what, "in progress");
-                if let Err(e) = status.set_migrating(vm, what) {
-                    warn!(vm, error = %e, "cannot show progress in the status");
-                }
-            };
-            let report = execute_journaled(
-                &plan,
-                &target,
-                &self.hosts,
-                &self.journal,
-                &Whereabouts::new(self.state.root()),
-                &live,
-                |_| {},
-            )
-            .await?;
-            let after = self.observe().await;
-            // Acting changes what comes next (a failed start records an exit and starts a
-            // backoff): plan again to know when to wake. Actions still due mean something
-            // failed; retry in a second, never in a tight loop.
-            let next = crate::plan::plan(&target.desired, &after, now_ms());
-            self.wake_at_ms = if next.is_empty() {
-                next.wake_at_ms
-            } else {
-                Some(now_ms() + RETRY_FLOOR_MS)
-            };
-            // What is left undone is what the hosts show now (a start refused for good
-            // is pending only after it was tried).
-            self.pending = next.pending;
-            (Some(report), after)
+        changed |= !plan.is_empty();
+        let status = &self.status;
+        let live = |vm: &str, what: &str| {
+            info!(vm, %what, "in progress");
+            if let Err(e) = status.set_migrating(vm, what) {
+                warn!(vm, error = %e, "cannot show progress in the status");
+            }
         };
+        let outcome = carry_out(
+            &mut self.fleet,
+            &target,
+            observed,
+            &plan,
+            &self.state,
+            &live,
+            |_| {},
+        )
+        .await?;
+        self.wake_at_ms = outcome.wake_at_ms;
         if self.bad.is_none() {
-            self.engine.attempted(&id, report.as_ref(), &self.pending);
+            self.engine
+                .attempted(&id, outcome.report.as_ref(), &outcome.pending);
+        }
+        if let Some(why) = self.damaged_journal.take() {
+            // Said once in the status, as `apply` does (and logged at startup).
+            let error = self.engine.last_error.take();
+            self.engine.last_error = Some(error.map_or(why.clone(), |e| format!("{why}\n{e}")));
         }
         changed |= !self.events.is_empty();
-        self.write_status(Some(&target), report.as_ref(), &after, changed)
+        self.publish(Some(&target), &outcome, changed)
     }
 
-    fn limits(&self) -> Limits {
-        Limits {
-            interval: self.heartbeat,
-            down_after: self.down_after,
+    /// The first look of this daemon: every QEMU found running is adopted (never
+    /// restarted), and says so in its VM's events.
+    fn adopt(&mut self, observed: &Observed) {
+        if std::mem::replace(&mut self.adopted, true) {
+            return;
         }
-    }
-
-    /// What the ready hosts run, plus what is known of the others (unreachable and
-    /// suspect hosts, where each VM was last seen). Suspect hosts are not asked: a call
-    /// to a silent agent would only wait.
-    async fn observe(&mut self) -> Observed {
-        let health::Triage {
-            ready,
-            suspect,
-            down,
-        } = health::triage(&self.hosts, self.limits());
-        for (host, s) in &suspect {
-            if !self.suspect.contains(host) {
-                warn!(host = %host, why = %s.why, "host suspect: missed heartbeats; its VMs are unknown until it answers");
-            }
+        for (name, vm) in observed
+            .hosts
+            .values()
+            .flat_map(|inv| inv.vms.iter())
+            .filter(|(_, v)| v.state.has_process())
+        {
+            let pid = vm.pid.unwrap_or(0);
+            info!(vm = %name, pid, "adopted");
+            self.events.push((
+                name.clone(),
+                event("adopted", format!("QEMU pid {pid} adopted; not restarted")),
+            ));
         }
-        for host in &self.suspect {
-            if !suspect.contains_key(host) && self.hosts.contains_key(host) {
-                info!(host = %host, "host answers again; ready");
-            }
-        }
-        self.suspect = suspect.keys().cloned().collect();
-        // A host that went down after `ensure_hosts` looked (during the actions) is not
-        // asked, and says why: its VMs are unknown, never "gone".
-        let mut down = down;
-        down.extend(self.down.clone());
-        let unreachable = Unreachable { down, suspect };
-        crate::step::look(ready, &unreachable, &self.state).await
-    }
-
-    /// Whether host health calls for a reconcile: a connected host closed or went silent
-    /// past `down_after`, one entered or left `suspect`, or an unreachable one is due for
-    /// fencing.
-    fn health_changed(&self) -> bool {
-        let limits = self.limits();
-        let lost = self.hosts.values().any(|h| limits.of(h) == Health::Down);
-        let suspect_changed = health::suspects(&self.hosts, limits) != self.suspect;
-        let fence_due = self.away_since.iter().any(|(host, since)| {
-            since.elapsed() >= self.down_after
-                && self
-                    .fence_tried
-                    .get(host)
-                    .is_none_or(|t| t.elapsed() >= self.down_after)
-        });
-        lost || suspect_changed || fence_due
-    }
-
-    /// Runs the `fence` command of every host away for `down_after` that is not fenced
-    /// yet; exit 0 records it as fenced. Retried every `down_after`, never in a loop.
-    async fn fence_away_hosts(&mut self, desired: &plasmavmc_specs::Desired) {
-        let records = FenceRecords::new(self.state.root());
-        let fenced = records.all();
-        for (host, since) in self.away_since.clone() {
-            let Some(argv) = desired.hosts.get(&host).and_then(|h| h.spec.fence.clone()) else {
-                // Nothing to run: the operator decides (`fence confirm`). Throttle the
-                // health check's "fence due" for this host all the same.
-                self.fence_tried
-                    .insert(host.clone(), std::time::Instant::now());
-                continue;
-            };
-            let due = since.elapsed() >= self.down_after
-                && self
-                    .fence_tried
-                    .get(&host)
-                    .is_none_or(|t| t.elapsed() >= self.down_after);
-            if fenced.contains_key(&host) {
-                // Nothing to run any more; throttle the health check's "fence due" all
-                // the same, or a fenced host would cost a reconcile (and a reconnection
-                // attempt) at every heartbeat until it returns.
-                self.fence_tried
-                    .insert(host.clone(), std::time::Instant::now());
-                continue;
-            }
-            if !due {
-                continue;
-            }
-            self.fence_tried
-                .insert(host.clone(), std::time::Instant::now());
-            warn!(host = %host, command = ?argv, "host down; fencing it");
-            match run_fence(&argv).await {
-                Ok(()) => {
-                    if let Err(e) = records.record(&host, "fence command") {
-                        error!(host = %host, error = %error_chain(&e), "cannot record the fencing");
-                    } else {
-                        info!(host = %host, "fenced");
-                    }
-                }
-                Err(why) => warn!(host = %host, %why, "fence command failed; its VMs stay unknown"),
-            }
-        }
-    }
-
-    /// Keeps one agent connection per host of `desired`: new hosts and broken channels are
-    /// (re)connected, hosts gone from the specs are dropped (their agents exit).
-    async fn ensure_hosts(&mut self, desired: &plasmavmc_specs::Desired) {
-        let limits = self.limits();
-        // When each dropped host was last heard from: its `down_after` (and so its
-        // fencing) counts from there, not from when this engine gave up on it.
-        let mut last_heard = BTreeMap::new();
-        self.hosts.retain(|name, host| {
-            let keep = desired.hosts.contains_key(name) && limits.of(host) != Health::Down;
-            if !keep {
-                // Hang up for real: a silent (partitioned) agent must see EOF when it
-                // wakes, release its root and exit, so the host can rejoin.
-                host.close();
-                let heard = std::time::Instant::now()
-                    .checked_sub(host.silence())
-                    .unwrap_or_else(std::time::Instant::now);
-                last_heard.insert(name.clone(), heard);
-            }
-            keep
-        });
-        self.host_argv
-            .retain(|name, _| self.hosts.contains_key(name));
-        self.down.clear();
-        for entry in desired.hosts.values() {
-            let argv = match agent_argv(entry, &self.state) {
-                Ok(argv) => argv,
-                Err(e) => {
-                    self.down.insert(entry.name.clone(), error_chain(&e));
-                    warn!(host = %entry.name, error = %error_chain(&e), "cannot reach host");
-                    continue;
-                }
-            };
-            if self.host_argv.get(&entry.name) == Some(&argv) {
-                continue;
-            }
-            let opts = ConnectOptions {
-                heartbeat: self.heartbeat,
-                down_after: self.down_after,
-                ..ConnectOptions::default()
-            };
-            match AgentHost::connect(&entry.name, &argv, opts).await {
-                Ok(host) => {
-                    info!(host = %entry.name, hostname = %host.facts().hostname, "connected to the agent");
-                    forward_events(&host, self.tx.clone());
-                    self.hosts.insert(entry.name.clone(), host);
-                    self.host_argv.insert(entry.name.clone(), argv);
-                }
-                Err(e) => {
-                    self.hosts.remove(&entry.name);
-                    self.host_argv.remove(&entry.name);
-                    warn!(host = %entry.name, error = %error_chain(&e), "host unreachable");
-                    self.down.insert(entry.name.clone(), error_chain(&e));
-                }
-            }
-        }
-        let now = std::time::Instant::now();
-        for name in desired.hosts.keys() {
-            if self.hosts.contains_key(name) {
-                self.away_since.remove(name);
-                self.fence_tried.remove(name);
-            } else {
-                self.away_since
-                    .entry(name.clone())
-                    .or_insert_with(|| last_heard.get(name).copied().unwrap_or(now));
-            }
-        }
-        self.away_since
-            .retain(|name, _| desired.hosts.contains_key(name));
     }
 
     /// Reads commit `id` unless already known; an invalid commit keeps the last good one.
@@ -563,28 +376,25 @@ impl Daemon {
         true
     }
 
-    fn write_status(
+    /// Writes the status files (and commits them to the status branch when asked and
+    /// something `changed`).
+    fn publish(
         &mut self,
         target: Option<&Target>,
-        report: Option<&Report>,
-        observed: &Observed,
+        outcome: &Outcome,
         changed: bool,
     ) -> anyhow::Result<()> {
-        self.engine.updated_at = crate::time::now();
-        env!("CARGO_PKG_VERSION").clone_into(&mut self.engine.version);
+        self.engine.stamp(self.source.spec_dir());
         self.engine.repo = Some(self.follows.clone());
         self.engine.branch = self.rev.strip_prefix("refs/heads/").map(str::to_owned);
-        self.source.spec_dir().clone_into(&mut self.engine.spec_dir);
         let events = std::mem::take(&mut self.events);
-        let mut snap = self.status.build(
+        publish(
+            &self.status,
             self.engine.clone(),
             target.map(|t| &t.desired),
-            observed,
-            report,
+            outcome,
             &events,
-        );
-        snap.explain_pending(&self.pending);
-        self.status.write(&snap)?;
+        )?;
         if let (Some(branch), true) = (&self.cfg.status_branch, changed) {
             let revision = self.engine.revision_seen.as_deref().map_or("-", short);
             let message = format!("status: commit {revision}");
@@ -599,48 +409,6 @@ impl Daemon {
         }
         Ok(())
     }
-}
-
-/// Runs a fence command (argv, no shell); `Ok` when it exits 0 within a minute.
-async fn run_fence(argv: &[String]) -> Result<(), String> {
-    let (program, rest) = argv.split_first().ok_or("empty fence command")?;
-    let child = tokio::process::Command::new(program)
-        .args(rest)
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output();
-    match tokio::time::timeout(Duration::from_secs(60), child).await {
-        Err(_) => Err("timed out after 60s".to_owned()),
-        Ok(Err(e)) => Err(format!("cannot run {program}: {e}")),
-        Ok(Ok(out)) if out.status.success() => Ok(()),
-        Ok(Ok(out)) => Err(format!(
-            "{}: {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )),
-    }
-}
-
-/// Forwards a host's events into the trigger channel, until the host is dropped.
-fn forward_events(host: &AgentHost, tx: UnboundedSender<Trigger>) {
-    let mut events = host.subscribe();
-    tokio::spawn(async move {
-        loop {
-            let trigger = match events.recv().await {
-                // Exits the engine asked for are its own doing, progress is only shown:
-                // nothing to react to.
-                Ok(HostEvent::Exited { expected: true, .. } | HostEvent::Migrating { .. }) => {
-                    continue
-                }
-                Ok(e) => Trigger::Host(e),
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Trigger::Timer,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
-            };
-            if tx.send(trigger).is_err() {
-                break;
-            }
-        }
-    });
 }
 
 fn event(kind: &str, message: String) -> VmEvent {

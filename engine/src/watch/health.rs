@@ -1,7 +1,7 @@
 //! Host health as the daemon sees it, from each agent connection: how long since its
 //! last frame (pongs included) and whether its channel closed.
 //!
-//! In: the connected [`AgentHost`]s and `[heartbeat]` (`interval`, `down_after`). Out:
+//! In: the connected hosts ([`Link`]s) and `[heartbeat]` (`interval`, `down_after`). Out:
 //! each host's [`Health`], and the split the daemon observes with: the hosts to ask
 //! for their inventory, and the suspect and down ones (never asked, with why).
 //!
@@ -21,7 +21,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use crate::host::AgentHost;
+use super::fleet::Link;
 use crate::observe::Suspect;
 use crate::time::now_ms;
 
@@ -56,16 +56,16 @@ impl Limits {
     }
 
     /// The health of `host` now.
-    pub fn of(self, host: &AgentHost) -> Health {
+    pub fn of(self, host: &impl Link) -> Health {
         self.judge(host.is_closed(), host.silence())
     }
 }
 
 /// How the connected hosts stand right now.
-#[derive(Debug, Default)]
-pub struct Triage<'a> {
+#[derive(Debug)]
+pub struct Triage<'a, L> {
     /// The ones to ask for their inventory.
-    pub ready: Vec<&'a AgentHost>,
+    pub ready: Vec<&'a L>,
     /// The ones that missed heartbeats, with why (not asked).
     pub suspect: BTreeMap<String, Suspect>,
     /// The ones that went down since the daemon last dropped its down hosts, with why
@@ -74,8 +74,12 @@ pub struct Triage<'a> {
 }
 
 /// Splits the connected hosts into ready, suspect and down ones.
-pub fn triage(hosts: &BTreeMap<String, AgentHost>, limits: Limits) -> Triage<'_> {
-    let mut out = Triage::default();
+pub fn triage<L: Link>(hosts: &BTreeMap<String, L>, limits: Limits) -> Triage<'_, L> {
+    let mut out = Triage {
+        ready: Vec::new(),
+        suspect: BTreeMap::new(),
+        down: BTreeMap::new(),
+    };
     for (name, host) in hosts {
         match limits.of(host) {
             Health::Ready => out.ready.push(host),
@@ -100,10 +104,10 @@ pub fn triage(hosts: &BTreeMap<String, AgentHost>, limits: Limits) -> Triage<'_>
 }
 
 /// The names of the suspect hosts among `hosts`.
-pub fn suspects(hosts: &BTreeMap<String, AgentHost>, limits: Limits) -> Vec<String> {
+pub fn suspects<L: Link>(hosts: &BTreeMap<String, L>, limits: Limits) -> Vec<String> {
     hosts
         .iter()
-        .filter(|(_, h)| matches!(limits.of(h), Health::Suspect { .. }))
+        .filter(|(_, h)| matches!(limits.of(*h), Health::Suspect { .. }))
         .map(|(name, _)| name.clone())
         .collect()
 }

@@ -14,7 +14,10 @@
 //! ```
 
 mod daemon;
+mod fleet;
 mod health;
+#[cfg(test)]
+mod tests;
 mod triggers;
 
 use std::path::PathBuf;
