@@ -1,5 +1,6 @@
 //! Cluster settings: the optional `plasmavmc.toml` at the top of the spec folder.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use schemars::JsonSchema;
@@ -24,6 +25,22 @@ pub struct ClusterSpec {
     /// How VMs move between hosts (live migration tuning and bounds).
     #[serde(default)]
     pub migration: MigrationSettings,
+    /// The networks VMs may be put on besides `user`, by name (`[networks.lan]`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub networks: BTreeMap<String, NetworkDef>,
+}
+
+/// A network: a Linux bridge of the same name on every host that has it (hosts list
+/// theirs in `networks = [...]`). Each NIC on it gets a tap on that bridge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkDef {
+    /// The bridge's name on each host (at most 15 characters, as Linux allows).
+    pub bridge: String,
+    /// An 802.1Q VLAN tag for the VMs' taps (the bridge must filter VLANs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4094))]
+    pub vlan: Option<u16>,
 }
 
 /// Live migration tuning. QEMU's own defaults (128 MiB/s, no auto-converge) make

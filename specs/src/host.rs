@@ -57,6 +57,10 @@ pub struct HostSpec {
     /// Name of the shared storage pool this host belongs to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage_pool: Option<String>,
+    /// The networks of `plasmavmc.toml` this host has (their bridges exist here; the
+    /// agent checks). VMs with a NIC on a network are placed only on hosts that have it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub networks: Vec<String>,
     /// Fencing command (argv); exit 0 means the host is powered off.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence: Option<Vec<String>>,
@@ -99,6 +103,7 @@ impl HostSpec {
             state: HostState::Active,
             shared_storage: None,
             storage_pool: None,
+            networks: Vec::new(),
             fence: None,
             accel: Accel::Auto,
             migration_address: None,

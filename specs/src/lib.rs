@@ -16,14 +16,14 @@ pub mod schema;
 pub mod vm;
 
 pub use cluster::{
-    ClusterSpec, HeartbeatSettings, HumanDuration, MigrationSettings, PlacementSettings,
-    RestartSettings, Timeouts,
+    ClusterSpec, HeartbeatSettings, HumanDuration, MigrationSettings, NetworkDef,
+    PlacementSettings, RestartSettings, Timeouts,
 };
 pub use diag::{Diagnostic, Seg};
 pub use host::{HostSpec, HostState, LOCAL_HOST};
 pub use load::{load, short_hash, spec_hash, Desired, HostEntry, SourceFile, VmEntry};
 pub use name::name_problem;
 pub use vm::{
-    Accel, Boot, Disk, Forward, MigrationPolicy, Network, Nic, Power, QemuSettings, RestartPolicy,
-    Storage, VmSpec,
+    derived_mac, Accel, Boot, Disk, Forward, MigrationPolicy, Network, Nic, Power, QemuSettings,
+    RestartPolicy, Storage, VmSpec,
 };

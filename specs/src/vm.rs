@@ -173,22 +173,75 @@ pub enum Storage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Nic {
-    /// Network kind. Only user-mode networking (`user`) exists so far.
+    /// `user` (QEMU user-mode networking: outbound access and port forwards), or a
+    /// network declared in `plasmavmc.toml` (`[networks.NAME]`: a bridge on each host
+    /// that has it).
     #[serde(default)]
     pub network: Network,
+    /// The NIC's MAC address, unicast and unique in the repository. Default: derived
+    /// from the VM's name and the NIC's index (locally administered, `52:54:…`), so it
+    /// never changes across restarts, recoveries and moves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
     /// Port forwards from the host to the guest: `"tcp:HOSTPORT:GUESTPORT"` or
-    /// `"udp:HOSTPORT:GUESTPORT"`.
+    /// `"udp:HOSTPORT:GUESTPORT"` (`user` networks only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forward: Vec<String>,
 }
 
-/// Network kind.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-#[serde(rename_all = "kebab-case")]
-pub enum Network {
-    /// QEMU user-mode networking (slirp): outbound access and port forwards.
-    #[default]
-    User,
+impl Nic {
+    /// The MAC of this NIC, the `index`th of VM `vm`: the one given, or the derived one.
+    pub fn mac_of(&self, vm: &str, index: usize) -> String {
+        self.mac.clone().unwrap_or_else(|| derived_mac(vm, index))
+    }
+}
+
+/// The MAC a NIC gets when its spec names none: `52:54` (locally administered,
+/// unicast; QEMU's own prefix) and four bytes of SHA-256 of the VM's name and the NIC's
+/// index. Stable for as long as the VM keeps its name.
+pub fn derived_mac(vm: &str, index: usize) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(format!("plasmavmc nic {vm} {index}").as_bytes());
+    format!(
+        "52:54:{:02x}:{:02x}:{:02x}:{:02x}",
+        digest[0], digest[1], digest[2], digest[3]
+    )
+}
+
+/// The network a NIC is on: `user`, or the name of a declared network.
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(transparent)]
+pub struct Network(pub String);
+
+impl Network {
+    /// QEMU user-mode networking (slirp), which every host has.
+    pub const USER: &'static str = "user";
+
+    pub fn user() -> Self {
+        Self(Self::USER.to_owned())
+    }
+
+    pub fn is_user(&self) -> bool {
+        self.0 == Self::USER
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Self::user()
+    }
+}
+
+impl std::fmt::Display for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 /// QEMU settings.
@@ -206,6 +259,11 @@ pub struct QemuSettings {
     /// setups that need QEMU to spawn helpers (e.g. `qemu-bridge-helper`).
     #[serde(default = "default_true")]
     pub sandbox: bool,
+    /// The guest's CPU model: a QEMU CPU model name (`x86-64-v2`, `Skylake-Server`, …)
+    /// or `host` (the host's own CPU: fastest, but it moves live only between hosts
+    /// with the same CPU). Default: `host` under KVM, QEMU's default under TCG.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
     /// Drop to this user once QEMU has set up (`-runas`): it opens disks, sockets and logs
     /// as the agent's user, then runs as this one. Needs an agent running as root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -226,6 +284,7 @@ impl Default for QemuSettings {
             accel: Accel::default(),
             machine: default_machine(),
             sandbox: true,
+            cpu: None,
             runas: None,
             chroot: None,
         }

@@ -213,7 +213,7 @@ async fn handle(host: &LocalHost, store: &FileStore, request: Request) -> Result
     let done = |()| Reply::Done;
     match request {
         Request::Inventory => reply(host.inventory().await, |inventory| Reply::Inventory {
-            inventory,
+            inventory: Box::new(inventory),
         }),
         Request::Create { vm } => reply(host.create(&vm).await, done),
         Request::Recover { vm } => reply(host.recover(&vm).await, done),

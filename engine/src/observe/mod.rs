@@ -163,6 +163,26 @@ pub struct Inventory {
     pub retained: Vec<Retained>,
     /// vCPUs and memory the host has (what it reports).
     pub capacity: Capacity,
+    /// The Linux bridges that exist on the host: a network is usable there only when
+    /// its bridge is among them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bridges: Vec<String>,
+    /// The host's CPU and the QEMU CPU models it can run (none: not reported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<HostCpu>,
+}
+
+/// A host's CPU, as its agent reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostCpu {
+    /// The CPU's model name (`/proc/cpuinfo`).
+    pub model: String,
+    /// SHA-256 (hex) of the CPU's vendor, model name and flags: VMs with `cpu = "host"`
+    /// move live only between hosts of equal digests.
+    pub digest: String,
+    /// The QEMU CPU models this host can run (`query-cpu-definitions`, usable ones).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
 }
 
 impl Inventory {

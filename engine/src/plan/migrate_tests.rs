@@ -60,6 +60,8 @@ fn world(vms: Vec<(&str, ObservedVm)>) -> Observed {
         .iter()
         .map(|h| {
             let inv = Inventory {
+                bridges: Vec::new(),
+                cpu: None,
                 capacity: Capacity {
                     vcpus: 8,
                     memory_mb: 4096,

@@ -207,6 +207,8 @@ mod tests {
                 (
                     (*n).to_owned(),
                     Inventory {
+                        bridges: Vec::new(),
+                        cpu: None,
                         capacity: Capacity {
                             vcpus: *vcpus,
                             memory_mb: *memory_mb,

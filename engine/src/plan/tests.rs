@@ -43,6 +43,8 @@ fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
 
 fn observed(vms: Vec<ObservedVm>) -> Observed {
     let inv = Inventory {
+        bridges: Vec::new(),
+        cpu: None,
         vms: vms.into_iter().map(|v| (v.name.clone(), v)).collect(),
         capacity: crate::observe::Capacity {
             vcpus: 8,

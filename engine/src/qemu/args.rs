@@ -157,7 +157,8 @@ mod tests {
             storage: plasmavmc_specs::Storage::Auto,
         }];
         spec.nics = vec![Nic {
-            network: plasmavmc_specs::Network::User,
+            network: plasmavmc_specs::Network::user(),
+            mac: None,
             forward: vec!["tcp:2222:22".into()],
         }];
         InstanceFile {

@@ -147,6 +147,8 @@ impl Host for Fake {
     }
     async fn inventory(&self) -> Result<Inventory, HostError> {
         Ok(Inventory {
+            bridges: Vec::new(),
+            cpu: None,
             vms: self.0.vms.lock().expect("vms").clone(),
             orphans: Vec::new(),
             retained: Vec::new(),

@@ -177,7 +177,7 @@ impl Request {
 pub enum Reply {
     Done,
     Inventory {
-        inventory: Inventory,
+        inventory: Box<Inventory>,
     },
     Pid {
         pid: u32,
@@ -352,7 +352,7 @@ from_reply!(Option<PathBuf>, Reply::Deleted { retained } => retained);
 from_reply!(Incoming, Reply::Incoming { incoming } => incoming);
 from_reply!(Stats, Reply::Migrated { stats } => stats);
 from_reply!(DiskChunk, Reply::DiskChunk { chunk } => chunk);
-from_reply!(Inventory, Reply::Inventory { inventory } => inventory);
+from_reply!(Inventory, Reply::Inventory { inventory } => *inventory);
 
 #[cfg(test)]
 mod tests {

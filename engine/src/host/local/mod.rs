@@ -4,27 +4,33 @@
 //! folder, so a restarted engine (or a second one after the first died) sees the same
 //! truth. The power state is written to `instance.toml` *before* acting, so a stop the
 //! engine asked for is never mistaken for a crash, and a crash mid-start is visible.
+//!
+//! One concern a file: `folder` (create, recover, update, delete: the folder and its
+//! record, never QEMU), `disks` (disk files made, grown, retained, checked for another
+//! QEMU's lock), `start` (spawning QEMU; a failed start recorded as an exit), `stop`
+//! (ending QEMU on order, and the drill's faults), `inventory` (what runs here, orphan
+//! QEMUs), `migrate` (live and cold migration, discarding a copy left behind). This file
+//! holds the host and the instance-record helpers they all use; `impl Host` only
+//! delegates, each `Host::x` to the `x_here` of its file (documented on the trait).
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use plasmavmc_specs::Power;
-use tracing::{debug, info, warn};
-
+mod disks;
+mod folder;
+mod inventory;
 mod migrate;
+mod start;
+mod stop;
+
+pub use inventory::local_capacity;
 
 use super::monitor::Monitor;
 use super::{Host, HostError};
-use crate::failpoint::failpoint;
-use crate::observe::{Capacity, Inventory, ObservedVm, Orphan, Retained, RunState};
-use crate::qemu::args::{qemu_args, Accel};
-use crate::qemu::exit::{ExitReason, ExitRecord};
-use crate::qemu::instance::{
-    self, InstanceDir, InstanceFile, VmInstance, QEMU_LOG, QMP_SOCKET, SERIAL_LOG,
-};
-use crate::qemu::{img, process};
+use crate::observe::Inventory;
+use crate::qemu::instance::{InstanceDir, InstanceFile, VmInstance};
+use crate::qemu::process;
 use crate::wire::StopOutcome;
 
 /// How long to wait for a QMP answer when only asking what QEMU does.
@@ -95,373 +101,6 @@ impl LocalHost {
             .filter(|pid| process::is_instance(*pid, &inst.uuid))
             .or_else(|| process::find_by_uuid(&inst.uuid).into_iter().min())
     }
-
-    fn accel_for(&self, inst: &InstanceFile) -> Accel {
-        let wanted = match inst.vm.spec.qemu.accel {
-            plasmavmc_specs::Accel::Auto => self.accel,
-            other => other,
-        };
-        match wanted {
-            plasmavmc_specs::Accel::Tcg => Accel::Tcg,
-            plasmavmc_specs::Accel::Kvm => Accel::Kvm,
-            plasmavmc_specs::Accel::Auto => {
-                let kvm = fs::OpenOptions::new()
-                    .read(true)
-                    .write(true)
-                    .open("/dev/kvm")
-                    .is_ok();
-                if kvm {
-                    Accel::Kvm
-                } else {
-                    Accel::Tcg
-                }
-            }
-        }
-    }
-
-    async fn observe_one(&self, dir: &InstanceDir, mut inst: InstanceFile) -> ObservedVm {
-        let pid = Self::live_pid(dir, &inst);
-        let (state, detail): (RunState, Option<String>) = match pid {
-            // Nothing ran: the next start is the same start again, not a restart.
-            None if inst.power == Power::Running && inst.starting => (
-                RunState::Stopped,
-                Some("its start was cut short before QEMU ran".to_owned()),
-            ),
-            None if inst.power == Power::Running => {
-                (RunState::Exited, Some("QEMU is not running".to_owned()))
-            }
-            None => (RunState::Stopped, None),
-            Some(pid) => match self
-                .monitor
-                .qmp(dir, &inst.vm.name, &inst.uuid, pid, QMP_PROBE)
-                .await
-            {
-                Ok(qmp) => match qmp.query_status().await {
-                    Ok(s) if s.running => (RunState::Running, None),
-                    Ok(s) => (RunState::Paused, Some(s.status)),
-                    Err(e) => (RunState::Unresponsive, Some(format!("query-status: {e}"))),
-                },
-                Err(e) => (RunState::Unresponsive, Some(format!("QMP: {e}"))),
-            },
-        };
-        if state == RunState::Running {
-            Self::settle(dir, &mut inst);
-        }
-        ObservedVm {
-            name: inst.vm.name,
-            uuid: inst.uuid,
-            state,
-            pid,
-            power: inst.power,
-            revision: inst.vm.revision,
-            spec_hash: inst.vm.spec_hash,
-            spec: inst.vm.spec,
-            started_at: inst.started_at,
-            paused: (state == RunState::Paused)
-                .then(|| crate::observe::Paused::of(detail.as_deref().unwrap_or_default())),
-            detail,
-            last_exit: inst.last_exit,
-            exits: inst.exits,
-            restarts: inst.restarts,
-            incoming: inst.incoming.is_some(),
-        }
-    }
-
-    /// Creates missing disks and grows enlarged ones. Never shrinks, never deletes.
-    async fn ensure_disks(&self, dir: &InstanceDir, vm: &VmInstance) -> Result<(), HostError> {
-        crate::state::create_private_dir(&dir.dir.join(instance::DISKS_DIR)).map_err(|source| {
-            HostError::State {
-                vm: vm.name.clone(),
-                source: Box::new(source),
-            }
-        })?;
-        for disk in &vm.spec.disks {
-            let Some(path) = vm.disk_path(disk).map(|p| dir.dir.join(p)) else {
-                return Err(HostError::Refused {
-                    vm: vm.name.clone(),
-                    reason: format!(
-                        "disk {} wants shared storage; host {} has none",
-                        disk.name, self.name
-                    ),
-                });
-            };
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|source| HostError::Io {
-                    vm: vm.name.clone(),
-                    what: format!("cannot create {}", parent.display()),
-                    source,
-                })?;
-            }
-            let disk_err = |source| HostError::Disk {
-                vm: vm.name.clone(),
-                disk: disk.name.clone(),
-                source: Box::new(source),
-            };
-            if !path.exists() {
-                match (disk.size_gb, vm.files.images.get(&disk.name)) {
-                    (_, Some(base)) => img::create_overlay(&path, base).await.map_err(disk_err)?,
-                    (Some(gb), None) => img::create(&path, gb).await.map_err(disk_err)?,
-                    (None, None) => {
-                        return Err(HostError::Refused {
-                            vm: vm.name.clone(),
-                            reason: format!("disk {} has no size and no image", disk.name),
-                        })
-                    }
-                }
-                info!(vm = %vm.name, disk = %disk.name, "created disk");
-            } else if let Some(gb) = disk.size_gb {
-                let current = img::info(&path).await.map_err(disk_err)?.virtual_size;
-                if current < gb << 30 {
-                    img::grow(&path, gb).await.map_err(disk_err)?;
-                    info!(vm = %vm.name, disk = %disk.name, size_gb = gb, "grew disk");
-                } else if current > gb << 30 {
-                    warn!(vm = %vm.name, disk = %disk.name, size_gb = gb, current_bytes = current, "not shrinking the disk: that would lose data");
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Moves `what` (a disk file or a disks folder) to `retained/<vm>-<time>/`, with a
-    /// note saying why. Returns the new folder.
-    fn retain(&self, vm: &str, what: &Path, reason: &str) -> Result<PathBuf, HostError> {
-        let io_err = |source| HostError::Io {
-            vm: vm.to_owned(),
-            what: format!("cannot retain {}", what.display()),
-            source,
-        };
-        let base = instance::retained_dir(&self.root);
-        let stamp = crate::time::now_compact();
-        let mut target = base.join(format!("{vm}-{stamp}"));
-        let mut n = 1;
-        while target.exists() {
-            n += 1;
-            target = base.join(format!("{vm}-{stamp}-{n}"));
-        }
-        fs::create_dir_all(&target).map_err(io_err)?;
-        let name = what
-            .file_name()
-            .map_or_else(|| "disks".into(), std::ffi::OsStr::to_os_string);
-        fs::rename(what, target.join(name)).map_err(io_err)?;
-        let note = Retained {
-            vm: vm.to_owned(),
-            path: target.clone(),
-            since: crate::time::now(),
-            reason: reason.to_owned(),
-        };
-        let text = toml::to_string(&note).expect("a retained note serialises");
-        crate::state::write_atomic(&target.join("retained.toml"), text.as_bytes()).map_err(
-            |source| HostError::State {
-                vm: vm.to_owned(),
-                source: Box::new(source),
-            },
-        )?;
-        info!(vm, path = %target.display(), reason, "retained disks");
-        Ok(target)
-    }
-
-    fn scan_retained(&self) -> Vec<Retained> {
-        let Ok(entries) = fs::read_dir(instance::retained_dir(&self.root)) else {
-            return Vec::new();
-        };
-        let mut out: Vec<Retained> = entries
-            .flatten()
-            .filter_map(|e| fs::read_to_string(e.path().join("retained.toml")).ok())
-            .filter_map(|t| toml::from_str(&t).ok())
-            .collect();
-        out.sort_by(|a, b| a.path.cmp(&b.path));
-        out
-    }
-
-    /// Refuses to start `vm` while another process holds the image lock of one of its
-    /// shared disks: that is another host's QEMU, maybe running this very VM (a fence
-    /// that lied). Asked before QEMU is spawned, so no second QEMU of the VM ever exists,
-    /// not even one that would die on the lock at once; QEMU's own lock still guards the
-    /// moment between this check and its start.
-    async fn ensure_disks_free(&self, vm: &VmInstance) -> Result<(), HostError> {
-        for disk in &vm.spec.disks {
-            let Some(path) = vm.disk_path(disk).filter(|p| p.is_absolute()) else {
-                continue;
-            };
-            match img::lock_holder(&path).await {
-                Ok(None) => {}
-                Ok(Some(qemu)) => {
-                    return Err(HostError::DiskLocked {
-                        vm: vm.name.clone(),
-                        disk: disk.name.clone(),
-                        path,
-                        qemu,
-                    })
-                }
-                // Not a lock: QEMU will say what is wrong with the image in its own words.
-                Err(e) => {
-                    debug!(vm = %vm.name, disk = %disk.name, error = %e, "cannot check the disk's lock");
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Brings the record of an instance whose guest runs up to date when the agent died
-    /// between a step and writing it down: a start whose QEMU came up (`starting` still
-    /// set), a migration target resumed (`incoming` still set, power still `stopped`).
-    /// Left stale, a later exit of this QEMU would not count as a crash, and the target
-    /// would be taken for a half-made copy holding no data.
-    fn settle(dir: &InstanceDir, inst: &mut InstanceFile) {
-        if !inst.starting && inst.incoming.is_none() {
-            return;
-        }
-        if inst.incoming.take().is_some() {
-            inst.power = Power::Running;
-            inst.started_at = Some(crate::time::now());
-            info!(vm = %inst.vm.name, "the migrated guest runs here: its migration record is done");
-        }
-        inst.starting = false;
-        if let Err(e) = dir.write(inst) {
-            warn!(vm = %inst.vm.name, error = %e, "cannot bring the instance record up to date");
-        }
-    }
-
-    /// Records a start that did not bring QEMU up as an exit, so that the restart policy
-    /// backs off (or gives up) instead of retrying at every reconcile.
-    fn record_failed_start(dir: &InstanceDir, reason: ExitReason, pid: u32, message: String) {
-        let Ok(mut now) = dir.read() else {
-            return;
-        };
-        let at_ms = crate::time::now_ms();
-        now.starting = false;
-        now.last_exit = Some(ExitRecord {
-            reason,
-            at_ms,
-            pid,
-            status: Some(message),
-        });
-        now.exits.push(at_ms);
-        let excess = now.exits.len().saturating_sub(instance::EXIT_HISTORY);
-        now.exits.drain(..excess);
-        if let Err(e) = dir.write(&now) {
-            warn!(vm = %now.vm.name, error = %e, "cannot record the failed start");
-        }
-    }
-
-    fn failure_reason(dir: &InstanceDir) -> String {
-        let log = fs::read_to_string(dir.file(QEMU_LOG)).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(5).collect();
-        if tail.is_empty() {
-            "QEMU exited without a message".to_owned()
-        } else {
-            tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-        }
-    }
-
-    /// Waits until a freshly spawned QEMU (`pid`) answers QMP and, with `guest_running`,
-    /// runs its guest; a QEMU that dies, or does not get there within `qmp_ready`
-    /// (then killed), is a failed start.
-    async fn wait_qmp(
-        &self,
-        dir: &InstanceDir,
-        vm: &str,
-        uuid: &str,
-        pid: u32,
-        guest_running: bool,
-    ) -> Result<crate::qemu::qmp::Qmp, HostError> {
-        let deadline = Instant::now() + self.qmp_ready;
-        loop {
-            if !process::is_alive(pid) {
-                return Err(HostError::StartFailed {
-                    vm: vm.to_owned(),
-                    reason: Self::failure_reason(dir),
-                });
-            }
-            if let Ok(qmp) = self
-                .monitor
-                .qmp(dir, vm, uuid, pid, Duration::from_secs(1))
-                .await
-            {
-                if !guest_running {
-                    return Ok(qmp);
-                }
-                let status = qmp.query_status().await.map_err(|source| HostError::Qmp {
-                    vm: vm.to_owned(),
-                    source: Box::new(source),
-                })?;
-                if status.running {
-                    return Ok(qmp);
-                }
-                debug!(vm, status = %status.status, "QEMU up, guest not running yet");
-            }
-            if Instant::now() >= deadline {
-                process::kill_hard(pid);
-                return Err(HostError::StartFailed {
-                    vm: vm.to_owned(),
-                    reason: format!(
-                        "QMP did not answer within {:?}; QEMU killed",
-                        self.qmp_ready
-                    ),
-                });
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// Spawns QEMU with `args` in instance folder `dir`: the previous run's logs are
-    /// kept as `.1`, a stale socket and pid file removed first.
-    fn spawn(dir: &InstanceDir, vm: &str, args: &[String]) -> Result<u32, HostError> {
-        rotate(dir, SERIAL_LOG);
-        rotate(dir, QEMU_LOG);
-        for stale in [QMP_SOCKET, instance::PID_FILE] {
-            let _ = fs::remove_file(dir.file(stale));
-        }
-        process::spawn_detached(&process::qemu_binary(), args, &dir.dir, &dir.file(QEMU_LOG))
-            .map_err(|source| HostError::Io {
-                vm: vm.to_owned(),
-                what: format!("cannot run {}", process::qemu_binary()),
-                source,
-            })
-    }
-}
-
-fn rotate(dir: &InstanceDir, file: &str) {
-    let from = dir.file(file);
-    if from.exists() {
-        let _ = fs::rename(&from, dir.file(&format!("{file}.1")));
-    }
-}
-
-/// QEMUs running in an instance folder of `root` that no observed instance accounts for.
-fn scan_orphans(root: &Path, vms: &std::collections::BTreeMap<String, ObservedVm>) -> Vec<Orphan> {
-    let Ok(dir) = instance::vms_dir(root).canonicalize() else {
-        return Vec::new();
-    };
-    let known: std::collections::HashSet<u32> = vms.values().filter_map(|v| v.pid).collect();
-    let mut out: Vec<Orphan> = process::qemus_in(&dir)
-        .into_iter()
-        .filter(|(pid, _)| !known.contains(pid))
-        .map(|(pid, cwd)| {
-            let folder = cwd
-                .strip_prefix(&dir)
-                .ok()
-                .and_then(|p| p.iter().next())
-                .map_or_else(String::new, |f| f.to_string_lossy().into_owned());
-            Orphan { pid, folder }
-        })
-        .collect();
-    out.sort_by_key(|o| o.pid);
-    out
-}
-
-/// What this machine has: online CPUs and total memory.
-pub fn local_capacity() -> Capacity {
-    let vcpus = std::thread::available_parallelism().map_or(1, |n| n.get() as u32);
-    let memory_mb = fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or(0, |kb| kb / 1024);
-    Capacity { vcpus, memory_mb }
 }
 
 impl Host for LocalHost {
@@ -474,302 +113,35 @@ impl Host for LocalHost {
     }
 
     async fn inventory(&self) -> Result<Inventory, HostError> {
-        let mut inv = Inventory {
-            capacity: local_capacity(),
-            retained: self.scan_retained(),
-            ..Inventory::default()
-        };
-        let vms = instance::vms_dir(&self.root);
-        let entries = match fs::read_dir(&vms) {
-            Ok(e) => e,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(inv),
-            Err(source) => return Err(HostError::Scan { path: vms, source }),
-        };
-        for entry in entries.flatten() {
-            let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-                continue;
-            };
-            let dir = self.dir(&name);
-            if !dir.exists() {
-                continue;
-            }
-            match dir.read() {
-                Ok(inst) if inst.vm.name == name => {
-                    inv.vms.insert(name, self.observe_one(&dir, inst).await);
-                }
-                Ok(inst) => {
-                    warn!(folder = %dir.dir.display(), vm = %inst.vm.name, "instance folder and VM name differ; ignored");
-                }
-                Err(e) => {
-                    warn!(folder = %dir.dir.display(), error = %e, "unreadable instance; ignored");
-                }
-            }
-        }
-        inv.orphans = scan_orphans(&self.root, &inv.vms);
-        Ok(inv)
+        self.inventory_here().await
     }
 
     async fn create(&self, vm: &VmInstance) -> Result<(), HostError> {
-        let dir = self.dir(&vm.name);
-        if dir.exists() {
-            return self.update(vm).await;
-        }
-        crate::state::create_private_dir(&dir.dir).map_err(|source| HostError::State {
-            vm: vm.name.clone(),
-            source: Box::new(source),
-        })?;
-        let inst = InstanceFile::fresh(vm, None);
-        // The record last: until it exists the folder is no instance (inventory skips
-        // it), so a create cut short (the agent killed) is done again in full, never
-        // taken as done.
-        if let Err(e) = self.ensure_disks(&dir, vm).await {
-            // A disk that cannot be made (a full disk) is a failure the engine must see
-            // and back off from: with the record, the next step is a start, which fails
-            // the same way and counts as a failed start (backoff), instead of a create
-            // at every reconcile.
-            Self::write(&dir, &inst)?;
-            return Err(e);
-        }
-        failpoint!("agent.create.disks");
-        Self::write(&dir, &inst)
+        self.create_here(vm).await
     }
 
     async fn recover(&self, vm: &VmInstance) -> Result<(), HostError> {
-        migrate::missing_shared_disk(vm, &[])?;
-        self.create(vm).await
+        self.recover_here(vm).await
     }
 
     async fn update(&self, vm: &VmInstance) -> Result<(), HostError> {
-        let (dir, mut inst) = self.read(&vm.name)?;
-        for old in &inst.vm.spec.disks {
-            let path = dir.disk(&old.name);
-            if path.exists() && !vm.spec.disks.iter().any(|d| d.name == old.name) {
-                self.retain(
-                    &vm.name,
-                    &path,
-                    &format!("disk {} removed from the spec", old.name),
-                )?;
-            }
-        }
-        if inst.vm.spec_hash != vm.spec_hash {
-            // A new spec is a fresh start for the restart policy (a `failed` VM retries).
-            inst.exits.clear();
-        }
-        inst.vm = vm.clone();
-        Self::write(&dir, &inst)?;
-        if Self::live_pid(&dir, &inst).is_none() {
-            self.ensure_disks(&dir, vm).await?;
-        }
-        Ok(())
+        self.update_here(vm).await
     }
 
     async fn start(&self, vm: &str) -> Result<u32, HostError> {
-        let (dir, mut inst) = self.read(vm)?;
-        if let Some(pid) = Self::live_pid(&dir, &inst) {
-            let qmp = self.monitor.qmp(&dir, vm, &inst.uuid, pid, QMP_PROBE).await;
-            let running = match &qmp {
-                Ok(q) => q.query_status().await.is_ok_and(|s| s.running),
-                Err(_) => false,
-            };
-            if running {
-                debug!(vm, pid, "already running");
-                return Ok(pid);
-            }
-            // Alive but not running its guest: a migration target to resume, or a source
-            // whose migration was cut short.
-            return self.resume_here(&dir, inst, pid).await;
-        }
-        if inst.incoming.is_some() {
-            return Err(HostError::Refused {
-                vm: vm.to_owned(),
-                reason:
-                    "this migration target's QEMU is gone before it was resumed; it holds no guest"
-                        .to_owned(),
-            });
-        }
-        if let Err(e) = self.ensure_disks(&dir, &inst.vm).await {
-            // Disks that cannot be made (the host's disk is full) fail the start as a
-            // QEMU that cannot start does: an exit, so the restart policy backs off
-            // instead of retrying at every reconcile.
-            inst.power = Power::Running;
-            Self::write(&dir, &inst)?;
-            let message = crate::errors::error_chain(&e);
-            Self::record_failed_start(&dir, ExitReason::StartFailed, 0, message);
-            return Err(e);
-        }
-        if inst.power == Power::Running && !inst.starting {
-            // It should have been running: this start recovers from an exit.
-            inst.restarts += 1;
-        }
-        inst.power = Power::Running;
-        inst.starting = true;
-        inst.started_at = Some(crate::time::now());
-        // The exit being recovered from is history now (status events keep it); an exit
-        // of the new QEMU is recorded afresh.
-        inst.last_exit = None;
-        Self::write(&dir, &inst)?;
-        failpoint!("agent.start.recorded");
-        if let Err(e) = self.ensure_disks_free(&inst.vm).await {
-            if let HostError::DiskLocked {
-                disk, path, qemu, ..
-            } = &e
-            {
-                let message = format!("disk {disk} ({}): {qemu}", path.display());
-                warn!(vm, disk = %message, "not starting: another QEMU holds a disk; the VM may run elsewhere");
-                Self::record_failed_start(&dir, ExitReason::ImageLocked, 0, message);
-            }
-            return Err(e);
-        }
-        let args = qemu_args(&inst, self.accel_for(&inst));
-        let pid = match Self::spawn(&dir, vm, &args) {
-            Ok(pid) => pid,
-            Err(e) => {
-                // No QEMU binary (or no way to run it): a failed start all the same, so
-                // the restart policy backs off instead of retrying at every reconcile.
-                let message = crate::errors::error_chain(&e);
-                Self::record_failed_start(&dir, ExitReason::StartFailed, 0, message);
-                return Err(e);
-            }
-        };
-        failpoint!("agent.start.spawned");
-        if let Err(e) = self.wait_qmp(&dir, vm, &inst.uuid, pid, true).await {
-            let message = match &e {
-                HostError::StartFailed { reason, .. } => reason.clone(),
-                other => other.to_string(),
-            };
-            // QEMU's own image lock: the last line of defence, when another QEMU took the
-            // disk after the check above.
-            let reason = if img::is_lock_refusal(&message) {
-                ExitReason::ImageLocked
-            } else {
-                ExitReason::StartFailed
-            };
-            Self::record_failed_start(&dir, reason, pid, message);
-            return Err(e);
-        }
-        if let Ok(mut now) = dir.read() {
-            now.starting = false;
-            if let Err(e) = dir.write(&now) {
-                warn!(vm, error = %e, "cannot record that the start finished; the next inventory does");
-            }
-        }
-        info!(vm, pid, "started");
-        Ok(pid)
+        self.start_here(vm).await
     }
 
     async fn stop(&self, vm: &str, timeout: Duration) -> Result<StopOutcome, HostError> {
-        let (dir, mut inst) = self.read(vm)?;
-        if inst.power != Power::Stopped {
-            inst.power = Power::Stopped;
-            Self::write(&dir, &inst)?;
-        }
-        failpoint!("agent.stop.recorded");
-        let Some(pid) = Self::live_pid(&dir, &inst) else {
-            return Ok(StopOutcome::AlreadyStopped);
-        };
-        let qmp = self.monitor.qmp(&dir, vm, &inst.uuid, pid, QMP_PROBE).await;
-        let status = match &qmp {
-            Ok(qmp) => Some(qmp.query_status().await),
-            Err(_) => None,
-        };
-        if let Some(Err(e @ crate::qemu::qmp::QmpError::Timeout { .. })) = &status {
-            // A QEMU that does not answer is frozen: no command will be heard (each would
-            // wait out its own timeout), only SIGKILL ends it.
-            warn!(vm, pid, error = %e, "QEMU does not answer QMP; killing it");
-        } else if let Ok(qmp) = &qmp {
-            // A paused guest (a migration's source or target) cannot see the power button.
-            let paused = status.is_some_and(|s| s.is_ok_and(|s| !s.running));
-            if paused && qmp.quit().await.is_ok() && process::wait_gone(pid, EXIT_GRACE).await {
-                info!(vm, pid, "QEMU held no running guest; quit");
-                return Ok(StopOutcome::Paused);
-            }
-            let pressed = qmp.system_powerdown().await;
-            if pressed.is_ok() && process::wait_gone(pid, timeout).await {
-                info!(vm, pid, "stopped gracefully");
-                return Ok(StopOutcome::Graceful);
-            }
-            if !matches!(pressed, Err(crate::qemu::qmp::QmpError::Timeout { .. })) {
-                warn!(
-                    vm,
-                    pid,
-                    ?timeout,
-                    "guest ignored the ACPI power button; quitting QEMU"
-                );
-                if qmp.quit().await.is_ok() && process::wait_gone(pid, EXIT_GRACE).await {
-                    return Ok(StopOutcome::Quit);
-                }
-            }
-        }
-        warn!(vm, pid, "QEMU did not quit; killing it");
-        process::kill_hard(pid);
-        if process::wait_gone(pid, EXIT_GRACE).await {
-            Ok(StopOutcome::Killed)
-        } else {
-            Err(HostError::StopFailed {
-                vm: vm.to_owned(),
-                pid,
-            })
-        }
+        self.stop_here(vm, timeout).await
     }
 
     async fn prune(&self, folder: &str, pid: u32) -> Result<(), HostError> {
-        let still_orphan = self
-            .inventory()
-            .await?
-            .orphans
-            .iter()
-            .any(|o| o.pid == pid && o.folder == folder);
-        if !still_orphan {
-            return Err(HostError::Refused {
-                vm: folder.to_owned(),
-                reason: format!("pid {pid} is no longer an orphan QEMU of this host; not touched"),
-            });
-        }
-        process::terminate(pid);
-        if !process::wait_gone(pid, EXIT_GRACE).await {
-            process::kill_hard(pid);
-            if !process::wait_gone(pid, EXIT_GRACE).await {
-                return Err(HostError::StopFailed {
-                    vm: folder.to_owned(),
-                    pid,
-                });
-            }
-        }
-        warn!(folder, pid, "pruned orphan QEMU");
-        Ok(())
+        self.prune_here(folder, pid).await
     }
 
     async fn delete(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {
-        let dir = self.dir(vm);
-        if !dir.dir.exists() {
-            return Ok(None);
-        }
-        let mut half_made = false;
-        if let Ok(inst) = dir.read() {
-            if let Some(pid) = Self::live_pid(&dir, &inst) {
-                return Err(HostError::Refused {
-                    vm: vm.to_owned(),
-                    reason: format!("still running (pid {pid}); stop it first"),
-                });
-            }
-            // A migration target never resumed holds no data of the VM's own.
-            half_made = inst.incoming.is_some();
-        }
-        let disks = dir.dir.join(instance::DISKS_DIR);
-        let has_disks = !half_made && fs::read_dir(&disks).is_ok_and(|mut d| d.next().is_some());
-        let kept = if has_disks {
-            Some(self.retain(vm, &disks, "VM removed from the specs")?)
-        } else {
-            None
-        };
-        failpoint!("agent.delete.retained");
-        fs::remove_dir_all(&dir.dir).map_err(|source| HostError::Io {
-            vm: vm.to_owned(),
-            what: "cannot remove instance folder".to_owned(),
-            source,
-        })?;
-        info!(vm, "deleted instance");
-        Ok(kept)
+        self.delete_here(vm)
     }
 
     async fn prepare_incoming(
@@ -800,28 +172,7 @@ impl Host for LocalHost {
     }
 
     async fn inject(&self, vm: &str, fault: super::Fault) -> Result<u32, HostError> {
-        let (dir, inst) = self.read(vm)?;
-        let pid = Self::live_pid(&dir, &inst).ok_or_else(|| HostError::Refused {
-            vm: vm.to_owned(),
-            reason: "no QEMU of it runs on this host".to_owned(),
-        })?;
-        match fault {
-            super::Fault::KillQemu => process::kill_hard(pid),
-            super::Fault::Nmi => {
-                let qmp_err = |source| HostError::Qmp {
-                    vm: vm.to_owned(),
-                    source: Box::new(source),
-                };
-                let qmp = self
-                    .monitor
-                    .qmp(&dir, vm, &inst.uuid, pid, QMP_PROBE)
-                    .await
-                    .map_err(qmp_err)?;
-                qmp.execute("inject-nmi", None).await.map_err(qmp_err)?;
-            }
-        }
-        warn!(vm, pid, fault = fault.as_str(), "drill: fault injected");
-        Ok(pid)
+        self.inject_here(vm, fault).await
     }
 
     async fn read_disk(
