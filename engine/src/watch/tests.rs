@@ -497,3 +497,30 @@ async fn a_fenced_host_s_vms_are_recovered_elsewhere() -> TestResult {
     assert_eq!(web.host.as_deref(), Some(other.name()));
     Ok(())
 }
+
+#[tokio::test]
+async fn a_damaged_journal_is_said_in_the_status_once() -> TestResult {
+    let repo = Repo::new()?;
+    let hv1 = Fake::new("hv1");
+    repo.host("hv1", false)?;
+    repo.vm("web", "")?;
+    repo.commit("web")?;
+    let state = repo.path().join(".plasmavmc");
+    std::fs::create_dir_all(&state)?;
+    std::fs::write(state.join("journal.json"), "{\"revision\": ")?;
+    let mut d = daemon(&repo, &[&hv1]).await?;
+    d.step(vec![Trigger::Startup]).await;
+    let engine = || {
+        StatusDir::new(&state.join("status"))
+            .engine()
+            .expect("a readable engine status")
+            .expect("an engine status")
+    };
+    let error = engine().last_error.unwrap_or_default();
+    assert!(error.contains("journal.json is damaged"), "{error}");
+    assert_eq!(hv1.calls(), ["create web", "start web"], "healing goes on");
+    // Said once: the next reconcile that leaves nothing undone clears it.
+    d.step(vec![Trigger::Timer]).await;
+    assert_eq!(engine().last_error, None);
+    Ok(())
+}
