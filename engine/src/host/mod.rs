@@ -19,8 +19,7 @@ pub use transport::{agent_argv, connect_hosts};
 
 use crate::observe::Inventory;
 use crate::qemu::instance::VmInstance;
-use crate::state::drill::Fault;
-use crate::wire::{DiskChunk, HostEvent, Incoming, StopOutcome};
+use crate::wire::{DiskChunk, Fault, HostEvent, Incoming, StopOutcome};
 
 /// Errors a host reports.
 #[derive(Debug, thiserror::Error)]
