@@ -19,8 +19,7 @@ pub use transport::{agent_argv, connect_hosts};
 
 use crate::observe::Inventory;
 use crate::qemu::instance::VmInstance;
-use crate::state::drill::Fault;
-use crate::wire::{DiskChunk, HostEvent, Incoming, StopOutcome};
+use crate::wire::{DiskChunk, Fault, HostEvent, Incoming, StopOutcome};
 
 /// Errors a host reports.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +87,13 @@ pub enum HostError {
     },
     #[error("VM {vm}: {reason}")]
     Refused { vm: String, reason: String },
+    /// Its NICs cannot be wired: a bridge missing, a tap held by another process.
+    #[error("VM {vm}: network")]
+    Network {
+        vm: String,
+        #[source]
+        source: Box<local::taps::TapError>,
+    },
     #[error("VM {vm}: live migration")]
     Migration {
         vm: String,

@@ -4,7 +4,6 @@
 //! In: a path chosen by the CLI. Out: the folder, created 0700 and git-ignored, and
 //! the paths inside it. Touches only that folder.
 
-pub mod drill;
 pub mod fence;
 mod lock;
 pub mod whereabouts;

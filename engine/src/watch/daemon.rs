@@ -251,8 +251,8 @@ impl<C: Connector> Daemon<C> {
         // the host's events, not by a reconcile that knew it was coming.
         if let Some(target) = &self.target {
             let vms: Vec<&String> = target.desired.vms.keys().collect();
-            let desk = crate::state::drill::DrillDesk::new(self.state.root());
-            let events = super::drill::serve(&desk, self.fleet.connected(), &vms).await;
+            let desk = crate::drill::DrillDesk::new(self.state.root());
+            let events = crate::drill::serve(&desk, self.fleet.connected(), &vms).await;
             self.events.extend(events);
         }
     }
