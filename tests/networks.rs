@@ -14,7 +14,8 @@
 //!   a TCP connection to the guest survives; the tap moves with the VM; a move to a host
 //!   whose bridge is missing is refused at plan time, saying why;
 //! - placement needs the network: a VM whose only eligible host lacks the network (not
-//!   in its `networks`, or the bridge missing there) is pending, and the plan says why;
+//!   in its `networks`, or the bridge missing there) is not placed, and the plan says
+//!   why;
 //! - a VM keeps its MACs (derived and given) through a restart (memory change), a crash
 //!   (kill -9 of QEMU, restarted) and a recovery on another host after its host is lost;
 //! - two NICs with one MAC are refused by `plasmavmc validate` with path:line:col;
@@ -56,10 +57,13 @@ const GAP_BOUND: Duration = Duration::from_secs(2);
 /// The port of the guest's TCP echo server (`plasmavmc.echo=`).
 const ECHO_PORT: u16 = 7;
 
-/// Host `name`'s spec on `lan`: its agent in the host's namespace, `networks = ["lan"]`
-/// when `has_lan`.
+/// Host `name`'s spec on `lan`: its agent in the host's namespace, reached for live
+/// migration at its address on the lan, `networks = ["lan"]` when `has_lan`.
 fn lan_host(lan: &Lan, name: &str, has_lan: bool) -> Result<HostSpec> {
-    let spec = HostSpec::agent().memory(2048).netns(lan.host_ns(name)?);
+    let spec = HostSpec::agent()
+        .memory(2048)
+        .netns(lan.host_ns(name)?)
+        .migration_address(&lan.host_ip(name)?);
     Ok(if has_lan {
         spec.networks(&["lan"])
     } else {
@@ -152,22 +156,12 @@ fn local_unicast(mac: &str) -> bool {
     mac.split(':').count() == 6 && first.is_some_and(|o| o & 0x01 == 0 && o & 0x02 != 0)
 }
 
-/// The plan's `pending` lines (`vm: why`).
-fn pending(plan: &Value) -> Vec<String> {
-    plan["pending"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .map(str::to_owned)
-        .collect()
-}
-
-/// The plan's `notes`.
-fn notes(plan: &Value) -> Vec<String> {
-    plan["notes"]
-        .as_array()
-        .into_iter()
+/// What the plan says it will not do, and why: its `notes` and `pending` lines (`vm:
+/// why`).
+fn reasons(plan: &Value) -> Vec<String> {
+    ["notes", "pending"]
+        .iter()
+        .filter_map(|k| plan[k].as_array())
         .flatten()
         .filter_map(Value::as_str)
         .map(str::to_owned)
@@ -378,9 +372,8 @@ fn a_live_move_keeps_the_vm_reachable() -> Result<()> {
         !ops_on(&plan, "web").iter().any(|op| op == "migrate"),
         "web would move to hv3, which has no {BRIDGE}:\n{plan:#}"
     );
-    let why: Vec<String> = notes(&plan)
+    let why: Vec<String> = reasons(&plan)
         .into_iter()
-        .chain(pending(&plan))
         .filter(|n| n.starts_with("web:") && n.contains("hv3") && n.contains(BRIDGE))
         .collect();
     ensure!(
@@ -410,7 +403,7 @@ fn placement_needs_the_network_and_its_bridge() -> Result<()> {
     )?;
     repo.commit("VMs on the lan, and no host has it")?;
     let plan = repo.plan_json(&[])?;
-    let lines = pending(&plan);
+    let lines = reasons(&plan);
     let says = |vm: &str, words: &[&str]| {
         lines
             .iter()
@@ -418,15 +411,15 @@ fn placement_needs_the_network_and_its_bridge() -> Result<()> {
     };
     ensure!(
         says("nobridge", &["lan", "hv1", BRIDGE]),
-        "nobridge (pinned to hv1, which lacks {BRIDGE}) is not pending with that reason:\n{plan:#}"
+        "nobridge (pinned to hv1, which lacks {BRIDGE}) is placed, or the plan does not say why:\n{plan:#}"
     );
     ensure!(
         says("nonet", &["lan", "hv2"]),
-        "nonet (pinned to hv2, which does not have lan) is not pending with that reason:\n{plan:#}"
+        "nonet (pinned to hv2, which does not have lan) is placed, or the plan does not say why:\n{plan:#}"
     );
     ensure!(
         says("anywhere", &["lan"]),
-        "anywhere (no host has lan with its bridge) is not pending with that reason:\n{plan:#}"
+        "anywhere (no host has lan with its bridge) is placed, or the plan does not say why:\n{plan:#}"
     );
     for vm in ["nobridge", "nonet", "anywhere"] {
         ensure!(
@@ -435,7 +428,7 @@ fn placement_needs_the_network_and_its_bridge() -> Result<()> {
         );
     }
     ensure!(
-        ops_on(&plan, "plain") == ["create"],
+        ops_on(&plan, "plain") == ["create", "start"],
         "plain (user networking) should be created on hv2:\n{plan:#}"
     );
     Ok(())

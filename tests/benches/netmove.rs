@@ -55,6 +55,7 @@ fn main() -> Result<()> {
         let spec = HostSpec::agent()
             .memory(2048)
             .netns(lan.host_ns(host)?)
+            .migration_address(&lan.host_ip(host)?)
             .networks(&["lan"]);
         repo.write_host(host, &spec)?;
     }

@@ -3,9 +3,10 @@
 //!
 //! A [`Lan`] is, for one test:
 //! - one namespace per simulated host, holding a bridge named [`BRIDGE`] (`stp_state 0
-//!   forward_delay 0`) and the veth `uplink` enslaved to it; the host's agent runs in it
-//!   (`ip netns exec NS plasmavmc agent …`, see [`crate::HostSpec::netns`]), so the taps
-//!   it creates and its QEMUs live there;
+//!   forward_delay 0`) with the host's own address on it ([`Lan::host_ip`], as a real
+//!   host has: where other hosts reach it for live migration) and the veth `uplink`
+//!   enslaved to it; the host's agent runs in it (`ip netns exec NS plasmavmc agent …`,
+//!   see [`crate::HostSpec::netns`]), so the taps it creates and its QEMUs live there;
 //! - a "switch" namespace with a bridge `sw` and the other end of every host's uplink
 //!   (`h0`, `h1`, …) and of the client's;
 //! - a client namespace whose `eth0` ([`CLIENT_IP`]) sits on the switch: where the test
@@ -49,9 +50,14 @@ pub const CLIENT_IP: &str = "10.77.0.1";
 /// The prefix length of the lan.
 pub const PREFIX_LEN: u8 = 24;
 
-/// `10.77.0.<n>`: a guest's address on the lan.
+/// `10.77.0.<n>`: a guest's address on the lan (guests take 2..=199).
 pub fn lan_ip(n: u8) -> String {
     format!("10.77.0.{n}")
+}
+
+/// The address of the `i`-th host of a [`Lan`] on its bridge: `10.77.0.<200 + i>`.
+fn host_address(i: usize) -> String {
+    format!("10.77.0.{}", 200 + i)
 }
 
 /// One test's simulated L2 network (see the module doc).
@@ -137,6 +143,8 @@ impl Lan {
                 "0",
             ])?;
             ip(&["-n", &ns, "link", "set", BRIDGE, "up"])?;
+            let addr = format!("{}/{PREFIX_LEN}", host_address(i));
+            ip(&["-n", &ns, "addr", "add", &addr, "dev", BRIDGE])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
             ip(&[
                 "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "uplink", "netns",
@@ -163,12 +171,23 @@ impl Lan {
             .with_context(|| format!("host {host} is not on this lan"))
     }
 
+    /// `host`'s own address on its bridge (what its `migration_address` should be: other
+    /// hosts' QEMUs reach its migration listener there).
+    pub fn host_ip(&self, host: &str) -> Result<String> {
+        self.hosts
+            .iter()
+            .position(|(h, _)| h == host)
+            .map(host_address)
+            .with_context(|| format!("host {host} is not on this lan"))
+    }
+
     /// The client's namespace (on the switch, [`CLIENT_IP`]).
     pub fn client_ns(&self) -> &str {
         &self.client
     }
 
-    /// Deletes `host`'s bridge: a host that says it has the network but lacks the bridge.
+    /// Deletes `host`'s bridge: a host that says it has the network but lacks the bridge
+    /// (and so has no address on the lan any more).
     pub fn remove_bridge(&self, host: &str) -> Result<()> {
         ip(&["-n", self.host_ns(host)?, "link", "del", BRIDGE])
     }

@@ -262,6 +262,9 @@ pub struct HostSpec {
     pub netns: Option<String>,
     /// `networks = [...]` when not empty: the networks this host says it has.
     pub networks: Vec<String>,
+    /// `migration_address = "..."` when set: where other hosts reach this one for live
+    /// migration (a host in a namespace of a [`crate::Lan`]: [`crate::Lan::host_ip`]).
+    pub migration_address: Option<String>,
 }
 
 /// How a [`HostSpec`] of an `ssh://` host logs in: the values of its `address`,
@@ -350,6 +353,12 @@ impl HostSpec {
         self
     }
 
+    /// `migration_address = addr`.
+    pub fn migration_address(mut self, addr: &str) -> Self {
+        self.migration_address = Some(addr.to_owned());
+        self
+    }
+
     /// A host that can be powered off: its agent does not start while
     /// [`HostSpec::power_marker`] of its root exists.
     pub fn switchable(mut self) -> Self {
@@ -393,6 +402,9 @@ impl HostSpec {
         if let Some((path, pool)) = &self.shared {
             let _ = writeln!(s, "shared_storage = {:?}", path.display().to_string());
             let _ = writeln!(s, "storage_pool = {pool:?}");
+        }
+        if let Some(addr) = &self.migration_address {
+            let _ = writeln!(s, "migration_address = {addr:?}");
         }
         if !self.networks.is_empty() {
             let _ = writeln!(s, "networks = {}", toml_strings(&self.networks));
@@ -496,6 +508,7 @@ mod tests {
             &HostSpec::agent()
                 .netns("pvn-1-0-h0")
                 .networks(&["lan"])
+                .migration_address("10.77.0.200")
                 .to_toml(bin, Path::new("/t/hosts/hv1")),
         );
         assert_eq!(
@@ -513,6 +526,7 @@ mod tests {
             ]
         );
         assert_eq!(in_ns["networks"].as_array().map(Vec::len), Some(1));
+        assert_eq!(in_ns["migration_address"].as_str(), Some("10.77.0.200"));
 
         let down = parse(&HostSpec::exec(&["/bin/false"]).to_toml(bin, Path::new("/r")));
         assert_eq!(exec(&down), ["/bin/false"]);
