@@ -96,19 +96,17 @@ pub fn lack(desired: &Desired, host: &str, facts: &Facts, spec: &VmSpec) -> Opti
 /// under KVM — the VM's `accel`, or the host's when the VM says `auto`. Under `auto` on
 /// a host that says `auto` too, and under `tcg`, QEMU's default model is used.
 pub fn uses_host_cpu(desired: &Desired, spec: &VmSpec, host: &str) -> bool {
-    match spec.qemu.cpu.as_deref() {
-        Some(model) => model == HOST_CPU,
-        None => {
-            let accel = match spec.qemu.accel {
-                Accel::Auto => desired
-                    .hosts
-                    .get(host)
-                    .map_or(Accel::Auto, |h| h.spec.accel),
-                other => other,
-            };
-            accel == Accel::Kvm
-        }
+    if let Some(model) = spec.qemu.cpu.as_deref() {
+        return model == HOST_CPU;
     }
+    let accel = match spec.qemu.accel {
+        Accel::Auto => desired
+            .hosts
+            .get(host)
+            .map_or(Accel::Auto, |h| h.spec.accel),
+        other => other,
+    };
+    accel == Accel::Kvm
 }
 
 /// Why `spec` must not move live from `from` to `to` because of its CPU, or `None`: a

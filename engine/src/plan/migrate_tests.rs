@@ -337,10 +337,12 @@ fn with_cpu(mut o: Observed, host: &str, digest: &str, models: &[&str]) -> Obser
     o
 }
 
+/// VM settings, hv1's CPU digest, hv2's, the move expected, words its reason holds.
+type Row<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a str, &'a str);
+
 #[test]
 fn a_guest_on_the_host_cpu_moves_live_only_between_equal_cpus() {
-    // (VM settings, hv1's CPU digest, hv2's, the move expected, words its reason holds)
-    let table: [(&str, Option<&str>, Option<&str>, &str, &str); 9] = [
+    let table: [Row; 9] = [
         ("cpu = \"host\"", Some("aa"), Some("aa"), "live", ""),
         (
             "cpu = \"host\"",
