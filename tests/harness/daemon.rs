@@ -7,97 +7,26 @@
 //! group and kills those first in its own cleanup, so no daemon can restart a QEMU
 //! the cleanup just killed.
 //!
-//! Waiting for a log line fails at once, showing the log, if the daemon has exited.
+//! Waiting for a log line fails at once, showing the log, if the daemon has exited. The
+//! lines are read as the drill reads its daemon's ([`plasmavmc::drill::log`]).
 
 use std::fmt::Display;
 use std::fs::{self, File};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
-use serde_json::Value;
+pub use plasmavmc::drill::log::LogLine;
 
 use crate::proc;
 use crate::repo::TestRepo;
 use crate::serial::serial_has_line;
 use crate::wait::{poll_for, POLL};
 use crate::{ACT_TIMEOUT, BOOT_TIMEOUT};
-
-/// One JSON log line of the daemon (`--log-format json`).
-#[derive(Debug, Clone)]
-pub struct LogLine {
-    pub raw: Value,
-}
-
-impl LogLine {
-    /// A field: at the top level, or (tracing-subscriber's unflattened layout) under
-    /// `fields`.
-    pub fn field(&self, name: &str) -> Option<&Value> {
-        self.raw
-            .get(name)
-            .or_else(|| self.raw.get("fields")?.get(name))
-    }
-
-    /// A string field.
-    pub fn str(&self, name: &str) -> Option<&str> {
-        self.field(name)?.as_str()
-    }
-
-    /// An integer field (written as a number or a string).
-    pub fn int(&self, name: &str) -> Option<i64> {
-        match self.field(name)? {
-            Value::Number(n) => n.as_i64(),
-            Value::String(s) => s.parse().ok(),
-            _ => None,
-        }
-    }
-
-    /// The `message` field.
-    pub fn message(&self) -> &str {
-        self.str("message").unwrap_or_default()
-    }
-
-    /// True if the message is `message` and, when given, the `vm` field is `vm`.
-    pub fn is(&self, message: &str, vm: Option<&str>) -> bool {
-        self.message() == message && vm.is_none_or(|vm| self.str("vm") == Some(vm))
-    }
-
-    /// The `pid` field as a pid.
-    pub fn pid(&self) -> Result<i32> {
-        self.int("pid")
-            .and_then(|p| i32::try_from(p).ok())
-            .with_context(|| format!("no pid in {}", self.raw))
-    }
-
-    /// Milliseconds from `start` to the line's timestamp (negative if the line is
-    /// older: shown as is, not hidden).
-    pub fn ms_after(&self, start: SystemTime) -> Result<f64> {
-        let at = self.timestamp()?;
-        Ok(match at.duration_since(start) {
-            Ok(d) => d.as_secs_f64() * 1e3,
-            Err(e) => -e.duration().as_secs_f64() * 1e3,
-        })
-    }
-
-    /// The `timestamp` field (RFC 3339, UTC).
-    pub fn timestamp(&self) -> Result<SystemTime> {
-        let text = self
-            .str("timestamp")
-            .with_context(|| format!("log line without a timestamp: {}", self.raw))?;
-        humantime::parse_rfc3339_weak(text)
-            .with_context(|| format!("log timestamp {text:?} is not RFC 3339"))
-    }
-}
-
-impl Display for LogLine {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.raw)
-    }
-}
 
 /// A running `plasmavmc watch`.
 #[derive(Debug)]
@@ -162,14 +91,7 @@ impl<'r> Daemon<'r> {
 
     /// Every complete JSON line it logged so far, in order (other lines skipped).
     pub fn lines(&self) -> Vec<LogLine> {
-        let text = self.stderr();
-        let complete = &text[..text.rfind('\n').map_or(0, |i| i + 1)];
-        complete
-            .lines()
-            .filter_map(|l| serde_json::from_str::<Value>(l.trim()).ok())
-            .filter(Value::is_object)
-            .map(|raw| LogLine { raw })
-            .collect()
+        plasmavmc::drill::log::lines(&self.stderr())
     }
 
     /// Polls `check` like [`poll_for`], but fails at once, showing the log, if the
@@ -408,37 +330,5 @@ impl Drop for Daemon<'_> {
             let _ = self.child.wait();
             self.repo.unregister_group(self.pid());
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn line(text: &str) -> LogLine {
-        LogLine {
-            raw: serde_json::from_str(text).expect("test JSON"),
-        }
-    }
-
-    #[test]
-    fn fields_flat_or_nested_and_timestamps() -> Result<()> {
-        let flat = line(
-            r#"{"timestamp":"2026-11-26T21:30:00.123456Z","level":"INFO","message":"vm exited","vm":"web","pid":1234,"reason":"crash"}"#,
-        );
-        assert!(flat.is("vm exited", Some("web")));
-        assert!(!flat.is("vm exited", Some("db")));
-        assert_eq!(flat.int("pid"), Some(1234));
-        assert_eq!(flat.str("reason"), Some("crash"));
-        let at = flat.timestamp()?;
-        let base = humantime::parse_rfc3339("2026-11-26T21:30:00Z")?;
-        assert_eq!(at.duration_since(base)?, Duration::from_micros(123_456));
-
-        let nested = line(
-            r#"{"timestamp":"2026-11-26T21:30:00Z","level":"INFO","fields":{"message":"started","vm":"web","pid":"77"}}"#,
-        );
-        assert!(nested.is("started", Some("web")));
-        assert_eq!(nested.int("pid"), Some(77));
-        Ok(())
     }
 }

@@ -27,6 +27,11 @@
 //!   reaching the binary under test: what `ssh://` hosts connect to.
 //! - [`bench`] holds what the benchmark binaries share (release binary, percentiles,
 //!   the machine's description).
+//!
+//! What `plasmavmc drill`'s own sandbox reads the same way comes from the engine's
+//! library, one copy for both: the test guest's console words
+//! (`plasmavmc::drill::console`), the daemon's JSON log lines (`plasmavmc::drill::log`)
+//! and the deadline loop (`plasmavmc::drill::poll`).
 
 pub mod artifacts;
 pub mod bench;

@@ -1,10 +1,12 @@
-//! Polling with deadlines: the only way tests wait for something to happen.
+//! Polling with deadlines: the only way tests wait for something to happen. The loop is
+//! the drill's ([`plasmavmc::drill::poll`]); the tests look every 50 ms.
 
 use std::fmt::Display;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
+/// [`poll_for`] every `period` (for states that last a fraction of a second).
+pub use plasmavmc::drill::poll::poll_every;
 
 /// How often conditions are polled.
 pub const POLL: Duration = Duration::from_millis(50);
@@ -17,25 +19,6 @@ pub fn poll_for<T>(
     check: impl FnMut() -> Option<T>,
 ) -> Result<T> {
     poll_every(POLL, what, timeout, check)
-}
-
-/// [`poll_for`] every `period` (for states that last a fraction of a second).
-pub fn poll_every<T>(
-    period: Duration,
-    what: impl Display,
-    timeout: Duration,
-    mut check: impl FnMut() -> Option<T>,
-) -> Result<T> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = check() {
-            return Ok(value);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        thread::sleep(period);
-    }
 }
 
 /// Polls `cond` every 50 ms until it holds, or fails after `timeout` naming `what`.

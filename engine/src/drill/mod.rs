@@ -7,12 +7,26 @@
 //!
 //! Every row runs against the real engine (`plasmavmc watch`, a child process), real
 //! agents and real QEMU on a throw-away cluster of three simulated hosts
-//! ([`sandbox`]); the rows are in [`modes`].
+//! ([`sandbox`]); the rows are in [`modes`]. [`chaos`] is the soak on the same sandbox.
+//!
+//! Against a real cluster ([`cluster`]) the daemon owns the hosts, so the drill reaches
+//! a VM's QEMU only through it: the drill files a fault on the [`desk`], the daemon
+//! carries it out ([`serve()`], called by `watch` after each reconcile) and answers there.
+//! Both sides live here; nothing here imports `watch` or `cli` (the layers of `lib.rs`).
+//!
+//! What the sandbox reads back the way the end-to-end tests do is public, and their
+//! harness uses it: the test guest's [`console`], the daemon's JSON [`log`], the
+//! deadline loop ([`poll`]).
 
 mod chaos;
 mod cluster;
+pub mod console;
+pub mod desk;
+pub mod log;
 mod modes;
+pub mod poll;
 mod sandbox;
+mod serve;
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -22,8 +36,10 @@ use serde::Serialize;
 
 pub use chaos::{clock_seed, replay, run_chaos, summary, ChaosConfig, Report};
 pub use cluster::{run_cluster, ClusterConfig};
+pub use desk::DrillDesk;
 pub use modes::Sample;
 use sandbox::{Guest, Sandbox};
+pub use serve::serve;
 
 /// How a drill on the sandbox runs.
 #[derive(Debug, Clone)]
@@ -198,18 +214,12 @@ fn run_rows<C>(
     rows
 }
 
+/// How often the drill looks at what it waits for.
+const POLL: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Polls `cond` every 20 ms until it holds (true) or `timeout` passes (false).
 fn poll_until(timeout: std::time::Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if std::time::Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    poll::poll_every(POLL, "", timeout, || cond().then_some(())).is_ok()
 }
 
 /// Milliseconds from `from` to `to` (0 when `to` is earlier).

@@ -1,7 +1,7 @@
 //! The throw-away cluster a drill runs on: a git repository of specs, three simulated
 //! hosts (this binary's agent on a root of its own, started through `sh -c` so a host
 //! can be "powered off"), one shared-storage folder, and the real `plasmavmc watch` as
-//! a child process whose JSON log is read back.
+//! a child process whose JSON log is read back ([`super::log`]).
 //!
 //! ```text
 //! <tmp>/repo/          plasmavmc.toml, hosts/hv{1,2,3}.toml, vms/*.toml (committed)
@@ -26,7 +26,6 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, SystemTime};
@@ -34,31 +33,11 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context as _, Result};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::Value;
+
+use super::log::LogLine;
 
 /// Every host of the sandbox; hv3 has no fence command.
 pub const HOSTS: [&str; 3] = ["hv1", "hv2", "hv3"];
-
-/// One line of the daemon's JSON log.
-#[derive(Debug, Clone)]
-pub struct LogLine {
-    pub at: SystemTime,
-    pub fields: Value,
-}
-
-impl LogLine {
-    pub fn message(&self) -> &str {
-        self.fields["message"].as_str().unwrap_or_default()
-    }
-
-    pub fn str(&self, key: &str) -> Option<&str> {
-        self.fields[key].as_str()
-    }
-
-    pub fn is(&self, message: &str, vm: Option<&str>) -> bool {
-        self.message() == message && vm.is_none_or(|v| self.str("vm") == Some(v))
-    }
-}
 
 /// The sandbox; dropping it kills everything it started and removes its folder.
 pub struct Sandbox {
@@ -308,21 +287,8 @@ impl Sandbox {
         let Some((_, path)) = &self.watch else {
             return Vec::new();
         };
-        let Ok(file) = fs::File::open(path) else {
-            return Vec::new();
-        };
-        BufReader::new(file)
-            .lines()
-            .map_while(Result::ok)
-            .filter_map(|l| serde_json::from_str::<Value>(&l).ok())
-            .map(|fields| {
-                let at = fields["timestamp"]
-                    .as_str()
-                    .and_then(|t| humantime::parse_rfc3339_weak(t.trim_end_matches('Z')).ok())
-                    .unwrap_or(SystemTime::UNIX_EPOCH);
-                LogLine { at, fields }
-            })
-            .collect()
+        let text = fs::read(path).unwrap_or_default();
+        super::log::lines(&String::from_utf8_lossy(&text))
     }
 
     /// Waits for a log line (from index `since`) matching `pred`.
@@ -377,7 +343,7 @@ impl Sandbox {
 
     /// The VM's status file.
     pub fn vm_status(&self, vm: &str) -> Option<crate::status::VmStatus> {
-        let state = crate::state::StateDir::at(&self.state_dir());
+        let state = crate::records::StateDir::at(&self.state_dir());
         crate::status::StatusDir::new(&state.status_dir())
             .vm(vm)
             .ok()
@@ -549,12 +515,9 @@ done
 exit 0
 "#;
 
-/// Polls `cond` every 20 ms until it holds or `timeout` passes.
-pub fn wait(what: &str, timeout: Duration, cond: impl FnMut() -> bool) -> Result<()> {
-    if !super::poll_until(timeout, cond) {
-        bail!("timed out after {timeout:?} waiting for {what}");
-    }
-    Ok(())
+/// Polls `cond` every 20 ms until it holds, or fails after `timeout` naming `what`.
+pub fn wait(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) -> Result<()> {
+    super::poll::poll_every(super::POLL, what, timeout, || cond().then_some(()))
 }
 
 fn all_pids() -> Vec<i32> {

@@ -101,7 +101,7 @@ impl Host for FakeHost {
     async fn discard(&self, vm: &str) -> Result<(), HostError> {
         self.record(format!("discard {vm}"))
     }
-    async fn inject(&self, vm: &str, fault: crate::state::drill::Fault) -> Result<u32, HostError> {
+    async fn inject(&self, vm: &str, fault: crate::wire::Fault) -> Result<u32, HostError> {
         self.record(format!("inject {vm} {fault:?}")).map(|()| 42)
     }
     async fn read_disk(&self, vm: &str, disk: &str, offset: u64) -> Result<DiskChunk, HostError> {

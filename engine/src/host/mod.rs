@@ -19,8 +19,7 @@ pub use transport::{agent_argv, connect_hosts};
 
 use crate::observe::Inventory;
 use crate::qemu::instance::VmInstance;
-use crate::state::drill::Fault;
-use crate::wire::{DiskChunk, HostEvent, Incoming, StopOutcome};
+use crate::wire::{DiskChunk, Fault, HostEvent, Incoming, StopOutcome};
 
 /// Errors a host reports.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +83,7 @@ pub enum HostError {
     State {
         vm: String,
         #[source]
-        source: Box<crate::state::StateError>,
+        source: Box<crate::records::StateError>,
     },
     #[error("VM {vm}: {reason}")]
     Refused { vm: String, reason: String },
@@ -104,7 +103,7 @@ pub enum HostError {
 /// rooted at its `root` or at `<state>/<name>`.
 pub fn local_hosts(
     desired: &plasmavmc_specs::Desired,
-    state: &crate::state::StateDir,
+    state: &crate::records::StateDir,
 ) -> std::collections::BTreeMap<String, LocalHost> {
     desired
         .hosts

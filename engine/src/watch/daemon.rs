@@ -18,9 +18,9 @@ use super::WatchConfig;
 use crate::errors::error_chain;
 use crate::execute::journal::JournalFile;
 use crate::observe::Observed;
+use crate::records::{StateDir, StateLock};
 use crate::source::remote::{is_remote, Remote};
 use crate::source::{Source, Target, TargetError};
-use crate::state::{StateDir, StateLock};
 use crate::status::{EngineStatus, StatusDir, VmEvent};
 use crate::step::{carry_out, planned, publish, Fleet as _, Outcome};
 use crate::time::now_ms;
@@ -251,8 +251,8 @@ impl<C: Connector> Daemon<C> {
         // the host's events, not by a reconcile that knew it was coming.
         if let Some(target) = &self.target {
             let vms: Vec<&String> = target.desired.vms.keys().collect();
-            let desk = crate::state::drill::DrillDesk::new(self.state.root());
-            let events = super::drill::serve(&desk, self.fleet.connected(), &vms).await;
+            let desk = crate::drill::DrillDesk::new(self.state.root());
+            let events = crate::drill::serve(&desk, self.fleet.connected(), &vms).await;
             self.events.extend(events);
         }
     }

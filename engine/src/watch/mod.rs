@@ -14,7 +14,6 @@
 //! ```
 
 mod daemon;
-mod drill;
 mod fleet;
 mod health;
 #[cfg(test)]

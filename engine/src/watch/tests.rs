@@ -19,10 +19,9 @@ use crate::observe::{Capacity, Inventory, ObservedVm, RunState};
 use crate::qemu::exit::{ExitReason, ExitRecord};
 use crate::qemu::instance::VmInstance;
 use crate::qemu::migrate::{Stats, Tuning};
-use crate::state::drill::Fault;
 use crate::status::{StatusDir, VmPhase, VmStatus};
 use crate::time::now_ms;
-use crate::wire::{DiskChunk, HostEvent, Incoming, StopOutcome};
+use crate::wire::{DiskChunk, Fault, HostEvent, Incoming, StopOutcome};
 
 type TestResult = Result<(), Box<dyn std::error::Error>>;
 
@@ -490,11 +489,38 @@ async fn a_fenced_host_s_vms_are_recovered_elsewhere() -> TestResult {
     // Silent for a minute, past `down_after` (5 s): fenced at once, and web recovered.
     home.go_silent();
     d.step(vec![Trigger::Health]).await;
-    let fenced = crate::state::fence::FenceRecords::new(&repo.path().join(".plasmavmc")).all();
+    let fenced = crate::records::fence::FenceRecords::new(&repo.path().join(".plasmavmc")).all();
     assert!(fenced.contains_key(home.name()), "{fenced:?}");
     assert_eq!(other.calls(), ["recover web", "start web"]);
     let web = repo.status("web").expect("web has a status");
     assert_eq!(web.phase, VmPhase::Running);
     assert_eq!(web.host.as_deref(), Some(other.name()));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_damaged_journal_is_said_in_the_status_once() -> TestResult {
+    let repo = Repo::new()?;
+    let hv1 = Fake::new("hv1");
+    repo.host("hv1", false)?;
+    repo.vm("web", "")?;
+    repo.commit("web")?;
+    let state = repo.path().join(".plasmavmc");
+    std::fs::create_dir_all(&state)?;
+    std::fs::write(state.join("journal.json"), "{\"revision\": ")?;
+    let mut d = daemon(&repo, &[&hv1]).await?;
+    d.step(vec![Trigger::Startup]).await;
+    let engine = || {
+        StatusDir::new(&state.join("status"))
+            .engine()
+            .expect("a readable engine status")
+            .expect("an engine status")
+    };
+    let error = engine().last_error.unwrap_or_default();
+    assert!(error.contains("journal.json is damaged"), "{error}");
+    assert_eq!(hv1.calls(), ["create web", "start web"], "healing goes on");
+    // Said once: the next reconcile that leaves nothing undone clears it.
+    d.step(vec![Trigger::Timer]).await;
+    assert_eq!(engine().last_error, None);
     Ok(())
 }

@@ -17,7 +17,6 @@ use crate::observe::{Capacity, Inventory};
 use crate::qemu::exit::ExitReason;
 use crate::qemu::instance::VmInstance;
 use crate::qemu::migrate::{Stats, Tuning};
-use crate::state::drill::Fault;
 
 /// Version of this protocol; both sides must speak the same.
 pub const VERSION: u32 = 3;
@@ -283,6 +282,27 @@ pub struct DiskChunk {
     pub len: u64,
     #[serde(skip)]
     pub data: Vec<u8>,
+}
+
+/// A failure `plasmavmc drill` inflicts on a running VM, as if it came from outside
+/// ([`Request::Inject`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    /// SIGKILL of its QEMU: a QEMU crash.
+    KillQemu,
+    /// An NMI to the guest (QMP `inject-nmi`, the server's NMI button): a guest set to
+    /// panic on NMI (`unknown_nmi_panic`) panics.
+    Nmi,
+}
+
+impl Fault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::KillQemu => "kill -9 of its QEMU",
+            Fault::Nmi => "NMI to the guest",
+        }
+    }
 }
 
 /// Something a host tells the engine without being asked.

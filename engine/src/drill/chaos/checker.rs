@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::drill::modes::boot_count;
+use crate::drill::console::boot_count;
 use crate::drill::sandbox::{fence_ran, qemus, serial_path, Qemu, HOSTS};
 
 /// How often the checker looks.

@@ -150,7 +150,7 @@ pub fn run_chaos(cfg: &ChaosConfig, progress: &mut dyn FnMut(&str)) -> Result<Re
                 None => l.str("host").is_some(),
             })
             .take(20)
-            .map(|l| l.fields.to_string())
+            .map(ToString::to_string)
             .collect();
         lines.reverse();
         report.evidence.insert(v.vm.clone(), lines);

@@ -16,7 +16,7 @@ use nix::unistd::Pid;
 
 use super::checker::{Episode, Shared};
 use super::schedule::{Step, VMS};
-use crate::drill::modes::last_tick;
+use crate::drill::console::last_tick;
 use crate::drill::poll_until;
 use crate::drill::sandbox::Sandbox;
 

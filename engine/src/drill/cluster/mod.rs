@@ -3,7 +3,7 @@
 //!
 //! The daemon (`plasmavmc watch`) owns the hosts' agents, so the drill never talks to a
 //! host: faults go to the daemon as requests in the state directory (see
-//! [`crate::state::drill`]), moves go through commits to the branch it follows (see
+//! [`super::desk`]), moves go through commits to the branch it follows (see
 //! [`pin`]), the engine crash is a `kill -9` of the daemon (its service manager must
 //! start it again), and everything is measured from the status files the daemon writes
 //! (event times to the millisecond). No other VM is named in any request or commit.
@@ -20,12 +20,12 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use plasmavmc_specs::{RestartPolicy, VmSpec};
 
+use super::desk::{DrillAnswer, DrillDesk};
 use super::{ms, poll_until, run_rows, Row};
+use crate::records::{lock_holder, running_watch};
 use crate::source::{Source, Target};
-use crate::state::drill::Fault;
-use crate::state::drill::{DrillAnswer, DrillDesk};
-use crate::state::{lock_holder, running_watch};
 use crate::status::{EngineStatus, StatusDir, VmEvent, VmPhase, VmStatus};
+use crate::wire::Fault;
 
 /// How a drill against a real cluster runs.
 #[derive(Debug, Clone)]
@@ -447,7 +447,7 @@ fn local_copies_of(vm: &str, roots: &[PathBuf]) -> Vec<u32> {
 }
 
 fn status_dir(state: &Path) -> StatusDir {
-    StatusDir::new(&crate::state::StateDir::at(state).status_dir())
+    StatusDir::new(&crate::records::StateDir::at(state).status_dir())
 }
 
 fn read_engine(state: &Path) -> Result<EngineStatus> {

@@ -12,7 +12,7 @@ use plasmavmc_specs::MigrationPolicy;
 use super::{ms, poll_until, Cluster, STEP};
 use crate::drill::modes::moves::downtime_in;
 use crate::drill::modes::{sampling, Mode, Sample};
-use crate::state::drill::Fault;
+use crate::wire::Fault;
 
 pub const ROWS: [Mode<Cluster>; 4] = [
     Mode {

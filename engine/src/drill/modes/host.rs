@@ -33,8 +33,8 @@ pub(super) fn host_reboot(sb: &mut Sandbox) -> Result<Sample> {
         _ => None,
     };
     Ok(Sample {
-        detection_ms: Some(ms(t0, seen.at)),
-        running_ms: Some(ms(t0, started.at)),
+        detection_ms: Some(ms(t0, seen.timestamp()?)),
+        running_ms: Some(ms(t0, started.timestamp()?)),
         guest_ms: Some(ms(t0, guest)),
         most_copies: Some(most),
         data_checked: boots_before.is_some(),
@@ -92,15 +92,17 @@ pub(super) fn host_power_off(sb: &mut Sandbox) -> Result<Sample> {
     };
     rejoin(sb, &host)?;
     Ok(Sample {
-        detection_ms: Some(ms(t0, lost.at)),
-        running_ms: Some(ms(t0, started.at)),
+        detection_ms: Some(ms(t0, lost.timestamp()?)),
+        running_ms: Some(ms(t0, started.timestamp()?)),
         guest_ms: Some(ms(t0, guest)),
         most_copies: Some(most),
         data_checked: boots_before.is_some(),
         broken: data,
         note: format!(
             "{host} fenced at {} ms; app recovered on {to}",
-            fenced.map_or_else(|| "?".to_owned(), |f| format!("{:.0}", ms(t0, f.at)))
+            fenced
+                .and_then(|f| f.timestamp().ok())
+                .map_or_else(|| "?".to_owned(), |at| format!("{:.0}", ms(t0, at)))
         ),
     })
 }
@@ -139,7 +141,7 @@ pub(super) fn partition(sb: &mut Sandbox) -> Result<Sample> {
     rejoin(sb, &host)?;
     Ok(Sample {
         detection_ms: Some(ms(t0, unknown)),
-        running_ms: Some(ms(confirmed, started.at)),
+        running_ms: Some(ms(confirmed, started.timestamp()?)),
         guest_ms: Some(ms(confirmed, guest)),
         most_copies: Some(most),
         data_checked: boots_before.is_some(),

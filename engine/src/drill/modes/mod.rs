@@ -12,8 +12,10 @@ mod host;
 pub mod moves;
 mod vm;
 
+use super::console::{boot_count, last_tick};
+use super::log::LogLine;
 use super::ms;
-use super::sandbox::{wait, LogLine, Sandbox};
+use super::sandbox::{wait, Sandbox};
 
 /// The VM most rows act on: `ha`, its disk on shared storage.
 pub const APP: &str = "app";
@@ -152,15 +154,6 @@ fn boots(sb: &Sandbox, host: &str, vm: &str) -> Option<u64> {
     n
 }
 
-/// The boot count the guest printed on `console` (`disk: boots=N`), if it did.
-pub fn boot_count(console: &str) -> Option<u64> {
-    console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("disk: boots="))
-        .filter_map(|n| n.trim().parse().ok())
-        .next_back()
-}
-
 /// The boot count `vm`'s guest last found on its disk, wherever it booted: the count
 /// only grows, so it is the highest any console shows or the drill saw before (a live
 /// move discards the console where the guest booted).
@@ -196,13 +189,6 @@ fn tick_after(sb: &Sandbox, host: &str, vm: &str, after: u64) -> Result<SystemTi
         || progress(sb, host, vm) > after,
     )?;
     Ok(SystemTime::now())
-}
-
-pub fn last_tick(serial: &str) -> Option<u64> {
-    serial
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("tick ")?.parse().ok())
-        .next_back()
 }
 
 /// Rows that need the test guest's kernel command line knobs (it panics or powers off

@@ -5,10 +5,11 @@ use std::time::SystemTime;
 use anyhow::Result;
 
 use super::{
-    app_on, boots, find_after, last_tick, ms, the_pid, tick_after, watching, write_app, Sample,
-    APP, STEP,
+    app_on, boots, find_after, ms, the_pid, tick_after, watching, write_app, Sample, APP, STEP,
 };
-use crate::drill::sandbox::{wait, LogLine, Sandbox, HOSTS};
+use crate::drill::console::last_tick;
+use crate::drill::log::LogLine;
+use crate::drill::sandbox::{wait, Sandbox, HOSTS};
 
 /// Commits `app` pinned to `to` and waits for the move; returns its `done` line.
 pub(super) fn move_app(sb: &mut Sandbox, to: &str) -> Result<LogLine> {
@@ -76,8 +77,8 @@ pub(super) fn live_round_trip(sb: &mut Sandbox) -> Result<Sample> {
         broken: (rebooted || now == pid).then(|| "the guest rebooted instead of moving".to_owned()),
         note: format!(
             "{home} -> {away} -> {home}; running again = worst downtime; legs {:.0} / {:.0} ms from commit{}",
-            ms(t0, there.at),
-            ms(there.at, back.at),
+            ms(t0, there.timestamp()?),
+            ms(there.timestamp()?, back.timestamp()?),
             if sb.guest.ticks() {
                 ""
             } else {
@@ -121,7 +122,7 @@ pub(super) fn cold_move(sb: &mut Sandbox) -> Result<Sample> {
     wait("cold removed", STEP, || sb.qemus_of("cold").is_empty())?;
     Ok(Sample {
         detection_ms: None,
-        running_ms: Some(ms(t0, done.at)),
+        running_ms: Some(ms(t0, done.timestamp()?)),
         guest_ms: Some(ms(t0, guest)),
         most_copies: Some(most),
         data_checked: true,

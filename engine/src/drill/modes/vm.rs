@@ -27,7 +27,7 @@ pub(super) fn engine_crash(sb: &mut Sandbox) -> Result<Sample> {
     let (_, after) = the_pid(sb, APP)?;
     Ok(Sample {
         detection_ms: None,
-        running_ms: Some(ms(t0, adopted.at)),
+        running_ms: Some(ms(t0, adopted.timestamp()?)),
         guest_ms: Some(ms(t0, guest)),
         most_copies: Some(most),
         data_checked: false,
@@ -55,7 +55,7 @@ pub(super) fn exit_and_restart(sb: &mut Sandbox, vm: &str, by_guest: bool) -> Re
         };
         let exited = find_after(sb, "the exit seen", since, |l| l.is("vm exited", Some(vm)))?;
         let started = find_after(sb, "a new QEMU", since, |l| {
-            l.is("started", Some(vm)) && l.fields["pid"].as_i64() != Some(i64::from(pid))
+            l.is("started", Some(vm)) && l.int("pid") != Some(i64::from(pid))
         })?;
         Ok((t0, exited, started))
     })?;
@@ -68,8 +68,8 @@ pub(super) fn exit_and_restart(sb: &mut Sandbox, vm: &str, by_guest: bool) -> Re
         _ => None,
     };
     Ok(Sample {
-        detection_ms: Some(ms(t0, exited.at)),
-        running_ms: Some(ms(t0, started.at)),
+        detection_ms: Some(ms(t0, exited.timestamp()?)),
+        running_ms: Some(ms(t0, started.timestamp()?)),
         guest_ms: Some(ms(t0, guest)),
         most_copies: Some(most),
         data_checked: boots_before.is_some() && boots_after.is_some(),

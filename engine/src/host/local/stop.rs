@@ -10,8 +10,7 @@ use super::{LocalHost, EXIT_GRACE, QMP_PROBE};
 use crate::failpoint::failpoint;
 use crate::host::HostError;
 use crate::qemu::process;
-use crate::state::drill::Fault;
-use crate::wire::StopOutcome;
+use crate::wire::{Fault, StopOutcome};
 
 impl LocalHost {
     pub(super) async fn stop_here(

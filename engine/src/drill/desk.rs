@@ -13,7 +13,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use super::{create_private_dir, write_atomic, StateError};
+use crate::records::{create_private_dir, write_atomic, StateError};
+use crate::wire::Fault;
 
 /// How long a request may wait for the daemon.
 pub const FRESH: Duration = Duration::from_secs(30);
@@ -132,26 +133,6 @@ impl DrillDesk {
 
     fn answer_path(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.answer.toml"))
-    }
-}
-
-/// A failure `plasmavmc drill` inflicts on a running VM, as if it came from outside.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Fault {
-    /// SIGKILL of its QEMU: a QEMU crash.
-    KillQemu,
-    /// An NMI to the guest (QMP `inject-nmi`, the server's NMI button): a guest set to
-    /// panic on NMI (`unknown_nmi_panic`) panics.
-    Nmi,
-}
-
-impl Fault {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Fault::KillQemu => "kill -9 of its QEMU",
-            Fault::Nmi => "NMI to the guest",
-        }
     }
 }
 

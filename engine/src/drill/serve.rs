@@ -1,14 +1,15 @@
 //! The daemon's side of `plasmavmc drill` against a real cluster: carrying out the fault
-//! requests it finds in the state directory (see [`crate::state::drill`]).
+//! requests it finds on the drill's desk in the state directory (see [`super::desk`]).
+//! `plasmavmc watch` calls [`serve`] after each reconcile; the drill itself never does.
 
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
 use tracing::{info, warn};
 
+use super::desk::{DrillAnswer, DrillDesk, FRESH};
 use crate::errors::error_chain;
 use crate::host::Host;
-use crate::state::drill::{DrillAnswer, DrillDesk};
 use crate::status::VmEvent;
 
 /// Carries out every waiting request on `hosts`, for VMs of `vms` only; returns the
@@ -24,8 +25,7 @@ pub async fn serve<H: Host>(
         let result = if DrillDesk::expired(&request, SystemTime::now()) {
             Err(format!(
                 "expired: asked at {}, more than {:?} ago; not carried out",
-                request.at,
-                crate::state::drill::FRESH
+                request.at, FRESH
             ))
         } else if !vms.contains(&&request.vm) {
             Err(format!("{} is not a VM of the applied commit", request.vm))
