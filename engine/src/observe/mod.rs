@@ -211,7 +211,7 @@ pub struct Observed {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unreachable: BTreeMap<String, String>,
     /// Where each VM may be, by the engine's durable record
-    /// ([`crate::state::whereabouts`]): every host that may hold an instance of it, the
+    /// ([`crate::records::whereabouts`]): every host that may hold an instance of it, the
     /// one noted last at the end. A VM that may be on an unreachable host that is not
     /// fenced is unknown: it may still run there, so it is never started anywhere else.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
