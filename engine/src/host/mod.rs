@@ -87,6 +87,13 @@ pub enum HostError {
     },
     #[error("VM {vm}: {reason}")]
     Refused { vm: String, reason: String },
+    /// Its NICs cannot be wired: a bridge missing, a tap held by another process.
+    #[error("VM {vm}: network")]
+    Network {
+        vm: String,
+        #[source]
+        source: Box<local::taps::TapError>,
+    },
     #[error("VM {vm}: live migration")]
     Migration {
         vm: String,

@@ -29,6 +29,8 @@ struct Attached {
 pub struct Monitor {
     attached: Mutex<HashMap<String, Attached>>,
     events: broadcast::Sender<HostEvent>,
+    /// One lock per VM over its network devices (see `local::taps`).
+    net_locks: std::sync::Mutex<HashMap<String, Arc<Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for Monitor {
@@ -43,7 +45,19 @@ impl Monitor {
         Arc::new(Self {
             attached: Mutex::new(HashMap::new()),
             events,
+            net_locks: std::sync::Mutex::default(),
         })
+    }
+
+    /// The lock over `vm`'s network devices: held while its taps are made until its
+    /// QEMU has opened them, and while they are removed, so a removal never comes
+    /// between the two.
+    pub fn net_lock(&self, vm: &str) -> Arc<Mutex<()>> {
+        let mut locks = self
+            .net_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        locks.entry(vm.to_owned()).or_default().clone()
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<HostEvent> {
@@ -136,6 +150,12 @@ impl Watcher {
         let status = self.exit_status().await;
         let at_ms = crate::time::now_ms();
         let expected = self.record(reason, status.clone(), at_ms);
+        // Its taps go with it (a restart makes them again).
+        {
+            let lock = monitor.net_lock(&self.vm);
+            let _held = lock.lock().await;
+            super::local::taps::release(&self.vm, &self.dir, Some(&self.uuid)).await;
+        }
         info!(vm = %self.vm, pid = self.pid, reason = reason.as_str(), status = status.as_deref().unwrap_or("-"), expected, "vm exited");
         let _ = monitor.events.send(HostEvent::Exited {
             vm: self.vm.clone(),

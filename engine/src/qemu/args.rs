@@ -6,9 +6,10 @@
 
 use std::fmt::Write as _;
 
-use plasmavmc_specs::Forward;
+use plasmavmc_specs::{Forward, Nic};
 
 use super::instance::{InstanceFile, PID_FILE, QMP_SOCKET, SERIAL_LOG};
+use super::net::tap_name;
 
 /// The accelerator actually used (the spec's `auto` resolved on the host).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,7 +19,7 @@ pub enum Accel {
 }
 
 impl Accel {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Accel::Kvm => "kvm",
             Accel::Tcg => "tcg",
@@ -43,8 +44,12 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
         "-machine",
         &format!("{},accel={}", spec.qemu.machine, accel.as_str()),
     ]);
-    if accel == Accel::Kvm {
-        push(&["-cpu", "host"]);
+    // A named model (or `host`) as the spec says; else `host` under KVM and QEMU's own
+    // default under TCG.
+    match (&spec.qemu.cpu, accel) {
+        (Some(model), _) => push(&["-cpu", model]),
+        (None, Accel::Kvm) => push(&["-cpu", "host"]),
+        (None, Accel::Tcg) => {}
     }
     push(&[
         "-m",
@@ -118,29 +123,45 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
         ]);
     }
     for (i, nic) in spec.nics.iter().enumerate() {
-        let mut netdev = format!("user,id=net{i}");
-        for fwd in nic.forward.iter().filter_map(|f| Forward::parse(f).ok()) {
-            let proto = if fwd.udp { "udp" } else { "tcp" };
-            let _ = write!(
-                netdev,
-                ",hostfwd={proto}::{}-:{}",
-                fwd.host_port, fwd.guest_port
-            );
-        }
-        push(&["-netdev", &netdev]);
+        push(&["-netdev", &netdev(&vm.name, i, nic)]);
         push(&[
             "-device",
-            &format!("virtio-net-pci,netdev=net{i},id=nic{i}"),
+            &format!(
+                "virtio-net-pci,netdev=net{i},id=nic{i},mac={}",
+                escape(&nic.mac_of(&vm.name, i))
+            ),
         ]);
     }
     a
+}
+
+/// The `-netdev` of NIC `i` of `vm`: user-mode with its port forwards, or the tap the
+/// host made and put on the bridge before QEMU starts. QEMU only opens that tap, so no
+/// helper script runs (the sandbox denies spawning).
+fn netdev(vm: &str, i: usize, nic: &Nic) -> String {
+    if !nic.network.is_user() {
+        return format!(
+            "tap,id=net{i},ifname={},script=no,downscript=no",
+            tap_name(vm, i)
+        );
+    }
+    let mut netdev = format!("user,id=net{i}");
+    for fwd in nic.forward.iter().filter_map(|f| Forward::parse(f).ok()) {
+        let proto = if fwd.udp { "udp" } else { "tcp" };
+        let _ = write!(
+            netdev,
+            ",hostfwd={proto}::{}-:{}",
+            fwd.host_port, fwd.guest_port
+        );
+    }
+    netdev
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::qemu::instance::{ResolvedFiles, VmInstance};
-    use plasmavmc_specs::{Boot, Disk, Nic, Power, VmSpec};
+    use plasmavmc_specs::{Boot, Disk, Power, VmSpec};
 
     fn instance() -> InstanceFile {
         let mut spec: VmSpec = toml::from_str("vcpus = 2\nmemory_mb = 128\n").expect("spec");
@@ -182,6 +203,7 @@ mod tests {
                     images: std::collections::BTreeMap::default(),
                 },
                 shared_storage: None,
+                networks: std::collections::BTreeMap::default(),
             },
         }
     }
@@ -213,6 +235,68 @@ mod tests {
         assert!(qemu_args(&instance(), Accel::Kvm)
             .iter()
             .any(|x| x == "-cpu"));
+    }
+
+    #[test]
+    fn every_nic_gets_its_mac_and_a_bridged_one_opens_its_tap() {
+        let mut inst = instance();
+        inst.vm.spec.nics.push(Nic {
+            network: plasmavmc_specs::Network("lan".into()),
+            mac: Some("52:54:00:12:ab:cd".into()),
+            forward: vec![],
+        });
+        inst.vm.networks.insert(
+            "lan".into(),
+            plasmavmc_specs::NetworkDef {
+                bridge: "br-lan".into(),
+                vlan: Some(10),
+            },
+        );
+        let a = qemu_args(&inst, Accel::Tcg);
+        let user_mac = plasmavmc_specs::derived_mac("web", 0);
+        let tap = crate::qemu::net::tap_name("web", 1);
+        let after = |flag: &str| -> Vec<&str> {
+            a.windows(2)
+                .filter(|w| w[0] == flag)
+                .map(|w| w[1].as_str())
+                .collect()
+        };
+        assert_eq!(
+            after("-netdev"),
+            [
+                "user,id=net0,hostfwd=tcp::2222-:22".to_owned(),
+                format!("tap,id=net1,ifname={tap},script=no,downscript=no"),
+            ]
+        );
+        let devices = after("-device");
+        assert!(
+            devices
+                .contains(&format!("virtio-net-pci,netdev=net0,id=nic0,mac={user_mac}").as_str()),
+            "{devices:?}"
+        );
+        assert!(
+            devices.contains(&"virtio-net-pci,netdev=net1,id=nic1,mac=52:54:00:12:ab:cd"),
+            "{devices:?}"
+        );
+        // The bridge is the host's business, not QEMU's: no helper, no bridge name.
+        assert!(!a
+            .iter()
+            .any(|x| x.contains("br-lan") || x.contains("helper")));
+    }
+
+    #[test]
+    fn a_named_cpu_model_is_used_under_either_accelerator() {
+        let mut inst = instance();
+        inst.vm.spec.qemu.cpu = Some("x86-64-v2".into());
+        for accel in [Accel::Tcg, Accel::Kvm] {
+            let a = qemu_args(&inst, accel);
+            let cpus: Vec<_> = a
+                .windows(2)
+                .filter(|w| w[0] == "-cpu")
+                .map(|w| w[1].clone())
+                .collect();
+            assert_eq!(cpus, ["x86-64-v2"], "{accel:?}");
+        }
     }
 
     #[test]

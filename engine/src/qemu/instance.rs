@@ -62,6 +62,11 @@ pub struct VmInstance {
     /// there: `storage = "shared"`, or `"auto"` on a host that has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shared_storage: Option<PathBuf>,
+    /// The networks the VM's NICs are on (all but `user`), as the cluster declares them:
+    /// the bridge each NIC's tap joins, and its VLAN. Empty in records older than bridged
+    /// networks (their NICs were all `user`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub networks: BTreeMap<String, plasmavmc_specs::NetworkDef>,
 }
 
 /// Kernel, initrd and base images named by a spec, as absolute paths.

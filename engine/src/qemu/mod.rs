@@ -6,5 +6,6 @@ pub mod exit;
 pub mod img;
 pub mod instance;
 pub mod migrate;
+pub mod net;
 pub mod process;
 pub mod qmp;

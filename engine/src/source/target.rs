@@ -83,6 +83,16 @@ impl Target {
                 .get(host)
                 .and_then(|h| h.spec.shared_storage.as_ref())
                 .map(std::path::PathBuf::from),
+            networks: entry
+                .spec
+                .nics
+                .iter()
+                .filter_map(|nic| {
+                    let name = nic.network.as_str();
+                    let def = self.desired.cluster.networks.get(name)?;
+                    Some((name.to_owned(), def.clone()))
+                })
+                .collect(),
         })
     }
 }

@@ -6,6 +6,7 @@
 //! Events of earlier runs are kept (the most recent [`MAX_EVENTS`]).
 
 pub mod branch;
+mod nics;
 mod table;
 
 use std::collections::BTreeMap;
@@ -15,6 +16,7 @@ use std::path::{Path, PathBuf};
 use plasmavmc_specs::Desired;
 use serde::{Deserialize, Serialize};
 
+pub use nics::NicStatus;
 pub use table::print_table;
 
 use crate::execute::{Outcome, Report};
@@ -189,6 +191,9 @@ pub struct VmStatus {
     pub message: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub events: Vec<VmEvent>,
+    /// Its NICs: network, MAC, and the tap of bridged ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nics: Vec<NicStatus>,
 }
 
 /// `status/hosts/<name>.toml`.
@@ -210,6 +215,15 @@ pub struct HostStatus {
     /// Disks kept after their VM or disk left the specs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub retained: Vec<Retained>,
+    /// The Linux bridges the host has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub bridges: Vec<String>,
+    /// Networks its spec lists that it cannot serve, and why (`lan (no bridge br-lan)`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing_networks: Vec<String>,
+    /// Its CPU: model name, flags digest, the QEMU CPU models it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<crate::observe::HostCpu>,
 }
 
 /// Everything the status folder holds.
@@ -419,6 +433,7 @@ impl StatusDir {
                         up_to_date: want.is_some_and(|w| w.hash == o.spec_hash),
                         message,
                         events,
+                        nics: nics::nics_of(name, &o.spec),
                     },
                 );
             }
@@ -474,7 +489,7 @@ impl StatusDir {
         let mut hosts: Vec<HostStatus> = observed
             .hosts
             .iter()
-            .map(|(name, inv)| host_status(name, inv, desired.and_then(|d| d.hosts.get(name))))
+            .map(|(name, inv)| host_status(name, inv, desired))
             .collect();
         hosts.extend(
             observed
@@ -542,7 +557,11 @@ fn unknown(
         up_to_date: false,
         message: None,
         events: Vec::new(),
+        nics: Vec::new(),
     });
+    if let Some(w) = want {
+        status.nics = nics::nics_of(name, &w.spec);
+    }
     status.phase = VmPhase::Unknown;
     status.host = Some(host.to_owned());
     status.pid = None;
@@ -566,6 +585,7 @@ fn pending(want: &plasmavmc_specs::VmEntry, prev: Option<VmStatus>) -> VmStatus 
         up_to_date: false,
         message: Some("not created yet".to_owned()),
         events: prev.map(|p| p.events).unwrap_or_default(),
+        nics: nics::nics_of(&want.name, &want.spec),
     }
 }
 
@@ -593,18 +613,23 @@ fn unreachable_host(name: &str, why: &str, observed: &Observed) -> HostStatus {
             .collect(),
         orphans: Vec::new(),
         retained: Vec::new(),
+        bridges: Vec::new(),
+        missing_networks: Vec::new(),
+        cpu: None,
         message: Some(fenced.map_or_else(|| why.to_owned(), |how| format!("{why}; {how}"))),
     }
 }
 
 /// A host's status from its inventory: what it has, what running VMs take.
-fn host_status(
-    name: &str,
-    inv: &Inventory,
-    spec: Option<&plasmavmc_specs::HostEntry>,
-) -> HostStatus {
+fn host_status(name: &str, inv: &Inventory, desired: Option<&Desired>) -> HostStatus {
     let running: Vec<_> = inv.vms.values().filter(|v| v.state.has_process()).collect();
-    let spec = spec.map(|h| &h.spec);
+    let spec = desired.and_then(|d| d.hosts.get(name)).map(|h| &h.spec);
+    let missing_networks = match (desired, spec) {
+        (Some(d), Some(s)) => {
+            nics::missing_networks(&s.networks, &d.cluster.networks, &inv.bridges)
+        }
+        _ => Vec::new(),
+    };
     let maintenance = spec.is_some_and(|s| s.state == plasmavmc_specs::HostState::Maintenance);
     HostStatus {
         name: name.to_owned(),
@@ -632,6 +657,9 @@ fn host_status(
         vms: inv.vms.keys().cloned().collect(),
         orphans: inv.orphans.clone(),
         retained: inv.retained.clone(),
+        bridges: inv.bridges.clone(),
+        missing_networks,
+        cpu: inv.cpu.clone(),
         // A drain's progress.
         message: maintenance.then(|| match inv.vms.len() {
             0 => "drained: no VM left".to_owned(),

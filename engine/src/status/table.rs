@@ -56,37 +56,71 @@ pub fn print_table(snap: &Snapshot) -> String {
     if rows.is_empty() {
         let _ = writeln!(out, "(no VMs)");
     }
+    for v in snap
+        .vms
+        .iter()
+        .filter(|v| v.nics.iter().any(|n| n.tap.is_some()))
+    {
+        let nics: Vec<String> = v
+            .nics
+            .iter()
+            .map(|n| match &n.tap {
+                Some(tap) => format!("{} {} tap {tap}", n.network, n.mac),
+                None => format!("{} {}", n.network, n.mac),
+            })
+            .collect();
+        let _ = writeln!(out, "  {} NICs: {}", v.name, nics.join("; "));
+    }
     for h in &snap.hosts {
-        let _ = writeln!(
-            out,
-            "\nhost {}: {}, {} VMs, {}/{} vCPUs and {}/{} MiB allocated",
-            h.name,
-            h.phase,
-            h.vms.len(),
-            h.allocated.vcpus,
-            h.capacity.vcpus,
-            h.allocated.memory_mb,
-            h.capacity.memory_mb
-        );
-        if let Some(message) = &h.message {
-            let _ = writeln!(out, "  {message}");
-        }
-        for o in &h.orphans {
-            let _ = writeln!(
-                out,
-                "  orphan QEMU pid {} in vms/{} (no instance record; --prune stops it)",
-                o.pid, o.folder
-            );
-        }
-        for r in &h.retained {
-            let _ = writeln!(
-                out,
-                "  retained disks of {} in {} ({})",
-                r.vm,
-                r.path.display(),
-                r.reason
-            );
-        }
+        host_lines(&mut out, h);
     }
     out
+}
+
+/// The lines of one host: its summary, then what it has and what it lacks.
+fn host_lines(out: &mut String, h: &super::HostStatus) {
+    let _ = writeln!(
+        out,
+        "\nhost {}: {}, {} VMs, {}/{} vCPUs and {}/{} MiB allocated",
+        h.name,
+        h.phase,
+        h.vms.len(),
+        h.allocated.vcpus,
+        h.capacity.vcpus,
+        h.allocated.memory_mb,
+        h.capacity.memory_mb
+    );
+    if let Some(message) = &h.message {
+        let _ = writeln!(out, "  {message}");
+    }
+    if let Some(cpu) = &h.cpu {
+        let _ = writeln!(
+            out,
+            "  CPU {} ({} QEMU models usable)",
+            cpu.model,
+            cpu.models.len()
+        );
+    }
+    if !h.bridges.is_empty() {
+        let _ = writeln!(out, "  bridges: {}", h.bridges.join(", "));
+    }
+    for missing in &h.missing_networks {
+        let _ = writeln!(out, "  missing network {missing}");
+    }
+    for o in &h.orphans {
+        let _ = writeln!(
+            out,
+            "  orphan QEMU pid {} in vms/{} (no instance record; --prune stops it)",
+            o.pid, o.folder
+        );
+    }
+    for r in &h.retained {
+        let _ = writeln!(
+            out,
+            "  retained disks of {} in {} ({})",
+            r.vm,
+            r.path.display(),
+            r.reason
+        );
+    }
 }

@@ -20,6 +20,7 @@ fn ran_before(dir: &StatusDir, vm: &str, host: &str) {
             up_to_date: true,
             message: None,
             events: Vec::new(),
+            nics: Vec::new(),
         }],
         ..Snapshot::default()
     };

@@ -67,7 +67,7 @@ impl LocalHost {
         Ok(())
     }
 
-    pub(super) fn delete_here(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {
+    pub(super) async fn delete_here(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {
         let dir = self.dir(vm);
         if !dir.dir.exists() {
             return Ok(None);
@@ -83,6 +83,8 @@ impl LocalHost {
             // A migration target never resumed holds no data of the VM's own.
             half_made = inst.incoming.is_some();
         }
+        // No QEMU of it runs: taps left behind go with the folder.
+        self.release_taps(vm, None).await;
         let disks = dir.dir.join(instance::DISKS_DIR);
         let has_disks = !half_made && fs::read_dir(&disks).is_ok_and(|mut d| d.next().is_some());
         let kept = if has_disks {

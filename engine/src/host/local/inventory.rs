@@ -8,7 +8,7 @@ use std::path::Path;
 use plasmavmc_specs::Power;
 use tracing::{info, warn};
 
-use super::{LocalHost, EXIT_GRACE, QMP_PROBE};
+use super::{taps, LocalHost, EXIT_GRACE, QMP_PROBE};
 use crate::host::HostError;
 use crate::observe::{Capacity, Inventory, ObservedVm, Orphan, Retained, RunState};
 use crate::qemu::instance::{self, InstanceDir, InstanceFile};
@@ -17,8 +17,8 @@ use crate::qemu::process;
 impl LocalHost {
     pub(super) async fn inventory_here(&self) -> Result<Inventory, HostError> {
         let mut inv = Inventory {
-            bridges: Vec::new(),
-            cpu: None,
+            bridges: taps::bridges(),
+            cpu: self.cpu().await,
             capacity: local_capacity(),
             retained: self.scan_retained(),
             ..Inventory::default()
@@ -81,6 +81,9 @@ impl LocalHost {
         if state == RunState::Running {
             Self::settle(dir, &mut inst);
         }
+        if pid.is_none() && !inst.starting {
+            self.tidy_taps(dir, &inst).await;
+        }
         ObservedVm {
             name: inst.vm.name,
             uuid: inst.uuid,
@@ -119,6 +122,21 @@ impl LocalHost {
         if let Err(e) = dir.write(inst) {
             warn!(vm = %inst.vm.name, error = %e, "cannot bring the instance record up to date");
         }
+    }
+
+    /// Removes the taps of an instance whose QEMU is gone when the agent did not see
+    /// it go (it was not running then). Skipped while a start or stop of the VM works
+    /// on them: that one tidies up.
+    async fn tidy_taps(&self, dir: &InstanceDir, inst: &InstanceFile) {
+        let vm = inst.vm.name.as_str();
+        if taps::taps_of(vm).is_empty() {
+            return;
+        }
+        let lock = self.monitor.net_lock(vm);
+        let Ok(_held) = lock.try_lock() else {
+            return;
+        };
+        taps::release(vm, dir, Some(&inst.uuid)).await;
     }
 
     fn scan_retained(&self) -> Vec<Retained> {

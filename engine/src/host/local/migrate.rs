@@ -68,11 +68,17 @@ impl LocalHost {
         self.ensure_disks(&dir, vm).await?;
         let spawn = async {
             let port = free_port(name, listen)?;
+            // The taps exist before the target's QEMU starts (it opens them at once);
+            // the lock is held until it has (see `taps`).
+            let net_lock = self.monitor.net_lock(name);
+            let net_held = net_lock.lock().await;
+            self.make_taps(vm).await?;
             let mut args = qemu_args(&inst, self.accel_for(&inst));
             args.extend(["-S", "-incoming", "defer"].map(String::from));
             let pid = Self::spawn(&dir, name, &args)?;
             failpoint!("agent.incoming.spawned");
             let qmp = self.wait_qmp(&dir, name, &inst.uuid, pid, false).await?;
+            drop(net_held);
             let nbd = if mirror.is_empty() {
                 None
             } else {
@@ -264,6 +270,8 @@ impl LocalHost {
             }
         }
         failpoint!("agent.discard.stopped");
+        // Its QEMU is gone (the VM runs elsewhere): its taps here go too.
+        self.release_taps(vm, None).await;
         fs::remove_dir_all(&dir.dir).map_err(|source| HostError::Io {
             vm: vm.to_owned(),
             what: "cannot remove instance folder".to_owned(),
@@ -462,6 +470,7 @@ mod tests {
             spec: e.spec.clone(),
             files: crate::qemu::instance::ResolvedFiles::default(),
             shared_storage: Some(shared.clone()),
+            networks: std::collections::BTreeMap::default(),
         };
         let host = LocalHost::new(
             "hv2",

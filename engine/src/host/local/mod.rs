@@ -17,12 +17,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod cpu;
 mod disks;
 mod folder;
 mod inventory;
 mod migrate;
 mod start;
 mod stop;
+pub(super) mod taps;
 
 pub use inventory::local_capacity;
 
@@ -46,6 +48,8 @@ pub struct LocalHost {
     accel: plasmavmc_specs::Accel,
     qmp_ready: Duration,
     monitor: Arc<Monitor>,
+    /// This machine's CPU, learnt at the first inventory (see [`cpu`]).
+    cpu: Arc<tokio::sync::OnceCell<Option<crate::observe::HostCpu>>>,
 }
 
 impl LocalHost {
@@ -63,6 +67,7 @@ impl LocalHost {
             accel,
             qmp_ready,
             monitor: Monitor::new(),
+            cpu: Arc::default(),
         }
     }
 
@@ -91,6 +96,13 @@ impl LocalHost {
             vm: inst.vm.name.clone(),
             source: Box::new(source),
         })
+    }
+
+    /// Removes `vm`'s taps once no QEMU of it runs (see [`taps`]).
+    async fn release_taps(&self, vm: &str, uuid: Option<&str>) {
+        let lock = self.monitor.net_lock(vm);
+        let _held = lock.lock().await;
+        taps::release(vm, &self.dir(vm), uuid).await;
     }
 
     /// The pid of this instance's QEMU when it is alive (checked by uuid). Without a
@@ -141,7 +153,7 @@ impl Host for LocalHost {
     }
 
     async fn delete(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {
-        self.delete_here(vm)
+        self.delete_here(vm).await
     }
 
     async fn prepare_incoming(

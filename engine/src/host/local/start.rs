@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use plasmavmc_specs::Power;
 use tracing::{debug, info, warn};
 
-use super::{LocalHost, QMP_PROBE};
+use super::{taps, LocalHost, QMP_PROBE};
 use crate::failpoint::failpoint;
 use crate::host::HostError;
 use crate::qemu::args::{qemu_args, Accel};
@@ -74,6 +74,17 @@ impl LocalHost {
             }
             return Err(e);
         }
+        // Held until QEMU answers (it has opened its taps by then): no release of the
+        // taps comes between their making and QEMU opening them.
+        let net_lock = self.monitor.net_lock(vm);
+        let net_held = net_lock.lock().await;
+        if let Err(e) = self.make_taps(&inst.vm).await {
+            // A missing bridge is a failed start: the restart policy backs off.
+            let message = crate::errors::error_chain(&e);
+            Self::record_failed_start(&dir, ExitReason::StartFailed, 0, message);
+            taps::release(vm, &dir, None).await;
+            return Err(e);
+        }
         let args = qemu_args(&inst, self.accel_for(&inst));
         let pid = match Self::spawn(&dir, vm, &args) {
             Ok(pid) => pid,
@@ -82,11 +93,18 @@ impl LocalHost {
                 // the restart policy backs off instead of retrying at every reconcile.
                 let message = crate::errors::error_chain(&e);
                 Self::record_failed_start(&dir, ExitReason::StartFailed, 0, message);
+                taps::release(vm, &dir, None).await;
                 return Err(e);
             }
         };
         failpoint!("agent.start.spawned");
-        if let Err(e) = self.wait_qmp(&dir, vm, &inst.uuid, pid, true).await {
+        let up = self.wait_qmp(&dir, vm, &inst.uuid, pid, true).await;
+        if up.is_err() {
+            // wait_qmp leaves no QEMU behind when it fails.
+            taps::release(vm, &dir, Some(&inst.uuid)).await;
+        }
+        drop(net_held);
+        if let Err(e) = up {
             let message = match &e {
                 HostError::StartFailed { reason, .. } => reason.clone(),
                 other => other.to_string(),
@@ -111,12 +129,33 @@ impl LocalHost {
         Ok(pid)
     }
 
+    /// Makes the taps of `vm`'s bridged NICs, on their bridges (the VM's network lock
+    /// held, no QEMU of it running).
+    pub(super) async fn make_taps(
+        &self,
+        vm: &crate::qemu::instance::VmInstance,
+    ) -> Result<(), HostError> {
+        taps::make(vm)
+            .await
+            .map(drop)
+            .map_err(|source| HostError::Network {
+                vm: vm.name.clone(),
+                source: Box::new(source),
+            })
+    }
+
     pub(super) fn accel_for(&self, inst: &InstanceFile) -> Accel {
-        let wanted = match inst.vm.spec.qemu.accel {
-            plasmavmc_specs::Accel::Auto => self.accel,
-            other => other,
-        };
-        match wanted {
+        match inst.vm.spec.qemu.accel {
+            plasmavmc_specs::Accel::Auto => self.default_accel(),
+            plasmavmc_specs::Accel::Tcg => Accel::Tcg,
+            plasmavmc_specs::Accel::Kvm => Accel::Kvm,
+        }
+    }
+
+    /// The accelerator of a VM whose spec says `auto`: the host's, `auto` meaning KVM
+    /// when `/dev/kvm` opens.
+    pub(super) fn default_accel(&self) -> Accel {
+        match self.accel {
             plasmavmc_specs::Accel::Tcg => Accel::Tcg,
             plasmavmc_specs::Accel::Kvm => Accel::Kvm,
             plasmavmc_specs::Accel::Auto => {

@@ -18,14 +18,28 @@ impl LocalHost {
         vm: &str,
         timeout: Duration,
     ) -> Result<StopOutcome, HostError> {
+        let (outcome, uuid) = self.end_qemu(vm, timeout).await?;
+        // QEMU is gone: its taps go too (also those a killed agent left behind).
+        self.release_taps(vm, Some(&uuid)).await;
+        Ok(outcome)
+    }
+
+    /// Ends `vm`'s QEMU, recording first that it is stopped; returns how, and the
+    /// instance's uuid.
+    async fn end_qemu(
+        &self,
+        vm: &str,
+        timeout: Duration,
+    ) -> Result<(StopOutcome, String), HostError> {
         let (dir, mut inst) = self.read(vm)?;
+        let uuid = inst.uuid.clone();
         if inst.power != Power::Stopped {
             inst.power = Power::Stopped;
             Self::write(&dir, &inst)?;
         }
         failpoint!("agent.stop.recorded");
         let Some(pid) = Self::live_pid(&dir, &inst) else {
-            return Ok(StopOutcome::AlreadyStopped);
+            return Ok((StopOutcome::AlreadyStopped, uuid));
         };
         let qmp = self.monitor.qmp(&dir, vm, &inst.uuid, pid, QMP_PROBE).await;
         let status = match &qmp {
@@ -41,12 +55,12 @@ impl LocalHost {
             let paused = status.is_some_and(|s| s.is_ok_and(|s| !s.running));
             if paused && qmp.quit().await.is_ok() && process::wait_gone(pid, EXIT_GRACE).await {
                 info!(vm, pid, "QEMU held no running guest; quit");
-                return Ok(StopOutcome::Paused);
+                return Ok((StopOutcome::Paused, uuid));
             }
             let pressed = qmp.system_powerdown().await;
             if pressed.is_ok() && process::wait_gone(pid, timeout).await {
                 info!(vm, pid, "stopped gracefully");
-                return Ok(StopOutcome::Graceful);
+                return Ok((StopOutcome::Graceful, uuid));
             }
             if !matches!(pressed, Err(crate::qemu::qmp::QmpError::Timeout { .. })) {
                 warn!(
@@ -56,14 +70,14 @@ impl LocalHost {
                     "guest ignored the ACPI power button; quitting QEMU"
                 );
                 if qmp.quit().await.is_ok() && process::wait_gone(pid, EXIT_GRACE).await {
-                    return Ok(StopOutcome::Quit);
+                    return Ok((StopOutcome::Quit, uuid));
                 }
             }
         }
         warn!(vm, pid, "QEMU did not quit; killing it");
         process::kill_hard(pid);
         if process::wait_gone(pid, EXIT_GRACE).await {
-            Ok(StopOutcome::Killed)
+            Ok((StopOutcome::Killed, uuid))
         } else {
             Err(HostError::StopFailed {
                 vm: vm.to_owned(),
