@@ -84,12 +84,32 @@ pub fn lack(desired: &Desired, host: &str, facts: &Facts, spec: &VmSpec) -> Opti
     }
     let model = named_model(spec)?;
     let need = format!("CPU model {model}");
+    let accel = accel_on(desired, spec, host);
     let why = match &facts.cpu {
         None => format!("{host} has not reported its CPU"),
-        Some(cpu) if !cpu.models.iter().any(|m| m == model) => format!("{host} cannot run it"),
+        Some(cpu) if !cpu.models_for(accel).iter().any(|m| m == model) => {
+            let under = if accel == Accel::Tcg {
+                " under tcg"
+            } else {
+                ""
+            };
+            format!("{host} cannot run it{under}")
+        }
         Some(_) => return None,
     };
     Some(Lack { need, why })
+}
+
+/// The accelerator `spec` asks for on `host`: the VM's, or under `auto` the host's
+/// (`auto` again when both say `auto`: KVM where `/dev/kvm` opens).
+fn accel_on(desired: &Desired, spec: &VmSpec, host: &str) -> Accel {
+    match spec.qemu.accel {
+        Accel::Auto => desired
+            .hosts
+            .get(host)
+            .map_or(Accel::Auto, |h| h.spec.accel),
+        other => other,
+    }
 }
 
 /// Whether `spec`'s guest may see `host`'s own CPU (`-cpu host`): `cpu = "host"`, or no
@@ -101,14 +121,7 @@ pub fn uses_host_cpu(desired: &Desired, spec: &VmSpec, host: &str) -> bool {
     if let Some(model) = spec.qemu.cpu.as_deref() {
         return model == HOST_CPU;
     }
-    let accel = match spec.qemu.accel {
-        Accel::Auto => desired
-            .hosts
-            .get(host)
-            .map_or(Accel::Auto, |h| h.spec.accel),
-        other => other,
-    };
-    accel != Accel::Tcg
+    accel_on(desired, spec, host) != Accel::Tcg
 }
 
 /// Why `spec` must not move live from `from` to `to` because of its CPU, or `None`: a

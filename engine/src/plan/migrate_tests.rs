@@ -65,7 +65,7 @@ fn world(vms: Vec<(&str, ObservedVm)>) -> Observed {
                 cpu: Some(crate::observe::HostCpu {
                     model: "same".to_owned(),
                     digest: "same".to_owned(),
-                    models: Vec::new(),
+                    ..crate::observe::HostCpu::default()
                 }),
                 capacity: Capacity {
                     vcpus: 8,
@@ -338,6 +338,7 @@ fn with_cpu(mut o: Observed, host: &str, digest: Option<&str>, models: &[&str]) 
         model: format!("cpu {d}"),
         digest: d.to_owned(),
         models: models.iter().map(|m| (*m).to_owned()).collect(),
+        tcg_models: Vec::new(),
     });
     o
 }
