@@ -28,7 +28,7 @@
 //! plan                             pure: Desired × Observed × now -> Plan
 //! observe                          data: what the hosts run, what is known of the others
 //! qemu                             QEMU processes, QMP, images, instance folders
-//! state                            private files: lock, fences, whereabouts
+//! records                          private files: lock, fences, whereabouts
 //! time failpoint errors digest     ground floor: clock, fail points, error text, hashes
 //! ```
 
@@ -43,8 +43,8 @@ pub mod host;
 pub mod observe;
 pub mod plan;
 pub mod qemu;
+pub mod records;
 pub mod source;
-pub mod state;
 pub mod status;
 pub mod step;
 #[cfg(test)]

@@ -120,7 +120,7 @@ pub(crate) fn cluster_problems(
 
 /// Checks across files: every NIC's network and every host's `networks` are declared,
 /// and no two NICs of the repository share a MAC (given or derived). A clash is
-/// reported at the later NIC, naming the earlier.
+/// reported at the later NIC (by file path, then position), naming the earlier.
 pub(crate) fn check_networks(
     desired: &Desired,
     vms: &[(&SourceFile, String, VmSpec)],
@@ -149,7 +149,10 @@ pub(crate) fn check_networks(
         }
     }
     let mut macs: BTreeMap<String, (&str, usize)> = BTreeMap::new();
-    for (file, name, spec) in vms {
+    // "Later" is by path, so the same commit is reported the same whatever the files' order.
+    let mut by_path: Vec<&(&SourceFile, String, VmSpec)> = vms.iter().collect();
+    by_path.sort_by(|a, b| a.0.path.cmp(&b.0.path));
+    for (file, name, spec) in by_path {
         let text = texts.get(file.path.as_str()).map_or("", String::as_str);
         for (i, nic) in spec.nics.iter().enumerate() {
             if !nic.network.is_user() && !declared.contains_key(nic.network.as_str()) {

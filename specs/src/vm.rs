@@ -410,6 +410,11 @@ impl VmSpec {
         }
         self.disk_problems(&mut bad);
         self.nic_problems(&mut bad);
+        self.qemu_problems(&mut bad);
+        out
+    }
+
+    fn qemu_problems(&self, bad: &mut impl FnMut(Vec<Seg<'static>>, String)) {
         let machine = &self.qemu.machine;
         if machine.is_empty()
             || !machine
@@ -453,7 +458,6 @@ impl VmSpec {
                 );
             }
         }
-        out
     }
 
     fn disk_problems(&self, bad: &mut impl FnMut(Vec<Seg<'static>>, String)) {

@@ -101,13 +101,16 @@ fn bad_macs_are_refused_where_they_are_written() {
 
 #[test]
 fn two_nics_with_one_mac_are_refused_at_the_second_naming_the_first() {
-    let errs = errors(&[
+    let mut files = vec![
         file("vms/a.toml", "[[nics]]\nmac = \"52:54:00:12:AB:CD\"\n"),
         file(
             "vms/b.toml",
             "vcpus = 1\n\n[[nics]]\n\n[[nics]]\nmac = \"52:54:00:12:ab:cd\"\n",
         ),
-    ]);
+    ];
+    let errs = errors(&files);
+    files.reverse();
+    assert_eq!(errors(&files), errs, "the same whatever the files' order");
     assert_eq!(
         errs,
         ["repo/vms/b.toml:6:1: mac 52:54:00:12:ab:cd is already used by nics[0] of VM \"a\"; MACs must be unique in the repository"]

@@ -68,7 +68,7 @@ impl FileStore {
             path: part.clone(),
             source,
         };
-        crate::state::create_private_dir(&self.dir).map_err(|e| FileError::Io {
+        crate::records::create_private_dir(&self.dir).map_err(|e| FileError::Io {
             path: self.dir.clone(),
             source: io::Error::other(e.to_string()),
         })?;

@@ -27,7 +27,7 @@ use crate::wire::{codec, FromAgent, HostFacts, Reply, Request, ToAgent, VERSION}
 pub use files::FileStore;
 
 use crate::host::{Host, LocalHost};
-use crate::state::{StateDir, StateLock};
+use crate::records::{StateDir, StateLock};
 
 /// Errors that end the agent.
 #[derive(Debug, thiserror::Error)]
@@ -42,10 +42,10 @@ pub enum AgentError {
     Root {
         root: PathBuf,
         #[source]
-        source: crate::state::StateError,
+        source: crate::records::StateError,
     },
     #[error(transparent)]
-    Locked(#[from] crate::state::LockError),
+    Locked(#[from] crate::records::LockError),
     #[error("frame")]
     Frame(#[source] std::io::Error),
     #[error("message")]

@@ -9,8 +9,8 @@ use plasmavmc_specs::{Desired, Diagnostic};
 use super::RepoArgs;
 use crate::host::{connect_hosts, AgentHost, ConnectOptions};
 use crate::observe::{Observed, Unreachable};
+use crate::records::StateDir;
 use crate::source::{Source, Target, TargetError};
-use crate::state::StateDir;
 use crate::step::Fleet;
 
 /// The hosts one command connected to, and the ones it could not reach with the reason.

@@ -11,8 +11,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::records::fence::FenceRecords;
 use crate::source::Target;
-use crate::state::fence::FenceRecords;
 
 /// Exit codes as Terraform's: 0 ok / no changes, 1 error, 2 changes present.
 pub const EXIT_CHANGES: u8 = 2;
@@ -222,7 +222,7 @@ fn fence_confirm(host: &str, repo: &RepoArgs) -> anyhow::Result<u8> {
     if let Ok(target) = Target::load(&ctx.source, &ctx.rev) {
         // A host removed from the specs may still hold VMs (the engine's record says
         // which): they stay unknown until it is fenced, so it can be confirmed too.
-        let recorded = crate::state::whereabouts::Whereabouts::new(&ctx.state)
+        let recorded = crate::records::whereabouts::Whereabouts::new(&ctx.state)
             .read()
             .ok()
             .flatten()
@@ -241,7 +241,7 @@ fn fence_confirm(host: &str, repo: &RepoArgs) -> anyhow::Result<u8> {
     println!("recorded: host {host} is fenced (by operator at {}); its ha VMs may now be recovered elsewhere", record.at);
     // A daemon holding the state directory acts on it now rather than at its next
     // health check (up to `down_after` later).
-    if let Some(pid) = crate::state::running_watch(&ctx.state_dir()?.lock_path()) {
+    if let Some(pid) = crate::records::running_watch(&ctx.state_dir()?.lock_path()) {
         if nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGHUP,

@@ -13,8 +13,8 @@ use crate::execute::journal::JournalFile;
 use crate::execute::{Outcome, Step};
 use crate::observe::Observed;
 use crate::plan::{Plan, SavedPlan};
+use crate::records::StateLock;
 use crate::source::Target;
-use crate::state::StateLock;
 use crate::status::StatusDir;
 use crate::step::{carry_out, planned, publish, Fleet as _};
 

@@ -5,7 +5,7 @@ use clap::Args;
 
 use super::context::Ctx;
 use super::RepoArgs;
-use crate::state::{LockError, StateLock};
+use crate::records::{LockError, StateLock};
 use crate::status::{print_table, StatusDir};
 use crate::step::{publish, Fleet as _, Outcome};
 

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{create_private_dir, write_atomic, StateError};
+use crate::records::{create_private_dir, write_atomic, StateError};
 use crate::wire::Fault;
 
 /// How long a request may wait for the daemon.

@@ -343,7 +343,7 @@ impl Sandbox {
 
     /// The VM's status file.
     pub fn vm_status(&self, vm: &str) -> Option<crate::status::VmStatus> {
-        let state = crate::state::StateDir::at(&self.state_dir());
+        let state = crate::records::StateDir::at(&self.state_dir());
         crate::status::StatusDir::new(&state.status_dir())
             .vm(vm)
             .ok()

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::plan::Action;
-use crate::state::{write_atomic, StateError};
+use crate::records::{write_atomic, StateError};
 
 /// `<state>/journal.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,7 +81,7 @@ impl JournalFile {
     /// The journal of an interrupted run, if any. One that cannot be read is an error,
     /// never taken for "none" (see [`JournalFile::set_aside`]).
     pub fn interrupted(&self) -> Result<Option<Journal>, StateError> {
-        let Some(text) = crate::state::read_if_there(&self.path)? else {
+        let Some(text) = crate::records::read_if_there(&self.path)? else {
             return Ok(None);
         };
         serde_json::from_str(&text)

@@ -17,8 +17,8 @@ use crate::errors::error_chain;
 use crate::failpoint::failpoint;
 use crate::host::{Host, HostError};
 use crate::plan::{Action, Plan};
+use crate::records::whereabouts::Whereabouts;
 use crate::source::Target;
-use crate::state::whereabouts::Whereabouts;
 use crate::wire::StopOutcome;
 
 /// What happened to one action.
@@ -173,7 +173,7 @@ pub async fn execute_journaled<H: Host>(
     record: &Whereabouts,
     live: Live<'_>,
     mut progress: impl FnMut(&Step),
-) -> Result<Report, crate::state::StateError> {
+) -> Result<Report, crate::records::StateError> {
     let entry = std::sync::Mutex::new(journal::Journal {
         revision: target.commit.id.clone(),
         started_at: crate::time::now(),

@@ -83,7 +83,7 @@ pub enum HostError {
     State {
         vm: String,
         #[source]
-        source: Box<crate::state::StateError>,
+        source: Box<crate::records::StateError>,
     },
     #[error("VM {vm}: {reason}")]
     Refused { vm: String, reason: String },
@@ -110,7 +110,7 @@ pub enum HostError {
 /// rooted at its `root` or at `<state>/<name>`.
 pub fn local_hosts(
     desired: &plasmavmc_specs::Desired,
-    state: &crate::state::StateDir,
+    state: &crate::records::StateDir,
 ) -> std::collections::BTreeMap<String, LocalHost> {
     desired
         .hosts

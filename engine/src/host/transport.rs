@@ -12,7 +12,7 @@ use plasmavmc_specs::{Desired, HostEntry};
 use tracing::warn;
 
 use super::{AgentHost, ConnectOptions, HostError};
-use crate::state::StateDir;
+use crate::records::StateDir;
 
 /// Where a remote host keeps its instances unless its spec says `root`.
 pub const DEFAULT_REMOTE_ROOT: &str = "/var/lib/plasmavmc";

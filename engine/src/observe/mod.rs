@@ -180,9 +180,24 @@ pub struct HostCpu {
     /// SHA-256 (hex) of the CPU's vendor, model name and flags: VMs with `cpu = "host"`
     /// move live only between hosts of equal digests.
     pub digest: String,
-    /// The QEMU CPU models this host can run (`query-cpu-definitions`, usable ones).
+    /// The QEMU CPU models this host can run under the accelerator its VMs get by
+    /// default (KVM when it has it; `query-cpu-definitions`, usable ones).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<String>,
+    /// The models it can run under TCG (software emulation), for VMs with
+    /// `accel = "tcg"`: more than under KVM, which offers only what the CPU has.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tcg_models: Vec<String>,
+}
+
+impl HostCpu {
+    /// The models a VM under `accel` can run here (`auto`: the host's default).
+    pub fn models_for(&self, accel: plasmavmc_specs::Accel) -> &[String] {
+        match accel {
+            plasmavmc_specs::Accel::Tcg => &self.tcg_models,
+            _ => &self.models,
+        }
+    }
 }
 
 impl Inventory {
@@ -211,7 +226,7 @@ pub struct Observed {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unreachable: BTreeMap<String, String>,
     /// Where each VM may be, by the engine's durable record
-    /// ([`crate::state::whereabouts`]): every host that may hold an instance of it, the
+    /// ([`crate::records::whereabouts`]): every host that may hold an instance of it, the
     /// one noted last at the end. A VM that may be on an unreachable host that is not
     /// fenced is unknown: it may still run there, so it is never started anywhere else.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

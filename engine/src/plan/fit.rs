@@ -8,7 +8,7 @@
 //! ```text
 //! NIC on network N (not user) ─> host lists N in `networks` ─> N's bridge in its inventory
 //! cpu = MODEL (not host)      ─> host reported its CPU and MODEL is among its usable models
-//! live move, guest on the host's CPU (cpu = "host", or no cpu under KVM)
+//! live move, guest on the host's CPU (cpu = "host", or no cpu and not accel = "tcg")
 //!                             ─> both hosts reported their CPU, same digest; else cold
 //! ```
 
@@ -84,31 +84,44 @@ pub fn lack(desired: &Desired, host: &str, facts: &Facts, spec: &VmSpec) -> Opti
     }
     let model = named_model(spec)?;
     let need = format!("CPU model {model}");
+    let accel = accel_on(desired, spec, host);
     let why = match &facts.cpu {
         None => format!("{host} has not reported its CPU"),
-        Some(cpu) if !cpu.models.iter().any(|m| m == model) => format!("{host} cannot run it"),
+        Some(cpu) if !cpu.models_for(accel).iter().any(|m| m == model) => {
+            let under = if accel == Accel::Tcg {
+                " under tcg"
+            } else {
+                ""
+            };
+            format!("{host} cannot run it{under}")
+        }
         Some(_) => return None,
     };
     Some(Lack { need, why })
 }
 
-/// Whether `spec`'s guest sees `host`'s own CPU (`-cpu host`): `cpu = "host"`, or no `cpu`
-/// under KVM — the VM's `accel`, or the host's when the VM says `auto`. Under `auto` on
-/// a host that says `auto` too, and under `tcg`, QEMU's default model is used.
-pub fn uses_host_cpu(desired: &Desired, spec: &VmSpec, host: &str) -> bool {
-    match spec.qemu.cpu.as_deref() {
-        Some(model) => model == HOST_CPU,
-        None => {
-            let accel = match spec.qemu.accel {
-                Accel::Auto => desired
-                    .hosts
-                    .get(host)
-                    .map_or(Accel::Auto, |h| h.spec.accel),
-                other => other,
-            };
-            accel == Accel::Kvm
-        }
+/// The accelerator `spec` asks for on `host`: the VM's, or under `auto` the host's
+/// (`auto` again when both say `auto`: KVM where `/dev/kvm` opens).
+fn accel_on(desired: &Desired, spec: &VmSpec, host: &str) -> Accel {
+    match spec.qemu.accel {
+        Accel::Auto => desired
+            .hosts
+            .get(host)
+            .map_or(Accel::Auto, |h| h.spec.accel),
+        other => other,
     }
+}
+
+/// Whether `spec`'s guest may see `host`'s own CPU (`-cpu host`): `cpu = "host"`, or no
+/// `cpu` unless it runs under TCG. The agent gives a VM without `cpu` the host's CPU
+/// whenever it runs under KVM, and `auto` (the VM's `accel`, then the host's) is KVM on
+/// any host where `/dev/kvm` opens, which the plan cannot see: so only `tcg`, the VM's or
+/// its host's, is known to use QEMU's default model.
+pub fn uses_host_cpu(desired: &Desired, spec: &VmSpec, host: &str) -> bool {
+    if let Some(model) = spec.qemu.cpu.as_deref() {
+        return model == HOST_CPU;
+    }
+    accel_on(desired, spec, host) != Accel::Tcg
 }
 
 /// Why `spec` must not move live from `from` to `to` because of its CPU, or `None`: a
@@ -127,7 +140,7 @@ pub fn live_cpu_problem(
     let what = if spec.qemu.cpu.is_some() {
         "cpu = host"
     } else {
-        "cpu = host (the default under KVM)"
+        "cpu = host by default (no cpu, accel not \"tcg\")"
     };
     let digest = |h: &str| {
         observed

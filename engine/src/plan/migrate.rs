@@ -10,7 +10,7 @@
 //! The target has every network and the CPU model the VM needs (placement, `fit.rs`).
 //! A live move needs the same QEMU configuration on both ends: a spec change that needs a
 //! reboot makes it cold, and so does a guest on the host's CPU (`cpu = "host"`, or no
-//! `cpu` under KVM) between hosts whose CPUs differ or are not known. A paused or unresponsive QEMU is not moved (it may be half-way
+//! `cpu` unless under `tcg`) between hosts whose CPUs differ or are not known. A paused or unresponsive QEMU is not moved (it may be half-way
 //! through a migration already).
 
 use std::collections::{BTreeMap, BTreeSet};

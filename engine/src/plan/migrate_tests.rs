@@ -59,9 +59,14 @@ fn world(vms: Vec<(&str, ObservedVm)>) -> Observed {
     let mut hosts: BTreeMap<String, Inventory> = ["hv1", "hv2", "hv3"]
         .iter()
         .map(|h| {
+            // Hosts of one kind: a guest on the host's CPU moves live between them.
             let inv = Inventory {
                 bridges: Vec::new(),
-                cpu: None,
+                cpu: Some(crate::observe::HostCpu {
+                    model: "same".to_owned(),
+                    digest: "same".to_owned(),
+                    ..crate::observe::HostCpu::default()
+                }),
                 capacity: Capacity {
                     vcpus: 8,
                     memory_mb: 4096,
@@ -327,20 +332,23 @@ fn a_cold_move_cut_short_keeps_the_copy_that_ran_whatever_the_status_says() {
     assert_eq!(lines(&p), ["delete db hv1", "migrate db hv2>hv1 cold"]);
 }
 
-/// `o` with `host` reporting a CPU of `digest` that can run `models`.
-fn with_cpu(mut o: Observed, host: &str, digest: &str, models: &[&str]) -> Observed {
-    o.hosts.get_mut(host).expect("known host").cpu = Some(crate::observe::HostCpu {
-        model: format!("cpu {digest}"),
-        digest: digest.to_owned(),
+/// `o` with `host` reporting a CPU of `digest` that can run `models` (`None`: no CPU).
+fn with_cpu(mut o: Observed, host: &str, digest: Option<&str>, models: &[&str]) -> Observed {
+    o.hosts.get_mut(host).expect("known host").cpu = digest.map(|d| crate::observe::HostCpu {
+        model: format!("cpu {d}"),
+        digest: d.to_owned(),
         models: models.iter().map(|m| (*m).to_owned()).collect(),
+        tcg_models: Vec::new(),
     });
     o
 }
 
+/// VM settings, hv1's CPU digest, hv2's, the move expected, words its reason holds.
+type Row<'a> = (&'a str, Option<&'a str>, Option<&'a str>, &'a str, &'a str);
+
 #[test]
 fn a_guest_on_the_host_cpu_moves_live_only_between_equal_cpus() {
-    // (VM settings, hv1's CPU digest, hv2's, the move expected, words its reason holds)
-    let table: [(&str, Option<&str>, Option<&str>, &str, &str); 9] = [
+    let table: [Row; 11] = [
         ("cpu = \"host\"", Some("aa"), Some("aa"), "live", ""),
         (
             "cpu = \"host\"",
@@ -363,17 +371,19 @@ fn a_guest_on_the_host_cpu_moves_live_only_between_equal_cpus() {
             "cold",
             "hv1 and hv2 have not reported their CPU",
         ),
-        // No cpu under KVM is the host's CPU too; under tcg (and auto) QEMU's default.
+        // No cpu is the host's CPU under KVM, and auto may be KVM: only tcg is not.
         (
             "accel = \"kvm\"",
             Some("aa"),
             Some("bb"),
             "cold",
-            "cpu = host (the default under KVM): hv1 and hv2 have different CPUs",
+            "cpu = host by default (no cpu, accel not \"tcg\"): hv1 and hv2 have different CPUs",
         ),
         ("accel = \"kvm\"", Some("aa"), Some("aa"), "live", ""),
+        ("", Some("aa"), Some("aa"), "live", ""),
+        ("", None, Some("aa"), "cold", "hv1 has not reported its CPU"),
         ("accel = \"tcg\"", Some("aa"), Some("bb"), "live", ""),
-        ("", None, None, "live", ""),
+        ("accel = \"tcg\"", None, None, "live", ""),
         // A named model is the same CPU wherever it runs.
         ("cpu = \"x86-64-v2\"", Some("aa"), Some("bb"), "live", ""),
     ];
@@ -386,9 +396,7 @@ fn a_guest_on_the_host_cpu_moves_live_only_between_equal_cpus() {
             copy(&before, "web", RunState::Running, None, false),
         )]);
         for (host, digest) in [("hv1", cpu1), ("hv2", cpu2)] {
-            if let Some(digest) = digest {
-                o = with_cpu(o, host, digest, &["x86-64-v2"]);
-            }
+            o = with_cpu(o, host, digest, &["x86-64-v2"]);
         }
         let p = plan(&after, &o, NOW);
         assert_eq!(
@@ -431,7 +439,7 @@ fn the_cpu_check_leaves_cold_and_none_policies_as_they_were() {
         ("hv1", copy(&before, "a", RunState::Running, None, false)),
         ("hv1", copy(&before, "b", RunState::Running, None, false)),
     ]);
-    let o = with_cpu(with_cpu(o, "hv1", "aa", &[]), "hv2", "bb", &[]);
+    let o = with_cpu(with_cpu(o, "hv1", Some("aa"), &[]), "hv2", Some("bb"), &[]);
     let p = plan(&after, &o, NOW);
     // a records its new pin where it is (as before); it does not move.
     assert_eq!(lines(&p), ["migrate b hv1>hv2 cold", "update a hv1"]);
@@ -453,7 +461,8 @@ fn a_named_cpu_model_moves_only_to_a_host_that_can_run_it() {
         "hv1",
         copy(&before, "web", RunState::Running, None, false),
     )]);
-    let o = with_cpu(o, "hv1", "aa", &["Skylake-Server"]);
+    let o = with_cpu(o, "hv1", Some("aa"), &["Skylake-Server"]);
+    let o = with_cpu(o, "hv2", None, &[]);
     let p = plan(&after, &o, NOW);
     assert_eq!(
         lines(&p),
@@ -464,12 +473,12 @@ fn a_named_cpu_model_moves_only_to_a_host_that_can_run_it() {
         p.pending_lines(),
         ["web: must move (pinned to hv2 (runs on hv1)) but cannot be placed: needs CPU model Skylake-Server: hv2 has not reported its CPU"]
     );
-    let o = with_cpu(o, "hv2", "bb", &["x86-64-v2"]);
+    let o = with_cpu(o, "hv2", Some("bb"), &["x86-64-v2"]);
     let p = plan(&after, &o, NOW);
     assert!(
         p.pending_lines()[0].ends_with("needs CPU model Skylake-Server: hv2 cannot run it"),
         "{p:?}"
     );
-    let o = with_cpu(o, "hv2", "bb", &["x86-64-v2", "Skylake-Server"]);
+    let o = with_cpu(o, "hv2", Some("bb"), &["x86-64-v2", "Skylake-Server"]);
     assert_eq!(lines(&plan(&after, &o, NOW)), ["migrate web hv1>hv2 live"]);
 }

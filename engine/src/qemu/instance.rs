@@ -19,7 +19,7 @@ use plasmavmc_specs::{Power, VmSpec};
 use serde::{Deserialize, Serialize};
 
 use super::exit::ExitRecord;
-use crate::state::{write_atomic, StateError};
+use crate::records::{write_atomic, StateError};
 
 pub const INSTANCE_FILE: &str = "instance.toml";
 pub const PID_FILE: &str = "qemu.pid";

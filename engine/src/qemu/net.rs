@@ -100,4 +100,43 @@ mod tests {
         assert!(!is_tap_of("web", &tap_prefix("web")));
         assert!(!is_tap_of("web", &format!("{}x", tap_prefix("web"))));
     }
+
+    #[test]
+    fn an_instance_without_networks_reads_and_its_bridged_nics_say_what_is_missing() {
+        // A record written before bridged networks: no `networks` table.
+        let old = "name = \"web\"\nrevision = \"r\"\nspec_hash = \"h\"\n[spec]\n[[spec.nics]]\nnetwork = \"user\"\n";
+        let mut vm: VmInstance = toml::from_str(old).expect("an old record reads");
+        assert!(vm.networks.is_empty());
+        assert_eq!(vm.bridged_nics(), Ok(vec![]));
+        assert!(!toml::to_string(&vm).expect("toml").contains("networks"));
+        vm.spec.nics.push(Nic {
+            network: plasmavmc_specs::Network("lan".into()),
+            mac: None,
+            forward: vec![],
+        });
+        assert_eq!(
+            vm.bridged_nics(),
+            Err(UnknownNetwork {
+                index: 1,
+                network: "lan".into()
+            })
+        );
+        vm.networks.insert(
+            "lan".into(),
+            plasmavmc_specs::NetworkDef {
+                bridge: "br-lan".into(),
+                vlan: Some(7),
+            },
+        );
+        assert_eq!(
+            vm.bridged_nics(),
+            Ok(vec![BridgedNic {
+                index: 1,
+                network: "lan".into(),
+                tap: tap_name("web", 1),
+                bridge: "br-lan".into(),
+                vlan: Some(7),
+            }])
+        );
+    }
 }

@@ -22,7 +22,7 @@ pub use table::print_table;
 use crate::execute::{Outcome, Report};
 use crate::observe::{Capacity, Inventory, Observed, ObservedVm, Orphan, Retained, RunState};
 use crate::plan::restart::{describe_exit, verdict, Verdict};
-use crate::state::{create_private_dir, write_atomic, StateError};
+use crate::records::{create_private_dir, write_atomic, StateError};
 
 /// Events kept per VM.
 pub const MAX_EVENTS: usize = 20;

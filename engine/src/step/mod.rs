@@ -27,9 +27,9 @@ use crate::execute::{execute_journaled, Live, Report, Step};
 use crate::host::Host;
 use crate::observe::{Observed, Unreachable};
 use crate::plan::{prune_actions, Pending, Plan};
+use crate::records::whereabouts::{Answers, Whereabouts};
+use crate::records::{StateDir, StateError};
 use crate::source::Target;
-use crate::state::whereabouts::{Answers, Whereabouts};
-use crate::state::{StateDir, StateError};
 use crate::status::{EngineStatus, Snapshot, StatusDir, StatusError, VmEvent};
 
 /// After a run that left actions due (something failed), the soonest the daemon plans
@@ -88,7 +88,7 @@ pub async fn gather<'a, H: Host + 'a>(hosts: impl IntoIterator<Item = &'a H>) ->
 pub async fn look<'a, H: Host + 'a>(
     hosts: impl IntoIterator<Item = &'a H>,
     unreachable: &Unreachable,
-    state: &crate::state::StateDir,
+    state: &crate::records::StateDir,
 ) -> Observed {
     let record = Whereabouts::new(state.root());
     let read = record.read();
@@ -104,7 +104,7 @@ pub async fn look<'a, H: Host + 'a>(
             true,
         ),
     };
-    let fences = crate::state::fence::FenceRecords::new(state.root());
+    let fences = crate::records::fence::FenceRecords::new(state.root());
     let records = fences.all();
     let gathered = gather(hosts).await;
     let answers: Answers<'_> = gathered

@@ -18,8 +18,8 @@ use super::triggers::Trigger;
 use crate::errors::error_chain;
 use crate::host::{agent_argv, AgentHost, ConnectOptions, Host};
 use crate::observe::{Observed, Unreachable};
-use crate::state::fence::FenceRecords;
-use crate::state::StateDir;
+use crate::records::fence::FenceRecords;
+use crate::records::StateDir;
 use crate::wire::HostEvent;
 
 /// A connection the daemon keeps to a host: the host's calls, and what its heartbeats

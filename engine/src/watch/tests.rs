@@ -489,7 +489,7 @@ async fn a_fenced_host_s_vms_are_recovered_elsewhere() -> TestResult {
     // Silent for a minute, past `down_after` (5 s): fenced at once, and web recovered.
     home.go_silent();
     d.step(vec![Trigger::Health]).await;
-    let fenced = crate::state::fence::FenceRecords::new(&repo.path().join(".plasmavmc")).all();
+    let fenced = crate::records::fence::FenceRecords::new(&repo.path().join(".plasmavmc")).all();
     assert!(fenced.contains_key(home.name()), "{fenced:?}");
     assert_eq!(other.calls(), ["recover web", "start web"]);
     let web = repo.status("web").expect("web has a status");

@@ -22,8 +22,8 @@ use plasmavmc_specs::{RestartPolicy, VmSpec};
 
 use super::desk::{DrillAnswer, DrillDesk};
 use super::{ms, poll_until, run_rows, Row};
+use crate::records::{lock_holder, running_watch};
 use crate::source::{Source, Target};
-use crate::state::{lock_holder, running_watch};
 use crate::status::{EngineStatus, StatusDir, VmEvent, VmPhase, VmStatus};
 use crate::wire::Fault;
 
@@ -447,7 +447,7 @@ fn local_copies_of(vm: &str, roots: &[PathBuf]) -> Vec<u32> {
 }
 
 fn status_dir(state: &Path) -> StatusDir {
-    StatusDir::new(&crate::state::StateDir::at(state).status_dir())
+    StatusDir::new(&crate::records::StateDir::at(state).status_dir())
 }
 
 fn read_engine(state: &Path) -> Result<EngineStatus> {

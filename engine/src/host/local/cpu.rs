@@ -2,7 +2,7 @@
 //! vendor, model and flags (`/proc/cpuinfo`), and the QEMU CPU models it can run.
 //!
 //! The models come from QMP `query-cpu-definitions` of a throwaway QEMU (`-machine
-//! none`, the accelerator this host uses by default): the ones whose
+//! none`, under the accelerator this host uses by default and under TCG): the ones whose
 //! `unavailable-features` is empty. Asked once per agent process and cached (the CPU
 //! does not change under a running agent); when QEMU cannot be asked, the CPU is
 //! reported with no models and the reason logged.
@@ -30,17 +30,26 @@ impl LocalHost {
                 let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
                 let mut cpu = from_cpuinfo(&text)?;
                 let accel = self.default_accel();
-                match usable_models(accel).await {
-                    Ok(models) => cpu.models = models,
-                    Err(why) => {
-                        warn!(accel = accel.as_str(), %why, "cannot ask QEMU which CPU models this host runs; reporting none");
-                    }
-                }
+                cpu.models = ask(accel).await;
+                cpu.tcg_models = if accel == Accel::Tcg {
+                    cpu.models.clone()
+                } else {
+                    ask(Accel::Tcg).await
+                };
                 Some(cpu)
             })
             .await
             .clone()
     }
+}
+
+/// The models QEMU runs here under `accel`; none (and the reason logged) when it cannot
+/// be asked.
+async fn ask(accel: Accel) -> Vec<String> {
+    usable_models(accel).await.unwrap_or_else(|why| {
+        warn!(accel = accel.as_str(), %why, "cannot ask QEMU which CPU models this host runs; reporting none");
+        Vec::new()
+    })
 }
 
 /// Model name and digest from `/proc/cpuinfo` (its first processor); `None` without a
@@ -66,6 +75,7 @@ pub fn from_cpuinfo(text: &str) -> Option<HostCpu> {
         model,
         digest: crate::digest::hex(&digest),
         models: Vec::new(),
+        tcg_models: Vec::new(),
     })
 }
 

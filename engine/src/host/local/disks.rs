@@ -20,12 +20,12 @@ impl LocalHost {
         dir: &InstanceDir,
         vm: &VmInstance,
     ) -> Result<(), HostError> {
-        crate::state::create_private_dir(&dir.dir.join(instance::DISKS_DIR)).map_err(|source| {
-            HostError::State {
+        crate::records::create_private_dir(&dir.dir.join(instance::DISKS_DIR)).map_err(
+            |source| HostError::State {
                 vm: vm.name.clone(),
                 source: Box::new(source),
-            }
-        })?;
+            },
+        )?;
         for disk in &vm.spec.disks {
             let Some(path) = vm.disk_path(disk).map(|p| dir.dir.join(p)) else {
                 return Err(HostError::Refused {
@@ -101,7 +101,7 @@ impl LocalHost {
             reason: reason.to_owned(),
         };
         let text = toml::to_string(&note).expect("a retained note serialises");
-        crate::state::write_atomic(&target.join("retained.toml"), text.as_bytes()).map_err(
+        crate::records::write_atomic(&target.join("retained.toml"), text.as_bytes()).map_err(
             |source| HostError::State {
                 vm: vm.to_owned(),
                 source: Box::new(source),

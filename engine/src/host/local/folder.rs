@@ -18,7 +18,7 @@ impl LocalHost {
         if dir.exists() {
             return self.update_here(vm).await;
         }
-        crate::state::create_private_dir(&dir.dir).map_err(|source| HostError::State {
+        crate::records::create_private_dir(&dir.dir).map_err(|source| HostError::State {
             vm: vm.name.clone(),
             source: Box::new(source),
         })?;

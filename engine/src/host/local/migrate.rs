@@ -54,7 +54,7 @@ impl LocalHost {
             self.discard_here(name).await?;
         }
         missing_shared_disk(vm, mirror)?;
-        crate::state::create_private_dir(&dir.dir).map_err(|source| HostError::State {
+        crate::records::create_private_dir(&dir.dir).map_err(|source| HostError::State {
             vm: name.to_owned(),
             source: Box::new(source),
         })?;

@@ -12,7 +12,8 @@
 //! ```
 //! - `make` (a start, a migration target) reuses a tap left behind (an agent killed
 //!   between QEMU's exit and the release) when nothing holds it and its owner is right,
-//!   else makes it afresh; a tap some process holds is an error, never taken over.
+//!   else makes it afresh; a tap some process holds, or an interface of the tap's name
+//!   that is no tap, is an error, never taken over.
 //! - `release` (a stop, an exit the monitor sees, a discard, a delete, an inventory that
 //!   finds a stopped VM's taps) removes every tap of the VM, only when no QEMU of it
 //!   runs in its instance folder and the tap is not held.
@@ -50,6 +51,8 @@ pub enum TapError {
     },
     #[error("tap {tap} is held by another process (another QEMU of this VM on this machine?); not taken over")]
     InUse { tap: String },
+    #[error("interface {tap} exists and is not a tap; not touched")]
+    NotTap { tap: String },
     #[error("no user {user} on this host (for [qemu] runas)")]
     NoUser { user: String },
     #[error("`{command}` failed: {stderr}")]
@@ -199,13 +202,18 @@ async fn make_one(nic: &BridgedNic, user: Option<&str>, uid: Option<u32>) -> Res
                 tap: tap.to_owned(),
             });
         }
+        if !is_tap(tap) {
+            return Err(TapError::NotTap {
+                tap: tap.to_owned(),
+            });
+        }
         let wanted = uid.map_or(-1, i64::from);
-        if is_tap(tap) && owner(tap) == Some(wanted) {
+        if owner(tap) == Some(wanted) {
             debug!(tap, "reusing the tap left behind");
         } else {
             info!(
                 tap,
-                "replacing a leftover interface of another kind or owner"
+                "replacing the tap left behind: its owner is not the one wanted"
             );
             run("ip", &["link", "del", "dev", tap]).await?;
         }
@@ -272,5 +280,95 @@ pub async fn release(vm: &str, dir: &InstanceDir, uuid: Option<&str>) {
             Err(e) if !sys(&tap).exists() => debug!(vm, tap, error = %e, "tap already gone"),
             Err(e) => warn!(vm, tap, error = %e, "cannot remove the tap"),
         }
+    }
+}
+
+/// Against real devices, in a network namespace of the caller's making (never the
+/// machine's own): `ip netns add t && PLASMAVMC_NETNS_TEST=1 ip netns exec t cargo test
+/// -p plasmavmc --lib taps -- --ignored`. Needs root and iproute2.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether this process runs in a named network namespace (`ip netns exec`).
+    fn in_scratch_namespace() -> bool {
+        std::env::var_os("PLASMAVMC_NETNS_TEST").is_some()
+            && std::process::Command::new("ip")
+                .args(["netns", "identify"])
+                .output()
+                .is_ok_and(|o| !String::from_utf8_lossy(&o.stdout).trim().is_empty())
+    }
+
+    fn vm(bridge: &str) -> VmInstance {
+        let spec: plasmavmc_specs::VmSpec =
+            toml::from_str("[[nics]]\nnetwork = \"lan\"\n").expect("spec");
+        VmInstance {
+            name: "tapvm".into(),
+            revision: "r".into(),
+            spec_hash: "h".into(),
+            spec,
+            files: crate::qemu::instance::ResolvedFiles::default(),
+            shared_storage: None,
+            networks: std::collections::BTreeMap::from([(
+                "lan".to_owned(),
+                plasmavmc_specs::NetworkDef {
+                    bridge: bridge.into(),
+                    vlan: None,
+                },
+            )]),
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "needs root and a scratch network namespace (see the module doc)"]
+    async fn taps_are_made_on_the_bridge_reused_and_released() {
+        if !in_scratch_namespace() {
+            eprintln!("skipped: not in a scratch network namespace");
+            return;
+        }
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .expect("ip runs")
+        };
+        // Leftovers of an earlier run that failed half-way.
+        ip(&["link", "del", "br-taptest"]);
+        ip(&["link", "add", "br-taptest", "type", "bridge"]);
+        ip(&["link", "set", "br-taptest", "up"]);
+        let tmp = tempfile::tempdir().expect("tmp");
+        let dir = InstanceDir::new(tmp.path(), "tapvm");
+        let tap = crate::qemu::net::tap_name("tapvm", 0);
+
+        let missing = make(&vm("br-none")).await.expect_err("no bridge");
+        assert_eq!(
+            missing.to_string(),
+            "bridge br-none does not exist on this host (network lan)"
+        );
+        make(&vm("br-taptest")).await.expect("made");
+        let master = fs::read_link(sys(&tap).join("master")).expect("on a bridge");
+        assert!(master.ends_with("br-taptest"), "{}", master.display());
+        assert_eq!(taps_of("tapvm"), std::slice::from_ref(&tap));
+        // A tap left behind is reused.
+        make(&vm("br-taptest")).await.expect("reused");
+        release("tapvm", &dir, None).await;
+        assert!(taps_of("tapvm").is_empty());
+        assert!(!sys(&tap).exists());
+        // An interface of the tap's name that is no tap is never taken over.
+        assert!(ip(&[
+            "link",
+            "add",
+            &tap,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "pvtaptestpeer"
+        ])
+        .success());
+        let not_tap = make(&vm("br-taptest")).await.expect_err("not a tap");
+        assert!(matches!(not_tap, TapError::NotTap { .. }), "{not_tap}");
+        ip(&["link", "del", &tap]);
+        ip(&["link", "del", "br-taptest"]);
     }
 }

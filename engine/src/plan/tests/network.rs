@@ -199,3 +199,39 @@ fn a_vm_whose_host_lacks_its_new_network_is_not_started_there() {
         ]
     );
 }
+
+#[test]
+fn a_named_cpu_model_goes_where_its_accelerator_can_run_it() {
+    // Under KVM a host runs only what its CPU has; under TCG QEMU emulates many more.
+    let vm = |accel: &str| format!("[qemu]\naccel = \"{accel}\"\ncpu = \"Westmere\"\n");
+    let mut o = hosts(&[("hv1", &[]), ("hv2", &[])]);
+    for (host, kvm, tcg) in [
+        ("hv1", &["Westmere"][..], &[][..]),
+        ("hv2", &[], &["Westmere"]),
+    ] {
+        o.hosts.get_mut(host).expect("host").cpu = Some(crate::observe::HostCpu {
+            model: "x".to_owned(),
+            digest: host.to_owned(),
+            models: kvm.iter().map(|m| (*m).to_owned()).collect(),
+            tcg_models: tcg.iter().map(|m| (*m).to_owned()).collect(),
+        });
+    }
+    for (accel, host) in [("kvm", "hv1"), ("tcg", "hv2")] {
+        let d = world(&[("web", &vm(accel))]);
+        let p = plan(&d, &o, NOW);
+        assert_eq!(
+            placed(&p)[0],
+            format!("create web {host}"),
+            "{accel}: {p:?}"
+        );
+    }
+    // Pinned where it cannot run under its accelerator: pending, and says so.
+    let d = world(&[("web", &format!("host = \"hv1\"\n{}", vm("tcg")))]);
+    let p = plan(&d, &o, NOW);
+    assert!(placed(&p).is_empty(), "{p:?}");
+    let pending = p.pending_lines().join("\n");
+    assert!(
+        pending.contains("needs CPU model Westmere: hv1 cannot run it under tcg"),
+        "{pending}"
+    );
+}

@@ -1,5 +1,7 @@
-//! The engine's state directory: where status files, saved-plan checks, the lock and
-//! the embedded local host's root live.
+//! The engine's own records, private to it: its state directory (where the status
+//! files, saved-plan checks, the lock and the embedded local host's root live), the
+//! lock, fence records and where each VM may be. What the engine publishes for people
+//! and tools is `status/`; nothing here is meant to be read by anyone else.
 //!
 //! In: a path chosen by the CLI. Out: the folder, created 0700 and git-ignored, and
 //! the paths inside it. Touches only that folder.
