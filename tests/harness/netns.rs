@@ -3,10 +3,11 @@
 //!
 //! A [`Lan`] is, for one test:
 //! - one namespace per simulated host, holding a bridge named [`BRIDGE`] (`stp_state 0
-//!   forward_delay 0`) with the host's own address on it ([`Lan::host_ip`], as a real
-//!   host has: where other hosts reach it for live migration) and the veth `uplink`
-//!   enslaved to it; the host's agent runs in it (`ip netns exec NS plasmavmc agent …`,
-//!   see [`crate::HostSpec::netns`]), so the taps it creates and its QEMUs live there;
+//!   forward_delay 0`, a fixed MAC) with the host's own address on it
+//!   ([`Lan::host_ip`], as a real host has: where other hosts reach it for live
+//!   migration) and the veth `uplink` enslaved to it; the host's agent runs in it (`ip
+//!   netns exec NS plasmavmc agent …`, see [`crate::HostSpec::netns`]), so the taps it
+//!   creates and its QEMUs live there;
 //! - a "switch" namespace with a bridge `sw` and the other end of every host's uplink
 //!   (`h0`, `h1`, …) and of the client's;
 //! - a client namespace whose `eth0` ([`CLIENT_IP`]) sits on the switch: where the test
@@ -129,12 +130,19 @@ impl Lan {
             lan.add_ns(&ns)?;
             lan.hosts.push(((*host).to_owned(), ns.clone()));
             let port = format!("h{i}");
+            // A fixed MAC, as systemd-networkd gives a bridge: left to the kernel, a
+            // bridge takes its lowest port's MAC, which changes as taps come and go, and
+            // the other hosts' ARP entries for its address go stale (a live move's
+            // migration stream to it then hung in setup for 30 s: seen once in 10 moves).
+            let mac = format!("02:77:00:00:00:{:02x}", i + 1);
             ip(&[
                 "-n",
                 &ns,
                 "link",
                 "add",
                 BRIDGE,
+                "address",
+                &mac,
                 "type",
                 "bridge",
                 "stp_state",
@@ -302,10 +310,7 @@ impl Lan {
         let thread = std::thread::spawn(move || -> Result<EchoReport> {
             // Only this thread enters the client's namespace.
             let entered = setns(&ns, CloneFlags::CLONE_NEWNET).context("setns into the client");
-            let stream = entered.and_then(|()| {
-                TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-                    .with_context(|| format!("connecting to {addr}"))
-            });
+            let stream = entered.and_then(|()| connect(addr));
             let stream = match stream {
                 Ok(s) => {
                     let _ = ready_tx.send(Ok(()));
@@ -318,16 +323,40 @@ impl Lan {
             };
             echo_loop(stream, every, &flag)
         });
-        match ready_rx.recv_timeout(Duration::from_secs(10)) {
+        match ready_rx.recv_timeout(CONNECT_TIMEOUT * 2) {
             Ok(Ok(())) => Ok(EchoStream {
                 stop,
                 thread: Some(thread),
             }),
             Ok(Err(e)) => bail!("echo stream to {addr}: {e}"),
-            Err(_) => bail!("echo stream to {addr}: no connection within 10 s"),
+            Err(_) => bail!(
+                "echo stream to {addr}: no connection within {:?}",
+                CONNECT_TIMEOUT * 2
+            ),
         }
     }
 }
+
+/// Connects to `addr`, again while it is refused (the guest prints that its echo server
+/// started before busybox `nc` listens), for at most [`CONNECT_TIMEOUT`].
+fn connect(addr: SocketAddr) -> Result<TcpStream> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    loop {
+        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            Ok(stream) => return Ok(stream),
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(crate::wait::POLL);
+            }
+            Err(e) => return Err(e).with_context(|| format!("connecting to {addr}")),
+        }
+    }
+}
+
+/// Bound for [`connect`].
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Drop for Lan {
     fn drop(&mut self) {
