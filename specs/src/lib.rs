@@ -22,7 +22,7 @@ pub use cluster::{
 };
 pub use diag::{Diagnostic, Seg};
 pub use host::{HostSpec, HostState, LOCAL_HOST};
-pub use load::{load, short_hash, spec_hash, Desired, HostEntry, SourceFile, VmEntry};
+pub use load::{load, short_hash, spec_hash, vm_hash, Desired, HostEntry, SourceFile, VmEntry};
 pub use name::name_problem;
 pub use vm::{
     derived_mac, Accel, Boot, Disk, Forward, MigrationPolicy, Network, Nic, Power, QemuSettings,

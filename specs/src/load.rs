@@ -11,7 +11,7 @@ use std::fmt::Write as _;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
-use crate::cluster::ClusterSpec;
+use crate::cluster::{ClusterSpec, NetworkDef};
 use crate::diag::{Diagnostic, Seg};
 use crate::host::{HostSpec, LOCAL_HOST};
 use crate::name::name_problem;
@@ -92,6 +92,25 @@ impl Desired {
 /// Stable short hash of a VM spec (hex, 16 digits): equal specs, equal hashes.
 pub fn spec_hash(spec: &VmSpec) -> String {
     let json = serde_json::to_vec(spec).expect("a VmSpec always serialises");
+    short_hash(&json, 8)
+}
+
+/// The hash the engine compares a VM by: its spec's, and when it has NICs on declared
+/// networks, those networks' definitions too, so a changed bridge or VLAN in
+/// `plasmavmc.toml` reaches the VMs on it. A VM on `user` networking alone hashes as
+/// its spec ([`spec_hash`]).
+pub fn vm_hash(spec: &VmSpec, networks: &BTreeMap<String, NetworkDef>) -> String {
+    let used: BTreeMap<&str, &NetworkDef> = spec
+        .nics
+        .iter()
+        .filter(|n| !n.network.is_user())
+        .filter_map(|n| networks.get_key_value(n.network.as_str()))
+        .map(|(name, def)| (name.as_str(), def))
+        .collect();
+    if used.is_empty() {
+        return spec_hash(spec);
+    }
+    let json = serde_json::to_vec(&(spec, used)).expect("a VmSpec always serialises");
     short_hash(&json, 8)
 }
 
@@ -220,7 +239,7 @@ pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
         return Err(diags);
     }
     for (file, name, spec) in vms {
-        let hash = spec_hash(&spec);
+        let hash = vm_hash(&spec, &desired.cluster.networks);
         desired.vms.insert(
             name.clone(),
             VmEntry {

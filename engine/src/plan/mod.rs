@@ -300,8 +300,14 @@ fn plan_existing(
     let wants_run = want.spec.power == Power::Running;
     if have.spec_hash != want.hash {
         let diff = spec_diff(&have.spec, &have.revision, &want.spec, &want.file);
-        let changed = changed_fields(&have.spec, &want.spec);
-        if runs && wants_run && needs_reboot(&have.spec, &want.spec) {
+        // The same spec, another hash: what its NICs' networks are (bridge, VLAN) changed.
+        let networks = have.spec == want.spec;
+        let changed = if networks {
+            vec!["the definition of its networks in plasmavmc.toml".to_owned()]
+        } else {
+            changed_fields(&have.spec, &want.spec)
+        };
+        if runs && wants_run && (networks || needs_reboot(&have.spec, &want.spec)) {
             let reason = format!(
                 "{} changed; needs a reboot (disks are kept)",
                 changed.join(", ")

@@ -120,10 +120,7 @@ fn world(cases: &[Case]) -> (Desired, Observed) {
             .map(|(offset, state)| ((first + offset) % HOSTS.len(), state));
         for (host, state) in std::iter::once((first, first_state)).chain(copy) {
             let name = format!("vm{i}");
-            let spec = d.vms.get(&name).map_or_else(
-                || desired(&[("vms/x.toml", "")]).vms["x"].spec.clone(),
-                |e| e.spec.clone(),
-            );
+            let spec = running_spec(&d, &name, same);
             let hash = match d.vms.get(&name) {
                 Some(e) if same => e.hash.clone(),
                 _ => "old".to_owned(),
@@ -166,6 +163,20 @@ fn world(cases: &[Case]) -> (Desired, Observed) {
         }
     }
     (d, observed)
+}
+
+/// The spec an instance of `name` runs: the desired one, or (`same` false) an older one
+/// that differs in what needs no reboot (an equal spec under another hash is a changed
+/// network definition, which does).
+fn running_spec(d: &Desired, name: &str, same: bool) -> plasmavmc_specs::VmSpec {
+    let mut spec = d.vms.get(name).map_or_else(
+        || desired(&[("vms/x.toml", "")]).vms["x"].spec.clone(),
+        |e| e.spec.clone(),
+    );
+    if !same {
+        spec.priority = spec.priority.saturating_add(1);
+    }
+    spec
 }
 
 /// What the hosts would look like after every action of `plan` succeeded.

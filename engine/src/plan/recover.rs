@@ -32,7 +32,14 @@ pub(super) fn plan_lost(
             Some(_) => "its fence command has not succeeded yet".to_owned(),
             None => format!("once it is powered off, run `plasmavmc fence confirm {host}`"),
         };
-        out.pend(name, format!("unknown: last seen on {host}, which is unreachable; not started elsewhere (it may still run there): {needed}"));
+        // Why the host is unreachable, in its own words ("host hv1 is unreachable: the
+        // agent channel closed"), for the VM's status message.
+        let why = observed
+            .unreachable
+            .get(host)
+            .cloned()
+            .unwrap_or_else(|| format!("{host} is unreachable"));
+        out.pend(name, format!("unknown: last seen on {host} ({why}); not started elsewhere (it may still run there): {needed}"));
         return;
     };
     let Some(want) = desired.vms.get(name) else {

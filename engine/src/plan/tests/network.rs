@@ -235,3 +235,44 @@ fn a_named_cpu_model_goes_where_its_accelerator_can_run_it() {
         "{pending}"
     );
 }
+
+#[test]
+fn a_changed_bridge_restarts_the_running_vms_on_that_network_only() {
+    let vms = [
+        ("web", format!("host = \"hv1\"\n{ON_LAN}")),
+        ("plain", "host = \"hv1\"\n".to_owned()),
+    ];
+    let refs: Vec<(&str, &str)> = vms.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let before = world(&refs);
+    let mut o = hosts(&[("hv1", &["br-lan", "br-new"])]);
+    for vm in ["web", "plain"] {
+        let have = running(&before, vm, RunState::Running);
+        o.hosts
+            .get_mut("hv1")
+            .expect("hv1")
+            .vms
+            .insert(vm.into(), have);
+    }
+    assert!(plan(&before, &o, NOW).actions.is_empty());
+    let mut files = vec![
+        ("plasmavmc.toml", "[networks.lan]\nbridge = \"br-new\"\n"),
+        (
+            "hosts/hv1.toml",
+            "address = \"local\"\nnetworks = [\"lan\"]",
+        ),
+    ];
+    let paths: Vec<String> = vms.iter().map(|(n, _)| format!("vms/{n}.toml")).collect();
+    files.extend(
+        paths
+            .iter()
+            .map(String::as_str)
+            .zip(refs.iter().map(|(_, t)| *t)),
+    );
+    let after = desired(&files);
+    let p = plan(&after, &o, NOW);
+    assert_eq!(placed(&p), ["restart web hv1"], "{p:?}");
+    assert_eq!(
+        p.actions[0].reason(),
+        "the definition of its networks in plasmavmc.toml changed; needs a reboot (disks are kept)"
+    );
+}
