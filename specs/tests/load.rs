@@ -1,22 +1,9 @@
 //! Validation of whole commits: every error, located, and nothing half-read.
 
-use plasmavmc_specs::{load, Diagnostic, SourceFile};
+mod commits;
 
-fn file(rel: &str, text: &str) -> SourceFile {
-    SourceFile {
-        path: format!("repo/{rel}"),
-        rel: rel.to_owned(),
-        bytes: text.as_bytes().to_vec(),
-    }
-}
-
-fn errors(files: &[SourceFile]) -> Vec<String> {
-    load(files)
-        .expect_err("must be refused")
-        .iter()
-        .map(Diagnostic::to_string)
-        .collect()
-}
+use commits::{errors, file};
+use plasmavmc_specs::{load, SourceFile};
 
 #[test]
 fn a_valid_commit_loads_with_defaults_and_names_from_files() {

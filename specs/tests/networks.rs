@@ -1,23 +1,10 @@
 //! Networks, MACs and CPU models across a commit: every problem located as
 //! `path:line:col`, naming what is declared or who else holds a MAC.
 
-use plasmavmc_specs::{derived_mac, load, Diagnostic, SourceFile};
+mod commits;
 
-fn file(rel: &str, text: &str) -> SourceFile {
-    SourceFile {
-        path: format!("repo/{rel}"),
-        rel: rel.to_owned(),
-        bytes: text.as_bytes().to_vec(),
-    }
-}
-
-fn errors(files: &[SourceFile]) -> Vec<String> {
-    load(files)
-        .expect_err("must be refused")
-        .iter()
-        .map(Diagnostic::to_string)
-        .collect()
-}
+use commits::{errors, file};
+use plasmavmc_specs::{derived_mac, load};
 
 const CLUSTER: &str =
     "[networks.lan]\nbridge = \"br-lan\"\n\n[networks.dmz]\nbridge = \"br-dmz\"\nvlan = 20\n";

@@ -372,6 +372,22 @@ fn phase(repo: &Repo, vm: &str) -> Option<(VmPhase, Option<String>)> {
     repo.status(vm).map(|s| (s.phase, s.host))
 }
 
+/// `web` (ha) on one of two hosts (`fence = ["true"]` on both when `fence`), placed by a
+/// first reconcile.
+async fn ha_on_two_hosts(
+    fence: bool,
+) -> Result<(Repo, Fake, Fake, Daemon<Fakes>), Box<dyn std::error::Error>> {
+    let repo = Repo::new()?;
+    let (hv1, hv2) = (Fake::new("hv1"), Fake::new("hv2"));
+    repo.host("hv1", fence)?;
+    repo.host("hv2", fence)?;
+    repo.vm("web", "ha = true\n")?;
+    repo.commit("web")?;
+    let mut d = daemon(&repo, &[&hv1, &hv2]).await?;
+    d.step(vec![Trigger::Startup]).await;
+    Ok((repo, hv1, hv2, d))
+}
+
 /// The host `vm` was created on, and the other one.
 fn placed<'f>(vm: &str, a: &'f Fake, b: &'f Fake) -> (&'f Fake, &'f Fake) {
     if a.vm(vm).is_some() {
@@ -448,14 +464,7 @@ async fn a_crashed_qemu_is_restarted_and_its_exit_shown() -> TestResult {
 
 #[tokio::test]
 async fn a_silent_host_leaves_its_vms_unknown_and_started_nowhere_else() -> TestResult {
-    let repo = Repo::new()?;
-    let (hv1, hv2) = (Fake::new("hv1"), Fake::new("hv2"));
-    repo.host("hv1", false)?;
-    repo.host("hv2", false)?;
-    repo.vm("web", "ha = true\n")?;
-    repo.commit("web")?;
-    let mut d = daemon(&repo, &[&hv1, &hv2]).await?;
-    d.step(vec![Trigger::Startup]).await;
+    let (repo, hv1, hv2, mut d) = ha_on_two_hosts(false).await?;
     let (home, other) = placed("web", &hv1, &hv2);
     let quiet = other.calls();
 
@@ -476,14 +485,7 @@ async fn a_silent_host_leaves_its_vms_unknown_and_started_nowhere_else() -> Test
 
 #[tokio::test]
 async fn a_fenced_host_s_vms_are_recovered_elsewhere() -> TestResult {
-    let repo = Repo::new()?;
-    let (hv1, hv2) = (Fake::new("hv1"), Fake::new("hv2"));
-    repo.host("hv1", true)?;
-    repo.host("hv2", true)?;
-    repo.vm("web", "ha = true\n")?;
-    repo.commit("web")?;
-    let mut d = daemon(&repo, &[&hv1, &hv2]).await?;
-    d.step(vec![Trigger::Startup]).await;
+    let (repo, hv1, hv2, mut d) = ha_on_two_hosts(true).await?;
     let (home, other) = placed("web", &hv1, &hv2);
 
     // Silent for a minute, past `down_after` (5 s): fenced at once, and web recovered.
