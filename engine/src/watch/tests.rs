@@ -372,6 +372,16 @@ fn phase(repo: &Repo, vm: &str) -> Option<(VmPhase, Option<String>)> {
     repo.status(vm).map(|s| (s.phase, s.host))
 }
 
+/// A repository with `web` on host `hv1`, and the fake for `hv1`.
+fn web_on_one_host() -> Result<(Repo, Fake), Box<dyn std::error::Error>> {
+    let repo = Repo::new()?;
+    let hv1 = Fake::new("hv1");
+    repo.host("hv1", false)?;
+    repo.vm("web", "")?;
+    repo.commit("web")?;
+    Ok((repo, hv1))
+}
+
 /// `web` (ha) on one of two hosts (`fence = ["true"]` on both when `fence`), placed by a
 /// first reconcile.
 async fn ha_on_two_hosts(
@@ -399,11 +409,7 @@ fn placed<'f>(vm: &str, a: &'f Fake, b: &'f Fake) -> (&'f Fake, &'f Fake) {
 
 #[tokio::test]
 async fn a_commit_is_carried_out_and_its_status_written() -> TestResult {
-    let repo = Repo::new()?;
-    let hv1 = Fake::new("hv1");
-    repo.host("hv1", false)?;
-    repo.vm("web", "")?;
-    repo.commit("web")?;
+    let (repo, hv1) = web_on_one_host()?;
     let mut d = daemon(&repo, &[&hv1]).await?;
     d.step(vec![Trigger::Startup]).await;
     assert_eq!(hv1.calls(), ["create web", "start web"]);
@@ -437,11 +443,7 @@ async fn a_commit_is_carried_out_and_its_status_written() -> TestResult {
 
 #[tokio::test]
 async fn a_crashed_qemu_is_restarted_and_its_exit_shown() -> TestResult {
-    let repo = Repo::new()?;
-    let hv1 = Fake::new("hv1");
-    repo.host("hv1", false)?;
-    repo.vm("web", "")?;
-    repo.commit("web")?;
+    let (repo, hv1) = web_on_one_host()?;
     let mut d = daemon(&repo, &[&hv1]).await?;
     d.step(vec![Trigger::Startup]).await;
     let first = hv1.vm("web").and_then(|v| v.pid);
@@ -502,11 +504,7 @@ async fn a_fenced_host_s_vms_are_recovered_elsewhere() -> TestResult {
 
 #[tokio::test]
 async fn a_damaged_journal_is_said_in_the_status_once() -> TestResult {
-    let repo = Repo::new()?;
-    let hv1 = Fake::new("hv1");
-    repo.host("hv1", false)?;
-    repo.vm("web", "")?;
-    repo.commit("web")?;
+    let (repo, hv1) = web_on_one_host()?;
     let state = repo.path().join(".plasmavmc");
     std::fs::create_dir_all(&state)?;
     std::fs::write(state.join("journal.json"), "{\"revision\": ")?;
