@@ -35,9 +35,11 @@ use crate::RUN_TIMEOUT;
 /// Subcommands that take `--repo`; those also in [`TAKES_STATE`] take `--state-dir`.
 /// `fence` means its subcommand (`fence confirm`), which takes both.
 const TAKES_REPO: &[&str] = &[
-    "validate", "plan", "apply", "status", "watch", "fence", "drill",
+    "validate", "plan", "apply", "status", "watch", "fence", "drill", "console", "logs",
 ];
-const TAKES_STATE: &[&str] = &["plan", "apply", "status", "watch", "fence", "drill"];
+const TAKES_STATE: &[&str] = &[
+    "plan", "apply", "status", "watch", "fence", "drill", "console", "logs",
+];
 
 /// Bound for agents to exit once their engine is gone (EOF on their stdin).
 const AGENT_EXIT: Duration = Duration::from_secs(10);

@@ -13,6 +13,7 @@
 //! ```
 
 mod files;
+pub mod serial;
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -4,6 +4,7 @@
 mod context;
 mod drill;
 mod plan;
+mod serial;
 mod status;
 
 use std::path::PathBuf;
@@ -57,6 +58,11 @@ enum Command {
         #[command(subcommand)]
         action: FenceAction,
     },
+    /// An interactive serial console on a VM, wherever it runs (leave with Ctrl-]).
+    /// One console per VM at a time: a second one is refused.
+    Console(serial::ConsoleArgs),
+    /// A VM's serial log, from wherever it runs; -f follows it across restarts.
+    Logs(serial::LogsArgs),
     /// The host side: serve one engine on stdin/stdout (started by the engine itself,
     /// over ssh, or by a host's `exec` command).
     Agent(AgentArgs),
@@ -109,6 +115,20 @@ struct AgentArgs {
     /// Folder this host keeps instances and disks in; one engine at a time.
     #[arg(long)]
     root: PathBuf,
+    /// Instead of the protocol: relay VM's serial console on stdin/stdout (no host
+    /// lock; beside a running engine). Started by `plasmavmc console`.
+    #[arg(long, value_name = "VM", conflicts_with = "logs")]
+    console: Option<String>,
+    /// Instead of the protocol: write VM's serial log on stdout (no host lock).
+    /// Started by `plasmavmc logs`.
+    #[arg(long, value_name = "VM")]
+    logs: Option<String>,
+    /// With --logs: keep following, across restarts, until stdin closes.
+    #[arg(long, requires = "logs")]
+    follow: bool,
+    /// With --logs: only the last N lines.
+    #[arg(long, requires = "logs")]
+    lines: Option<usize>,
     /// Exit (leaving every VM running) when the engine sends nothing for this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     silence: std::time::Duration,
@@ -176,6 +196,13 @@ pub fn main() -> ExitCode {
             Command::Status(args) => status::status(&args).await,
             Command::Watch(args) => watch(args).await,
             Command::Agent(args) => agent(args).await,
+            // Blocking by design (a terminal, a child process): off the async workers.
+            Command::Console(args) => tokio::task::spawn_blocking(move || serial::console(&args))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("the console panicked: {e}"))),
+            Command::Logs(args) => tokio::task::spawn_blocking(move || serial::logs(&args))
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("logs panicked: {e}"))),
             Command::Fence {
                 action: FenceAction::Confirm { host, repo },
             } => fence_confirm(&host, &repo),
@@ -255,6 +282,16 @@ fn fence_confirm(host: &str, repo: &RepoArgs) -> anyhow::Result<u8> {
 }
 
 async fn agent(args: AgentArgs) -> anyhow::Result<u8> {
+    use crate::agent::serial;
+    if let Some(vm) = &args.console {
+        serial::console(&args.root, vm, tokio::io::stdin(), tokio::io::stdout()).await?;
+        return Ok(0);
+    }
+    if let Some(vm) = &args.logs {
+        let (stdin, stdout) = (tokio::io::stdin(), tokio::io::stdout());
+        serial::logs(&args.root, vm, args.follow, args.lines, stdin, stdout).await?;
+        return Ok(0);
+    }
     anyhow::ensure!(
         args.stdio,
         "only --stdio is supported: the engine talks to the agent over its stdin/stdout"

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 pub use client::{AgentHost, ConnectOptions};
 pub use local::{local_capacity, LocalHost};
-pub use transport::{agent_argv, connect_hosts};
+pub use transport::{agent_argv, connect_hosts, serial_argv};
 
 use crate::observe::Inventory;
 use crate::qemu::instance::VmInstance;

@@ -101,6 +101,19 @@ pub fn agent_argv(host: &HostEntry, state: &StateDir) -> Result<Vec<String>, Hos
     Ok(argv)
 }
 
+/// The argv of `host`'s agent in a serial mode (`mode`: e.g. `["--console", "web"]`):
+/// [`agent_argv`] with the mode's arguments appended. An `exec` argv gets them at its
+/// end too, so it must end with the agent's own arguments (or pass on `"$@"`).
+pub fn serial_argv(
+    host: &HostEntry,
+    state: &StateDir,
+    mode: &[String],
+) -> Result<Vec<String>, HostError> {
+    let mut argv = agent_argv(host, state)?;
+    argv.extend(mode.iter().cloned());
+    Ok(argv)
+}
+
 /// Connects to every host of `desired` at once; the ones that cannot be reached are
 /// returned apart with the reason.
 pub async fn connect_hosts(

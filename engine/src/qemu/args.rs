@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 
 use plasmavmc_specs::{Forward, Nic};
 
-use super::instance::{InstanceFile, PID_FILE, QMP_SOCKET, SERIAL_LOG};
+use super::instance::{InstanceFile, CONSOLE_SOCKET, PID_FILE, QMP_SOCKET, SERIAL_LOG};
 use super::net::tap_name;
 
 /// The accelerator actually used (the spec's `auto` resolved on the host).
@@ -85,7 +85,15 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
     ]);
     push(&["-mon", "chardev=qmp,mode=control"]);
     push(&["-pidfile", PID_FILE]);
-    push(&["-chardev", &format!("file,id=serial0,path={SERIAL_LOG}")]);
+    // The serial port: a socket `plasmavmc console` attaches to (one client at a time),
+    // every byte the guest writes also appended to serial.log, attached or not.
+    push(&[
+        "-chardev",
+        &format!(
+            "socket,id=serial0,path={CONSOLE_SOCKET},server=on,wait=off,\
+             logfile={SERIAL_LOG},logappend=on"
+        ),
+    ]);
     push(&["-serial", "chardev:serial0"]);
     // A guest panic ends QEMU with a failure status instead of hanging (exit classification).
     push(&["-device", "pvpanic", "-action", "panic=exit-failure"]);

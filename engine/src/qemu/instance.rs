@@ -4,6 +4,8 @@
 //! instance.toml   spec snapshot, uuid, revision, last power command (this file)
 //! qemu.pid        written by QEMU (-pidfile)
 //! qmp.sock        QMP control socket
+//! console.sock    the serial port's socket (`plasmavmc console`; one client)
+//! console.lock    flock of the console attached now
 //! serial.log      the guest's serial console (previous run: serial.log.1)
 //! qemu.log        QEMU's stdout/stderr (previous run: qemu.log.1)
 //! disks/          the VM's local disks, <disk>.qcow2
@@ -25,6 +27,9 @@ pub const INSTANCE_FILE: &str = "instance.toml";
 pub const PID_FILE: &str = "qemu.pid";
 pub const QMP_SOCKET: &str = "qmp.sock";
 pub const SERIAL_LOG: &str = "serial.log";
+pub const CONSOLE_SOCKET: &str = "console.sock";
+/// Held (flock) by the one `plasmavmc console` attached to the VM.
+pub const CONSOLE_LOCK: &str = "console.lock";
 pub const QEMU_LOG: &str = "qemu.log";
 pub const DISKS_DIR: &str = "disks";
 

@@ -265,7 +265,7 @@ impl LocalHost {
     pub(super) fn spawn(dir: &InstanceDir, vm: &str, args: &[String]) -> Result<u32, HostError> {
         rotate(dir, SERIAL_LOG);
         rotate(dir, QEMU_LOG);
-        for stale in [QMP_SOCKET, instance::PID_FILE] {
+        for stale in [QMP_SOCKET, instance::CONSOLE_SOCKET, instance::PID_FILE] {
             let _ = fs::remove_file(dir.file(stale));
         }
         process::spawn_detached(&process::qemu_binary(), args, &dir.dir, &dir.file(QEMU_LOG))

@@ -68,15 +68,21 @@ pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Connects to a unix socket, going through the parent directory's fd when the path is too long
 /// for `sockaddr_un`.
 pub(super) async fn connect_socket(path: &Path) -> Result<UnixStream, QmpError> {
-    let error = |source| QmpError::Connect {
-        path: path.to_owned(),
-        source,
-    };
+    connect_unix(path)
+        .await
+        .map_err(|source| QmpError::Connect {
+            path: path.to_owned(),
+            source,
+        })
+}
+
+/// [`connect_socket`] with the plain I/O error (the serial console's socket uses it too).
+pub async fn connect_unix(path: &Path) -> io::Result<UnixStream> {
     let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return UnixStream::connect(path).await.map_err(error);
+        return UnixStream::connect(path).await;
     };
     if path.as_os_str().len() <= SHORT_PATH_MAX {
-        return UnixStream::connect(path).await.map_err(error);
+        return UnixStream::connect(path).await;
     }
     let dir = if dir.as_os_str().is_empty() {
         Path::new(".")
@@ -87,10 +93,9 @@ pub(super) async fn connect_socket(path: &Path) -> Result<UnixStream, QmpError> 
     let dir_fd = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_PATH | libc::O_DIRECTORY)
-        .open(dir)
-        .map_err(error)?;
+        .open(dir)?;
     let short = PathBuf::from(format!("/proc/self/fd/{}", dir_fd.as_raw_fd())).join(name);
-    let stream = UnixStream::connect(&short).await.map_err(error);
+    let stream = UnixStream::connect(&short).await;
     drop(dir_fd);
     stream
 }

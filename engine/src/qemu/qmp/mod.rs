@@ -30,6 +30,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::AbortHandle;
 
+pub use conn::connect_unix;
 use conn::{EventSink, Outgoing, Pending, ReaderState, Shared};
 use wire::Answer;
 
