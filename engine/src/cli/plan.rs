@@ -218,12 +218,7 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
         engine.attempted(&target.commit.id, outcome.report.as_ref(), &outcome.pending);
     if let Some(why) = damaged {
         // Reported, never ignored: in the status and in the exit code.
-        problems = if problems.is_empty() {
-            why
-        } else {
-            format!("{why}\n{problems}")
-        };
-        engine.last_error = Some(problems.clone());
+        problems = engine.add_problem(&why);
     }
     publish(&status, engine, Some(&target.desired), &outcome, &[])?;
     if !problems.is_empty() {

@@ -62,6 +62,17 @@ impl EngineStatus {
         spec_dir.clone_into(&mut self.spec_dir);
     }
 
+    /// Puts `why`, a problem found beside an attempt (a damaged journal), first in the
+    /// last error; returns the last error.
+    pub fn add_problem(&mut self, why: &str) -> String {
+        let error = match self.last_error.take() {
+            Some(rest) => format!("{why}\n{rest}"),
+            None => why.to_owned(),
+        };
+        self.last_error = Some(error.clone());
+        error
+    }
+
     /// Records an attempt to apply `revision` that ended with `report` (none: nothing was
     /// to be done) and left `pending` VMs: applied when nothing failed and nothing is
     /// pending, else the problems, one a line, are the last error. Returns them (empty

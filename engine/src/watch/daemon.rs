@@ -315,8 +315,7 @@ impl<C: Connector> Daemon<C> {
         }
         if let Some(why) = self.damaged_journal.take() {
             // Said once in the status, as `apply` does (and logged at startup).
-            let error = self.engine.last_error.take();
-            self.engine.last_error = Some(error.map_or(why.clone(), |e| format!("{why}\n{e}")));
+            self.engine.add_problem(&why);
         }
         changed |= !self.events.is_empty();
         self.publish(Some(&target), &outcome, changed)
