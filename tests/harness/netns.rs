@@ -98,20 +98,7 @@ impl Lan {
             "making a network namespace (tests on real L2 need root and iproute2; they do not skip)",
         )?;
         let sw = lan.switch.clone();
-        ip(&[
-            "-n",
-            &sw,
-            "link",
-            "add",
-            "sw",
-            "type",
-            "bridge",
-            "stp_state",
-            "0",
-            "forward_delay",
-            "0",
-        ])?;
-        ip(&["-n", &sw, "link", "set", "sw", "up"])?;
+        bridge_up(&sw, "sw", &[])?;
 
         let client = lan.client.clone();
         lan.add_ns(&client)?;
@@ -135,22 +122,7 @@ impl Lan {
             // the other hosts' ARP entries for its address go stale (a live move's
             // migration stream to it then hung in setup for 30 s: seen once in 10 moves).
             let mac = format!("02:77:00:00:00:{:02x}", i + 1);
-            ip(&[
-                "-n",
-                &ns,
-                "link",
-                "add",
-                BRIDGE,
-                "address",
-                &mac,
-                "type",
-                "bridge",
-                "stp_state",
-                "0",
-                "forward_delay",
-                "0",
-            ])?;
-            ip(&["-n", &ns, "link", "set", BRIDGE, "up"])?;
+            bridge_up(&ns, BRIDGE, &["address", &mac])?;
             let addr = format!("{}/{PREFIX_LEN}", host_address(i));
             ip(&["-n", &ns, "addr", "add", &addr, "dev", BRIDGE])?;
             ip(&["-n", &ns, "link", "set", "lo", "up"])?;
@@ -369,6 +341,17 @@ impl Drop for Lan {
 }
 
 /// Runs `ip ARGS`; fails with its stderr unless it exits 0.
+/// Makes bridge `name` in namespace `ns` (`extra`: more `ip link add` settings, such as
+/// its MAC) with STP off and no forward delay, so a port forwards at once; and brings it
+/// up.
+fn bridge_up(ns: &str, name: &str, extra: &[&str]) -> Result<()> {
+    let mut add = vec!["-n", ns, "link", "add", name];
+    add.extend_from_slice(extra);
+    add.extend_from_slice(&["type", "bridge", "stp_state", "0", "forward_delay", "0"]);
+    ip(&add)?;
+    ip(&["-n", ns, "link", "set", name, "up"])
+}
+
 fn ip(args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
         .args(args)
