@@ -50,6 +50,16 @@ fn hosts(list: &[(&str, &[&str])]) -> Observed {
     o
 }
 
+/// `vm` of `d` found on `host` in `state`.
+fn put(o: &mut Observed, host: &str, d: &Desired, vm: &str, state: RunState) {
+    let have = running(d, vm, state);
+    o.hosts
+        .get_mut(host)
+        .expect("known host")
+        .vms
+        .insert(vm.into(), have);
+}
+
 fn placed(p: &Plan) -> Vec<String> {
     p.actions
         .iter()
@@ -133,12 +143,7 @@ fn a_drain_moves_only_to_a_host_with_the_network() {
     let mut after = before.clone();
     after.hosts.get_mut("hv1").expect("hv1").spec.state = plasmavmc_specs::HostState::Maintenance;
     let mut o = hosts(&[("hv1", &["br-lan"]), ("hv2", &[]), ("hv3", &["br-lan"])]);
-    let vm = running(&before, "web", RunState::Running);
-    o.hosts
-        .get_mut("hv1")
-        .expect("hv1")
-        .vms
-        .insert("web".into(), vm);
+    put(&mut o, "hv1", &before, "web", RunState::Running);
     let p = plan(&after, &o, NOW);
     assert!(p.actions.is_empty(), "{p:?}");
     assert_eq!(
@@ -156,12 +161,7 @@ fn a_changed_network_or_mac_on_a_running_vm_needs_a_restart() {
     let before = world(&[("web", "host = \"hv1\"\n[[nics]]\n")]);
     let o = {
         let mut o = hosts(&[("hv1", &["br-lan"])]);
-        let vm = running(&before, "web", RunState::Running);
-        o.hosts
-            .get_mut("hv1")
-            .expect("hv1")
-            .vms
-            .insert("web".into(), vm);
+        put(&mut o, "hv1", &before, "web", RunState::Running);
         o
     };
     for nic in [ON_LAN, "[[nics]]\nmac = \"52:54:00:12:ab:cd\"\n"] {
@@ -183,11 +183,8 @@ fn a_vm_whose_host_lacks_its_new_network_is_not_started_there() {
         ("db", ON_LAN),
     ]);
     let mut o = hosts(&[("hv3", &["br-lan"])]);
-    let inv = o.hosts.get_mut("hv3").expect("hv3");
-    inv.vms
-        .insert("web".into(), running(&before, "web", RunState::Running));
-    inv.vms
-        .insert("db".into(), running(&before, "db", RunState::Stopped));
+    put(&mut o, "hv3", &before, "web", RunState::Running);
+    put(&mut o, "hv3", &before, "db", RunState::Stopped);
     let p = plan(&after, &o, NOW);
     // db's new spec is recorded where it is, but neither is (re)started on hv3.
     assert_eq!(placed(&p), ["update db hv3"], "{p:?}");
@@ -246,12 +243,7 @@ fn a_changed_bridge_restarts_the_running_vms_on_that_network_only() {
     let before = world(&refs);
     let mut o = hosts(&[("hv1", &["br-lan", "br-new"])]);
     for vm in ["web", "plain"] {
-        let have = running(&before, vm, RunState::Running);
-        o.hosts
-            .get_mut("hv1")
-            .expect("hv1")
-            .vms
-            .insert(vm.into(), have);
+        put(&mut o, "hv1", &before, vm, RunState::Running);
     }
     assert!(plan(&before, &o, NOW).actions.is_empty());
     let mut files = vec![
