@@ -10,6 +10,7 @@ pub mod diag;
 #[doc(hidden)]
 pub mod fuzz;
 pub mod host;
+pub mod image;
 pub mod load;
 pub mod name;
 pub mod net;
@@ -22,6 +23,7 @@ pub use cluster::{
 };
 pub use diag::{Diagnostic, Seg};
 pub use host::{HostSpec, HostState, LOCAL_HOST};
+pub use image::{Image, UrlImage};
 pub use load::{load, short_hash, spec_hash, vm_hash, Desired, HostEntry, SourceFile, VmEntry};
 pub use name::name_problem;
 pub use vm::{

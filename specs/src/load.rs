@@ -91,7 +91,7 @@ impl Desired {
 
 /// Stable short hash of a VM spec (hex, 16 digits): equal specs, equal hashes.
 pub fn spec_hash(spec: &VmSpec) -> String {
-    let json = serde_json::to_vec(spec).expect("a VmSpec always serialises");
+    let json = serde_json::to_vec(&identity(spec)).expect("a VmSpec always serialises");
     short_hash(&json, 8)
 }
 
@@ -110,8 +110,26 @@ pub fn vm_hash(spec: &VmSpec, networks: &BTreeMap<String, NetworkDef>) -> String
     if used.is_empty() {
         return spec_hash(spec);
     }
-    let json = serde_json::to_vec(&(spec, used)).expect("a VmSpec always serialises");
+    let json = serde_json::to_vec(&(identity(spec), used)).expect("a VmSpec always serialises");
     short_hash(&json, 8)
+}
+
+/// `spec` as its hash counts it: a URL image by its SHA-256 alone, so moving an image to
+/// another URL changes no disk and restarts nothing. Borrowed unchanged when it has none.
+fn identity(spec: &VmSpec) -> std::borrow::Cow<'_, VmSpec> {
+    use crate::image::Image;
+    if !spec
+        .disks
+        .iter()
+        .any(|d| matches!(d.image, Some(Image::Url(_))))
+    {
+        return std::borrow::Cow::Borrowed(spec);
+    }
+    let mut spec = spec.clone();
+    for disk in &mut spec.disks {
+        disk.image = disk.image.as_ref().map(Image::identity);
+    }
+    std::borrow::Cow::Owned(spec)
 }
 
 /// The first `bytes` bytes of the SHA-256 of `data`, in hex.

@@ -147,10 +147,11 @@ pub struct Disk {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub size_gb: Option<u64>,
-    /// Base image (qcow2 or raw) the disk is created from as a qcow2 overlay. Read from the
-    /// filesystem like `boot.kernel`.
+    /// Base image (qcow2 or raw, told apart by its content) the disk is created from as a
+    /// qcow2 overlay; the image itself is never written. A path, read from the filesystem
+    /// like `boot.kernel`, or `{ url, sha256 }`: downloaded by each host once and checked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub image: Option<String>,
+    pub image: Option<crate::image::Image>,
     /// Where the disk lives.
     #[serde(default)]
     pub storage: Storage,
@@ -488,8 +489,10 @@ impl VmSpec {
                     );
                 }
                 (None, Some(image)) => {
-                    if let Some(p) = path_problem(image) {
-                        bad(at("image"), p);
+                    for (below, p) in image.problems() {
+                        let mut key = at("image");
+                        key.extend(below.map(Seg::Key));
+                        bad(key, p);
                     }
                 }
                 _ => {}

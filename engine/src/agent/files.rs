@@ -1,5 +1,6 @@
-//! The agent's file store: kernels, initrds and base images the engine sends, kept
-//! under `<root>/files/<sha256>`, written once and checked before use.
+//! The agent's file store: kernels, initrds and base images the engine sends, and images
+//! the agent downloads (`fetch`), kept under `<root>/files/<sha256>`, written once and
+//! checked before use.
 
 use std::fs;
 use std::io::{self, Seek, SeekFrom, Write};
@@ -52,6 +53,32 @@ impl FileStore {
     pub fn get(&self, sha256: &str) -> Result<Option<PathBuf>, FileError> {
         let path = self.checked(sha256)?;
         Ok(path.is_file().then_some(path))
+    }
+
+    /// Where a download of `sha256` collects its bytes until they are verified (the
+    /// store's folder is created if need be). Not the name [`Self::put`] uses: a file
+    /// sent by the engine and one downloaded never share a part file.
+    pub fn part(&self, sha256: &str) -> Result<PathBuf, FileError> {
+        self.checked(sha256)?;
+        crate::records::create_private_dir(&self.dir).map_err(|e| FileError::Io {
+            path: self.dir.clone(),
+            source: io::Error::other(e.to_string()),
+        })?;
+        Ok(self.dir.join(format!(".{sha256}.download.part")))
+    }
+
+    /// Gives the verified file `part` its final name (read-only: a base image is never
+    /// written, only overlaid).
+    pub fn publish(&self, sha256: &str, part: &Path) -> Result<PathBuf, FileError> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let path = self.checked(sha256)?;
+        let io_err = |source| FileError::Io {
+            path: part.to_path_buf(),
+            source,
+        };
+        fs::set_permissions(part, fs::Permissions::from_mode(0o444)).map_err(io_err)?;
+        fs::rename(part, &path).map_err(io_err)?;
+        Ok(path)
     }
 
     /// Writes a chunk at `offset`; with `last`, verifies the whole file and publishes it.

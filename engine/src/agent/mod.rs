@@ -12,6 +12,7 @@
 //! Hello ─> Welcome | Refused ─> { Request ─> Response | Ping ─> Pong | ─> Event }* ─> EOF
 //! ```
 
+mod fetch;
 mod files;
 pub mod serial;
 
@@ -24,7 +25,8 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 use tracing::{info, warn};
 
-use crate::wire::{codec, FromAgent, HostFacts, Reply, Request, ToAgent, VERSION};
+use crate::wire::{codec, FromAgent, HostEvent, HostFacts, Reply, Request, ToAgent, VERSION};
+pub use fetch::{FetchError, Fetcher};
 pub use files::FileStore;
 
 use crate::host::{Host, LocalHost};
@@ -109,6 +111,13 @@ where
     };
     forward_events(&host, tx.clone());
     let store = FileStore::new(&opts.root);
+    let fetcher = match Fetcher::new(store.clone()) {
+        Ok(f) => Some(f),
+        Err(e) => {
+            warn!(error = %crate::errors::error_chain(&e), "images by URL cannot be downloaded here");
+            None
+        }
+    };
     loop {
         let Ok(next) = tokio::time::timeout(opts.silence, frames.next()).await else {
             warn!(silence = ?opts.silence, "the controller went silent; exiting (every VM keeps running)");
@@ -131,8 +140,14 @@ where
                     }
                 }
                 let (host, store, tx) = (host.clone(), store.clone(), tx.clone());
+                let fetcher = fetcher.clone();
                 tokio::spawn(async move {
-                    let result = handle(&host, &store, request).await;
+                    let result = match request {
+                        Request::FetchImage { vm, image } => {
+                            fetch_image(fetcher.as_ref(), &vm, &image, &tx).await
+                        }
+                        request => handle(&host, &store, request).await,
+                    };
                     let _ = tx.send(FromAgent::Response { id, result });
                 });
             }
@@ -210,6 +225,35 @@ fn decode(
     }
 }
 
+/// [`Request::FetchImage`]: the stored image, downloaded first if need be, with its
+/// progress sent to the controller as [`HostEvent::Downloading`] events of `vm`.
+async fn fetch_image(
+    fetcher: Option<&Fetcher>,
+    vm: &str,
+    image: &plasmavmc_specs::UrlImage,
+    tx: &mpsc::UnboundedSender<FromAgent>,
+) -> Result<Reply, String> {
+    let Some(fetcher) = fetcher else {
+        return Err(
+            "this agent cannot download (its HTTP client failed to start; see its log)".to_owned(),
+        );
+    };
+    let progress = |p: fetch::Progress| {
+        let _ = tx.send(FromAgent::Event {
+            event: HostEvent::Downloading {
+                vm: vm.to_owned(),
+                file: image.file_name().to_owned(),
+                done: p.done,
+                total: p.total,
+            },
+        });
+    };
+    reply(
+        fetcher.fetch(&image.url, &image.sha256, &progress).await,
+        |path| Reply::File { path: Some(path) },
+    )
+}
+
 async fn handle(host: &LocalHost, store: &FileStore, request: Request) -> Result<Reply, String> {
     let done = |()| Reply::Done;
     match request {
@@ -265,6 +309,7 @@ async fn handle(host: &LocalHost, store: &FileStore, request: Request) -> Result
                 .await,
             done,
         ),
+        Request::FetchImage { .. } => Err("FetchImage is served by fetch_image".to_owned()),
         Request::HasFile { sha256 } => reply(store.get(&sha256), |path| Reply::File { path }),
         Request::PutFile {
             sha256,

@@ -10,7 +10,7 @@ use super::context::Hosts;
 use super::context::{print_invalid, Ctx};
 use super::{RepoArgs, EXIT_CHANGES};
 use crate::execute::journal::JournalFile;
-use crate::execute::{Outcome, Step};
+use crate::execute::{Doing, Outcome, Step};
 use crate::observe::Observed;
 use crate::plan::{Plan, SavedPlan};
 use crate::records::StateLock;
@@ -258,10 +258,10 @@ fn read_saved(path: &std::path::Path) -> anyhow::Result<SavedPlan> {
 }
 
 /// What a long action is doing: on stderr, and in the VM's status.
-fn show_live(status: &StatusDir) -> impl Fn(&str, &str) + Sync + '_ {
-    move |vm, what| {
+fn show_live(status: &StatusDir) -> impl Fn(&str, Doing, &str) + Sync + '_ {
+    move |vm, doing, what| {
         eprintln!("  ..   {vm}: {what}");
-        if let Err(e) = status.set_migrating(vm, what) {
+        if let Err(e) = status.set_live(vm, doing, what) {
             tracing::warn!(vm, error = %e, "cannot show progress in the status");
         }
     }

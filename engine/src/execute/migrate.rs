@@ -18,7 +18,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use super::ExecError;
+use super::{Doing, ExecError};
 use crate::failpoint::failpoint;
 use crate::host::{Host, HostError};
 use crate::plan::MoveMode;
@@ -120,6 +120,7 @@ async fn live_move<H: Host>(
     failpoint!("engine.migrate.live.prepared");
     live(
         m.vm,
+        Doing::Migrating,
         &format!("target QEMU waiting on {} at {}", m.to, incoming.uri),
     );
     let mut events = src.subscribe();
@@ -148,12 +149,14 @@ async fn live_move<H: Host>(
     failpoint!("engine.migrate.live.completed");
     live(
         m.vm,
+        Doing::Migrating,
         &format!("migration completed; resuming the guest on {}", m.to),
     );
     let pid = dst.start(m.vm).await?;
     failpoint!("engine.migrate.live.resumed");
     live(
         m.vm,
+        Doing::Migrating,
         &format!(
             "running on {} (pid {pid}); removing {}'s copy",
             m.to, m.from
@@ -198,6 +201,7 @@ async fn cold_move<H: Host>(
     } = ends;
     live(
         m.vm,
+        Doing::Migrating,
         &format!("moving cold to {}: stopping the guest on {}", m.to, m.from),
     );
     src.stop(m.vm, stop_timeout).await?;
@@ -258,6 +262,7 @@ async fn show_progress(
             Ok(HostEvent::Migrating { vm, progress }) if vm == m.vm => {
                 live(
                     m.vm,
+                    Doing::Migrating,
                     &format!("migrating live to {}: {}", m.to, progress.describe()),
                 );
                 failpoint!("engine.migrate.live.progress", ());
@@ -285,6 +290,7 @@ async fn copy_disk<H: Host>(
             shown = std::time::Instant::now();
             live(
                 vm,
+                Doing::Migrating,
                 &format!(
                     "moving cold to {}: disk {disk}, {} MiB copied",
                     m.to,

@@ -5,6 +5,7 @@
 //! fails, that VM's later steps are skipped and the other VMs go on. Every host call is
 //! idempotent, so running a half-done plan again finishes it.
 
+mod downloads;
 pub mod journal;
 mod migrate;
 
@@ -84,8 +85,19 @@ pub enum ExecError {
     Injected(#[from] crate::failpoint::Injected),
 }
 
-/// Told what a long action (a migration) is doing while it runs: `(vm, what)`.
-pub type Live<'a> = &'a (dyn Fn(&str, &str) + Sync);
+/// Told what a long action (a migration, a download) is doing while it runs:
+/// `(vm, kind, what)`.
+pub type Live<'a> = &'a (dyn Fn(&str, Doing, &str) + Sync);
+
+/// The kind of long work a [`Live`] report is about: it decides the VM's phase in the
+/// status (a download leaves it as it is).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Doing {
+    /// Moving the VM to another host.
+    Migrating,
+    /// A host downloads an image by URL for the VM.
+    Downloading,
+}
 
 /// Runs `plan`; `progress` is told about each step as it finishes, `live` about long
 /// ones while they run.
@@ -127,7 +139,12 @@ async fn execute_with<H: Host>(
             let started = Instant::now();
             let result = match before(action) {
                 Ok(()) => {
-                    run(action, target, hosts, stop_timeout, live)
+                    let near: Vec<&H> = may_put(action)
+                        .into_iter()
+                        .filter_map(|h| hosts.get(h))
+                        .collect();
+                    let work = run(action, target, hosts, stop_timeout, live);
+                    downloads::showing(&near, action.vm(), live, work)
                         .instrument(span)
                         .await
                 }
@@ -189,14 +206,14 @@ pub async fn execute_journaled<H: Host>(
         }
     };
     journal.write(&entry.lock().expect("journal entry"))?;
-    let steps = |vm: &str, what: &str| {
+    let steps = |vm: &str, doing: Doing, what: &str| {
         save(&|j| {
             j.step = Some(journal::JournalStep {
                 vm: vm.to_owned(),
                 what: what.to_owned(),
             });
         });
-        live(vm, what);
+        live(vm, doing, what);
     };
     let note = |action: &Action| {
         let hosts = may_put(action);

@@ -200,7 +200,7 @@ async fn actions_become_host_calls_in_order_with_the_commit_spec() {
     };
     let hosts = BTreeMap::from([("local".to_owned(), FakeHost::default())]);
     let mut seen = 0;
-    let report = execute(&plan, &t, &hosts, &|_, _| {}, |_| seen += 1).await;
+    let report = execute(&plan, &t, &hosts, &|_, _, _| {}, |_| seen += 1).await;
     assert!(!report.failed());
     assert_eq!(seen, 5);
     let calls = hosts["local"].calls.lock().expect("lock").clone();
@@ -239,7 +239,7 @@ async fn a_failed_step_skips_the_rest_of_that_vm_only() {
             ..FakeHost::default()
         },
     )]);
-    let report = execute(&plan, &t, &hosts, &|_, _| {}, |_| {}).await;
+    let report = execute(&plan, &t, &hosts, &|_, _, _| {}, |_| {}).await;
     assert!(report.failed());
     let outcomes: Vec<&str> = report
         .steps
@@ -271,7 +271,7 @@ async fn unknown_hosts_fail_the_action_without_calls() {
         pending: vec![],
     };
     let hosts = BTreeMap::from([("local".to_owned(), FakeHost::default())]);
-    let report = execute(&plan, &t, &hosts, &|_, _| {}, |_| {}).await;
+    let report = execute(&plan, &t, &hosts, &|_, _, _| {}, |_| {}).await;
     assert!(report.failed());
     assert!(hosts["local"].calls.lock().expect("lock").is_empty());
 }
@@ -318,7 +318,7 @@ async fn a_cold_move_stops_streams_every_chunk_checks_and_only_then_discards() {
         &move_plan(crate::plan::MoveMode::Cold),
         &target(&MOVING),
         &hosts,
-        &|_, _| {},
+        &|_, _, _| {},
         |_| {},
     )
     .await;
@@ -350,7 +350,7 @@ async fn a_failed_live_migration_removes_the_target_and_keeps_the_source() {
         &move_plan(crate::plan::MoveMode::Live),
         &target(&MOVING),
         &hosts,
-        &|_, _| {},
+        &|_, _, _| {},
         |_| {},
     )
     .await;

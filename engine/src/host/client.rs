@@ -6,7 +6,7 @@
 //! from it, and heartbeats (a ping every interval; the time of the last frame tells how
 //! healthy the channel is). Files a spec names (kernels, base images) are copied to the
 //! host once, content-addressed and checksummed, and the instance is rewritten to use
-//! the host's copies.
+//! the host's copies; images by URL are downloaded by the host itself (`FetchImage`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -54,6 +54,9 @@ impl Default for ConnectOptions {
         }
     }
 }
+
+/// Bound on one image download (a lost reply, in practice): a day.
+const FETCH_BOUND: Duration = Duration::from_secs(24 * 3600);
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Reply, String>>>>>;
 
@@ -382,7 +385,31 @@ impl AgentHost {
                 .images
                 .insert(disk.clone(), self.ensure_file(&vm.name, image).await?);
         }
+        for disk in &vm.spec.disks {
+            if let Some(plasmavmc_specs::Image::Url(image)) = &disk.image {
+                let stored = self.fetch_image(&vm.name, image).await?;
+                out.files.images.insert(disk.name.clone(), stored);
+            }
+        }
         Ok(out)
+    }
+
+    /// The host's copy of an image by URL: the host downloads it unless it has it. No
+    /// bound but the agent's silence: a download takes what it takes, and the agent
+    /// gives up itself on a server that stalls.
+    async fn fetch_image(
+        &self,
+        vm: &str,
+        image: &plasmavmc_specs::UrlImage,
+    ) -> Result<PathBuf, HostError> {
+        let request = Request::FetchImage {
+            vm: vm.to_owned(),
+            image: image.clone(),
+        };
+        match self.call(vm, request, FETCH_BOUND).await? {
+            Reply::File { path: Some(path) } => Ok(path),
+            other => Err(self.unexpected(&other)),
+        }
     }
 }
 

@@ -1,4 +1,5 @@
-//! Disk images through `qemu-img`: create empty, create an overlay of a base image,
+//! Disk images through `qemu-img`: create empty, create an overlay of a base image (its
+//! format, qcow2 or raw, told from its content),
 //! read the virtual size, grow, and ask whether another QEMU holds one (its image
 //! lock). Never shrinks, never deletes.
 
@@ -66,9 +67,57 @@ pub async fn create(path: &Path, size_gb: u64) -> Result<(), ImgError> {
     Ok(())
 }
 
-/// Creates a qcow2 overlay backed by `base` (its format detected).
+/// The formats a base image may have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Qcow2,
+    Raw,
+}
+
+impl Format {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Format::Qcow2 => "qcow2",
+            Format::Raw => "raw",
+        }
+    }
+}
+
+/// qcow2's magic, the file's first four bytes: `QFI\xfb`.
+const QCOW2_MAGIC: [u8; 4] = *b"QFI\xfb";
+
+/// The format of base image `path`, from its first bytes (never its name): qcow2 when
+/// it starts with qcow2's magic, raw otherwise.
+pub fn detect_format(path: &Path) -> std::io::Result<Format> {
+    use std::io::Read as _;
+    let mut magic = [0u8; 4];
+    let mut file = std::fs::File::open(path)?;
+    let mut filled = 0;
+    while filled < magic.len() {
+        match file.read(&mut magic[filled..])? {
+            0 => break,
+            n => filled += n,
+        }
+    }
+    Ok(if filled == magic.len() && magic == QCOW2_MAGIC {
+        Format::Qcow2
+    } else {
+        Format::Raw
+    })
+}
+
+fn base_format(base: &Path) -> Result<Format, ImgError> {
+    detect_format(base).map_err(|e| ImgError::Failed {
+        op: "read",
+        path: base.to_path_buf(),
+        stderr: e.to_string(),
+    })
+}
+
+/// Creates a qcow2 overlay backed by `base` (its format told by [`detect_format`]); only
+/// the overlay is ever written.
 pub async fn create_overlay(path: &Path, base: &Path) -> Result<(), ImgError> {
-    let format = info(base).await?.format;
+    let format = base_format(base)?.as_str();
     let args: [&std::ffi::OsStr; 9] = [
         "create".as_ref(),
         "-q".as_ref(),
@@ -90,6 +139,29 @@ pub struct ImageInfo {
     pub format: String,
     #[serde(rename = "virtual-size")]
     pub virtual_size: u64,
+    /// The image's backing file, if it names one.
+    #[serde(default, rename = "backing-filename")]
+    pub backing_filename: Option<String>,
+    /// qcow2 details; `data.data-file` names an external data file.
+    #[serde(default, rename = "format-specific")]
+    pub format_specific: Option<serde_json::Value>,
+}
+
+impl ImageInfo {
+    /// The other files this image makes QEMU open: its backing file, its data file.
+    pub fn other_files(&self) -> Vec<String> {
+        let data_file = self
+            .format_specific
+            .as_ref()
+            .and_then(|f| f.pointer("/data/data-file"))
+            .and_then(serde_json::Value::as_str);
+        self.backing_filename
+            .iter()
+            .map(String::as_str)
+            .chain(data_file)
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 /// Reads format and virtual size. `-U` (no lock) lets it read an image a running QEMU holds.
@@ -167,7 +239,7 @@ pub async fn grow(path: &Path, size_gb: u64) -> Result<(), ImgError> {
 /// Points qcow2 `path` at `base` without touching its data (`rebase -u`): a disk copied
 /// from another host names that host's copy of the base image.
 pub async fn rebase_unsafe(path: &Path, base: &Path) -> Result<(), ImgError> {
-    let format = info(base).await?.format;
+    let format = base_format(base)?.as_str();
     let args: [&std::ffi::OsStr; 8] = [
         "rebase".as_ref(),
         "-q".as_ref(),

@@ -1,4 +1,5 @@
-//! The files a spec names but git does not carry: kernels, initrds, base images, and the
+//! The files a spec names but git does not carry: kernels, initrds, base images given by
+//! path (not those given by URL, which hosts download themselves), and the
 //! `known_hosts` and `identity_file` of ssh hosts.
 //!
 //! In: the validated specs, their source texts (to locate errors) and the spec folder
@@ -123,7 +124,8 @@ fn resolve_vm_files(
             }
         }
         for (i, disk) in vm.spec.disks.iter().enumerate() {
-            if let Some(image) = &disk.image {
+            // A URL image has no file here: each host downloads it (agent/fetch.rs).
+            if let Some(plasmavmc_specs::Image::Path(image)) = &disk.image {
                 if let Some(path) = check(
                     image,
                     &[Seg::Key("disks"), Seg::Index(i), Seg::Key("image")],

@@ -304,6 +304,39 @@ impl StatusDir {
         write_toml(&self.vm_path(vm), &status)
     }
 
+    /// Shows what a long action is doing now, until the next full status write: `what`
+    /// becomes `vm`'s message; a migration also sets the phase `migrating`, a download
+    /// keeps the phase (a VM new to the status is `pending` meanwhile).
+    pub fn set_live(
+        &self,
+        vm: &str,
+        doing: crate::execute::Doing,
+        what: &str,
+    ) -> Result<(), StatusError> {
+        use crate::execute::Doing;
+        match doing {
+            Doing::Migrating => self.set_migrating(vm, what),
+            Doing::Downloading => {
+                let mut status = self.vm(vm)?.unwrap_or_else(|| VmStatus {
+                    name: vm.to_owned(),
+                    phase: VmPhase::Pending,
+                    host: None,
+                    pid: None,
+                    since: None,
+                    restarts: 0,
+                    spec_revision: None,
+                    spec_hash: None,
+                    up_to_date: false,
+                    message: None,
+                    events: Vec::new(),
+                    nics: Vec::new(),
+                });
+                status.message = Some(what.to_owned());
+                write_toml(&self.vm_path(vm), &status)
+            }
+        }
+    }
+
     /// `vm`'s status file, if there is one.
     pub fn vm(&self, vm: &str) -> Result<Option<VmStatus>, StatusError> {
         read_toml(&self.vm_path(vm))

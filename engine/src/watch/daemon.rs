@@ -292,9 +292,9 @@ impl<C: Connector> Daemon<C> {
         }
         changed |= !plan.is_empty();
         let status = &self.status;
-        let live = |vm: &str, what: &str| {
+        let live = |vm: &str, doing: crate::execute::Doing, what: &str| {
             info!(vm, %what, "in progress");
-            if let Err(e) = status.set_migrating(vm, what) {
+            if let Err(e) = status.set_live(vm, doing, what) {
                 warn!(vm, error = %e, "cannot show progress in the status");
             }
         };

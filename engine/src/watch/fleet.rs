@@ -322,9 +322,11 @@ fn forward_events<H: Host>(host: &H, tx: UnboundedSender<Trigger>) {
             let trigger = match events.recv().await {
                 // Exits the engine asked for are its own doing, progress is only shown:
                 // nothing to react to.
-                Ok(HostEvent::Exited { expected: true, .. } | HostEvent::Migrating { .. }) => {
-                    continue
-                }
+                Ok(
+                    HostEvent::Exited { expected: true, .. }
+                    | HostEvent::Migrating { .. }
+                    | HostEvent::Downloading { .. },
+                ) => continue,
                 Ok(e) => Trigger::Host(e),
                 Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => Trigger::Timer,
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => break,

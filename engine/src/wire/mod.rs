@@ -19,7 +19,7 @@ use crate::qemu::instance::VmInstance;
 use crate::qemu::migrate::{Stats, Tuning};
 
 /// Version of this protocol; both sides must speak the same.
-pub const VERSION: u32 = 3;
+pub const VERSION: u32 = 4;
 
 /// Largest frame either side accepts (a file chunk plus envelope).
 pub const MAX_FRAME: usize = 4 << 20;
@@ -112,6 +112,13 @@ pub enum Request {
         #[serde(skip)]
         data: Vec<u8>,
         last: bool,
+    },
+    /// The host's copy of an image by URL, downloaded (and checked against its `sha256`)
+    /// unless stored already. Answered with [`Reply::File`]; [`HostEvent::Downloading`]
+    /// tells how far it is meanwhile.
+    FetchImage {
+        vm: String,
+        image: plasmavmc_specs::UrlImage,
     },
     /// Become the target of a live migration. Answered with [`Reply::Incoming`].
     PrepareIncoming {
@@ -323,6 +330,39 @@ pub enum HostEvent {
         vm: String,
         progress: crate::qemu::migrate::Progress,
     },
+    /// How the download of an image for `vm` ([`Request::FetchImage`]) is going (about
+    /// once a second): `file` is the URL's file name, `total` the size if known.
+    Downloading {
+        vm: String,
+        file: String,
+        done: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        total: Option<u64>,
+    },
+}
+
+impl HostEvent {
+    /// What a [`HostEvent::Downloading`] says, for a human: `downloading debian.qcow2
+    /// 412 MiB/1.2 GiB`.
+    pub fn describe_download(file: &str, done: u64, total: Option<u64>) -> String {
+        match total {
+            Some(total) => format!("downloading {file} {}/{}", bytes(done), bytes(total)),
+            None => format!("downloading {file} {}", bytes(done)),
+        }
+    }
+}
+
+/// A size in binary units, one decimal from GiB up: `412 MiB`, `1.2 GiB`.
+fn bytes(n: u64) -> String {
+    const KIB: u64 = 1 << 10;
+    const MIB: u64 = 1 << 20;
+    const GIB: u64 = 1 << 30;
+    match n {
+        n if n >= GIB => format!("{:.1} GiB", n as f64 / GIB as f64),
+        n if n >= MIB => format!("{} MiB", n / MIB),
+        n if n >= KIB => format!("{} KiB", n / KIB),
+        n => format!("{n} B"),
+    }
 }
 
 /// The value a [`Reply`] carries for one kind of request: the host client's calls name
@@ -413,6 +453,18 @@ mod tests {
         let frames = to_frames(&put);
         assert_eq!(frames.len(), 2);
         assert_eq!(&frames[1][..], &[0xab, 0x01]);
+    }
+
+    #[test]
+    fn download_progress_reads_as_an_operator_expects() {
+        assert_eq!(
+            HostEvent::describe_download("debian.qcow2", 412 << 20, Some(1288 << 20)),
+            "downloading debian.qcow2 412 MiB/1.3 GiB"
+        );
+        assert_eq!(
+            HostEvent::describe_download("x.raw", 1000, None),
+            "downloading x.raw 1000 B"
+        );
     }
 
     #[test]

@@ -53,10 +53,15 @@ impl LocalHost {
                     (_, Some(base)) => img::create_overlay(&path, base).await.map_err(disk_err)?,
                     (Some(gb), None) => img::create(&path, gb).await.map_err(disk_err)?,
                     (None, None) => {
+                        let reason = if disk.image.is_some() {
+                            format!("the image of disk {} is not on this host (an image by URL is downloaded through the agent)", disk.name)
+                        } else {
+                            format!("disk {} has no size and no image", disk.name)
+                        };
                         return Err(HostError::Refused {
                             vm: vm.name.clone(),
-                            reason: format!("disk {} has no size and no image", disk.name),
-                        })
+                            reason,
+                        });
                     }
                 }
                 info!(vm = %vm.name, disk = %disk.name, "created disk");
