@@ -27,6 +27,8 @@
 //!   reaching the binary under test: what `ssh://` hosts connect to.
 //! - [`netns`] gives simulated hosts a real L2 network ([`Lan`]: a namespace per host
 //!   with a bridge, a switch, a client) and measures it (pings, a TCP echo stream).
+//! - [`http`] is a small HTTP file server on 127.0.0.1 that honours `Range` and can
+//!   cut responses short: where images by URL come from.
 //! - [`bench`] holds what the benchmark binaries share (release binary, percentiles,
 //!   the machine's description).
 //!
@@ -40,6 +42,7 @@ pub mod bench;
 mod daemon;
 pub mod fault;
 mod git;
+pub mod http;
 pub mod netns;
 pub mod partition;
 pub mod proc;
