@@ -15,6 +15,7 @@
 //!   result is the same verified file.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -42,19 +43,17 @@ fn make_image(dir: &Path) -> Result<Vec<u8>> {
 }
 
 fn sha256_hex(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    plasmavmc::digest::hex(&Sha256::digest(bytes))
 }
 
 /// The test guest (direct kernel boot, no disks of its own) with disk `data` as an
 /// overlay of the image at `url`.
 fn vm_with_image(repo: &TestRepo, url: &str, sha256: &str) -> String {
     let mut text = VmSpec::new().no_disks().to_toml(repo.guest());
-    text.push_str(&format!(
+    let _ = write!(
+        text,
         "\n[[disks]]\nname = \"data\"\nimage = {{ url = {url:?}, sha256 = {sha256:?} }}\n"
-    ));
+    );
     text
 }
 
