@@ -336,3 +336,85 @@ fn io(path: &Path, source: std::io::Error) -> FetchError {
         source,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use sha2::Digest as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    use super::*;
+
+    /// A server on 127.0.0.1 answering every request with the whole of `body`; counts
+    /// the requests.
+    async fn serve(body: Vec<u8>) -> (String, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let count = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&count);
+        tokio::spawn(async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                counted.fetch_add(1, Ordering::SeqCst);
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match conn.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let reply = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = conn.write_all(reply.as_bytes()).await;
+                    let _ = conn.write_all(&body).await;
+                });
+            }
+        });
+        (format!("http://127.0.0.1:{port}/disk.raw"), count)
+    }
+
+    #[tokio::test]
+    async fn one_download_per_digest_and_a_mismatch_names_both_digests() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let body: Vec<u8> = (0..3u32 << 20).map(|i| (i % 251) as u8).collect();
+        let sha = crate::digest::hex(&sha2::Sha256::digest(&body));
+        let (url, requests) = serve(body.clone()).await;
+        let fetcher = Fetcher::new(FileStore::new(dir.path())).expect("client");
+        let seen = Mutex::new(Vec::new());
+        let progress = |p: Progress| seen.lock().expect("seen").push(p);
+        let (a, b) = tokio::join!(
+            fetcher.fetch(&url, &sha, &progress),
+            fetcher.fetch(&url, &sha, &progress)
+        );
+        let path = a.expect("first");
+        assert_eq!(path, b.expect("second"));
+        assert_eq!(requests.load(Ordering::SeqCst), 1, "downloaded twice");
+        assert_eq!(std::fs::read(&path).expect("stored"), body);
+        let last = *seen.lock().expect("seen").last().expect("progress");
+        assert_eq!(last.done, body.len() as u64);
+        assert_eq!(last.total, Some(body.len() as u64));
+
+        let wrong = "ab".repeat(32);
+        let err = fetcher
+            .fetch(&url, &wrong, &|_| {})
+            .await
+            .expect_err("a mismatch");
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("sha256 {wrong}")) && text.contains(&format!("sha256 {sha}")),
+            "{text}"
+        );
+        let left: Vec<_> = std::fs::read_dir(dir.path().join("files"))
+            .expect("store")
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .collect();
+        assert_eq!(left, [sha], "only the good file stays");
+    }
+}

@@ -256,7 +256,21 @@ pub async fn rebase_unsafe(path: &Path, base: &Path) -> Result<(), ImgError> {
 
 #[cfg(test)]
 mod tests {
-    use super::is_lock_refusal;
+    use super::{detect_format, is_lock_refusal, Format};
+
+    #[test]
+    fn the_format_comes_from_the_magic_not_the_name() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let qcow2 = dir.path().join("disk.raw");
+        std::fs::write(&qcow2, b"QFI\xfb\0\0\0\x03rest").expect("write");
+        let raw = dir.path().join("disk.qcow2");
+        std::fs::write(&raw, b"\0\0\0\0").expect("write");
+        let short = dir.path().join("short");
+        std::fs::write(&short, b"QF").expect("write");
+        assert_eq!(detect_format(&qcow2).expect("read"), Format::Qcow2);
+        assert_eq!(detect_format(&raw).expect("read"), Format::Raw);
+        assert_eq!(detect_format(&short).expect("read"), Format::Raw);
+    }
 
     #[test]
     fn lock_refusals_in_qemu_and_qemu_img_words() {
