@@ -2,7 +2,7 @@
 //!
 //! What this file proves (the seed's content is read back by independent readers:
 //! `blkid` for the label, mtools for the files; real cloud-init reads it in
-//! tests/real_guest.rs):
+//! `tests/real_guest.rs`):
 //! - the engine builds the seed from a repository file and a file outside the
 //!   repository, sends it to the host, keeps it there `0600`, and QEMU gets it read-only;
 //! - a changed user-data file restarts the VM with a new instance-id, and `plan` shows the
