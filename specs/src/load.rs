@@ -339,18 +339,29 @@ fn contradictions(
         .values()
         .any(|h| h.spec.shared_storage.is_some());
     for (i, disk) in spec.disks.iter().enumerate() {
-        if disk.storage == crate::vm::Storage::Shared && !any_shared {
-            let msg = format!(
+        if disk.storage != crate::vm::Storage::Shared {
+            continue;
+        }
+        let msg = if !any_shared {
+            format!(
                 "disk {:?} wants storage = \"shared\" but no host has shared_storage",
                 disk.name
-            );
-            diags.push(Diagnostic::at_key(
-                &file.path,
-                text,
-                &[Seg::Key("disks"), Seg::Index(i), Seg::Key("storage")],
-                msg,
-            ));
-        }
+            )
+        } else if let Some(host) = pinned.filter(|h| h.spec.shared_storage.is_none()) {
+            format!(
+                "disk {:?} wants storage = \"shared\" but host {:?}, its pin, has no \
+                 shared_storage",
+                disk.name, host.name
+            )
+        } else {
+            continue;
+        };
+        diags.push(Diagnostic::at_key(
+            &file.path,
+            text,
+            &[Seg::Key("disks"), Seg::Index(i), Seg::Key("storage")],
+            msg,
+        ));
     }
 }
 

@@ -1,4 +1,5 @@
-//! What a VM needs of a host besides room — the bridges of its networks, its CPU model —
+//! What a VM needs of a host besides room — shared storage for its shared disks, the
+//! bridges of its networks, its CPU model —
 //! and whether its CPU lets it move live between two hosts.
 //!
 //! In: the specs and each host's inventory (its bridges, its CPU as the agent reports
@@ -6,6 +7,7 @@
 //! must be cold. Pure; placement ([`super::place`]) asks it for every candidate, so
 //! creation, recovery and moves all obey it.
 //! ```text
+//! disk with storage = "shared" ─> host has `shared_storage`
 //! NIC on network N (not user) ─> host lists N in `networks` ─> N's bridge in its inventory
 //! cpu = MODEL (not host)      ─> host reported its CPU and MODEL is among its usable models
 //! live move, guest on the host's CPU (cpu = "host", or no cpu and not accel = "tcg")
@@ -13,7 +15,7 @@
 //! ```
 
 use plasmavmc_specs::net::HOST_CPU;
-use plasmavmc_specs::{Accel, Desired, Power, VmEntry, VmSpec};
+use plasmavmc_specs::{Accel, Desired, Power, Storage, VmEntry, VmSpec};
 
 use super::{Action, Plan};
 use crate::observe::{HostCpu, Inventory, Observed};
@@ -66,7 +68,19 @@ pub fn named_model(spec: &VmSpec) -> Option<&str> {
 
 /// The first thing `spec` needs that `host` (with `facts`) lacks, or `None` when it fits.
 pub fn lack(desired: &Desired, host: &str, facts: &Facts, spec: &VmSpec) -> Option<Lack> {
-    let listed = desired.hosts.get(host).map(|h| h.spec.networks.as_slice());
+    let host_spec = desired.hosts.get(host).map(|h| &h.spec);
+    if let Some(disk) = spec.disks.iter().find(|d| d.storage == Storage::Shared) {
+        if host_spec.is_none_or(|h| h.shared_storage.is_none()) {
+            return Some(Lack {
+                need: "shared storage".to_owned(),
+                why: format!(
+                    "{host} has none (disk {} has storage = \"shared\")",
+                    disk.name
+                ),
+            });
+        }
+    }
+    let listed = host_spec.map(|h| h.networks.as_slice());
     for net in networks(spec) {
         let need = format!("network {net}");
         if !listed.is_some_and(|l| l.iter().any(|n| n == net)) {

@@ -339,6 +339,37 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_disk_goes_only_where_shared_storage_is() {
+        let files = [
+            (
+                "hosts/hv1.toml",
+                "address = \"local\"\nshared_storage = \"/srv/pool\"\nstorage_pool = \"p\"",
+            ),
+            ("hosts/hv2.toml", "address = \"local\""),
+            (
+                "vms/a.toml",
+                "memory_mb = 512\n[[disks]]\nname = \"d\"\nsize_gb = 1\nstorage = \"shared\"",
+            ),
+        ];
+        let d = desired(&files);
+        let roomy = hosts(&[("hv1", 4, 1024), ("hv2", 4, 8192)]);
+        let placed = Load::new(&d, &roomy).place(&d, &d.vms["a"]).expect("fits");
+        assert_eq!(
+            placed.host, "hv1",
+            "hv2 has more memory but no shared storage"
+        );
+        let full = hosts(&[("hv1", 4, 256), ("hv2", 4, 8192)]);
+        let err = Load::new(&d, &full)
+            .place(&d, &d.vms["a"])
+            .expect_err("nowhere");
+        assert!(
+            err.contains("needs shared storage: hv2 has none (disk d has storage = \"shared\")")
+                && err.contains("hv1 has 256 MB free"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn memory_is_never_overcommitted_and_the_refusal_says_what_is_missing() {
         let mut files = THREE[..2].to_vec();
         files.extend([
