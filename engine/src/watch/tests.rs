@@ -94,6 +94,7 @@ impl Fake {
             exits: Vec::new(),
             restarts: 0,
             incoming: false,
+            seed: None,
         };
         self.0
             .vms
@@ -149,6 +150,7 @@ impl Host for Fake {
         Ok(Inventory {
             bridges: Vec::new(),
             cpu: None,
+            qemu: None,
             vms: self.0.vms.lock().expect("vms").clone(),
             orphans: Vec::new(),
             retained: Vec::new(),
