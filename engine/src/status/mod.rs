@@ -332,6 +332,9 @@ impl StatusDir {
                     nics: Vec::new(),
                 });
                 status.message = Some(what.to_owned());
+                // The first apply of a repository downloads before any status exists.
+                create_private_dir(&self.dir)?;
+                create_private_dir(&self.dir.join("vms"))?;
                 write_toml(&self.vm_path(vm), &status)
             }
         }

@@ -195,3 +195,37 @@ fn an_attempt_counts_as_applied_only_without_failures_or_pending_vms() {
         (Some("r2"), None)
     );
 }
+
+#[test]
+fn a_download_shows_in_the_message_and_keeps_the_phase() {
+    use crate::execute::Doing;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = StatusDir::new(tmp.path());
+    // A VM new to the status: pending, with the download as its message.
+    dir.set_live(
+        "new",
+        Doing::Downloading,
+        "hv1: downloading d.qcow2 1 MiB/4 MiB",
+    )
+    .expect("set");
+    let new = dir.vm("new").expect("read").expect("written");
+    assert_eq!(new.phase, VmPhase::Pending);
+    assert_eq!(
+        new.message.as_deref(),
+        Some("hv1: downloading d.qcow2 1 MiB/4 MiB")
+    );
+    // A running VM stays running while its host downloads; a migration says so.
+    ran_before(&dir, "web", "hv1");
+    dir.set_live("web", Doing::Downloading, "hv2: downloading d.qcow2 0 B")
+        .expect("set");
+    assert_eq!(
+        dir.vm("web").expect("read").expect("there").phase,
+        VmPhase::Running
+    );
+    dir.set_live("web", Doing::Migrating, "migrating live to hv2")
+        .expect("set");
+    assert_eq!(
+        dir.vm("web").expect("read").expect("there").phase,
+        VmPhase::Migrating
+    );
+}
