@@ -11,6 +11,7 @@
 # kernel boot, user networking restricted to a forward of a free port to the guest's 22.
 # Prints, per run: seconds from QEMU's start to the SSH banner, to `hostname` over SSH
 # answering boot-test, and to cloud-init's "finished" line on the serial console.
+# DEBIAN_BOOT_NETWORK_CONFIG=FILE puts FILE on the seed as network-config.
 # DEBIAN_BOOT_KEEP=DIR keeps each run's serial log there (serial-N.log).
 # Needs qemu-system-x86_64, qemu-img, mkfs.vfat (dosfstools), mcopy (mtools), ssh.
 set -euo pipefail
@@ -62,6 +63,9 @@ EOF
     truncate -s 1M "$dir/seed.img"
     mkfs.vfat -n cidata "$dir/seed.img" >/dev/null 2>&1
     mcopy -i "$dir/seed.img" "$dir/user-data" "$dir/meta-data" ::
+    if [[ -n "${DEBIAN_BOOT_NETWORK_CONFIG:-}" ]]; then
+        mcopy -i "$dir/seed.img" "$DEBIAN_BOOT_NETWORK_CONFIG" ::network-config
+    fi
     qemu-img create -q -f qcow2 -F qcow2 -b "$IMG/debian.qcow2" "$dir/disk.qcow2"
     port=$(free_port)
 
@@ -80,7 +84,7 @@ EOF
     banner="" hostname_at="" done_at=""
     deadline=$((SECONDS + 300))
     while [[ -z "$done_at" || -z "$hostname_at" ]]; do
-        ((SECONDS < deadline)) || die "run $run: no login within 300 s; serial log: $(tail -n 20 "$dir/serial.log")"
+        ((SECONDS < deadline)) || { [[ -z "${DEBIAN_BOOT_KEEP:-}" ]] || cp "$dir/serial.log" "$DEBIAN_BOOT_KEEP/serial-$run.log"; die "run $run: no login within 300 s; serial log: $(tail -n 20 "$dir/serial.log")"; }
         kill -0 "$qemu_pid" 2>/dev/null || die "run $run: QEMU exited: $(cat "$dir/qemu.log")"
         # slirp accepts the TCP connection before the guest listens: wait for sshd's banner.
         if [[ -z "$banner" ]] &&
@@ -97,6 +101,7 @@ EOF
         sleep 0.2
     done
     echo "$run $banner $hostname_at $done_at"
+    [[ -z "${DEBIAN_BOOT_NETWORK_CONFIG:-}" ]] || "${SSH[@]}" -p "$port" tester@127.0.0.1 ip -4 -o addr show scope global
     [[ -z "${DEBIAN_BOOT_KEEP:-}" ]] || cp "$dir/serial.log" "$DEBIAN_BOOT_KEEP/serial-$run.log"
     kill "$qemu_pid"
     wait "$qemu_pid" 2>/dev/null || true
