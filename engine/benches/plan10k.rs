@@ -105,6 +105,7 @@ fn main() {
                     exits: vec![],
                     restarts: 0,
                     incoming: false,
+                    seed: None,
                 };
                 (e.name.clone(), o)
             })

@@ -63,6 +63,9 @@ pub struct VmSpec {
     /// QEMU machine settings.
     #[serde(default)]
     pub qemu: QemuSettings,
+    /// A cloud-init NoCloud seed, attached read-only after the disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::cloud_init::CloudInit>,
 }
 
 fn default_vcpus() -> u32 {
@@ -411,6 +414,9 @@ impl VmSpec {
         self.disk_problems(&mut bad);
         self.nic_problems(&mut bad);
         self.qemu_problems(&mut bad);
+        if let Some(seed) = &self.cloud_init {
+            seed.problems(&mut bad);
+        }
         out
     }
 

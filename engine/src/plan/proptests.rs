@@ -153,6 +153,7 @@ fn world(cases: &[Case]) -> (Desired, Observed) {
                     .collect(),
                 restarts: 0,
                 incoming: false,
+                seed: None,
             };
             observed
                 .hosts
@@ -207,6 +208,7 @@ fn simulate(d: &Desired, observed: &Observed, plan: &Plan) -> Observed {
                     exits: vec![],
                     restarts: 0,
                     incoming: false,
+                    seed: None,
                 };
                 inv.vms.insert(vm.clone(), o);
             }

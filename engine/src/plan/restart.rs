@@ -177,6 +177,7 @@ mod tests {
             exits: exits.to_vec(),
             restarts: 0,
             incoming: false,
+            seed: None,
         }
     }
 

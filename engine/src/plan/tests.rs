@@ -39,6 +39,7 @@ fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
         exits: vec![],
         restarts: 0,
         incoming: false,
+        seed: None,
     }
 }
 

@@ -142,6 +142,7 @@ fn stopped_on_hv2_recorded_on_hv1(fenced: bool) -> Observed {
         exits: Vec::new(),
         restarts: 0,
         incoming: false,
+        seed: None,
     };
     o.hosts
         .get_mut("hv2")

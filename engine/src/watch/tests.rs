@@ -94,6 +94,7 @@ impl Fake {
             exits: Vec::new(),
             restarts: 0,
             incoming: false,
+            seed: None,
         };
         self.0
             .vms
