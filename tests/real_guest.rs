@@ -1,10 +1,14 @@
 //! A real Debian 12 guest (`tests/guest/debian.sh`: systemd, cloud-init, OpenSSH) booted
-//! from a spec with `[cloud_init]`, under TCG with 2 vCPUs, on the implicit local host.
+//! from a spec with `[cloud_init]`, under TCG with 2 vCPUs, on the implicit local host:
+//! the VM of `examples/cloud-init`, its files as they are, but for the SSH key (the
+//! test's), the image's folder and the forwarded port.
 //!
 //! What this file proves (one boot, in order):
 //! - real cloud-init reads the engine's `NoCloud` seed: the user data from the commit
-//!   creates a user with the test's SSH key, the engine's meta-data names the guest after
-//!   the VM (`hostname` prints `web-1`), and cloud-init ends `done` (no module failed);
+//!   creates user `ops` with the test's SSH key, sudo and a motd; the network config
+//!   finds the NIC by the spec's MAC and gives it a static address; the engine's
+//!   meta-data names the guest after the VM (`hostname` prints `web-1`); cloud-init ends
+//!   `done` (no module failed);
 //! - SSH through the spec's port forward works (after the guest's `SSH-` banner: slirp
 //!   accepts a forwarded connection before sshd listens);
 //! - `plasmavmc console` on a pty: Enter brings getty's `login:` prompt, Ctrl-] leaves
@@ -16,7 +20,8 @@ use std::fs;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use plasmavmc_e2e::debian::{ssh_banner, DEBIAN_CMDLINE};
+use plasmavmc_e2e::artifacts::workspace_root;
+use plasmavmc_e2e::debian::ssh_banner;
 use plasmavmc_e2e::pty::PtyChild;
 use plasmavmc_e2e::{
     debian, free_port, is_alive, keygen, poll_for, wait_for, DebianImage, GuestSsh, TestRepo,
@@ -29,8 +34,8 @@ const SSH_TIMEOUT: Duration = Duration::from_secs(300);
 /// The VM's name, hence the guest's hostname (the engine's meta-data `local-hostname`).
 const VM: &str = "web-1";
 
-/// The user the user data creates (the image has no other way in).
-const USER: &str = "tester";
+/// The user the example's user data creates (the image has no other way in).
+const USER: &str = "ops";
 
 #[test]
 fn debian_with_cloud_init_ssh_console_and_logs() -> Result<()> {
@@ -60,51 +65,43 @@ fn debian_with_cloud_init_ssh_console_and_logs() -> Result<()> {
     logs(&repo)
 }
 
-/// `vms/web-1.toml` booting the image (an overlay of it), its port `port` forwarded to
-/// the guest's 22, and the user data giving [`USER`] the key `public`.
+/// The example this test boots, as an operator would (`examples/cloud-init`).
+const EXAMPLE: &str = "examples/cloud-init";
+
+/// The SSH key line of the example's user data, replaced by the test's key.
+const PLACEHOLDER_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIREPLACEMEWITHYOURPUBLICKEYxxxxxxxxxxxxxx ops@example.com";
+
+/// The example's VM, user data and network config, with the test's key in the user data,
+/// the image from `target/debian/` and a free port forwarded to the guest's 22.
 fn write_vm(repo: &TestRepo, image: &DebianImage, port: u16, public: &str) -> Result<()> {
+    let example = workspace_root().join(EXAMPLE);
+    let read = |rel: &str| {
+        fs::read_to_string(example.join(rel)).with_context(|| format!("reading {EXAMPLE}/{rel}"))
+    };
+    let user_data = read("cloud-init/web-1.yaml")?;
+    ensure!(
+        user_data.contains(PLACEHOLDER_KEY),
+        "{EXAMPLE}/cloud-init/web-1.yaml lost its key placeholder"
+    );
     repo.write(
-        &format!("vms/{VM}.user-data.yaml"),
-        &format!(
-            "#cloud-config\n\
-             users:\n  \
-               - name: {USER}\n    \
-                 shell: /bin/bash\n    \
-                 ssh_authorized_keys:\n      \
-                   - {}\n",
-            public.trim()
-        ),
+        "cloud-init/web-1.yaml",
+        &user_data.replace(PLACEHOLDER_KEY, public.trim()),
     )?;
     repo.write(
-        &format!("vms/{VM}.toml"),
-        &format!(
-            "vcpus = 2\n\
-             memory_mb = 1024\n\
-             restart = \"never\"\n\
-             \n\
-             [boot]\n\
-             kernel = {kernel:?}\n\
-             initrd = {initrd:?}\n\
-             cmdline = {DEBIAN_CMDLINE:?}\n\
-             \n\
-             [[disks]]\n\
-             name = \"root\"\n\
-             image = {disk:?}\n\
-             \n\
-             [[nics]]\n\
-             network = \"user\"\n\
-             forward = [\"tcp:{port}:22\"]\n\
-             \n\
-             [cloud_init]\n\
-             user_data = \"{VM}.user-data.yaml\"\n\
-             \n\
-             [qemu]\n\
-             accel = \"tcg\"\n",
-            kernel = image.kernel.display().to_string(),
-            initrd = image.initrd.display().to_string(),
-            disk = image.image.display().to_string(),
-        ),
-    )
+        "cloud-init/network-config.yaml",
+        &read("cloud-init/network-config.yaml")?,
+    )?;
+    let dir = image.image.parent().context("target/debian")?;
+    let spec = read(&format!("vms/{VM}.toml"))?;
+    ensure!(
+        spec.matches("\"guest/").count() == 3 && spec.contains("\"tcp:2222:22\""),
+        "{EXAMPLE}/vms/{VM}.toml no longer names guest/ files and forwards 2222"
+    );
+    let spec = spec
+        .replace("\"guest/", &format!("\"{}/", dir.display()))
+        .replace("\"tcp:2222:22\"", &format!("\"tcp:{port}:22\""));
+    repo.write(&format!("vms/{VM}.toml"), &spec)
 }
 
 /// The last lines of the guest's serial console, for failures.
@@ -130,6 +127,18 @@ fn ssh_in(repo: &TestRepo, ssh: &GuestSsh) -> Result<()> {
     ensure!(
         hostname.trim() == VM,
         "hostname printed {hostname:?}, not the VM's name"
+    );
+    // The rest of the user data, and the network config: the NIC found by the spec's
+    // MAC, renamed `lan`, a static address (no DHCP lease: not `dynamic`).
+    ensure!(
+        ssh.run("sudo -n cat /etc/motd")?
+            .contains("managed by PlasmaVMC"),
+        "the user data's sudo rule or motd did not take"
+    );
+    let addr = ssh.run("ip -4 -o addr show dev lan")?;
+    ensure!(
+        addr.contains("10.0.2.15/24") && !addr.contains("dynamic"),
+        "the network config did not take: {addr}"
     );
     let status = ssh.run("cloud-init status --wait")?;
     ensure!(

@@ -20,9 +20,6 @@ use nix::fcntl::{Flock, FlockArg};
 
 use crate::artifacts::workspace_root;
 
-/// The kernel command line of the image: its root filesystem is the whole first disk.
-pub const DEBIAN_CMDLINE: &str = "root=/dev/vda rw console=ttyS0";
-
 /// The Debian image and the kernel and initrd it boots with (absolute paths).
 #[derive(Debug, Clone)]
 pub struct DebianImage {
