@@ -128,6 +128,16 @@ fn ssh_in(repo: &TestRepo, ssh: &GuestSsh) -> Result<()> {
         hostname.trim() == VM,
         "hostname printed {hostname:?}, not the VM's name"
     );
+    // cloud-init's later stages restart sshd (`ssh_pwauth` of the user data): a new
+    // connection may be reset meanwhile, so the wait is retried until it answers.
+    let status = poll_for("cloud-init's end", Duration::from_secs(180), || {
+        ssh.run("cloud-init status --wait; true").ok()
+    })?;
+    ensure!(
+        status.contains("status: done"),
+        "cloud-init did not end well:\n{status}\n{}",
+        ssh.run("cloud-init status --long").unwrap_or_default()
+    );
     // The rest of the user data, and the network config: the NIC found by the spec's
     // MAC, renamed `lan`, a static address (no DHCP lease: not `dynamic`).
     ensure!(
@@ -139,12 +149,6 @@ fn ssh_in(repo: &TestRepo, ssh: &GuestSsh) -> Result<()> {
     ensure!(
         addr.contains("10.0.2.15/24") && !addr.contains("dynamic"),
         "the network config did not take: {addr}"
-    );
-    let status = ssh.run("cloud-init status --wait")?;
-    ensure!(
-        status.contains("status: done"),
-        "cloud-init did not end well:\n{status}\n{}",
-        ssh.run("cloud-init status --long").unwrap_or_default()
     );
     Ok(())
 }
