@@ -27,8 +27,8 @@ use plasmavmc_e2e::{
     debian, free_port, is_alive, keygen, poll_for, wait_for, DebianImage, GuestSsh, TestRepo,
 };
 
-/// From `apply` to the guest's sshd answering: ~30 s on an idle 2-core machine, ~50 s
-/// on a busy one (BENCHMARKS.md); generous, as tests bound 10× the figure.
+/// From `apply` to the guest's sshd answering: ~30 s on an idle 2-core machine, 60–75 s
+/// on a busy one (BENCHMARKS.md); generous, as other tests may share the cores.
 const SSH_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The VM's name, hence the guest's hostname (the engine's meta-data `local-hostname`).
