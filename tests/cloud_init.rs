@@ -7,6 +7,7 @@
 //!   repository, sends it to the host, keeps it there `0600`, and QEMU gets it read-only;
 //! - a changed user-data file restarts the VM with a new instance-id, and `plan` shows the
 //!   file's diff but never the content of a file outside the repository;
+//! - a live move takes the seed along (the target gets its own `0600` copy);
 //! - bad user data is refused at `path:line:col` of the user-data file, and nothing is
 //!   touched.
 
@@ -53,18 +54,21 @@ fn instance_id(meta: &str) -> Option<String> {
 fn the_seed_is_built_sent_read_back_and_follows_its_files() -> Result<()> {
     let repo = TestRepo::new()?;
     repo.write_host("hv1", &HostSpec::default())?;
+    repo.write_host("hv2", &HostSpec::default())?;
     let secret = repo.root().join("secret-meta.yaml");
     std::fs::write(
         &secret,
         "local-hostname: web.example\nsecret-token: s3cr3t-1\n",
     )?;
-    let vm = format!(
-        "{}\n[cloud_init]\nuser_data = \"cloud-init/web.yaml\"\nnetwork_config = \
-         \"cloud-init/net.yaml\"\nmeta_data = \"{}\"\n",
-        VmSpec::new().to_toml(repo.guest()),
-        secret.display()
-    );
-    repo.write("vms/web.toml", &vm)?;
+    let vm = |host: &str| {
+        format!(
+            "{}\n[cloud_init]\nuser_data = \"cloud-init/web.yaml\"\nnetwork_config = \
+             \"cloud-init/net.yaml\"\nmeta_data = \"{}\"\n",
+            VmSpec::new().pin(host).to_toml(repo.guest()),
+            secret.display()
+        )
+    };
+    repo.write("vms/web.toml", &vm("hv1"))?;
     repo.write("cloud-init/web.yaml", "#cloud-config\nhostname: web-1\n")?;
     repo.write("cloud-init/net.yaml", "version: 2\nethernets: {}\n")?;
     repo.commit("web with a seed")?;
@@ -124,6 +128,22 @@ fn the_seed_is_built_sent_read_back_and_follows_its_files() -> Result<()> {
     let second_id = instance_id(&meta).context("no instance-id")?;
     ensure!(second_id != first_id, "the instance-id did not change");
 
+    // A live move (local disks mirrored) takes the seed along: the target's QEMU has
+    // the same seed device, from its own copy.
+    let seen = repo.ticking_on("hv1", "web", 3)?;
+    let on_hv1 = std::fs::read(&image)?;
+    repo.write("vms/web.toml", &vm("hv2"))?;
+    repo.commit("web to hv2")?;
+    repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
+    let moved = repo.only_on("hv2", "web")?;
+    repo.ticking_on("hv2", "web", seen)?;
+    let there = repo.instance_dir_on("hv2", "web").join("cidata.img");
+    ensure!(
+        std::fs::read(&there)? == on_hv1,
+        "hv2's seed differs from hv1's"
+    );
+    ensure!(std::fs::metadata(&there)?.permissions().mode() & 0o777 == 0o600);
+
     // Bad user data: refused where it is wrong, nothing touched.
     repo.write("cloud-init/web.yaml", "hostname: web-3\n")?;
     repo.commit("no header")?;
@@ -135,9 +155,9 @@ fn the_seed_is_built_sent_read_back_and_follows_its_files() -> Result<()> {
         "no located error:\n{out}"
     );
     ensure!(
-        repo.qemu_pid("web")? == second,
+        repo.only_on("hv2", "web")? == moved,
         "a bad commit touched the VM"
     );
-    ensure!(mtype(&image, "user-data")? == "#cloud-config\nhostname: web-2\n");
+    ensure!(mtype(&there, "user-data")? == "#cloud-config\nhostname: web-2\n");
     Ok(())
 }

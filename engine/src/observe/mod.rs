@@ -173,6 +173,26 @@ pub struct Inventory {
     /// The host's CPU and the QEMU CPU models it can run (none: not reported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<HostCpu>,
+    /// The host's QEMU: its version and machine types, or why it cannot run (none: not
+    /// reported, an older agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<HostQemu>,
+}
+
+/// A host's QEMU, as its agent reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostQemu {
+    /// The binary the agent runs (`qemu-system-x86_64`, or `PLASMAVMC_QEMU`).
+    pub binary: String,
+    /// Its version (`7.2.22`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The machine types it knows, aliases included (`q35`, `pc-q35-7.2`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<String>,
+    /// Why it cannot be run (not found, fails): no VM can start there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// A host's CPU, as its agent reports it.

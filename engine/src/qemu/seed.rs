@@ -14,9 +14,10 @@ pub const SEED_FILE: &str = "cidata.img";
 /// The volume label NoCloud looks for.
 const LABEL: &[u8; 11] = b"cidata     ";
 /// Room for the FAT structures beside the files.
-const SLACK: usize = 256 * 1024;
-/// The smallest volume: FAT12 with 512-byte clusters.
-const MIN_SIZE: usize = 1024 * 1024;
+const SLACK: usize = 64 * 1024;
+/// Volumes are a multiple of this (and at least this): small, since the engine keeps
+/// every VM's seed in memory.
+const STEP: usize = 128 * 1024;
 
 /// A VM's seed as the engine carries it: its identity, and on the controller its bytes;
 /// on a host, where its copy is.
@@ -70,7 +71,7 @@ pub fn build(files: &[(&str, &[u8])]) -> io::Result<Vec<u8>> {
         .iter()
         .map(|(_, b)| b.len().div_ceil(4096) * 4096)
         .sum();
-    let size = (content + SLACK).max(MIN_SIZE).div_ceil(MIN_SIZE) * MIN_SIZE;
+    let size = (content + SLACK).div_ceil(STEP) * STEP;
     let mut disk = Cursor::new(vec![0u8; size]);
     fatfs::format_volume(
         &mut disk,

@@ -150,6 +150,7 @@ impl Host for Fake {
         Ok(Inventory {
             bridges: Vec::new(),
             cpu: None,
+            qemu: None,
             vms: self.0.vms.lock().expect("vms").clone(),
             orphans: Vec::new(),
             retained: Vec::new(),

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 mod cpu;
 mod disks;
+mod emulator;
 mod folder;
 mod inventory;
 mod migrate;
@@ -51,6 +52,8 @@ pub struct LocalHost {
     monitor: Arc<Monitor>,
     /// This machine's CPU, learnt at the first inventory (see [`cpu`]).
     cpu: Arc<tokio::sync::OnceCell<Option<crate::observe::HostCpu>>>,
+    /// This machine's QEMU, learnt at the first inventory (see [`emulator`]).
+    emulator: Arc<tokio::sync::OnceCell<crate::observe::HostQemu>>,
 }
 
 impl LocalHost {
@@ -69,6 +72,7 @@ impl LocalHost {
             qmp_ready,
             monitor: Monitor::new(),
             cpu: Arc::default(),
+            emulator: Arc::default(),
         }
     }
 
