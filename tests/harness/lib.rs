@@ -29,6 +29,9 @@
 //!   with a bridge, a switch, a client) and measures it (pings, a TCP echo stream).
 //! - [`http`] is a small HTTP file server on 127.0.0.1 that honours `Range` and can
 //!   cut responses short: where images by URL come from.
+//! - [`debian`] is the real Debian 12 guest (`tests/guest/debian.sh`: systemd,
+//!   cloud-init, sshd) and SSH into it through a port forward; [`pty`] runs a command on
+//!   a pseudo-terminal (`plasmavmc console` as a person at a terminal uses it).
 //! - [`bench`] holds what the benchmark binaries share (release binary, percentiles,
 //!   the machine's description).
 //!
@@ -40,12 +43,14 @@
 pub mod artifacts;
 pub mod bench;
 mod daemon;
+pub mod debian;
 pub mod fault;
 mod git;
 pub mod http;
 pub mod netns;
 pub mod partition;
 pub mod proc;
+pub mod pty;
 pub mod qmp;
 mod repo;
 mod run;
@@ -59,6 +64,7 @@ pub mod wait;
 
 pub use artifacts::Guest;
 pub use daemon::{Daemon, LogLine};
+pub use debian::{debian, DebianImage, GuestSsh};
 pub use fault::{CopyWatch, Fence};
 pub use netns::Lan;
 pub use proc::{cmdline, is_alive};
@@ -66,7 +72,7 @@ pub use repo::{TestRepo, BRANCH};
 pub use run::{diagnostic, Output, Running};
 pub use serial::{last_tick, serial_has_line, ticks};
 pub use spec::{HostSpec, SshLogin, VmSpec, MEMORY_LINE};
-pub use sshd::{Sshd, SSHD};
+pub use sshd::{free_port, keygen, Sshd, SSHD};
 pub use status::{EngineView, Event, HostView, Orphan, Resources, VmView};
 pub use trail::{PhaseTrail, Seen};
 pub use wait::{poll_every, poll_for, wait_for};
