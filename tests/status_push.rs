@@ -5,8 +5,9 @@
 //! What this file proves, one test each:
 //! - over `file://`: the remote's `status` branch gets commits holding
 //!   `vms/web.toml` once web runs and again once its killed QEMU was restarted (both in
-//!   the remote's `git log status`); the remote's `main` and every other ref are
-//!   untouched;
+//!   the remote's `git log status`); a commit another writer had pushed to that branch
+//!   stays in its history (joined, not overwritten); the remote's `main` and every
+//!   other ref are untouched;
 //! - over ssh, through the test's own sshd and `GIT_SSH_COMMAND` (the operator's ssh
 //!   setting, which the engine keeps as fetch does): the same branch arrives, and sshd
 //!   logged the logins;
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use plasmavmc_e2e::proc::kill_and_wait;
 use plasmavmc_e2e::{
-    is_alive, BareRemote, Daemon, Sshd, TestRepo, VmSpec, ACT_TIMEOUT as ACT, BRANCH,
+    is_alive, poll_every, BareRemote, Daemon, Sshd, TestRepo, VmSpec, ACT_TIMEOUT as ACT, BRANCH,
 };
 
 /// Bound for crash detection plus restart: 10× the goal.
@@ -45,10 +46,17 @@ const FLAGS: [&str; 6] = [
 fn kill_and_heal(repo: &TestRepo, daemon: &Daemon<'_>, old: i32) -> Result<(i32, Duration)> {
     kill_and_wait(old, Duration::from_secs(5))?;
     let killed = Instant::now();
-    let new = daemon.poll("a new live QEMU for web", HEAL, || {
-        repo.try_qemu_pid("web")
-            .filter(|&p| p != old && is_alive(p))
-    })?;
+    // Every 5 ms: the time is printed, and compared between the tests.
+    let new = poll_every(
+        Duration::from_millis(5),
+        "a new live QEMU for web",
+        HEAL,
+        || {
+            repo.try_qemu_pid("web")
+                .filter(|&p| p != old && is_alive(p))
+        },
+    )
+    .with_context(|| daemon.describe())?;
     Ok((new, killed.elapsed()))
 }
 
@@ -76,7 +84,10 @@ fn wait_pushed(
 fn status_branch_reaches_a_bare_remote_over_file() -> Result<()> {
     let repo = TestRepo::with_vm("web", &VmSpec::new().no_disks())?;
     let remote = BareRemote::clone_of(&repo)?;
-    let before = remote.refs()?;
+    // Someone else pushed to the status branch before: kept, never overwritten.
+    let foreign = remote.commit_as_another("status", "README", "written by a person\n")?;
+    let mut before = remote.refs()?;
+    before.retain(|(name, _)| name != "refs/heads/status");
     let main = remote.tip(BRANCH)?.context("the remote has no main")?;
 
     let daemon = repo.watch_url(&remote.file_url(), &FLAGS)?;
@@ -91,6 +102,10 @@ fn status_branch_reaches_a_bare_remote_over_file() -> Result<()> {
         history.contains(&first) && history[0] == tip && first != tip,
         "the remote's git log status should hold web's first run ({first}) and its \
          restart ({tip}): {history:?}"
+    );
+    ensure!(
+        remote.has_in_history(&tip, &foreign)?,
+        "the other writer's commit {foreign} is not in the remote's status history"
     );
     ensure!(
         remote.tip(BRANCH)?.as_deref() == Some(main.as_str()),

@@ -96,6 +96,39 @@ impl BareRemote {
         vm_view_at(&self.git()?, rev, vm)
     }
 
+    /// Commits `path` = `text` on `branch` (created from nothing if missing), as
+    /// another writer pushing to the remote would; returns the commit.
+    pub fn commit_as_another(&self, branch: &str, path: &str, text: &str) -> Result<String> {
+        let git = self.git()?;
+        let refname = format!("refs/heads/{branch}");
+        let parent = git
+            .find_reference(&refname)
+            .ok()
+            .map(|r| r.peel_to_commit())
+            .transpose()?;
+        let mut tree = git.treebuilder(None)?;
+        tree.insert(path, git.blob(text.as_bytes())?, 0o100_644)?;
+        let tree = git.find_tree(tree.write()?)?;
+        let who = git2::Signature::now("someone else", "else@plasmavmc.invalid")?;
+        let parents: Vec<_> = parent.iter().collect();
+        let id = git.commit(
+            Some(&refname),
+            &who,
+            &who,
+            "another writer",
+            &tree,
+            &parents,
+        )?;
+        Ok(id.to_string())
+    }
+
+    /// True when commit `ancestor` is in the history of commit `of` (or is it).
+    pub fn has_in_history(&self, of: &str, ancestor: &str) -> Result<bool> {
+        let git = self.git()?;
+        let (of, ancestor) = (git2::Oid::from_str(of)?, git2::Oid::from_str(ancestor)?);
+        Ok(of == ancestor || git.graph_descendant_of(of, ancestor)?)
+    }
+
     /// Writes the server-side hook `name` (e.g. `pre-receive`), executable.
     pub fn set_hook(&self, name: &str, script: &str) -> Result<()> {
         let path = self.dir.join("hooks").join(name);
