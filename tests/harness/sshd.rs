@@ -281,7 +281,7 @@ impl Drop for Sshd<'_> {
 }
 
 /// `ssh-keygen -t ed25519 -N '' -f path` (quiet; `path` must not exist).
-fn keygen(path: &Path) -> Result<()> {
+pub fn keygen(path: &Path) -> Result<()> {
     let out = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "plasmavmc-e2e", "-f"])
         .arg(path)
@@ -299,7 +299,7 @@ fn keygen(path: &Path) -> Result<()> {
 }
 
 /// A TCP port of 127.0.0.1 that was free a moment ago.
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }

@@ -147,6 +147,36 @@ pub struct Retained {
     pub reason: String,
 }
 
+/// A disk file a host keeps (`plasmavmc disks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskFile {
+    pub path: PathBuf,
+    pub kind: DiskKind,
+    /// The VM it belongs (or belonged) to: its instance, retained note or shared folder.
+    pub vm: String,
+    /// Bytes it takes on disk.
+    pub bytes: u64,
+    /// Its length (a qcow2's file, not its virtual size).
+    pub size: u64,
+    /// Retained: since when and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Where a disk file is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskKind {
+    /// A local disk of an instance (`vms/<vm>/disks/`).
+    Instance,
+    /// Moved aside when its VM or disk left the specs (`retained/`).
+    Retained,
+    /// On shared storage (`<shared>/<vm>/`).
+    Shared,
+}
+
 /// A QEMU of ours (its working directory is an instance folder of this host) that no
 /// instance record accounts for: left behind by a lost record or a foreign start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

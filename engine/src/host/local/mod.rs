@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod cpu;
+pub mod disk_files;
 mod disks;
 mod emulator;
 mod folder;
@@ -155,6 +156,10 @@ impl Host for LocalHost {
 
     async fn prune(&self, folder: &str, pid: u32) -> Result<(), HostError> {
         self.prune_here(folder, pid).await
+    }
+
+    async fn delete_disk(&self, path: &Path, shared: Option<&Path>) -> Result<u64, HostError> {
+        self.delete_disk_file(path, shared).await
     }
 
     async fn delete(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {
