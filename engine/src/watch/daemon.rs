@@ -194,10 +194,7 @@ impl<C: Connector> Daemon<C> {
             source.canonical_git_dir()
         };
         let fleet = Hosts::new(connector(&state), state.clone(), tx);
-        let pusher = match (&remote, &cfg.status_branch) {
-            (Some(remote), Some(branch)) => Some(Pusher::new(remote.clone(), branch.clone())),
-            _ => None,
-        };
+        let pusher = Pusher::for_remote(remote.as_ref(), cfg.status_branch.as_deref());
         let daemon = Self {
             rev: format!("refs/heads/{branch}"),
             follows,

@@ -45,13 +45,15 @@ struct State {
 }
 
 impl Pusher {
-    pub(super) fn new(remote: Remote, branch: String) -> Self {
-        Self {
-            remote,
-            branch,
+    /// A pusher of `branch` to `remote`; `None` unless both are given (a local
+    /// repository, or no status branch: nothing to push).
+    pub(super) fn for_remote(remote: Option<&Remote>, branch: Option<&str>) -> Option<Self> {
+        Some(Self {
+            remote: remote?.clone(),
+            branch: branch?.to_owned(),
             state: Arc::default(),
             started: false,
-        }
+        })
     }
 
     /// Pushes the branch now, in a task, or once more after the push that runs.
