@@ -276,13 +276,28 @@ impl TestRepo {
         self.watch_on(OsStr::new(url), extra)
     }
 
+    /// [`Self::watch_url`] with `env` added to the daemon's environment (e.g.
+    /// `GIT_SSH_COMMAND`).
+    pub fn watch_url_env(
+        &self,
+        url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Daemon<'_>> {
+        self.watch_with(OsStr::new(url), extra, env)
+    }
+
     fn watch_on(&self, repo: &OsStr, extra: &[&str]) -> Result<Daemon<'_>> {
+        self.watch_with(repo, extra, &[])
+    }
+
+    fn watch_with(&self, repo: &OsStr, extra: &[&str], env: &[(&str, &str)]) -> Result<Daemon<'_>> {
         let n = self.daemons.get() + 1;
         self.daemons.set(n);
         let mut args = vec!["watch", "--log-format", "json"];
         args.extend_from_slice(extra);
         let mut cmd = self.command_on(repo, &args);
-        cmd.env_remove("RUST_LOG");
+        cmd.env_remove("RUST_LOG").envs(env.iter().copied());
         Daemon::spawn(self, cmd, &format!("watch-{n}"))
     }
 

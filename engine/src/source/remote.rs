@@ -4,7 +4,8 @@
 //! the clone's folder (`<state>/repo.git`), a branch, a time limit per git run.
 //! Out: [`Remote`]; [`Remote::fetch`] returns the full commit id of the branch tip, which
 //! is then read from [`Remote::dir`] like any local repository (`refs/heads/<branch>`,
-//! not `HEAD`).
+//! not `HEAD`). [`Remote::push`] sends one other branch back (the status branch), never
+//! forced, with the same git and the same credentials as the fetch.
 //!
 //! Runs the system `git` with argv (never a shell of ours) so the user's ssh-agent,
 //! `known_hosts` and credential helpers apply. It never prompts: `GIT_TERMINAL_PROMPT=0`,
@@ -73,6 +74,8 @@ pub enum RemoteError {
         #[source]
         source: std::io::Error,
     },
+    #[error("branch {branch:?} is not one the engine writes (it follows {followed})")]
+    NotOurs { branch: String, followed: String },
     #[error("branch {branch} is missing from {} after fetching {url}", dir.display())]
     NoTip {
         url: String,
@@ -222,6 +225,55 @@ impl Remote {
             .and_then(|r| r.peel_to_commit())
             .map_err(no_tip)?;
         Ok(commit.id().to_string())
+    }
+
+    /// Pushes the clone's `refs/heads/<branch>` to the same branch of origin: that one
+    /// ref, never forced (the remote refuses anything but a fast-forward), bounded by
+    /// `timeout`. Refuses the branch followed, which only the remote's owners write.
+    pub async fn push(&self, branch: &str, timeout: Duration) -> Result<(), RemoteError> {
+        self.check_other(branch)?;
+        let refname = format!("refs/heads/{branch}");
+        let mut cmd = git(self.batch_ssh);
+        cmd.arg("--git-dir")
+            .arg(&self.dir)
+            .args(["push", "--quiet", "--no-follow-tags", "origin"])
+            .arg(format!("{refname}:{refname}"));
+        run(cmd, "push", &self.shown, secret(&self.url), timeout).await
+    }
+
+    /// Fetches origin's `refs/heads/<branch>` into the clone's
+    /// [`Self::fetched_ref`] (not into the branch itself), bounded by `timeout`, and
+    /// returns that ref's name. Refuses the branch followed, as [`Self::push`] does.
+    pub async fn fetch_other(
+        &self,
+        branch: &str,
+        timeout: Duration,
+    ) -> Result<String, RemoteError> {
+        self.check_other(branch)?;
+        let fetched = Self::fetched_ref(branch);
+        let mut cmd = git(self.batch_ssh);
+        cmd.arg("--git-dir")
+            .arg(&self.dir)
+            .args(["fetch", "--quiet", "--no-tags", "origin"])
+            .arg(format!("+refs/heads/{branch}:{fetched}"));
+        run(cmd, "fetch", &self.shown, secret(&self.url), timeout).await?;
+        Ok(fetched)
+    }
+
+    /// Where [`Self::fetch_other`] keeps origin's tip of `branch`.
+    pub fn fetched_ref(branch: &str) -> String {
+        format!("refs/plasmavmc/origin/{branch}")
+    }
+
+    fn check_other(&self, branch: &str) -> Result<(), RemoteError> {
+        if branch == self.branch || !git2::Reference::is_valid_name(&format!("refs/heads/{branch}"))
+        {
+            return Err(RemoteError::NotOurs {
+                branch: branch.to_owned(),
+                followed: self.branch.clone(),
+            });
+        }
+        Ok(())
     }
 
     /// The bare clone.

@@ -107,6 +107,49 @@ pub fn commit_status(
     Ok(Some(id))
 }
 
+/// Puts `other` (another writer's tip of `branch`, e.g. the remote's) into the branch's
+/// history: a commit with the branch tip's tree (the status is this engine's) and two
+/// parents, the tip first and `other`, so that pushing the branch is a fast-forward and
+/// neither history is lost. Returns the new commit, or `None` when there is nothing to
+/// do: `other` is already in the branch's history, or the branch does not exist.
+/// Updates the ref only if its tip did not move meanwhile.
+pub fn adopt_tip(
+    repo: &Repository,
+    branch: &str,
+    other: Oid,
+    message: &str,
+) -> Result<Option<Oid>, BranchError> {
+    let refname = format!("refs/heads/{branch}");
+    let git = |op| {
+        move |source| BranchError::Git {
+            op,
+            branch: branch.to_owned(),
+            source,
+        }
+    };
+    let tip = match repo.find_reference(&refname) {
+        Ok(r) => r.peel_to_commit().map_err(git("read the tip"))?,
+        Err(e) if e.code() == ErrorCode::NotFound => return Ok(None),
+        Err(e) => return Err(git("read the tip")(e)),
+    };
+    if tip.id() == other
+        || repo
+            .graph_descendant_of(tip.id(), other)
+            .map_err(git("compare histories"))?
+    {
+        return Ok(None);
+    }
+    let other = repo.find_commit(other).map_err(git("read the other tip"))?;
+    let config = repo.config().map_err(git("read the configuration"))?;
+    let sig = signature(&config).map_err(git("make the signature"))?;
+    let tree = tip.tree().map_err(git("read the tree"))?;
+    let id = repo
+        .commit(Some(&refname), &sig, &sig, message, &tree, &[&tip, &other])
+        .map_err(git("commit"))?;
+    tracing::debug!(branch, commit = %id, "status branch joined another tip");
+    Ok(Some(id))
+}
+
 /// The worktree whose `HEAD` points to `refname`: this repository's, a linked one's, or
 /// (from a linked worktree) the main one's.
 fn checked_out(repo: &Repository, refname: &str) -> Result<Option<PathBuf>, git2::Error> {

@@ -13,6 +13,7 @@ use tracing::{debug, error, info, warn};
 
 use super::fleet::{Agents, Connector, Hosts};
 use super::health::Limits;
+use super::push::Pusher;
 use super::triggers::{watch_refs, Trigger};
 use super::WatchConfig;
 use crate::errors::error_chain;
@@ -54,6 +55,8 @@ pub(super) struct Daemon<C: Connector> {
     events: Vec<(String, VmEvent)>,
     pub(super) wake_at_ms: Option<u64>,
     adopted: bool,
+    /// Sends the status branch to a remote repository.
+    pusher: Option<Pusher>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -191,6 +194,7 @@ impl<C: Connector> Daemon<C> {
             source.canonical_git_dir()
         };
         let fleet = Hosts::new(connector(&state), state.clone(), tx);
+        let pusher = Pusher::for_remote(remote.as_ref(), cfg.status_branch.as_deref());
         let daemon = Self {
             rev: format!("refs/heads/{branch}"),
             follows,
@@ -208,6 +212,7 @@ impl<C: Connector> Daemon<C> {
             events: Vec::new(),
             wake_at_ms: None,
             adopted: false,
+            pusher,
         };
         Ok((daemon, watcher))
     }
@@ -387,24 +392,37 @@ impl<C: Connector> Daemon<C> {
         self.engine.repo = Some(self.follows.clone());
         self.engine.branch = self.rev.strip_prefix("refs/heads/").map(str::to_owned);
         let events = std::mem::take(&mut self.events);
+        let mut engine = self.engine.clone();
+        if let Some(why) = self.pusher.as_ref().and_then(Pusher::failure) {
+            // Said while it lasts, not kept: the next successful push clears it.
+            engine.add_problem(&why);
+        }
         publish(
             &self.status,
-            self.engine.clone(),
+            engine,
             target.map(|t| &t.desired),
             outcome,
             &events,
         )?;
+        let mut committed = false;
         if let (Some(branch), true) = (&self.cfg.status_branch, changed) {
             let revision = self.engine.revision_seen.as_deref().map_or("-", short);
             let message = format!("status: commit {revision}");
-            if let Err(e) = crate::status::branch::commit_status(
+            match crate::status::branch::commit_status(
                 self.source.repository(),
                 branch,
                 &self.state.status_dir(),
                 &message,
             ) {
-                warn!(error = %error_chain(&e), branch, "cannot commit the status branch");
+                Ok(id) => committed = id.is_some(),
+                Err(e) => {
+                    warn!(error = %error_chain(&e), branch, "cannot commit the status branch");
+                }
             }
+        }
+        if let Some(pusher) = &mut self.pusher {
+            // In a task of its own: a slow or hanging remote never delays a reconcile.
+            pusher.after_status(committed);
         }
         Ok(())
     }

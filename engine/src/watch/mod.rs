@@ -16,6 +16,7 @@
 mod daemon;
 mod fleet;
 mod health;
+mod push;
 #[cfg(test)]
 mod tests;
 mod triggers;

@@ -205,3 +205,47 @@ fn a_user_ssh_command_is_kept() -> TestResult {
     assert!(has_ssh_command(&config));
     Ok(())
 }
+
+#[tokio::test]
+async fn pushes_one_other_branch_never_forced() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let (up, url) = upstream(&tmp.path().join("up"))?;
+    let main = commit(&up, "main", "one")?;
+    let remote = Remote::open(&url, &tmp.path().join("repo.git"), "main", LIMIT).await?;
+    let clone = git2::Repository::open_bare(remote.dir())?;
+
+    // The clone's own branch reaches origin; origin's main is not touched.
+    let ours = commit(&clone, "status", "status one")?;
+    commit(&clone, "main", "a local main commit that must never leave")?;
+    remote.push("status", LIMIT).await?;
+    let tip = |b: &str| -> Result<String, git2::Error> {
+        let r = up.find_reference(&format!("refs/heads/{b}"))?;
+        Ok(r.peel_to_commit()?.id().to_string())
+    };
+    assert_eq!(tip("status")?, ours);
+    assert_eq!(tip("main")?, main);
+    // The branch followed is never pushed (nor fetched aside).
+    let err = remote
+        .push("main", LIMIT)
+        .await
+        .err()
+        .ok_or("pushed main")?;
+    assert!(matches!(err, RemoteError::NotOurs { .. }), "{err}");
+    assert!(remote.fetch_other("main", LIMIT).await.is_err());
+    assert_eq!(tip("main")?, main);
+
+    // Another writer moved origin's branch: refused (not forced); fetched aside.
+    let theirs = commit(&up, "status", "someone else")?;
+    commit(&clone, "status", "status two")?;
+    let err = remote.push("status", LIMIT).await.err().ok_or("forced")?;
+    assert!(
+        matches!(&err, RemoteError::Failed { op: "push", .. }),
+        "{err}"
+    );
+    assert_eq!(tip("status")?, theirs);
+    let fetched = remote.fetch_other("status", LIMIT).await?;
+    assert_eq!(fetched, Remote::fetched_ref("status"));
+    let got = clone.find_reference(&fetched)?.peel_to_commit()?.id();
+    assert_eq!(got.to_string(), theirs);
+    Ok(())
+}

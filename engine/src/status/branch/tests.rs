@@ -188,3 +188,25 @@ fn signature_from_config_or_default() -> TestResult {
     );
     Ok(())
 }
+
+#[test]
+fn adopting_another_tip_keeps_both_histories_and_our_tree() -> TestResult {
+    let tmp = tempfile::tempdir()?;
+    let (repo, status) = dirty_repo(tmp.path())?;
+    let ours = commit_status(&repo, "status", &status, "ours")?.ok_or("no commit")?;
+    // Another writer's history of the branch, unrelated to ours.
+    fs::write(status.join("engine.toml"), "revision_seen = \"theirs\"\n")?;
+    let theirs = commit_status(&repo, "theirs", &status, "theirs")?.ok_or("no commit")?;
+
+    let joined = adopt_tip(&repo, "status", theirs, "join")?.ok_or("not joined")?;
+    let commit = repo.find_commit(joined)?;
+    assert_eq!(commit.parent_ids().collect::<Vec<_>>(), [ours, theirs]);
+    assert_eq!(commit.tree_id(), repo.find_commit(ours)?.tree_id());
+    let tip = repo.find_reference("refs/heads/status")?.target();
+    assert_eq!(tip, Some(joined));
+    // Already in the history (either tip): nothing to do.
+    assert_eq!(adopt_tip(&repo, "status", theirs, "again")?, None);
+    assert_eq!(adopt_tip(&repo, "status", ours, "again")?, None);
+    assert_eq!(adopt_tip(&repo, "missing", theirs, "none")?, None);
+    Ok(())
+}
