@@ -16,7 +16,9 @@
 //!   gives up (phase `failed`); ignored until the engine does it: the retry comes when
 //!   the backoff ends, not at the next `--interval` tick;
 //! - a machine type the host's QEMU does not know, and a host whose QEMU cannot run,
-//!   are refused at plan time with the host's own answer: nothing is created.
+//!   are refused at plan time with the host's own answer: nothing is created;
+//! - an initrd replaced in place (same path, same spec) is noticed by its digest: the
+//!   plan restarts the VM, which boots the new file.
 //!
 //! Each test has its own repository and state dir in a temp folder and kills every
 //! process it started, even when it fails (see `tests/harness/`).
@@ -604,5 +606,49 @@ fn what_the_hosts_qemu_cannot_run_is_refused_at_plan_time() -> Result<()> {
         "web's restart is not held with the reason:\n{out}"
     );
     ensure!(repo.qemus_in_folder("web").is_empty(), "web was started");
+    Ok(())
+}
+
+#[test]
+fn an_initrd_replaced_in_place_is_noticed_and_booted() -> Result<()> {
+    let repo = TestRepo::new()?;
+    repo.set_stop_timeout("2s")?;
+    let initrd = repo.root().join("initrd.img");
+    fs::copy(&repo.guest().initrd, &initrd)?;
+    let spec = VmSpec::new().no_disks().to_toml(repo.guest()).replace(
+        &format!("{:?}", repo.guest().initrd.display().to_string()),
+        &format!("{:?}", initrd.display().to_string()),
+    );
+    ensure!(spec.contains(&initrd.display().to_string()), "{spec}");
+    repo.write("vms/web.toml", &spec)?;
+    repo.commit("web with its own initrd")?;
+    repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
+    let before = repo.qemu_pid("web")?;
+    repo.run(&["plan", "--detailed-exitcode"])?.expect_code(0)?;
+
+    // The same path, other bytes (zeros after an initramfs are padding the kernel skips):
+    // the spec and its hash are unchanged, the file is not.
+    let mut bytes = fs::read(&initrd)?;
+    bytes.extend_from_slice(&[0u8; 512]);
+    fs::write(&initrd, bytes)?;
+    let plan = repo.run(&["plan"])?;
+    plan.expect_code(0)?;
+    ensure!(
+        plan.stdout
+            .contains("restart web on local: initrd (sha256 ")
+            && plan.stdout.contains("needs a reboot"),
+        "the plan does not say the initrd changed:\n{plan}"
+    );
+    repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
+    let after = repo.qemu_pid("web")?;
+    ensure!(after != before && is_alive(after), "web was not restarted");
+    let args = cmdline(after)?.join(" ");
+    let sha = plasmavmc_e2e::artifacts::sha256_file(&initrd)?;
+    ensure!(
+        args.contains(&sha),
+        "the new QEMU does not boot the new initrd ({sha}): {args}"
+    );
+    repo.wait_serial("web", "tick 3", BOOT_TIMEOUT)?;
+    repo.run(&["plan", "--detailed-exitcode"])?.expect_code(0)?;
     Ok(())
 }

@@ -106,6 +106,7 @@ fn main() {
                     restarts: 0,
                     incoming: false,
                     seed: None,
+                    file_digests: std::collections::BTreeMap::new(),
                 };
                 (e.name.clone(), o)
             })

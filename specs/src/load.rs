@@ -70,6 +70,9 @@ pub struct VmEntry {
     /// The instance-id of its cloud-init seed, once the engine has read the seed's files
     /// (they are not spec files); its hash covers it then.
     pub seed: Option<String>,
+    /// SHA-256 of its kernel, initrd and base images given by path (`kernel`, `initrd`,
+    /// `image <disk>`), once the engine has read them (they are not in git).
+    pub file_digests: BTreeMap<String, String>,
 }
 
 impl Desired {
@@ -269,6 +272,7 @@ pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
                 spec,
                 hash,
                 seed: None,
+                file_digests: BTreeMap::new(),
             },
         );
     }

@@ -22,7 +22,7 @@ use tokio_util::codec::{FramedRead, FramedWrite};
 use tracing::{debug, info, warn};
 
 use super::{Host, HostError};
-use crate::digest::sha256_file;
+use crate::digest::sha256_file_cached;
 use crate::observe::Inventory;
 use crate::qemu::instance::VmInstance;
 use crate::qemu::migrate::{Stats, Tuning};
@@ -73,7 +73,7 @@ pub struct AgentHost {
     closed: watch::Receiver<bool>,
     hangup: Arc<watch::Sender<bool>>,
     events: broadcast::Sender<HostEvent>,
-    files: Arc<tokio::sync::Mutex<HashMap<PathBuf, PathBuf>>>,
+    files: Arc<tokio::sync::Mutex<HashMap<String, PathBuf>>>,
     opts: ConnectOptions,
 }
 
@@ -298,21 +298,22 @@ impl AgentHost {
         }
     }
 
-    /// The host's copy of a local file, sent once (content-addressed, checksummed).
+    /// The host's copy of a local file, sent once (content-addressed, checksummed). The
+    /// file is known by its content: one replaced in place is sent again.
     async fn ensure_file(&self, vm: &str, local: &Path) -> Result<PathBuf, HostError> {
-        if let Some(remote) = self.files.lock().await.get(local) {
-            return Ok(remote.clone());
-        }
         let io = |what: &str, source| HostError::Io {
             vm: vm.to_owned(),
             what: format!("{what} {}", local.display()),
             source,
         };
         let path = local.to_path_buf();
-        let sha256 = tokio::task::spawn_blocking(move || sha256_file(&path))
+        let sha256 = tokio::task::spawn_blocking(move || sha256_file_cached(&path))
             .await
             .map_err(|e| io("hashing", std::io::Error::other(e)))?
             .map_err(|e| io("hashing", e))?;
+        if let Some(remote) = self.files.lock().await.get(&sha256) {
+            return Ok(remote.clone());
+        }
         let remote = match self
             .call(
                 vm,
@@ -327,10 +328,7 @@ impl AgentHost {
             Reply::File { path: None } => self.upload(vm, local, &sha256).await?,
             other => return Err(self.unexpected(&other)),
         };
-        self.files
-            .lock()
-            .await
-            .insert(local.to_path_buf(), remote.clone());
+        self.files.lock().await.insert(sha256, remote.clone());
         Ok(remote)
     }
 

@@ -53,6 +53,10 @@ pub struct ObservedVm {
     /// The instance-id of the cloud-init seed it was started with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<String>,
+    /// SHA-256 of the kernel, initrd and base images it was made with (empty in records
+    /// older than that).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub file_digests: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
     /// QEMU's own words for its state (`query-status`), or why it could not be asked:

@@ -44,6 +44,7 @@ fn copy(
         revision: "0123456789abcdef".to_owned(),
         spec_hash: e.hash.clone(),
         seed: e.seed.clone(),
+        file_digests: e.file_digests.clone(),
         spec: e.spec.clone(),
         started_at: None,
         paused: detail.map(crate::observe::Paused::of),

@@ -24,7 +24,7 @@ mod recover;
 pub mod restart;
 mod saved;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use plasmavmc_specs::{Desired, Power, VmEntry, VmSpec};
 use serde::{Deserialize, Serialize};
@@ -298,7 +298,8 @@ fn plan_existing(
     let host = host.to_owned();
     let runs = have.state.has_process();
     let wants_run = want.spec.power == Power::Running;
-    if have.spec_hash != want.hash {
+    let replaced = replaced_files(&have.file_digests, &want.file_digests);
+    if have.spec_hash != want.hash || !replaced.is_empty() {
         let diff = spec_diff(&have.spec, &have.revision, &want.spec, &want.file);
         let seed = seed_change(have.seed.as_deref(), want.seed.as_deref());
         let mut changed = if have.spec == want.spec {
@@ -306,6 +307,25 @@ fn plan_existing(
         } else {
             changed_fields(&have.spec, &want.spec)
         };
+        // A kernel or initrd replaced in place: the guest boots it only after a restart.
+        // A base image: the VM's disks keep the copy they were made from (overlays are
+        // never rebased); only disks made from now on use the new one.
+        let boots_new = replaced
+            .iter()
+            .any(|(what, ..)| !what.starts_with("image "));
+        for (what, old, new) in &replaced {
+            let short = |s: &str| s.get(..12).unwrap_or(s).to_owned();
+            let tail = if what.starts_with("image ") {
+                "; its disk keeps the image it was made from, new disks use this one"
+            } else {
+                ""
+            };
+            changed.push(format!(
+                "{what} (sha256 {} → {}{tail})",
+                short(old),
+                short(new)
+            ));
+        }
         if let Some(what) = &seed {
             // The seed's content, not the paths naming it, is what cloud-init sees.
             changed.retain(|field| field != "cloud_init");
@@ -313,11 +333,12 @@ fn plan_existing(
         }
         // Nothing else differs, yet the hash does: what its NICs' networks are (bridge,
         // VLAN) changed.
-        let networks = changed.is_empty();
+        let networks = changed.is_empty() && have.spec_hash != want.hash;
         if networks {
             changed.push("the definition of its networks in plasmavmc.toml".to_owned());
         }
-        let reboot = networks || seed.is_some() || needs_reboot(&have.spec, &want.spec);
+        let reboot =
+            networks || seed.is_some() || boots_new || needs_reboot(&have.spec, &want.spec);
         if runs && wants_run && reboot {
             let reason = format!(
                 "{} changed; needs a reboot (disks are kept)",
@@ -460,6 +481,21 @@ pub fn needs_reboot(old: &VmSpec, new: &VmSpec) -> bool {
         || old.disks != new.disks
         || old.nics != new.nics
         || old.qemu != new.qemu
+}
+
+/// The files given by path (kernel, initrd, base images) whose content changed since the
+/// instance was made: `(what, old sha256, new sha256)`. Only files both sides know: a
+/// file added or removed is a spec change; a record older than digests knows none.
+fn replaced_files(
+    have: &BTreeMap<String, String>,
+    want: &BTreeMap<String, String>,
+) -> Vec<(String, String, String)> {
+    have.iter()
+        .filter_map(|(what, old)| {
+            let new = want.get(what)?;
+            (new != old).then(|| (what.clone(), old.clone(), new.clone()))
+        })
+        .collect()
 }
 
 /// What changed in the cloud-init seed, by instance-ids (running → committed); `None`

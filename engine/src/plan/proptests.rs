@@ -154,6 +154,7 @@ fn world(cases: &[Case]) -> (Desired, Observed) {
                 restarts: 0,
                 incoming: false,
                 seed: None,
+                file_digests: std::collections::BTreeMap::new(),
             };
             observed
                 .hosts
@@ -209,6 +210,7 @@ fn simulate(d: &Desired, observed: &Observed, plan: &Plan) -> Observed {
                     restarts: 0,
                     incoming: false,
                     seed: None,
+                    file_digests: std::collections::BTreeMap::new(),
                 };
                 inv.vms.insert(vm.clone(), o);
             }

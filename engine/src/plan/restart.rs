@@ -178,6 +178,7 @@ mod tests {
             restarts: 0,
             incoming: false,
             seed: None,
+            file_digests: std::collections::BTreeMap::new(),
         }
     }
 

@@ -40,6 +40,7 @@ fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
         restarts: 0,
         incoming: false,
         seed: None,
+        file_digests: std::collections::BTreeMap::new(),
     }
 }
 
@@ -494,4 +495,40 @@ fn huge_memory_of_placed_vms_saturates_instead_of_overflowing() {
     );
     let p = plan(&d, &o, NOW);
     assert!(p.actions.is_empty(), "{:?}", p.actions);
+}
+
+#[test]
+fn files_replaced_in_place_are_noticed_by_their_digests() {
+    let digests = |kernel: &str, image: &str| {
+        BTreeMap::from([
+            ("kernel".to_owned(), kernel.to_owned()),
+            ("image root".to_owned(), image.to_owned()),
+        ])
+    };
+    let mut d = desired(&[("vms/a.toml", "")]);
+    let mut have = running(&d, "a", RunState::Running);
+    have.file_digests = digests("k1", "i1");
+    d.vms.get_mut("a").expect("a").file_digests = digests("k2", "i1");
+    let p = plan(&d, &observed(vec![have.clone()]), NOW);
+    assert_eq!(ops(&p), ["restart a"], "{p:#?}");
+    let reason = p.actions[0].reason();
+    assert!(
+        reason.starts_with("kernel (sha256 k1 → k2) changed; needs a reboot"),
+        "{reason}"
+    );
+
+    // A base image: the disk keeps its own; no reboot, the record learns the new one.
+    d.vms.get_mut("a").expect("a").file_digests = digests("k1", "i2");
+    let p = plan(&d, &observed(vec![have.clone()]), NOW);
+    assert_eq!(ops(&p), ["update a"], "{p:#?}");
+    assert!(
+        p.actions[0].reason().contains("new disks use this one")
+            && p.actions[0].reason().contains("no reboot needed"),
+        "{}",
+        p.actions[0].reason()
+    );
+
+    // A record older than digests: nothing to compare, nothing to do.
+    have.file_digests.clear();
+    assert!(plan(&d, &observed(vec![have]), NOW).is_empty());
 }

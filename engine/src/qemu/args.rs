@@ -233,6 +233,7 @@ mod tests {
                     initrd: Some("/g/initrd,x".into()),
                     images: std::collections::BTreeMap::default(),
                     seed: None,
+                    digests: std::collections::BTreeMap::default(),
                 },
                 shared_storage: None,
                 networks: std::collections::BTreeMap::default(),

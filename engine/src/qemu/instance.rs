@@ -88,6 +88,11 @@ pub struct ResolvedFiles {
     /// The cloud-init seed (`[cloud_init]`), built by the engine from the commit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<super::seed::SeedFile>,
+    /// SHA-256 of the kernel, initrd and base images given by path (`kernel`, `initrd`,
+    /// `image <disk>`) when the commit was read: a file replaced in place is noticed.
+    /// Empty in records older than this.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub digests: BTreeMap<String, String>,
 }
 
 /// `instance.toml`: the durable record of one instance.

@@ -109,31 +109,41 @@ fn resolve_vm_files(
     let mut out = BTreeMap::new();
     for (name, vm) in &desired.vms {
         let text = text_of(sources, &vm.file);
-        let mut check = |value: &str, key: &[Seg<'_>]| match find(value, root) {
-            Ok(path) => Some(path),
-            Err(msg) => {
-                diags.push(Diagnostic::at_key(&vm.file, text, key, msg));
-                None
+        let mut digests = BTreeMap::new();
+        let mut check = |what: String, value: &str, key: &[Seg<'_>]| {
+            let found = find(value, root).and_then(|path| {
+                let sha = crate::digest::sha256_file_cached(&path)
+                    .map_err(|e| format!("cannot read {value:?}: {}", plain(&e)))?;
+                digests.insert(what, sha);
+                Ok(path)
+            });
+            match found {
+                Ok(path) => Some(path),
+                Err(msg) => {
+                    diags.push(Diagnostic::at_key(&vm.file, text, key, msg));
+                    None
+                }
             }
         };
         let mut files = ResolvedFiles::default();
         if let Some(boot) = &vm.spec.boot {
-            files.kernel = check(&boot.kernel, &[Seg::Key("boot"), Seg::Key("kernel")]);
+            let key = [Seg::Key("boot"), Seg::Key("kernel")];
+            files.kernel = check("kernel".to_owned(), &boot.kernel, &key);
             if let Some(initrd) = &boot.initrd {
-                files.initrd = check(initrd, &[Seg::Key("boot"), Seg::Key("initrd")]);
+                let key = [Seg::Key("boot"), Seg::Key("initrd")];
+                files.initrd = check("initrd".to_owned(), initrd, &key);
             }
         }
         for (i, disk) in vm.spec.disks.iter().enumerate() {
             // A URL image has no file here: each host downloads it (agent/fetch.rs).
             if let Some(plasmavmc_specs::Image::Path(image)) = &disk.image {
-                if let Some(path) = check(
-                    image,
-                    &[Seg::Key("disks"), Seg::Index(i), Seg::Key("image")],
-                ) {
+                let key = [Seg::Key("disks"), Seg::Index(i), Seg::Key("image")];
+                if let Some(path) = check(format!("image {}", disk.name), image, &key) {
                     files.images.insert(disk.name.clone(), path);
                 }
             }
         }
+        files.digests = digests;
         out.insert(name.clone(), files);
     }
     out

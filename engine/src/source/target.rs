@@ -57,6 +57,11 @@ impl Target {
                     BTreeMap::new()
                 }
             };
+        for (name, entry) in &mut desired.vms {
+            if let Some(f) = files.get(name) {
+                entry.file_digests.clone_from(&f.digests);
+            }
+        }
         diags.append(&mut seed::build_all(
             source,
             &commit.id,

@@ -143,6 +143,7 @@ fn stopped_on_hv2_recorded_on_hv1(fenced: bool) -> Observed {
         restarts: 0,
         incoming: false,
         seed: None,
+        file_digests: std::collections::BTreeMap::new(),
     };
     o.hosts
         .get_mut("hv2")

@@ -95,6 +95,7 @@ impl Fake {
             restarts: 0,
             incoming: false,
             seed: None,
+            file_digests: std::collections::BTreeMap::new(),
         };
         self.0
             .vms

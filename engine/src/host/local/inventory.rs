@@ -95,6 +95,7 @@ impl LocalHost {
             spec_hash: inst.vm.spec_hash,
             spec: inst.vm.spec,
             seed: inst.vm.files.seed.map(|s| s.instance_id),
+            file_digests: inst.vm.files.digests,
             started_at: inst.started_at,
             paused: (state == RunState::Paused)
                 .then(|| crate::observe::Paused::of(detail.as_deref().unwrap_or_default())),
