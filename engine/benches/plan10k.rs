@@ -104,6 +104,7 @@ fn main() {
                     last_exit: None,
                     exits: vec![],
                     restarts: 0,
+                    watchdog_resets: 0,
                     incoming: false,
                 };
                 (e.name.clone(), o)

@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod diag;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod health;
 pub mod host;
 pub mod load;
 pub mod name;
@@ -21,6 +22,7 @@ pub use cluster::{
     PlacementSettings, RestartSettings, Timeouts,
 };
 pub use diag::{Diagnostic, Seg};
+pub use health::{Health, WatchdogAction};
 pub use host::{HostSpec, HostState, LOCAL_HOST};
 pub use load::{load, short_hash, spec_hash, vm_hash, Desired, HostEntry, SourceFile, VmEntry};
 pub use name::name_problem;

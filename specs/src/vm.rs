@@ -63,6 +63,9 @@ pub struct VmSpec {
     /// QEMU machine settings.
     #[serde(default)]
     pub qemu: QemuSettings,
+    /// Guest health: a watchdog device. Absent: only QEMU's exit is watched.
+    #[serde(default, skip_serializing_if = "crate::health::Health::is_empty")]
+    pub health: crate::health::Health,
 }
 
 fn default_vcpus() -> u32 {

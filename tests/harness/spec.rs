@@ -41,6 +41,10 @@ pub struct VmSpec {
     pub firmware: bool,
     /// `[[nics]]`: `(network, mac)`, the MAC written only when given.
     pub nics: Vec<(String, Option<String>)>,
+    /// Boot the generic-kernel flavour of the guest (it has a watchdog driver).
+    pub generic: bool,
+    /// `[health]` lines, as written (e.g. `watchdog = "reset"`).
+    pub health_lines: Vec<String>,
 }
 
 impl Default for VmSpec {
@@ -62,6 +66,8 @@ impl Default for VmSpec {
             storage: None,
             firmware: false,
             nics: Vec::new(),
+            generic: false,
+            health_lines: Vec::new(),
         }
     }
 }
@@ -171,6 +177,18 @@ impl VmSpec {
     }
 
     /// The TOML text. `memory_mb` is always on line 2 (tests point at it).
+    /// Boots the generic-kernel guest, whose initrd loads the i6300esb watchdog driver.
+    pub fn generic_kernel(mut self) -> Self {
+        self.generic = true;
+        self
+    }
+
+    /// Adds a line to `[health]`.
+    pub fn health_line(mut self, line: &str) -> Self {
+        self.health_lines.push(line.to_owned());
+        self
+    }
+
     pub fn to_toml(&self, guest: &Guest) -> String {
         let mut cmdline = BASE_CMDLINE.to_owned();
         if !self.cmdline_extra.is_empty() {
@@ -201,8 +219,13 @@ impl VmSpec {
         }
         if !self.firmware {
             let _ = writeln!(s, "\n[boot]");
-            let _ = writeln!(s, "kernel = {:?}", guest.kernel.display().to_string());
-            let _ = writeln!(s, "initrd = {:?}", guest.initrd.display().to_string());
+            let (kernel, initrd) = if self.generic {
+                (&guest.generic_kernel, &guest.generic_initrd)
+            } else {
+                (&guest.kernel, &guest.initrd)
+            };
+            let _ = writeln!(s, "kernel = {:?}", kernel.display().to_string());
+            let _ = writeln!(s, "initrd = {:?}", initrd.display().to_string());
             let _ = writeln!(s, "cmdline = {cmdline:?}");
         }
         for (name, size_gb) in &self.disks {
@@ -223,6 +246,12 @@ impl VmSpec {
         }
         for line in &self.qemu_lines {
             let _ = writeln!(s, "{line}");
+        }
+        if !self.health_lines.is_empty() {
+            let _ = writeln!(s, "\n[health]");
+            for line in &self.health_lines {
+                let _ = writeln!(s, "{line}");
+            }
         }
         s
     }

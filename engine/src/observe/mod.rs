@@ -68,6 +68,9 @@ pub struct ObservedVm {
     /// Automatic restarts so far.
     #[serde(default)]
     pub restarts: u32,
+    /// Times the guest's watchdog reset it in place.
+    #[serde(default)]
+    pub watchdog_resets: u32,
     /// A live-migration target not resumed yet: its QEMU holds no guest of its own until
     /// the migration completes and it is started.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -50,6 +50,7 @@ fn copy(
         last_exit: None,
         exits: vec![],
         restarts: 0,
+        watchdog_resets: 0,
         incoming,
     }
 }

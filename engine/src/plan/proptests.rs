@@ -152,6 +152,7 @@ fn world(cases: &[Case]) -> (Desired, Observed) {
                     .into_iter()
                     .collect(),
                 restarts: 0,
+                watchdog_resets: 0,
                 incoming: false,
             };
             observed
@@ -206,6 +207,7 @@ fn simulate(d: &Desired, observed: &Observed, plan: &Plan) -> Observed {
                     last_exit: None,
                     exits: vec![],
                     restarts: 0,
+                    watchdog_resets: 0,
                     incoming: false,
                 };
                 inv.vms.insert(vm.clone(), o);

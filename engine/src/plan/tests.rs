@@ -38,6 +38,7 @@ fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
         last_exit: None,
         exits: vec![],
         restarts: 0,
+        watchdog_resets: 0,
         incoming: false,
     }
 }

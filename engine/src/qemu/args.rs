@@ -95,8 +95,7 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
         ),
     ]);
     push(&["-serial", "chardev:serial0"]);
-    // A guest panic ends QEMU with a failure status instead of hanging (exit classification).
-    push(&["-device", "pvpanic", "-action", "panic=exit-failure"]);
+    push(&failure_devices(spec));
     if let Some(boot) = &spec.boot {
         if let Some(kernel) = &vm.files.kernel {
             push(&["-kernel", &kernel.to_string_lossy()]);
@@ -140,6 +139,15 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
             ),
         ]);
     }
+    a
+}
+
+/// The devices a guest's failures show through: a guest panic ends QEMU with a failure
+/// status instead of hanging (exit classification); a watchdog the guest stops feeding
+/// fires (`[health] watchdog`, see `qemu::watchdog`).
+fn failure_devices(spec: &plasmavmc_specs::VmSpec) -> Vec<&'static str> {
+    let mut a = vec!["-device", "pvpanic", "-action", "panic=exit-failure"];
+    a.extend_from_slice(super::watchdog::args(spec.health.watchdog));
     a
 }
 
@@ -198,6 +206,7 @@ mod tests {
             last_exit: None,
             exits: vec![],
             restarts: 0,
+            watchdog_resets: 0,
             starting: false,
             incoming: None,
             vm: VmInstance {

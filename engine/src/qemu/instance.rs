@@ -108,6 +108,9 @@ pub struct InstanceFile {
     /// Automatic restarts so far.
     #[serde(default)]
     pub restarts: u32,
+    /// Times the guest's watchdog reset it in place (`[health] watchdog = "reset"`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub watchdog_resets: u32,
     /// Set with `power = running` when a start begins, cleared once its QEMU runs the
     /// guest (or its exit is recorded): a record that still says so with no QEMU alive is
     /// a start cut short (the agent died mid-start), not an exit of the VM.
@@ -132,11 +135,17 @@ impl InstanceFile {
             last_exit: None,
             exits: Vec::new(),
             restarts: 0,
+            watchdog_resets: 0,
             starting: false,
             incoming,
             vm: vm.clone(),
         }
     }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What a migration target remembers until it is resumed or discarded.

@@ -9,3 +9,4 @@ pub mod migrate;
 pub mod net;
 pub mod process;
 pub mod qmp;
+pub mod watchdog;

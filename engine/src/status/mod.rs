@@ -167,6 +167,11 @@ impl std::fmt::Display for HostPhase {
     }
 }
 
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 /// One thing that happened to a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmEvent {
@@ -190,6 +195,9 @@ pub struct VmStatus {
     /// Starts after an exit the engine did not ask for.
     #[serde(default)]
     pub restarts: u32,
+    /// Times the guest's watchdog reset it in place (`[health] watchdog = "reset"`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub watchdog_resets: u32,
     /// Commit of the spec the instance runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec_revision: Option<String>,
@@ -439,6 +447,7 @@ impl StatusDir {
                         pid: o.pid,
                         since: o.started_at.clone().filter(|_| o.state.has_process()),
                         restarts: o.restarts,
+                        watchdog_resets: o.watchdog_resets,
                         spec_revision: Some(o.revision.clone()),
                         spec_hash: Some(o.spec_hash.clone()),
                         up_to_date: want.is_some_and(|w| w.hash == o.spec_hash),
@@ -563,6 +572,7 @@ fn unknown(
         pid: None,
         since: None,
         restarts: 0,
+        watchdog_resets: 0,
         spec_revision: None,
         spec_hash: None,
         up_to_date: false,
@@ -591,6 +601,7 @@ fn pending(want: &plasmavmc_specs::VmEntry, prev: Option<VmStatus>) -> VmStatus 
         pid: None,
         since: None,
         restarts: prev.as_ref().map_or(0, |p| p.restarts),
+        watchdog_resets: prev.as_ref().map_or(0, |p| p.watchdog_resets),
         spec_revision: None,
         spec_hash: None,
         up_to_date: false,

@@ -15,6 +15,7 @@ fn ran_before(dir: &StatusDir, vm: &str, host: &str) {
             pid: Some(100),
             since: Some("2026-11-26T20:00:00Z".to_owned()),
             restarts: 0,
+            watchdog_resets: 0,
             spec_revision: None,
             spec_hash: None,
             up_to_date: true,
@@ -141,6 +142,7 @@ fn stopped_on_hv2_recorded_on_hv1(fenced: bool) -> Observed {
         last_exit: None,
         exits: Vec::new(),
         restarts: 0,
+        watchdog_resets: 0,
         incoming: false,
     };
     o.hosts

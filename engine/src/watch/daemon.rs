@@ -237,6 +237,22 @@ impl<C: Connector> Daemon<C> {
                     ));
                 }
             }
+            if let Trigger::Host(HostEvent::Watchdog {
+                vm, pid, action, ..
+            }) = t
+            {
+                info!(vm = %vm, pid, action = action.as_str(), "watchdog fired");
+                self.events.push((
+                    vm.clone(),
+                    event(
+                        "watchdog",
+                        format!(
+                            "the guest stopped feeding its watchdog (pid {pid}, action {})",
+                            action.as_str()
+                        ),
+                    ),
+                ));
+            }
             if matches!(t, Trigger::Commit) {
                 name = "commit";
             }

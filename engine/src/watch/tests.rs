@@ -93,6 +93,7 @@ impl Fake {
             last_exit: None,
             exits: Vec::new(),
             restarts: 0,
+            watchdog_resets: 0,
             incoming: false,
         };
         self.0

@@ -38,6 +38,7 @@ impl Trigger {
             Trigger::Health => "health",
             Trigger::Host(HostEvent::Exited { .. }) => "exit",
             Trigger::Host(HostEvent::Migrating { .. }) => "migration",
+            Trigger::Host(HostEvent::Watchdog { .. }) => "watchdog",
         }
     }
 }

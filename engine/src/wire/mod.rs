@@ -318,6 +318,14 @@ pub enum HostEvent {
         expected: bool,
         at_ms: u64,
     },
+    /// The guest's watchdog fired (`[health] watchdog`). With `reset` the same QEMU goes
+    /// on; otherwise an `Exited` with reason `watchdog` follows.
+    Watchdog {
+        vm: String,
+        pid: u32,
+        action: plasmavmc_specs::WatchdogAction,
+        at_ms: u64,
+    },
     /// How an outgoing live migration is going (about once a second).
     Migrating {
         vm: String,

@@ -100,6 +100,7 @@ impl LocalHost {
             last_exit: inst.last_exit,
             exits: inst.exits,
             restarts: inst.restarts,
+            watchdog_resets: inst.watchdog_resets,
             incoming: inst.incoming.is_some(),
         }
     }

@@ -1,0 +1,160 @@
+//! Guest health against real QEMU: a guest that hangs while its QEMU runs on.
+//!
+//! The guest here is the generic-kernel flavour of the test guest (its initrd loads the
+//! i6300esb driver the cloud kernel lacks); `plasmavmc.watchdog=N` makes it feed
+//! `/dev/watchdog` for N seconds and then stop while it keeps ticking: a hang from the
+//! watchdog's point of view. `i6300esb.heartbeat=2` keeps the wait short.
+//!
+//! What this file proves, under `watch`:
+//! - `watchdog = "restart"`: the fired watchdog ends that QEMU (exit reason `watchdog`)
+//!   and the engine starts a fresh one even under `restart = "never"`;
+//! - `watchdog = "reset"`: QEMU resets the guest in place (same pid, the guest boots
+//!   again), counted in the status (`watchdog_resets`) with a `watchdog` event;
+//! - `watchdog = "poweroff"` with `restart = "never"`: the VM stays off, and its status
+//!   says the watchdog fired.
+//!
+//! Each prints how long detection and recovery took (the figures belong in
+//! BENCHMARKS.md; the bounds here are only generous sanity bounds).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Result};
+use plasmavmc_e2e::{
+    is_alive, poll_every, serial_has_line, HostSpec, TestRepo, VmSpec, ACT_TIMEOUT, BOOT_TIMEOUT,
+};
+
+/// Feed for this long, then stop.
+const FEED_SECONDS: u32 = 3;
+
+/// A VM on the generic kernel whose guest stops feeding its watchdog.
+fn hanging(action: &str, restart: &str) -> VmSpec {
+    VmSpec::new()
+        .no_disks()
+        .generic_kernel()
+        .restart(restart)
+        .cmdline(&format!(
+            "plasmavmc.watchdog={FEED_SECONDS} i6300esb.heartbeat=2"
+        ))
+        .health_line(&format!("watchdog = {action:?}"))
+}
+
+/// A repository with `vm` on one simulated host, and its daemon running it.
+fn started(repo: &TestRepo, vm: &str, spec: &VmSpec) -> Result<()> {
+    repo.write_host("hv1", &HostSpec::default())?;
+    repo.write_vm(vm, spec)?;
+    repo.commit(&format!("{vm}, its watchdog armed"))?;
+    Ok(())
+}
+
+/// Waits until the guest says it stopped feeding; returns when the test saw it.
+fn stopped_feeding(repo: &TestRepo, vm: &str) -> Result<Instant> {
+    repo.wait_serial(vm, "watchdog: feeding", BOOT_TIMEOUT)?;
+    poll_every(
+        Duration::from_millis(10),
+        "the guest to stop feeding its watchdog",
+        BOOT_TIMEOUT,
+        || serial_has_line(&repo.serial(vm), "watchdog: stopped feeding").then(Instant::now),
+    )
+}
+
+#[test]
+fn watchdog_restart_replaces_the_qemu_even_under_restart_never() -> Result<()> {
+    let repo = TestRepo::new()?;
+    started(&repo, "hung", &hanging("restart", "never"))?;
+    let daemon = repo.watch(&[])?;
+    let first = daemon.wait_running("hung")?;
+    ensure!(
+        plasmavmc_e2e::cmdline(first)?
+            .iter()
+            .any(|a| a == "i6300esb"),
+        "QEMU runs without the watchdog device"
+    );
+    let stopped = stopped_feeding(&repo, "hung")?;
+    let ended = poll_every(
+        Duration::from_millis(5),
+        "the QEMU whose watchdog fired to end",
+        ACT_TIMEOUT,
+        || (!is_alive(first)).then(Instant::now),
+    )?;
+    let view = repo.wait_vm("hung", "running again in a new QEMU", ACT_TIMEOUT, |v| {
+        v.phase == "running" && v.pid.is_some_and(|p| p != first)
+    })?;
+    let running = Instant::now();
+    ensure!(
+        view.has_event("exited", "watchdog") && view.has_event("watchdog", "restart"),
+        "status does not tell the watchdog fired:\n{view}"
+    );
+    let second = view.pid.unwrap_or_default();
+    ensure!(is_alive(second), "the new QEMU {second} is not alive");
+    eprintln!(
+        "watchdog restart: stopped feeding -> QEMU ended {:?}; -> running again (status) {:?}",
+        ended - stopped,
+        running - ended
+    );
+    ensure!(
+        ended - stopped < Duration::from_secs(30),
+        "detection too slow"
+    );
+    Ok(())
+}
+
+#[test]
+fn watchdog_reset_resets_the_guest_in_the_same_qemu() -> Result<()> {
+    let repo = TestRepo::new()?;
+    started(&repo, "reset", &hanging("reset", "always"))?;
+    let daemon = repo.watch(&[])?;
+    let pid = daemon.wait_running("reset")?;
+    let stopped = stopped_feeding(&repo, "reset")?;
+    let view = repo.wait_vm("reset", "a watchdog reset counted", ACT_TIMEOUT, |v| {
+        v.raw
+            .get("watchdog_resets")
+            .and_then(toml::Value::as_integer)
+            .is_some_and(|n| n >= 1)
+            && v.has_event("watchdog", "reset")
+    })?;
+    let counted = Instant::now();
+    ensure!(
+        view.pid == Some(pid) && is_alive(pid),
+        "a reset must keep the QEMU (pid {pid}):\n{view}"
+    );
+    ensure!(
+        view.phase == "running" && view.restarts == 0,
+        "a reset in place is no restart:\n{view}"
+    );
+    // The guest boots again on the same console.
+    repo.wait_serial_seq(
+        "reset",
+        &[
+            "watchdog: stopped feeding",
+            "plasmavmc-guest: booted",
+            "tick 1",
+        ],
+        BOOT_TIMEOUT,
+    )?;
+    eprintln!(
+        "watchdog reset: stopped feeding -> reset counted in status {:?}",
+        counted - stopped
+    );
+    Ok(())
+}
+
+#[test]
+fn watchdog_poweroff_leaves_it_to_the_restart_policy() -> Result<()> {
+    let repo = TestRepo::new()?;
+    started(&repo, "off", &hanging("poweroff", "never"))?;
+    let daemon = repo.watch(&[])?;
+    let pid = daemon.wait_running("off")?;
+    stopped_feeding(&repo, "off")?;
+    let view = repo.wait_vm("off", "off after its watchdog fired", ACT_TIMEOUT, |v| {
+        v.phase != "running" && v.message.contains("watchdog")
+    })?;
+    ensure!(
+        !is_alive(pid) && view.pid.is_none() && view.restarts == 0,
+        "restart = \"never\" keeps it off:\n{view}"
+    );
+    ensure!(
+        view.message.contains("never"),
+        "the status should say why it stays off:\n{view}"
+    );
+    Ok(())
+}
