@@ -158,3 +158,76 @@ fn watchdog_poweroff_leaves_it_to_the_restart_policy() -> Result<()> {
     );
     Ok(())
 }
+
+/// The `[guest_agent]` table of a VM's status.
+fn guest_agent(view: &plasmavmc_e2e::VmView) -> Option<&toml::Table> {
+    view.raw.get("guest_agent").and_then(toml::Value::as_table)
+}
+
+fn answering(view: &plasmavmc_e2e::VmView) -> Option<bool> {
+    guest_agent(view)
+        .and_then(|g| g.get("answering"))
+        .and_then(toml::Value::as_bool)
+}
+
+#[test]
+fn the_guest_agent_is_pinged_across_a_daemon_restart_until_it_stops_answering() -> Result<()> {
+    let repo = TestRepo::new()?;
+    let spec = VmSpec::new()
+        .no_disks()
+        .nic("user", None)
+        .cmdline("plasmavmc.qga=25 plasmavmc.ip=10.0.2.15/24")
+        .health_line("guest_agent = true")
+        .health_line("guest_agent_period = \"500ms\"");
+    started(&repo, "qga", &spec)?;
+    let mut daemon = repo.watch(&[])?;
+    let pid = daemon.wait_running("qga")?;
+    let view = repo.wait_vm("qga", "its guest agent answering", ACT_TIMEOUT, |v| {
+        answering(v) == Some(true)
+    })?;
+    let info = guest_agent(&view).cloned().unwrap_or_default();
+    let text = |k: &str| info.get(k).map(ToString::to_string).unwrap_or_default();
+    ensure!(
+        text("os").contains("PlasmaVMC test guest") && text("addresses").contains("10.0.2.15/24"),
+        "the guest's OS and address are not in the status:\n{view}"
+    );
+    ensure!(
+        view.has_event("guest-agent", "answers"),
+        "no guest-agent event:\n{view}"
+    );
+
+    // A new daemon (and so a new agent on the host) adopts the VM and pings on.
+    daemon.kill9()?;
+    let daemon = repo.watch(&[])?;
+    ensure!(daemon.wait_running("qga")? == pid, "the VM was restarted");
+    let since = text("since");
+    let stopped = poll_every(
+        Duration::from_millis(10),
+        "the test guest's agent to stop answering",
+        BOOT_TIMEOUT,
+        || serial_has_line(&repo.serial("qga"), "qga: stopped answering").then(Instant::now),
+    )?;
+    let view = repo.wait_vm("qga", "its guest agent silent", ACT_TIMEOUT, |v| {
+        answering(v) == Some(false)
+    })?;
+    let noticed = Instant::now();
+    ensure!(
+        view.has_event("guest-agent", "stopped answering")
+            && view.pid == Some(pid)
+            && view.phase == "running",
+        "a silent guest agent is shown, nothing restarted:\n{view}"
+    );
+    // The first daemon's record was kept, not re-announced: one "answers" event.
+    ensure!(
+        view.events_of("guest-agent")
+            .filter(|e| e.message.contains("answers"))
+            .count()
+            == 1,
+        "the adopted VM's guest agent was announced twice (answering since {since}):\n{view}"
+    );
+    eprintln!(
+        "guest agent (period 500ms): stopped answering -> status {:?}",
+        noticed - stopped
+    );
+    Ok(())
+}

@@ -105,6 +105,7 @@ fn main() {
                     exits: vec![],
                     restarts: 0,
                     watchdog_resets: 0,
+                    guest_agent: None,
                     incoming: false,
                 };
                 (e.name.clone(), o)

@@ -63,7 +63,8 @@ pub struct VmSpec {
     /// QEMU machine settings.
     #[serde(default)]
     pub qemu: QemuSettings,
-    /// Guest health: a watchdog device. Absent: only QEMU's exit is watched.
+    /// Guest health: a watchdog device, the guest agent. Absent: only QEMU's exit is
+    /// watched.
     #[serde(default, skip_serializing_if = "crate::health::Health::is_empty")]
     pub health: crate::health::Health,
 }
@@ -414,6 +415,7 @@ impl VmSpec {
         self.disk_problems(&mut bad);
         self.nic_problems(&mut bad);
         self.qemu_problems(&mut bad);
+        self.health.problems(&mut bad);
         out
     }
 

@@ -69,7 +69,7 @@ KERNEL_RE='^linux-image-.*-cloud-amd64$'
 BUSYBOX_PKG=busybox-static
 # Kernel modules the guest needs (Debian's cloud kernel builds them as =m).
 # Their dependencies are resolved from each module's modinfo "depends=".
-MODULES=(virtio_pci virtio_blk virtio_net pvpanic_mmio pvpanic_pci button evdev)
+MODULES=(virtio_pci virtio_blk virtio_net virtio_console pvpanic_mmio pvpanic_pci button evdev)
 if [[ $flavour == generic ]]; then
     # The generic kernel, for its i6300esb watchdog driver (the cloud kernel has none).
     KERNEL_META=linux-image-amd64

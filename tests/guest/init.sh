@@ -52,6 +52,7 @@ ping_arg=
 ping_tries=60
 echo_port=
 watchdog_arg=
+qga_arg=
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         plasmavmc.poweroff=*) poweroff_after=${arg#plasmavmc.poweroff=} ;;
@@ -65,6 +66,7 @@ for arg in $(cat /proc/cmdline); do
         plasmavmc.ping_tries=*) ping_tries=${arg#plasmavmc.ping_tries=} ;;
         plasmavmc.echo=*) echo_port=${arg#plasmavmc.echo=} ;;
         plasmavmc.watchdog=*) watchdog_arg=${arg#plasmavmc.watchdog=} ;;
+        plasmavmc.qga=*) qga_arg=${arg#plasmavmc.qga=} ;;
     esac
 done
 case "$poweroff_after" in ''|*[!0-9]*) poweroff_after=0 ;; esac
@@ -74,6 +76,7 @@ case "$dirty_mb" in ''|*[!0-9]*) dirty_mb=0 ;; esac
 case "$ping_tries" in ''|*[!0-9]*) ping_tries=60 ;; esac
 case "$echo_port" in *[!0-9]*) echo_port= ;; esac
 case "$watchdog_arg" in *[!0-9]*) watchdog_arg= ;; esac
+case "$qga_arg" in *[!0-9]*) qga_arg= ;; esac
 
 # --- watchdog ----------------------------------------------------------------
 # plasmavmc.watchdog=N: open /dev/watchdog (the generic kernel's i6300esb; see
@@ -135,6 +138,66 @@ if [ -n "$ping_arg" ]; then
             usleep 500000
         done
         echo "ping $ping_arg: $result after $i tries"
+    ) &
+fi
+
+# --- guest agent ---------------------------------------------------------------
+# plasmavmc.qga=N: a tiny stand-in for qemu-guest-agent on the virtio-serial port
+# org.qemu.guest_agent.0, answering guest-sync, guest-ping, guest-get-osinfo and
+# guest-network-get-interfaces for N seconds after it starts (0: for ever), then
+# reading on without answering (prints `qga: answering on PORT`, later
+# `qga: stopped answering`).
+interfaces_json() {
+    sep=
+    for dev in /sys/class/net/*; do
+        nic=${dev##*/}
+        addrs=
+        asep=
+        for a in $(ip -o -4 addr show dev "$nic" | awk '{ print $4 }'); do
+            addrs="$addrs$asep{\"ip-address-type\": \"ipv4\", \"ip-address\": \"${a%/*}\", \"prefix\": ${a#*/}}"
+            asep=", "
+        done
+        printf '%s{"name": "%s", "hardware-address": "%s", "ip-addresses": [%s]}' \
+            "$sep" "$nic" "$(cat "$dev/address")" "$addrs"
+        sep=", "
+    done
+}
+if [ -n "$qga_arg" ]; then
+    (
+        port=
+        silent=
+        i=0
+        while [ -z "$port" ] && [ "$i" -lt 50 ]; do
+            for p in /sys/class/virtio-ports/*; do
+                [ "$(cat "$p/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && port=/dev/${p##*/}
+            done
+            [ -n "$port" ] && [ -c "$port" ] || { port=; usleep 100000; i=$((i + 1)); }
+        done
+        [ -n "$port" ] || { echo "qga: no org.qemu.guest_agent.0 port"; exit 0; }
+        start=$(cut -d. -f1 /proc/uptime)
+        exec 4<>"$port"
+        echo "qga: answering on $port"
+        # The port reads end-of-file while no host side is connected: wait and read on.
+        while :; do
+          while read -r line <&4; do
+            if [ "$qga_arg" != 0 ] && [ $(($(cut -d. -f1 /proc/uptime) - start)) -ge "$qga_arg" ]; then
+                [ -n "$silent" ] || echo "qga: stopped answering"
+                silent=1
+                continue
+            fi
+            case "$line" in
+                *guest-sync*)
+                    id=$(echo "$line" | sed -n 's/.*"id": *\([0-9]*\).*/\1/p')
+                    echo "{\"return\": $id}" >&4 ;;
+                *guest-ping*) echo '{"return": {}}' >&4 ;;
+                *guest-get-osinfo*)
+                    echo "{\"return\": {\"id\": \"plasmavmc-guest\", \"name\": \"PlasmaVMC test guest\", \"pretty-name\": \"PlasmaVMC test guest (busybox)\", \"kernel-release\": \"$(uname -r)\"}}" >&4 ;;
+                *guest-network-get-interfaces*) echo "{\"return\": [$(interfaces_json)]}" >&4 ;;
+                *) echo '{"error": {"class": "CommandNotFound", "desc": "not in the test guest"}}' >&4 ;;
+            esac
+          done
+          usleep 100000
+        done
     ) &
 fi
 

@@ -5,6 +5,7 @@
 //! records calls. Every request is idempotent: asking twice is harmless.
 
 mod client;
+mod guest_agent;
 mod local;
 mod monitor;
 mod transport;

@@ -124,6 +124,7 @@ struct Watcher {
 impl Watcher {
     async fn run(self, qmp: Qmp) {
         let pidfd = process::pidfd_open(self.pid);
+        let _pinger = self.guest_agent_pinger();
         let mut events = qmp.take_events();
         // A watchdog that fired while no agent was attached left the guest paused.
         let mut fired = match qmp.query_status().await {
@@ -226,6 +227,24 @@ impl Watcher {
         }
     }
 
+    /// The guest agent's pinger of this QEMU (`[health] guest_agent`), which ends with
+    /// the watcher.
+    fn guest_agent_pinger(&self) -> Option<AbortOnDrop> {
+        let inst = self.dir.read().ok().filter(|i| i.uuid == self.uuid)?;
+        let health = &inst.vm.spec.health;
+        if !health.guest_agent {
+            return None;
+        }
+        let pinger = super::guest_agent::Pinger {
+            monitor: self.monitor.clone(),
+            dir: self.dir.clone(),
+            vm: self.vm.clone(),
+            pid: self.pid,
+            period: health.guest_agent_period(),
+        };
+        Some(AbortOnDrop(tokio::spawn(pinger.run()).abort_handle()))
+    }
+
     /// Counts a watchdog reset in `instance.toml` (this instance's only).
     fn count_reset(&self) {
         let Ok(mut inst) = self.dir.read() else {
@@ -293,4 +312,13 @@ async fn next_event(
     }
     *events = None;
     std::future::pending().await
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

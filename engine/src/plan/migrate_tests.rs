@@ -51,6 +51,7 @@ fn copy(
         exits: vec![],
         restarts: 0,
         watchdog_resets: 0,
+        guest_agent: None,
         incoming,
     }
 }

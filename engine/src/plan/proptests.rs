@@ -153,6 +153,7 @@ fn world(cases: &[Case]) -> (Desired, Observed) {
                     .collect(),
                 restarts: 0,
                 watchdog_resets: 0,
+                guest_agent: None,
                 incoming: false,
             };
             observed
@@ -208,6 +209,7 @@ fn simulate(d: &Desired, observed: &Observed, plan: &Plan) -> Observed {
                     exits: vec![],
                     restarts: 0,
                     watchdog_resets: 0,
+                    guest_agent: None,
                     incoming: false,
                 };
                 inv.vms.insert(vm.clone(), o);

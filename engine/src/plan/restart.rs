@@ -181,6 +181,7 @@ mod tests {
             exits: exits.to_vec(),
             restarts: 0,
             watchdog_resets: 0,
+            guest_agent: None,
             incoming: false,
         }
     }

@@ -39,6 +39,7 @@ fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
         exits: vec![],
         restarts: 0,
         watchdog_resets: 0,
+        guest_agent: None,
         incoming: false,
     }
 }

@@ -142,12 +142,14 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
     a
 }
 
-/// The devices a guest's failures show through: a guest panic ends QEMU with a failure
+/// The devices a guest's health shows through: a guest panic ends QEMU with a failure
 /// status instead of hanging (exit classification); a watchdog the guest stops feeding
-/// fires (`[health] watchdog`, see `qemu::watchdog`).
+/// fires (`[health] watchdog`, see `qemu::watchdog`); the guest agent's channel
+/// (`[health] guest_agent`, see `qemu::qga`).
 fn failure_devices(spec: &plasmavmc_specs::VmSpec) -> Vec<&'static str> {
     let mut a = vec!["-device", "pvpanic", "-action", "panic=exit-failure"];
     a.extend_from_slice(super::watchdog::args(spec.health.watchdog));
+    a.extend_from_slice(super::qga::args(spec.health.guest_agent));
     a
 }
 

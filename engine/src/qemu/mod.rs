@@ -8,5 +8,6 @@ pub mod instance;
 pub mod migrate;
 pub mod net;
 pub mod process;
+pub mod qga;
 pub mod qmp;
 pub mod watchdog;

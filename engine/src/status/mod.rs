@@ -198,6 +198,10 @@ pub struct VmStatus {
     /// Times the guest's watchdog reset it in place (`[health] watchdog = "reset"`).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub watchdog_resets: u32,
+    /// What its guest agent says (`[health] guest_agent`): whether it answers, since
+    /// when, the guest's OS and addresses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<crate::observe::GuestAgentInfo>,
     /// Commit of the spec the instance runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec_revision: Option<String>,
@@ -448,6 +452,7 @@ impl StatusDir {
                         since: o.started_at.clone().filter(|_| o.state.has_process()),
                         restarts: o.restarts,
                         watchdog_resets: o.watchdog_resets,
+                        guest_agent: o.guest_agent.clone(),
                         spec_revision: Some(o.revision.clone()),
                         spec_hash: Some(o.spec_hash.clone()),
                         up_to_date: want.is_some_and(|w| w.hash == o.spec_hash),
@@ -573,6 +578,7 @@ fn unknown(
         since: None,
         restarts: 0,
         watchdog_resets: 0,
+        guest_agent: None,
         spec_revision: None,
         spec_hash: None,
         up_to_date: false,
@@ -602,6 +608,7 @@ fn pending(want: &plasmavmc_specs::VmEntry, prev: Option<VmStatus>) -> VmStatus 
         since: None,
         restarts: prev.as_ref().map_or(0, |p| p.restarts),
         watchdog_resets: prev.as_ref().map_or(0, |p| p.watchdog_resets),
+        guest_agent: None,
         spec_revision: None,
         spec_hash: None,
         up_to_date: false,

@@ -16,6 +16,7 @@ fn ran_before(dir: &StatusDir, vm: &str, host: &str) {
             since: Some("2026-11-26T20:00:00Z".to_owned()),
             restarts: 0,
             watchdog_resets: 0,
+            guest_agent: None,
             spec_revision: None,
             spec_hash: None,
             up_to_date: true,
@@ -143,6 +144,7 @@ fn stopped_on_hv2_recorded_on_hv1(fenced: bool) -> Observed {
         exits: Vec::new(),
         restarts: 0,
         watchdog_resets: 0,
+        guest_agent: None,
         incoming: false,
     };
     o.hosts

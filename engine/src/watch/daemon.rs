@@ -253,6 +253,11 @@ impl<C: Connector> Daemon<C> {
                     ),
                 ));
             }
+            if let Trigger::Host(HostEvent::GuestAgent { vm, info, first }) = t {
+                if let Some(what) = guest_agent_event(info, *first) {
+                    self.events.push((vm.clone(), event("guest-agent", what)));
+                }
+            }
             if matches!(t, Trigger::Commit) {
                 name = "commit";
             }
@@ -436,4 +441,24 @@ fn event(kind: &str, message: String) -> VmEvent {
 
 fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
+}
+
+/// The event text of a guest agent's change: it answers (with its OS and addresses), or
+/// it stopped answering; nothing for a first "does not answer" (a guest still booting).
+fn guest_agent_event(info: &crate::observe::GuestAgentInfo, first: bool) -> Option<String> {
+    if info.answering {
+        let os = info.os.as_deref().unwrap_or("OS unknown");
+        let addresses = if info.addresses.is_empty() {
+            "no addresses".to_owned()
+        } else {
+            info.addresses.join(", ")
+        };
+        return Some(format!("answers ({os}; {addresses})"));
+    }
+    (!first).then(|| {
+        format!(
+            "stopped answering: {}",
+            info.error.as_deref().unwrap_or("no answer")
+        )
+    })
 }

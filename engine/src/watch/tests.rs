@@ -94,6 +94,7 @@ impl Fake {
             exits: Vec::new(),
             restarts: 0,
             watchdog_resets: 0,
+            guest_agent: None,
             incoming: false,
         };
         self.0

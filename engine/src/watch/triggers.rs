@@ -39,6 +39,7 @@ impl Trigger {
             Trigger::Host(HostEvent::Exited { .. }) => "exit",
             Trigger::Host(HostEvent::Migrating { .. }) => "migration",
             Trigger::Host(HostEvent::Watchdog { .. }) => "watchdog",
+            Trigger::Host(HostEvent::GuestAgent { .. }) => "guest-agent",
         }
     }
 }

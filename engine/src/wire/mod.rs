@@ -326,6 +326,14 @@ pub enum HostEvent {
         action: plasmavmc_specs::WatchdogAction,
         at_ms: u64,
     },
+    /// What the VM's guest agent says changed (`[health] guest_agent`): it answers or
+    /// stopped answering, another OS or other addresses. `first`: the first word on this
+    /// QEMU (no change from an earlier one).
+    GuestAgent {
+        vm: String,
+        info: crate::observe::GuestAgentInfo,
+        first: bool,
+    },
     /// How an outgoing live migration is going (about once a second).
     Migrating {
         vm: String,

@@ -84,6 +84,9 @@ impl LocalHost {
         if pid.is_none() && !inst.starting {
             self.tidy_taps(dir, &inst).await;
         }
+        let guest_agent = pid
+            .filter(|_| inst.vm.spec.health.guest_agent)
+            .and_then(|pid| crate::host::guest_agent::read(dir).filter(|g| g.pid == pid));
         ObservedVm {
             name: inst.vm.name,
             uuid: inst.uuid,
@@ -101,6 +104,7 @@ impl LocalHost {
             exits: inst.exits,
             restarts: inst.restarts,
             watchdog_resets: inst.watchdog_resets,
+            guest_agent,
             incoming: inst.incoming.is_some(),
         }
     }
