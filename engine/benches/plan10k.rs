@@ -107,6 +107,7 @@ fn main() {
                     watchdog_resets: 0,
                     guest_agent: None,
                     incoming: false,
+                    seed: None,
                 };
                 (e.name.clone(), o)
             })

@@ -5,6 +5,7 @@
 //! [`Diagnostic`] as `path:line:col: message`. This crate does no I/O beyond parsing
 //! the text it is given: no filesystem, no git, no clock.
 
+pub mod cloud_init;
 pub mod cluster;
 pub mod diag;
 #[doc(hidden)]
@@ -17,6 +18,7 @@ pub mod net;
 pub mod schema;
 pub mod vm;
 
+pub use cloud_init::CloudInit;
 pub use cluster::{
     ClusterSpec, HeartbeatSettings, HumanDuration, MigrationSettings, NetworkDef,
     PlacementSettings, RestartSettings, Timeouts,

@@ -67,6 +67,9 @@ pub struct VmEntry {
     /// The spec with `name` filled in.
     pub spec: VmSpec,
     pub hash: String,
+    /// The instance-id of its cloud-init seed, once the engine has read the seed's files
+    /// (they are not spec files); its hash covers it then.
+    pub seed: Option<String>,
 }
 
 impl Desired {
@@ -247,6 +250,7 @@ pub fn load(files: &[SourceFile]) -> Result<Desired, Vec<Diagnostic>> {
                 file: file.path.clone(),
                 spec,
                 hash,
+                seed: None,
             },
         );
     }

@@ -67,6 +67,9 @@ pub struct VmSpec {
     /// watched.
     #[serde(default, skip_serializing_if = "crate::health::Health::is_empty")]
     pub health: crate::health::Health,
+    /// A cloud-init NoCloud seed, attached read-only after the disks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cloud_init: Option<crate::cloud_init::CloudInit>,
 }
 
 fn default_vcpus() -> u32 {
@@ -416,6 +419,9 @@ impl VmSpec {
         self.nic_problems(&mut bad);
         self.qemu_problems(&mut bad);
         self.health.problems(&mut bad);
+        if let Some(seed) = &self.cloud_init {
+            seed.problems(&mut bad);
+        }
         out
     }
 

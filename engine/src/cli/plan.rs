@@ -14,7 +14,7 @@ use crate::execute::{Outcome, Step};
 use crate::observe::Observed;
 use crate::plan::{Plan, SavedPlan};
 use crate::records::StateLock;
-use crate::source::Target;
+use crate::source::{Source, Target};
 use crate::status::StatusDir;
 use crate::step::{carry_out, planned, publish, Fleet as _};
 
@@ -103,7 +103,7 @@ pub async fn plan(args: &PlanArgs) -> anyhow::Result<u8> {
         });
         println!("{}", serde_json::to_string_pretty(&json)?);
     } else {
-        print_plan(&target, &plan);
+        print_plan(&ctx.source, &target, &observed, &plan);
     }
     if let Some(out) = &args.out {
         let saved = SavedPlan::new(
@@ -127,7 +127,7 @@ pub async fn plan(args: &PlanArgs) -> anyhow::Result<u8> {
     })
 }
 
-fn print_plan(target: &Target, plan: &Plan) {
+fn print_plan(source: &Source, target: &Target, observed: &Observed, plan: &Plan) {
     let summary = if target.commit.summary.is_empty() {
         String::new()
     } else {
@@ -141,7 +141,16 @@ fn print_plan(target: &Target, plan: &Plan) {
         println!("Plan: {n} action{}", if n == 1 { "" } else { "s" });
         for action in &plan.actions {
             println!("  {}", action.describe());
-            for line in action.diff().unwrap_or("").lines() {
+            let seed = match (action, action.diff()) {
+                (_, None) => String::new(),
+                (a, Some(_)) => observed
+                    .hosts
+                    .get(a.host())
+                    .and_then(|h| h.vms.get(a.vm()))
+                    .map(|have| crate::source::seed::diffs(source, target, a.vm(), have))
+                    .unwrap_or_default(),
+            };
+            for line in action.diff().unwrap_or("").lines().chain(seed.lines()) {
                 println!("      {line}");
             }
         }
@@ -196,11 +205,11 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
             .any(|a| matches!(a, crate::plan::Action::Prune { .. }));
         let again = planned(&target, &observed, prune);
         anyhow::ensure!(again.actions == saved.plan.actions, "the plan file does not match what this engine plans for the same commit and hosts; run plan again");
-        print_plan(&target, &saved.plan);
+        print_plan(&ctx.source, &target, &observed, &saved.plan);
         saved.plan.clone()
     } else {
         let plan = planned(&target, &observed, args.prune);
-        print_plan(&target, &plan);
+        print_plan(&ctx.source, &target, &observed, &plan);
         if !plan.is_empty() && !args.auto_approve && !confirm(plan.actions.len())? {
             return Ok(1);
         }

@@ -26,6 +26,7 @@ use crate::digest::sha256_file;
 use crate::observe::Inventory;
 use crate::qemu::instance::VmInstance;
 use crate::qemu::migrate::{Stats, Tuning};
+use crate::qemu::seed::SeedFile;
 use crate::wire::{codec, FromReply};
 use crate::wire::{to_frames, FromAgent, HostFacts, Reply, Request, ToAgent, CHUNK, VERSION};
 use crate::wire::{DiskChunk, HostEvent, Incoming, StopOutcome};
@@ -336,8 +337,54 @@ impl AgentHost {
             what: format!("reading {}", local.display()),
             source,
         };
-        let mut file = tokio::fs::File::open(local).await.map_err(io)?;
+        let file = tokio::fs::File::open(local).await.map_err(io)?;
         let len = file.metadata().await.map_err(io)?.len();
+        self.send(vm, &local.display().to_string(), file, len, sha256)
+            .await
+    }
+
+    /// The host's copy of the cloud-init seed built here (in memory), sent once.
+    async fn ensure_seed(&self, vm: &str, seed: &SeedFile) -> Result<PathBuf, HostError> {
+        let sha256 = seed.sha256.clone();
+        match self
+            .call(vm, Request::HasFile { sha256 }, self.opts.request_timeout)
+            .await?
+        {
+            Reply::File { path: Some(path) } => Ok(path),
+            Reply::File { path: None } => {
+                let bytes = seed.bytes.as_deref().ok_or_else(|| HostError::Refused {
+                    vm: vm.to_owned(),
+                    reason: "the cloud-init seed was not built (its commit was not read)"
+                        .to_owned(),
+                })?;
+                let what = format!("cloud-init seed {}", seed.instance_id);
+                self.send(
+                    vm,
+                    &what,
+                    bytes.as_slice(),
+                    bytes.len() as u64,
+                    &seed.sha256,
+                )
+                .await
+            }
+            other => Err(self.unexpected(&other)),
+        }
+    }
+
+    /// Sends `len` bytes of `reader` (`what`, for messages) to the host's file store.
+    async fn send(
+        &self,
+        vm: &str,
+        what: &str,
+        mut file: impl tokio::io::AsyncRead + Unpin,
+        len: u64,
+        sha256: &str,
+    ) -> Result<PathBuf, HostError> {
+        let io = |source| HostError::Io {
+            vm: vm.to_owned(),
+            what: format!("reading {what}"),
+            source,
+        };
         let mut offset = 0u64;
         loop {
             let mut data = vec![0u8; CHUNK];
@@ -359,7 +406,7 @@ impl AgentHost {
             };
             match self.call(vm, request, self.opts.request_timeout).await? {
                 Reply::File { path: Some(path) } if last => {
-                    debug!(host = %self.name, file = %local.display(), bytes = len, "copied to the host");
+                    debug!(host = %self.name, file = %what, bytes = len, "copied to the host");
                     return Ok(path);
                 }
                 Reply::File { path: None } if !last => offset += filled as u64,
@@ -381,6 +428,10 @@ impl AgentHost {
             out.files
                 .images
                 .insert(disk.clone(), self.ensure_file(&vm.name, image).await?);
+        }
+        if let Some(seed) = &mut out.files.seed {
+            seed.path = Some(self.ensure_seed(&vm.name, seed).await?);
+            seed.bytes = None;
         }
         Ok(out)
     }

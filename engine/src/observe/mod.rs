@@ -54,6 +54,9 @@ pub struct ObservedVm {
     pub revision: String,
     pub spec_hash: String,
     pub spec: VmSpec,
+    /// The instance-id of the cloud-init seed it was started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
     /// QEMU's own words for its state (`query-status`), or why it could not be asked:

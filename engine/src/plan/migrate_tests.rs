@@ -43,6 +43,7 @@ fn copy(
         },
         revision: "0123456789abcdef".to_owned(),
         spec_hash: e.hash.clone(),
+        seed: e.seed.clone(),
         spec: e.spec.clone(),
         started_at: None,
         paused: detail.map(crate::observe::Paused::of),

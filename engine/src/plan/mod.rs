@@ -300,14 +300,25 @@ fn plan_existing(
     let wants_run = want.spec.power == Power::Running;
     if have.spec_hash != want.hash {
         let diff = spec_diff(&have.spec, &have.revision, &want.spec, &want.file);
-        // The same spec, another hash: what its NICs' networks are (bridge, VLAN) changed.
-        let networks = have.spec == want.spec;
-        let changed = if networks {
-            vec!["the definition of its networks in plasmavmc.toml".to_owned()]
+        let seed = seed_change(have.seed.as_deref(), want.seed.as_deref());
+        let mut changed = if have.spec == want.spec {
+            Vec::new()
         } else {
             changed_fields(&have.spec, &want.spec)
         };
-        if runs && wants_run && (networks || needs_reboot(&have.spec, &want.spec)) {
+        if let Some(what) = &seed {
+            // The seed's content, not the paths naming it, is what cloud-init sees.
+            changed.retain(|field| field != "cloud_init");
+            changed.push(what.clone());
+        }
+        // Nothing else differs, yet the hash does: what its NICs' networks are (bridge,
+        // VLAN) changed.
+        let networks = changed.is_empty();
+        if networks {
+            changed.push("the definition of its networks in plasmavmc.toml".to_owned());
+        }
+        let reboot = networks || seed.is_some() || needs_reboot(&have.spec, &want.spec);
+        if runs && wants_run && reboot {
             let reason = format!(
                 "{} changed; needs a reboot (disks are kept)",
                 changed.join(", ")
@@ -449,6 +460,20 @@ pub fn needs_reboot(old: &VmSpec, new: &VmSpec) -> bool {
         || old.disks != new.disks
         || old.nics != new.nics
         || old.qemu != new.qemu
+}
+
+/// What changed in the cloud-init seed, by instance-ids (running → committed); `None`
+/// when nothing did.
+fn seed_change(have: Option<&str>, want: Option<&str>) -> Option<String> {
+    match (have, want) {
+        (a, b) if a == b => None,
+        (None, Some(id)) => Some(format!("a cloud-init seed was added (instance-id {id})")),
+        (Some(_), None) => Some("its cloud-init seed was removed".to_owned()),
+        (Some(a), Some(b)) => Some(format!(
+            "the cloud-init seed (instance-id {a} → {b}, a new instance for cloud-init)"
+        )),
+        (None, None) => None,
+    }
 }
 
 /// Top-level fields that differ, in spec order.

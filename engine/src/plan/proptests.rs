@@ -155,6 +155,7 @@ fn world(cases: &[Case]) -> (Desired, Observed) {
                 watchdog_resets: 0,
                 guest_agent: None,
                 incoming: false,
+                seed: None,
             };
             observed
                 .hosts
@@ -211,6 +212,7 @@ fn simulate(d: &Desired, observed: &Observed, plan: &Plan) -> Observed {
                     watchdog_resets: 0,
                     guest_agent: None,
                     incoming: false,
+                    seed: None,
                 };
                 inv.vms.insert(vm.clone(), o);
             }

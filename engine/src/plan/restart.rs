@@ -183,6 +183,7 @@ mod tests {
             watchdog_resets: 0,
             guest_agent: None,
             incoming: false,
+            seed: None,
         }
     }
 

@@ -41,6 +41,7 @@ fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
         watchdog_resets: 0,
         guest_agent: None,
         incoming: false,
+        seed: None,
     }
 }
 

@@ -8,8 +8,9 @@ use std::fmt::Write as _;
 
 use plasmavmc_specs::{Forward, Nic};
 
-use super::instance::{InstanceFile, CONSOLE_SOCKET, PID_FILE, QMP_SOCKET, SERIAL_LOG};
+use super::instance::{InstanceFile, VmInstance, CONSOLE_SOCKET, PID_FILE, QMP_SOCKET, SERIAL_LOG};
 use super::net::tap_name;
+use super::seed::SEED_FILE;
 
 /// The accelerator actually used (the spec's `auto` resolved on the host).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -107,7 +108,26 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
             push(&["-append", cmdline]);
         }
     }
-    for disk in &spec.disks {
+    push(&drives(vm).iter().map(String::as_str).collect::<Vec<_>>());
+    for (i, nic) in spec.nics.iter().enumerate() {
+        push(&["-netdev", &netdev(&vm.name, i, nic)]);
+        push(&[
+            "-device",
+            &format!(
+                "virtio-net-pci,netdev=net{i},id=nic{i},mac={}",
+                escape(&nic.mac_of(&vm.name, i))
+            ),
+        ]);
+    }
+    a
+}
+
+/// The `-blockdev`/`-device` arguments of `vm`'s disks, in spec order, then its
+/// cloud-init seed.
+fn drives(vm: &VmInstance) -> Vec<String> {
+    let mut a: Vec<String> = Vec::new();
+    let mut push = |items: &[&str]| a.extend(items.iter().map(|s| (*s).to_owned()));
+    for disk in &vm.spec.disks {
         let Some(file) = vm.disk_path(disk) else {
             continue;
         };
@@ -129,15 +149,18 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
             &format!("virtio-blk-pci,drive=disk-{0},id=dev-{0}", disk.name),
         ]);
     }
-    for (i, nic) in spec.nics.iter().enumerate() {
-        push(&["-netdev", &netdev(&vm.name, i, nic)]);
+    if vm.files.seed.is_some() {
+        // After the VM's own disks, so its root stays the first; read-only, raw. Node
+        // names with `_`, which disk names cannot hold: no clash with a disk of the VM.
         push(&[
-            "-device",
-            &format!(
-                "virtio-net-pci,netdev=net{i},id=nic{i},mac={}",
-                escape(&nic.mac_of(&vm.name, i))
-            ),
+            "-blockdev",
+            &format!("driver=file,filename={SEED_FILE},node-name=seed_file,read-only=on"),
         ]);
+        push(&[
+            "-blockdev",
+            "driver=raw,file=seed_file,node-name=seed_disk,read-only=on",
+        ]);
+        push(&["-device", "virtio-blk-pci,drive=seed_disk,id=seed_dev"]);
     }
     a
 }
@@ -220,6 +243,7 @@ mod tests {
                     kernel: Some("/g/vmlinuz".into()),
                     initrd: Some("/g/initrd,x".into()),
                     images: std::collections::BTreeMap::default(),
+                    seed: None,
                 },
                 shared_storage: None,
                 networks: std::collections::BTreeMap::default(),

@@ -11,6 +11,7 @@
 //! serial.log      the guest's serial console (previous run: serial.log.1)
 //! qemu.log        QEMU's stdout/stderr (previous run: qemu.log.1)
 //! disks/          the VM's local disks, <disk>.qcow2
+//! cidata.img      the cloud-init seed (0600), when the VM has one
 //! ```
 //! Inventory is scanning these folders; nothing else is needed to rediscover every
 //! VM after any restart. This module only knows the layout and the instance file.
@@ -87,6 +88,9 @@ pub struct ResolvedFiles {
     /// Base image per disk name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub images: BTreeMap<String, PathBuf>,
+    /// The cloud-init seed (`[cloud_init]`), built by the engine from the commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<super::seed::SeedFile>,
 }
 
 /// `instance.toml`: the durable record of one instance.

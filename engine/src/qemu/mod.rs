@@ -10,4 +10,5 @@ pub mod net;
 pub mod process;
 pub mod qga;
 pub mod qmp;
+pub mod seed;
 pub mod watchdog;

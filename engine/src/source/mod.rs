@@ -7,6 +7,7 @@
 
 pub mod files;
 pub mod remote;
+pub mod seed;
 mod target;
 
 pub use target::{Target, TargetError};
@@ -263,6 +264,28 @@ impl Source {
         })
     }
 
+    /// The committed content of the file `rel` (relative to the spec folder) at commit `id`:
+    /// `Ok(None)` when the commit has no regular file there (a link is never followed).
+    pub fn blob(&self, id: &str, rel: &str) -> Result<Option<Vec<u8>>, SourceError> {
+        let commit = self.commit(id)?;
+        let git_err = |source| SourceError::Git {
+            commit: id.to_owned(),
+            source,
+        };
+        let tree = commit.tree().map_err(git_err)?;
+        let Ok(entry) = tree.get_path(&Path::new(&self.spec_dir).join(rel)) else {
+            return Ok(None);
+        };
+        if entry.kind() != Some(ObjectType::Blob) || entry.filemode() == 0o120_000 {
+            return Ok(None);
+        }
+        let blob = entry
+            .to_object(&self.repo)
+            .and_then(|o| o.peel_to_blob())
+            .map_err(git_err)?;
+        Ok(Some(blob.content().to_vec()))
+    }
+
     /// Paths (relative to the repository top) of spec files changed but not committed.
     pub fn uncommitted(&self) -> Vec<String> {
         if self.repo.is_bare() {
@@ -285,7 +308,8 @@ impl Source {
             .collect()
     }
 
-    fn display_path(&self, rel: &str) -> String {
+    /// `rel` (relative to the spec folder) as git shows it, for messages.
+    pub fn display_path(&self, rel: &str) -> String {
         if self.spec_dir.is_empty() {
             rel.to_owned()
         } else {

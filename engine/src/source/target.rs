@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use plasmavmc_specs::{Desired, Diagnostic};
 
-use super::{files, Commit, Source, SourceError};
+use super::{files, seed, Commit, Source, SourceError};
 use crate::qemu::instance::{ResolvedFiles, VmInstance};
 
 /// Why a commit cannot be used.
@@ -49,14 +49,21 @@ impl Target {
                 return Err(invalid(diags));
             }
         };
-        let files = match files::resolve(&mut desired, &commit.files, source.spec_root().as_deref())
-        {
-            Ok(f) => f,
-            Err(mut more) => {
-                diags.append(&mut more);
-                BTreeMap::new()
-            }
-        };
+        let mut files =
+            match files::resolve(&mut desired, &commit.files, source.spec_root().as_deref()) {
+                Ok(f) => f,
+                Err(mut more) => {
+                    diags.append(&mut more);
+                    BTreeMap::new()
+                }
+            };
+        diags.append(&mut seed::build_all(
+            source,
+            &commit.id,
+            &commit.files,
+            &mut desired,
+            &mut files,
+        ));
         if !diags.is_empty() {
             diags.sort();
             return Err(invalid(diags));

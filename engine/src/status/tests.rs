@@ -146,6 +146,7 @@ fn stopped_on_hv2_recorded_on_hv1(fenced: bool) -> Observed {
         watchdog_resets: 0,
         guest_agent: None,
         incoming: false,
+        seed: None,
     };
     o.hosts
         .get_mut("hv2")

@@ -96,6 +96,7 @@ impl Fake {
             watchdog_resets: 0,
             guest_agent: None,
             incoming: false,
+            seed: None,
         };
         self.0
             .vms

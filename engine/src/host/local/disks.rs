@@ -14,7 +14,8 @@ use crate::qemu::img;
 use crate::qemu::instance::{self, InstanceDir, VmInstance};
 
 impl LocalHost {
-    /// Creates missing disks and grows enlarged ones. Never shrinks, never deletes.
+    /// Creates missing disks and grows enlarged ones, and puts the cloud-init seed in
+    /// place. Never shrinks, never deletes.
     pub(super) async fn ensure_disks(
         &self,
         dir: &InstanceDir,
@@ -70,7 +71,7 @@ impl LocalHost {
                 }
             }
         }
-        Ok(())
+        Self::ensure_seed(dir, vm)
     }
 
     /// Moves `what` (a disk file or a disks folder) to `retained/<vm>-<time>/`, with a

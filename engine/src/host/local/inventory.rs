@@ -96,6 +96,7 @@ impl LocalHost {
             revision: inst.vm.revision,
             spec_hash: inst.vm.spec_hash,
             spec: inst.vm.spec,
+            seed: inst.vm.files.seed.map(|s| s.instance_id),
             started_at: inst.started_at,
             paused: (state == RunState::Paused)
                 .then(|| crate::observe::Paused::of(detail.as_deref().unwrap_or_default())),

@@ -22,6 +22,7 @@ mod disks;
 mod folder;
 mod inventory;
 mod migrate;
+mod seed;
 mod start;
 mod stop;
 pub(super) mod taps;
