@@ -106,6 +106,8 @@ fn main() {
                     restarts: 0,
                     watchdog_resets: 0,
                     guest_agent: None,
+                    liveness: None,
+                    readiness: None,
                     incoming: false,
                     seed: None,
                 };

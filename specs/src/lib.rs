@@ -24,7 +24,7 @@ pub use cluster::{
     PlacementSettings, RestartSettings, Timeouts,
 };
 pub use diag::{Diagnostic, Seg};
-pub use health::{Health, WatchdogAction};
+pub use health::{Health, Probe, ProbeKind, WatchdogAction};
 pub use host::{HostSpec, HostState, LOCAL_HOST};
 pub use load::{load, short_hash, spec_hash, vm_hash, Desired, HostEntry, SourceFile, VmEntry};
 pub use name::name_problem;

@@ -418,7 +418,12 @@ impl VmSpec {
         self.disk_problems(&mut bad);
         self.nic_problems(&mut bad);
         self.qemu_problems(&mut bad);
-        self.health.problems(&mut bad);
+        let forwarded: Vec<u16> = self
+            .forwards()
+            .filter(|f| !f.udp)
+            .map(|f| f.guest_port)
+            .collect();
+        self.health.problems(&forwarded, &mut bad);
         if let Some(seed) = &self.cloud_init {
             seed.problems(&mut bad);
         }

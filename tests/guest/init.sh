@@ -51,6 +51,7 @@ ip_arg=
 ping_arg=
 ping_tries=60
 echo_port=
+echo_stop=
 watchdog_arg=
 qga_arg=
 for arg in $(cat /proc/cmdline); do
@@ -65,6 +66,7 @@ for arg in $(cat /proc/cmdline); do
         plasmavmc.ping=*) ping_arg=${arg#plasmavmc.ping=} ;;
         plasmavmc.ping_tries=*) ping_tries=${arg#plasmavmc.ping_tries=} ;;
         plasmavmc.echo=*) echo_port=${arg#plasmavmc.echo=} ;;
+        plasmavmc.echo_stop=*) echo_stop=${arg#plasmavmc.echo_stop=} ;;
         plasmavmc.watchdog=*) watchdog_arg=${arg#plasmavmc.watchdog=} ;;
         plasmavmc.qga=*) qga_arg=${arg#plasmavmc.qga=} ;;
     esac
@@ -75,6 +77,7 @@ case "$fill_mb" in ''|*[!0-9]*) fill_mb=0 ;; esac
 case "$dirty_mb" in ''|*[!0-9]*) dirty_mb=0 ;; esac
 case "$ping_tries" in ''|*[!0-9]*) ping_tries=60 ;; esac
 case "$echo_port" in *[!0-9]*) echo_port= ;; esac
+case "$echo_stop" in *[!0-9]*) echo_stop= ;; esac
 case "$watchdog_arg" in *[!0-9]*) watchdog_arg= ;; esac
 case "$qga_arg" in *[!0-9]*) qga_arg= ;; esac
 
@@ -120,8 +123,14 @@ done
 # plasmavmc.echo=PORT: a TCP echo server on PORT (one `cat` per connection).
 if [ -n "$echo_port" ]; then
     nc -ll -p "$echo_port" -e cat &
+    echo_pid=$!
     echo "net: echo on tcp port $echo_port"
+    # plasmavmc.echo_stop=N: close that port N seconds later (a service that goes down).
+    if [ -n "$echo_stop" ]; then
+        ( sleep "$echo_stop"; kill "$echo_pid"; echo "net: echo closed" ) &
+    fi
 fi
+
 # plasmavmc.ping=IP: ping IP once a second until it answers (at most
 # plasmavmc.ping_tries tries, default 60); print `ping IP: ok` or `ping IP: failed`.
 if [ -n "$ping_arg" ]; then

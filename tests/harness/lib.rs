@@ -63,7 +63,7 @@ pub use repo::{TestRepo, BRANCH};
 pub use run::{diagnostic, Output, Running};
 pub use serial::{last_tick, serial_has_line, ticks};
 pub use spec::{HostSpec, SshLogin, VmSpec, MEMORY_LINE};
-pub use sshd::{Sshd, SSHD};
+pub use sshd::{free_port, Sshd, SSHD};
 pub use status::{EngineView, Event, HostView, Orphan, Resources, VmView};
 pub use trail::{PhaseTrail, Seen};
 pub use wait::{poll_every, poll_for, wait_for};

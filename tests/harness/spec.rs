@@ -43,8 +43,10 @@ pub struct VmSpec {
     pub nics: Vec<(String, Option<String>)>,
     /// Boot the generic-kernel flavour of the guest (it has a watchdog driver).
     pub generic: bool,
-    /// `[health]` lines, as written (e.g. `watchdog = "reset"`).
+    /// `[health]` lines, as written (e.g. `watchdog = "reset"`); `[health.*]` tables too.
     pub health_lines: Vec<String>,
+    /// `forward = [...]` of the first NIC (a `user` one).
+    pub forwards: Vec<String>,
 }
 
 impl Default for VmSpec {
@@ -68,6 +70,7 @@ impl Default for VmSpec {
             nics: Vec::new(),
             generic: false,
             health_lines: Vec::new(),
+            forwards: Vec::new(),
         }
     }
 }
@@ -183,6 +186,12 @@ impl VmSpec {
         self
     }
 
+    /// Adds a port forward (`tcp:HOST:GUEST`) to the first NIC.
+    pub fn forward(mut self, fwd: &str) -> Self {
+        self.forwards.push(fwd.to_owned());
+        self
+    }
+
     /// Adds a line to `[health]`.
     pub fn health_line(mut self, line: &str) -> Self {
         self.health_lines.push(line.to_owned());
@@ -234,8 +243,11 @@ impl VmSpec {
                 let _ = writeln!(s, "storage = {storage:?}");
             }
         }
-        for (network, mac) in &self.nics {
+        for (i, (network, mac)) in self.nics.iter().enumerate() {
             let _ = writeln!(s, "\n[[nics]]\nnetwork = {network:?}");
+            if i == 0 && !self.forwards.is_empty() {
+                let _ = writeln!(s, "forward = {:?}", self.forwards);
+            }
             if let Some(mac) = mac {
                 let _ = writeln!(s, "mac = {mac:?}");
             }

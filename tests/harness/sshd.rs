@@ -299,7 +299,7 @@ fn keygen(path: &Path) -> Result<()> {
 }
 
 /// A TCP port of 127.0.0.1 that was free a moment ago.
-fn free_port() -> Result<u16> {
+pub fn free_port() -> Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
 }

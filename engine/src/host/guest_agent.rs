@@ -21,8 +21,14 @@ use crate::wire::HostEvent;
 /// No single exchange waits longer than this, however long the period.
 const MAX_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The one connection to a VM's guest agent (its socket serves one client at a time),
+/// shared by the pinger and the guest-agent probes of one QEMU; `None` until connected,
+/// and again after an error.
+pub(super) type SharedAgent = std::sync::Arc<tokio::sync::Mutex<Option<GuestAgent>>>;
+
 /// One VM's pinger.
 pub(super) struct Pinger {
+    pub conn: SharedAgent,
     pub monitor: Weak<Monitor>,
     pub dir: InstanceDir,
     pub vm: String,
@@ -35,15 +41,18 @@ impl Pinger {
     pub async fn run(self) {
         let timeout = self.period.min(MAX_TIMEOUT);
         let mut last = read(&self.dir).filter(|i| i.pid == self.pid);
-        let mut conn: Option<GuestAgent> = None;
         let mut ticks = tokio::time::interval(self.period);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            let answer = ask(&self.dir, &mut conn, timeout).await;
-            if answer.is_err() {
-                conn = None;
-            }
+            let answer = {
+                let mut conn = self.conn.lock().await;
+                let answer = ask(&self.dir, &mut conn, timeout).await;
+                if answer.is_err() {
+                    *conn = None;
+                }
+                answer
+            };
             let now = crate::time::now();
             let next = match answer {
                 Ok((os, addresses)) => GuestAgentInfo {

@@ -8,6 +8,7 @@ mod client;
 mod guest_agent;
 mod local;
 mod monitor;
+mod probes;
 mod transport;
 
 use std::future::Future;

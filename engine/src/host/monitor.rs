@@ -124,7 +124,11 @@ struct Watcher {
 impl Watcher {
     async fn run(self, qmp: Qmp) {
         let pidfd = process::pidfd_open(self.pid);
-        let _pinger = self.guest_agent_pinger();
+        let qga = super::guest_agent::SharedAgent::default();
+        let _pinger = self.guest_agent_pinger(&qga);
+        let (end_tx, mut end_rx) = tokio::sync::mpsc::unbounded_channel();
+        let _probes = self.probers(&end_tx, &qga);
+        let mut unhealthy: Option<(u64, String)> = None;
         let mut events = qmp.take_events();
         // A watchdog that fired while no agent was attached left the guest paused.
         let mut fired = match qmp.query_status().await {
@@ -146,6 +150,13 @@ impl Watcher {
             tokio::select! {
                 _ = &mut closed => break,
                 () = &mut gone => break,
+                Some(last) = end_rx.recv(), if unhealthy.is_none() && fired.is_none() => {
+                    warn!(vm = %self.vm, pid = self.pid, %last, "liveness probe failed: ending this QEMU");
+                    unhealthy = Some((crate::time::now_ms(), last));
+                    if let Err(e) = qmp.quit().await {
+                        warn!(vm = %self.vm, error = %e, "cannot end the unhealthy QEMU");
+                    }
+                }
                 event = next_event(&mut events) => {
                     if let Some(what) = event.as_ref().and_then(Fired::of_event) {
                         fired = fired.or(self.watchdog(&qmp, what).await);
@@ -166,13 +177,14 @@ impl Watcher {
             warn!(vm = %self.vm, pid = self.pid, "QMP connection closed but QEMU still runs; will reconnect");
             return;
         }
-        let (reason, status, at_ms) = match fired {
-            Some(at_ms) => (
+        let (reason, status, at_ms) = match (fired, unhealthy) {
+            (None, Some((at_ms, last))) => (ExitReason::Unhealthy, Some(last), at_ms),
+            (Some(at_ms), _) => (
                 ExitReason::Watchdog,
                 Some("ended by the agent after the watchdog fired".to_owned()),
                 at_ms,
             ),
-            None => (
+            (None, None) => (
                 classify(closed.as_ref().and_then(|c| c.shutdown.as_ref())),
                 self.exit_status().await,
                 crate::time::now_ms(),
@@ -229,13 +241,14 @@ impl Watcher {
 
     /// The guest agent's pinger of this QEMU (`[health] guest_agent`), which ends with
     /// the watcher.
-    fn guest_agent_pinger(&self) -> Option<AbortOnDrop> {
+    fn guest_agent_pinger(&self, qga: &super::guest_agent::SharedAgent) -> Option<AbortOnDrop> {
         let inst = self.dir.read().ok().filter(|i| i.uuid == self.uuid)?;
         let health = &inst.vm.spec.health;
         if !health.guest_agent {
             return None;
         }
         let pinger = super::guest_agent::Pinger {
+            conn: qga.clone(),
             monitor: self.monitor.clone(),
             dir: self.dir.clone(),
             vm: self.vm.clone(),
@@ -243,6 +256,40 @@ impl Watcher {
             period: health.guest_agent_period(),
         };
         Some(AbortOnDrop(tokio::spawn(pinger.run()).abort_handle()))
+    }
+
+    /// The probes of this QEMU (`[health.liveness]`, `[health.readiness]`), which end
+    /// with the watcher. A failed liveness probe asks through `end`, unless the restart
+    /// policy is `never` (then the VM stays up, unhealthy).
+    fn probers(
+        &self,
+        end: &tokio::sync::mpsc::UnboundedSender<String>,
+        qga: &super::guest_agent::SharedAgent,
+    ) -> Vec<AbortOnDrop> {
+        let Some(inst) = self.dir.read().ok().filter(|i| i.uuid == self.uuid) else {
+            return Vec::new();
+        };
+        let spec = &inst.vm.spec;
+        [
+            (true, &spec.health.liveness),
+            (false, &spec.health.readiness),
+        ]
+        .into_iter()
+        .filter_map(|(liveness, probe)| {
+            let prober = super::probes::Prober {
+                monitor: self.monitor.clone(),
+                dir: self.dir.clone(),
+                vm: self.vm.clone(),
+                pid: self.pid,
+                liveness,
+                probe: probe.clone()?,
+                forwards: spec.forwards().collect(),
+                qga: qga.clone(),
+                end: (spec.restart != plasmavmc_specs::RestartPolicy::Never).then(|| end.clone()),
+            };
+            Some(AbortOnDrop(tokio::spawn(prober.run()).abort_handle()))
+        })
+        .collect()
     }
 
     /// Counts a watchdog reset in `instance.toml` (this instance's only).

@@ -34,3 +34,17 @@ impl GuestAgentInfo {
             || self.pid != other.pid
     }
 }
+
+/// A probe's state (`[health.liveness]`, `[health.readiness]`), kept by the host's agent
+/// in the instance folder (`liveness.toml`, `readiness.toml`), rewritten when it flips.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProbeState {
+    /// Liveness: the guest works; readiness: it serves.
+    pub ok: bool,
+    /// Since when.
+    pub since: String,
+    /// The QEMU this is about.
+    pub pid: u32,
+    /// What the last check said (its output or its error).
+    pub last: String,
+}

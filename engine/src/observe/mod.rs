@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use plasmavmc_specs::{Power, VmSpec};
 use serde::{Deserialize, Serialize};
 
-pub use guest::GuestAgentInfo;
+pub use guest::{GuestAgentInfo, ProbeState};
 
 /// What QEMU is doing for one instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +81,12 @@ pub struct ObservedVm {
     /// Its guest agent's last answers (`[health] guest_agent`), for this QEMU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub guest_agent: Option<GuestAgentInfo>,
+    /// Its liveness probe's state, for this QEMU (`ok = false`: unhealthy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<ProbeState>,
+    /// Its readiness probe's state, for this QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<ProbeState>,
     /// A live-migration target not resumed yet: its QEMU holds no guest of its own until
     /// the migration completes and it is started.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -53,6 +53,8 @@ fn copy(
         restarts: 0,
         watchdog_resets: 0,
         guest_agent: None,
+        liveness: None,
+        readiness: None,
         incoming,
     }
 }

@@ -65,6 +65,7 @@ fn case() -> impl Strategy<Value = Case> {
         )
 }
 
+#[allow(clippy::too_many_lines)] // one ObservedVm written out field by field
 fn world(cases: &[Case]) -> (Desired, Observed) {
     let mut files: Vec<(String, String)> = HOSTS
         .iter()
@@ -154,6 +155,8 @@ fn world(cases: &[Case]) -> (Desired, Observed) {
                 restarts: 0,
                 watchdog_resets: 0,
                 guest_agent: None,
+                liveness: None,
+                readiness: None,
                 incoming: false,
                 seed: None,
             };
@@ -211,6 +214,8 @@ fn simulate(d: &Desired, observed: &Observed, plan: &Plan) -> Observed {
                     restarts: 0,
                     watchdog_resets: 0,
                     guest_agent: None,
+                    liveness: None,
+                    readiness: None,
                     incoming: false,
                     seed: None,
                 };

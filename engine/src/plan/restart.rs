@@ -37,6 +37,12 @@ pub fn describe_exit(vm: &ObservedVm) -> String {
     match last.map_or(ExitReason::Unknown, |e| e.reason) {
         ExitReason::GuestPoweroff => "the guest powered itself off".to_owned(),
         ExitReason::Watchdog => "the guest stopped feeding its watchdog".to_owned(),
+        ExitReason::Unhealthy => {
+            let why = last
+                .and_then(|e| e.status.as_deref())
+                .unwrap_or("no output");
+            format!("its liveness probe failed ({why})")
+        }
         ExitReason::Unknown => "QEMU exited while no engine was watching".to_owned(),
         ExitReason::StartFailed => {
             let why = last
@@ -182,6 +188,8 @@ mod tests {
             restarts: 0,
             watchdog_resets: 0,
             guest_agent: None,
+            liveness: None,
+            readiness: None,
             incoming: false,
             seed: None,
         }
@@ -215,6 +223,16 @@ mod tests {
         );
         assert!(matches!(
             v(P::OnFailure, Some(ExitReason::Stopped), &[NOW]),
+            Verdict::Stay { .. }
+        ));
+        // A failed liveness probe is a failure: on-failure replaces it; never does not.
+        let unhealthy = Some(ExitReason::Unhealthy);
+        assert!(matches!(
+            v(P::OnFailure, unhealthy, &[NOW]),
+            Verdict::Restart { .. }
+        ));
+        assert!(matches!(
+            v(P::Never, unhealthy, &[NOW]),
             Verdict::Stay { .. }
         ));
         // never: nothing restarts.

@@ -40,6 +40,8 @@ fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
         restarts: 0,
         watchdog_resets: 0,
         guest_agent: None,
+        liveness: None,
+        readiness: None,
         incoming: false,
         seed: None,
     }

@@ -24,6 +24,8 @@ pub enum ExitReason {
     Crash,
     /// The guest stopped feeding its watchdog (`[health] watchdog`): its QEMU was ended.
     Watchdog,
+    /// Its liveness probe failed (`[health.liveness]`): its QEMU was ended.
+    Unhealthy,
     /// It exited while no engine was watching; the reason is lost.
     Unknown,
     /// QEMU never came up (bad machine type, missing firmware...).
@@ -41,6 +43,7 @@ impl ExitReason {
             ExitReason::Panic => "panic",
             ExitReason::Crash => "crash",
             ExitReason::Watchdog => "watchdog",
+            ExitReason::Unhealthy => "unhealthy",
             ExitReason::Unknown => "unknown",
             ExitReason::StartFailed => "start-failed",
             ExitReason::ImageLocked => "image-locked",
@@ -55,6 +58,7 @@ impl ExitReason {
             ExitReason::Panic
                 | ExitReason::Crash
                 | ExitReason::Watchdog
+                | ExitReason::Unhealthy
                 | ExitReason::Unknown
                 | ExitReason::StartFailed
                 | ExitReason::ImageLocked

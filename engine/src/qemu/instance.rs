@@ -8,6 +8,7 @@
 //! console.lock    flock of the console attached now
 //! qga.sock        the guest agent's channel (`[health] guest_agent`)
 //! guest-agent.toml what the guest agent last said (written by the host's agent)
+//! liveness.toml, readiness.toml   the probes' states (written by the host's agent)
 //! serial.log      the guest's serial console (previous run: serial.log.1)
 //! qemu.log        QEMU's stdout/stderr (previous run: qemu.log.1)
 //! disks/          the VM's local disks, <disk>.qcow2
@@ -36,6 +37,8 @@ pub const CONSOLE_LOCK: &str = "console.lock";
 pub const QEMU_LOG: &str = "qemu.log";
 pub const DISKS_DIR: &str = "disks";
 pub const GUEST_AGENT_FILE: &str = "guest-agent.toml";
+pub const LIVENESS_FILE: &str = "liveness.toml";
+pub const READINESS_FILE: &str = "readiness.toml";
 
 /// Errors reading or writing an instance folder.
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,9 @@
 //! Events of earlier runs are kept (the most recent [`MAX_EVENTS`]).
 
 pub mod branch;
+mod health;
+
+pub use health::GuestHealth;
 mod nics;
 mod table;
 
@@ -112,6 +115,8 @@ pub enum VmPhase {
     Stopping,
     Stopped,
     Migrating,
+    /// Its QEMU runs but its liveness probe fails (until it is recovered).
+    Unhealthy,
     Crashed,
     Failed,
     Unknown,
@@ -126,6 +131,7 @@ impl VmPhase {
             VmPhase::Stopping => "stopping",
             VmPhase::Stopped => "stopped",
             VmPhase::Migrating => "migrating",
+            VmPhase::Unhealthy => "unhealthy",
             VmPhase::Crashed => "crashed",
             VmPhase::Failed => "failed",
             VmPhase::Unknown => "unknown",
@@ -167,11 +173,6 @@ impl std::fmt::Display for HostPhase {
     }
 }
 
-#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
-fn is_zero(n: &u32) -> bool {
-    *n == 0
-}
-
 /// One thing that happened to a VM.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VmEvent {
@@ -195,13 +196,9 @@ pub struct VmStatus {
     /// Starts after an exit the engine did not ask for.
     #[serde(default)]
     pub restarts: u32,
-    /// Times the guest's watchdog reset it in place (`[health] watchdog = "reset"`).
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub watchdog_resets: u32,
-    /// What its guest agent says (`[health] guest_agent`): whether it answers, since
-    /// when, the guest's OS and addresses.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub guest_agent: Option<crate::observe::GuestAgentInfo>,
+    /// What is known of the guest from the inside (`[health]` of its spec).
+    #[serde(default, skip_serializing_if = "GuestHealth::is_empty")]
+    pub health: GuestHealth,
     /// Commit of the spec the instance runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec_revision: Option<String>,
@@ -451,8 +448,7 @@ impl StatusDir {
                         pid: o.pid,
                         since: o.started_at.clone().filter(|_| o.state.has_process()),
                         restarts: o.restarts,
-                        watchdog_resets: o.watchdog_resets,
-                        guest_agent: o.guest_agent.clone(),
+                        health: GuestHealth::of(o),
                         spec_revision: Some(o.revision.clone()),
                         spec_hash: Some(o.spec_hash.clone()),
                         up_to_date: want.is_some_and(|w| w.hash == o.spec_hash),
@@ -537,7 +533,16 @@ fn observed_phase(
     now_ms: u64,
 ) -> (VmPhase, Option<String>) {
     match o.state {
-        RunState::Running => (VmPhase::Running, None),
+        RunState::Running => match o.liveness.as_ref().filter(|l| !l.ok) {
+            Some(l) => (
+                VmPhase::Unhealthy,
+                Some(format!(
+                    "its liveness probe fails since {}: {}",
+                    l.since, l.last
+                )),
+            ),
+            None => (VmPhase::Running, None),
+        },
         RunState::Paused if migrating(o) => (
             VmPhase::Migrating,
             Some(format!(
@@ -577,8 +582,7 @@ fn unknown(
         pid: None,
         since: None,
         restarts: 0,
-        watchdog_resets: 0,
-        guest_agent: None,
+        health: GuestHealth::default(),
         spec_revision: None,
         spec_hash: None,
         up_to_date: false,
@@ -607,8 +611,7 @@ fn pending(want: &plasmavmc_specs::VmEntry, prev: Option<VmStatus>) -> VmStatus 
         pid: None,
         since: None,
         restarts: prev.as_ref().map_or(0, |p| p.restarts),
-        watchdog_resets: prev.as_ref().map_or(0, |p| p.watchdog_resets),
-        guest_agent: None,
+        health: GuestHealth::default(),
         spec_revision: None,
         spec_hash: None,
         up_to_date: false,

@@ -15,8 +15,7 @@ fn ran_before(dir: &StatusDir, vm: &str, host: &str) {
             pid: Some(100),
             since: Some("2026-11-26T20:00:00Z".to_owned()),
             restarts: 0,
-            watchdog_resets: 0,
-            guest_agent: None,
+            health: super::GuestHealth::default(),
             spec_revision: None,
             spec_hash: None,
             up_to_date: true,
@@ -145,6 +144,8 @@ fn stopped_on_hv2_recorded_on_hv1(fenced: bool) -> Observed {
         restarts: 0,
         watchdog_resets: 0,
         guest_agent: None,
+        liveness: None,
+        readiness: None,
         incoming: false,
         seed: None,
     };

@@ -253,6 +253,17 @@ impl<C: Connector> Daemon<C> {
                     ),
                 ));
             }
+            if let Trigger::Host(HostEvent::Probe {
+                vm,
+                liveness,
+                state,
+                first,
+            }) = t
+            {
+                if let Some((kind, what)) = probe_event(*liveness, state, *first) {
+                    self.events.push((vm.clone(), event(kind, what)));
+                }
+            }
             if let Trigger::Host(HostEvent::GuestAgent { vm, info, first }) = t {
                 if let Some(what) = guest_agent_event(info, *first) {
                     self.events.push((vm.clone(), event("guest-agent", what)));
@@ -461,4 +472,23 @@ fn guest_agent_event(info: &crate::observe::GuestAgentInfo, first: bool) -> Opti
             info.error.as_deref().unwrap_or("no answer")
         )
     })
+}
+
+/// The event of a probe that flipped: `unhealthy`/`healthy` (liveness), `ready`/
+/// `not-ready` (readiness); nothing for a first word that is no news (alive, not ready
+/// yet).
+fn probe_event(
+    liveness: bool,
+    state: &crate::observe::ProbeState,
+    first: bool,
+) -> Option<(&'static str, String)> {
+    match (liveness, state.ok) {
+        (true, false) => Some((
+            "unhealthy",
+            format!("liveness probe failed: {}", state.last),
+        )),
+        (true, true) => (!first).then(|| ("healthy", state.last.clone())),
+        (false, true) => Some(("ready", state.last.clone())),
+        (false, false) => (!first).then(|| ("not-ready", state.last.clone())),
+    }
 }

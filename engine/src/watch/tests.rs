@@ -95,6 +95,8 @@ impl Fake {
             restarts: 0,
             watchdog_resets: 0,
             guest_agent: None,
+            liveness: None,
+            readiness: None,
             incoming: false,
             seed: None,
         };

@@ -40,6 +40,7 @@ impl Trigger {
             Trigger::Host(HostEvent::Migrating { .. }) => "migration",
             Trigger::Host(HostEvent::Watchdog { .. }) => "watchdog",
             Trigger::Host(HostEvent::GuestAgent { .. }) => "guest-agent",
+            Trigger::Host(HostEvent::Probe { .. }) => "probe",
         }
     }
 }

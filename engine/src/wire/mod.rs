@@ -334,6 +334,14 @@ pub enum HostEvent {
         info: crate::observe::GuestAgentInfo,
         first: bool,
     },
+    /// A probe flipped (`[health.liveness]`/`[health.readiness]`). `first`: its first
+    /// word on this QEMU.
+    Probe {
+        vm: String,
+        liveness: bool,
+        state: crate::observe::ProbeState,
+        first: bool,
+    },
     /// How an outgoing live migration is going (about once a second).
     Migrating {
         vm: String,

@@ -87,6 +87,13 @@ impl LocalHost {
         let guest_agent = pid
             .filter(|_| inst.vm.spec.health.guest_agent)
             .and_then(|pid| crate::host::guest_agent::read(dir).filter(|g| g.pid == pid));
+        let probe = |file: &str| {
+            pid.and_then(|pid| crate::host::probes::read(dir, file).filter(|s| s.pid == pid))
+        };
+        let liveness =
+            probe(instance::LIVENESS_FILE).filter(|_| inst.vm.spec.health.liveness.is_some());
+        let readiness =
+            probe(instance::READINESS_FILE).filter(|_| inst.vm.spec.health.readiness.is_some());
         ObservedVm {
             name: inst.vm.name,
             uuid: inst.uuid,
@@ -106,6 +113,8 @@ impl LocalHost {
             restarts: inst.restarts,
             watchdog_resets: inst.watchdog_resets,
             guest_agent,
+            liveness,
+            readiness,
             incoming: inst.incoming.is_some(),
         }
     }
