@@ -1,5 +1,5 @@
 # Task runner: every recipe CI runs is here. `make help` lists them.
-.PHONY: help deps build guest demo demo-stop test lint bench fuzz
+.PHONY: help deps build guest debian demo demo-stop test lint bench fuzz
 
 CARGO ?= cargo
 QUICKSTART := examples/quickstart
@@ -9,6 +9,7 @@ help:
 	@echo "make demo       set up this machine, boot the quickstart VM, show its serial console"
 	@echo "make demo-stop  stop the quickstart VM and forget its state (disks included)"
 	@echo "make test       set up this machine and run every test (real QEMU)"
+	@echo "make debian     build the real Debian 12 guest (target/debian/; tests/guest/debian.sh)"
 	@echo "make lint       rustfmt and clippy, as CI runs them"
 	@echo "make fuzz       fuzz the spec loader for FUZZ_TIME seconds (needs nightly and cargo-fuzz)"
 	@echo "make bench      the benchmarks quoted in the README (plan at 10k VMs, crash -> running, failover, migration, network during moves)"
@@ -21,6 +22,11 @@ build:
 
 guest:
 	bash tests/guest/build.sh
+
+# The real Debian 12 guest of tests/real_guest.rs and examples/cloud-init (needs root;
+# cached in target/debian/, rebuilt only when the script changes).
+debian:
+	bash tests/guest/debian.sh
 
 demo: deps build
 	bash tests/guest/build.sh --install $(QUICKSTART)/guest
@@ -41,7 +47,7 @@ demo-stop:
 
 # No backtraces in test failures: the error (and what the test tells with it) is the
 # last thing printed, where a CI log that keeps only its head and tail still shows it.
-test: deps guest
+test: deps guest debian
 	RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0 $(CARGO) test --workspace
 
 lint:

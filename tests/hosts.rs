@@ -14,6 +14,8 @@
 //!   new commit would place them elsewhere;
 //! - a second engine cannot take an agent root another engine holds: the host is
 //!   reported refused, naming the holder, and the first engine's VMs are untouched.
+//! - a host port forwarded to a guest has one VM per host: a second VM forwarding it
+//!   is not placed there, and the note names the port and the VM that has it.
 //!
 //! Every test has its own repository, state dir and host roots in a temp folder; the
 //! repository's cleanup kills every QEMU and agent under it, even on failure.
@@ -446,6 +448,38 @@ fn a_second_engine_cannot_take_an_agent_root() -> Result<()> {
         first.agent_pids() == [agent],
         "the first engine's agent changed: {:?}, was {agent}",
         first.agent_pids()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_forwarded_host_port_has_one_vm_per_host() -> Result<()> {
+    let repo = TestRepo::new()?;
+    repo.write_host("hv1", &HostSpec::agent().memory(4096))?;
+    let port = std::net::TcpListener::bind("0.0.0.0:0")?
+        .local_addr()?
+        .port();
+    let vm = format!(
+        "{}\n[[nics]]\nnetwork = \"user\"\nforward = [\"tcp:{port}:22\"]\n",
+        small().to_toml(repo.guest())
+    );
+    repo.write("vms/a.toml", &vm)?;
+    repo.write("vms/b.toml", &vm)?;
+    repo.commit("two VMs forwarding one host port, one host")?;
+
+    let plan = repo.plan_json(&[])?;
+    let note = note_for(&plan, "b")?;
+    ensure!(
+        note.contains("cannot be placed")
+            && note.contains(&format!("hv1 has host port tcp:{port} forwarded to VM a")),
+        "the note does not name the port and its user: {note}"
+    );
+    let apply = repo.run(&["apply", "--auto-approve"])?;
+    apply.expect_code(1)?;
+    running_on(&repo, "a", "hv1").with_context(|| apply.to_string())?;
+    ensure!(
+        repo.hosts_with_instance("b").is_empty() && repo.qemus_of("b").is_empty(),
+        "b was created on a host where its port is taken\n{apply}"
     );
     Ok(())
 }

@@ -14,7 +14,9 @@
 //! - a QEMU that cannot start fails `apply` with QEMU's own words, leaves the other
 //!   VMs alone, and `watch` backs off instead of spawning it at every reconcile, then
 //!   gives up (phase `failed`); ignored until the engine does it: the retry comes when
-//!   the backoff ends, not at the next `--interval` tick.
+//!   the backoff ends, not at the next `--interval` tick;
+//! - a machine type the host's QEMU does not know, and a host whose QEMU cannot run,
+//!   are refused at plan time with the host's own answer: nothing is created.
 //!
 //! Each test has its own repository and state dir in a temp folder and kills every
 //! process it started, even when it fails (see `tests/harness/`).
@@ -27,8 +29,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use plasmavmc_e2e::proc::{kill_and_wait, qemu_memory_mb};
 use plasmavmc_e2e::{
-    cmdline, is_alive, poll_for, wait_for, LogLine, Orphan, TestRepo, VmSpec, ACT_TIMEOUT as ACT,
-    BOOT_TIMEOUT, BRANCH, RUN_TIMEOUT,
+    cmdline, is_alive, poll_for, wait_for, LogLine, Orphan, Running, TestRepo, VmSpec,
+    ACT_TIMEOUT as ACT, BOOT_TIMEOUT, BRANCH, RUN_TIMEOUT,
 };
 
 /// Bound for crash detection plus restart, or a fetch at a 1 s interval: 10× the goal.
@@ -353,13 +355,16 @@ fn watch_follows_a_remote_url() -> Result<()> {
     Ok(())
 }
 
-/// What QEMU 7.2 prints for `-machine no-such-machine`.
-const QEMU_SAYS: &str = "unsupported machine type";
+/// A QEMU setting the planner cannot check and QEMU refuses at start: a chroot folder
+/// the host does not have (machine types and CPU models are checked at plan time).
+const CANNOT_START: &str = "chroot = \"/nonexistent/plasmavmc-chroot\"";
+/// What QEMU 7.2 prints for it.
+const QEMU_SAYS: &str = "chroot failed";
 
 #[test]
 fn qemu_that_cannot_start_is_reported_clearly() -> Result<()> {
     let repo = TestRepo::new()?;
-    repo.write_vm("bad", &VmSpec::new().no_disks().machine("no-such-machine"))?;
+    repo.write_vm("bad", &VmSpec::new().no_disks().qemu_line(CANNOT_START))?;
     repo.write_vm("web", &VmSpec::new().no_disks())?;
     repo.commit("bad and web")?;
 
@@ -463,46 +468,11 @@ fn qemu_that_cannot_start_is_reported_clearly() -> Result<()> {
 /// No QEMU binary at all (`PLASMAVMC_QEMU` names nothing): the start fails naming the
 /// program, and counts as a failed start, so the restart policy backs off instead of
 /// trying again at every reconcile.
-#[test]
-fn a_missing_qemu_binary_is_a_failed_start_that_backs_off() -> Result<()> {
-    let repo = TestRepo::new()?;
-    repo.set_cluster_settings("[restart]\nbackoff = \"1h\"\nbackoff_max = \"1h\"\n")?;
-    repo.write_vm("web", &VmSpec::new().no_disks())?;
-    repo.commit("web, no QEMU on the host")?;
-    let apply = |n: usize| -> Result<String> {
-        let mut cmd = repo.command(&["apply", "--auto-approve"]);
-        cmd.env("PLASMAVMC_QEMU", "/nonexistent/qemu-system-x86_64");
-        let out = plasmavmc_e2e::Running::spawn(cmd)?.finish(RUN_TIMEOUT)?;
-        out.expect_code(1)
-            .with_context(|| format!("apply {n} should fail"))?;
-        Ok(out.all())
-    };
-    let first = apply(1)?;
-    ensure!(
-        first.contains("cannot run /nonexistent/qemu-system-x86_64"),
-        "the failure does not name the program:\n{first}"
-    );
-    // The first restart is immediate; it fails too; the next waits the 1 h backoff.
-    apply(2)?;
-    let plan = repo.plan_json(&[])?;
-    let actions = plan["actions"].as_array().context("plan actions")?;
-    ensure!(
-        actions.is_empty(),
-        "a third start is planned at once, no backoff: {plan:#}"
-    );
-    let view = repo.vm_view("web")?.context("web's status")?;
-    ensure!(
-        view.message.contains("cannot run"),
-        "web's status does not say why: {view:?}"
-    );
-    Ok(())
-}
-
 /// After a failed start, the retry is due when the backoff ends (here: at once, the
 /// first failure), not at the next periodic resync (`--interval 1h`).
 #[test]
 fn failed_start_is_retried_when_its_backoff_ends() -> Result<()> {
-    let repo = TestRepo::with_vm("bad", &VmSpec::new().no_disks().machine("no-such-machine"))?;
+    let repo = TestRepo::with_vm("bad", &VmSpec::new().no_disks().qemu_line(CANNOT_START))?;
     let daemon = repo.watch(&["--interval", "1h"])?;
     let (first, _) = daemon.wait_log_since("a failed start of bad", ACT, 0, |l| {
         l.is("failed", Some("bad"))
@@ -569,5 +539,70 @@ fn a_damaged_journal_is_reported_and_kept() -> Result<()> {
     repo.wait_serial("a", "tick 1", BOOT_TIMEOUT)?;
     // The next apply has nothing to report and nothing to do.
     repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
+    Ok(())
+}
+
+/// The plan's note about `vm` (it starts with `<vm>: `).
+fn note_about(plan: &serde_json::Value, vm: &str) -> String {
+    plan["notes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n.as_str())
+        .find(|n| n.starts_with(&format!("{vm}: ")))
+        .unwrap_or_default()
+        .to_owned()
+}
+
+#[test]
+fn what_the_hosts_qemu_cannot_run_is_refused_at_plan_time() -> Result<()> {
+    let repo = TestRepo::new()?;
+    repo.write_vm("bad", &VmSpec::new().no_disks().machine("no-such-machine"))?;
+    repo.write_vm("web", &VmSpec::new().no_disks())?;
+    repo.commit("bad and web")?;
+    let note = note_about(&repo.plan_json(&[])?, "bad");
+    ensure!(
+        note.contains("cannot be placed")
+            && note.contains("needs QEMU machine type no-such-machine: local's QEMU 7.")
+            && note.contains("does not know it"),
+        "the note does not say the host's QEMU lacks the machine: {note:?}"
+    );
+    repo.run(&["apply", "--auto-approve"])?.expect_code(1)?;
+    repo.wait_qemu_alive("web", ACT)?;
+    ensure!(
+        repo.try_qemu_pid("bad").is_none() && repo.qemus_in_folder("bad").is_empty(),
+        "bad was created or started"
+    );
+
+    // A host whose QEMU cannot run at all: new VMs are refused with the reason.
+    repo.remove("vms/bad.toml")?;
+    repo.write_vm("more", &VmSpec::new().no_disks())?;
+    repo.commit("more")?;
+    let mut cmd = repo.command(&["plan", "--json"]);
+    cmd.env("PLASMAVMC_QEMU", "/nonexistent/qemu-system-x86_64");
+    let out = Running::spawn(cmd)?.finish(RUN_TIMEOUT)?;
+    out.expect_code(0)?;
+    let plan: serde_json::Value = serde_json::from_str(&out.stdout).context("plan --json")?;
+    let note = note_about(&plan, "more");
+    ensure!(
+        note.contains("needs QEMU: local: /nonexistent/qemu-system-x86_64 not found"),
+        "the note does not say the host has no QEMU: {note:?}\n{out}"
+    );
+
+    // A placed VM whose QEMU died while the host lost its QEMU: held with the reason,
+    // not a start that fails (and backs off) at every run.
+    let web = repo.qemu_pid("web")?;
+    kill(Pid::from_raw(web), Signal::SIGKILL)?;
+    wait_for("web's QEMU to go", ACT, || !is_alive(web))?;
+    let mut cmd = repo.command(&["apply", "--auto-approve"]);
+    cmd.env("PLASMAVMC_QEMU", "/nonexistent/qemu-system-x86_64");
+    let out = Running::spawn(cmd)?.finish(RUN_TIMEOUT)?;
+    out.expect_code(1)?;
+    ensure!(
+        out.all().contains("web: needs QEMU: local: /nonexistent/qemu-system-x86_64 not found; not started on local")
+            && !out.all().contains("FAIL"),
+        "web's restart is not held with the reason:\n{out}"
+    );
+    ensure!(repo.qemus_in_folder("web").is_empty(), "web was started");
     Ok(())
 }

@@ -265,7 +265,9 @@ fn check_across(
     texts: &BTreeMap<&str, String>,
     diags: &mut Vec<Diagnostic>,
 ) {
-    let mut ports: BTreeMap<(bool, u16), &str> = BTreeMap::new();
+    // Host ports forwarded to guests, per host: VMs that are sure to share a host (all
+    // of them on the implicit one, pinned ones on their pin) may not share a port.
+    let mut ports: BTreeMap<(&str, bool, u16), &str> = BTreeMap::new();
     for (file, name, spec) in vms {
         let text = texts.get(file.path.as_str()).map_or("", String::as_str);
         if let Some(host) = &spec.host {
@@ -280,19 +282,28 @@ fn check_across(
             }
         }
         contradictions(desired, file, text, spec, diags);
-        if desired.implicit_local {
-            for fwd in spec.forwards() {
-                if let Some(other) = ports.insert((fwd.udp, fwd.host_port), name) {
-                    diags.push(Diagnostic::at_key(
-                        &file.path,
-                        text,
-                        &[Seg::Key("nics")],
-                        format!(
-                            "host port {} is already forwarded by VM {other:?}",
-                            fwd.host_port
-                        ),
-                    ));
-                }
+        let host = if desired.implicit_local {
+            Some(LOCAL_HOST)
+        } else {
+            spec.host.as_deref()
+        };
+        let Some(host) = host else { continue };
+        for fwd in spec.forwards() {
+            if let Some(other) = ports.insert((host, fwd.udp, fwd.host_port), name) {
+                let on = if desired.implicit_local {
+                    String::new()
+                } else {
+                    format!(" on host {host:?}, where both are pinned")
+                };
+                diags.push(Diagnostic::at_key(
+                    &file.path,
+                    text,
+                    &[Seg::Key("nics")],
+                    format!(
+                        "host port {} is already forwarded by VM {other:?}{on}",
+                        fwd.host_port
+                    ),
+                ));
             }
         }
     }
@@ -328,18 +339,29 @@ fn contradictions(
         .values()
         .any(|h| h.spec.shared_storage.is_some());
     for (i, disk) in spec.disks.iter().enumerate() {
-        if disk.storage == crate::vm::Storage::Shared && !any_shared {
-            let msg = format!(
+        if disk.storage != crate::vm::Storage::Shared {
+            continue;
+        }
+        let msg = if !any_shared {
+            format!(
                 "disk {:?} wants storage = \"shared\" but no host has shared_storage",
                 disk.name
-            );
-            diags.push(Diagnostic::at_key(
-                &file.path,
-                text,
-                &[Seg::Key("disks"), Seg::Index(i), Seg::Key("storage")],
-                msg,
-            ));
-        }
+            )
+        } else if let Some(host) = pinned.filter(|h| h.spec.shared_storage.is_none()) {
+            format!(
+                "disk {:?} wants storage = \"shared\" but host {:?}, its pin, has no \
+                 shared_storage",
+                disk.name, host.name
+            )
+        } else {
+            continue;
+        };
+        diags.push(Diagnostic::at_key(
+            &file.path,
+            text,
+            &[Seg::Key("disks"), Seg::Index(i), Seg::Key("storage")],
+            msg,
+        ));
     }
 }
 

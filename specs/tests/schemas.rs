@@ -1,9 +1,13 @@
-//! The published JSON Schemas (`schemas/`) and the examples stay in step with the types.
+//! The published JSON Schemas (`schemas/`) and the examples stay in step with the types;
+//! the cloud-init files the examples name pass the engine's checks.
 
 mod common;
 
 use common::{files_below, workspace};
-use plasmavmc_specs::{load, SourceFile};
+use std::path::Path;
+
+use plasmavmc_specs::cloud_init::{check, Part};
+use plasmavmc_specs::{load, CloudInit, SourceFile};
 
 #[test]
 fn committed_schemas_are_up_to_date() {
@@ -48,6 +52,25 @@ fn every_example_is_valid_and_points_editors_at_the_schema() {
         let desired =
             load(&files).unwrap_or_else(|e| panic!("{} is invalid: {e:#?}", dir.display()));
         seen += desired.vms.len();
+        for vm in desired.vms.values() {
+            check_seed_files(&dir, vm.spec.cloud_init.as_ref());
+        }
     }
     assert!(seen > 0, "no example VM found");
+}
+
+/// The seed files an example's `[cloud_init]` names in the example itself pass the
+/// engine's checks (absolute paths, secrets on the controller, are not in the repo).
+fn check_seed_files(dir: &Path, seed: Option<&CloudInit>) {
+    let Some(seed) = seed else { return };
+    for part in Part::ALL {
+        let Some(rel) = seed.path(part).filter(|p| !p.starts_with('/')) else {
+            continue;
+        };
+        let path = dir.join(rel);
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        if let Err(p) = check(part, &bytes) {
+            panic!("{}:{}:{}: {}", path.display(), p.line, p.col, p.message);
+        }
+    }
 }

@@ -27,6 +27,9 @@
 //!   reaching the binary under test: what `ssh://` hosts connect to.
 //! - [`netns`] gives simulated hosts a real L2 network ([`Lan`]: a namespace per host
 //!   with a bridge, a switch, a client) and measures it (pings, a TCP echo stream).
+//! - [`debian`] is the real Debian 12 guest (`tests/guest/debian.sh`: systemd,
+//!   cloud-init, sshd) and SSH into it through a port forward; [`pty`] runs a command on
+//!   a pseudo-terminal (`plasmavmc console` as a person at a terminal uses it).
 //! - [`bench`] holds what the benchmark binaries share (release binary, percentiles,
 //!   the machine's description).
 //!
@@ -38,11 +41,13 @@
 pub mod artifacts;
 pub mod bench;
 mod daemon;
+pub mod debian;
 pub mod fault;
 mod git;
 pub mod netns;
 pub mod partition;
 pub mod proc;
+pub mod pty;
 pub mod qmp;
 mod repo;
 mod run;
@@ -56,6 +61,7 @@ pub mod wait;
 
 pub use artifacts::Guest;
 pub use daemon::{Daemon, LogLine};
+pub use debian::{debian, DebianImage, GuestSsh};
 pub use fault::{CopyWatch, Fence};
 pub use netns::Lan;
 pub use proc::{cmdline, is_alive};
@@ -63,7 +69,7 @@ pub use repo::{TestRepo, BRANCH};
 pub use run::{diagnostic, Output, Running};
 pub use serial::{last_tick, serial_has_line, ticks};
 pub use spec::{HostSpec, SshLogin, VmSpec, MEMORY_LINE};
-pub use sshd::{free_port, Sshd, SSHD};
+pub use sshd::{free_port, keygen, Sshd, SSHD};
 pub use status::{EngineView, Event, HostView, Orphan, Resources, VmView};
 pub use trail::{PhaseTrail, Seen};
 pub use wait::{poll_every, poll_for, wait_for};

@@ -35,10 +35,10 @@ use crate::RUN_TIMEOUT;
 /// Subcommands that take `--repo`; those also in [`TAKES_STATE`] take `--state-dir`.
 /// `fence` means its subcommand (`fence confirm`), which takes both.
 const TAKES_REPO: &[&str] = &[
-    "validate", "plan", "apply", "status", "watch", "fence", "drill", "console", "logs",
+    "validate", "plan", "apply", "status", "watch", "fence", "drill", "console", "logs", "disks",
 ];
 const TAKES_STATE: &[&str] = &[
-    "plan", "apply", "status", "watch", "fence", "drill", "console", "logs",
+    "plan", "apply", "status", "watch", "fence", "drill", "console", "logs", "disks",
 ];
 
 /// Bound for agents to exit once their engine is gone (EOF on their stdin).
@@ -227,8 +227,8 @@ impl TestRepo {
         let mut args = args.iter();
         if let Some(sub) = args.next() {
             cmd.arg(sub);
-            if *sub == "fence" {
-                // The flags belong to `fence confirm`, not to `fence`.
+            if *sub == "fence" || (*sub == "disks" && args.as_slice().first() == Some(&"delete")) {
+                // The flags belong to `fence confirm` (`disks delete`), not to `fence`.
                 cmd.args(args.next());
             }
             if TAKES_REPO.contains(sub) {

@@ -115,8 +115,8 @@ impl VmSpec {
         self
     }
 
-    /// A QEMU machine type; one QEMU does not know (`no-such-machine`) passes
-    /// validation and fails at start.
+    /// A QEMU machine type; one the host's QEMU does not know (`no-such-machine`)
+    /// passes validation and is refused at plan time.
     pub fn machine(mut self, machine: &str) -> Self {
         self.machine = Some(machine.to_owned());
         self

@@ -281,7 +281,7 @@ impl Drop for Sshd<'_> {
 }
 
 /// `ssh-keygen -t ed25519 -N '' -f path` (quiet; `path` must not exist).
-fn keygen(path: &Path) -> Result<()> {
+pub fn keygen(path: &Path) -> Result<()> {
     let out = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-C", "plasmavmc-e2e", "-f"])
         .arg(path)

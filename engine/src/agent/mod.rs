@@ -228,6 +228,11 @@ async fn handle(host: &LocalHost, store: &FileStore, request: Request) -> Result
             retained,
         }),
         Request::Prune { folder, pid } => reply(host.prune(&folder, pid).await, done),
+        Request::DeleteDisk { path, shared } => {
+            reply(host.delete_disk(&path, shared.as_deref()).await, |bytes| {
+                Reply::Bytes { bytes }
+            })
+        }
         Request::PrepareIncoming {
             vm,
             from,

@@ -2,6 +2,7 @@
 //! Nothing here decides what happens to a VM.
 
 mod context;
+mod disks;
 mod drill;
 mod plan;
 mod serial;
@@ -63,6 +64,9 @@ enum Command {
     Console(serial::ConsoleArgs),
     /// A VM's serial log, from wherever it runs; -f follows it across restarts.
     Logs(serial::LogsArgs),
+    /// Every disk the engine knows of, on every host and shared pool: in use, retained
+    /// (since when, why) or orphaned; `disks delete` is the one way to delete one.
+    Disks(disks::DisksArgs),
     /// The host side: serve one engine on stdin/stdout (started by the engine itself,
     /// over ssh, or by a host's `exec` command).
     Agent(AgentArgs),
@@ -129,6 +133,13 @@ struct AgentArgs {
     /// With --logs: only the last N lines.
     #[arg(long, requires = "logs")]
     lines: Option<usize>,
+    /// Instead of the protocol: print every disk file of this host as JSON (no host
+    /// lock). Started by `plasmavmc disks`.
+    #[arg(long, conflicts_with_all = ["console", "logs"])]
+    disks: bool,
+    /// With --disks: the host's shared storage folder.
+    #[arg(long, requires = "disks")]
+    shared: Option<PathBuf>,
     /// Exit (leaving every VM running) when the engine sends nothing for this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     silence: std::time::Duration,
@@ -203,6 +214,7 @@ pub fn main() -> ExitCode {
             Command::Logs(args) => tokio::task::spawn_blocking(move || serial::logs(&args))
                 .await
                 .unwrap_or_else(|e| Err(anyhow::anyhow!("logs panicked: {e}"))),
+            Command::Disks(args) => disks::disks(&args).await,
             Command::Fence {
                 action: FenceAction::Confirm { host, repo },
             } => fence_confirm(&host, &repo),
@@ -290,6 +302,11 @@ async fn agent(args: AgentArgs) -> anyhow::Result<u8> {
     if let Some(vm) = &args.logs {
         let (stdin, stdout) = (tokio::io::stdin(), tokio::io::stdout());
         serial::logs(&args.root, vm, args.follow, args.lines, stdin, stdout).await?;
+        return Ok(0);
+    }
+    if args.disks {
+        let found = crate::host::list_disks(&args.root, args.shared.as_deref());
+        println!("{}", serde_json::to_string(&found)?);
         return Ok(0);
     }
     anyhow::ensure!(

@@ -62,6 +62,16 @@ impl Host for FakeHost {
         self.record(format!("stop {vm} {}s", timeout.as_secs()))
             .map(|()| StopOutcome::Quit)
     }
+    async fn delete_disk(
+        &self,
+        path: &std::path::Path,
+        _shared: Option<&std::path::Path>,
+    ) -> Result<u64, HostError> {
+        Err(HostError::Refused {
+            vm: path.display().to_string(),
+            reason: "a fake host keeps no disks".to_owned(),
+        })
+    }
     async fn prune(&self, folder: &str, pid: u32) -> Result<(), HostError> {
         self.record(format!("prune {folder} {pid}"))
     }

@@ -653,6 +653,15 @@ impl Host for AgentHost {
         .await
     }
 
+    async fn delete_disk(&self, path: &Path, shared: Option<&Path>) -> Result<u64, HostError> {
+        let request = Request::DeleteDisk {
+            path: path.to_path_buf(),
+            shared: shared.map(Path::to_path_buf),
+        };
+        self.ask(&self.name, request, self.opts.request_timeout)
+            .await
+    }
+
     fn subscribe(&self) -> broadcast::Receiver<HostEvent> {
         self.events.subscribe()
     }

@@ -12,10 +12,11 @@ mod probes;
 mod transport;
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use client::{AgentHost, ConnectOptions};
+pub use local::disk_files::list as list_disks;
 pub use local::{local_capacity, LocalHost};
 pub use transport::{agent_argv, connect_hosts, serial_argv};
 
@@ -172,6 +173,14 @@ pub trait Host: Send + Sync {
     /// Stops an orphan QEMU (`pid`, running in instance folder `folder`) after checking it
     /// still is one: SIGTERM, then SIGKILL.
     fn prune(&self, folder: &str, pid: u32) -> impl Future<Output = Result<(), HostError>> + Send;
+
+    /// Deletes the retained or shared disk file `path` (the operator's explicit request):
+    /// refused for an instance's disk and while a QEMU holds it. Returns the bytes freed.
+    fn delete_disk(
+        &self,
+        path: &Path,
+        shared: Option<&Path>,
+    ) -> impl Future<Output = Result<u64, HostError>> + Send;
 
     /// Events the host reports on its own (QEMU exits), from now on.
     fn subscribe(&self) -> tokio::sync::broadcast::Receiver<HostEvent>;

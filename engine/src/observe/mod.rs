@@ -163,6 +163,36 @@ pub struct Retained {
     pub reason: String,
 }
 
+/// A disk file a host keeps (`plasmavmc disks`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskFile {
+    pub path: PathBuf,
+    pub kind: DiskKind,
+    /// The VM it belongs (or belonged) to: its instance, retained note or shared folder.
+    pub vm: String,
+    /// Bytes it takes on disk.
+    pub bytes: u64,
+    /// Its length (a qcow2's file, not its virtual size).
+    pub size: u64,
+    /// Retained: since when and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Where a disk file is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DiskKind {
+    /// A local disk of an instance (`vms/<vm>/disks/`).
+    Instance,
+    /// Moved aside when its VM or disk left the specs (`retained/`).
+    Retained,
+    /// On shared storage (`<shared>/<vm>/`).
+    Shared,
+}
+
 /// A QEMU of ours (its working directory is an instance folder of this host) that no
 /// instance record accounts for: left behind by a lost record or a foreign start.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +219,26 @@ pub struct Inventory {
     /// The host's CPU and the QEMU CPU models it can run (none: not reported).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu: Option<HostCpu>,
+    /// The host's QEMU: its version and machine types, or why it cannot run (none: not
+    /// reported, an older agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub qemu: Option<HostQemu>,
+}
+
+/// A host's QEMU, as its agent reports it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostQemu {
+    /// The binary the agent runs (`qemu-system-x86_64`, or `PLASMAVMC_QEMU`).
+    pub binary: String,
+    /// Its version (`7.2.22`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// The machine types it knows, aliases included (`q35`, `pc-q35-7.2`, …).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub machines: Vec<String>,
+    /// Why it cannot be run (not found, fails): no VM can start there.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub problem: Option<String>,
 }
 
 /// A host's CPU, as its agent reports it.

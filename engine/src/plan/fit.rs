@@ -1,4 +1,5 @@
-//! What a VM needs of a host besides room — the bridges of its networks, its CPU model —
+//! What a VM needs of a host besides room — a QEMU that runs and knows its machine type,
+//! shared storage for its shared disks, the bridges of its networks, its CPU model —
 //! and whether its CPU lets it move live between two hosts.
 //!
 //! In: the specs and each host's inventory (its bridges, its CPU as the agent reports
@@ -6,6 +7,8 @@
 //! must be cold. Pure; placement ([`super::place`]) asks it for every candidate, so
 //! creation, recovery and moves all obey it.
 //! ```text
+//! any VM                      ─> host's QEMU runs and knows the VM's machine type
+//! disk storage = "shared"     ─> host has `shared_storage`
 //! NIC on network N (not user) ─> host lists N in `networks` ─> N's bridge in its inventory
 //! cpu = MODEL (not host)      ─> host reported its CPU and MODEL is among its usable models
 //! live move, guest on the host's CPU (cpu = "host", or no cpu and not accel = "tcg")
@@ -13,16 +16,17 @@
 //! ```
 
 use plasmavmc_specs::net::HOST_CPU;
-use plasmavmc_specs::{Accel, Desired, Power, VmEntry, VmSpec};
+use plasmavmc_specs::{Accel, Desired, Power, Storage, VmEntry, VmSpec};
 
 use super::{Action, Plan};
-use crate::observe::{HostCpu, Inventory, Observed};
+use crate::observe::{HostCpu, HostQemu, Inventory, Observed};
 
 /// What placement must know of a host beyond its capacity, from its inventory.
 #[derive(Debug, Clone, Default)]
 pub struct Facts {
     bridges: Vec<String>,
     cpu: Option<HostCpu>,
+    qemu: Option<HostQemu>,
 }
 
 impl Facts {
@@ -30,6 +34,7 @@ impl Facts {
         Self {
             bridges: inv.bridges.clone(),
             cpu: inv.cpu.clone(),
+            qemu: inv.qemu.clone(),
         }
     }
 }
@@ -66,7 +71,22 @@ pub fn named_model(spec: &VmSpec) -> Option<&str> {
 
 /// The first thing `spec` needs that `host` (with `facts`) lacks, or `None` when it fits.
 pub fn lack(desired: &Desired, host: &str, facts: &Facts, spec: &VmSpec) -> Option<Lack> {
-    let listed = desired.hosts.get(host).map(|h| h.spec.networks.as_slice());
+    if let Some(lack) = qemu_lack(host, facts.qemu.as_ref(), spec) {
+        return Some(lack);
+    }
+    let host_spec = desired.hosts.get(host).map(|h| &h.spec);
+    if let Some(disk) = spec.disks.iter().find(|d| d.storage == Storage::Shared) {
+        if host_spec.is_none_or(|h| h.shared_storage.is_none()) {
+            return Some(Lack {
+                need: "shared storage".to_owned(),
+                why: format!(
+                    "{host} has none (disk {} has storage = \"shared\")",
+                    disk.name
+                ),
+            });
+        }
+    }
+    let listed = host_spec.map(|h| h.networks.as_slice());
     for net in networks(spec) {
         let need = format!("network {net}");
         if !listed.is_some_and(|l| l.iter().any(|n| n == net)) {
@@ -98,6 +118,27 @@ pub fn lack(desired: &Desired, host: &str, facts: &Facts, spec: &VmSpec) -> Opti
         Some(_) => return None,
     };
     Some(Lack { need, why })
+}
+
+/// What `host`'s QEMU cannot do for `spec`: run at all, or its machine type. Nothing is
+/// said of a host that did not report its QEMU (an older agent).
+fn qemu_lack(host: &str, qemu: Option<&HostQemu>, spec: &VmSpec) -> Option<Lack> {
+    let qemu = qemu?;
+    if let Some(problem) = &qemu.problem {
+        return Some(Lack {
+            need: "QEMU".to_owned(),
+            why: format!("{host}: {problem}"),
+        });
+    }
+    let machine = &spec.qemu.machine;
+    if qemu.machines.is_empty() || qemu.machines.iter().any(|m| m == machine) {
+        return None;
+    }
+    let version = qemu.version.as_deref().unwrap_or("of unknown version");
+    Some(Lack {
+        need: format!("QEMU machine type {machine}"),
+        why: format!("{host}'s QEMU {version} does not know it"),
+    })
 }
 
 /// The accelerator `spec` asks for on `host`: the VM's, or under `auto` the host's

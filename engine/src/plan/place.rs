@@ -7,6 +7,7 @@
 //! 3. the host has what the VM needs besides room: every network of its NICs (listed in
 //!    the host's `networks`, its bridge present) and its named CPU model ([`super::fit`]);
 //! 4. memory is never overcommitted; vCPUs up to `[placement] vcpu_overcommit` × CPUs;
+//!    a host port forwarded to a guest (`tcp:2222:22`) has one VM per host;
 //! 5. among fitting hosts: fewest VMs of the same anti-affinity `group`, then most free
 //!    memory, then name.
 //!
@@ -16,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use plasmavmc_specs::{Desired, HostState, VmEntry};
+use plasmavmc_specs::{Desired, HostState, VmEntry, VmSpec};
 
 use super::fit::{self, Facts, Lack};
 use crate::observe::{Capacity, Observed};
@@ -35,6 +36,9 @@ struct HostLoad {
     groups: BTreeMap<String, u32>,
     /// Its bridges and CPU, for what VMs need besides room.
     facts: Facts,
+    /// Host ports forwarded to guests (`udp`, port) and the VM that has each: one user
+    /// per port and host, or the second QEMU cannot start.
+    ports: BTreeMap<(bool, u16), String>,
 }
 
 /// Where a VM goes and the reason, for the plan.
@@ -74,11 +78,7 @@ impl Load {
             }
             let (host, _) = super::recover::keeper(observed, vm, &copies);
             if let Some(load) = hosts.get_mut(host) {
-                load.add(
-                    want.spec.vcpus,
-                    want.spec.memory_mb,
-                    want.spec.group.as_deref(),
-                );
+                load.add(vm, &want.spec);
             }
         }
         Self { hosts }
@@ -127,6 +127,10 @@ impl Load {
                 lacks.push(lack);
                 continue;
             }
+            if let Some(taken) = load.port_taken(spec) {
+                refusals.push(format!("{name} {taken}"));
+                continue;
+            }
             let free_mem = load.capacity.memory_mb.saturating_sub(load.used.memory_mb);
             if free_mem < spec.memory_mb {
                 refusals.push(format!("{name} has {free_mem} MB free"));
@@ -166,7 +170,7 @@ impl Load {
             );
         }
         if let Some(load) = self.hosts.get_mut(&host) {
-            load.add(spec.vcpus, spec.memory_mb, spec.group.as_deref());
+            load.add(&vm.name, spec);
         }
         Ok(Placement { host, why })
     }
@@ -217,17 +221,36 @@ impl Load {
             if let Some(n) = spec.group.as_ref().and_then(|g| load.groups.get_mut(g)) {
                 *n = n.saturating_sub(1);
             }
+            load.ports.retain(|_, user| *user != vm.name);
         }
     }
 }
 
 impl HostLoad {
-    fn add(&mut self, vcpus: u32, memory_mb: u64, group: Option<&str>) {
-        self.used.vcpus = self.used.vcpus.saturating_add(vcpus);
-        self.used.memory_mb = self.used.memory_mb.saturating_add(memory_mb);
-        if let Some(g) = group {
-            *self.groups.entry(g.to_owned()).or_default() += 1;
+    /// Books `spec`'s share (VM `vm`): room, its group, its forwarded host ports.
+    fn add(&mut self, vm: &str, spec: &VmSpec) {
+        self.used.vcpus = self.used.vcpus.saturating_add(spec.vcpus);
+        self.used.memory_mb = self.used.memory_mb.saturating_add(spec.memory_mb);
+        if let Some(g) = &spec.group {
+            *self.groups.entry(g.clone()).or_default() += 1;
         }
+        for fwd in spec.forwards() {
+            self.ports
+                .entry((fwd.udp, fwd.host_port))
+                .or_insert_with(|| vm.to_owned());
+        }
+    }
+
+    /// The first host port `spec` forwards that another VM has here, said for the plan.
+    fn port_taken(&self, spec: &VmSpec) -> Option<String> {
+        spec.forwards().find_map(|fwd| {
+            let user = self.ports.get(&(fwd.udp, fwd.host_port))?;
+            let proto = if fwd.udp { "udp" } else { "tcp" };
+            Some(format!(
+                "has host port {proto}:{} forwarded to VM {user}",
+                fwd.host_port
+            ))
+        })
     }
 }
 
@@ -287,6 +310,63 @@ mod tests {
             .map(|v| load.place(&d, &d.vms[*v]).expect("fits").host)
             .collect();
         assert_eq!(placed, ["hv1", "hv2", "hv3", "hv1"]);
+    }
+
+    #[test]
+    fn a_forwarded_host_port_has_one_vm_per_host() {
+        let fwd = "[[nics]]\nforward = [\"tcp:2222:22\"]";
+        let mut files = THREE[..2].to_vec();
+        files.extend([
+            ("vms/a.toml", fwd),
+            ("vms/b.toml", fwd),
+            ("vms/c.toml", fwd),
+        ]);
+        let d = desired(&files);
+        let o = hosts(&[("hv1", 4, 4096), ("hv2", 4, 4096)]);
+        let mut load = Load::new(&d, &o);
+        let a = load.place(&d, &d.vms["a"]).expect("a fits").host;
+        let b = load.place(&d, &d.vms["b"]).expect("b fits").host;
+        assert_ne!(a, b, "two users of tcp:2222 on one host");
+        let err = load.place(&d, &d.vms["c"]).expect_err("no port left");
+        assert!(
+            err.contains("hv1 has host port tcp:2222 forwarded to VM a")
+                && err.contains("hv2 has host port tcp:2222 forwarded to VM b"),
+            "{err}"
+        );
+        // A VM moving away gives its port back.
+        load.release(&a, &d.vms["a"]);
+        assert_eq!(load.place(&d, &d.vms["c"]).expect("c fits").host, a);
+    }
+
+    #[test]
+    fn a_shared_disk_goes_only_where_shared_storage_is() {
+        let files = [
+            (
+                "hosts/hv1.toml",
+                "address = \"local\"\nshared_storage = \"/srv/pool\"\nstorage_pool = \"p\"",
+            ),
+            ("hosts/hv2.toml", "address = \"local\""),
+            (
+                "vms/a.toml",
+                "memory_mb = 512\n[[disks]]\nname = \"d\"\nsize_gb = 1\nstorage = \"shared\"",
+            ),
+        ];
+        let d = desired(&files);
+        let roomy = hosts(&[("hv1", 4, 1024), ("hv2", 4, 8192)]);
+        let placed = Load::new(&d, &roomy).place(&d, &d.vms["a"]).expect("fits");
+        assert_eq!(
+            placed.host, "hv1",
+            "hv2 has more memory but no shared storage"
+        );
+        let full = hosts(&[("hv1", 4, 256), ("hv2", 4, 8192)]);
+        let err = Load::new(&d, &full)
+            .place(&d, &d.vms["a"])
+            .expect_err("nowhere");
+        assert!(
+            err.contains("needs shared storage: hv2 has none (disk d has storage = \"shared\")")
+                && err.contains("hv1 has 256 MB free"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -154,6 +154,7 @@ impl Host for Fake {
         Ok(Inventory {
             bridges: Vec::new(),
             cpu: None,
+            qemu: None,
             vms: self.0.vms.lock().expect("vms").clone(),
             orphans: Vec::new(),
             retained: Vec::new(),
@@ -198,6 +199,16 @@ impl Host for Fake {
             have.power = Power::Stopped;
             have.pid = None;
             StopOutcome::Quit
+        })
+    }
+    async fn delete_disk(
+        &self,
+        path: &std::path::Path,
+        _shared: Option<&std::path::Path>,
+    ) -> Result<u64, HostError> {
+        Err(HostError::Refused {
+            vm: path.display().to_string(),
+            reason: "a fake host keeps no disks".to_owned(),
         })
     }
     async fn prune(&self, folder: &str, pid: u32) -> Result<(), HostError> {

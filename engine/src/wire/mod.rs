@@ -100,6 +100,12 @@ pub enum Request {
         folder: String,
         pid: u32,
     },
+    /// Deletes a retained or shared disk file, on the operator's explicit request.
+    /// Answered with [`Reply::Bytes`] (what it took).
+    DeleteDisk {
+        path: PathBuf,
+        shared: Option<PathBuf>,
+    },
     /// Is a file with this SHA-256 already stored? Answered with [`Reply::File`].
     HasFile {
         sha256: String,
@@ -201,6 +207,9 @@ pub enum Reply {
     /// Its bytes travel raw in the next frame.
     DiskChunk {
         chunk: DiskChunk,
+    },
+    Bytes {
+        bytes: u64,
     },
 }
 
@@ -377,6 +386,7 @@ from_reply!(Incoming, Reply::Incoming { incoming } => incoming);
 from_reply!(Stats, Reply::Migrated { stats } => stats);
 from_reply!(DiskChunk, Reply::DiskChunk { chunk } => chunk);
 from_reply!(Inventory, Reply::Inventory { inventory } => *inventory);
+from_reply!(u64, Reply::Bytes { bytes } => bytes);
 
 #[cfg(test)]
 mod tests {

@@ -19,6 +19,7 @@ impl LocalHost {
         let mut inv = Inventory {
             bridges: taps::bridges(),
             cpu: self.cpu().await,
+            qemu: Some(self.emulator().await),
             capacity: local_capacity(),
             retained: self.scan_retained(),
             ..Inventory::default()

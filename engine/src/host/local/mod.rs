@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod cpu;
+pub mod disk_files;
 mod disks;
+mod emulator;
 mod folder;
 mod inventory;
 mod migrate;
@@ -51,6 +53,8 @@ pub struct LocalHost {
     monitor: Arc<Monitor>,
     /// This machine's CPU, learnt at the first inventory (see [`cpu`]).
     cpu: Arc<tokio::sync::OnceCell<Option<crate::observe::HostCpu>>>,
+    /// This machine's QEMU, learnt at the first inventory (see [`emulator`]).
+    emulator: Arc<tokio::sync::OnceCell<crate::observe::HostQemu>>,
 }
 
 impl LocalHost {
@@ -69,6 +73,7 @@ impl LocalHost {
             qmp_ready,
             monitor: Monitor::new(),
             cpu: Arc::default(),
+            emulator: Arc::default(),
         }
     }
 
@@ -151,6 +156,10 @@ impl Host for LocalHost {
 
     async fn prune(&self, folder: &str, pid: u32) -> Result<(), HostError> {
         self.prune_here(folder, pid).await
+    }
+
+    async fn delete_disk(&self, path: &Path, shared: Option<&Path>) -> Result<u64, HostError> {
+        self.delete_disk_file(path, shared).await
     }
 
     async fn delete(&self, vm: &str) -> Result<Option<PathBuf>, HostError> {
