@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod diag;
 #[doc(hidden)]
 pub mod fuzz;
+pub mod health;
 pub mod host;
 pub mod image;
 pub mod load;
@@ -24,6 +25,7 @@ pub use cluster::{
     PlacementSettings, RestartSettings, Timeouts,
 };
 pub use diag::{Diagnostic, Seg};
+pub use health::{Health, Probe, ProbeKind, WatchdogAction};
 pub use host::{HostSpec, HostState, LOCAL_HOST};
 pub use image::{Image, UrlImage};
 pub use load::{load, short_hash, spec_hash, vm_hash, Desired, HostEntry, SourceFile, VmEntry};

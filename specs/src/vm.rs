@@ -63,6 +63,10 @@ pub struct VmSpec {
     /// QEMU machine settings.
     #[serde(default)]
     pub qemu: QemuSettings,
+    /// Guest health: a watchdog device, the guest agent. Absent: only QEMU's exit is
+    /// watched.
+    #[serde(default, skip_serializing_if = "crate::health::Health::is_empty")]
+    pub health: crate::health::Health,
     /// A cloud-init NoCloud seed, attached read-only after the disks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cloud_init: Option<crate::cloud_init::CloudInit>,
@@ -415,6 +419,12 @@ impl VmSpec {
         self.disk_problems(&mut bad);
         self.nic_problems(&mut bad);
         self.qemu_problems(&mut bad);
+        let forwarded: Vec<u16> = self
+            .forwards()
+            .filter(|f| !f.udp)
+            .map(|f| f.guest_port)
+            .collect();
+        self.health.problems(&forwarded, &mut bad);
         if let Some(seed) = &self.cloud_init {
             seed.problems(&mut bad);
         }

@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # Build the tiny Linux test guest used by PlasmaVMC examples and e2e tests.
 #
-#   tests/guest/build.sh [--force] [--install DIR]
+#   tests/guest/build.sh [--force] [--install DIR] [--flavour generic]
 #
 # Outputs (relative to the repository root):
 #   target/guest/vmlinuz       Debian 12 cloud kernel (linux-image-cloud-amd64)
 #   target/guest/initrd.img    gzip'd newc cpio: static busybox + /init (init.sh)
 #   target/guest/manifest.txt  exact package versions used
+#   target/guest/generic/      the same guest on Debian's generic kernel
+#                              (linux-image-amd64), whose initrd also loads the
+#                              i6300esb watchdog driver the cloud kernel lacks
+#                              (built after the default one; only watchdog tests use it)
 # Downloaded .debs are kept in target/guest/cache/.
 #
 # Needs: apt-get, apt-cache, dpkg, dpkg-deb, cpio, gzip, and access to the
@@ -24,11 +28,15 @@ usage: tests/guest/build.sh [--force] [--install DIR]
   --force        rebuild even if target/guest/{vmlinuz,initrd.img} are up to date
                  (boot.img, the same guest as a bootable disk image, follows them)
   --install DIR  afterwards copy vmlinuz and initrd.img into DIR (created if needed)
+  --flavour generic
+                 build only target/guest/generic/ (the generic kernel with a watchdog
+                 driver); without it the default guest is built, then this one
 EOF
 }
 
 force=0
 install_dir=""
+flavour=cloud
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --force) force=1 ;;
@@ -38,6 +46,11 @@ while [[ $# -gt 0 ]]; do
             shift
             ;;
         --install=*) install_dir=${1#--install=} ;;
+        --flavour)
+            [[ $# -ge 2 && "$2" == generic ]] || die "--flavour takes: generic"
+            flavour=$2
+            shift
+            ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; die "unknown argument: $1" ;;
     esac
@@ -52,18 +65,33 @@ OUT="$REPO_ROOT/target/guest"
 CACHE="$OUT/cache"
 
 KERNEL_META=linux-image-cloud-amd64
+KERNEL_RE='^linux-image-.*-cloud-amd64$'
 BUSYBOX_PKG=busybox-static
 # Kernel modules the guest needs (Debian's cloud kernel builds them as =m).
 # Their dependencies are resolved from each module's modinfo "depends=".
-MODULES=(virtio_pci virtio_blk virtio_net pvpanic_mmio pvpanic_pci button evdev)
+MODULES=(virtio_pci virtio_blk virtio_net virtio_console pvpanic_mmio pvpanic_pci button evdev)
+if [[ $flavour == generic ]]; then
+    # The generic kernel, for its i6300esb watchdog driver (the cloud kernel has none).
+    KERNEL_META=linux-image-amd64
+    KERNEL_RE='^linux-image-[0-9].*-amd64$'
+    MODULES+=(i6300esb)
+    CACHE="$OUT/cache"
+    OUT="$OUT/generic"
+    [[ -z "$install_dir" ]] || die "--install is for the default guest only"
+fi
 
 [[ -f "$INIT_SRC" ]] || die "missing $INIT_SRC"
 
 # The same guest as a bootable disk image (only `drill --image` and its test need it):
 # a missing tool leaves it unbuilt with a warning, it does not fail the guest.
+# The default build then builds the generic flavour too.
 boot_image() {
+    [[ $flavour == cloud ]] || return 0
     bash "$SCRIPT_DIR/boot-image.sh" "$OUT" ||
         log "warning: target/guest/boot.img not built (see above); the rest of the guest is"
+    local again=()
+    [[ $force -eq 0 ]] || again=(--force)
+    bash "$SCRIPT" "${again[@]}" --flavour generic
 }
 
 install_outputs() {
@@ -159,15 +187,15 @@ fetch_deb() {
     echo "$file"
 }
 
-mkdir -p "$CACHE"
+mkdir -p "$CACHE" "$OUT"
 WORK=$(mktemp -d "$OUT/.build.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 # --- kernel ---------------------------------------------------------------------
 meta_deb=$(fetch_deb "$KERNEL_META")
 kernel_pkg=$(dpkg-deb -f "$meta_deb" Depends | tr ',|' '\n\n' | sed 's/(.*//; s/[[:space:]]//g' |
-    grep -E '^linux-image-.*-cloud-amd64$' | head -n 1 || true)
-[[ -n "$kernel_pkg" ]] || die "cannot find the linux-image-*-cloud-amd64 dependency of $(basename "$meta_deb")"
+    grep -E "$KERNEL_RE" | head -n 1 || true)
+[[ -n "$kernel_pkg" ]] || die "cannot find the kernel package dependency of $(basename "$meta_deb")"
 kernel_deb=$(fetch_deb "$kernel_pkg")
 kernel_ver=$(dpkg-deb -f "$kernel_deb" Version)
 

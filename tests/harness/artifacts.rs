@@ -21,12 +21,15 @@ use nix::fcntl::{Flock, FlockArg};
 use sha2::{Digest, Sha256};
 
 /// The test guest's kernel and initrd, and the same guest as a bootable disk image
-/// (absolute paths).
+/// (absolute paths); the generic-kernel flavour's kernel and initrd (the watchdog tests'),
+/// in `target/guest/generic/`.
 #[derive(Debug, Clone)]
 pub struct Guest {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub boot_image: PathBuf,
+    pub generic_kernel: PathBuf,
+    pub generic_initrd: PathBuf,
 }
 
 /// The workspace root: the parent of this crate's folder.
@@ -117,8 +120,20 @@ fn build_guest() -> Result<Guest> {
         kernel: dir.join("vmlinuz"),
         initrd: dir.join("initrd.img"),
         boot_image: dir.join("boot.img"),
+        generic_kernel: dir.join("generic").join("vmlinuz"),
+        generic_initrd: dir.join("generic").join("initrd.img"),
     };
-    let present = |g: &Guest| g.kernel.is_file() && g.initrd.is_file() && g.boot_image.is_file();
+    let present = |g: &Guest| {
+        [
+            &g.kernel,
+            &g.initrd,
+            &g.boot_image,
+            &g.generic_kernel,
+            &g.generic_initrd,
+        ]
+        .iter()
+        .all(|f| f.is_file())
+    };
     if present(&guest) {
         return Ok(guest);
     }

@@ -41,6 +41,12 @@ pub struct VmSpec {
     pub firmware: bool,
     /// `[[nics]]`: `(network, mac)`, the MAC written only when given.
     pub nics: Vec<(String, Option<String>)>,
+    /// Boot the generic-kernel flavour of the guest (it has a watchdog driver).
+    pub generic: bool,
+    /// `[health]` lines, as written (e.g. `watchdog = "reset"`); `[health.*]` tables too.
+    pub health_lines: Vec<String>,
+    /// `forward = [...]` of the first NIC (a `user` one).
+    pub forwards: Vec<String>,
 }
 
 impl Default for VmSpec {
@@ -62,6 +68,9 @@ impl Default for VmSpec {
             storage: None,
             firmware: false,
             nics: Vec::new(),
+            generic: false,
+            health_lines: Vec::new(),
+            forwards: Vec::new(),
         }
     }
 }
@@ -171,6 +180,24 @@ impl VmSpec {
     }
 
     /// The TOML text. `memory_mb` is always on line 2 (tests point at it).
+    /// Boots the generic-kernel guest, whose initrd loads the i6300esb watchdog driver.
+    pub fn generic_kernel(mut self) -> Self {
+        self.generic = true;
+        self
+    }
+
+    /// Adds a port forward (`tcp:HOST:GUEST`) to the first NIC.
+    pub fn forward(mut self, fwd: &str) -> Self {
+        self.forwards.push(fwd.to_owned());
+        self
+    }
+
+    /// Adds a line to `[health]`.
+    pub fn health_line(mut self, line: &str) -> Self {
+        self.health_lines.push(line.to_owned());
+        self
+    }
+
     pub fn to_toml(&self, guest: &Guest) -> String {
         let mut cmdline = BASE_CMDLINE.to_owned();
         if !self.cmdline_extra.is_empty() {
@@ -201,8 +228,13 @@ impl VmSpec {
         }
         if !self.firmware {
             let _ = writeln!(s, "\n[boot]");
-            let _ = writeln!(s, "kernel = {:?}", guest.kernel.display().to_string());
-            let _ = writeln!(s, "initrd = {:?}", guest.initrd.display().to_string());
+            let (kernel, initrd) = if self.generic {
+                (&guest.generic_kernel, &guest.generic_initrd)
+            } else {
+                (&guest.kernel, &guest.initrd)
+            };
+            let _ = writeln!(s, "kernel = {:?}", kernel.display().to_string());
+            let _ = writeln!(s, "initrd = {:?}", initrd.display().to_string());
             let _ = writeln!(s, "cmdline = {cmdline:?}");
         }
         for (name, size_gb) in &self.disks {
@@ -211,8 +243,11 @@ impl VmSpec {
                 let _ = writeln!(s, "storage = {storage:?}");
             }
         }
-        for (network, mac) in &self.nics {
+        for (i, (network, mac)) in self.nics.iter().enumerate() {
             let _ = writeln!(s, "\n[[nics]]\nnetwork = {network:?}");
+            if i == 0 && !self.forwards.is_empty() {
+                let _ = writeln!(s, "forward = {:?}", self.forwards);
+            }
             if let Some(mac) = mac {
                 let _ = writeln!(s, "mac = {mac:?}");
             }
@@ -223,6 +258,12 @@ impl VmSpec {
         }
         for line in &self.qemu_lines {
             let _ = writeln!(s, "{line}");
+        }
+        if !self.health_lines.is_empty() {
+            let _ = writeln!(s, "\n[health]");
+            for line in &self.health_lines {
+                let _ = writeln!(s, "{line}");
+            }
         }
         s
     }

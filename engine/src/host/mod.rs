@@ -5,8 +5,10 @@
 //! records calls. Every request is idempotent: asking twice is harmless.
 
 mod client;
+mod guest_agent;
 mod local;
 mod monitor;
+mod probes;
 mod transport;
 
 use std::future::Future;

@@ -17,7 +17,8 @@ use tracing::{debug, info, warn};
 use crate::qemu::exit::{classify, describe_status, ExitReason, ExitRecord};
 use crate::qemu::instance::{InstanceDir, EXIT_HISTORY, QMP_SOCKET};
 use crate::qemu::process;
-use crate::qemu::qmp::{Qmp, QmpError};
+use crate::qemu::qmp::{Qmp, QmpError, QmpEvent};
+use crate::qemu::watchdog::{self, Fired};
 use crate::wire::HostEvent;
 
 struct Attached {
@@ -123,15 +124,45 @@ struct Watcher {
 impl Watcher {
     async fn run(self, qmp: Qmp) {
         let pidfd = process::pidfd_open(self.pid);
-        tokio::select! {
-            _ = qmp.closed() => {}
-            () = async {
-                match pidfd {
-                    Ok(fd) => { let _ = process::wait_pidfd(fd).await; }
-                    // No pidfd (very old kernel): QMP EOF alone tells.
-                    Err(_) => std::future::pending::<()>().await,
+        let qga = super::guest_agent::SharedAgent::default();
+        let _pinger = self.guest_agent_pinger(&qga);
+        let (end_tx, mut end_rx) = tokio::sync::mpsc::unbounded_channel();
+        let _probes = self.probers(&end_tx, &qga);
+        let mut unhealthy: Option<(u64, String)> = None;
+        let mut events = qmp.take_events();
+        // A watchdog that fired while no agent was attached left the guest paused.
+        let mut fired = match qmp.query_status().await {
+            Ok(s) if s.status == watchdog::PAUSED_STATE => self.watchdog(&qmp, Fired::Paused).await,
+            _ => None,
+        };
+        let closed = qmp.closed();
+        let gone = async {
+            match pidfd {
+                Ok(fd) => {
+                    let _ = process::wait_pidfd(fd).await;
                 }
-            } => {}
+                // No pidfd (very old kernel): QMP EOF alone tells.
+                Err(_) => std::future::pending::<()>().await,
+            }
+        };
+        tokio::pin!(closed, gone);
+        loop {
+            tokio::select! {
+                _ = &mut closed => break,
+                () = &mut gone => break,
+                Some(last) = end_rx.recv(), if unhealthy.is_none() && fired.is_none() => {
+                    warn!(vm = %self.vm, pid = self.pid, %last, "liveness probe failed: ending this QEMU");
+                    unhealthy = Some((crate::time::now_ms(), last));
+                    if let Err(e) = qmp.quit().await {
+                        warn!(vm = %self.vm, error = %e, "cannot end the unhealthy QEMU");
+                    }
+                }
+                event = next_event(&mut events) => {
+                    if let Some(what) = event.as_ref().and_then(Fired::of_event) {
+                        fired = fired.or(self.watchdog(&qmp, what).await);
+                    }
+                }
+            }
         }
         // The process may still be finishing: give QMP a moment to deliver SHUTDOWN.
         let closed = tokio::time::timeout(Duration::from_millis(500), qmp.closed())
@@ -146,9 +177,19 @@ impl Watcher {
             warn!(vm = %self.vm, pid = self.pid, "QMP connection closed but QEMU still runs; will reconnect");
             return;
         }
-        let reason = classify(closed.as_ref().and_then(|c| c.shutdown.as_ref()));
-        let status = self.exit_status().await;
-        let at_ms = crate::time::now_ms();
+        let (reason, status, at_ms) = match (fired, unhealthy) {
+            (None, Some((at_ms, last))) => (ExitReason::Unhealthy, Some(last), at_ms),
+            (Some(at_ms), _) => (
+                ExitReason::Watchdog,
+                Some("ended by the agent after the watchdog fired".to_owned()),
+                at_ms,
+            ),
+            (None, None) => (
+                classify(closed.as_ref().and_then(|c| c.shutdown.as_ref())),
+                self.exit_status().await,
+                crate::time::now_ms(),
+            ),
+        };
         let expected = self.record(reason, status.clone(), at_ms);
         // Its taps go with it (a restart makes them again).
         {
@@ -165,6 +206,104 @@ impl Watcher {
             expected,
             at_ms,
         });
+    }
+
+    /// QEMU says the guest's watchdog fired (`what` it did): the reset is counted in
+    /// `instance.toml`; a paused guest's QEMU is ended (its exit is then recorded as
+    /// `watchdog`, and the firing time is returned). Either way subscribers hear of it.
+    async fn watchdog(&self, qmp: &Qmp, what: Fired) -> Option<u64> {
+        let at_ms = crate::time::now_ms();
+        let monitor = self.monitor.upgrade()?;
+        let action = self.dir.read().ok().and_then(|i| i.vm.spec.health.watchdog);
+        warn!(vm = %self.vm, pid = self.pid, ?what, "the guest's watchdog fired");
+        if let (Some(action), Fired::Reset | Fired::Paused) = (action, what) {
+            monitor.announce(HostEvent::Watchdog {
+                vm: self.vm.clone(),
+                pid: self.pid,
+                action,
+                at_ms,
+            });
+        }
+        match what {
+            Fired::Reset => {
+                self.count_reset();
+                None
+            }
+            Fired::Paused => {
+                if let Err(e) = qmp.quit().await {
+                    warn!(vm = %self.vm, error = %e, "cannot end the QEMU whose watchdog fired");
+                }
+                Some(at_ms)
+            }
+            Fired::Other => None,
+        }
+    }
+
+    /// The guest agent's pinger of this QEMU (`[health] guest_agent`), which ends with
+    /// the watcher.
+    fn guest_agent_pinger(&self, qga: &super::guest_agent::SharedAgent) -> Option<AbortOnDrop> {
+        let inst = self.dir.read().ok().filter(|i| i.uuid == self.uuid)?;
+        let health = &inst.vm.spec.health;
+        if !health.guest_agent {
+            return None;
+        }
+        let pinger = super::guest_agent::Pinger {
+            conn: qga.clone(),
+            monitor: self.monitor.clone(),
+            dir: self.dir.clone(),
+            vm: self.vm.clone(),
+            pid: self.pid,
+            period: health.guest_agent_period(),
+        };
+        Some(AbortOnDrop(tokio::spawn(pinger.run()).abort_handle()))
+    }
+
+    /// The probes of this QEMU (`[health.liveness]`, `[health.readiness]`), which end
+    /// with the watcher. A failed liveness probe asks through `end`, unless the restart
+    /// policy is `never` (then the VM stays up, unhealthy).
+    fn probers(
+        &self,
+        end: &tokio::sync::mpsc::UnboundedSender<String>,
+        qga: &super::guest_agent::SharedAgent,
+    ) -> Vec<AbortOnDrop> {
+        let Some(inst) = self.dir.read().ok().filter(|i| i.uuid == self.uuid) else {
+            return Vec::new();
+        };
+        let spec = &inst.vm.spec;
+        [
+            (true, &spec.health.liveness),
+            (false, &spec.health.readiness),
+        ]
+        .into_iter()
+        .filter_map(|(liveness, probe)| {
+            let prober = super::probes::Prober {
+                monitor: self.monitor.clone(),
+                dir: self.dir.clone(),
+                vm: self.vm.clone(),
+                pid: self.pid,
+                liveness,
+                probe: probe.clone()?,
+                forwards: spec.forwards().collect(),
+                qga: qga.clone(),
+                end: (spec.restart != plasmavmc_specs::RestartPolicy::Never).then(|| end.clone()),
+            };
+            Some(AbortOnDrop(tokio::spawn(prober.run()).abort_handle()))
+        })
+        .collect()
+    }
+
+    /// Counts a watchdog reset in `instance.toml` (this instance's only).
+    fn count_reset(&self) {
+        let Ok(mut inst) = self.dir.read() else {
+            return;
+        };
+        if inst.uuid != self.uuid {
+            return;
+        }
+        inst.watchdog_resets += 1;
+        if let Err(e) = self.dir.write(&inst) {
+            warn!(vm = %self.vm, error = %e, "cannot count the watchdog reset");
+        }
     }
 
     /// The exit status, when this process was QEMU's parent (its reaper stores it).
@@ -206,5 +345,27 @@ impl Watcher {
             warn!(vm = %self.vm, error = %e, "cannot record the exit");
         }
         false
+    }
+}
+
+/// The next QMP event; pending forever once there are none (taken elsewhere, or closed).
+async fn next_event(
+    events: &mut Option<tokio::sync::mpsc::UnboundedReceiver<QmpEvent>>,
+) -> Option<QmpEvent> {
+    if let Some(rx) = events {
+        if let Some(event) = rx.recv().await {
+            return Some(event);
+        }
+    }
+    *events = None;
+    std::future::pending().await
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }

@@ -5,11 +5,15 @@
 //! Out: [`Observed`], the planner's second input, and a fingerprint that saved plans
 //! record to detect that the world moved on. Data only: no I/O here.
 
+mod guest;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use plasmavmc_specs::{Power, VmSpec};
 use serde::{Deserialize, Serialize};
+
+pub use guest::{GuestAgentInfo, ProbeState};
 
 /// What QEMU is doing for one instance.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -75,6 +79,18 @@ pub struct ObservedVm {
     /// Automatic restarts so far.
     #[serde(default)]
     pub restarts: u32,
+    /// Times the guest's watchdog reset it in place.
+    #[serde(default)]
+    pub watchdog_resets: u32,
+    /// Its guest agent's last answers (`[health] guest_agent`), for this QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_agent: Option<GuestAgentInfo>,
+    /// Its liveness probe's state, for this QEMU (`ok = false`: unhealthy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub liveness: Option<ProbeState>,
+    /// Its readiness probe's state, for this QEMU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness: Option<ProbeState>,
     /// A live-migration target not resumed yet: its QEMU holds no guest of its own until
     /// the migration completes and it is started.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

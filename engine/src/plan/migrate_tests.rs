@@ -52,6 +52,10 @@ fn copy(
         last_exit: None,
         exits: vec![],
         restarts: 0,
+        watchdog_resets: 0,
+        guest_agent: None,
+        liveness: None,
+        readiness: None,
         incoming,
     }
 }

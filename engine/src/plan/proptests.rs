@@ -65,6 +65,7 @@ fn case() -> impl Strategy<Value = Case> {
         )
 }
 
+#[allow(clippy::too_many_lines)] // one ObservedVm written out field by field
 fn world(cases: &[Case]) -> (Desired, Observed) {
     let mut files: Vec<(String, String)> = HOSTS
         .iter()
@@ -152,6 +153,10 @@ fn world(cases: &[Case]) -> (Desired, Observed) {
                     .into_iter()
                     .collect(),
                 restarts: 0,
+                watchdog_resets: 0,
+                guest_agent: None,
+                liveness: None,
+                readiness: None,
                 incoming: false,
                 seed: None,
                 file_digests: std::collections::BTreeMap::new(),
@@ -208,6 +213,10 @@ fn simulate(d: &Desired, observed: &Observed, plan: &Plan) -> Observed {
                     last_exit: None,
                     exits: vec![],
                     restarts: 0,
+                    watchdog_resets: 0,
+                    guest_agent: None,
+                    liveness: None,
+                    readiness: None,
                     incoming: false,
                     seed: None,
                     file_digests: std::collections::BTreeMap::new(),

@@ -6,7 +6,8 @@
 //!                    │
 //!   disk locked by  ─┼─> GiveUp at once (a copy may run elsewhere: never retried)
 //!   another QEMU     │
-//!   restart = never ─┼─> Stay
+//!   restart = never ─┼─> Stay (unless the watchdog fired and [health] watchdog =
+//!                    │   "restart": that instruction is the more specific one)
 //!   on-failure and   │
 //!   not crash/panic ─┼─> Stay
 //!   N exits in window┼─> GiveUp (phase failed, until the spec changes)
@@ -16,7 +17,7 @@
 //! The first restart is immediate; the k-th exit within the window waits
 //! `backoff * 2^(k-2)`, at most `backoff_max`.
 
-use plasmavmc_specs::{RestartPolicy, RestartSettings};
+use plasmavmc_specs::{RestartPolicy, RestartSettings, WatchdogAction};
 
 use crate::observe::ObservedVm;
 use crate::qemu::exit::ExitReason;
@@ -35,6 +36,13 @@ pub fn describe_exit(vm: &ObservedVm) -> String {
     let last = vm.last_exit.as_ref();
     match last.map_or(ExitReason::Unknown, |e| e.reason) {
         ExitReason::GuestPoweroff => "the guest powered itself off".to_owned(),
+        ExitReason::Watchdog => "the guest stopped feeding its watchdog".to_owned(),
+        ExitReason::Unhealthy => {
+            let why = last
+                .and_then(|e| e.status.as_deref())
+                .unwrap_or("no output");
+            format!("its liveness probe failed ({why})")
+        }
         ExitReason::Unknown => "QEMU exited while no engine was watching".to_owned(),
         ExitReason::StartFailed => {
             let why = last
@@ -79,8 +87,10 @@ pub fn verdict(
             ),
         };
     }
+    let watchdog_restarts =
+        reason == ExitReason::Watchdog && vm.spec.health.watchdog == Some(WatchdogAction::Restart);
     match policy {
-        RestartPolicy::Never => {
+        RestartPolicy::Never if !watchdog_restarts => {
             return Verdict::Stay {
                 why: format!("{what}; restart = \"never\" keeps it stopped"),
             }
@@ -176,6 +186,10 @@ mod tests {
             }),
             exits: exits.to_vec(),
             restarts: 0,
+            watchdog_resets: 0,
+            guest_agent: None,
+            liveness: None,
+            readiness: None,
             incoming: false,
             seed: None,
             file_digests: std::collections::BTreeMap::new(),
@@ -212,6 +226,16 @@ mod tests {
             v(P::OnFailure, Some(ExitReason::Stopped), &[NOW]),
             Verdict::Stay { .. }
         ));
+        // A failed liveness probe is a failure: on-failure replaces it; never does not.
+        let unhealthy = Some(ExitReason::Unhealthy);
+        assert!(matches!(
+            v(P::OnFailure, unhealthy, &[NOW]),
+            Verdict::Restart { .. }
+        ));
+        assert!(matches!(
+            v(P::Never, unhealthy, &[NOW]),
+            Verdict::Stay { .. }
+        ));
         // never: nothing restarts.
         assert!(
             matches!(v(P::Never, crash, &[NOW]), Verdict::Stay { ref why } if why.contains("never"))
@@ -231,6 +255,44 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    #[test]
+    fn a_fired_watchdog_follows_its_action_and_the_policy() {
+        let s = settings();
+        let fired = |policy, action, exits: &[u64], now| {
+            let mut vm = exited(Some(ExitReason::Watchdog), exits);
+            vm.spec.health.watchdog = Some(action);
+            verdict(policy, &s, &vm, now)
+        };
+        // poweroff: a failure, so always and on-failure restart it; never keeps it off.
+        for policy in [P::Always, P::OnFailure] {
+            assert!(matches!(
+                fired(policy, WatchdogAction::Poweroff, &[NOW], NOW),
+                Verdict::Restart {
+                    reason: ExitReason::Watchdog,
+                    attempt: 1
+                }
+            ));
+        }
+        assert!(
+            matches!(fired(P::Never, WatchdogAction::Poweroff, &[NOW], NOW), Verdict::Stay { ref why } if why.contains("watchdog") && why.contains("never"))
+        );
+        // restart: replaced even under never, with the same backoff and give-up limit.
+        for policy in [P::Always, P::OnFailure, P::Never] {
+            assert!(matches!(
+                fired(policy, WatchdogAction::Restart, &[NOW], NOW),
+                Verdict::Restart { .. }
+            ));
+            assert!(matches!(
+                fired(policy, WatchdogAction::Restart, &[NOW - 10, NOW], NOW),
+                Verdict::Wait { until_ms, .. } if until_ms == NOW + 1000
+            ));
+            assert!(matches!(
+                fired(policy, WatchdogAction::Restart, &[NOW; 5], NOW),
+                Verdict::GiveUp { .. }
+            ));
+        }
     }
 
     #[test]

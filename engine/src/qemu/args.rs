@@ -96,8 +96,7 @@ pub fn qemu_args(inst: &InstanceFile, accel: Accel) -> Vec<String> {
         ),
     ]);
     push(&["-serial", "chardev:serial0"]);
-    // A guest panic ends QEMU with a failure status instead of hanging (exit classification).
-    push(&["-device", "pvpanic", "-action", "panic=exit-failure"]);
+    push(&failure_devices(spec));
     if let Some(boot) = &spec.boot {
         if let Some(kernel) = &vm.files.kernel {
             push(&["-kernel", &kernel.to_string_lossy()]);
@@ -166,6 +165,17 @@ fn drives(vm: &VmInstance) -> Vec<String> {
     a
 }
 
+/// The devices a guest's health shows through: a guest panic ends QEMU with a failure
+/// status instead of hanging (exit classification); a watchdog the guest stops feeding
+/// fires (`[health] watchdog`, see `qemu::watchdog`); the guest agent's channel
+/// (`[health] guest_agent`, see `qemu::qga`).
+fn failure_devices(spec: &plasmavmc_specs::VmSpec) -> Vec<&'static str> {
+    let mut a = vec!["-device", "pvpanic", "-action", "panic=exit-failure"];
+    a.extend_from_slice(super::watchdog::args(spec.health.watchdog));
+    a.extend_from_slice(super::qga::args(spec.health.guest_agent));
+    a
+}
+
 /// The `-netdev` of NIC `i` of `vm`: user-mode with its port forwards, or the tap the
 /// host made and put on the bridge before QEMU starts. QEMU only opens that tap, so no
 /// helper script runs (the sandbox denies spawning).
@@ -221,6 +231,7 @@ mod tests {
             last_exit: None,
             exits: vec![],
             restarts: 0,
+            watchdog_resets: 0,
             starting: false,
             incoming: None,
             vm: VmInstance {

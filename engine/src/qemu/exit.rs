@@ -22,6 +22,10 @@ pub enum ExitReason {
     Panic,
     /// QEMU died without a word: killed, crashed.
     Crash,
+    /// The guest stopped feeding its watchdog (`[health] watchdog`): its QEMU was ended.
+    Watchdog,
+    /// Its liveness probe failed (`[health.liveness]`): its QEMU was ended.
+    Unhealthy,
     /// It exited while no engine was watching; the reason is lost.
     Unknown,
     /// QEMU never came up (bad machine type, missing firmware...).
@@ -38,18 +42,23 @@ impl ExitReason {
             ExitReason::Stopped => "stopped",
             ExitReason::Panic => "panic",
             ExitReason::Crash => "crash",
+            ExitReason::Watchdog => "watchdog",
+            ExitReason::Unhealthy => "unhealthy",
             ExitReason::Unknown => "unknown",
             ExitReason::StartFailed => "start-failed",
             ExitReason::ImageLocked => "image-locked",
         }
     }
 
-    /// A failure for `restart = "on-failure"`: crash, panic, or unknown (assume the worst).
+    /// A failure for `restart = "on-failure"`: crash, panic, a fired watchdog, or unknown
+    /// (assume the worst).
     pub fn is_failure(self) -> bool {
         matches!(
             self,
             ExitReason::Panic
                 | ExitReason::Crash
+                | ExitReason::Watchdog
+                | ExitReason::Unhealthy
                 | ExitReason::Unknown
                 | ExitReason::StartFailed
                 | ExitReason::ImageLocked
@@ -127,6 +136,7 @@ mod tests {
         assert_eq!(classify(None), ExitReason::Crash);
         assert!(
             ExitReason::Crash.is_failure()
+                && ExitReason::Watchdog.is_failure()
                 && ExitReason::Panic.is_failure()
                 && ExitReason::Unknown.is_failure()
         );

@@ -6,6 +6,9 @@
 //! qmp.sock        QMP control socket
 //! console.sock    the serial port's socket (`plasmavmc console`; one client)
 //! console.lock    flock of the console attached now
+//! qga.sock        the guest agent's channel (`[health] guest_agent`)
+//! guest-agent.toml what the guest agent last said (written by the host's agent)
+//! liveness.toml, readiness.toml   the probes' states (written by the host's agent)
 //! serial.log      the guest's serial console (previous run: serial.log.1)
 //! qemu.log        QEMU's stdout/stderr (previous run: qemu.log.1)
 //! disks/          the VM's local disks, <disk>.qcow2
@@ -33,6 +36,9 @@ pub const CONSOLE_SOCKET: &str = "console.sock";
 pub const CONSOLE_LOCK: &str = "console.lock";
 pub const QEMU_LOG: &str = "qemu.log";
 pub const DISKS_DIR: &str = "disks";
+pub const GUEST_AGENT_FILE: &str = "guest-agent.toml";
+pub const LIVENESS_FILE: &str = "liveness.toml";
+pub const READINESS_FILE: &str = "readiness.toml";
 
 /// Errors reading or writing an instance folder.
 #[derive(Debug, thiserror::Error)]
@@ -117,6 +123,9 @@ pub struct InstanceFile {
     /// Automatic restarts so far.
     #[serde(default)]
     pub restarts: u32,
+    /// Times the guest's watchdog reset it in place (`[health] watchdog = "reset"`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub watchdog_resets: u32,
     /// Set with `power = running` when a start begins, cleared once its QEMU runs the
     /// guest (or its exit is recorded): a record that still says so with no QEMU alive is
     /// a start cut short (the agent died mid-start), not an exit of the VM.
@@ -141,11 +150,17 @@ impl InstanceFile {
             last_exit: None,
             exits: Vec::new(),
             restarts: 0,
+            watchdog_resets: 0,
             starting: false,
             incoming,
             vm: vm.clone(),
         }
     }
+}
+
+#[allow(clippy::trivially_copy_pass_by_ref)] // serde's skip_serializing_if passes a reference
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What a migration target remembers until it is resumed or discarded.

@@ -8,5 +8,7 @@ pub mod instance;
 pub mod migrate;
 pub mod net;
 pub mod process;
+pub mod qga;
 pub mod qmp;
 pub mod seed;
+pub mod watchdog;

@@ -6,6 +6,9 @@
 //! Events of earlier runs are kept (the most recent [`MAX_EVENTS`]).
 
 pub mod branch;
+mod health;
+
+pub use health::GuestHealth;
 mod nics;
 mod table;
 
@@ -112,6 +115,8 @@ pub enum VmPhase {
     Stopping,
     Stopped,
     Migrating,
+    /// Its QEMU runs but its liveness probe fails (until it is recovered).
+    Unhealthy,
     Crashed,
     Failed,
     Unknown,
@@ -126,6 +131,7 @@ impl VmPhase {
             VmPhase::Stopping => "stopping",
             VmPhase::Stopped => "stopped",
             VmPhase::Migrating => "migrating",
+            VmPhase::Unhealthy => "unhealthy",
             VmPhase::Crashed => "crashed",
             VmPhase::Failed => "failed",
             VmPhase::Unknown => "unknown",
@@ -190,6 +196,9 @@ pub struct VmStatus {
     /// Starts after an exit the engine did not ask for.
     #[serde(default)]
     pub restarts: u32,
+    /// What is known of the guest from the inside (`[health]` of its spec).
+    #[serde(default, skip_serializing_if = "GuestHealth::is_empty")]
+    pub health: GuestHealth,
     /// Commit of the spec the instance runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub spec_revision: Option<String>,
@@ -330,6 +339,7 @@ impl StatusDir {
                     message: None,
                     events: Vec::new(),
                     nics: Vec::new(),
+                    health: GuestHealth::default(),
                 });
                 status.message = Some(what.to_owned());
                 // The first apply of a repository downloads before any status exists.
@@ -475,6 +485,7 @@ impl StatusDir {
                         pid: o.pid,
                         since: o.started_at.clone().filter(|_| o.state.has_process()),
                         restarts: o.restarts,
+                        health: GuestHealth::of(o),
                         spec_revision: Some(o.revision.clone()),
                         spec_hash: Some(o.spec_hash.clone()),
                         up_to_date: want.is_some_and(|w| w.hash == o.spec_hash),
@@ -559,7 +570,16 @@ fn observed_phase(
     now_ms: u64,
 ) -> (VmPhase, Option<String>) {
     match o.state {
-        RunState::Running => (VmPhase::Running, None),
+        RunState::Running => match o.liveness.as_ref().filter(|l| !l.ok) {
+            Some(l) => (
+                VmPhase::Unhealthy,
+                Some(format!(
+                    "its liveness probe fails since {}: {}",
+                    l.since, l.last
+                )),
+            ),
+            None => (VmPhase::Running, None),
+        },
         RunState::Paused if migrating(o) => (
             VmPhase::Migrating,
             Some(format!(
@@ -599,6 +619,7 @@ fn unknown(
         pid: None,
         since: None,
         restarts: 0,
+        health: GuestHealth::default(),
         spec_revision: None,
         spec_hash: None,
         up_to_date: false,
@@ -627,6 +648,7 @@ fn pending(want: &plasmavmc_specs::VmEntry, prev: Option<VmStatus>) -> VmStatus 
         pid: None,
         since: None,
         restarts: prev.as_ref().map_or(0, |p| p.restarts),
+        health: GuestHealth::default(),
         spec_revision: None,
         spec_hash: None,
         up_to_date: false,

@@ -242,6 +242,38 @@ impl<C: Connector> Daemon<C> {
                     ));
                 }
             }
+            if let Trigger::Host(HostEvent::Watchdog {
+                vm, pid, action, ..
+            }) = t
+            {
+                info!(vm = %vm, pid, action = action.as_str(), "watchdog fired");
+                self.events.push((
+                    vm.clone(),
+                    event(
+                        "watchdog",
+                        format!(
+                            "the guest stopped feeding its watchdog (pid {pid}, action {})",
+                            action.as_str()
+                        ),
+                    ),
+                ));
+            }
+            if let Trigger::Host(HostEvent::Probe {
+                vm,
+                liveness,
+                state,
+                first,
+            }) = t
+            {
+                if let Some((kind, what)) = probe_event(*liveness, state, *first) {
+                    self.events.push((vm.clone(), event(kind, what)));
+                }
+            }
+            if let Trigger::Host(HostEvent::GuestAgent { vm, info, first }) = t {
+                if let Some(what) = guest_agent_event(info, *first) {
+                    self.events.push((vm.clone(), event("guest-agent", what)));
+                }
+            }
             if matches!(t, Trigger::Commit) {
                 name = "commit";
             }
@@ -438,4 +470,43 @@ fn event(kind: &str, message: String) -> VmEvent {
 
 fn short(id: &str) -> &str {
     id.get(..12).unwrap_or(id)
+}
+
+/// The event text of a guest agent's change: it answers (with its OS and addresses), or
+/// it stopped answering; nothing for a first "does not answer" (a guest still booting).
+fn guest_agent_event(info: &crate::observe::GuestAgentInfo, first: bool) -> Option<String> {
+    if info.answering {
+        let os = info.os.as_deref().unwrap_or("OS unknown");
+        let addresses = if info.addresses.is_empty() {
+            "no addresses".to_owned()
+        } else {
+            info.addresses.join(", ")
+        };
+        return Some(format!("answers ({os}; {addresses})"));
+    }
+    (!first).then(|| {
+        format!(
+            "stopped answering: {}",
+            info.error.as_deref().unwrap_or("no answer")
+        )
+    })
+}
+
+/// The event of a probe that flipped: `unhealthy`/`healthy` (liveness), `ready`/
+/// `not-ready` (readiness); nothing for a first word that is no news (alive, not ready
+/// yet).
+fn probe_event(
+    liveness: bool,
+    state: &crate::observe::ProbeState,
+    first: bool,
+) -> Option<(&'static str, String)> {
+    match (liveness, state.ok) {
+        (true, false) => Some((
+            "unhealthy",
+            format!("liveness probe failed: {}", state.last),
+        )),
+        (true, true) => (!first).then(|| ("healthy", state.last.clone())),
+        (false, true) => Some(("ready", state.last.clone())),
+        (false, false) => (!first).then(|| ("not-ready", state.last.clone())),
+    }
 }

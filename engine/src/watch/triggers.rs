@@ -39,6 +39,9 @@ impl Trigger {
             Trigger::Host(HostEvent::Exited { .. }) => "exit",
             Trigger::Host(HostEvent::Migrating { .. }) => "migration",
             Trigger::Host(HostEvent::Downloading { .. }) => "download",
+            Trigger::Host(HostEvent::Watchdog { .. }) => "watchdog",
+            Trigger::Host(HostEvent::GuestAgent { .. }) => "guest-agent",
+            Trigger::Host(HostEvent::Probe { .. }) => "probe",
         }
     }
 }

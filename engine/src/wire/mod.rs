@@ -334,6 +334,30 @@ pub enum HostEvent {
         expected: bool,
         at_ms: u64,
     },
+    /// The guest's watchdog fired (`[health] watchdog`). With `reset` the same QEMU goes
+    /// on; otherwise an `Exited` with reason `watchdog` follows.
+    Watchdog {
+        vm: String,
+        pid: u32,
+        action: plasmavmc_specs::WatchdogAction,
+        at_ms: u64,
+    },
+    /// What the VM's guest agent says changed (`[health] guest_agent`): it answers or
+    /// stopped answering, another OS or other addresses. `first`: the first word on this
+    /// QEMU (no change from an earlier one).
+    GuestAgent {
+        vm: String,
+        info: crate::observe::GuestAgentInfo,
+        first: bool,
+    },
+    /// A probe flipped (`[health.liveness]`/`[health.readiness]`). `first`: its first
+    /// word on this QEMU.
+    Probe {
+        vm: String,
+        liveness: bool,
+        state: crate::observe::ProbeState,
+        first: bool,
+    },
     /// How an outgoing live migration is going (about once a second).
     Migrating {
         vm: String,

@@ -85,6 +85,16 @@ impl LocalHost {
         if pid.is_none() && !inst.starting {
             self.tidy_taps(dir, &inst).await;
         }
+        let guest_agent = pid
+            .filter(|_| inst.vm.spec.health.guest_agent)
+            .and_then(|pid| crate::host::guest_agent::read(dir).filter(|g| g.pid == pid));
+        let probe = |file: &str| {
+            pid.and_then(|pid| crate::host::probes::read(dir, file).filter(|s| s.pid == pid))
+        };
+        let liveness =
+            probe(instance::LIVENESS_FILE).filter(|_| inst.vm.spec.health.liveness.is_some());
+        let readiness =
+            probe(instance::READINESS_FILE).filter(|_| inst.vm.spec.health.readiness.is_some());
         ObservedVm {
             name: inst.vm.name,
             uuid: inst.uuid,
@@ -103,6 +113,10 @@ impl LocalHost {
             last_exit: inst.last_exit,
             exits: inst.exits,
             restarts: inst.restarts,
+            watchdog_resets: inst.watchdog_resets,
+            guest_agent,
+            liveness,
+            readiness,
             incoming: inst.incoming.is_some(),
         }
     }
