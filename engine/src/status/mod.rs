@@ -216,6 +216,27 @@ pub struct VmStatus {
     pub nics: Vec<NicStatus>,
 }
 
+impl VmStatus {
+    /// The status of a VM nothing is known of yet but its name and `phase`.
+    fn blank(name: &str, phase: VmPhase) -> Self {
+        Self {
+            name: name.to_owned(),
+            phase,
+            host: None,
+            pid: None,
+            since: None,
+            restarts: 0,
+            health: GuestHealth::default(),
+            spec_revision: None,
+            spec_hash: None,
+            up_to_date: false,
+            message: None,
+            events: Vec::new(),
+            nics: Vec::new(),
+        }
+    }
+}
+
 /// `status/hosts/<name>.toml`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostStatus {
@@ -326,21 +347,9 @@ impl StatusDir {
         match doing {
             Doing::Migrating => self.set_migrating(vm, what),
             Doing::Downloading => {
-                let mut status = self.vm(vm)?.unwrap_or_else(|| VmStatus {
-                    name: vm.to_owned(),
-                    phase: VmPhase::Pending,
-                    host: None,
-                    pid: None,
-                    since: None,
-                    restarts: 0,
-                    spec_revision: None,
-                    spec_hash: None,
-                    up_to_date: false,
-                    message: None,
-                    events: Vec::new(),
-                    nics: Vec::new(),
-                    health: GuestHealth::default(),
-                });
+                let mut status = self
+                    .vm(vm)?
+                    .unwrap_or_else(|| VmStatus::blank(vm, VmPhase::Pending));
                 status.message = Some(what.to_owned());
                 // The first apply of a repository downloads before any status exists.
                 create_private_dir(&self.dir)?;
@@ -612,21 +621,7 @@ fn unknown(
     prev: Option<VmStatus>,
     want: Option<&plasmavmc_specs::VmEntry>,
 ) -> VmStatus {
-    let mut status = prev.unwrap_or_else(|| VmStatus {
-        name: name.to_owned(),
-        phase: VmPhase::Unknown,
-        host: None,
-        pid: None,
-        since: None,
-        restarts: 0,
-        health: GuestHealth::default(),
-        spec_revision: None,
-        spec_hash: None,
-        up_to_date: false,
-        message: None,
-        events: Vec::new(),
-        nics: Vec::new(),
-    });
+    let mut status = prev.unwrap_or_else(|| VmStatus::blank(name, VmPhase::Unknown));
     if let Some(w) = want {
         status.nics = nics::nics_of(name, &w.spec);
     }

@@ -1,10 +1,8 @@
 //! An instance's cloud-init seed on this host: the volume the engine sent to the file
-//! store, copied into the instance folder as `cidata.img`, readable by root only (user
+//! store, copied into the instance folder as `cidata.img` (atomically), readable by root only (user
 //! data may hold secrets), before each QEMU of it starts.
 
 use std::fs;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
 
 use tracing::debug;
 
@@ -42,19 +40,10 @@ impl LocalHost {
         };
         let bytes =
             fs::read(source).map_err(|e| io(format!("cannot read {}", source.display()), e))?;
-        let tmp = dir.dir.join(format!(".{SEED_FILE}.tmp"));
-        let mut file = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(|e| io(format!("cannot write {}", tmp.display()), e))?;
-        file.write_all(&bytes)
-            .and_then(|()| file.sync_all())
-            .map_err(|e| io(format!("cannot write {}", tmp.display()), e))?;
-        fs::rename(&tmp, &target)
-            .map_err(|e| io(format!("cannot write {}", target.display()), e))?;
+        crate::records::write_atomic(&target, &bytes).map_err(|source| HostError::State {
+            vm: vm.name.clone(),
+            source: Box::new(source),
+        })?;
         debug!(vm = %vm.name, instance_id = %seed.instance_id, "cloud-init seed in place");
         Ok(())
     }
