@@ -507,9 +507,10 @@ impl StatusDir {
         }
         // VMs that may be on a host that does not answer: unknown, never reported
         // running (nor pending, nor stopped: they may still run there), unless a copy
-        // that answers runs.
+        // that answers runs (healthy or not).
         for name in observed.whereabouts.keys() {
-            if vms.get(name).is_some_and(|v| v.phase == VmPhase::Running) {
+            let runs = |v: &VmStatus| matches!(v.phase, VmPhase::Running | VmPhase::Unhealthy);
+            if vms.get(name).is_some_and(runs) {
                 continue;
             }
             let found = vms.remove(name);

@@ -177,6 +177,27 @@ fn a_copy_that_does_not_run_is_unknown_while_another_host_may_run_the_vm() {
 }
 
 #[test]
+fn a_copy_that_runs_unhealthy_is_reported_as_it_is_not_unknown() {
+    let mut o = stopped_on_hv2_recorded_on_hv1(false);
+    let copy = o
+        .hosts
+        .get_mut("hv2")
+        .and_then(|h| h.vms.get_mut("a"))
+        .expect("a on hv2");
+    copy.state = RunState::Running;
+    copy.pid = Some(42);
+    copy.liveness = Some(crate::observe::ProbeState {
+        ok: false,
+        since: "2026-12-06T00:00:00Z".to_owned(),
+        pid: 42,
+        last: "no answer within 1s".to_owned(),
+    });
+    let snap = build(&o);
+    assert_eq!(snap.vms[0].phase, VmPhase::Unhealthy);
+    assert_eq!(snap.vms[0].host.as_deref(), Some("hv2"));
+}
+
+#[test]
 fn an_attempt_counts_as_applied_only_without_failures_or_pending_vms() {
     let mut engine = EngineStatus::default();
     assert_eq!(engine.attempted("r1", None, &[]), "");
