@@ -35,7 +35,7 @@ pub fn resolve(
 }
 
 /// The committed text of the file at `path` ("" if unknown), to locate diagnostics in.
-fn text_of<'s>(sources: &'s [SourceFile], path: &str) -> &'s str {
+pub(super) fn text_of<'s>(sources: &'s [SourceFile], path: &str) -> &'s str {
     sources
         .iter()
         .find(|f| f.path == path)

@@ -39,11 +39,7 @@ pub(super) fn build_all(
         let Some(spec) = &entry.spec.cloud_init else {
             continue;
         };
-        let text = sources
-            .iter()
-            .find(|f| f.path == entry.file)
-            .and_then(|f| std::str::from_utf8(&f.bytes).ok())
-            .unwrap_or("");
+        let text = super::files::text_of(sources, &entry.file);
         let mut parts: Vec<(Part, Vec<u8>)> = Vec::new();
         for part in Part::ALL {
             let Some(path) = spec.path(part) else {
