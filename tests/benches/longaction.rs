@@ -30,8 +30,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use plasmavmc_e2e::bench::{env_count, machine, release_binary};
-use plasmavmc_e2e::fleet::{fleet_host, load_average, poll_fast, small_vm, EAGER_RESTART};
 use plasmavmc_e2e::fault::FAILOVER_VM_MB;
+use plasmavmc_e2e::fleet::{fleet_host, load_average, poll_fast, small_vm, EAGER_RESTART};
 use plasmavmc_e2e::{Daemon, LogLine, TestRepo, VmSpec};
 
 const IDLE_KILLS: usize = 3;
@@ -197,9 +197,10 @@ fn kill_during(daemon: &Daemon<'_>, since: usize, pid: i32, moving: &[&str]) -> 
     })?;
     let mut ends = Vec::new();
     for vm in moving {
-        let (_, done) = daemon.wait_log_since(format!("{vm}'s migrate step done"), LONG, since, |l| {
-            l.is("done", Some(vm)) && l.str("op") == Some("migrate")
-        })?;
+        let (_, done) =
+            daemon.wait_log_since(format!("{vm}'s migrate step done"), LONG, since, |l| {
+                l.is("done", Some(vm)) && l.str("op") == Some("migrate")
+            })?;
         ends.push(done.ms_after(killed)?);
     }
     let ms = |t: SystemTime| -> f64 {
@@ -231,13 +232,21 @@ fn kill_during(daemon: &Daemon<'_>, since: usize, pid: i32, moving: &[&str]) -> 
 /// SIGKILLs `pid`; returns the wall clock just before.
 fn kill9(pid: i32) -> Result<SystemTime> {
     let at = SystemTime::now();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL)
-        .with_context(|| format!("kill -9 {pid}"))?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .with_context(|| format!("kill -9 {pid}"))?;
     Ok(at)
 }
 
 /// Victim's first "started" line from index `since` on with a pid other than `old`.
-fn started_after(daemon: &Daemon<'_>, since: usize, old: i32, timeout: Duration) -> Result<LogLine> {
+fn started_after(
+    daemon: &Daemon<'_>,
+    since: usize,
+    old: i32,
+    timeout: Duration,
+) -> Result<LogLine> {
     daemon
         .wait_log_since("victim started again", timeout, since, |l| {
             l.is("started", Some("victim")) && l.int("pid") != Some(i64::from(old))

@@ -85,7 +85,9 @@ pub fn wait_all_running(
                 continue;
             }
             let view = repo.vm_view(vm).ok().flatten()?;
-            let pid = view.pid.filter(|_| view.phase == "running" && &view.host == host)?;
+            let pid = view
+                .pid
+                .filter(|_| view.phase == "running" && &view.host == host)?;
             pids.insert(vm.clone(), pid);
         }
         Some(())
@@ -113,7 +115,11 @@ pub fn wait_ticking(repo: &TestRepo, vms: &[(String, String)], timeout: Duration
         }
         if said.elapsed() >= Duration::from_secs(10) {
             said = Instant::now();
-            eprintln!("{n} of {} guests tick; load average {}", vms.len(), load_average());
+            eprintln!(
+                "{n} of {} guests tick; load average {}",
+                vms.len(),
+                load_average()
+            );
         }
         std::thread::sleep(Duration::from_millis(500));
     }

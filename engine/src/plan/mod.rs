@@ -231,7 +231,10 @@ pub(crate) fn copies_by_vm(observed: &Observed) -> Copies<'_> {
 }
 
 /// The copies of `vm` in `copies` (none: an empty list).
-pub(crate) fn copies_in<'c, 'o>(copies: &'c Copies<'o>, vm: &str) -> &'c [(&'o str, &'o ObservedVm)] {
+pub(crate) fn copies_in<'c, 'o>(
+    copies: &'c Copies<'o>,
+    vm: &str,
+) -> &'c [(&'o str, &'o ObservedVm)] {
     copies.get(vm).map_or(&[], Vec::as_slice)
 }
 

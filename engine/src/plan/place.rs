@@ -363,7 +363,9 @@ mod tests {
         ];
         let d = desired(&files);
         let roomy = hosts(&[("hv1", 4, 1024), ("hv2", 4, 8192)]);
-        let placed = Load::new(&d, &roomy, &crate::plan::copies_by_vm(&roomy)).place(&d, &d.vms["a"]).expect("fits");
+        let placed = Load::new(&d, &roomy, &crate::plan::copies_by_vm(&roomy))
+            .place(&d, &d.vms["a"])
+            .expect("fits");
         assert_eq!(
             placed.host, "hv1",
             "hv2 has more memory but no shared storage"

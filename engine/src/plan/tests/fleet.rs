@@ -45,7 +45,10 @@ fn the_copies_index_lists_each_vm_on_every_host_in_host_order() {
         assert_eq!(hosts, expected, "{vm}");
     }
     assert_eq!(
-        copies_in(&index, "a").iter().map(|(h, _)| *h).collect::<Vec<_>>(),
+        copies_in(&index, "a")
+            .iter()
+            .map(|(h, _)| *h)
+            .collect::<Vec<_>>(),
         ["hv1", "hv3"]
     );
 }
