@@ -181,7 +181,7 @@ fn main() {
         read.push(t1 - t0);
         load.push(t2 - t1);
         plan_new.push(t3 - t2b);
-        total.push((t3 - t0) - (t2b - t2));
+        total.push((t3 - t0).saturating_sub(t2b - t2));
         actions_new = p.actions.len();
         let placed: BTreeMap<String, String> = p
             .actions

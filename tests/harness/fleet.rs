@@ -205,9 +205,10 @@ pub fn rss_kib(pid: i32) -> Result<(u64, u64)> {
 
 /// The 1-, 5- and 15-minute load averages (`/proc/loadavg`).
 pub fn load_average() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "?".to_owned())
+    fs::read_to_string("/proc/loadavg").map_or_else(
+        |_| "?".to_owned(),
+        |l| l.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
+    )
 }
 
 /// Polls `check` every 20 ms (the fleet benches look faster than the tests' 50 ms).

@@ -155,7 +155,7 @@ pub(super) fn plan_moves<'a>(
             };
             let several = copies.len() > 1;
             let (host, have) = if several {
-                super::recover::keeper(observed, name, &copies)
+                super::recover::keeper(observed, name, copies)
             } else {
                 first
             };
