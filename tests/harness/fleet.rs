@@ -16,6 +16,7 @@ use anyhow::{Context, Result};
 
 use crate::daemon::{Daemon, LogLine};
 use crate::fault::FAILOVER_VM_MB;
+use crate::proc::is_alive;
 use crate::repo::TestRepo;
 use crate::serial::ticks;
 use crate::spec::{HostSpec, VmSpec};
@@ -71,7 +72,7 @@ pub fn fleet_repo(hosts: usize, vms: &[(String, String)], settings: &str) -> Res
 }
 
 /// Waits until every `(vm, host)` of `vms` runs there: its status `running` on that
-/// host with a pid (its QEMU answered QMP). Returns the pids by VM.
+/// host with the pid of a live QEMU (it answered QMP). Returns the pids by VM.
 pub fn wait_all_running(
     daemon: &Daemon<'_>,
     vms: &[(String, String)],
@@ -85,9 +86,10 @@ pub fn wait_all_running(
                 continue;
             }
             let view = repo.vm_view(vm).ok().flatten()?;
+            // A live pid: a status left from QEMUs killed earlier still says running.
             let pid = view
                 .pid
-                .filter(|_| view.phase == "running" && &view.host == host)?;
+                .filter(|&p| view.phase == "running" && &view.host == host && is_alive(p))?;
             pids.insert(vm.clone(), pid);
         }
         Some(())
