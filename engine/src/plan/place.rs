@@ -88,9 +88,9 @@ impl Load {
             let Some(want) = desired.vms.get(vm) else {
                 continue;
             };
-            let copies = observed.copies(vm);
+            let copies = super::copies_in(copies, vm);
             let keeper =
-                (!copies.is_empty()).then(|| super::recover::keeper(observed, vm, &copies).0);
+                (!copies.is_empty()).then(|| super::recover::keeper(observed, vm, copies).0);
             for host in touched.iter().filter(|h| Some(h.as_str()) != keeper) {
                 if let Some(load) = hosts.get_mut(host) {
                     load.add(vm, &want.spec);
