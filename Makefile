@@ -1,5 +1,5 @@
 # Task runner: every recipe CI runs is here. `make help` lists them.
-.PHONY: help deps build guest debian demo demo-stop test lint bench fuzz
+.PHONY: help deps build guest debian demo demo-stop test lint bench bench-fleet fuzz
 
 CARGO ?= cargo
 QUICKSTART := examples/quickstart
@@ -13,6 +13,7 @@ help:
 	@echo "make lint       rustfmt and clippy, as CI runs them"
 	@echo "make fuzz       fuzz the spec loader for FUZZ_TIME seconds (needs nightly and cargo-fuzz)"
 	@echo "make bench      the benchmarks quoted in the README (plan at 10k VMs, crash -> running, failover, migration, network during moves)"
+	@echo "make bench-fleet the fleet-scale figures (plan at 100k VMs, idle daemon with 50 VMs, crash during a long action, reboot of 40 VMs; ~20 min)"
 
 deps:
 	@bash .ci/install-deps
@@ -69,3 +70,11 @@ bench:
 	$(CARGO) bench -p plasmavmc-e2e --bench migrate
 	$(CARGO) bench -p plasmavmc-e2e --bench netmove
 	$(CARGO) bench -p plasmavmc --bench plan10k
+
+# Not part of `bench`: the fleet-scale figures boot tens of TCG guests and take about
+# 20 minutes on two cores (BENCHMARKS.md, "Fleet scale").
+bench-fleet:
+	$(CARGO) bench -p plasmavmc --bench plan100k
+	$(CARGO) bench -p plasmavmc-e2e --bench idle
+	$(CARGO) bench -p plasmavmc-e2e --bench longaction
+	$(CARGO) bench -p plasmavmc-e2e --bench reboot40

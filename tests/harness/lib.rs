@@ -33,7 +33,8 @@
 //!   cloud-init, sshd) and SSH into it through a port forward; [`pty`] runs a command on
 //!   a pseudo-terminal (`plasmavmc console` as a person at a terminal uses it).
 //! - [`bench`] holds what the benchmark binaries share (release binary, percentiles,
-//!   the machine's description).
+//!   the machine's description); [`fleet`] what the fleet-scale ones add (many small
+//!   VMs over simulated hosts, CPU and memory of a process from `/proc`).
 //!
 //! What `plasmavmc drill`'s own sandbox reads the same way comes from the engine's
 //! library, one copy for both: the test guest's console words
@@ -45,6 +46,7 @@ pub mod bench;
 mod daemon;
 pub mod debian;
 pub mod fault;
+pub mod fleet;
 mod git;
 pub mod http;
 pub mod netns;

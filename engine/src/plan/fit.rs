@@ -74,9 +74,11 @@ pub fn lack(desired: &Desired, host: &str, facts: &Facts, spec: &VmSpec) -> Opti
     if let Some(lack) = qemu_lack(host, facts.qemu.as_ref(), spec) {
         return Some(lack);
     }
-    let host_spec = desired.hosts.get(host).map(|h| &h.spec);
+    // Looked up only for a VM that needs more than room: placement asks this of every
+    // host for every VM (BENCHMARKS.md, "Fleet scale").
+    let host_spec = || desired.hosts.get(host).map(|h| &h.spec);
     if let Some(disk) = spec.disks.iter().find(|d| d.storage == Storage::Shared) {
-        if host_spec.is_none_or(|h| h.shared_storage.is_none()) {
+        if host_spec().is_none_or(|h| h.shared_storage.is_none()) {
             return Some(Lack {
                 need: "shared storage".to_owned(),
                 why: format!(
@@ -86,8 +88,13 @@ pub fn lack(desired: &Desired, host: &str, facts: &Facts, spec: &VmSpec) -> Opti
             });
         }
     }
-    let listed = host_spec.map(|h| h.networks.as_slice());
-    for net in networks(spec) {
+    let declared = networks(spec);
+    let listed = if declared.is_empty() {
+        None
+    } else {
+        host_spec().map(|h| h.networks.as_slice())
+    };
+    for net in declared {
         let need = format!("network {net}");
         if !listed.is_some_and(|l| l.iter().any(|n| n == net)) {
             let why = format!("{host} does not list it in networks");

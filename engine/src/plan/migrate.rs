@@ -138,6 +138,7 @@ pub(super) fn plan_move(
 pub(super) fn plan_moves<'a>(
     desired: &Desired,
     observed: &Observed,
+    copies_of: &super::Copies<'_>,
     names: &[&'a str],
     load: &mut Load,
     out: &mut Plan,
@@ -148,13 +149,13 @@ pub(super) fn plan_moves<'a>(
     loop {
         let mut progress = false;
         todo.retain(|&name| {
-            let copies = observed.copies(name);
+            let copies = super::copies_in(copies_of, name);
             let (Some(want), Some(&first)) = (desired.vms.get(name), copies.first()) else {
                 return false;
             };
             let several = copies.len() > 1;
             let (host, have) = if several {
-                super::recover::keeper(observed, name, &copies)
+                super::recover::keeper(observed, name, copies)
             } else {
                 first
             };

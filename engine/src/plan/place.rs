@@ -17,7 +17,7 @@
 
 use std::collections::BTreeMap;
 
-use plasmavmc_specs::{Desired, HostState, VmEntry, VmSpec};
+use plasmavmc_specs::{Desired, Forward, HostEntry, HostState, VmEntry, VmSpec};
 
 use super::fit::{self, Facts, Lack};
 use crate::observe::{Capacity, Observed};
@@ -50,8 +50,9 @@ pub struct Placement {
 
 impl Load {
     /// The load of every reachable host: capacity from the host spec (or what the host
-    /// reports), use from the instances it has that should run.
-    pub fn new(desired: &Desired, observed: &Observed) -> Self {
+    /// reports), use from the instances it has that should run (`copies`: those of
+    /// `observed`, by VM, [`super::copies_by_vm`]).
+    pub(crate) fn new(desired: &Desired, observed: &Observed, copies: &super::Copies<'_>) -> Self {
         let mut hosts = BTreeMap::new();
         for (name, inv) in &observed.hosts {
             let spec = desired.hosts.get(name).map(|h| &h.spec);
@@ -72,11 +73,11 @@ impl Load {
         // planner keeps it), even while stopped: it may be started any time. Copies being
         // deleted, and VMs leaving the specs, free theirs for this plan.
         for (vm, want) in &desired.vms {
-            let copies = observed.copies(vm);
+            let copies = super::copies_in(copies, vm);
             if copies.is_empty() {
                 continue;
             }
-            let (host, _) = super::recover::keeper(observed, vm, &copies);
+            let (host, _) = super::recover::keeper(observed, vm, copies);
             if let Some(load) = hosts.get_mut(host) {
                 load.add(vm, &want.spec);
             }
@@ -87,9 +88,9 @@ impl Load {
             let Some(want) = desired.vms.get(vm) else {
                 continue;
             };
-            let copies = observed.copies(vm);
+            let copies = super::copies_in(copies, vm);
             let keeper =
-                (!copies.is_empty()).then(|| super::recover::keeper(observed, vm, &copies).0);
+                (!copies.is_empty()).then(|| super::recover::keeper(observed, vm, copies).0);
             for host in touched.iter().filter(|h| Some(h.as_str()) != keeper) {
                 if let Some(load) = hosts.get_mut(host) {
                     load.add(vm, &want.spec);
@@ -116,13 +117,22 @@ impl Load {
         let ratio = desired.cluster.placement.vcpu_overcommit;
         let mut refusals = Vec::new();
         let mut lacks: Vec<Lack> = Vec::new();
-        let mut fitting = Vec::new();
-        let candidates: Vec<&String> = match &spec.host {
-            Some(pin) => desired.hosts.keys().filter(|h| *h == pin).collect(),
-            None => desired.hosts.keys().collect(),
+        // Asked of every host, so parsed once per VM, not per host.
+        let forwards: Vec<Forward> = spec.forwards().collect();
+        // The best fitting host so far (fewest of its group, most free memory, name)
+        // and how many fit: a scan, not a sort, since this runs for every VM on every
+        // host (100,000 VMs on 1,000 hosts: BENCHMARKS.md, "Fleet scale").
+        let mut best: Option<(u32, std::cmp::Reverse<u64>, &String)> = None;
+        let mut fitting = 0usize;
+        let candidates: Vec<(&String, &HostEntry)> = match &spec.host {
+            Some(pin) => desired.hosts.get_key_value(pin).into_iter().collect(),
+            None => desired.hosts.iter().collect(),
         };
-        for name in candidates {
-            let Some(load) = self.hosts.get(name) else {
+        // Both maps are ordered by name: walked together, not a lookup per host.
+        let mut loads = self.hosts.iter().peekable();
+        for (name, entry) in candidates {
+            while loads.next_if(|(h, _)| *h < name).is_some() {}
+            let Some((_, load)) = loads.next_if(|(h, _)| *h == name) else {
                 refusals.push(format!("{name} unreachable"));
                 continue;
             };
@@ -130,11 +140,7 @@ impl Load {
                 refusals.push(format!("{name} {why}"));
                 continue;
             }
-            if desired
-                .hosts
-                .get(name)
-                .is_some_and(|h| h.spec.state == HostState::Maintenance)
-            {
+            if entry.spec.state == HostState::Maintenance {
                 refusals.push(format!("{name} in maintenance"));
                 continue;
             }
@@ -142,7 +148,7 @@ impl Load {
                 lacks.push(lack);
                 continue;
             }
-            if let Some(taken) = load.port_taken(spec) {
+            if let Some(taken) = load.port_taken(&forwards) {
                 refusals.push(format!("{name} {taken}"));
                 continue;
             }
@@ -165,16 +171,19 @@ impl Load {
                 .and_then(|g| load.groups.get(g))
                 .copied()
                 .unwrap_or(0);
-            fitting.push((same_group, std::cmp::Reverse(free_mem), name.clone()));
+            fitting += 1;
+            let this = (same_group, std::cmp::Reverse(free_mem), name);
+            if best.as_ref().is_none_or(|b| this < *b) {
+                best = Some(this);
+            }
         }
-        fitting.sort();
-        let Some((same_group, std::cmp::Reverse(free_mem), host)) = fitting.first().cloned() else {
+        let Some((same_group, std::cmp::Reverse(free_mem), host)) = best else {
             return Err(explain(spec, &lacks, &refusals));
         };
+        let host = host.clone();
         let mut why = format!(
-            "{free_mem} MB free, the most of {} fitting host{}",
-            fitting.len(),
-            if fitting.len() == 1 { "" } else { "s" }
+            "{free_mem} MB free, the most of {fitting} fitting host{}",
+            if fitting == 1 { "" } else { "s" }
         );
         if spec.host.is_some() {
             why = format!("pinned; {free_mem} MB free");
@@ -256,9 +265,10 @@ impl HostLoad {
         }
     }
 
-    /// The first host port `spec` forwards that another VM has here, said for the plan.
-    fn port_taken(&self, spec: &VmSpec) -> Option<String> {
-        spec.forwards().find_map(|fwd| {
+    /// The first host port of `forwards` (a VM's) that another VM has here, said for the
+    /// plan.
+    fn port_taken(&self, forwards: &[Forward]) -> Option<String> {
+        forwards.iter().find_map(|fwd| {
             let user = self.ports.get(&(fwd.udp, fwd.host_port))?;
             let proto = if fwd.udp { "udp" } else { "tcp" };
             Some(format!(
@@ -319,7 +329,7 @@ mod tests {
         ]);
         let d = desired(&files);
         let o = hosts(&[("hv1", 4, 4096), ("hv2", 4, 4096), ("hv3", 4, 4096)]);
-        let mut load = Load::new(&d, &o);
+        let mut load = Load::new(&d, &o, &crate::plan::copies_by_vm(&o));
         let placed: Vec<String> = ["a", "b", "c", "d"]
             .iter()
             .map(|v| load.place(&d, &d.vms[*v]).expect("fits").host)
@@ -338,7 +348,7 @@ mod tests {
         ]);
         let d = desired(&files);
         let o = hosts(&[("hv1", 4, 4096), ("hv2", 4, 4096)]);
-        let mut load = Load::new(&d, &o);
+        let mut load = Load::new(&d, &o, &crate::plan::copies_by_vm(&o));
         let a = load.place(&d, &d.vms["a"]).expect("a fits").host;
         let b = load.place(&d, &d.vms["b"]).expect("b fits").host;
         assert_ne!(a, b, "two users of tcp:2222 on one host");
@@ -368,13 +378,15 @@ mod tests {
         ];
         let d = desired(&files);
         let roomy = hosts(&[("hv1", 4, 1024), ("hv2", 4, 8192)]);
-        let placed = Load::new(&d, &roomy).place(&d, &d.vms["a"]).expect("fits");
+        let placed = Load::new(&d, &roomy, &crate::plan::copies_by_vm(&roomy))
+            .place(&d, &d.vms["a"])
+            .expect("fits");
         assert_eq!(
             placed.host, "hv1",
             "hv2 has more memory but no shared storage"
         );
         let full = hosts(&[("hv1", 4, 256), ("hv2", 4, 8192)]);
-        let err = Load::new(&d, &full)
+        let err = Load::new(&d, &full, &crate::plan::copies_by_vm(&full))
             .place(&d, &d.vms["a"])
             .expect_err("nowhere");
         assert!(
@@ -396,7 +408,7 @@ mod tests {
         ]);
         let d = desired(&files);
         let o = hosts(&[("hv1", 4, 512), ("hv3", 4, 8192)]);
-        let err = Load::new(&d, &o)
+        let err = Load::new(&d, &o, &crate::plan::copies_by_vm(&o))
             .place(&d, &d.vms["big"])
             .expect_err("nowhere");
         assert_eq!(
@@ -415,7 +427,7 @@ mod tests {
         ]);
         let d = desired(&files);
         let o = hosts(&[("hv1", 2, 1024), ("hv2", 1, 4096)]);
-        let mut load = Load::new(&d, &o);
+        let mut load = Load::new(&d, &o, &crate::plan::copies_by_vm(&o));
         assert_eq!(
             load.place(&d, &d.vms["a"])
                 .expect("hv1 takes 4 of 2x2")
@@ -434,7 +446,7 @@ mod tests {
         let d = desired(&files);
         let o = hosts(&[("hv1", 4, 4096), ("hv2", 4, 4096), ("hv3", 4, 4096)]);
         let run = || {
-            let mut load = Load::new(&d, &o);
+            let mut load = Load::new(&d, &o, &crate::plan::copies_by_vm(&o));
             ["a", "b"].map(|v| load.place(&d, &d.vms[v]).expect("fits"))
         };
         assert_eq!(run(), run());

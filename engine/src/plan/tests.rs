@@ -1,5 +1,6 @@
 //! Table tests of the pure planner: (desired, observed) -> actions.
 
+mod fleet;
 mod lock;
 mod network;
 mod priority;

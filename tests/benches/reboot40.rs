@@ -1,0 +1,192 @@
+//! Benchmark: a host reboot with 40 VMs — their QEMUs die while the engine is down —
+//! until all 40 answer QMP again; and raw QEMU starting the same 40. Real daemon, one
+//! simulated host, real QEMU (TCG), the tiny test guest.
+//!
+//! Run: `cargo bench -p plasmavmc-e2e --bench reboot40` (`REBOOT_VMS=N` VMs, default
+//! 40; `REBOOT_RUNS=N` reboots, default 3; `PLASMAVMC_BIN` picks the binary, default a
+//! release build).
+//!
+//! The VMs (96 MiB, no disk, `restart = "always"`) run on hv1, an agent of the binary
+//! under test through `exec`. Each run: every VM is `running` (its QEMU answered
+//! QMP; under a boot storm of TCG guests not every guest ticks yet); the daemon's process group
+//! (the daemon and its agent) is killed with SIGKILL, then every QEMU; a new daemon is
+//! started (wall clock just before the spawn) and its "started" lines give each VM's
+//! time to QMP-ready (the engine's start: spawn, QMP answers, vCPUs running). Then the
+//! same 40 command lines (read from `/proc` before the kill, each run in its instance
+//! folder as the engine ran it) are started by hand, all at once, and each waited for
+//! until QMP answers and `query-status` says running; the last of the 40 is the raw
+//! figure. Goals (issue 17): all 40 ≤ 2 s; engine / raw ≤ 1.1×. It prints figures; it
+//! asserts nothing.
+
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result};
+use plasmavmc_e2e::bench::{env_count, machine, percentile, release_binary};
+use plasmavmc_e2e::fleet::{
+    fleet_repo, load_average, round_robin, wait_all_running, wait_started, EAGER_RESTART,
+};
+use plasmavmc_e2e::qmp::RawQmp;
+use plasmavmc_e2e::{cmdline, proc, TestRepo};
+
+const VMS: usize = 40;
+const RUNS: usize = 3;
+/// Bound for 40 TCG boots on two shared cores.
+const BOOT_ALL: Duration = Duration::from_secs(600);
+/// Bound for one QEMU to answer QMP.
+const QMP_UP: Duration = Duration::from_secs(120);
+
+/// One run, in milliseconds.
+#[derive(Debug)]
+struct Run {
+    /// Daemon spawn → each VM's "started" line, sorted.
+    engine: Vec<f64>,
+    /// Spawn of the first raw QEMU → each raw QEMU running, sorted.
+    raw: Vec<f64>,
+    load: String,
+}
+
+fn main() -> Result<()> {
+    let vms = env_count("REBOOT_VMS", VMS)?;
+    let runs = env_count("REBOOT_RUNS", RUNS)?;
+    let bin = release_binary()?;
+    let placed = round_robin(vms, 1);
+    let repo = fleet_repo(1, &placed, EAGER_RESTART)?;
+    let mut done = Vec::new();
+    for i in 0..runs {
+        let run = one(&repo, &placed).with_context(|| format!("run {i}"))?;
+        eprintln!(
+            "run {i}: engine last {:.0} ms, raw last {:.0} ms",
+            run.engine.last().copied().unwrap_or(f64::NAN),
+            run.raw.last().copied().unwrap_or(f64::NAN)
+        );
+        done.push(run);
+    }
+    report(&bin, vms, &done);
+    repo.cleanup()?;
+    Ok(())
+}
+
+fn one(repo: &TestRepo, placed: &[(String, String)]) -> Result<Run> {
+    // Start (or, after a previous run's raw QEMUs were killed, restart) the 40: QMP-ready
+    // is what is measured, so guests still booting do not matter.
+    let daemon = repo.watch(&[])?;
+    let pids = wait_all_running(&daemon, placed, BOOT_ALL)?;
+    let lines: Vec<(Vec<String>, PathBuf)> = pids
+        .values()
+        .map(|&pid| {
+            Ok((
+                cmdline(pid)?,
+                proc::cwd(pid).with_context(|| format!("cwd of QEMU {pid}"))?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    // The reboot: engine and agent gone, then every QEMU.
+    drop(daemon);
+    repo.wait_agents_exit("the daemon's process group was killed")?;
+    repo.kill_host_qemus("hv1")?;
+
+    let load = load_average();
+    let spawned = SystemTime::now();
+    let daemon = repo.watch(&[])?;
+    let started = wait_started(&daemon, 0, placed, BOOT_ALL)?;
+    let mut engine: Vec<f64> = started
+        .values()
+        .map(|l| l.ms_after(spawned))
+        .collect::<Result<_>>()?;
+    engine.sort_by(f64::total_cmp);
+    drop(daemon);
+    repo.wait_agents_exit("the daemon's process group was killed")?;
+    repo.kill_host_qemus("hv1")?;
+
+    let raw = raw_starts(&lines)?;
+    repo.kill_host_qemus("hv1")?;
+    Ok(Run { engine, raw, load })
+}
+
+/// Starts every `(argv, cwd)` at once, each in its own session as the engine does;
+/// returns, sorted, the ms from the first spawn to each one answering QMP with its
+/// vCPUs running. The children are killed before returning.
+fn raw_starts(lines: &[(Vec<String>, PathBuf)]) -> Result<Vec<f64>> {
+    let t0 = Instant::now();
+    let mut children: Vec<Child> = Vec::new();
+    let result = (|| -> Result<Vec<f64>> {
+        for (argv, cwd) in lines {
+            let _ = std::fs::remove_file(cwd.join("qmp.sock"));
+            let child = Command::new(&argv[0])
+                .args(&argv[1..])
+                .current_dir(cwd)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("starting {}", argv.join(" ")))?;
+            children.push(child);
+        }
+        let mut up = Vec::new();
+        for (_, cwd) in lines {
+            let mut qmp = RawQmp::connect(&cwd.join("qmp.sock"), QMP_UP)?;
+            let deadline = Instant::now() + QMP_UP;
+            loop {
+                let status = qmp.execute("query-status", None)?;
+                if status["running"].as_bool() == Some(true) {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "raw QEMU in {} not running: {status}",
+                    cwd.display()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            up.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        up.sort_by(f64::total_cmp);
+        Ok(up)
+    })();
+    for child in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result
+}
+
+fn report(bin: &str, vms: usize, runs: &[Run]) {
+    println!("\nhost reboot: {vms} VMs whose QEMUs died while the engine was down → all QMP-ready");
+    println!("binary      {bin}");
+    for (k, v) in machine() {
+        println!("{k:<11} {v}");
+    }
+    println!(
+        "\n{:<5} {:>14} {:>14} {:>14} {:>14} {:>8}  load average",
+        "run", "engine median", "engine last", "raw median", "raw last", "ratio"
+    );
+    let mut ratios = Vec::new();
+    let mut lasts = Vec::new();
+    let mut raw_lasts = Vec::new();
+    for (i, r) in runs.iter().enumerate() {
+        let e = r.engine.last().copied().unwrap_or(f64::NAN);
+        let w = r.raw.last().copied().unwrap_or(f64::NAN);
+        ratios.push(e / w);
+        lasts.push(e);
+        raw_lasts.push(w);
+        println!(
+            "{i:<5} {:>11.0} ms {:>11.0} ms {:>11.0} ms {:>11.0} ms {:>7.2}×  {}",
+            percentile(&r.engine, 50),
+            e,
+            percentile(&r.raw, 50),
+            w,
+            e / w,
+            r.load
+        );
+    }
+    println!(
+        "\nall {vms} QMP-ready: engine {:.0} ms median of runs (goal ≤ 2000), raw {:.0} ms, engine / raw {:.2}× (goal ≤ 1.1×)",
+        percentile(&lasts, 50),
+        percentile(&raw_lasts, 50),
+        percentile(&ratios, 50)
+    );
+}
