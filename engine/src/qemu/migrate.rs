@@ -8,6 +8,15 @@
 //! the guest is paused. `completed` is the commit point: only then is the target
 //! resumed, and the source is never resumed after it.
 //!
+//! Postcopy (`[migration] postcopy_after`) is an explicit escalation: every target
+//! enables `postcopy-ram` when its host can, and a source whose migration has not
+//! completed `postcopy_after` into it switches with `migrate-start-postcopy` (once its
+//! record says so: see [`Escalation`]). From then on the target runs the guest (QEMU
+//! keeps a `-S` target `paused` until `cont`) and pulls the pages it lacks, the source
+//! is `finish-migrate` until `completed` (then `postmigrate`), and the source is never
+//! resumed: measured on 7.2, a killed target leaves it `postcopy-paused`, and a
+//! `migrate_cancel` then leaves it `cancelling` for good.
+//!
 //! Progress is polled (`query-migrate`, `query-block-jobs`): QMP events are not buffered
 //! while no client listens, and the host's one QMP connection belongs to the monitor.
 //! Figures (total time, downtime) are QEMU's own at `completed`.
@@ -35,6 +44,9 @@ pub struct Tuning {
     pub progress_timeout_ms: u64,
     /// Cancel when the whole migration takes longer.
     pub timeout_ms: u64,
+    /// Switch to postcopy when not completed this long after the start (off: `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_after_ms: Option<u64>,
 }
 
 /// Where the target's NBD server listens and which disks it exports (by disk name).
@@ -56,6 +68,36 @@ pub struct Stats {
     pub disk_bytes: u64,
     /// Passes over guest memory (dirty syncs).
     pub passes: u64,
+    /// When the migration switched to postcopy (ms after its start), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_after_ms: Option<u64>,
+    /// Memory bytes sent after the switch to postcopy.
+    #[serde(default)]
+    pub postcopy_bytes: u64,
+}
+
+/// How an outgoing migration escalates to postcopy.
+pub struct Escalation<'a> {
+    /// Not completed this long after the start: switch.
+    pub after: Duration,
+    /// Called once, right before `migrate-start-postcopy`: records on the source that
+    /// it must never be resumed again. The switch happens only when it returns true.
+    pub record: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl std::fmt::Debug for Escalation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Escalation")
+            .field("after", &self.after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a source whose outgoing migration is in QEMU state `status` may ever run its
+/// guest again: not once it switched to postcopy (`postcopy-active`, `-paused`,
+/// `-recover`): the target ran the guest since, and holds pages the source lacks.
+pub fn source_may_resume(status: &str) -> bool {
+    !status.starts_with("postcopy")
 }
 
 /// Where an outgoing migration is.
@@ -99,6 +141,14 @@ pub enum MigrateError {
     TimedOut(Duration),
     #[error("the incoming migration has not completed (QEMU is {0})")]
     NotCompleted(String),
+    /// Failed after the switch to postcopy: the guest's memory is split between the
+    /// hosts, and the source is left paused for good.
+    #[error("failed {after_ms} ms after switching to postcopy, the source left paused (never resumed): {source}")]
+    Postcopy {
+        after_ms: u64,
+        #[source]
+        source: Box<MigrateError>,
+    },
     /// A fail point's `error` action (test builds only).
     #[cfg(feature = "failpoints")]
     #[error(transparent)]
@@ -114,12 +164,21 @@ fn mirror_node(disk: &str) -> String {
 }
 
 /// Target side: exports `nbd`'s disks (when mirroring) and waits for the stream on `uri`.
+/// Returns whether it accepts postcopy (`postcopy-ram` set: the host must have
+/// userfaultfd); it only matters when the source switches.
 pub async fn start_incoming(
     qmp: &Qmp,
     uri: &str,
     nbd: Option<&NbdTarget>,
-) -> Result<(), MigrateError> {
-    set_capabilities(qmp, &[("events", true)]).await?;
+) -> Result<bool, MigrateError> {
+    let postcopy = match set_capabilities(qmp, &[("events", true), ("postcopy-ram", true)]).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "this target cannot take postcopy; precopy only");
+            set_capabilities(qmp, &[("events", true)]).await?;
+            false
+        }
+    };
     if let Some(nbd) = nbd {
         qmp.execute(
             "nbd-server-start",
@@ -139,13 +198,20 @@ pub async fn start_incoming(
     }
     qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
         .await?;
-    Ok(())
+    Ok(postcopy)
 }
 
-/// Target side, after the source reported `completed`: ends the NBD exports and resumes
-/// the guest. Refuses while the incoming migration is not complete.
+/// Target side, after the source reported `completed` or switched to postcopy: ends the
+/// NBD exports and resumes the guest. Refuses while the incoming migration is not
+/// complete (nor in postcopy), after waiting a moment for it to get there: the source
+/// says it switched a little before the target hears it.
 pub async fn finish_incoming(qmp: &Qmp, nbd_disks: &[String]) -> Result<(), MigrateError> {
-    let status = qmp.query_status().await?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut status = qmp.query_status().await?;
+    while status.status == "inmigrate" && Instant::now() < deadline {
+        tokio::time::sleep(POLL).await;
+        status = qmp.query_status().await?;
+    }
     if status.running {
         return Ok(());
     }
@@ -169,18 +235,37 @@ pub async fn finish_incoming(qmp: &Qmp, nbd_disks: &[String]) -> Result<(), Migr
     Ok(())
 }
 
-/// Source side: migrates to `uri`, mirroring `nbd`'s disks first. On any error the
-/// migration is cancelled and the source keeps (or resumes) running.
+/// Source side: migrates to `uri`, mirroring `nbd`'s disks first, switching to postcopy
+/// as `escalation` says. On an error before the switch the migration is cancelled and
+/// the source keeps (or resumes) running; after it, nothing is cancelled nor resumed.
 pub async fn outgoing(
     qmp: &Qmp,
     uri: &str,
     nbd: Option<&NbdTarget>,
     tuning: &Tuning,
+    escalation: Option<&Escalation<'_>>,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Stats, MigrateError> {
     let started = Instant::now();
-    match run_outgoing(qmp, uri, nbd, tuning, started, progress).await {
+    let mut switched = None;
+    let run = Run {
+        uri,
+        nbd,
+        tuning,
+        escalation,
+        started,
+        progress,
+    };
+    match run_outgoing(qmp, &run, &mut switched).await {
         Ok(stats) => Ok(stats),
+        Err(e) if switched.is_some() => {
+            let after_ms = switched.unwrap_or_default();
+            warn!(error = %e, after_ms, "migration failed after the switch to postcopy; the source stays paused and is never resumed");
+            Err(MigrateError::Postcopy {
+                after_ms,
+                source: Box::new(e),
+            })
+        }
         Err(e) => {
             warn!(error = %e, "migration failed; cancelling, the source keeps running");
             cancel(qmp, nbd.map_or(&[][..], |n| &n.disks)).await;
@@ -189,14 +274,30 @@ pub async fn outgoing(
     }
 }
 
+/// One outgoing migration's parameters.
+struct Run<'a> {
+    uri: &'a str,
+    nbd: Option<&'a NbdTarget>,
+    tuning: &'a Tuning,
+    escalation: Option<&'a Escalation<'a>>,
+    started: Instant,
+    progress: &'a (dyn Fn(Progress) + Sync),
+}
+
+/// Sets `switched` (ms after the start) once the migration switched to postcopy.
 async fn run_outgoing(
     qmp: &Qmp,
-    uri: &str,
-    nbd: Option<&NbdTarget>,
-    tuning: &Tuning,
-    started: Instant,
-    progress: &(dyn Fn(Progress) + Sync),
+    run: &Run<'_>,
+    switched: &mut Option<u64>,
 ) -> Result<Stats, MigrateError> {
+    let Run {
+        uri,
+        nbd,
+        tuning,
+        escalation,
+        started,
+        progress,
+    } = *run;
     let mirror = nbd.map_or(&[][..], |n| &n.disks);
     end_earlier(qmp, mirror).await;
     set_capabilities(
@@ -205,6 +306,7 @@ async fn run_outgoing(
             ("events", true),
             ("auto-converge", tuning.auto_converge),
             ("pause-before-switchover", !mirror.is_empty()),
+            ("postcopy-ram", escalation.is_some()),
         ],
     )
     .await?;
@@ -223,6 +325,7 @@ async fn run_outgoing(
     qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
     let mut last_log = Instant::now();
     let mut disk_bytes = 0;
+    let mut escalation = escalation;
     let info = loop {
         let info: MigrateInfo = qmp.query("query-migrate", None).await?;
         match info.status.as_str() {
@@ -232,6 +335,40 @@ async fn run_outgoing(
                 return Err(MigrateError::Failed(
                     info.error_desc.unwrap_or_else(|| info.status.clone()),
                 ))
+            }
+            // The link to the target broke after the switch: QEMU waits for a recovery
+            // that nothing here attempts.
+            "postcopy-paused" => {
+                return Err(MigrateError::Failed(
+                    "postcopy paused: the stream to the target broke".to_owned(),
+                ))
+            }
+            "active" if escalation.is_some_and(|e| started.elapsed() >= e.after) => {
+                let esc = escalation.take().expect("checked");
+                if (esc.record)() {
+                    let at = started.elapsed().as_millis() as u64;
+                    // Whatever QEMU answers, it may have switched: nothing resumes
+                    // this source from here on.
+                    *switched = Some(at);
+                    qmp.execute("migrate-start-postcopy", None).await?;
+                    let ram = info.ram.clone().unwrap_or_default();
+                    info!(
+                        after_ms = at,
+                        transferred = ram.transferred,
+                        remaining = ram.remaining,
+                        "not converged: switched to postcopy; the target runs the guest now"
+                    );
+                    progress(Progress {
+                        phase: "postcopy-active".to_owned(),
+                        transferred: ram.transferred,
+                        remaining: ram.remaining,
+                        passes: ram.dirty_sync_count,
+                        elapsed_ms: at,
+                    });
+                    last_log = Instant::now();
+                } else {
+                    warn!("cannot record the switch to postcopy on the source; staying in precopy");
+                }
             }
             "pre-switchover" => {
                 // Guest paused: finish the mirrors (no pivot), then let the switchover go.
@@ -271,6 +408,8 @@ async fn run_outgoing(
         ram_bytes: ram.transferred,
         disk_bytes,
         passes: ram.dirty_sync_count,
+        postcopy_after_ms: *switched,
+        postcopy_bytes: ram.postcopy_bytes,
     })
 }
 
@@ -292,6 +431,8 @@ pub async fn final_stats(qmp: &Qmp) -> Result<Stats, MigrateError> {
                 ram_bytes: ram.transferred,
                 disk_bytes: 0,
                 passes: ram.dirty_sync_count,
+                postcopy_after_ms: None,
+                postcopy_bytes: ram.postcopy_bytes,
             });
         }
         tokio::time::sleep(POLL).await;
@@ -351,8 +492,16 @@ async fn start_mirrors(
 }
 
 /// Cancels an outgoing migration and its mirrors; resumes the guest if the migration
-/// paused it and did not complete. Best effort: every step is tried.
+/// paused it and did not complete. Best effort: every step is tried. A migration that
+/// switched to postcopy is left alone: nothing is cancelled, the guest is not resumed.
 pub async fn cancel(qmp: &Qmp, mirror: &[String]) {
+    match qmp.query::<MigrateInfo>("query-migrate", None).await {
+        Ok(info) if !source_may_resume(&info.status) => {
+            warn!(status = %info.status, "the migration switched to postcopy: not cancelled, the source is never resumed");
+            return;
+        }
+        _ => {}
+    }
     if let Err(e) = qmp.execute("migrate_cancel", None).await {
         debug!(error = %e, "migrate_cancel");
     }
@@ -530,7 +679,7 @@ struct MigrateInfo {
     error_desc: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 struct RamInfo {
     #[serde(default)]
@@ -539,6 +688,8 @@ struct RamInfo {
     remaining: u64,
     #[serde(default)]
     dirty_sync_count: u64,
+    #[serde(default)]
+    postcopy_bytes: u64,
 }
 
 #[derive(Debug, Deserialize)]
