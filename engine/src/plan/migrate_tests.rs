@@ -57,6 +57,7 @@ fn copy(
         liveness: None,
         readiness: None,
         incoming,
+        postcopy: false,
     }
 }
 

@@ -708,7 +708,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::qemu::qmp::tests::fake::{connected, TestResult};
+    use crate::qemu::qmp::tests::fake::{connected, FakeQemu, TestResult};
 
     fn clock(timeout_s: u64, stall_s: u64, quiet_for_s: u64, running_for_s: u64) -> Clock {
         let now = Instant::now();
@@ -780,6 +780,102 @@ mod tests {
         let disks = ["data".to_owned()];
         let ((), script) = tokio::join!(end_earlier(&qmp, &disks), script);
         script
+    }
+
+    /// Answers every command of an outgoing migration until it switched to postcopy and
+    /// the stream broke; returns the commands sent after that (there must be none).
+    async fn postcopy_that_breaks(fake: &mut FakeQemu) -> TestResult<Vec<String>> {
+        let (id, _) = fake.expect("query-migrate").await?;
+        fake.reply(&id, json!({"status": "none"})).await?;
+        let (id, caps) = fake.expect("migrate-set-capabilities").await?;
+        let on = |c: &str| {
+            caps.as_ref()
+                .and_then(|a| a["capabilities"].as_array().cloned())
+                .into_iter()
+                .flatten()
+                .any(|x| x["capability"] == c && x["state"] == true)
+        };
+        assert!(on("postcopy-ram"), "{caps:?}");
+        fake.reply(&id, json!({})).await?;
+        let (id, _) = fake.expect("migrate-set-parameters").await?;
+        fake.reply(&id, json!({})).await?;
+        let (id, _) = fake.expect("migrate").await?;
+        fake.reply(&id, json!({})).await?;
+        let (id, _) = fake.expect("query-migrate").await?;
+        fake.reply(&id, json!({"status": "active", "ram": {"transferred": 1}}))
+            .await?;
+        let (id, _) = fake.expect("migrate-start-postcopy").await?;
+        fake.reply(&id, json!({})).await?;
+        let (id, _) = fake.expect("query-migrate").await?;
+        fake.reply(&id, json!({"status": "postcopy-paused"}))
+            .await?;
+        let mut after = Vec::new();
+        while let Some(cmd) = fake.recv().await? {
+            after.push(cmd["execute"].as_str().unwrap_or_default().to_owned());
+        }
+        Ok(after)
+    }
+
+    #[tokio::test]
+    async fn after_the_switch_to_postcopy_the_source_is_never_cancelled_nor_resumed() -> TestResult
+    {
+        let (qmp, mut fake) = connected().await?;
+        let recorded = std::sync::atomic::AtomicBool::new(false);
+        let record = || {
+            recorded.store(true, std::sync::atomic::Ordering::SeqCst);
+            true
+        };
+        let escalation = Escalation {
+            after: Duration::ZERO,
+            record: &record,
+        };
+        let tuning = Tuning {
+            max_bandwidth_mib: 1,
+            downtime_limit_ms: 300,
+            auto_converge: false,
+            progress_timeout_ms: 60_000,
+            timeout_ms: 60_000,
+            postcopy_after_ms: Some(0),
+        };
+        let phases = std::sync::Mutex::new(Vec::new());
+        let progress = |p: Progress| phases.lock().expect("lock").push(p.phase);
+        let migrate = async {
+            let r = outgoing(&qmp, "tcp:x:1", None, &tuning, Some(&escalation), &progress).await;
+            drop(qmp);
+            r
+        };
+        let (result, after) = tokio::join!(migrate, postcopy_that_breaks(&mut fake));
+        let err = result.expect_err("the stream broke");
+        assert!(matches!(err, MigrateError::Postcopy { .. }), "{err}");
+        assert!(recorded.load(std::sync::atomic::Ordering::SeqCst));
+        // No migrate_cancel, no cont: nothing at all after the failure.
+        assert_eq!(after?, Vec::<String>::new());
+        assert_eq!(*phases.lock().expect("lock"), ["postcopy-active"]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_cancel_leaves_a_postcopy_source_paused() -> TestResult {
+        let (qmp, mut fake) = connected().await?;
+        let script = async {
+            let (id, _) = fake.expect("query-migrate").await?;
+            fake.reply(&id, json!({"status": "postcopy-active"}))
+                .await?;
+            let mut after = Vec::new();
+            while let Some(cmd) = fake.recv().await? {
+                after.push(cmd["execute"].as_str().unwrap_or_default().to_owned());
+            }
+            TestResult::Ok(after)
+        };
+        let cancelled = async {
+            cancel(&qmp, &[]).await;
+            drop(qmp);
+        };
+        let ((), after) = tokio::join!(cancelled, script);
+        assert_eq!(after?, Vec::<String>::new());
+        assert!(!source_may_resume("postcopy-paused"));
+        assert!(source_may_resume("active") && source_may_resume("cancelled"));
+        Ok(())
     }
 
     #[tokio::test]

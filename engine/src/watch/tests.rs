@@ -98,6 +98,7 @@ impl Fake {
             liveness: None,
             readiness: None,
             incoming: false,
+            postcopy: false,
             seed: None,
             file_digests: std::collections::BTreeMap::new(),
         };
