@@ -413,6 +413,7 @@ async fn ha_on_two_hosts(
     repo.commit("web")?;
     let mut d = daemon(&repo, &[&hv1, &hv2]).await?;
     d.step(vec![Trigger::Startup]).await;
+    d.settle().await;
     Ok((repo, hv1, hv2, d))
 }
 
@@ -430,6 +431,7 @@ async fn a_commit_is_carried_out_and_its_status_written() -> TestResult {
     let (repo, hv1) = web_on_one_host()?;
     let mut d = daemon(&repo, &[&hv1]).await?;
     d.step(vec![Trigger::Startup]).await;
+    d.settle().await;
     assert_eq!(hv1.calls(), ["create web", "start web"]);
     assert_eq!(
         phase(&repo, "web"),
@@ -440,6 +442,7 @@ async fn a_commit_is_carried_out_and_its_status_written() -> TestResult {
     repo.vm("db", "")?;
     repo.commit("stop web, add db")?;
     d.step(vec![Trigger::Commit]).await;
+    d.settle().await;
     let mut new = hv1.calls().split_off(2);
     new.sort();
     assert_eq!(new, ["create db", "start db", "stop web", "update web"]);
@@ -455,6 +458,7 @@ async fn a_commit_is_carried_out_and_its_status_written() -> TestResult {
     // Nothing changed: a timer's reconcile asks nothing of the host.
     let before = hv1.calls().len();
     d.step(vec![Trigger::Timer]).await;
+    d.settle().await;
     assert_eq!(hv1.calls().len(), before, "{:?}", hv1.calls());
     Ok(())
 }
@@ -464,10 +468,12 @@ async fn a_crashed_qemu_is_restarted_and_its_exit_shown() -> TestResult {
     let (repo, hv1) = web_on_one_host()?;
     let mut d = daemon(&repo, &[&hv1]).await?;
     d.step(vec![Trigger::Startup]).await;
+    d.settle().await;
     let first = hv1.vm("web").and_then(|v| v.pid);
 
     let exit = hv1.crash("web");
     d.step(vec![Trigger::Host(exit)]).await;
+    d.settle().await;
     assert_eq!(hv1.calls(), ["create web", "start web", "start web"]);
     let web = repo.status("web").expect("web has a status");
     assert_eq!(web.phase, VmPhase::Running);
@@ -491,7 +497,9 @@ async fn a_silent_host_leaves_its_vms_unknown_and_started_nowhere_else() -> Test
     home.go_silent();
     assert!(d.fleet.health_changed(), "a silent host is a health change");
     d.step(vec![Trigger::Health]).await;
+    d.settle().await;
     d.step(vec![Trigger::Timer]).await;
+    d.settle().await;
     assert_eq!(other.calls(), quiet, "nothing of web is started elsewhere");
     let web = repo.status("web").expect("web has a status");
     assert_eq!(web.phase, VmPhase::Unknown);
@@ -511,6 +519,7 @@ async fn a_fenced_host_s_vms_are_recovered_elsewhere() -> TestResult {
     // Silent for a minute, past `down_after` (5 s): fenced at once, and web recovered.
     home.go_silent();
     d.step(vec![Trigger::Health]).await;
+    d.settle().await;
     let fenced = crate::records::fence::FenceRecords::new(&repo.path().join(".plasmavmc")).all();
     assert!(fenced.contains_key(home.name()), "{fenced:?}");
     assert_eq!(other.calls(), ["recover web", "start web"]);
@@ -528,6 +537,7 @@ async fn a_damaged_journal_is_said_in_the_status_once() -> TestResult {
     std::fs::write(state.join("journal.json"), "{\"revision\": ")?;
     let mut d = daemon(&repo, &[&hv1]).await?;
     d.step(vec![Trigger::Startup]).await;
+    d.settle().await;
     let engine = || {
         StatusDir::new(&state.join("status"))
             .engine()
@@ -539,6 +549,7 @@ async fn a_damaged_journal_is_said_in_the_status_once() -> TestResult {
     assert_eq!(hv1.calls(), ["create web", "start web"], "healing goes on");
     // Said once: the next reconcile that leaves nothing undone clears it.
     d.step(vec![Trigger::Timer]).await;
+    d.settle().await;
     assert_eq!(engine().last_error, None);
     Ok(())
 }
