@@ -345,30 +345,8 @@ async fn run_outgoing(
             }
             "active" if escalation.is_some_and(|e| started.elapsed() >= e.after) => {
                 let esc = escalation.take().expect("checked");
-                if (esc.record)() {
-                    let at = started.elapsed().as_millis() as u64;
-                    // Whatever QEMU answers, it may have switched: nothing resumes
-                    // this source from here on.
-                    *switched = Some(at);
-                    qmp.execute("migrate-start-postcopy", None).await?;
-                    let ram = info.ram.clone().unwrap_or_default();
-                    info!(
-                        after_ms = at,
-                        transferred = ram.transferred,
-                        remaining = ram.remaining,
-                        "not converged: switched to postcopy; the target runs the guest now"
-                    );
-                    progress(Progress {
-                        phase: "postcopy-active".to_owned(),
-                        transferred: ram.transferred,
-                        remaining: ram.remaining,
-                        passes: ram.dirty_sync_count,
-                        elapsed_ms: at,
-                    });
-                    last_log = Instant::now();
-                } else {
-                    warn!("cannot record the switch to postcopy on the source; staying in precopy");
-                }
+                switch_to_postcopy(qmp, &info, esc, started, switched, progress).await?;
+                last_log = Instant::now();
             }
             "pre-switchover" => {
                 // Guest paused: finish the mirrors (no pivot), then let the switchover go.
@@ -383,7 +361,11 @@ async fn run_outgoing(
             _ => {}
         }
         let ram = info.ram.unwrap_or_default();
-        clock.check(ram.transferred)?;
+        // After the switch nothing is gained by giving up: the target runs the guest and
+        // only QEMU's own `postcopy-paused` or `failed` ends the wait.
+        if switched.is_none() {
+            clock.check(ram.transferred)?;
+        }
         if last_log.elapsed() >= Duration::from_secs(1) {
             last_log = Instant::now();
             info!(status = %info.status, transferred = ram.transferred, remaining = ram.remaining,
@@ -411,6 +393,49 @@ async fn run_outgoing(
         postcopy_after_ms: *switched,
         postcopy_bytes: ram.postcopy_bytes,
     })
+}
+
+/// Switches the migration (QEMU `active`, `info`) to postcopy once `esc` recorded it;
+/// sets `switched` unless QEMU refused and stays in precopy. Stays in precopy, with a
+/// warning, when the record cannot be written.
+async fn switch_to_postcopy(
+    qmp: &Qmp,
+    info: &MigrateInfo,
+    esc: &Escalation<'_>,
+    started: Instant,
+    switched: &mut Option<u64>,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<(), MigrateError> {
+    if !(esc.record)() {
+        warn!("cannot record the switch to postcopy on the source; staying in precopy");
+        return Ok(());
+    }
+    let at = started.elapsed().as_millis() as u64;
+    // Whatever QEMU answers, it may have switched: nothing resumes this source from here.
+    *switched = Some(at);
+    if let Err(e) = qmp.execute("migrate-start-postcopy", None).await {
+        // Refused: still precopy (QEMU says so), cancelled as any other.
+        let now: Result<MigrateInfo, _> = qmp.query("query-migrate", None).await;
+        if now.is_ok_and(|i| source_may_resume(&i.status)) {
+            *switched = None;
+        }
+        return Err(e.into());
+    }
+    let ram = info.ram.clone().unwrap_or_default();
+    info!(
+        after_ms = at,
+        transferred = ram.transferred,
+        remaining = ram.remaining,
+        "not converged: switched to postcopy; the target runs the guest now"
+    );
+    progress(Progress {
+        phase: "postcopy-active".to_owned(),
+        transferred: ram.transferred,
+        remaining: ram.remaining,
+        passes: ram.dirty_sync_count,
+        elapsed_ms: at,
+    });
+    Ok(())
 }
 
 /// The figures of the migration that completed on this source, once QEMU has them (a

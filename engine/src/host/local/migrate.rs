@@ -121,8 +121,13 @@ impl LocalHost {
         })?;
         if !now.running {
             // An earlier migration, cut short, left the guest paused: it goes on here
-            // before it moves.
+            // before it moves (never one that switched to postcopy: refused there).
             self.resume_here(&dir, inst, pid).await?;
+        } else if inst.postcopy.is_some() {
+            // Its guest runs here: a mark left by a switch QEMU refused is stale.
+            let mut fresh = inst;
+            fresh.postcopy = None;
+            Self::write(&dir, &fresh)?;
         }
         let monitor = self.monitor.clone();
         let announce = move |progress| {
