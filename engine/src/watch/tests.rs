@@ -38,6 +38,9 @@ struct FakeState {
     silent: AtomicBool,
     events: broadcast::Sender<HostEvent>,
     next_pid: AtomicU32,
+    /// A VM whose stop hangs until [`Fake::release`]: a long action.
+    slow_stop: Mutex<Option<String>>,
+    released: tokio::sync::watch::Sender<bool>,
 }
 
 impl Fake {
@@ -49,7 +52,19 @@ impl Fake {
             silent: AtomicBool::new(false),
             events: broadcast::channel(16).0,
             next_pid: AtomicU32::new(100),
+            slow_stop: Mutex::default(),
+            released: tokio::sync::watch::channel(false).0,
         }))
+    }
+
+    /// Stopping `vm` hangs from now on until [`Fake::release`].
+    fn hold_stop(&self, vm: &str) {
+        *self.0.slow_stop.lock().expect("slow") = Some(vm.to_owned());
+    }
+
+    /// Lets a held stop go on.
+    fn release(&self) {
+        self.0.released.send_replace(true);
     }
 
     fn calls(&self) -> Vec<String> {
@@ -196,6 +211,11 @@ impl Host for Fake {
     }
     async fn stop(&self, vm: &str, _timeout: Duration) -> Result<StopOutcome, HostError> {
         self.record(format!("stop {vm}"));
+        let held = self.0.slow_stop.lock().expect("slow").as_deref() == Some(vm);
+        if held {
+            let mut released = self.0.released.subscribe();
+            let _ = released.wait_for(|r| *r).await;
+        }
         self.with_vm(vm, |have| {
             have.state = RunState::Stopped;
             have.power = Power::Stopped;
@@ -460,6 +480,72 @@ async fn a_commit_is_carried_out_and_its_status_written() -> TestResult {
     d.step(vec![Trigger::Timer]).await;
     d.settle().await;
     assert_eq!(hv1.calls().len(), before, "{:?}", hv1.calls());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_crash_is_healed_while_another_vms_action_still_runs() -> TestResult {
+    let repo = Repo::new()?;
+    let hv1 = Fake::new("hv1");
+    repo.host("hv1", false)?;
+    repo.vm("web", "")?;
+    repo.vm("db", "")?;
+    repo.commit("web and db")?;
+    let mut d = daemon(&repo, &[&hv1]).await?;
+    d.step(vec![Trigger::Startup]).await;
+    d.settle().await;
+    // web's stop hangs: a long action in flight.
+    hv1.hold_stop("web");
+    repo.vm("web", "power = \"stopped\"\n")?;
+    repo.commit("stop web")?;
+    d.step(vec![Trigger::Commit]).await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !hv1.calls().contains(&"stop web".to_owned()) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await?;
+    let exit = hv1.crash("db");
+    d.step(vec![Trigger::Host(exit)]).await;
+    let restarted = tokio::time::timeout(Duration::from_secs(5), async {
+        while hv1.calls().iter().filter(|c| *c == "start db").count() < 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        restarted.is_ok(),
+        "db waits for web's stop: {:?}",
+        hv1.calls()
+    );
+    assert_eq!(
+        hv1.vm("web").map(|v| v.state),
+        Some(RunState::Running),
+        "web's stop still runs"
+    );
+    // A commit that changes web while its stop runs is planned once the stop ended.
+    repo.vm("web", "power = \"stopped\"\npriority = 5\n")?;
+    repo.commit("web: priority 5")?;
+    d.step(vec![Trigger::Commit]).await;
+    assert_eq!(
+        hv1.calls()
+            .iter()
+            .filter(|c| c.starts_with("stop web"))
+            .count(),
+        1,
+        "web is left alone while its action runs: {:?}",
+        hv1.calls()
+    );
+    hv1.release();
+    d.settle().await;
+    assert_eq!(hv1.vm("web").map(|v| v.state), Some(RunState::Stopped));
+    assert_eq!(
+        hv1.vm("web").map(|v| v.spec.priority),
+        Some(5),
+        "{:?}",
+        hv1.calls()
+    );
+    assert_eq!(repo.status("db").map(|s| s.phase), Some(VmPhase::Running));
     Ok(())
 }
 
