@@ -23,6 +23,10 @@
 //! - the engine killed (kill -9) mid-migration and run again: exactly one copy runs,
 //!   where the status says, and the new run says at which step the move was cut short;
 //! - `plasmavmc watch` moves a VM live when a commit pins it elsewhere.
+//! - postcopy as an escalation: a guest dirtying memory faster than a 2 MiB/s cap lets
+//!   precopy converge switches to postcopy after `postcopy_after = "2s"`; the move
+//!   completes, the guest goes on ticking on the target (one QEMU, there), and the move's
+//!   figures and events say postcopy.
 //!
 //! Every test has its own repository, state dir and host roots in a temp folder; the
 //! cleanup kills every process under it, even on failure.
@@ -482,6 +486,67 @@ fn watch_moves_a_vm_live_when_a_commit_pins_it_elsewhere() -> Result<()> {
         first.is_some_and(|t| t > 1),
         "web rebooted on hv2 (first tick {first:?})\n{}",
         daemon.describe()
+    );
+    Ok(())
+}
+
+#[test]
+fn a_move_that_does_not_converge_escalates_to_postcopy() -> Result<()> {
+    let repo = hosts(&["hv1", "hv2"], true)?;
+    // 2 MiB/s and no throttling: a guest rewriting 8 MiB over and over never converges.
+    repo.set_cluster_settings(
+        "[migration]\nmax_bandwidth_mib = 2\nauto_converge = false\npostcopy_after = \"2s\"\n",
+    )?;
+    let spec = VmSpec::new()
+        .no_disks()
+        .memory(128)
+        .cmdline("plasmavmc.dirty=8");
+    repo.write_vm("busy", &spec.clone().pin("hv1"))?;
+    repo.commit("busy on hv1")?;
+    apply(&repo)?;
+    wait_for("busy to dirty its memory", BOOT_TIMEOUT, || {
+        repo.serial_on("hv1", "busy").contains("dirtying 8 MiB")
+    })
+    .with_context(|| repo.serial_on("hv1", "busy"))?;
+    let seen = repo.ticking_on("hv1", "busy", 5)?;
+
+    repin(&repo, &spec, "busy", "hv1", "hv2", "live")?;
+    let started = std::time::Instant::now();
+    let out = apply(&repo)?;
+    println!("{out}");
+    ensure!(
+        started.elapsed() < MOVE_TIMEOUT,
+        "the move took {:?}",
+        started.elapsed()
+    );
+    ensure!(
+        out.contains("switched to postcopy") && out.contains("postcopy after"),
+        "the move does not say it switched to postcopy:\n{out}"
+    );
+    let pid = repo.only_on("hv2", "busy")?;
+    ensure!(
+        repo.qemus_of("busy") == [pid],
+        "more than one QEMU of busy: {:?}",
+        repo.qemus_of("busy")
+    );
+    // The guest went on from where it was, and goes on ticking there.
+    let there = repo.ticking_on("hv2", "busy", seen + 10)?;
+    let ticks_there = ticks(&repo.serial_on("hv2", "busy"));
+    ensure!(
+        ticks_there.first().is_some_and(|t| *t > seen)
+            && !repo.serial_on("hv2", "busy").contains("booted"),
+        "busy rebooted on hv2 (ticks {ticks_there:?}, last seen on hv1 {seen}, now {there})"
+    );
+    ensure!(
+        !repo.instance_dir_on("hv1", "busy").exists(),
+        "hv1 still has busy's instance after the move"
+    );
+    let view = repo.vm_view("busy")?.context("no status")?;
+    ensure!(
+        view.events
+            .iter()
+            .any(|e| e.message.contains("postcopy after")),
+        "busy's events do not say the move switched to postcopy:\n{view}"
     );
     Ok(())
 }

@@ -109,6 +109,7 @@ fn main() {
                     liveness: None,
                     readiness: None,
                     incoming: false,
+                    postcopy: false,
                     seed: None,
                     file_digests: std::collections::BTreeMap::new(),
                 };

@@ -112,6 +112,12 @@ pub struct MigrationSettings {
     /// (at least one GiB's worth).
     #[serde(default = "default_timeout_per_gib")]
     pub timeout_per_gib: HumanDuration,
+    /// Switch a live move that has not completed after this long to postcopy (the target
+    /// runs the guest and pulls the memory it still lacks). Off when absent. Once it
+    /// switches, a failure of either host or of the link between them loses the guest:
+    /// the source is never resumed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_after: Option<HumanDuration>,
 }
 
 impl Default for MigrationSettings {
@@ -122,6 +128,7 @@ impl Default for MigrationSettings {
             auto_converge: true,
             progress_timeout: default_progress_timeout(),
             timeout_per_gib: default_timeout_per_gib(),
+            postcopy_after: None,
         }
     }
 }
@@ -275,6 +282,15 @@ impl ClusterSpec {
                     format!("{key} must be at least 1s"),
                 ));
             }
+        }
+        if mig
+            .postcopy_after
+            .is_some_and(|d| d.0 < Duration::from_millis(100))
+        {
+            out.push((
+                vec![Seg::Key("migration"), Seg::Key("postcopy_after")],
+                "postcopy_after must be at least 100ms".to_owned(),
+            ));
         }
         let c = &self.concurrency;
         for (key, value) in [

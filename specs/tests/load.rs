@@ -246,3 +246,31 @@ fn runas_and_chroot_are_checked() {
         "{errs:#?}"
     );
 }
+
+#[test]
+fn postcopy_is_off_unless_asked_and_its_delay_is_checked() {
+    let d = load(&[file(
+        "plasmavmc.toml",
+        "[migration]\nauto_converge = true\n",
+    )])
+    .expect("valid");
+    assert_eq!(d.cluster.migration.postcopy_after, None);
+    let d = load(&[file(
+        "plasmavmc.toml",
+        "[migration]\npostcopy_after = \"60s\"\n",
+    )])
+    .expect("valid");
+    assert_eq!(
+        d.cluster.migration.postcopy_after.map(|p| p.0.as_secs()),
+        Some(60)
+    );
+    let errs = errors(&[file(
+        "plasmavmc.toml",
+        "[migration]\npostcopy_after = \"10ms\"\n",
+    )]);
+    assert_eq!(
+        errs,
+        ["repo/plasmavmc.toml:2:1: postcopy_after must be at least 100ms"],
+        "{errs:#?}"
+    );
+}

@@ -11,6 +11,11 @@
 //! finds both copies and keeps the one that holds the guest (see `plan/recover.rs`):
 //! before `completed` that is the source, after it the target. A source is only removed
 //! once the target runs (or holds the disks, for a VM that stays stopped).
+//!
+//! A live move may switch to postcopy (`[migration] postcopy_after`): the source says so
+//! in its progress, the target is resumed at once (it runs the guest and pulls the pages
+//! it lacks from the source), and from then on nothing resumes the source nor discards
+//! the target, even when the move fails: the guest lives on the target or nowhere.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -126,12 +131,29 @@ async fn live_move<H: Host>(
     let mut events = src.subscribe();
     let migrate = src.migrate_out(m.vm, &incoming, tuning);
     tokio::pin!(migrate);
+    let mut postcopy = false;
     let outcome = tokio::select! {
         r = &mut migrate => r,
-        () = show_progress(&mut events, m, live) => migrate.await,
+        () = show_progress(&mut events, m, live, &mut postcopy) => {
+            if postcopy {
+                resume_postcopy_target(*dst, m, live).await;
+                tokio::select! {
+                    r = &mut migrate => r,
+                    () = show_progress(&mut events, m, live, &mut postcopy) => migrate.await,
+                }
+            } else {
+                migrate.await
+            }
+        }
     };
     let stats = match outcome {
         Ok(stats) => stats,
+        // After the switch to postcopy the target holds the only guest there is (or
+        // none, if the move broke): neither end is undone, the source never resumed.
+        Err(e) if postcopy || postcopy_on(*src, m.vm).await => {
+            warn!(vm = m.vm, from = m.from, to = m.to, error = %crate::errors::error_chain(&e), "the move failed after switching to postcopy: the guest is on the target or lost; the source stays paused and is never resumed");
+            return Err(e.into());
+        }
         // The source's answer was lost (its agent died) or came after the migration
         // completed all the same: the target holds the guest, and must not be discarded.
         Err(e) if completed_on(*dst, m.vm).await => {
@@ -166,6 +188,7 @@ async fn live_move<H: Host>(
     let stats = match src.migration_stats(m.vm).await {
         Ok(last) => crate::qemu::migrate::Stats {
             disk_bytes: stats.disk_bytes,
+            postcopy_after_ms: stats.postcopy_after_ms,
             ..last
         },
         Err(_) => stats,
@@ -173,7 +196,7 @@ async fn live_move<H: Host>(
     failpoint!("engine.migrate.live.discarding");
     discard_source(*src, m).await;
     Ok(format!(
-        "live to {}, pid {pid}: {} ms, downtime {} ms, {} MiB memory{}, {} passes",
+        "live to {}, pid {pid}: {} ms, downtime {} ms, {} MiB memory{}, {} passes{}",
         m.to,
         stats.total_ms,
         stats.downtime_ms,
@@ -183,7 +206,15 @@ async fn live_move<H: Host>(
         } else {
             format!(" and {} MiB disk", stats.disk_bytes >> 20)
         },
-        stats.passes
+        stats.passes,
+        match stats.postcopy_after_ms {
+            Some(at) => format!(
+                ", postcopy after {:.1} s ({} MiB pulled by the target)",
+                at as f64 / 1000.0,
+                stats.postcopy_bytes >> 20
+            ),
+            None => String::new(),
+        }
     ))
 }
 
@@ -230,6 +261,32 @@ async fn cold_move<H: Host>(
     ))
 }
 
+/// Resumes the target of a move that switched to postcopy: it runs the guest from now
+/// on and pulls the rest of its memory from the source until `completed`. A failure is
+/// only logged: the target is resumed again once the migration completes.
+async fn resume_postcopy_target<H: Host>(dst: &H, m: &Move<'_>, live: super::Live<'_>) {
+    match dst.start(m.vm).await {
+        Ok(pid) => live(
+            m.vm,
+            Doing::Migrating,
+            &format!(
+                "postcopy: the guest runs on {} (pid {pid}) and pulls the rest of its memory from {}; {} is never resumed",
+                m.to, m.from, m.from
+            ),
+        ),
+        Err(e) => {
+            warn!(vm = m.vm, host = m.to, error = %crate::errors::error_chain(&e), "cannot resume the postcopy target yet; it is resumed once the migration completes");
+        }
+    }
+}
+
+/// Whether `host` holds `vm` as a live-migration source that switched to postcopy.
+async fn postcopy_on<H: Host>(host: &H, vm: &str) -> bool {
+    host.inventory()
+        .await
+        .is_ok_and(|inv| inv.vms.get(vm).is_some_and(|v| v.postcopy))
+}
+
 /// Whether `host` holds `vm` as a migration target whose migration completed.
 async fn completed_on<H: Host>(host: &H, vm: &str) -> bool {
     host.inventory().await.is_ok_and(|inv| {
@@ -250,16 +307,33 @@ async fn discard_source<H: Host>(src: &H, m: &Move<'_>) {
     }
 }
 
-/// Passes the source's migration progress to `live` until its events end.
+/// Passes the source's migration progress to `live` until its events end; returns early
+/// when the migration switches to postcopy (the first time: `postcopy` then says so).
 async fn show_progress(
     events: &mut tokio::sync::broadcast::Receiver<HostEvent>,
     m: &Move<'_>,
     live: super::Live<'_>,
+    postcopy: &mut bool,
 ) {
     use tokio::sync::broadcast::error::RecvError;
     loop {
         match events.recv().await {
             Ok(HostEvent::Migrating { vm, progress }) if vm == m.vm => {
+                if !*postcopy && progress.phase.starts_with("postcopy") {
+                    *postcopy = true;
+                    live(
+                        m.vm,
+                        Doing::Migrating,
+                        &format!(
+                            "not converged after {:.1} s: switched to postcopy ({} MiB sent, {} MiB to go); resuming the guest on {}",
+                            progress.elapsed_ms as f64 / 1000.0,
+                            progress.transferred >> 20,
+                            progress.remaining >> 20,
+                            m.to
+                        ),
+                    );
+                    return;
+                }
                 live(
                     m.vm,
                     Doing::Migrating,
@@ -335,5 +409,6 @@ fn tuning(target: &Target, spec: &plasmavmc_specs::VmSpec, copy: &[String]) -> T
         auto_converge: s.auto_converge,
         progress_timeout_ms: s.progress_timeout.0.as_millis() as u64,
         timeout_ms: per_gib.saturating_mul(gib),
+        postcopy_after_ms: s.postcopy_after.map(|d| d.0.as_millis() as u64),
     }
 }

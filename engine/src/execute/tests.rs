@@ -93,6 +93,7 @@ impl Host for FakeHost {
         .map(|()| Incoming {
             uri: "tcp:127.0.0.1:1".into(),
             nbd: None,
+            postcopy: false,
         })
     }
     async fn migrate_out(

@@ -95,6 +95,10 @@ pub struct ObservedVm {
     /// the migration completes and it is started.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub incoming: bool,
+    /// A live-migration source whose move switched to postcopy: the target ran the guest
+    /// since, so this copy never runs it again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub postcopy: bool,
 }
 
 /// The QEMU run states of a paused QEMU that recovery decides by (QMP `query-status`).
@@ -145,8 +149,10 @@ impl ObservedVm {
     /// A live-migration source paused in the migration's last stage (QEMU
     /// `finish-migrate`, e.g. waiting before the switchover): an engine or agent that
     /// died there leaves it so. Its guest has not gone anywhere yet.
+    /// A source that switched to postcopy is never that.
     pub fn paused_mid_migration(&self) -> bool {
         !self.incoming
+            && !self.postcopy
             && self.state == RunState::Paused
             && self.paused == Some(Paused::FinishMigrate)
     }
@@ -155,6 +161,13 @@ impl ObservedVm {
     /// went to the target; resuming it is safe only once the target is known dead.
     pub fn is_migrated_source(&self) -> bool {
         !self.incoming && self.state == RunState::Paused && self.paused == Some(Paused::Postmigrate)
+    }
+
+    /// A live-migration source paused by a move that switched to postcopy: it holds part
+    /// of the guest's memory at most, and is never resumed. Still `finish-migrate` while
+    /// the target pulls pages from it (or after the move failed), `postmigrate` once done.
+    pub fn is_postcopy_source(&self) -> bool {
+        self.postcopy && !self.incoming && self.state == RunState::Paused
     }
 }
 

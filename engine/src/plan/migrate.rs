@@ -159,6 +159,10 @@ pub(super) fn plan_moves<'a>(
             } else {
                 first
             };
+            // Its guest is on a postcopy target or lost: nothing of it moves from here.
+            if have.is_postcopy_source() {
+                return false;
+            }
             let source = super::recover::source_may_resume(observed, have, copies.len());
             let resume = super::recover::resumable(have, source);
             if resume && have.holds_completed_migration() {

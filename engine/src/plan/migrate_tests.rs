@@ -57,6 +57,7 @@ fn copy(
         liveness: None,
         readiness: None,
         incoming,
+        postcopy: false,
     }
 }
 
@@ -487,4 +488,69 @@ fn a_named_cpu_model_moves_only_to_a_host_that_can_run_it() {
     );
     let o = with_cpu(o, "hv2", Some("bb"), &["x86-64-v2", "Skylake-Server"]);
     assert_eq!(lines(&plan(&after, &o, NOW)), ["migrate web hv1>hv2 live"]);
+}
+
+/// `copy` of a source whose move switched to postcopy.
+fn postcopy_source(d: &Desired, vm: &str, detail: &str) -> ObservedVm {
+    ObservedVm {
+        postcopy: true,
+        ..copy(d, vm, RunState::Paused, Some(detail), false)
+    }
+}
+
+#[test]
+fn a_postcopy_source_is_never_resumed() {
+    let d = specs(&[("vms/web.toml", "host = \"hv2\"")]);
+    // The engine died during postcopy and the target runs the guest: the source feeds it
+    // the rest of its memory, and is left alone until the move completes.
+    let feeding = world(vec![
+        ("hv1", postcopy_source(&d, "web", "finish-migrate")),
+        ("hv2", copy(&d, "web", RunState::Running, None, false)),
+    ]);
+    let p = plan(&d, &feeding, NOW);
+    assert!(lines(&p).is_empty(), "{:?}", lines(&p));
+    assert!(p.notes.iter().any(|n| n.contains("postcopy")), "{p:?}");
+    // Done: the source is postmigrate and removed as any stale copy.
+    let done = world(vec![
+        ("hv1", postcopy_source(&d, "web", "postmigrate")),
+        ("hv2", copy(&d, "web", RunState::Running, None, false)),
+    ]);
+    assert_eq!(
+        lines(&plan(&d, &done, NOW)),
+        ["stop web hv1", "delete web hv1"]
+    );
+    // The target resumed by nobody yet (-S, paused in postcopy): it is resumed there.
+    let held = world(vec![
+        ("hv1", postcopy_source(&d, "web", "finish-migrate")),
+        (
+            "hv2",
+            copy(&d, "web", RunState::Paused, Some("paused"), true),
+        ),
+    ]);
+    assert_eq!(lines(&plan(&d, &held, NOW)), ["start web hv2"]);
+    // The target is gone (its QEMU died, or its host lost it): the guest is lost. The
+    // source is stopped, never resumed, alone or next to the dead target's folder.
+    for (detail, with_dead_target) in [
+        ("finish-migrate", false),
+        ("postmigrate", false),
+        ("finish-migrate", true),
+    ] {
+        let mut vms = vec![("hv1", postcopy_source(&d, "web", detail))];
+        if with_dead_target {
+            vms.push(("hv2", copy(&d, "web", RunState::Stopped, None, true)));
+        }
+        let p = plan(&d, &world(vms), NOW);
+        let l = lines(&p);
+        assert!(l.contains(&"stop web hv1".to_owned()), "{detail}: {l:?}");
+        assert!(
+            !l.iter()
+                .any(|a| a.starts_with("start web hv1") || a.starts_with("migrate")),
+            "{detail}: {l:?}"
+        );
+    }
+    // While a host does not answer, the target may run there: nothing is done.
+    let mut away = world(vec![("hv1", postcopy_source(&d, "web", "finish-migrate"))]);
+    away.hosts.remove("hv3");
+    away.unreachable.insert("hv3".into(), "no answer".into());
+    assert!(lines(&plan(&d, &away, NOW)).is_empty());
 }

@@ -180,7 +180,9 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
             (Some(want), None) => plan_new(desired, &mut load, want, &mut out),
             (Some(want), Some((host, have))) => {
                 let source = recover::source_may_resume(observed, have, copies.len());
-                if !recover::plan_resume(name, host, have, source, &mut out) {
+                if !recover::plan_postcopy_source(observed, name, host, have, &mut out)
+                    && !recover::plan_resume(name, host, have, source, &mut out)
+                {
                     let first = out.actions.len();
                     plan_existing(desired, observed, want, (host, have), now_ms, &mut out);
                     fit::hold_starts(desired, observed, want, host, first, &mut out);

@@ -158,6 +158,7 @@ fn world(cases: &[Case]) -> (Desired, Observed) {
                 liveness: None,
                 readiness: None,
                 incoming: false,
+                postcopy: false,
                 seed: None,
                 file_digests: std::collections::BTreeMap::new(),
             };
@@ -218,6 +219,7 @@ fn simulate(d: &Desired, observed: &Observed, plan: &Plan) -> Observed {
                     liveness: None,
                     readiness: None,
                     incoming: false,
+                    postcopy: false,
                     seed: None,
                     file_digests: std::collections::BTreeMap::new(),
                 };

@@ -9,6 +9,8 @@
 //!                                completed migration target; see `keeper`), resume it
 //!                                if a migration left it paused; stop+delete the rest
 //! a migrated source alone, every host answering ──> its target is gone: resume it
+//!   (never one whose move switched to postcopy: stopped instead, the guest is lost)
+//! a postcopy source while its target runs ──> left alone until the move completes
 //! start refused by a disk's image lock ──> failed; say which hosts may hold the disk
 //! ```
 
@@ -167,8 +169,9 @@ pub(super) fn keeper<'a>(
 /// nothing finishes that migration now); or when it is a migrated source alone while
 /// every host answers — its target is gone, and the guest with it unless the source
 /// resumes. Never on a guess: while a host does not answer, the target may live there.
+/// Never a source whose move switched to postcopy: the target ran the guest since.
 pub(super) fn source_may_resume(observed: &Observed, have: &ObservedVm, copies: usize) -> bool {
-    copies > 1
+    !have.postcopy && copies > 1
         || have.paused_mid_migration()
         || (have.is_migrated_source() && observed.unreachable.is_empty())
 }
@@ -207,6 +210,34 @@ pub(super) fn plan_resume(
         host: host.to_owned(),
         reason,
     });
+    true
+}
+
+/// A kept copy that is the source of a move that switched to postcopy, with no target
+/// holding the guest (else that target would be kept): the guest's memory was split
+/// between the hosts and the half on the target is gone, so the guest is lost. The
+/// paused source is stopped, never resumed (the VM then boots again from its disks, as
+/// after a crash); while a host does not answer it is left alone: the target may run
+/// there. Plans that and returns true; false for any other copy.
+pub(super) fn plan_postcopy_source(
+    observed: &Observed,
+    name: &str,
+    host: &str,
+    have: &ObservedVm,
+    out: &mut Plan,
+) -> bool {
+    if !have.is_postcopy_source() {
+        return false;
+    }
+    if observed.unreachable.is_empty() {
+        out.actions.push(Action::Stop {
+            vm: name.to_owned(),
+            host: host.to_owned(),
+            reason: "its live move switched to postcopy and no host holds the target any more: the guest is lost; this paused copy lacks part of its memory and is never resumed".to_owned(),
+        });
+    } else {
+        out.pend(name, format!("paused on {host} by a live move that switched to postcopy; its target may run on a host that does not answer: neither resumed nor stopped until every host answers"));
+    }
     true
 }
 
@@ -253,6 +284,11 @@ pub(super) fn lock_holders(desired: &Desired, observed: &Observed, host: &str) -
 /// shared storage left where they are: the copy kept uses them).
 pub(super) fn remove_stale(name: &str, keep: &str, copies: &[(&str, &ObservedVm)], out: &mut Plan) {
     for (host, copy) in copies.iter().filter(|(h, _)| *h != keep) {
+        if copy.is_postcopy_source() && copy.paused == Some(crate::observe::Paused::FinishMigrate) {
+            // The target pulls the pages it still lacks from this QEMU until `completed`.
+            out.notes.push(format!("{name}: left paused on {host} while {keep} pulls the rest of its memory (postcopy); removed once that move completes"));
+            continue;
+        }
         let reason = format!("stale copy: {name} lives on {keep}");
         let disks = "local disks are retained, shared ones left in place";
         if copy.state.has_process() {

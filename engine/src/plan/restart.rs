@@ -191,6 +191,7 @@ mod tests {
             liveness: None,
             readiness: None,
             incoming: false,
+            postcopy: false,
             seed: None,
             file_digests: std::collections::BTreeMap::new(),
         }

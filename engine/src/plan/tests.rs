@@ -44,6 +44,7 @@ fn running(d: &Desired, vm: &str, state: RunState) -> ObservedVm {
         liveness: None,
         readiness: None,
         incoming: false,
+        postcopy: false,
         seed: None,
         file_digests: std::collections::BTreeMap::new(),
     }

@@ -234,6 +234,7 @@ mod tests {
             watchdog_resets: 0,
             starting: false,
             incoming: None,
+            postcopy: None,
             vm: VmInstance {
                 name: "web".into(),
                 revision: "abc".into(),

@@ -135,6 +135,10 @@ pub struct InstanceFile {
     /// resumed here yet; its QEMU (`-S -incoming defer`) holds no guest until then.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub incoming: Option<IncomingRecord>,
+    /// Set (when, RFC 3339) right before this instance's outgoing live migration
+    /// switches to postcopy: from then on its QEMU never runs the guest again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy: Option<String>,
     pub vm: VmInstance,
 }
 
@@ -153,6 +157,7 @@ impl InstanceFile {
             watchdog_resets: 0,
             starting: false,
             incoming,
+            postcopy: None,
             vm: vm.clone(),
         }
     }

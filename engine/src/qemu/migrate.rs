@@ -8,6 +8,15 @@
 //! the guest is paused. `completed` is the commit point: only then is the target
 //! resumed, and the source is never resumed after it.
 //!
+//! Postcopy (`[migration] postcopy_after`) is an explicit escalation: every target
+//! enables `postcopy-ram` when its host can, and a source whose migration has not
+//! completed `postcopy_after` into it switches with `migrate-start-postcopy` (once its
+//! record says so: see [`Escalation`]). From then on the target runs the guest (QEMU
+//! keeps a `-S` target `paused` until `cont`) and pulls the pages it lacks, the source
+//! is `finish-migrate` until `completed` (then `postmigrate`), and the source is never
+//! resumed: measured on 7.2, a killed target leaves it `postcopy-paused`, and a
+//! `migrate_cancel` then leaves it `cancelling` for good.
+//!
 //! Progress is polled (`query-migrate`, `query-block-jobs`): QMP events are not buffered
 //! while no client listens, and the host's one QMP connection belongs to the monitor.
 //! Figures (total time, downtime) are QEMU's own at `completed`.
@@ -35,6 +44,9 @@ pub struct Tuning {
     pub progress_timeout_ms: u64,
     /// Cancel when the whole migration takes longer.
     pub timeout_ms: u64,
+    /// Switch to postcopy when not completed this long after the start (off: `None`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_after_ms: Option<u64>,
 }
 
 /// Where the target's NBD server listens and which disks it exports (by disk name).
@@ -56,6 +68,36 @@ pub struct Stats {
     pub disk_bytes: u64,
     /// Passes over guest memory (dirty syncs).
     pub passes: u64,
+    /// When the migration switched to postcopy (ms after its start), if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postcopy_after_ms: Option<u64>,
+    /// Memory bytes sent after the switch to postcopy.
+    #[serde(default)]
+    pub postcopy_bytes: u64,
+}
+
+/// How an outgoing migration escalates to postcopy.
+pub struct Escalation<'a> {
+    /// Not completed this long after the start: switch.
+    pub after: Duration,
+    /// Called once, right before `migrate-start-postcopy`: records on the source that
+    /// it must never be resumed again. The switch happens only when it returns true.
+    pub record: &'a (dyn Fn() -> bool + Sync),
+}
+
+impl std::fmt::Debug for Escalation<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Escalation")
+            .field("after", &self.after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a source whose outgoing migration is in QEMU state `status` may ever run its
+/// guest again: not once it switched to postcopy (`postcopy-active`, `-paused`,
+/// `-recover`): the target ran the guest since, and holds pages the source lacks.
+pub fn source_may_resume(status: &str) -> bool {
+    !status.starts_with("postcopy")
 }
 
 /// Where an outgoing migration is.
@@ -99,6 +141,14 @@ pub enum MigrateError {
     TimedOut(Duration),
     #[error("the incoming migration has not completed (QEMU is {0})")]
     NotCompleted(String),
+    /// Failed after the switch to postcopy: the guest's memory is split between the
+    /// hosts, and the source is left paused for good.
+    #[error("failed {after_ms} ms after switching to postcopy, the source left paused (never resumed): {source}")]
+    Postcopy {
+        after_ms: u64,
+        #[source]
+        source: Box<MigrateError>,
+    },
     /// A fail point's `error` action (test builds only).
     #[cfg(feature = "failpoints")]
     #[error(transparent)]
@@ -114,12 +164,21 @@ fn mirror_node(disk: &str) -> String {
 }
 
 /// Target side: exports `nbd`'s disks (when mirroring) and waits for the stream on `uri`.
+/// Returns whether it accepts postcopy (`postcopy-ram` set: the host must have
+/// userfaultfd); it only matters when the source switches.
 pub async fn start_incoming(
     qmp: &Qmp,
     uri: &str,
     nbd: Option<&NbdTarget>,
-) -> Result<(), MigrateError> {
-    set_capabilities(qmp, &[("events", true)]).await?;
+) -> Result<bool, MigrateError> {
+    let postcopy = match set_capabilities(qmp, &[("events", true), ("postcopy-ram", true)]).await {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(error = %e, "this target cannot take postcopy; precopy only");
+            set_capabilities(qmp, &[("events", true)]).await?;
+            false
+        }
+    };
     if let Some(nbd) = nbd {
         qmp.execute(
             "nbd-server-start",
@@ -139,13 +198,20 @@ pub async fn start_incoming(
     }
     qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
         .await?;
-    Ok(())
+    Ok(postcopy)
 }
 
-/// Target side, after the source reported `completed`: ends the NBD exports and resumes
-/// the guest. Refuses while the incoming migration is not complete.
+/// Target side, after the source reported `completed` or switched to postcopy: ends the
+/// NBD exports and resumes the guest. Refuses while the incoming migration is not
+/// complete (nor in postcopy), after waiting a moment for it to get there: the source
+/// says it switched a little before the target hears it.
 pub async fn finish_incoming(qmp: &Qmp, nbd_disks: &[String]) -> Result<(), MigrateError> {
-    let status = qmp.query_status().await?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut status = qmp.query_status().await?;
+    while status.status == "inmigrate" && Instant::now() < deadline {
+        tokio::time::sleep(POLL).await;
+        status = qmp.query_status().await?;
+    }
     if status.running {
         return Ok(());
     }
@@ -169,18 +235,37 @@ pub async fn finish_incoming(qmp: &Qmp, nbd_disks: &[String]) -> Result<(), Migr
     Ok(())
 }
 
-/// Source side: migrates to `uri`, mirroring `nbd`'s disks first. On any error the
-/// migration is cancelled and the source keeps (or resumes) running.
+/// Source side: migrates to `uri`, mirroring `nbd`'s disks first, switching to postcopy
+/// as `escalation` says. On an error before the switch the migration is cancelled and
+/// the source keeps (or resumes) running; after it, nothing is cancelled nor resumed.
 pub async fn outgoing(
     qmp: &Qmp,
     uri: &str,
     nbd: Option<&NbdTarget>,
     tuning: &Tuning,
+    escalation: Option<&Escalation<'_>>,
     progress: &(dyn Fn(Progress) + Sync),
 ) -> Result<Stats, MigrateError> {
     let started = Instant::now();
-    match run_outgoing(qmp, uri, nbd, tuning, started, progress).await {
+    let mut switched = None;
+    let run = Run {
+        uri,
+        nbd,
+        tuning,
+        escalation,
+        started,
+        progress,
+    };
+    match run_outgoing(qmp, &run, &mut switched).await {
         Ok(stats) => Ok(stats),
+        Err(e) if switched.is_some() => {
+            let after_ms = switched.unwrap_or_default();
+            warn!(error = %e, after_ms, "migration failed after the switch to postcopy; the source stays paused and is never resumed");
+            Err(MigrateError::Postcopy {
+                after_ms,
+                source: Box::new(e),
+            })
+        }
         Err(e) => {
             warn!(error = %e, "migration failed; cancelling, the source keeps running");
             cancel(qmp, nbd.map_or(&[][..], |n| &n.disks)).await;
@@ -189,14 +274,30 @@ pub async fn outgoing(
     }
 }
 
+/// One outgoing migration's parameters.
+struct Run<'a> {
+    uri: &'a str,
+    nbd: Option<&'a NbdTarget>,
+    tuning: &'a Tuning,
+    escalation: Option<&'a Escalation<'a>>,
+    started: Instant,
+    progress: &'a (dyn Fn(Progress) + Sync),
+}
+
+/// Sets `switched` (ms after the start) once the migration switched to postcopy.
 async fn run_outgoing(
     qmp: &Qmp,
-    uri: &str,
-    nbd: Option<&NbdTarget>,
-    tuning: &Tuning,
-    started: Instant,
-    progress: &(dyn Fn(Progress) + Sync),
+    run: &Run<'_>,
+    switched: &mut Option<u64>,
 ) -> Result<Stats, MigrateError> {
+    let Run {
+        uri,
+        nbd,
+        tuning,
+        escalation,
+        started,
+        progress,
+    } = *run;
     let mirror = nbd.map_or(&[][..], |n| &n.disks);
     end_earlier(qmp, mirror).await;
     set_capabilities(
@@ -205,6 +306,7 @@ async fn run_outgoing(
             ("events", true),
             ("auto-converge", tuning.auto_converge),
             ("pause-before-switchover", !mirror.is_empty()),
+            ("postcopy-ram", escalation.is_some()),
         ],
     )
     .await?;
@@ -223,6 +325,7 @@ async fn run_outgoing(
     qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
     let mut last_log = Instant::now();
     let mut disk_bytes = 0;
+    let mut escalation = escalation;
     let info = loop {
         let info: MigrateInfo = qmp.query("query-migrate", None).await?;
         match info.status.as_str() {
@@ -232,6 +335,18 @@ async fn run_outgoing(
                 return Err(MigrateError::Failed(
                     info.error_desc.unwrap_or_else(|| info.status.clone()),
                 ))
+            }
+            // The link to the target broke after the switch: QEMU waits for a recovery
+            // that nothing here attempts.
+            "postcopy-paused" => {
+                return Err(MigrateError::Failed(
+                    "postcopy paused: the stream to the target broke".to_owned(),
+                ))
+            }
+            "active" if escalation.is_some_and(|e| started.elapsed() >= e.after) => {
+                let esc = escalation.take().expect("checked");
+                switch_to_postcopy(qmp, &info, esc, started, switched, progress).await?;
+                last_log = Instant::now();
             }
             "pre-switchover" => {
                 // Guest paused: finish the mirrors (no pivot), then let the switchover go.
@@ -246,7 +361,11 @@ async fn run_outgoing(
             _ => {}
         }
         let ram = info.ram.unwrap_or_default();
-        clock.check(ram.transferred)?;
+        // After the switch nothing is gained by giving up: the target runs the guest and
+        // only QEMU's own `postcopy-paused` or `failed` ends the wait.
+        if switched.is_none() {
+            clock.check(ram.transferred)?;
+        }
         if last_log.elapsed() >= Duration::from_secs(1) {
             last_log = Instant::now();
             info!(status = %info.status, transferred = ram.transferred, remaining = ram.remaining,
@@ -271,7 +390,52 @@ async fn run_outgoing(
         ram_bytes: ram.transferred,
         disk_bytes,
         passes: ram.dirty_sync_count,
+        postcopy_after_ms: *switched,
+        postcopy_bytes: ram.postcopy_bytes,
     })
+}
+
+/// Switches the migration (QEMU `active`, `info`) to postcopy once `esc` recorded it;
+/// sets `switched` unless QEMU refused and stays in precopy. Stays in precopy, with a
+/// warning, when the record cannot be written.
+async fn switch_to_postcopy(
+    qmp: &Qmp,
+    info: &MigrateInfo,
+    esc: &Escalation<'_>,
+    started: Instant,
+    switched: &mut Option<u64>,
+    progress: &(dyn Fn(Progress) + Sync),
+) -> Result<(), MigrateError> {
+    if !(esc.record)() {
+        warn!("cannot record the switch to postcopy on the source; staying in precopy");
+        return Ok(());
+    }
+    let at = started.elapsed().as_millis() as u64;
+    // Whatever QEMU answers, it may have switched: nothing resumes this source from here.
+    *switched = Some(at);
+    if let Err(e) = qmp.execute("migrate-start-postcopy", None).await {
+        // Refused: still precopy (QEMU says so), cancelled as any other.
+        let now: Result<MigrateInfo, _> = qmp.query("query-migrate", None).await;
+        if now.is_ok_and(|i| source_may_resume(&i.status)) {
+            *switched = None;
+        }
+        return Err(e.into());
+    }
+    let ram = info.ram.clone().unwrap_or_default();
+    info!(
+        after_ms = at,
+        transferred = ram.transferred,
+        remaining = ram.remaining,
+        "not converged: switched to postcopy; the target runs the guest now"
+    );
+    progress(Progress {
+        phase: "postcopy-active".to_owned(),
+        transferred: ram.transferred,
+        remaining: ram.remaining,
+        passes: ram.dirty_sync_count,
+        elapsed_ms: at,
+    });
+    Ok(())
 }
 
 /// The figures of the migration that completed on this source, once QEMU has them (a
@@ -292,6 +456,8 @@ pub async fn final_stats(qmp: &Qmp) -> Result<Stats, MigrateError> {
                 ram_bytes: ram.transferred,
                 disk_bytes: 0,
                 passes: ram.dirty_sync_count,
+                postcopy_after_ms: None,
+                postcopy_bytes: ram.postcopy_bytes,
             });
         }
         tokio::time::sleep(POLL).await;
@@ -351,8 +517,16 @@ async fn start_mirrors(
 }
 
 /// Cancels an outgoing migration and its mirrors; resumes the guest if the migration
-/// paused it and did not complete. Best effort: every step is tried.
+/// paused it and did not complete. Best effort: every step is tried. A migration that
+/// switched to postcopy is left alone: nothing is cancelled, the guest is not resumed.
 pub async fn cancel(qmp: &Qmp, mirror: &[String]) {
+    match qmp.query::<MigrateInfo>("query-migrate", None).await {
+        Ok(info) if !source_may_resume(&info.status) => {
+            warn!(status = %info.status, "the migration switched to postcopy: not cancelled, the source is never resumed");
+            return;
+        }
+        _ => {}
+    }
     if let Err(e) = qmp.execute("migrate_cancel", None).await {
         debug!(error = %e, "migrate_cancel");
     }
@@ -530,7 +704,7 @@ struct MigrateInfo {
     error_desc: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 struct RamInfo {
     #[serde(default)]
@@ -539,6 +713,8 @@ struct RamInfo {
     remaining: u64,
     #[serde(default)]
     dirty_sync_count: u64,
+    #[serde(default)]
+    postcopy_bytes: u64,
 }
 
 #[derive(Debug, Deserialize)]
@@ -557,7 +733,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::qemu::qmp::tests::fake::{connected, TestResult};
+    use crate::qemu::qmp::tests::fake::{connected, FakeQemu, TestResult};
 
     fn clock(timeout_s: u64, stall_s: u64, quiet_for_s: u64, running_for_s: u64) -> Clock {
         let now = Instant::now();
@@ -629,6 +805,102 @@ mod tests {
         let disks = ["data".to_owned()];
         let ((), script) = tokio::join!(end_earlier(&qmp, &disks), script);
         script
+    }
+
+    /// Answers every command of an outgoing migration until it switched to postcopy and
+    /// the stream broke; returns the commands sent after that (there must be none).
+    async fn postcopy_that_breaks(fake: &mut FakeQemu) -> TestResult<Vec<String>> {
+        let (id, _) = fake.expect("query-migrate").await?;
+        fake.reply(&id, json!({"status": "none"})).await?;
+        let (id, caps) = fake.expect("migrate-set-capabilities").await?;
+        let on = |c: &str| {
+            caps.as_ref()
+                .and_then(|a| a["capabilities"].as_array().cloned())
+                .into_iter()
+                .flatten()
+                .any(|x| x["capability"] == c && x["state"] == true)
+        };
+        assert!(on("postcopy-ram"), "{caps:?}");
+        fake.reply(&id, json!({})).await?;
+        let (id, _) = fake.expect("migrate-set-parameters").await?;
+        fake.reply(&id, json!({})).await?;
+        let (id, _) = fake.expect("migrate").await?;
+        fake.reply(&id, json!({})).await?;
+        let (id, _) = fake.expect("query-migrate").await?;
+        fake.reply(&id, json!({"status": "active", "ram": {"transferred": 1}}))
+            .await?;
+        let (id, _) = fake.expect("migrate-start-postcopy").await?;
+        fake.reply(&id, json!({})).await?;
+        let (id, _) = fake.expect("query-migrate").await?;
+        fake.reply(&id, json!({"status": "postcopy-paused"}))
+            .await?;
+        let mut after = Vec::new();
+        while let Some(cmd) = fake.recv().await? {
+            after.push(cmd["execute"].as_str().unwrap_or_default().to_owned());
+        }
+        Ok(after)
+    }
+
+    #[tokio::test]
+    async fn after_the_switch_to_postcopy_the_source_is_never_cancelled_nor_resumed() -> TestResult
+    {
+        let (qmp, mut fake) = connected().await?;
+        let recorded = std::sync::atomic::AtomicBool::new(false);
+        let record = || {
+            recorded.store(true, std::sync::atomic::Ordering::SeqCst);
+            true
+        };
+        let escalation = Escalation {
+            after: Duration::ZERO,
+            record: &record,
+        };
+        let tuning = Tuning {
+            max_bandwidth_mib: 1,
+            downtime_limit_ms: 300,
+            auto_converge: false,
+            progress_timeout_ms: 60_000,
+            timeout_ms: 60_000,
+            postcopy_after_ms: Some(0),
+        };
+        let phases = std::sync::Mutex::new(Vec::new());
+        let progress = |p: Progress| phases.lock().expect("lock").push(p.phase);
+        let migrate = async {
+            let r = outgoing(&qmp, "tcp:x:1", None, &tuning, Some(&escalation), &progress).await;
+            drop(qmp);
+            r
+        };
+        let (result, after) = tokio::join!(migrate, postcopy_that_breaks(&mut fake));
+        let err = result.expect_err("the stream broke");
+        assert!(matches!(err, MigrateError::Postcopy { .. }), "{err}");
+        assert!(recorded.load(std::sync::atomic::Ordering::SeqCst));
+        // No migrate_cancel, no cont: nothing at all after the failure.
+        assert_eq!(after?, Vec::<String>::new());
+        assert_eq!(*phases.lock().expect("lock"), ["postcopy-active"]);
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_cancel_leaves_a_postcopy_source_paused() -> TestResult {
+        let (qmp, mut fake) = connected().await?;
+        let script = async {
+            let (id, _) = fake.expect("query-migrate").await?;
+            fake.reply(&id, json!({"status": "postcopy-active"}))
+                .await?;
+            let mut after = Vec::new();
+            while let Some(cmd) = fake.recv().await? {
+                after.push(cmd["execute"].as_str().unwrap_or_default().to_owned());
+            }
+            TestResult::Ok(after)
+        };
+        let cancelled = async {
+            cancel(&qmp, &[]).await;
+            drop(qmp);
+        };
+        let ((), after) = tokio::join!(cancelled, script);
+        assert_eq!(after?, Vec::<String>::new());
+        assert!(!source_may_resume("postcopy-paused"));
+        assert!(source_may_resume("active") && source_may_resume("cancelled"));
+        Ok(())
     }
 
     #[tokio::test]

@@ -147,6 +147,7 @@ fn stopped_on_hv2_recorded_on_hv1(fenced: bool) -> Observed {
         liveness: None,
         readiness: None,
         incoming: false,
+        postcopy: false,
         seed: None,
         file_digests: std::collections::BTreeMap::new(),
     };

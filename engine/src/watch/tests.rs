@@ -113,6 +113,7 @@ impl Fake {
             liveness: None,
             readiness: None,
             incoming: false,
+            postcopy: false,
             seed: None,
             file_digests: std::collections::BTreeMap::new(),
         };

@@ -287,6 +287,9 @@ pub struct Incoming {
     pub uri: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub nbd: Option<crate::qemu::migrate::NbdTarget>,
+    /// The target accepts postcopy (`postcopy-ram` set).
+    #[serde(default)]
+    pub postcopy: bool,
 }
 
 /// A piece of a disk file in a cold migration: `len` bytes from some offset; `data` is

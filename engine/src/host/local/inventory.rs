@@ -118,6 +118,7 @@ impl LocalHost {
             liveness,
             readiness,
             incoming: inst.incoming.is_some(),
+            postcopy: inst.postcopy.is_some(),
         }
     }
 

@@ -89,11 +89,11 @@ impl LocalHost {
                 })
             };
             let uri = format!("tcp:{}:{port}", bracketed(listen));
-            migrate::start_incoming(&qmp, &uri, nbd.as_ref())
+            let postcopy = migrate::start_incoming(&qmp, &uri, nbd.as_ref())
                 .await
                 .map_err(|e| Self::migration_err(name, e))?;
-            info!(vm = name, pid, %uri, "waiting for the incoming migration");
-            Ok(Incoming { uri, nbd })
+            info!(vm = name, pid, %uri, postcopy, "waiting for the incoming migration");
+            Ok(Incoming { uri, nbd, postcopy })
         };
         match spawn.await {
             Ok(incoming) => Ok(incoming),
@@ -121,8 +121,13 @@ impl LocalHost {
         })?;
         if !now.running {
             // An earlier migration, cut short, left the guest paused: it goes on here
-            // before it moves.
+            // before it moves (never one that switched to postcopy: refused there).
             self.resume_here(&dir, inst, pid).await?;
+        } else if inst.postcopy.is_some() {
+            // Its guest runs here: a mark left by a switch QEMU refused is stale.
+            let mut fresh = inst;
+            fresh.postcopy = None;
+            Self::write(&dir, &fresh)?;
         }
         let monitor = self.monitor.clone();
         let announce = move |progress| {
@@ -131,9 +136,41 @@ impl LocalHost {
                 progress,
             });
         };
-        let stats = migrate::outgoing(&qmp, &to.uri, to.nbd.as_ref(), tuning, &announce)
-            .await
-            .map_err(|e| Self::migration_err(vm, e))?;
+        // Journal before the act: the record says the source must never run the guest
+        // again before QEMU is told to switch.
+        let record = || {
+            let marked = dir.read().and_then(|mut now| {
+                now.postcopy = Some(crate::time::now());
+                dir.write(&now)
+            });
+            marked
+                .inspect_err(|e| warn!(vm, error = %e, "cannot record the switch to postcopy"))
+                .is_ok()
+        };
+        let escalation = match tuning.postcopy_after_ms {
+            Some(ms) if to.postcopy => Some(migrate::Escalation {
+                after: std::time::Duration::from_millis(ms),
+                record: &record,
+            }),
+            Some(_) => {
+                warn!(
+                    vm,
+                    "the target cannot take postcopy; this move stays precopy"
+                );
+                None
+            }
+            None => None,
+        };
+        let stats = migrate::outgoing(
+            &qmp,
+            &to.uri,
+            to.nbd.as_ref(),
+            tuning,
+            escalation.as_ref(),
+            &announce,
+        )
+        .await
+        .map_err(|e| Self::migration_err(vm, e))?;
         failpoint!("agent.migrate-out.completed");
         info!(
             vm,
@@ -213,6 +250,14 @@ impl LocalHost {
             vm: vm.clone(),
             source: Box::new(source),
         })?;
+        if let (false, Some(at)) = (status.running, &inst.postcopy) {
+            return Err(HostError::Refused {
+                vm,
+                reason: format!(
+                    "its live move switched to postcopy at {at}: the guest ran on the target since, and this paused copy lacks its memory; it is never resumed (stop it)"
+                ),
+            });
+        }
         if !status.running {
             let disks: Vec<String> = inst.vm.spec.disks.iter().map(|d| d.name.clone()).collect();
             migrate::cancel(&qmp, &disks).await;

@@ -61,6 +61,9 @@ impl LocalHost {
         // The exit being recovered from is history now (status events keep it); an exit
         // of the new QEMU is recorded afresh.
         inst.last_exit = None;
+        // A fresh QEMU boots the guest from its disks: whatever a postcopy move left in
+        // the old one's memory is gone, and this one may run.
+        inst.postcopy = None;
         Self::write(&dir, &inst)?;
         failpoint!("agent.start.recorded");
         if let Err(e) = self.ensure_disks_free(&inst.vm).await {
