@@ -130,6 +130,7 @@ fn observed(
             incoming: false,
             seed: None,
             file_digests: BTreeMap::new(),
+            postcopy: false,
         };
         if let Some(inv) = hosts.get_mut(host) {
             inv.vms.insert(vm.clone(), o);
