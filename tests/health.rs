@@ -16,7 +16,11 @@
 //!   adopts the VM and the pinging goes on, a silent guest agent restarts nothing;
 //! - a `tcp` readiness probe flips `ready` both ways without a restart;
 //! - a `guest-agent` liveness probe whose checks hang (ended at their timeout) makes
-//!   the VM `unhealthy`, and its QEMU is replaced.
+//!   the VM `unhealthy`, and its QEMU is replaced;
+//! - probes survive a daemon restart (SIGTERM, a new daemon adopts the VM): a
+//!   readiness flip after it is shown, a liveness failure after it replaces the QEMU;
+//! - an `http` probe whose request hangs (a forwarded port the guest never answers) is
+//!   ended at its timeout, and the agent and daemon go on (a commit is carried out).
 //!
 //! Each prints how long detection and recovery took (the figures belong in
 //! BENCHMARKS.md; the bounds here are only generous sanity bounds).
