@@ -20,7 +20,7 @@
 //! drill                            `plasmavmc drill`: the failure table, measured; its desk
 //! step                             what apply and watch compose: a look with memory
 //! status                           the status files the engine publishes
-//! execute                          Plan -> Host calls, journaled, whereabouts noted first
+//! execute                          Plan -> Host calls, several at once, journaled, whereabouts first
 //! agent                            `plasmavmc agent`: serves Host calls on a byte stream
 //! host                             the Host trait, its agent client, QEMU on this machine
 //! wire                             the agent protocol's messages, below client and server

@@ -28,6 +28,52 @@ pub struct ClusterSpec {
     /// The networks VMs may be put on besides `user`, by name (`[networks.lan]`).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub networks: BTreeMap<String, NetworkDef>,
+    /// How many actions the engine carries out at once.
+    #[serde(default)]
+    pub concurrency: ConcurrencySettings,
+}
+
+/// Bounds on the actions carried out at once. Different VMs' actions run concurrently;
+/// each VM's own actions always run in order. A slow action (a move, a download) holds
+/// only its own slots: a crashed VM elsewhere is restarted meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConcurrencySettings {
+    /// Actions touching one host at once (creates, starts, stops, moves in and out).
+    #[serde(default = "default_per_host")]
+    #[schemars(range(min = 1))]
+    pub per_host: u32,
+    /// Moves (live or cold) into or out of one host at once: both ends count, since a
+    /// move shares the host's link and disk.
+    #[serde(default = "default_migrations_per_host")]
+    #[schemars(range(min = 1))]
+    pub migrations_per_host: u32,
+    /// Moves at once across all hosts.
+    #[serde(default = "default_migrations")]
+    #[schemars(range(min = 1))]
+    pub migrations: u32,
+}
+
+impl Default for ConcurrencySettings {
+    fn default() -> Self {
+        Self {
+            per_host: default_per_host(),
+            migrations_per_host: default_migrations_per_host(),
+            migrations: default_migrations(),
+        }
+    }
+}
+
+fn default_per_host() -> u32 {
+    8
+}
+
+fn default_migrations_per_host() -> u32 {
+    2
+}
+
+fn default_migrations() -> u32 {
+    5
 }
 
 /// A network: a Linux bridge of the same name on every host that has it (hosts list
@@ -227,6 +273,19 @@ impl ClusterSpec {
                 out.push((
                     vec![Seg::Key("migration"), Seg::Key(key)],
                     format!("{key} must be at least 1s"),
+                ));
+            }
+        }
+        let c = &self.concurrency;
+        for (key, value) in [
+            ("per_host", c.per_host),
+            ("migrations_per_host", c.migrations_per_host),
+            ("migrations", c.migrations),
+        ] {
+            if value == 0 {
+                out.push((
+                    vec![Seg::Key("concurrency"), Seg::Key(key)],
+                    format!("{key} must be at least 1"),
                 ));
             }
         }

@@ -21,8 +21,8 @@ pub mod vm;
 
 pub use cloud_init::CloudInit;
 pub use cluster::{
-    ClusterSpec, HeartbeatSettings, HumanDuration, MigrationSettings, NetworkDef,
-    PlacementSettings, RestartSettings, Timeouts,
+    ClusterSpec, ConcurrencySettings, HeartbeatSettings, HumanDuration, MigrationSettings,
+    NetworkDef, PlacementSettings, RestartSettings, Timeouts,
 };
 pub use diag::{Diagnostic, Seg};
 pub use health::{Health, Probe, ProbeKind, WatchdogAction};

@@ -34,6 +34,7 @@ impl Fleet for Hosts {
             self.up.values(),
             &Unreachable::down(&self.down),
             &self.state,
+            None,
         )
         .await
     }

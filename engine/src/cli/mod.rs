@@ -5,6 +5,7 @@ mod context;
 mod disks;
 mod drill;
 mod plan;
+mod progress;
 mod serial;
 mod status;
 

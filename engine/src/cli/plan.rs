@@ -8,9 +8,10 @@ use clap::Args;
 
 use super::context::Hosts;
 use super::context::{print_invalid, Ctx};
+use super::progress::Progress;
 use super::{RepoArgs, EXIT_CHANGES};
 use crate::execute::journal::JournalFile;
-use crate::execute::{Doing, Outcome, Step};
+use crate::execute::Doing;
 use crate::observe::Observed;
 use crate::plan::{Plan, SavedPlan};
 use crate::records::StateLock;
@@ -216,10 +217,11 @@ pub async fn apply(args: &ApplyArgs) -> anyhow::Result<u8> {
         plan
     };
     let damaged = announce_interrupted(&JournalFile::new(&ctx.state));
-    let live = show_live(&status);
-    let outcome = carry_out(
-        &mut hosts, &target, observed, &plan, &state, &live, print_step,
-    )
+    let shown = Progress::new();
+    let live = show_live(&status, &shown);
+    let outcome = carry_out(&mut hosts, &target, observed, &plan, &state, &live, |s| {
+        shown.ended(s);
+    })
     .await?;
     engine.stamp(ctx.source.spec_dir());
     engine.revision_seen = Some(target.commit.id.clone());
@@ -267,9 +269,12 @@ fn read_saved(path: &std::path::Path) -> anyhow::Result<SavedPlan> {
 }
 
 /// What a long action is doing: on stderr, and in the VM's status.
-fn show_live(status: &StatusDir) -> impl Fn(&str, Doing, &str) + Sync + '_ {
+fn show_live<'a>(
+    status: &'a StatusDir,
+    shown: &'a Progress,
+) -> impl Fn(&str, Doing, &str) + Sync + 'a {
     move |vm, doing, what| {
-        eprintln!("  ..   {vm}: {what}");
+        shown.live(vm, what);
         if let Err(e) = status.set_live(vm, doing, what) {
             tracing::warn!(vm, error = %e, "cannot show progress in the status");
         }
@@ -291,19 +296,5 @@ fn confirm(n: usize) -> anyhow::Result<bool> {
     } else {
         eprintln!("Apply cancelled; nothing was changed.");
         Ok(false)
-    }
-}
-
-fn print_step(step: &Step) {
-    let a = &step.action;
-    match &step.outcome {
-        Outcome::Done { detail, took } => println!(
-            "  ok   {} {} ({:.2}s): {detail}",
-            a.op(),
-            a.vm(),
-            took.as_secs_f64()
-        ),
-        Outcome::Failed { error } => println!("  FAIL {} {}: {error}", a.op(), a.vm()),
-        Outcome::Skipped { why } => println!("  skip {} {}: {why}", a.op(), a.vm()),
     }
 }

@@ -1,5 +1,7 @@
-//! The apply journal: the plan being carried out, written before its first action and
-//! after each one, removed when the plan is done.
+//! The apply journal: the plan being carried out, written before its first action,
+//! when each action starts and after each one, removed when the plan is done. Several
+//! actions may run at once (different VMs'): `running` names them. The daemon's runner
+//! keeps one journal for everything it has in flight, adding actions as it takes them.
 //!
 //! If the engine dies half-way, the next run finds the journal, says what was cut
 //! short, and plans again from what really runs: every action is idempotent, so the
@@ -21,10 +23,16 @@ pub struct Journal {
     pub revision: String,
     pub started_at: String,
     pub actions: Vec<Action>,
-    /// How many actions finished (successfully or not).
+    /// How many actions ended (done, failed or skipped).
     pub done: usize,
-    /// The last step reported inside the running action (a migration's).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The actions running now, as indexes into `actions`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub running: Vec<usize>,
+    /// The last step reported inside each running action (a migration's), one per VM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<JournalStep>,
+    /// The one step older engines, which ran one action at a time, wrote.
+    #[serde(default, skip_serializing)]
     pub step: Option<JournalStep>,
 }
 
@@ -132,22 +140,75 @@ impl JournalFile {
 }
 
 impl Journal {
+    /// A journal for `actions` of commit `revision`, none started yet.
+    pub fn new(revision: &str, actions: Vec<Action>) -> Self {
+        Self {
+            revision: revision.to_owned(),
+            started_at: crate::time::now(),
+            actions,
+            done: 0,
+            running: Vec::new(),
+            steps: Vec::new(),
+            step: None,
+        }
+    }
+
+    /// Action `index` starts.
+    pub fn started(&mut self, index: usize) {
+        self.running.push(index);
+    }
+
+    /// Action `index` ended (done, failed or skipped).
+    pub fn ended(&mut self, index: usize) {
+        self.done += 1;
+        self.running.retain(|i| *i != index);
+        if let Some(vm) = self.actions.get(index).map(Action::vm) {
+            self.steps.retain(|s| s.vm != vm);
+        }
+    }
+
+    /// The last step inside `vm`'s running action.
+    pub fn stepped(&mut self, vm: &str, what: &str) {
+        self.steps.retain(|s| s.vm != vm);
+        self.steps.push(JournalStep {
+            vm: vm.to_owned(),
+            what: what.to_owned(),
+        });
+    }
+
     /// One line for logs and status: what was cut short.
     pub fn describe(&self) -> String {
-        let next = self
-            .actions
-            .get(self.done)
-            .map_or_else(|| "nothing".to_owned(), Action::describe);
+        let cut: Vec<String> = if self.running.is_empty() {
+            // Nothing running (or an older engine's journal): the next one was.
+            self.actions
+                .get(self.done)
+                .map(Action::describe)
+                .into_iter()
+                .collect()
+        } else {
+            self.running
+                .iter()
+                .filter_map(|i| self.actions.get(*i).map(Action::describe))
+                .collect()
+        };
+        let cut = if cut.is_empty() {
+            "nothing".to_owned()
+        } else {
+            cut.join("; ")
+        };
         let short = self.revision.get(..12).unwrap_or(&self.revision);
-        let step = self
-            .step
-            .as_ref()
-            .map_or_else(String::new, |s| format!(", last step: {s}"));
+        let steps: Vec<String> = self
+            .steps
+            .iter()
+            .chain(self.step.as_ref())
+            .map(|s| format!(", last step: {s}"))
+            .collect();
         format!(
-            "an apply of commit {short} (started {}) was interrupted after {} of {} actions (next was: {next}{step}); planning again from what runs finishes it",
+            "an apply of commit {short} (started {}) was interrupted after {} of {} actions (cut short: {cut}{}); planning again from what runs finishes it",
             self.started_at,
             self.done,
-            self.actions.len()
+            self.actions.len(),
+            steps.concat()
         )
     }
 }
@@ -172,6 +233,43 @@ mod tests {
             serde_json::from_str(r#""web: migrating live to hv2""#).expect("old form");
         assert_eq!(old, step);
         assert_eq!(step.to_string(), "web: migrating live to hv2");
+    }
+
+    #[test]
+    fn several_running_actions_are_all_named_and_an_older_journal_still_reads() {
+        let action = |vm: &str| Action::Start {
+            vm: vm.to_owned(),
+            host: "hv1".to_owned(),
+            reason: "new".to_owned(),
+        };
+        let mut j = Journal::new(
+            "0123456789abcdef",
+            vec![action("a"), action("b"), action("c")],
+        );
+        j.started(0);
+        j.started(2);
+        j.stepped("c", "migrating live to hv2");
+        j.started(1);
+        j.ended(1);
+        let text = j.describe();
+        assert!(text.contains("after 1 of 3 actions"), "{text}");
+        assert!(
+            text.contains("start a on hv1") && text.contains("start c on hv1"),
+            "{text}"
+        );
+        assert!(!text.contains("start b"), "{text}");
+        assert!(
+            text.contains("last step: c: migrating live to hv2"),
+            "{text}"
+        );
+        let back: Journal =
+            serde_json::from_str(&serde_json::to_string(&j).expect("ser")).expect("de");
+        assert_eq!(back, j);
+        let old = r#"{"revision":"0123456789abcdef","started_at":"t","actions":[],"done":0,"step":"web: migrating live to hv2"}"#;
+        let old: Journal = serde_json::from_str(old).expect("an older engine's journal");
+        assert!(old
+            .describe()
+            .contains("last step: web: migrating live to hv2"));
     }
 
     #[test]

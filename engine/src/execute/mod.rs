@@ -1,15 +1,20 @@
 //! The executor: carries out a plan's actions through the [`Host`] trait.
 //!
 //! In: a [`Plan`], the [`Target`] it was made from (specs + files), the hosts by name.
-//! Out: one [`Outcome`] per action. Actions run in plan order; when a step of a VM
-//! fails, that VM's later steps are skipped and the other VMs go on. Every host call is
-//! idempotent, so running a half-done plan again finishes it.
+//! Out: one [`Outcome`] per action. Different VMs' actions run at once, within the
+//! bounds of `[concurrency]` ([`queue`]); each VM's run in plan order, and when one
+//! fails the VM's later ones are skipped while the other VMs go on. Every host call is
+//! idempotent, so running a half-done plan again finishes it. The daemon keeps a
+//! [`runner::Runner`] that takes more actions while others run.
 
 mod downloads;
+mod inflight;
 pub mod journal;
 mod migrate;
+mod queue;
+pub mod runner;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tracing::{error, info, info_span, Instrument};
@@ -22,6 +27,9 @@ use crate::records::whereabouts::Whereabouts;
 use crate::source::Target;
 use crate::wire::StopOutcome;
 
+pub use inflight::InFlight;
+use queue::Queue;
+
 /// What happened to one action.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -31,7 +39,7 @@ pub enum Outcome {
 }
 
 /// An action and what came of it.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
     pub action: Action,
     pub outcome: Outcome,
@@ -106,82 +114,107 @@ pub async fn execute<H: Host>(
     target: &Target,
     hosts: &BTreeMap<String, H>,
     live: Live<'_>,
-    progress: impl FnMut(&Step),
+    mut progress: impl FnMut(&Step),
 ) -> Report {
-    execute_with(plan, target, hosts, live, |_| Ok(()), progress).await
+    execute_with(plan, target, hosts, live, |_, _| Ok(()), |_, s| progress(s)).await
 }
 
-/// [`execute`], with `before` asked before each action touches a host: an error fails
-/// the action untouched (e.g. where the VM goes could not be recorded).
+/// [`execute`], with `before` asked before each action touches a host (with its index
+/// in the plan): an error fails the action untouched (e.g. where the VM goes could not
+/// be recorded). Actions run at once as the [`queue`] allows; `progress` hears of them
+/// as they end, the report lists them in plan order.
 async fn execute_with<H: Host>(
     plan: &Plan,
     target: &Target,
     hosts: &BTreeMap<String, H>,
     live: Live<'_>,
-    mut before: impl FnMut(&Action) -> Result<(), String>,
-    mut progress: impl FnMut(&Step),
+    mut before: impl FnMut(usize, &Action) -> Result<(), String>,
+    mut progress: impl FnMut(usize, &Step),
 ) -> Report {
     let stop_timeout = target.desired.cluster.timeouts.stop.0;
-    let mut report = Report::default();
-    let mut broken: BTreeSet<String> = BTreeSet::new();
+    let mut queue = Queue::new(target.desired.cluster.concurrency.clone());
     for action in &plan.actions {
-        let outcome = if broken.contains(action.vm()) {
-            Outcome::Skipped {
-                why: "an earlier step of this VM failed".to_owned(),
-            }
-        } else {
-            let span = info_span!(
-                "action",
-                op = action.op(),
-                vm = action.vm(),
-                host = action.host()
-            );
-            let started = Instant::now();
-            let result = match before(action) {
-                Ok(()) => {
-                    let near: Vec<&H> = may_put(action)
-                        .into_iter()
-                        .filter_map(|h| hosts.get(h))
-                        .collect();
-                    let work = run(action, target, hosts, stop_timeout, live);
-                    downloads::showing(&near, action.vm(), live, work)
-                        .instrument(span)
-                        .await
-                }
-                Err(why) => Err(ExecError::Record(why)),
-            };
-            match result {
-                Ok(detail) => {
-                    info!(op = action.op(), vm = action.vm(), %detail, "done");
-                    Outcome::Done {
-                        detail,
-                        took: started.elapsed(),
-                    }
-                }
-                Err(e) => {
-                    let error = error_chain(&e);
-                    error!(op = action.op(), vm = action.vm(), %error, "failed");
-                    broken.insert(action.vm().to_owned());
-                    Outcome::Failed { error }
-                }
-            }
-        };
-        let step = Step {
-            action: action.clone(),
-            outcome,
-            at: crate::time::stamp_ms(),
-        };
-        progress(&step);
-        report.steps.push(step);
+        queue.push(action.clone(), ());
     }
-    report
+    let mut steps: Vec<Option<Step>> = vec![None; plan.actions.len()];
+    let start = |id: u64, action: &Action, ()| {
+        let ready = before(index(id), action);
+        let action = action.clone();
+        async move {
+            match ready {
+                Ok(()) => act(&action, target, hosts, stop_timeout, live).await,
+                Err(why) => failed(&action, &ExecError::Record(why)),
+            }
+        }
+    };
+    runner::drive(
+        &mut queue,
+        None,
+        start,
+        |_, _| {},
+        |id, step| {
+            progress(index(id), &step);
+            if let Some(slot) = steps.get_mut(index(id)) {
+                *slot = Some(step);
+            }
+        },
+    )
+    .await;
+    Report {
+        steps: steps.into_iter().flatten().collect(),
+    }
 }
 
-/// [`execute`], journaled: the plan is written to `journal` before the first action and
-/// after each, and removed at the end. Refuses to act when the journal cannot be written.
-/// Before an action may put a VM on a host (see [`may_put`]), that host is added to
-/// `record` (where each VM may be); an action whose host cannot be recorded fails
-/// without touching anything.
+fn index(id: u64) -> usize {
+    usize::try_from(id).unwrap_or(usize::MAX)
+}
+
+/// Carries out one action on its host(s); how it went.
+async fn act<H: Host>(
+    action: &Action,
+    target: &Target,
+    hosts: &BTreeMap<String, H>,
+    stop_timeout: Duration,
+    live: Live<'_>,
+) -> Outcome {
+    let span = info_span!(
+        "action",
+        op = action.op(),
+        vm = action.vm(),
+        host = action.host()
+    );
+    let started = Instant::now();
+    let near: Vec<&H> = may_put(action)
+        .into_iter()
+        .filter_map(|h| hosts.get(h))
+        .collect();
+    let work = run(action, target, hosts, stop_timeout, live);
+    match downloads::showing(&near, action.vm(), live, work)
+        .instrument(span)
+        .await
+    {
+        Ok(detail) => {
+            info!(op = action.op(), vm = action.vm(), %detail, "done");
+            Outcome::Done {
+                detail,
+                took: started.elapsed(),
+            }
+        }
+        Err(e) => failed(action, &e),
+    }
+}
+
+fn failed(action: &Action, e: &ExecError) -> Outcome {
+    let error = error_chain(e);
+    error!(op = action.op(), vm = action.vm(), %error, "failed");
+    Outcome::Failed { error }
+}
+
+/// [`execute`], journaled: the plan is written to `journal` before the first action, as
+/// each starts and after each ends, and removed at the end. Refuses to act when the
+/// journal cannot be written. Before an action may put a VM on a host (see
+/// [`may_put`]), that host is added to `record` (where each VM may be); an action whose
+/// host cannot be recorded fails without touching anything.
 pub async fn execute_journaled<H: Host>(
     plan: &Plan,
     target: &Target,
@@ -191,55 +224,58 @@ pub async fn execute_journaled<H: Host>(
     live: Live<'_>,
     mut progress: impl FnMut(&Step),
 ) -> Result<Report, crate::records::StateError> {
-    let entry = std::sync::Mutex::new(journal::Journal {
-        revision: target.commit.id.clone(),
-        started_at: crate::time::now(),
-        actions: plan.actions.clone(),
-        done: 0,
-        step: None,
-    });
+    let entry = std::sync::Mutex::new(journal::Journal::new(
+        &target.commit.id,
+        plan.actions.clone(),
+    ));
     let save = |update: &dyn Fn(&mut journal::Journal)| {
-        let mut entry = entry.lock().expect("journal entry");
+        let mut entry = entry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         update(&mut entry);
         if let Err(e) = journal.write(&entry) {
             error!(error = %e, "cannot update the journal");
         }
     };
-    journal.write(&entry.lock().expect("journal entry"))?;
+    journal.write(
+        &entry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    )?;
     let steps = |vm: &str, doing: Doing, what: &str| {
-        save(&|j| {
-            j.step = Some(journal::JournalStep {
-                vm: vm.to_owned(),
-                what: what.to_owned(),
-            });
-        });
+        save(&|j| j.stepped(vm, what));
         live(vm, doing, what);
     };
-    let note = |action: &Action| {
-        let hosts = may_put(action);
-        if hosts.is_empty() {
-            return Ok(());
-        }
-        record.note(action.vm(), &hosts).map_err(|e| {
-            let why = format!(
-                "cannot record where {} may run: {}",
-                action.vm(),
-                error_chain(&e)
-            );
-            error!(%why);
-            why
-        })
+    let before = |i: usize, action: &Action| {
+        note(record, action)?;
+        save(&|j| j.started(i));
+        Ok(())
     };
-    let report = execute_with(plan, target, hosts, &steps, note, |step| {
-        save(&|j| {
-            j.done += 1;
-            j.step = None;
-        });
+    let report = execute_with(plan, target, hosts, &steps, before, |i, step| {
+        save(&|j| j.ended(i));
         progress(step);
     })
     .await;
     journal.clear();
     Ok(report)
+}
+
+/// Adds the hosts `action` may put its VM on to `record`; the error says why not (the
+/// action then fails untouched).
+fn note(record: &Whereabouts, action: &Action) -> Result<(), String> {
+    let hosts = may_put(action);
+    if hosts.is_empty() {
+        return Ok(());
+    }
+    record.note(action.vm(), &hosts).map_err(|e| {
+        let why = format!(
+            "cannot record where {} may run: {}",
+            action.vm(),
+            error_chain(&e)
+        );
+        error!(%why);
+        why
+    })
 }
 
 /// The hosts `action` may leave a copy of its VM on (where a QEMU may be started, or an

@@ -74,6 +74,9 @@ pub struct AgentHost {
     hangup: Arc<watch::Sender<bool>>,
     events: broadcast::Sender<HostEvent>,
     files: Arc<tokio::sync::Mutex<HashMap<String, PathBuf>>>,
+    /// One gate per file digest being sent: actions running at once that need the same
+    /// file (two moves to one host, one kernel) send it once, never into one part file.
+    sends: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
     opts: ConnectOptions,
 }
 
@@ -166,6 +169,7 @@ impl AgentHost {
             hangup: Arc::new(hangup),
             events,
             files: Arc::default(),
+            sends: Arc::default(),
             opts,
         };
         host.spawn_heartbeat();
@@ -386,6 +390,23 @@ impl AgentHost {
             what: format!("reading {what}"),
             source,
         };
+        let gate = self
+            .sends
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(sha256.to_owned())
+            .or_default()
+            .clone();
+        let _sending = gate.lock().await;
+        // Another action may have sent it while this one waited at the gate.
+        let has = Request::HasFile {
+            sha256: sha256.to_owned(),
+        };
+        if let Reply::File { path: Some(path) } =
+            self.call(vm, has, self.opts.request_timeout).await?
+        {
+            return Ok(path);
+        }
         let mut offset = 0u64;
         loop {
             let mut data = vec![0u8; CHUNK];

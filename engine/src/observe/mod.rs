@@ -295,6 +295,12 @@ pub struct Capacity {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observed {
     pub hosts: BTreeMap<String, Inventory>,
+    /// VMs with actions in flight (the daemon runs several at once), or whose actions
+    /// ended while the hosts were asked, with every host those actions touched: what was
+    /// seen of them may be half-way, so the planner leaves them alone this time and counts
+    /// them on each of those hosts.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub in_flight: BTreeMap<String, Vec<String>>,
     /// Hosts that could not be asked, and why.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub unreachable: BTreeMap<String, String>,

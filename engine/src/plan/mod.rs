@@ -137,6 +137,8 @@ pub fn plan(desired: &Desired, observed: &Observed, now_ms: u64) -> Plan {
         )
         .collect::<BTreeSet<&str>>()
         .into_iter()
+        // Left alone while their actions run: planned again once a look sees them settled.
+        .filter(|name| !observed.in_flight.contains_key(*name))
         .collect();
     // By name (above), then stably by priority: higher first, equal ones by name.
     names.sort_by_key(|name| {

@@ -81,6 +81,21 @@ impl Load {
                 load.add(vm, &want.spec);
             }
         }
+        // A VM with actions in flight may end up on any host they touch (a move's target,
+        // or its source if the move fails): booked on each, until it has settled.
+        for (vm, touched) in &observed.in_flight {
+            let Some(want) = desired.vms.get(vm) else {
+                continue;
+            };
+            let copies = observed.copies(vm);
+            let keeper =
+                (!copies.is_empty()).then(|| super::recover::keeper(observed, vm, &copies).0);
+            for host in touched.iter().filter(|h| Some(h.as_str()) != keeper) {
+                if let Some(load) = hosts.get_mut(host) {
+                    load.add(vm, &want.spec);
+                }
+            }
+        }
         Self { hosts }
     }
 

@@ -12,12 +12,19 @@
 //!   it takes. While it is not fenced, those VMs are `unknown` and are started nowhere
 //!   else (DESIGN.md §4, invariant 1).
 //!
+//! - While an action of a VM is in flight (the daemon runs several at once), no host
+//!   of that VM is removed: a look that began before the action ended may have missed
+//!   the copy it made.
+//!
+//! Every change is a read, change, write under one lock of the process, so an action
+//! noting a host and a look settling the record never lose each other's change.
+//!
 //! It is not derived from the status files (an output, rewritten from whatever the last
 //! look saw): only the first run of an engine without this file seeds it from them.
 
-use std::collections::BTreeMap;
-
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +36,10 @@ pub type Places = BTreeMap<String, Vec<String>>;
 /// What each host that answered holds: host name -> the VMs (instances and orphan
 /// QEMUs' folders) it reported.
 pub type Answers<'a> = BTreeMap<&'a str, Vec<&'a str>>;
+
+/// Held across each read, change and write of a record (one state directory has one
+/// engine process: its state lock).
+static CHANGING: Mutex<()> = Mutex::new(());
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +94,9 @@ impl Whereabouts {
     /// Notes that `vm` may be on each of `hosts` from now on, before anything is done
     /// there. Writes only when the record changes (a host noted again moves to the end).
     pub fn note(&self, vm: &str, hosts: &[&str]) -> Result<(), StateError> {
+        let _changing = CHANGING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut places = self.read()?.unwrap_or_default();
         let before = places.get(vm).cloned();
         let entry = places.entry(vm.to_owned()).or_default();
@@ -96,12 +110,41 @@ impl Whereabouts {
         self.write(&places)
     }
 
+    /// Reads the record (or, when there is none or it is damaged, `rebuild`s it: the
+    /// error is returned beside), settles it with `answers` keeping every host of the VMs
+    /// in `in_flight`, and writes it when it changed or was rebuilt — all under the
+    /// record's lock. Returns the places, and why the record had to be rebuilt.
+    pub fn settled(
+        &self,
+        rebuild: impl FnOnce() -> Places,
+        answers: &Answers<'_>,
+        in_flight: &BTreeSet<&str>,
+    ) -> (Places, Option<StateError>) {
+        let _changing = CHANGING
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (mut places, damaged, fresh) = match self.read() {
+            Ok(Some(places)) => (places, None, false),
+            Ok(None) => (rebuild(), None, true),
+            Err(e) => (rebuild(), Some(e), true),
+        };
+        if Self::settle(&mut places, answers, in_flight) || fresh {
+            if let Err(e) = self.write(&places) {
+                tracing::error!(error = %crate::errors::error_chain(&e), "cannot update the record of where VMs are");
+            }
+        }
+        (places, damaged)
+    }
+
     /// Brings `places` up to date with the hosts that answered: each of them holds exactly
-    /// the VMs it reported. Hosts that did not answer keep what the record says of them.
-    /// True when anything changed.
-    pub fn settle(places: &mut Places, answers: &Answers<'_>) -> bool {
+    /// the VMs it reported, except that the VMs `in_flight` lose no host. Hosts that did
+    /// not answer keep what the record says of them. True when anything changed.
+    pub fn settle(places: &mut Places, answers: &Answers<'_>, in_flight: &BTreeSet<&str>) -> bool {
         let before = places.clone();
         for (vm, hosts) in places.iter_mut() {
+            if in_flight.contains(vm.as_str()) {
+                continue;
+            }
             hosts.retain(|h| {
                 answers
                     .get(h.as_str())
@@ -145,17 +188,51 @@ mod tests {
         ]);
         // hv1 answers with web only; hv2 answers with nothing; hv3 is silent.
         let answers = Answers::from([("hv1", vec!["web"]), ("hv2", vec![])]);
-        assert!(Whereabouts::settle(&mut p, &answers));
+        assert!(Whereabouts::settle(&mut p, &answers, &BTreeSet::new()));
         assert_eq!(p, places(&[("app", &["hv3"]), ("web", &["hv1"])]));
         // Nothing new: nothing changes.
-        assert!(!Whereabouts::settle(&mut p, &answers));
+        assert!(!Whereabouts::settle(&mut p, &answers, &BTreeSet::new()));
+    }
+
+    #[test]
+    fn a_vm_with_an_action_in_flight_loses_no_host() {
+        // The look asked hv2 before the move put db there: hv2's answer lacks it.
+        let mut p = places(&[("db", &["hv1", "hv2"]), ("web", &["hv2"])]);
+        let answers = Answers::from([("hv1", vec!["db"]), ("hv2", vec![])]);
+        assert!(Whereabouts::settle(
+            &mut p,
+            &answers,
+            &BTreeSet::from(["db"])
+        ));
+        assert_eq!(p, places(&[("db", &["hv1", "hv2"])]));
+    }
+
+    #[test]
+    fn notes_and_settles_at_once_lose_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let record = Whereabouts::new(dir.path());
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let record = &record;
+                s.spawn(move || {
+                    for j in 0..20 {
+                        let vm = format!("vm{i}-{j}");
+                        record.note(&vm, &["hv1"]).expect("note");
+                        let answers = Answers::new();
+                        record.settled(Places::new, &answers, &BTreeSet::new());
+                    }
+                });
+            }
+        });
+        let all = record.read().expect("read").expect("some");
+        assert_eq!(all.len(), 160, "every note survives the others");
     }
 
     #[test]
     fn what_an_answering_host_reports_is_added_at_the_end() {
         let mut p = places(&[("app", &["hv3"])]);
         let answers = Answers::from([("hv1", vec!["app", "new"])]);
-        assert!(Whereabouts::settle(&mut p, &answers));
+        assert!(Whereabouts::settle(&mut p, &answers, &BTreeSet::new()));
         assert_eq!(p, places(&[("app", &["hv3", "hv1"]), ("new", &["hv1"])]));
     }
 

@@ -291,6 +291,23 @@ impl Snapshot {
             }
         }
     }
+
+    /// Keeps what a long action in flight shows of its VM (the phase `migrating` and its
+    /// progress, written by [`StatusDir::set_live`]) over what a look saw half-way.
+    pub fn keep_live(&mut self, status: &StatusDir, in_flight: &BTreeMap<String, Vec<String>>) {
+        for vm in self
+            .vms
+            .iter_mut()
+            .filter(|v| in_flight.contains_key(&v.name))
+        {
+            if let Ok(Some(shown)) = status.vm(&vm.name) {
+                if shown.phase == VmPhase::Migrating {
+                    vm.phase = shown.phase;
+                    vm.message = shown.message;
+                }
+            }
+        }
+    }
 }
 
 /// Errors reading or writing status files.

@@ -16,14 +16,14 @@
 //!   and plans again: what is left undone is what the hosts show after acting.
 //! - [`publish`]: the status files for what the step saw and did.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 
 use plasmavmc_specs::Desired;
 
 use crate::errors::error_chain;
 use crate::execute::journal::JournalFile;
-use crate::execute::{execute_journaled, Live, Report, Step};
+use crate::execute::{execute_journaled, InFlight, Live, Report, Step};
 use crate::host::Host;
 use crate::observe::{Observed, Unreachable};
 use crate::plan::{prune_actions, Pending, Plan};
@@ -83,41 +83,40 @@ pub async fn gather<'a, H: Host + 'a>(hosts: impl IntoIterator<Item = &'a H>) ->
 /// may be (the durable record, brought up to date with what the hosts that answered
 /// report) and which unreachable hosts are fenced. A fenced host that answers again has
 /// rejoined: its fence record is cleared (its stale copies are cleaned up by the plan).
+/// With actions `in_flight` (the daemon's), the VMs they touch while the hosts are asked
+/// keep every host in the record and are left to a later look ([`InFlight`]).
 ///
 /// Callers hold the state lock (the record is rewritten here).
 pub async fn look<'a, H: Host + 'a>(
     hosts: impl IntoIterator<Item = &'a H>,
     unreachable: &Unreachable,
     state: &crate::records::StateDir,
+    in_flight: Option<&InFlight>,
 ) -> Observed {
     let record = Whereabouts::new(state.root());
-    let read = record.read();
-    if let Err(e) = &read {
-        tracing::error!(error = %error_chain(e), "the record of where VMs are is damaged; rebuilt from the status files and what the hosts answer");
-    }
-    // None yet (the first run of an engine that keeps it), or damaged: start from where
-    // the status files last saw each VM, and write it whatever the hosts answer.
-    let (mut places, rebuilt) = match read {
-        Ok(Some(places)) => (places, false),
-        Ok(None) | Err(_) => (
-            crate::status::StatusDir::new(&state.status_dir()).last_known(),
-            true,
-        ),
-    };
     let fences = crate::records::fence::FenceRecords::new(state.root());
     let records = fences.all();
+    let mark = in_flight.map(InFlight::mark);
     let gathered = gather(hosts).await;
+    let touched = match (in_flight, mark) {
+        (Some(f), Some(mark)) => f.since(mark),
+        _ => BTreeMap::new(),
+    };
     let answers: Answers<'_> = gathered
         .hosts
         .iter()
         .map(|(host, inv)| (host.as_str(), inv.holds()))
         .collect();
-    if Whereabouts::settle(&mut places, &answers) || rebuilt {
-        if let Err(e) = record.write(&places) {
-            tracing::error!(error = %error_chain(&e), "cannot update the record of where VMs are");
-        }
+    let keep: BTreeSet<&str> = touched.keys().map(String::as_str).collect();
+    // None yet (the first run of an engine that keeps it), or damaged: start from where
+    // the status files last saw each VM, and write it whatever the hosts answer.
+    let rebuild = || crate::status::StatusDir::new(&state.status_dir()).last_known();
+    let (places, damaged) = record.settled(rebuild, &answers, &keep);
+    if let Some(e) = &damaged {
+        tracing::error!(error = %error_chain(e), "the record of where VMs are is damaged; rebuilt from the status files and what the hosts answer");
     }
-    let observed = gathered.with_context(unreachable, places, records.clone());
+    let mut observed = gathered.with_context(unreachable, places, records.clone());
+    observed.in_flight = touched;
     for host in observed.hosts.keys() {
         if let (Some(how), true) = (records.get(host), fences.clear(host)) {
             // Said, not silent: an operator's `fence confirm` is void once the host
@@ -205,6 +204,7 @@ pub fn publish(
         events,
     );
     snap.explain_pending(&outcome.pending);
+    snap.keep_live(status, &outcome.after.in_flight);
     status.write(&snap)?;
     Ok(snap)
 }

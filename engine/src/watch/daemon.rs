@@ -2,12 +2,14 @@
 //! ([`crate::step`]), around what is the daemon's own (triggers, timers, the hosts it
 //! keeps connected and fences, adoption, the status branch).
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::signal::unix::{signal, SignalKind};
-use tokio::sync::mpsc::{unbounded_channel, UnboundedSender};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::time::MissedTickBehavior;
 use tracing::{debug, error, info, warn};
 
@@ -18,12 +20,15 @@ use super::triggers::{watch_refs, Trigger};
 use super::WatchConfig;
 use crate::errors::error_chain;
 use crate::execute::journal::JournalFile;
+use crate::execute::runner::{LiveFn, Runner};
+use crate::execute::{Doing, Outcome as ExecOutcome, Report, Step};
 use crate::observe::Observed;
+use crate::plan::Action;
 use crate::records::{StateDir, StateLock};
 use crate::source::remote::{is_remote, Remote};
 use crate::source::{Source, Target, TargetError};
 use crate::status::{EngineStatus, StatusDir, VmEvent};
-use crate::step::{carry_out, planned, publish, Fleet as _, Outcome};
+use crate::step::{planned, publish, Fleet as _, Outcome, RETRY_FLOOR_MS};
 use crate::time::now_ms;
 use crate::wire::HostEvent;
 
@@ -42,7 +47,7 @@ pub(super) struct Daemon<C: Connector> {
     _lock: StateLock,
     status: StatusDir,
     /// The newest valid commit.
-    target: Option<Target>,
+    target: Option<Arc<Target>>,
     /// The newest commit seen, when it is invalid.
     bad: Option<String>,
     /// The hosts, connected or away.
@@ -57,6 +62,19 @@ pub(super) struct Daemon<C: Connector> {
     adopted: bool,
     /// Sends the status branch to a remote repository.
     pusher: Option<Pusher>,
+    /// Carries out the actions, several at once, while the daemon goes on reacting.
+    runner: Runner<C::Link>,
+    /// Where the runner tells of each action as it ends.
+    ended: UnboundedReceiver<Step>,
+    /// Actions handed to the runner whose end has not come back yet.
+    running: usize,
+    /// Ended actions not in the VMs' status yet.
+    finished: Vec<Step>,
+    /// Ended actions since the commit's attempt was last recorded.
+    attempt: Vec<Step>,
+    /// VMs whose last action failed, and when they may be tried again: a retry, never a
+    /// tight loop.
+    retry_at: BTreeMap<String, u64>,
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -97,11 +115,15 @@ pub async fn run(cfg: WatchConfig) -> anyhow::Result<()> {
                 Trigger::Health
             }
             () = tokio::time::sleep(wake.unwrap_or_default()), if wake.is_some() => Trigger::Wake,
+            Some(step) = daemon.ended.recv() => Trigger::Ended(Box::new(step)),
             Some(t) = rx.recv() => t,
         };
         let mut triggers = vec![first];
         while let Ok(more) = rx.try_recv() {
             triggers.push(more);
+        }
+        while let Ok(step) = daemon.ended.try_recv() {
+            triggers.push(Trigger::Ended(Box::new(step)));
         }
         daemon.step(triggers).await;
     }
@@ -170,23 +192,13 @@ impl<C: Connector> Daemon<C> {
         let engine = status.read().map(|s| s.engine).unwrap_or_default();
         // Heal the last good commit even when the branch tip is invalid from the start.
         let target = engine.last_applied_revision.as_deref().and_then(|rev| match Target::load(&source, rev) {
-            Ok(t) => Some(t),
+            Ok(t) => Some(Arc::new(t)),
             Err(e) => {
                 warn!(revision = %short(rev), error = %error_chain(&e), "the last applied commit cannot be read");
                 None
             }
         });
-        let damaged_journal = match JournalFile::new(state.root()).before_run() {
-            Ok(Some(what)) => {
-                warn!(journal = %what, "resuming after an interrupted apply");
-                None
-            }
-            Ok(None) => None,
-            Err(why) => {
-                error!(%why, "the apply journal is damaged");
-                Some(why)
-            }
-        };
+        let damaged_journal = interrupted(&state);
         info!(repo = %cfg.repo, branch = %branch, state = %state.root().display(), pid = std::process::id(), "watching");
         let follows = if remote_url {
             cfg.repo.clone()
@@ -195,6 +207,7 @@ impl<C: Connector> Daemon<C> {
         };
         let fleet = Hosts::new(connector(&state), state.clone(), tx);
         let pusher = Pusher::for_remote(remote.as_ref(), cfg.status_branch.as_deref());
+        let (runner, ended) = runner(&state, &status, &fleet);
         let daemon = Self {
             rev: format!("refs/heads/{branch}"),
             follows,
@@ -213,6 +226,12 @@ impl<C: Connector> Daemon<C> {
             wake_at_ms: None,
             adopted: false,
             pusher,
+            runner,
+            ended,
+            running: 0,
+            finished: Vec::new(),
+            attempt: Vec::new(),
+            retry_at: BTreeMap::new(),
         };
         Ok((daemon, watcher))
     }
@@ -277,6 +296,15 @@ impl<C: Connector> Daemon<C> {
             if matches!(t, Trigger::Commit) {
                 name = "commit";
             }
+            if let Trigger::Ended(step) = t {
+                if !matches!(step.outcome, ExecOutcome::Done { .. }) {
+                    let at = now_ms() + RETRY_FLOOR_MS;
+                    self.retry_at.insert(step.action.vm().to_owned(), at);
+                }
+                self.running = self.running.saturating_sub(1);
+                self.finished.push((**step).clone());
+                self.attempt.push((**step).clone());
+            }
         }
         let fetch = triggers
             .iter()
@@ -328,34 +356,71 @@ impl<C: Connector> Daemon<C> {
             debug!(%note, "plan note");
         }
         changed |= !plan.is_empty();
-        let status = &self.status;
-        let live = |vm: &str, doing: crate::execute::Doing, what: &str| {
-            info!(vm, %what, "in progress");
-            if let Err(e) = status.set_live(vm, doing, what) {
-                warn!(vm, error = %e, "cannot show progress in the status");
-            }
-        };
-        let outcome = carry_out(
-            &mut self.fleet,
-            &target,
-            observed,
-            &plan,
-            &self.state,
-            &live,
-            |_| {},
-        )
-        .await?;
-        self.wake_at_ms = outcome.wake_at_ms;
-        if self.bad.is_none() {
-            self.engine
-                .attempted(&id, outcome.report.as_ref(), &outcome.pending);
+        // VMs whose last action failed wait for their retry; the others go to the runner
+        // now, beside whatever it still carries out (those VMs the planner left alone).
+        let now = now_ms();
+        self.retry_at.retain(|_, at| *at > now);
+        let (held, go): (Vec<Action>, Vec<Action>) = plan
+            .actions
+            .iter()
+            .cloned()
+            .partition(|a| self.retry_at.contains_key(a.vm()));
+        self.running += go.len();
+        self.runner
+            .submit(go, target.clone(), Arc::new(self.fleet.hosts().clone()));
+        // Idle by the endings this daemon has heard of, never ahead of them.
+        let idle = self.running == 0;
+        if idle {
+            // Nothing runs: an interrupted run's journal has told all it had to.
+            JournalFile::new(self.state.root()).clear();
         }
-        if let Some(why) = self.damaged_journal.take() {
-            // Said once in the status, as `apply` does (and logged at startup).
+        let report = report_of(&mut self.finished);
+        // The commit counts as applied once nothing runs, nothing waits for a retry and
+        // nothing failed; a failure is said as soon as nothing runs.
+        if idle && self.bad.is_none() && (held.is_empty() || !self.attempt.is_empty()) {
+            let attempt = report_of(&mut self.attempt);
+            self.engine.attempted(&id, attempt.as_ref(), &plan.pending);
+        }
+        self.wake_at_ms = plan
+            .wake_at_ms
+            .into_iter()
+            .chain(self.retry_at.values().copied())
+            .min();
+        let outcome = Outcome {
+            report,
+            after: observed,
+            pending: plan.pending,
+            wake_at_ms: self.wake_at_ms,
+        };
+        if let Some(why) = self.damaged_journal.take_if(|_| idle) {
+            // Said once in the status, as `apply` does (and logged at startup), beside
+            // the attempt it came with.
             self.engine.add_problem(&why);
         }
-        changed |= !self.events.is_empty();
+        changed |= !self.events.is_empty() || outcome.report.is_some();
         self.publish(Some(&target), &outcome, changed)
+    }
+
+    /// Steps the daemon on the actions' endings until nothing is in flight (tests: the
+    /// loop of [`run`] does this as they come).
+    #[cfg(test)]
+    pub(super) async fn settle(&mut self) {
+        loop {
+            let mut triggers = Vec::new();
+            while let Ok(step) = self.ended.try_recv() {
+                triggers.push(Trigger::Ended(Box::new(step)));
+            }
+            if triggers.is_empty() {
+                if self.running == 0 {
+                    return;
+                }
+                match self.ended.recv().await {
+                    Some(step) => triggers.push(Trigger::Ended(Box::new(step))),
+                    None => return,
+                }
+            }
+            self.step(triggers).await;
+        }
     }
 
     /// The first look of this daemon: every QEMU found running is adopted (never
@@ -391,7 +456,7 @@ impl<C: Connector> Daemon<C> {
         match Target::load(&self.source, id) {
             Ok(t) => {
                 info!(revision = %short(id), vms = t.desired.vms.len(), "new commit");
-                self.target = Some(t);
+                self.target = Some(Arc::new(t));
                 self.bad = None;
             }
             Err(TargetError::Invalid {
@@ -458,6 +523,49 @@ impl<C: Connector> Daemon<C> {
         }
         Ok(())
     }
+}
+
+/// Says what an interrupted run's journal tells; returns why it could not be read.
+fn interrupted(state: &StateDir) -> Option<String> {
+    match JournalFile::new(state.root()).before_run() {
+        Ok(Some(what)) => {
+            warn!(journal = %what, "resuming after an interrupted apply");
+            None
+        }
+        Ok(None) => None,
+        Err(why) => {
+            error!(%why, "the apply journal is damaged");
+            Some(why)
+        }
+    }
+}
+
+/// The daemon's runner: it shows long actions' progress in the status and tells of each
+/// action as it ends on the channel returned.
+fn runner<C: Connector>(
+    state: &StateDir,
+    status: &StatusDir,
+    fleet: &Hosts<C>,
+) -> (Runner<C::Link>, UnboundedReceiver<Step>) {
+    let (ended_tx, ended) = unbounded_channel();
+    let shows = status.clone();
+    let live: LiveFn = Arc::new(move |vm: &str, doing: Doing, what: &str| {
+        info!(vm, %what, "in progress");
+        if let Err(e) = shows.set_live(vm, doing, what) {
+            warn!(vm, error = %e, "cannot show progress in the status");
+        }
+    });
+    let runner = Runner::spawn(state.root(), fleet.in_flight.clone(), live, move |step| {
+        let _ = ended_tx.send(step);
+    });
+    (runner, ended)
+}
+
+/// The ended actions as a report, none when there are none; `steps` is left empty.
+fn report_of(steps: &mut Vec<Step>) -> Option<Report> {
+    (!steps.is_empty()).then(|| Report {
+        steps: std::mem::take(steps),
+    })
 }
 
 fn event(kind: &str, message: String) -> VmEvent {

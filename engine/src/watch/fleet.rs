@@ -16,6 +16,7 @@ use tracing::{error, info, warn};
 use super::health::{self, Health, Limits};
 use super::triggers::Trigger;
 use crate::errors::error_chain;
+use crate::execute::InFlight;
 use crate::host::{agent_argv, AgentHost, ConnectOptions, Host};
 use crate::observe::{Observed, Unreachable};
 use crate::records::fence::FenceRecords;
@@ -24,7 +25,8 @@ use crate::wire::HostEvent;
 
 /// A connection the daemon keeps to a host: the host's calls, and what its heartbeats
 /// say.
-pub trait Link: Host {
+/// Cloned cheaply: the runner takes the hosts with each batch of actions.
+pub trait Link: Host + Clone + 'static {
     /// How long since the host last sent anything (pongs included).
     fn silence(&self) -> Duration;
     /// Whether the channel closed.
@@ -105,6 +107,8 @@ pub struct Hosts<C: Connector> {
     fence_tried: BTreeMap<String, Instant>,
     /// Heartbeat interval and the silence after which a host is down.
     pub limits: Limits,
+    /// The VMs whose actions the daemon's runner carries out now.
+    pub in_flight: std::sync::Arc<InFlight>,
 }
 
 impl<C: Connector> Hosts<C> {
@@ -123,6 +127,7 @@ impl<C: Connector> Hosts<C> {
                 interval: Duration::from_secs(1),
                 down_after: Duration::from_secs(5),
             },
+            in_flight: std::sync::Arc::default(),
         }
     }
 
@@ -290,7 +295,7 @@ impl<C: Connector> crate::step::Fleet for Hosts<C> {
         let mut down = down;
         down.extend(self.down.clone());
         let unreachable = Unreachable { down, suspect };
-        crate::step::look(ready, &unreachable, &self.state).await
+        crate::step::look(ready, &unreachable, &self.state, Some(&self.in_flight)).await
     }
 }
 

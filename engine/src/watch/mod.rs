@@ -3,9 +3,10 @@
 //! In: a repository (local path or remote URL) and a branch. Out: actions on the hosts,
 //! status files, logs. It holds the state lock for its whole life and reconciles on
 //! every [`Trigger`]: a new commit, a QEMU exit, SIGHUP, a restart's backoff running
-//! out, the periodic resync. Each reconcile is the same idempotent step — read the
-//! branch tip, observe, plan, execute (journaled), write status — so the daemon never
-//! needs to know why it ran. SIGTERM/SIGINT end it and leave every VM running; so does
+//! out, the periodic resync, an action that ended. Each reconcile is the same
+//! idempotent step — read the branch tip, observe, plan, hand the actions to the runner
+//! (which carries them out, journaled, several at once, while the daemon goes on
+//! reacting), write status — so the daemon never needs to know why it ran. SIGTERM/SIGINT end it and leave every VM running; so does
 //! `kill -9`, after which the next daemon adopts what runs.
 //!
 //! ```text

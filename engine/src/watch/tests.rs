@@ -38,6 +38,9 @@ struct FakeState {
     silent: AtomicBool,
     events: broadcast::Sender<HostEvent>,
     next_pid: AtomicU32,
+    /// A VM whose stop hangs until [`Fake::release`]: a long action.
+    slow_stop: Mutex<Option<String>>,
+    released: tokio::sync::watch::Sender<bool>,
 }
 
 impl Fake {
@@ -49,7 +52,19 @@ impl Fake {
             silent: AtomicBool::new(false),
             events: broadcast::channel(16).0,
             next_pid: AtomicU32::new(100),
+            slow_stop: Mutex::default(),
+            released: tokio::sync::watch::channel(false).0,
         }))
+    }
+
+    /// Stopping `vm` hangs from now on until [`Fake::release`].
+    fn hold_stop(&self, vm: &str) {
+        *self.0.slow_stop.lock().expect("slow") = Some(vm.to_owned());
+    }
+
+    /// Lets a held stop go on.
+    fn release(&self) {
+        self.0.released.send_replace(true);
     }
 
     fn calls(&self) -> Vec<String> {
@@ -195,6 +210,11 @@ impl Host for Fake {
     }
     async fn stop(&self, vm: &str, _timeout: Duration) -> Result<StopOutcome, HostError> {
         self.record(format!("stop {vm}"));
+        let held = self.0.slow_stop.lock().expect("slow").as_deref() == Some(vm);
+        if held {
+            let mut released = self.0.released.subscribe();
+            let _ = released.wait_for(|r| *r).await;
+        }
         self.with_vm(vm, |have| {
             have.state = RunState::Stopped;
             have.power = Power::Stopped;
@@ -412,6 +432,7 @@ async fn ha_on_two_hosts(
     repo.commit("web")?;
     let mut d = daemon(&repo, &[&hv1, &hv2]).await?;
     d.step(vec![Trigger::Startup]).await;
+    d.settle().await;
     Ok((repo, hv1, hv2, d))
 }
 
@@ -429,6 +450,7 @@ async fn a_commit_is_carried_out_and_its_status_written() -> TestResult {
     let (repo, hv1) = web_on_one_host()?;
     let mut d = daemon(&repo, &[&hv1]).await?;
     d.step(vec![Trigger::Startup]).await;
+    d.settle().await;
     assert_eq!(hv1.calls(), ["create web", "start web"]);
     assert_eq!(
         phase(&repo, "web"),
@@ -439,6 +461,7 @@ async fn a_commit_is_carried_out_and_its_status_written() -> TestResult {
     repo.vm("db", "")?;
     repo.commit("stop web, add db")?;
     d.step(vec![Trigger::Commit]).await;
+    d.settle().await;
     let mut new = hv1.calls().split_off(2);
     new.sort();
     assert_eq!(new, ["create db", "start db", "stop web", "update web"]);
@@ -454,7 +477,74 @@ async fn a_commit_is_carried_out_and_its_status_written() -> TestResult {
     // Nothing changed: a timer's reconcile asks nothing of the host.
     let before = hv1.calls().len();
     d.step(vec![Trigger::Timer]).await;
+    d.settle().await;
     assert_eq!(hv1.calls().len(), before, "{:?}", hv1.calls());
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_crash_is_healed_while_another_vms_action_still_runs() -> TestResult {
+    let repo = Repo::new()?;
+    let hv1 = Fake::new("hv1");
+    repo.host("hv1", false)?;
+    repo.vm("web", "")?;
+    repo.vm("db", "")?;
+    repo.commit("web and db")?;
+    let mut d = daemon(&repo, &[&hv1]).await?;
+    d.step(vec![Trigger::Startup]).await;
+    d.settle().await;
+    // web's stop hangs: a long action in flight.
+    hv1.hold_stop("web");
+    repo.vm("web", "power = \"stopped\"\n")?;
+    repo.commit("stop web")?;
+    d.step(vec![Trigger::Commit]).await;
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !hv1.calls().contains(&"stop web".to_owned()) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await?;
+    let exit = hv1.crash("db");
+    d.step(vec![Trigger::Host(exit)]).await;
+    let restarted = tokio::time::timeout(Duration::from_secs(5), async {
+        while hv1.calls().iter().filter(|c| *c == "start db").count() < 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    assert!(
+        restarted.is_ok(),
+        "db waits for web's stop: {:?}",
+        hv1.calls()
+    );
+    assert_eq!(
+        hv1.vm("web").map(|v| v.state),
+        Some(RunState::Running),
+        "web's stop still runs"
+    );
+    // A commit that changes web while its stop runs is planned once the stop ended.
+    repo.vm("web", "power = \"stopped\"\npriority = 5\n")?;
+    repo.commit("web: priority 5")?;
+    d.step(vec![Trigger::Commit]).await;
+    assert_eq!(
+        hv1.calls()
+            .iter()
+            .filter(|c| c.starts_with("stop web"))
+            .count(),
+        1,
+        "web is left alone while its action runs: {:?}",
+        hv1.calls()
+    );
+    hv1.release();
+    d.settle().await;
+    assert_eq!(hv1.vm("web").map(|v| v.state), Some(RunState::Stopped));
+    assert_eq!(
+        hv1.vm("web").map(|v| v.spec.priority),
+        Some(5),
+        "{:?}",
+        hv1.calls()
+    );
+    assert_eq!(repo.status("db").map(|s| s.phase), Some(VmPhase::Running));
     Ok(())
 }
 
@@ -463,10 +553,12 @@ async fn a_crashed_qemu_is_restarted_and_its_exit_shown() -> TestResult {
     let (repo, hv1) = web_on_one_host()?;
     let mut d = daemon(&repo, &[&hv1]).await?;
     d.step(vec![Trigger::Startup]).await;
+    d.settle().await;
     let first = hv1.vm("web").and_then(|v| v.pid);
 
     let exit = hv1.crash("web");
     d.step(vec![Trigger::Host(exit)]).await;
+    d.settle().await;
     assert_eq!(hv1.calls(), ["create web", "start web", "start web"]);
     let web = repo.status("web").expect("web has a status");
     assert_eq!(web.phase, VmPhase::Running);
@@ -490,7 +582,9 @@ async fn a_silent_host_leaves_its_vms_unknown_and_started_nowhere_else() -> Test
     home.go_silent();
     assert!(d.fleet.health_changed(), "a silent host is a health change");
     d.step(vec![Trigger::Health]).await;
+    d.settle().await;
     d.step(vec![Trigger::Timer]).await;
+    d.settle().await;
     assert_eq!(other.calls(), quiet, "nothing of web is started elsewhere");
     let web = repo.status("web").expect("web has a status");
     assert_eq!(web.phase, VmPhase::Unknown);
@@ -510,6 +604,7 @@ async fn a_fenced_host_s_vms_are_recovered_elsewhere() -> TestResult {
     // Silent for a minute, past `down_after` (5 s): fenced at once, and web recovered.
     home.go_silent();
     d.step(vec![Trigger::Health]).await;
+    d.settle().await;
     let fenced = crate::records::fence::FenceRecords::new(&repo.path().join(".plasmavmc")).all();
     assert!(fenced.contains_key(home.name()), "{fenced:?}");
     assert_eq!(other.calls(), ["recover web", "start web"]);
@@ -527,6 +622,7 @@ async fn a_damaged_journal_is_said_in_the_status_once() -> TestResult {
     std::fs::write(state.join("journal.json"), "{\"revision\": ")?;
     let mut d = daemon(&repo, &[&hv1]).await?;
     d.step(vec![Trigger::Startup]).await;
+    d.settle().await;
     let engine = || {
         StatusDir::new(&state.join("status"))
             .engine()
@@ -538,6 +634,7 @@ async fn a_damaged_journal_is_said_in_the_status_once() -> TestResult {
     assert_eq!(hv1.calls(), ["create web", "start web"], "healing goes on");
     // Said once: the next reconcile that leaves nothing undone clears it.
     d.step(vec![Trigger::Timer]).await;
+    d.settle().await;
     assert_eq!(engine().last_error, None);
     Ok(())
 }

@@ -25,6 +25,8 @@ pub enum Trigger {
     Health,
     /// A host reported something.
     Host(HostEvent),
+    /// An action the runner carried out ended.
+    Ended(Box<crate::execute::Step>),
 }
 
 impl Trigger {
@@ -42,6 +44,7 @@ impl Trigger {
             Trigger::Host(HostEvent::Watchdog { .. }) => "watchdog",
             Trigger::Host(HostEvent::GuestAgent { .. }) => "guest-agent",
             Trigger::Host(HostEvent::Probe { .. }) => "probe",
+            Trigger::Ended(_) => "action-ended",
         }
     }
 }
