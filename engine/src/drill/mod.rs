@@ -97,6 +97,7 @@ pub fn run(cfg: &DrillConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>
         None => kernel_guest(&cfg.kernel, &cfg.initrd)?,
     };
     let image = cfg.image.is_some();
+    let generic = guest.generic().is_some();
     let mut sb = Sandbox::new(guest, cfg.memory_mb, &settings)?;
     progress(&format!("sandbox in {}", sb.root().display()));
     sb.start_watch().context("starting the engine")?;
@@ -104,6 +105,11 @@ pub fn run(cfg: &DrillConfig, progress: &mut dyn FnMut(&str)) -> Result<Vec<Row>
         if image && modes::needs_knobs(mode.name) {
             Err(
                 "needs the test guest: its kernel command line makes it panic or power off on cue"
+                    .to_owned(),
+            )
+        } else if !generic && modes::needs_generic(mode.name) {
+            Err(
+                "needs the test guest's generic flavour (a watchdog driver): tests/guest/build.sh builds it beside the kernel, in generic/"
                     .to_owned(),
             )
         } else {

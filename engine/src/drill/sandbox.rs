@@ -72,6 +72,17 @@ impl Guest {
     pub fn ticks(&self) -> bool {
         matches!(self, Guest::Kernel { .. })
     }
+
+    /// The test guest's generic-kernel flavour (its initrd loads the i6300esb watchdog
+    /// driver), in `generic/` beside the kernel, when it was built.
+    pub fn generic(&self) -> Option<Guest> {
+        let Guest::Kernel { kernel, .. } = self else {
+            return None;
+        };
+        let dir = kernel.parent()?.join("generic");
+        let (kernel, initrd) = (dir.join("vmlinuz"), dir.join("initrd.img"));
+        (kernel.is_file() && initrd.is_file()).then_some(Guest::Kernel { kernel, initrd })
+    }
 }
 
 impl Sandbox {
@@ -201,33 +212,12 @@ impl Sandbox {
         cmdline: &str,
         disk: Option<&str>,
     ) -> String {
-        let mut text = format!(
-            "memory_mb = {memory_mb}\nrestart = \"always\"\n{extra}\n[qemu]\naccel = \"tcg\"\n"
-        );
-        let storage = disk
-            .map(|s| format!("storage = {s:?}\n"))
-            .unwrap_or_default();
-        match &self.guest {
-            Guest::Kernel { kernel, initrd } => {
-                let _ = write!(
-                    text,
-                    "\n[boot]\nkernel = {:?}\ninitrd = {:?}\ncmdline = \"console=ttyS0 quiet panic=-1 {cmdline}\"\n",
-                    kernel.display().to_string(),
-                    initrd.display().to_string(),
-                );
-            }
-            Guest::Image { image } => {
-                let _ = write!(
-                    text,
-                    "\n[[disks]]\nname = \"root\"\nimage = {:?}\n{storage}",
-                    image.display().to_string()
-                );
-            }
-        }
-        if disk.is_some() {
-            let _ = write!(text, "\n[[disks]]\nname = \"data\"\nsize_gb = 1\n{storage}");
-        }
-        text
+        spec_text(&self.guest, memory_mb, extra, cmdline, disk)
+    }
+
+    /// [`Sandbox::vm_toml`] booting `guest` instead of the sandbox's, without a disk.
+    pub fn vm_toml_booting(&self, guest: &Guest, extra: &str, cmdline: &str) -> String {
+        spec_text(guest, self.memory_mb, extra, cmdline, None)
     }
 
     // ---- the daemon ---------------------------------------------------------------
@@ -350,12 +340,10 @@ impl Sandbox {
             .flatten()
     }
 
-    /// Where the status says `vm` runs, when it says `running`.
+    /// Where the status says `vm`'s QEMU runs (`running`, or `unhealthy`).
     pub fn running_on(&self, vm: &str) -> Option<String> {
         let s = self.vm_status(vm)?;
-        (s.phase == crate::status::VmPhase::Running)
-            .then_some(s.host)
-            .flatten()
+        s.phase.runs_qemu().then_some(s.host).flatten()
     }
 
     // ---- faults ---------------------------------------------------------------------
@@ -421,6 +409,43 @@ impl Drop for Sandbox {
             kill_all(&host_processes(&self.host_root(host)));
         }
     }
+}
+
+/// The spec text of a VM booting `guest` (see [`Sandbox::vm_toml`]).
+fn spec_text(
+    guest: &Guest,
+    memory_mb: u64,
+    extra: &str,
+    cmdline: &str,
+    disk: Option<&str>,
+) -> String {
+    let mut text = format!(
+        "memory_mb = {memory_mb}\nrestart = \"always\"\n{extra}\n[qemu]\naccel = \"tcg\"\n"
+    );
+    let storage = disk
+        .map(|s| format!("storage = {s:?}\n"))
+        .unwrap_or_default();
+    match guest {
+        Guest::Kernel { kernel, initrd } => {
+            let _ = write!(
+                text,
+                "\n[boot]\nkernel = {:?}\ninitrd = {:?}\ncmdline = \"console=ttyS0 quiet panic=-1 {cmdline}\"\n",
+                kernel.display().to_string(),
+                initrd.display().to_string(),
+            );
+        }
+        Guest::Image { image } => {
+            let _ = write!(
+                text,
+                "\n[[disks]]\nname = \"root\"\nimage = {:?}\n{storage}",
+                image.display().to_string()
+            );
+        }
+    }
+    if disk.is_some() {
+        let _ = write!(text, "\n[[disks]]\nname = \"data\"\nsize_gb = 1\n{storage}");
+    }
+    text
 }
 
 /// The power-off marker of the host on `root`: while it exists, no agent starts there.

@@ -102,7 +102,7 @@ impl Prober {
             ok = now_ok;
             let state = ProbeState {
                 ok,
-                since: crate::time::now(),
+                since: crate::time::stamp_ms(),
                 pid: self.pid,
                 last: output,
             };

@@ -41,7 +41,7 @@ impl GuestAgentInfo {
 pub struct ProbeState {
     /// Liveness: the guest works; readiness: it serves.
     pub ok: bool,
-    /// Since when.
+    /// Since when (RFC 3339, to the millisecond).
     pub since: String,
     /// The QEMU this is about.
     pub pid: u32,

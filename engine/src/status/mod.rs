@@ -137,6 +137,12 @@ impl VmPhase {
             VmPhase::Unknown => "unknown",
         }
     }
+
+    /// True when the VM's QEMU runs its guest: `running`, and `unhealthy` (its QEMU
+    /// runs, its liveness probe fails until it is recovered).
+    pub fn runs_qemu(self) -> bool {
+        matches!(self, VmPhase::Running | VmPhase::Unhealthy)
+    }
 }
 
 /// Phase of a host as status reports it.
@@ -526,8 +532,7 @@ impl StatusDir {
         // running (nor pending, nor stopped: they may still run there), unless a copy
         // that answers runs (healthy or not).
         for name in observed.whereabouts.keys() {
-            let runs = |v: &VmStatus| matches!(v.phase, VmPhase::Running | VmPhase::Unhealthy);
-            if vms.get(name).is_some_and(runs) {
+            if vms.get(name).is_some_and(|v| v.phase.runs_qemu()) {
                 continue;
             }
             let found = vms.remove(name);

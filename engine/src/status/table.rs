@@ -22,13 +22,14 @@ pub fn print_table(snap: &Snapshot) -> String {
     if let Some(err) = &e.last_error {
         let _ = writeln!(out, "last error:\n{err}");
     }
-    let rows: Vec<[String; 7]> = snap
+    let rows: Vec<[String; 8]> = snap
         .vms
         .iter()
         .map(|v| {
             [
                 v.name.clone(),
                 v.phase.as_str().to_owned(),
+                ready(v).to_owned(),
                 v.host.clone().unwrap_or_else(|| "-".to_owned()),
                 v.pid.map_or_else(|| "-".to_owned(), |p| p.to_string()),
                 v.since.clone().unwrap_or_else(|| "-".to_owned()),
@@ -37,7 +38,10 @@ pub fn print_table(snap: &Snapshot) -> String {
             ]
         })
         .collect();
-    let header = ["VM", "PHASE", "HOST", "PID", "SINCE", "RESTARTS", "MESSAGE"].map(str::to_owned);
+    let header = [
+        "VM", "PHASE", "READY", "HOST", "PID", "SINCE", "RESTARTS", "MESSAGE",
+    ]
+    .map(str::to_owned);
     let mut widths = header.clone().map(|h| h.len());
     for row in &rows {
         for (w, cell) in widths.iter_mut().zip(row) {
@@ -75,6 +79,16 @@ pub fn print_table(snap: &Snapshot) -> String {
         host_lines(&mut out, h);
     }
     out
+}
+
+/// The READY cell: what the VM's readiness probe says while its QEMU runs (`yes`,
+/// `no`), `-` without a probe or a running QEMU.
+fn ready(v: &super::VmStatus) -> &'static str {
+    match v.health.ready {
+        Some(true) if v.phase.runs_qemu() => "yes",
+        Some(false) if v.phase.runs_qemu() => "no",
+        _ => "-",
+    }
 }
 
 /// The lines of one host: its summary, then what it has and what it lacks.
@@ -122,5 +136,63 @@ fn host_lines(out: &mut String, h: &super::HostStatus) {
             r.path.display(),
             r.reason
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::{Snapshot, VmPhase, VmStatus};
+    use super::print_table;
+
+    #[test]
+    fn only_running_and_unhealthy_vms_run_a_qemu() {
+        use VmPhase::*;
+        for phase in [
+            Pending, Starting, Stopping, Stopped, Migrating, Crashed, Failed, Unknown,
+        ] {
+            assert!(!phase.runs_qemu(), "{}", phase.as_str());
+        }
+        assert!(Running.runs_qemu() && Unhealthy.runs_qemu());
+    }
+
+    /// The line of `vm` in the table, split into its cells.
+    fn cells(snap: &Snapshot, vm: &str) -> Vec<String> {
+        print_table(snap)
+            .lines()
+            .find(|l| l.starts_with(vm))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn the_table_shows_readiness_while_the_qemu_runs() {
+        let vm = |name: &str, phase: VmPhase, ready: Option<bool>| {
+            let mut v = VmStatus::blank(name, phase);
+            v.health.ready = ready;
+            v
+        };
+        let snap = Snapshot {
+            vms: vec![
+                vm("up", VmPhase::Running, Some(true)),
+                vm("down", VmPhase::Running, Some(false)),
+                vm("sick", VmPhase::Unhealthy, Some(true)),
+                vm("noprobe", VmPhase::Running, None),
+                vm("off", VmPhase::Stopped, Some(false)),
+            ],
+            ..Snapshot::default()
+        };
+        let table = print_table(&snap);
+        assert!(table.contains("VM       PHASE      READY  HOST"), "{table}");
+        for (name, phase, ready) in [
+            ("up", "running", "yes"),
+            ("down", "running", "no"),
+            ("sick", "unhealthy", "yes"),
+            ("noprobe", "running", "-"),
+            ("off", "stopped", "-"),
+        ] {
+            assert_eq!(cells(&snap, name)[..3], [name, phase, ready], "{table}");
+        }
     }
 }

@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context as _, Result};
 
+mod health;
 mod host;
 pub mod moves;
 mod vm;
@@ -49,7 +50,7 @@ pub struct Mode<C> {
     pub run: fn(&mut C) -> Result<Sample>,
 }
 
-pub const MODES: [Mode<Sandbox>; 9] = [
+pub const MODES: [Mode<Sandbox>; 12] = [
     Mode {
         name: "engine crash (kill -9)",
         automatic: "yes (a service manager restarts the engine)",
@@ -112,6 +113,27 @@ pub const MODES: [Mode<Sandbox>; 9] = [
         manual: "commit `host = ...`",
         copies_allowed: 1,
         run: moves::cold_move,
+    },
+    Mode {
+        name: "guest hang (QEMU alive), watchdog",
+        automatic: "yes",
+        manual: "none",
+        copies_allowed: 1,
+        run: health::hang_watchdog,
+    },
+    Mode {
+        name: "guest hang (QEMU alive), liveness probe",
+        automatic: "yes",
+        manual: "none",
+        copies_allowed: 1,
+        run: health::hang_liveness,
+    },
+    Mode {
+        name: "guest service down (readiness probe)",
+        automatic: "shown (`ready = false`); nothing restarted, by design",
+        manual: "the service's own",
+        copies_allowed: 1,
+        run: health::service_down,
     },
 ];
 
@@ -191,10 +213,22 @@ fn tick_after(sb: &Sandbox, host: &str, vm: &str, after: u64) -> Result<SystemTi
     Ok(SystemTime::now())
 }
 
-/// Rows that need the test guest's kernel command line knobs (it panics or powers off
-/// on cue): they cannot run on an image.
+/// Rows that need the test guest's kernel command line knobs (it panics, powers off,
+/// hangs or closes its port on cue): they cannot run on an image.
 pub fn needs_knobs(row: &str) -> bool {
-    row.starts_with("guest panic") || row.starts_with("guest power-off")
+    [
+        "guest panic",
+        "guest power-off",
+        "guest hang",
+        "guest service down",
+    ]
+    .iter()
+    .any(|r| row.starts_with(r))
+}
+
+/// Rows that need the test guest's generic-kernel flavour (a watchdog driver).
+pub fn needs_generic(row: &str) -> bool {
+    row.ends_with("watchdog")
 }
 
 /// Commits `app` (pinned to `pin` when given).
