@@ -154,7 +154,12 @@ fn apply_killed_half_way_is_finished_by_the_next_run() -> Result<()> {
             .cmdline("plasmavmc.ignore_acpi=1")
     };
     let repo = TestRepo::new()?;
-    repo.set_stop_timeout("5s")?;
+    // One action at a time on the host, so the kill lands between the two restarts
+    // (they would run at once otherwise: see tests/concurrency.rs).
+    repo.write(
+        "plasmavmc.toml",
+        "[timeouts]\nstop = \"5s\"\n\n[concurrency]\nper_host = 1\n",
+    )?;
     for vm in ["a", "b"] {
         repo.write_vm(vm, &slow(128))?;
     }
