@@ -143,6 +143,10 @@ fn orphan_is_reported_not_started_beside_and_pruned_on_request() -> Result<()> {
     Ok(())
 }
 
+/// A 5 s stop timeout, and one action at a time on the host, so an apply can be killed
+/// between two restarts (they would run at once otherwise: see tests/concurrency.rs).
+const ONE_AT_A_TIME: &str = "[timeouts]\nstop = \"5s\"\n\n[concurrency]\nper_host = 1\n";
+
 #[test]
 fn apply_killed_half_way_is_finished_by_the_next_run() -> Result<()> {
     // Guests that ignore the ACPI power button: each stop waits the whole 5 s stop
@@ -154,12 +158,7 @@ fn apply_killed_half_way_is_finished_by_the_next_run() -> Result<()> {
             .cmdline("plasmavmc.ignore_acpi=1")
     };
     let repo = TestRepo::new()?;
-    // One action at a time on the host, so the kill lands between the two restarts
-    // (they would run at once otherwise: see tests/concurrency.rs).
-    repo.write(
-        "plasmavmc.toml",
-        "[timeouts]\nstop = \"5s\"\n\n[concurrency]\nper_host = 1\n",
-    )?;
+    repo.write("plasmavmc.toml", ONE_AT_A_TIME)?;
     for vm in ["a", "b"] {
         repo.write_vm(vm, &slow(128))?;
     }
