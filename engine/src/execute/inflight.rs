@@ -83,8 +83,9 @@ impl InFlight {
         out
     }
 
-    /// Whether any action is in flight.
-    pub fn is_idle(&self) -> bool {
+    /// Whether no action is in flight.
+    #[cfg(test)]
+    fn is_idle(&self) -> bool {
         self.lock().busy.is_empty()
     }
 

@@ -70,8 +70,9 @@ pub(super) struct Daemon<C: Connector> {
     running: usize,
     /// Ended actions not in the VMs' status yet.
     finished: Vec<Step>,
-    /// Ended actions since the commit's attempt was last recorded.
-    attempt: Vec<Step>,
+    /// Actions that failed (or were skipped) since the commit's attempt was last recorded:
+    /// the attempt's problems.
+    failures: Vec<Step>,
     /// VMs whose last action failed, and when they may be tried again: a retry, never a
     /// tight loop.
     retry_at: BTreeMap<String, u64>,
@@ -230,7 +231,7 @@ impl<C: Connector> Daemon<C> {
             ended,
             running: 0,
             finished: Vec::new(),
-            attempt: Vec::new(),
+            failures: Vec::new(),
             retry_at: BTreeMap::new(),
         };
         Ok((daemon, watcher))
@@ -300,10 +301,10 @@ impl<C: Connector> Daemon<C> {
                 if !matches!(step.outcome, ExecOutcome::Done { .. }) {
                     let at = now_ms() + RETRY_FLOOR_MS;
                     self.retry_at.insert(step.action.vm().to_owned(), at);
+                    self.failures.push((**step).clone());
                 }
                 self.running = self.running.saturating_sub(1);
                 self.finished.push((**step).clone());
-                self.attempt.push((**step).clone());
             }
         }
         let fetch = triggers
@@ -365,9 +366,11 @@ impl<C: Connector> Daemon<C> {
             .iter()
             .cloned()
             .partition(|a| self.retry_at.contains_key(a.vm()));
-        self.running += go.len();
-        self.runner
-            .submit(go, target.clone(), Arc::new(self.fleet.hosts().clone()));
+        if !go.is_empty() {
+            self.running += go.len();
+            self.runner
+                .submit(go, target.clone(), Arc::new(self.fleet.hosts().clone()));
+        }
         // Idle by the endings this daemon has heard of, never ahead of them.
         let idle = self.running == 0;
         if idle {
@@ -377,8 +380,8 @@ impl<C: Connector> Daemon<C> {
         let report = report_of(&mut self.finished);
         // The commit counts as applied once nothing runs, nothing waits for a retry and
         // nothing failed; a failure is said as soon as nothing runs.
-        if idle && self.bad.is_none() && (held.is_empty() || !self.attempt.is_empty()) {
-            let attempt = report_of(&mut self.attempt);
+        if idle && self.bad.is_none() && (held.is_empty() || !self.failures.is_empty()) {
+            let attempt = report_of(&mut self.failures);
             self.engine.attempted(&id, attempt.as_ref(), &plan.pending);
         }
         self.wake_at_ms = plan
