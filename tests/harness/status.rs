@@ -78,6 +78,15 @@ impl VmView {
         }
     }
 
+    /// Whether the instance runs the committed spec (`up_to_date`): false while a
+    /// change of it is still to be carried out.
+    pub fn up_to_date(&self) -> bool {
+        self.raw
+            .get("up_to_date")
+            .and_then(toml::Value::as_bool)
+            .unwrap_or(false)
+    }
+
     /// Events of `kind`.
     pub fn events_of<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Event> + 'a {
         self.events.iter().filter(move |e| e.kind == kind)

@@ -329,7 +329,11 @@ impl<'r> Flow<'r> {
                         return None;
                     }
                     match end {
-                        End::Runs(h) => repo.only_on(h, &vm).ok().map(|_| h.to_owned()),
+                        // Up to date too: the QEMU that ran before a change it awaits
+                        // (a restart retried once the host is back) is not the end.
+                        End::Runs(h) => (repo.only_on(h, &vm).is_ok()
+                            && repo.vm_view(&vm).ok()??.up_to_date())
+                        .then(|| h.to_owned()),
                         End::Elsewhere(lost) => {
                             // The lost host keeps its dead copy's folder until it returns.
                             let v = repo.vm_view(&vm).ok()??;
@@ -345,8 +349,9 @@ impl<'r> Flow<'r> {
                             (repo.qemus_of(&vm).is_empty()
                                 && repo.hosts_with_instance(&vm) == [h]
                                 && v.phase == "stopped"
-                                && v.host == h)
-                                .then(String::new)
+                                && v.host == h
+                                && v.up_to_date())
+                            .then(String::new)
                         }
                         End::Gone => (repo.qemus_of(&vm).is_empty()
                             && repo.hosts_with_instance(&vm).is_empty())
