@@ -115,7 +115,8 @@ fn watchdog_reset_resets_the_guest_in_the_same_qemu() -> Result<()> {
     let pid = daemon.wait_running("reset")?;
     let stopped = stopped_feeding(&repo, "reset")?;
     let view = repo.wait_vm("reset", "a watchdog reset counted", ACT_TIMEOUT, |v| {
-        health(v)
+        v.raw
+            .get("health")
             .and_then(|h| h.get("watchdog_resets"))
             .and_then(toml::Value::as_integer)
             .is_some_and(|n| n >= 1)
@@ -168,24 +169,6 @@ fn watchdog_poweroff_leaves_it_to_the_restart_policy() -> Result<()> {
     Ok(())
 }
 
-/// The `[health]` table of a VM's status.
-fn health(view: &plasmavmc_e2e::VmView) -> Option<&toml::Table> {
-    view.raw.get("health").and_then(toml::Value::as_table)
-}
-
-/// The `[health.guest_agent]` table of a VM's status.
-fn guest_agent(view: &plasmavmc_e2e::VmView) -> Option<&toml::Table> {
-    health(view)
-        .and_then(|h| h.get("guest_agent"))
-        .and_then(toml::Value::as_table)
-}
-
-fn answering(view: &plasmavmc_e2e::VmView) -> Option<bool> {
-    guest_agent(view)
-        .and_then(|g| g.get("answering"))
-        .and_then(toml::Value::as_bool)
-}
-
 #[test]
 fn the_guest_agent_is_pinged_across_a_daemon_restart_until_it_stops_answering() -> Result<()> {
     let repo = TestRepo::new()?;
@@ -199,9 +182,9 @@ fn the_guest_agent_is_pinged_across_a_daemon_restart_until_it_stops_answering() 
     let mut daemon = repo.watch(&[])?;
     let pid = daemon.wait_running("qga")?;
     let view = repo.wait_vm("qga", "its guest agent answering", ACT_TIMEOUT, |v| {
-        answering(v) == Some(true)
+        v.health_flag("guest_agent", "answering") == Some(true)
     })?;
-    let info = guest_agent(&view).cloned().unwrap_or_default();
+    let info = view.health("guest_agent").cloned().unwrap_or_default();
     let text = |k: &str| info.get(k).map(ToString::to_string).unwrap_or_default();
     ensure!(
         text("os").contains("PlasmaVMC test guest") && text("addresses").contains("10.0.2.15/24"),
@@ -224,7 +207,7 @@ fn the_guest_agent_is_pinged_across_a_daemon_restart_until_it_stops_answering() 
         || serial_has_line(&repo.serial("qga"), "qga: stopped answering").then(Instant::now),
     )?;
     let view = repo.wait_vm("qga", "its guest agent silent", ACT_TIMEOUT, |v| {
-        answering(v) == Some(false)
+        v.health_flag("guest_agent", "answering") == Some(false)
     })?;
     let noticed = Instant::now();
     ensure!(
@@ -250,13 +233,6 @@ fn the_guest_agent_is_pinged_across_a_daemon_restart_until_it_stops_answering() 
     Ok(())
 }
 
-/// `[health] ready` of a VM's status.
-fn ready(view: &plasmavmc_e2e::VmView) -> Option<bool> {
-    health(view)
-        .and_then(|h| h.get("ready"))
-        .and_then(toml::Value::as_bool)
-}
-
 #[test]
 fn tcp_readiness_flips_without_a_restart() -> Result<()> {
     let repo = TestRepo::new()?;
@@ -271,23 +247,24 @@ fn tcp_readiness_flips_without_a_restart() -> Result<()> {
     started(&repo, "svc", &spec)?;
     let daemon = repo.watch(&[])?;
     let pid = daemon.wait_running("svc")?;
-    let view = repo.wait_vm("svc", "ready", BOOT_TIMEOUT, |v| ready(v) == Some(true))?;
-    ensure!(view.has_event("ready", "open"), "no ready event:\n{view}");
+    // The event comes with the probe's word, the record of `ready` with a look: either
+    // may be published first.
+    repo.wait_vm("svc", "ready, with its event", BOOT_TIMEOUT, |v| {
+        v.ready() == Some(true) && v.has_event("ready", "open")
+    })?;
     let closed = poll_every(
         Duration::from_millis(10),
         "the echo port to close",
         BOOT_TIMEOUT,
         || serial_has_line(&repo.serial("svc"), "net: echo closed").then(Instant::now),
     )?;
-    let view = repo.wait_vm("svc", "not ready", ACT_TIMEOUT, |v| ready(v) == Some(false))?;
+    let view = repo.wait_vm("svc", "not ready, with its event", ACT_TIMEOUT, |v| {
+        v.ready() == Some(false) && v.has_event("not-ready", "closed")
+    })?;
     let noticed = Instant::now();
     ensure!(
         view.pid == Some(pid) && is_alive(pid) && view.restarts == 0 && view.phase == "running",
         "readiness restarts nothing:\n{view}"
-    );
-    ensure!(
-        view.has_event("not-ready", "closed"),
-        "no not-ready event:\n{view}"
     );
     eprintln!(
         "tcp readiness (period 500ms, timeout 500ms, threshold 2): port closed -> ready = false {:?}",
@@ -304,7 +281,9 @@ fn a_failed_guest_agent_liveness_probe_replaces_the_qemu() -> Result<()> {
         .cmdline("plasmavmc.qga=8")
         .health_line("guest_agent = true")
         .health_line("[health.liveness]")
-        .health_line("kind = \"guest-agent\"\nperiod = \"500ms\"\ntimeout = \"400ms\"\nfailure_threshold = 2");
+        .health_line(
+            "kind = \"guest-agent\"\nperiod = \"1s\"\ntimeout = \"1s\"\nfailure_threshold = 3",
+        );
     started(&repo, "live", &spec)?;
     let daemon = repo.watch(&[])?;
     let first = daemon.wait_running("live")?;
@@ -330,24 +309,11 @@ fn a_failed_guest_agent_liveness_probe_replaces_the_qemu() -> Result<()> {
         "status does not tell why it was replaced:\n{view}"
     );
     eprintln!(
-        "guest-agent liveness (period 500ms, timeout 400ms, threshold 2): stopped answering -> QEMU ended {:?}; -> running again (status) {:?}",
+        "guest-agent liveness (period 1s, timeout 1s, threshold 3): stopped answering -> QEMU ended {:?}; -> running again (status) {:?}",
         ended - stopped,
         running - ended
     );
     Ok(())
-}
-
-/// `[health] liveness` / `readiness` of a VM's status: the probe's record.
-fn probe<'v>(view: &'v plasmavmc_e2e::VmView, which: &str) -> Option<&'v toml::Table> {
-    health(view)
-        .and_then(|h| h.get(which))
-        .and_then(toml::Value::as_table)
-}
-
-fn probe_ok(view: &plasmavmc_e2e::VmView, which: &str) -> Option<bool> {
-    probe(view, which)
-        .and_then(|p| p.get("ok"))
-        .and_then(toml::Value::as_bool)
 }
 
 #[test]
@@ -363,14 +329,14 @@ fn probes_keep_working_across_a_daemon_restart() -> Result<()> {
         .cmdline("plasmavmc.ip=10.0.2.15/24 plasmavmc.echo=7 plasmavmc.echo_stop=15 plasmavmc.qga=25")
         .health_line("guest_agent = true")
         .health_line("[health.liveness]")
-        .health_line("kind = \"guest-agent\"\nperiod = \"500ms\"\ntimeout = \"400ms\"\nfailure_threshold = 2")
+        .health_line("kind = \"guest-agent\"\nperiod = \"1s\"\ntimeout = \"1s\"\nfailure_threshold = 3")
         .health_line("[health.readiness]")
         .health_line("kind = \"tcp\"\nport = 7\nperiod = \"500ms\"\ntimeout = \"500ms\"\nfailure_threshold = 2");
     started(&repo, "probed", &spec)?;
     let mut daemon = repo.watch(&[])?;
     let pid = daemon.wait_running("probed")?;
     repo.wait_vm("probed", "ready and alive", BOOT_TIMEOUT, |v| {
-        ready(v) == Some(true) && probe_ok(v, "liveness") == Some(true)
+        v.ready() == Some(true) && v.health_flag("liveness", "ok") == Some(true)
     })?;
 
     // SIGTERM: the daemon (and the host's agent with it) ends, the VM runs on.
@@ -396,27 +362,19 @@ fn probes_keep_working_across_a_daemon_restart() -> Result<()> {
         BOOT_TIMEOUT,
         || serial_has_line(&repo.serial("probed"), "net: echo closed").then(Instant::now),
     )?;
-    let view = repo.wait_vm("probed", "not ready", ACT_TIMEOUT, |v| {
-        ready(v) == Some(false)
+    let view = repo.wait_vm("probed", "not ready, with its event", ACT_TIMEOUT, |v| {
+        v.ready() == Some(false) && v.has_event("not-ready", "closed")
     })?;
     let not_ready = Instant::now();
     ensure!(
         view.pid == Some(pid) && view.phase == "running" && view.restarts == 0,
         "readiness restarts nothing:\n{view}"
     );
-    let last = probe(&view, "readiness")
-        .and_then(|p| p.get("last"))
-        .and_then(toml::Value::as_str)
-        .unwrap_or_default();
+    let last = view.health_text("readiness", "last");
     ensure!(
         last.contains("closed"),
         "the readiness record should say why:\n{view}"
     );
-    if !view.has_event("not-ready", "closed") {
-        // Seen once in three runs on a loaded machine: the record flipped, the event
-        // was missing (reported, not yet explained).
-        eprintln!("note: no not-ready event after the restart:\n{view}");
-    }
 
     // Its liveness probe sees the guest agent fall silent, and the QEMU is replaced.
     let silent = poll_every(
@@ -431,23 +389,20 @@ fn probes_keep_working_across_a_daemon_restart() -> Result<()> {
         ACT_TIMEOUT,
         || (!is_alive(pid)).then(Instant::now),
     )?;
-    let view = repo.wait_vm("probed", "running again in a new QEMU", ACT_TIMEOUT, |v| {
-        v.phase == "running" && v.pid.is_some_and(|p| p != pid)
-    })?;
-    let events = (
-        view.has_event("unhealthy", "liveness probe failed"),
-        view.has_event("exited", "unhealthy"),
-    );
-    ensure!(
-        events.0 || events.1,
-        "status does not tell why it was replaced:\n{view}"
-    );
-    if events != (true, true) {
-        // Open issue: after the adoption the replaced QEMU's exit was not recorded as
-        // `exited: unhealthy` in 2 of 3 runs (the `unhealthy` event was), so that exit
-        // may escape the restart policy's count; kept visible here until it is fixed.
-        eprintln!("note: an unhealthy/exited event is missing after the restart:\n{view}");
-    }
+    // Both events: `exited: unhealthy` says the exit was recorded (and counted by the
+    // restart policy) before the new QEMU started. A look used to find the QEMU gone
+    // before its watcher recorded why, and the restart came first.
+    repo.wait_vm(
+        "probed",
+        "running again in a new QEMU, the exit recorded",
+        ACT_TIMEOUT,
+        |v| {
+            v.phase == "running"
+                && v.pid.is_some_and(|p| p != pid)
+                && v.has_event("unhealthy", "liveness probe failed")
+                && v.has_event("exited", "unhealthy")
+        },
+    )?;
     eprintln!(
         "after a daemon restart: port closed -> ready = false {:?}; guest agent silent -> QEMU ended {:?}",
         not_ready - closed,
@@ -478,9 +433,9 @@ fn a_probe_that_hangs_is_bounded_by_its_timeout() -> Result<()> {
     let daemon = repo.watch(&[])?;
     let pid = daemon.wait_running("mute")?;
     let view = repo.wait_vm("mute", "its readiness probe timed out", ACT_TIMEOUT, |v| {
-        ready(v) == Some(false)
+        v.ready() == Some(false)
     })?;
-    let record = probe(&view, "readiness").cloned().unwrap_or_default();
+    let record = view.health("readiness").cloned().unwrap_or_default();
     let text = |k: &str| {
         record
             .get(k)
@@ -508,7 +463,7 @@ fn a_probe_that_hangs_is_bounded_by_its_timeout() -> Result<()> {
     );
     // Nothing wedged: the agent's other checks go on, and a commit is carried out.
     repo.wait_vm("mute", "its guest agent answering", BOOT_TIMEOUT, |v| {
-        answering(v) == Some(true)
+        v.health_flag("guest_agent", "answering") == Some(true)
     })?;
     repo.set_stop_timeout("2s")?;
     repo.write_vm("mute", &spec.clone().power("stopped"))?;

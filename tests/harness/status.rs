@@ -87,6 +87,35 @@ impl VmView {
             .unwrap_or(false)
     }
 
+    /// A table of its `[health]`: `guest_agent`, `liveness` or `readiness`.
+    pub fn health(&self, table: &str) -> Option<&toml::Table> {
+        self.raw
+            .get("health")
+            .and_then(|h| h.get(table))
+            .and_then(toml::Value::as_table)
+    }
+
+    /// `[health] ready`.
+    pub fn ready(&self) -> Option<bool> {
+        self.raw
+            .get("health")
+            .and_then(|h| h.get("ready"))
+            .and_then(toml::Value::as_bool)
+    }
+
+    /// A boolean of a `[health]` table: `("guest_agent", "answering")`, `("liveness", "ok")`.
+    pub fn health_flag(&self, table: &str, key: &str) -> Option<bool> {
+        self.health(table)?.get(key)?.as_bool()
+    }
+
+    /// A text of a `[health]` table: `("readiness", "last")`, `("guest_agent", "os")`.
+    pub fn health_text(&self, table: &str, key: &str) -> &str {
+        self.health(table)
+            .and_then(|t| t.get(key))
+            .and_then(toml::Value::as_str)
+            .unwrap_or_default()
+    }
+
     /// Events of `kind`.
     pub fn events_of<'a>(&'a self, kind: &'a str) -> impl Iterator<Item = &'a Event> + 'a {
         self.events.iter().filter(move |e| e.kind == kind)

@@ -21,6 +21,9 @@ use crate::qemu::qmp::{Qmp, QmpError, QmpEvent};
 use crate::qemu::watchdog::{self, Fired};
 use crate::wire::HostEvent;
 
+/// How long a watcher waits for a QEMU whose QMP connection closed to end.
+const EXIT_WAIT: Duration = Duration::from_secs(5);
+
 struct Attached {
     pid: u32,
     qmp: Qmp,
@@ -105,6 +108,22 @@ impl Monitor {
         Ok(qmp)
     }
 
+    /// Waits until no watcher holds `vm` — one whose QEMU ended records the exit
+    /// first — for at most [`EXIT_WAIT`] and a second; returns whether it let go. A
+    /// look that finds a VM's QEMU gone calls this before it reads the VM's record.
+    pub async fn settled_exit(&self, vm: &str) -> bool {
+        let deadline = tokio::time::Instant::now() + EXIT_WAIT + Duration::from_secs(1);
+        loop {
+            if !self.attached.lock().await.contains_key(vm) {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     async fn detach(&self, vm: &str, pid: u32) {
         let mut attached = self.attached.lock().await;
         if attached.get(vm).is_some_and(|a| a.pid == pid) {
@@ -164,16 +183,17 @@ impl Watcher {
                 }
             }
         }
-        // The process may still be finishing: give QMP a moment to deliver SHUTDOWN.
+        // The process may still be finishing: give QMP a moment to deliver SHUTDOWN, and
+        // QEMU time to end (on a loaded host its teardown can take seconds).
         let closed = tokio::time::timeout(Duration::from_millis(500), qmp.closed())
             .await
             .ok();
-        let gone = process::wait_gone(self.pid, Duration::from_millis(500)).await;
+        let gone = process::wait_gone(self.pid, EXIT_WAIT).await;
         let Some(monitor) = self.monitor.upgrade() else {
             return;
         };
-        monitor.detach(&self.vm, self.pid).await;
         if !gone {
+            monitor.detach(&self.vm, self.pid).await;
             warn!(vm = %self.vm, pid = self.pid, "QMP connection closed but QEMU still runs; will reconnect");
             return;
         }
@@ -197,6 +217,9 @@ impl Watcher {
             let _held = lock.lock().await;
             super::local::taps::release(&self.vm, &self.dir, Some(&self.uuid)).await;
         }
+        // Only now: a look waits for this (see [`Monitor::settled_exit`]), so no plan
+        // restarts the VM before its exit is recorded and counted.
+        monitor.detach(&self.vm, self.pid).await;
         info!(vm = %self.vm, pid = self.pid, reason = reason.as_str(), status = status.as_deref().unwrap_or("-"), expected, "vm exited");
         let _ = monitor.events.send(HostEvent::Exited {
             vm: self.vm.clone(),
@@ -285,6 +308,7 @@ impl Watcher {
                 probe: probe.clone()?,
                 forwards: spec.forwards().collect(),
                 qga: qga.clone(),
+                outlived: std::sync::Mutex::default(),
                 end: (spec.restart != plasmavmc_specs::RestartPolicy::Never).then(|| end.clone()),
             };
             Some(AbortOnDrop(tokio::spawn(prober.run()).abort_handle()))

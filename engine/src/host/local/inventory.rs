@@ -55,7 +55,17 @@ impl LocalHost {
     }
 
     async fn observe_one(&self, dir: &InstanceDir, mut inst: InstanceFile) -> ObservedVm {
-        let pid = Self::live_pid(dir, &inst);
+        let mut pid = Self::live_pid(dir, &inst);
+        if pid.is_none() && inst.power == Power::Running && !inst.starting {
+            // Its QEMU ended: its watcher may be recording why right now. Read the record
+            // once it has, or a plan restarts the VM without its exit counted.
+            if self.monitor.settled_exit(&inst.vm.name).await {
+                if let Ok(now) = dir.read() {
+                    inst = now;
+                    pid = Self::live_pid(dir, &inst);
+                }
+            }
+        }
         let (state, detail): (RunState, Option<String>) = match pid {
             // Nothing ran: the next start is the same start again, not a restart.
             None if inst.power == Power::Running && inst.starting => (
