@@ -15,6 +15,12 @@
 //!   with exit 0, and the VM runs on (SSH still answers);
 //! - `plasmavmc logs` shows the boot: the kernel's `Linux version` line and cloud-init's
 //!   lines down to `finished`.
+//!
+//! And, in a second boot of the same VM under `watch`, `[health]` against the image's
+//! real qemu-guest-agent: the status shows Debian and the guest's address; the
+//! example's `exec` readiness probe (`systemctl is-active ssh`) makes the VM ready; an
+//! `exec` liveness probe that starts failing (a file it tests appears, made over SSH)
+//! gets the QEMU replaced, with the probe's exit status in the events.
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -49,6 +55,7 @@ fn debian_with_cloud_init_ssh_console_and_logs() -> Result<()> {
         &image,
         port,
         &fs::read_to_string(key.with_extension("pub"))?,
+        "",
     )?;
     repo.commit("web-1: Debian 12 with cloud-init")?;
     repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
@@ -65,6 +72,69 @@ fn debian_with_cloud_init_ssh_console_and_logs() -> Result<()> {
     logs(&repo)
 }
 
+/// A liveness probe beside the example's readiness probe: fails once `/run/wedged`
+/// exists (`test` exits 1); generous timings, as a TCG guest on a busy machine is slow.
+const WEDGED: &str = "\n[health.liveness]\nkind = \"exec\"\ncommand = [\"test\", \"!\", \"-e\", \"/run/wedged\"]\nperiod = \"5s\"\ntimeout = \"5s\"\nfailure_threshold = 3\n";
+
+#[test]
+fn exec_probes_through_the_real_guest_agent() -> Result<()> {
+    let image = debian()?;
+    let repo = TestRepo::new()?;
+    let key = repo.root().join("id_ed25519");
+    keygen(&key)?;
+    let port = free_port()?;
+    let public = fs::read_to_string(key.with_extension("pub"))?;
+    write_vm(&repo, &image, port, &public, WEDGED)?;
+    repo.commit("web-1 with an exec liveness probe")?;
+    let daemon = repo.watch(&[])?;
+    let first = daemon.wait_running(VM)?;
+    let ssh = GuestSsh::new(port, USER, &key);
+    wait_for("the guest's SSH banner", SSH_TIMEOUT, || {
+        ssh_banner(ssh.port)
+    })
+    .with_context(|| format!("serial console:\n{}", serial_tail(&repo)))?;
+    let view = repo.wait_vm(VM, "ready and alive by its exec probes", SSH_TIMEOUT, |v| {
+        v.ready() == Some(true)
+            && v.health_flag("liveness", "ok") == Some(true)
+            && v.health_flag("guest_agent", "answering") == Some(true)
+    })?;
+    let (ready, os) = (
+        view.health_text("readiness", "last"),
+        view.health_text("guest_agent", "os"),
+    );
+    ensure!(
+        ready.contains("exit 0: active") && os.contains("Debian"),
+        "the real guest agent's answers are not in the status:\n{view}"
+    );
+    ensure!(
+        view.pid == Some(first),
+        "replaced before the test began:\n{view}"
+    );
+    poll_for(
+        "ssh sudo touch /run/wedged",
+        Duration::from_secs(120),
+        || ssh.run("sudo -n touch /run/wedged").ok(),
+    )?;
+    let wedged = Instant::now();
+    repo.wait_vm(
+        VM,
+        "replaced by its failed liveness probe",
+        SSH_TIMEOUT,
+        |v| {
+            v.phase == "running"
+                && v.pid.is_some_and(|p| p != first)
+                && v.has_event("unhealthy", "liveness probe failed: exit 1")
+                && v.has_event("exited", "unhealthy")
+        },
+    )?;
+    eprintln!(
+        "exec liveness (period 5s, timeout 5s, threshold 3): /run/wedged -> running in a new QEMU {:?}",
+        wedged.elapsed()
+    );
+    ensure!(!is_alive(first), "the unhealthy QEMU {first} still runs");
+    Ok(())
+}
+
 /// The example this test boots, as an operator would (`examples/cloud-init`).
 const EXAMPLE: &str = "examples/cloud-init";
 
@@ -73,8 +143,15 @@ const PLACEHOLDER_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIREPLACEMEWITHYOURPUBLICKEYxxxxxxxxxxxxxx ops@example.com";
 
 /// The example's VM, user data and network config, with the test's key in the user data,
-/// the image from `target/debian/` and a free port forwarded to the guest's 22.
-fn write_vm(repo: &TestRepo, image: &DebianImage, port: u16, public: &str) -> Result<()> {
+/// the image from `target/debian/`, a free port forwarded to the guest's 22, and `extra`
+/// at the end of the VM's file.
+fn write_vm(
+    repo: &TestRepo,
+    image: &DebianImage,
+    port: u16,
+    public: &str,
+    extra: &str,
+) -> Result<()> {
     let example = workspace_root().join(EXAMPLE);
     let read = |rel: &str| {
         fs::read_to_string(example.join(rel)).with_context(|| format!("reading {EXAMPLE}/{rel}"))
@@ -101,7 +178,7 @@ fn write_vm(repo: &TestRepo, image: &DebianImage, port: u16, public: &str) -> Re
     let spec = spec
         .replace("\"guest/", &format!("\"{}/", dir.display()))
         .replace("\"tcp:2222:22\"", &format!("\"tcp:{port}:22\""));
-    repo.write(&format!("vms/{VM}.toml"), &spec)
+    repo.write(&format!("vms/{VM}.toml"), &format!("{spec}{extra}"))
 }
 
 /// The last lines of the guest's serial console, for failures.

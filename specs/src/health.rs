@@ -53,6 +53,11 @@ pub struct Probe {
     /// The URL path (`http`, default `/`): a 2xx answer is a success.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
+    /// The command `exec` runs in the guest, as a program and its arguments (the guest
+    /// agent looks the program up in its `PATH`; no shell unless you name one, e.g.
+    /// `["sh", "-c", "test -e /run/ready"]`). Exit status 0 is a success.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub command: Vec<String>,
     /// How often it runs (default 10s; from 100ms to 1h).
     #[serde(default = "default_period")]
     pub period: HumanDuration,
@@ -73,6 +78,11 @@ pub struct Probe {
 pub enum ProbeKind {
     /// The guest agent answers `guest-sync` and `guest-ping` (needs `guest_agent`).
     GuestAgent,
+    /// `command` runs in the guest through its guest agent (`guest-exec`, needs
+    /// `guest_agent`) and exits 0 within `timeout`. A command still running at the
+    /// timeout is a failure; it is left to end in the guest (the guest agent cannot kill
+    /// it), and no new one starts until it has.
+    Exec,
     /// A TCP connection to `port` opens and is not closed by the guest.
     Tcp,
     /// `GET path` on `port` answers 2xx.
@@ -203,8 +213,14 @@ impl Probe {
             );
         }
         match self.kind {
-            ProbeKind::GuestAgent if !guest_agent => {
-                bad("kind", "kind = \"guest-agent\" needs [health] guest_agent = true".to_owned());
+            ProbeKind::GuestAgent | ProbeKind::Exec if !guest_agent => {
+                bad(
+                    "kind",
+                    format!(
+                        "kind = \"{}\" needs [health] guest_agent = true",
+                        self.kind.as_str()
+                    ),
+                );
             }
             ProbeKind::Tcp | ProbeKind::Http => match self.port {
                 None => bad("port", format!("kind = \"{}\" needs a port", self.kind.as_str())),
@@ -214,8 +230,9 @@ impl Probe {
                 ),
                 Some(_) => {}
             },
-            ProbeKind::GuestAgent => {}
+            ProbeKind::GuestAgent | ProbeKind::Exec => {}
         }
+        self.command_problems(bad);
         if self.kind != ProbeKind::Http && self.path.is_some() {
             bad("path", "path is for kind = \"http\" only".to_owned());
         }
@@ -230,10 +247,34 @@ impl Probe {
     }
 }
 
+impl Probe {
+    /// `command` is there for `exec` alone, and holds a program name.
+    fn command_problems(&self, bad: &mut impl FnMut(&'static str, String)) {
+        match (self.kind, self.command.first()) {
+            (ProbeKind::Exec, None) => bad(
+                "command",
+                "kind = \"exec\" needs a command, e.g. command = [\"systemctl\", \"is-active\", \"nginx\"]"
+                    .to_owned(),
+            ),
+            (ProbeKind::Exec, Some(program)) if program.trim().is_empty() => {
+                bad("command", "the command's program name is empty".to_owned());
+            }
+            (kind, Some(_)) if kind != ProbeKind::Exec => {
+                bad("command", "command is for kind = \"exec\" only".to_owned());
+            }
+            _ => {}
+        }
+        if self.command.iter().any(|a| a.contains('\0')) {
+            bad("command", "the command holds a NUL character".to_owned());
+        }
+    }
+}
+
 impl ProbeKind {
     pub fn as_str(self) -> &'static str {
         match self {
             ProbeKind::GuestAgent => "guest-agent",
+            ProbeKind::Exec => "exec",
             ProbeKind::Tcp => "tcp",
             ProbeKind::Http => "http",
         }
@@ -263,6 +304,21 @@ mod tests {
         assert!(problems("[liveness]\nkind = \"tcp\"\nport = 22").is_empty());
         let refused = problems("[liveness]\nkind = \"tcp\"\nport = 80\ntimeout = \"20s\"\n[readiness]\nkind = \"guest-agent\"\npath = \"/\"");
         assert_eq!(refused.len(), 4, "{refused:?}");
+        let exec = "guest_agent = true\n[readiness]\nkind = \"exec\"\n";
+        assert!(problems(&format!(
+            "{exec}command = [\"systemctl\", \"is-active\", \"ssh\"]"
+        ))
+        .is_empty());
+        assert!(problems(exec)[0].contains("needs a command"));
+        assert!(problems(&format!("{exec}command = [\" \"]"))[0].contains("program name is empty"));
+        assert!(
+            problems("[readiness]\nkind = \"exec\"\ncommand = [\"true\"]")[0]
+                .contains("kind = \"exec\" needs [health] guest_agent = true")
+        );
+        assert!(
+            problems("[liveness]\nkind = \"tcp\"\nport = 22\ncommand = [\"true\"]")[0]
+                .contains("for kind = \"exec\" only")
+        );
         assert_eq!(
             Health::default().guest_agent_period(),
             DEFAULT_GUEST_AGENT_PERIOD

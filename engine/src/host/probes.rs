@@ -31,7 +31,7 @@ use tracing::{info, warn};
 use super::monitor::Monitor;
 use crate::observe::ProbeState;
 use crate::qemu::instance::{InstanceDir, LIVENESS_FILE, READINESS_FILE};
-use crate::qemu::qga::{GuestAgent, SOCKET};
+use crate::qemu::qga::{Exited, GuestAgent, QgaError, SOCKET};
 use crate::records::write_atomic;
 use crate::wire::HostEvent;
 
@@ -53,6 +53,9 @@ pub(super) struct Prober {
     pub end: Option<UnboundedSender<String>>,
     /// The guest agent's connection, shared with the pinger.
     pub qga: super::guest_agent::SharedAgent,
+    /// The guest pid of an `exec` command that outlived its check's timeout: no new one
+    /// starts until it has ended.
+    pub outlived: std::sync::Mutex<Option<i64>>,
 }
 
 impl Prober {
@@ -114,7 +117,7 @@ impl Prober {
     /// One check: its output when it succeeds, why when it fails.
     async fn check(&self) -> Result<String, String> {
         match self.probe.kind {
-            ProbeKind::GuestAgent => {
+            ProbeKind::GuestAgent | ProbeKind::Exec => {
                 let t = self.probe.timeout.0;
                 let mut conn = self.qga.lock().await;
                 let qga = match &mut *conn {
@@ -126,14 +129,17 @@ impl Prober {
                     ),
                 };
                 let answer = match qga.sync(t).await {
-                    Ok(()) => qga.execute("guest-ping", None, t).await.map(drop),
+                    Ok(()) if self.probe.kind == ProbeKind::Exec => self.exec(qga).await,
+                    Ok(()) => qga
+                        .execute("guest-ping", None, t)
+                        .await
+                        .map(|_| Ok("the guest agent answers".to_owned())),
                     Err(e) => Err(e),
                 };
-                if let Err(e) = answer {
+                answer.unwrap_or_else(|e| {
                     *conn = None;
-                    return Err(crate::errors::error_chain(&e));
-                }
-                Ok("the guest agent answers".to_owned())
+                    Err(crate::errors::error_chain(&e))
+                })
             }
             ProbeKind::Tcp => {
                 let mut stream = self.connect().await?;
@@ -170,6 +176,34 @@ impl Prober {
                     Err(line)
                 }
             }
+        }
+    }
+
+    /// Runs the `exec` command in the guest and waits for its end (the caller bounds
+    /// the wait): `Ok(Ok(output))` when it exited 0, `Ok(Err(why))` when it did not, or
+    /// when an earlier one still runs; `Err` when the guest agent failed.
+    async fn exec(&self, qga: &mut GuestAgent) -> Result<Result<String, String>, QgaError> {
+        let t = self.probe.timeout.0;
+        let earlier = *lock(&self.outlived);
+        if let Some(pid) = earlier {
+            if qga.exec_status(pid, t).await?.is_none() {
+                return Ok(Err(format!(
+                    "the command of an earlier check still runs (pid {pid} in the guest)"
+                )));
+            }
+            *lock(&self.outlived) = None;
+        }
+        let pid = qga.exec(&self.probe.command, t).await?;
+        // Until it is seen ending, a check that times out leaves it behind.
+        *lock(&self.outlived) = Some(pid);
+        let mut pause = Duration::from_millis(10);
+        loop {
+            if let Some(done) = qga.exec_status(pid, t).await? {
+                *lock(&self.outlived) = None;
+                return Ok(exec_result(&done));
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(200));
         }
     }
 
@@ -222,8 +256,140 @@ impl Prober {
     }
 }
 
+/// What an ended `exec` command means for its probe: exit 0 is a success; its output
+/// (the last line of stdout, else of stderr) goes with either answer.
+fn exec_result(done: &Exited) -> Result<String, String> {
+    let said = [&done.out, &done.err]
+        .into_iter()
+        .find_map(|text| text.lines().rev().find(|l| !l.trim().is_empty()))
+        .map(|l| format!(": {}", l.chars().take(200).collect::<String>()))
+        .unwrap_or_default();
+    match (done.code, done.signal) {
+        (Some(0), _) => Ok(format!("exit 0{said}")),
+        (Some(code), _) => Err(format!("exit {code}{said}")),
+        (None, Some(signal)) => Err(format!("killed by signal {signal}{said}")),
+        (None, None) => Err(format!("ended without an exit status{said}")),
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The probe record `file` in `dir`, if there is one.
 pub(crate) fn read(dir: &InstanceDir, file: &str) -> Option<ProbeState> {
     let text = std::fs::read_to_string(dir.file(file)).ok()?;
     toml::from_str(&text).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use std::sync::Arc;
+
+    use plasmavmc_specs::HumanDuration;
+    use serde_json::{json, Value};
+    use tokio::io::AsyncBufReadExt;
+
+    use super::*;
+
+    /// A guest agent whose commands run until `done` is set; counts `guest-exec` calls.
+    fn fake_guest(
+        listener: tokio::net::UnixListener,
+        done: Arc<AtomicBool>,
+        execs: Arc<AtomicU32>,
+    ) -> tokio::task::JoinHandle<std::io::Result<()>> {
+        tokio::spawn(async move {
+            let (stream, _) = listener.accept().await?;
+            let (read, mut write) = stream.into_split();
+            let mut lines = tokio::io::BufReader::new(read).lines();
+            while let Some(line) = lines.next_line().await? {
+                let v: Value = serde_json::from_str(&line).unwrap_or_default();
+                let answer = match v["execute"].as_str() {
+                    Some("guest-sync") => json!({"return": v["arguments"]["id"]}),
+                    Some("guest-exec") => {
+                        json!({"return": {"pid": 100 + execs.fetch_add(1, Ordering::SeqCst)}})
+                    }
+                    Some("guest-exec-status") if done.load(Ordering::SeqCst) => {
+                        json!({"return": {"exited": true, "exitcode": 0, "out-data": "YWN0aXZlCg=="}})
+                    }
+                    _ => json!({"return": {"exited": false}}),
+                };
+                write.write_all(format!("{answer}\n").as_bytes()).await?;
+            }
+            Ok(())
+        })
+    }
+
+    #[tokio::test]
+    async fn an_exec_command_that_outlives_its_check_is_not_started_again(
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let root = tempfile::tempdir()?;
+        let dir = InstanceDir::new(root.path(), "web");
+        std::fs::create_dir_all(dir.file(""))?;
+        let listener = tokio::net::UnixListener::bind(dir.file(SOCKET))?;
+        let (done, execs) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU32::new(0)),
+        );
+        let guest = fake_guest(listener, done.clone(), execs.clone());
+        let timeout = Duration::from_millis(300);
+        let prober = Prober {
+            monitor: Weak::new(),
+            dir,
+            vm: "web".to_owned(),
+            pid: 1,
+            liveness: false,
+            probe: Probe {
+                kind: ProbeKind::Exec,
+                port: None,
+                path: None,
+                command: vec!["systemctl".to_owned(), "is-active".to_owned()],
+                period: HumanDuration(timeout),
+                timeout: HumanDuration(timeout),
+                failure_threshold: 1,
+                initial_delay: HumanDuration(Duration::ZERO),
+            },
+            forwards: Vec::new(),
+            end: None,
+            qga: super::super::guest_agent::SharedAgent::default(),
+            outlived: std::sync::Mutex::default(),
+        };
+        // The first check's command hangs: the check ends at its timeout.
+        assert!(tokio::time::timeout(timeout, prober.check()).await.is_err());
+        // The next one fails at once, without starting another.
+        let again = tokio::time::timeout(timeout, prober.check()).await?;
+        assert!(again.is_err_and(|e| e.contains("earlier check still runs (pid 100")));
+        assert_eq!(execs.load(Ordering::SeqCst), 1);
+        // Once it ended, a new command runs; its output goes with the result.
+        done.store(true, Ordering::SeqCst);
+        let ok = tokio::time::timeout(timeout, prober.check()).await?;
+        assert_eq!(ok.as_deref(), Ok("exit 0: active"));
+        assert_eq!(execs.load(Ordering::SeqCst), 2);
+        drop(prober);
+        guest.abort();
+        Ok(())
+    }
+
+    #[test]
+    fn an_exec_result_says_the_exit_and_the_last_line() {
+        let done = |code, signal, out: &str, err: &str| Exited {
+            code,
+            signal,
+            out: out.to_owned(),
+            err: err.to_owned(),
+        };
+        assert_eq!(
+            exec_result(&done(Some(3), None, "", "inactive\n\n")),
+            Err("exit 3: inactive".to_owned())
+        );
+        assert_eq!(
+            exec_result(&done(None, Some(9), "", "")),
+            Err("killed by signal 9".to_owned())
+        );
+        assert_eq!(
+            exec_result(&done(Some(0), None, "a\nb\n", "")),
+            Ok("exit 0: b".to_owned())
+        );
+    }
 }

@@ -169,6 +169,55 @@ impl GuestAgent {
             .collect())
     }
 
+    /// `guest-exec` of `argv` (a program, looked up in the guest agent's `PATH`, and its
+    /// arguments) with its output captured; returns the command's pid in the guest.
+    pub async fn exec(&mut self, argv: &[String], timeout: Duration) -> Result<i64, QgaError> {
+        const COMMAND: &str = "guest-exec";
+        let (program, rest) = argv.split_first().ok_or_else(|| QgaError::Refused {
+            command: COMMAND.to_owned(),
+            desc: "no command to run".to_owned(),
+        })?;
+        let arguments = json!({"path": program, "arg": rest, "capture-output": true});
+        let value = self.execute(COMMAND, Some(arguments), timeout).await?;
+        value
+            .get("pid")
+            .and_then(Value::as_i64)
+            .ok_or_else(|| QgaError::Refused {
+                command: COMMAND.to_owned(),
+                desc: format!("no pid in its answer: {value}"),
+            })
+    }
+
+    /// `guest-exec-status` of the command `pid`: `None` while it runs.
+    pub async fn exec_status(
+        &mut self,
+        pid: i64,
+        timeout: Duration,
+    ) -> Result<Option<Exited>, QgaError> {
+        const COMMAND: &str = "guest-exec-status";
+        let value = self
+            .execute(COMMAND, Some(json!({ "pid": pid })), timeout)
+            .await?;
+        let status: ExecStatus =
+            serde_json::from_value(value).map_err(|source| QgaError::Decode {
+                command: COMMAND.to_owned(),
+                source,
+            })?;
+        let text = |data: Option<String>| {
+            use base64::Engine;
+            let bytes = data
+                .and_then(|d| base64::engine::general_purpose::STANDARD.decode(d).ok())
+                .unwrap_or_default();
+            String::from_utf8_lossy(&bytes).into_owned()
+        };
+        Ok(status.exited.then(|| Exited {
+            code: status.exitcode,
+            signal: status.signal,
+            out: text(status.out_data),
+            err: text(status.err_data),
+        }))
+    }
+
     async fn send(&mut self, message: &Value) -> Result<(), QgaError> {
         let mut bytes = serde_json::to_vec(message).expect("a JSON value always serialises");
         bytes.push(b'\n');
@@ -191,6 +240,31 @@ impl GuestAgent {
         }
         Ok(line)
     }
+}
+
+/// A command run by `guest-exec` that ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exited {
+    /// Its exit code (none when a signal ended it).
+    pub code: Option<i64>,
+    pub signal: Option<i64>,
+    /// What it wrote on its standard output and error (the guest agent may cut them).
+    pub out: String,
+    pub err: String,
+}
+
+/// The answer of `guest-exec-status`.
+#[derive(Debug, Deserialize)]
+struct ExecStatus {
+    exited: bool,
+    #[serde(default)]
+    exitcode: Option<i64>,
+    #[serde(default)]
+    signal: Option<i64>,
+    #[serde(default, rename = "out-data")]
+    out_data: Option<String>,
+    #[serde(default, rename = "err-data")]
+    err_data: Option<String>,
 }
 
 /// One interface of `guest-network-get-interfaces`.
@@ -247,6 +321,15 @@ mod tests {
                         {"name": "lo", "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "127.0.0.1", "prefix": 8}]},
                         {"name": "eth0", "hardware-address": "52:54:00:00:00:01", "ip-addresses": [{"ip-address-type": "ipv4", "ip-address": "10.0.2.15", "prefix": 24}]}
                     ]}),
+                    Some("guest-exec") => {
+                        assert_eq!(v["arguments"]["path"], "sh");
+                        assert_eq!(v["arguments"]["arg"], json!(["-c", "exit 3"]));
+                        json!({"return": {"pid": 41}})
+                    }
+                    Some("guest-exec-status") if v["arguments"]["pid"] == 41 => {
+                        json!({"return": {"exited": true, "exitcode": 3, "out-data": "b2sK"}})
+                    }
+                    Some("guest-exec-status") => json!({"return": {"exited": false}}),
                     _ => json!({"error": {"class": "CommandNotFound", "desc": "no such command"}}),
                 };
                 write.write_all(format!("\n{answer}\n").as_bytes()).await?;
@@ -259,8 +342,13 @@ mod tests {
         assert_eq!(qga.execute("guest-ping", None, t).await?, json!({}));
         assert_eq!(qga.os(t).await?.as_deref(), Some("Busybox 1.35"));
         assert_eq!(qga.addresses(t).await?, ["10.0.2.15/24"]);
+        let argv = ["sh", "-c", "exit 3"].map(str::to_owned);
+        let pid = qga.exec(&argv, t).await?;
+        assert_eq!(qga.exec_status(7, t).await?, None);
+        let done = qga.exec_status(pid, t).await?.ok_or("pid 41 ended")?;
+        assert_eq!((done.code, done.out.as_str()), (Some(3), "ok\n"));
         assert!(matches!(
-            qga.execute("guest-exec", None, t).await,
+            qga.execute("guest-file-open", None, t).await,
             Err(QgaError::Refused { .. })
         ));
         drop(qga);
