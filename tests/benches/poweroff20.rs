@@ -4,8 +4,9 @@
 //! Run: `cargo bench -p plasmavmc-e2e --bench poweroff20` (`POWEROFF_VMS=N` VMs,
 //! default 20; `POWEROFF_RUNS=N` runs with the fast heartbeat, default 2;
 //! `POWEROFF_DEFAULT_RUNS=N` runs with the default heartbeat, default 1;
-//! `POWEROFF_PER_HOST=N` sets `[concurrency] per_host`; `PLASMAVMC_BIN` picks the
-//! binary, default a release build).
+//! `POWEROFF_PER_HOST=N` sets `[concurrency] per_host`; `POWEROFF_TIMELINE=DIR` writes
+//! each run's daemon log lines after the power-off, with their ms, to
+//! `DIR/poweroff-<n>.log`; `PLASMAVMC_BIN` picks the binary, default a release build).
 //!
 //! Each run, on a fresh repository: hosts hv1 (16 GiB), hv2 and hv3 (4 GiB each), all
 //! 64 vCPUs and [`HostSpec::switchable`], each with a fence command that kills every
@@ -26,8 +27,8 @@ use anyhow::{ensure, Context, Result};
 use plasmavmc_e2e::bench::{env_count, machine, percentile, release_binary};
 use plasmavmc_e2e::fault::FAILOVER_VM_MB;
 use plasmavmc_e2e::fleet::{
-    fleet_host, load_average, per_host_setting, poll_fast, started_since, wait_all_running,
-    wait_ticking, FLEET_HOST_VCPUS,
+    fleet_host, load_average, per_host_setting, poll_fast, started_since, timeline,
+    wait_all_running, wait_ticking, FLEET_HOST_VCPUS,
 };
 use plasmavmc_e2e::{is_alive, Daemon, Fence, LogLine, TestRepo, VmSpec};
 
@@ -115,6 +116,7 @@ fn measure(repo: &TestRepo, vms: usize, settings: &str) -> Result<Sample> {
     let running = wait_elsewhere(&daemon, &placed, &old)?;
     let all_running = ms_since(running.0, off);
     let log = daemon.lines_since(since);
+    timeline("POWEROFF_TIMELINE", "poweroff", &log, off)?;
     let about_hv1 = |l: &&LogLine| l.str("host") == Some("hv1");
     let lost = log
         .iter()

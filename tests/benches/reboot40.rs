@@ -4,8 +4,9 @@
 //!
 //! Run: `cargo bench -p plasmavmc-e2e --bench reboot40` (`REBOOT_VMS=N` VMs, default
 //! 40; `REBOOT_RUNS=N` reboots, default 3; `REBOOT_PER_HOST=N` sets `[concurrency]
-//! per_host`, default the engine's default; `PLASMAVMC_BIN` picks the binary, default
-//! a release build).
+//! per_host`, default the engine's default; `REBOOT_TIMELINE=DIR` writes the new
+//! daemon's log lines, each with its ms after the spawn, to `DIR/reboot-<n>.log`;
+//! `PLASMAVMC_BIN` picks the binary, default a release build).
 //!
 //! The VMs (96 MiB, no disk, `restart = "always"`) run on hv1, an agent of the binary
 //! under test through `exec`. Each run: every VM is `running` (its QEMU answered
@@ -24,7 +25,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use plasmavmc_e2e::bench::{env_count, machine, percentile, release_binary};
 use plasmavmc_e2e::fleet::{
-    fleet_repo, load_average, per_host_setting, qemu_lines, raw_starts, round_robin,
+    fleet_repo, load_average, per_host_setting, qemu_lines, raw_starts, round_robin, timeline,
     wait_all_running, wait_started, EAGER_RESTART,
 };
 use plasmavmc_e2e::TestRepo;
@@ -83,6 +84,7 @@ fn one(repo: &TestRepo, placed: &[(String, String)]) -> Result<Run> {
     let spawned = SystemTime::now();
     let daemon = repo.watch(&[])?;
     let started = wait_started(&daemon, 0, placed, BOOT_ALL)?;
+    timeline("REBOOT_TIMELINE", "reboot", &daemon.lines(), spawned)?;
     let mut engine: Vec<f64> = started
         .values()
         .map(|l| l.ms_after(spawned))

@@ -9,11 +9,12 @@
 //! boots, 96 MiB is the harness's usual least.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 
@@ -246,6 +247,27 @@ pub fn wait_started(
                 .then_some(seen)
         },
     )
+}
+
+/// With the environment variable `var` naming a folder: `log`, each line with its ms
+/// after `t0`, to a new `<folder>/<name>-<n>.log` (where the time goes, read from the
+/// daemon's own stamps). Nothing without it.
+pub fn timeline(var: &str, name: &str, log: &[LogLine], t0: SystemTime) -> Result<()> {
+    let Some(dir) = std::env::var_os(var) else {
+        return Ok(());
+    };
+    let dir = PathBuf::from(dir);
+    fs::create_dir_all(&dir)?;
+    let path = (0..)
+        .map(|n| dir.join(format!("{name}-{n}.log")))
+        .find(|p| !p.exists())
+        .context("no free file name")?;
+    let mut text = String::new();
+    for line in log {
+        let ms = line.ms_after(t0).unwrap_or(f64::NAN);
+        let _ = writeln!(text, "{ms:>9.0} {}", line.raw);
+    }
+    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`; 100 if that
