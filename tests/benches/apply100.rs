@@ -5,7 +5,8 @@
 //! Run: `cargo bench -p plasmavmc-e2e --bench apply100` (`APPLY_VMS=N` VMs, default
 //! 100; `APPLY_RUNS=N` runs, default 1; `APPLY_PIN=1` pins the VMs round-robin instead
 //! of letting the engine place them; `APPLY_PER_HOST=N` sets `[concurrency] per_host`;
-//! `PLASMAVMC_BIN` picks the binary, default a release build).
+//! `APPLY_OUT=FILE` keeps apply's output; `PLASMAVMC_BIN` picks the binary, default a
+//! release build).
 //!
 //! Each run, on a fresh repository: one commit with hosts hv1..hv4 (agents of the
 //! binary under test through `exec`, 64 vCPUs each) and the VMs (96 MiB, no disk,
@@ -44,6 +45,8 @@ struct Run {
     ready: f64,
     /// The `start` steps' own times as `apply` printed them, sorted, ms.
     starts: Vec<f64>,
+    /// The `create` steps' own times, sorted, ms.
+    creates: Vec<f64>,
     /// VMs per host.
     spread: BTreeMap<String, usize>,
     /// Spawn of the first raw QEMU → each raw QEMU running, sorted, ms.
@@ -123,8 +126,13 @@ fn measure(repo: &TestRepo, vms: usize, pin: bool, per_host: &str) -> Result<Run
     for (_, host) in pids.values() {
         *spread.entry(host.clone()).or_insert(0) += 1;
     }
-    let mut starts = start_steps(&out.stdout);
+    if let Some(path) = std::env::var_os("APPLY_OUT") {
+        std::fs::write(&path, &out.stdout).context("writing APPLY_OUT")?;
+    }
+    let mut starts = step_times(&out.stdout, "start");
     starts.sort_by(f64::total_cmp);
+    let mut creates = step_times(&out.stdout, "create");
+    creates.sort_by(f64::total_cmp);
 
     let lines = qemu_lines(pids.values().map(|(pid, _)| *pid))?;
     for h in 1..=HOSTS {
@@ -135,6 +143,7 @@ fn measure(repo: &TestRepo, vms: usize, pin: bool, per_host: &str) -> Result<Run
         apply,
         ready,
         starts,
+        creates,
         spread,
         raw,
         load,
@@ -142,13 +151,14 @@ fn measure(repo: &TestRepo, vms: usize, pin: bool, per_host: &str) -> Result<Run
     })
 }
 
-/// The times of the `start` steps in `apply`'s output
+/// The times of the `op` steps in `apply`'s output
 /// (`  ok   start vm-000 (0.12s): running, pid 7`), in ms.
-fn start_steps(stdout: &str) -> Vec<f64> {
+fn step_times(stdout: &str, op: &str) -> Vec<f64> {
+    let prefix = format!("ok   {op} ");
     stdout
         .lines()
         .filter_map(|l| {
-            let rest = l.trim_start().strip_prefix("ok   start ")?;
+            let rest = l.trim_start().strip_prefix(prefix.as_str())?;
             let open = rest.find(" (")? + 2;
             let close = rest[open..].find("s)")? + open;
             rest[open..close].parse::<f64>().ok().map(|s| s * 1e3)
@@ -189,15 +199,17 @@ fn report(bin: &str, vms: usize, pin: bool, per_host: &str, runs: &[Run]) {
         }
     );
     println!(
-        "\n{:<4} {:>10} {:>10} {:>11} {:>11} {:>10} {:>10} {:>7}  spread / load average / MemAvailable",
-        "run", "apply", "all ready", "start med", "start max", "raw med", "raw last", "ratio"
+        "\n{:<4} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>10} {:>10} {:>7}  spread / load average / MemAvailable",
+        "run", "apply", "all ready", "create med", "create max", "start med", "start max", "raw med", "raw last", "ratio"
     );
     for (i, r) in runs.iter().enumerate() {
         let raw_last = r.raw.last().copied().unwrap_or(f64::NAN);
         println!(
-            "{i:<4} {:>7.0} ms {:>7.0} ms {:>8.0} ms {:>8.0} ms {:>7.0} ms {:>7.0} ms {:>6.2}×  {:?} / {} / {}",
+            "{i:<4} {:>7.0} ms {:>7.0} ms {:>8.0} ms {:>8.0} ms {:>8.0} ms {:>8.0} ms {:>7.0} ms {:>7.0} ms {:>6.2}×  {:?} / {} / {}",
             r.apply,
             r.ready,
+            percentile(&r.creates, 50),
+            percentile(&r.creates, 100),
             percentile(&r.starts, 50),
             percentile(&r.starts, 100),
             percentile(&r.raw, 50),
