@@ -18,7 +18,7 @@
 //! the wall clock just before the first kill to: the daemon's first line about hv1, its
 //! `fenced` line, each VM's `started` line with a new pid, and every VM's status
 //! `running` on hv2 or hv3 with a live QEMU (polled every 20 ms). Goal (issue 17): all
-//! running ≤ down_after + 1 s. It prints figures; it asserts nothing.
+//! running ≤ `down_after` + 1 s. It prints figures; it asserts nothing.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};

@@ -258,7 +258,7 @@ pub fn timeline(var: &str, name: &str, log: &[LogLine], t0: SystemTime) -> Resul
     };
     let dir = PathBuf::from(dir);
     fs::create_dir_all(&dir)?;
-    let path = (0..)
+    let path = (0..10_000)
         .map(|n| dir.join(format!("{name}-{n}.log")))
         .find(|p| !p.exists())
         .context("no free file name")?;
