@@ -13,7 +13,7 @@ help:
 	@echo "make lint       rustfmt and clippy, as CI runs them"
 	@echo "make fuzz       fuzz the spec loader for FUZZ_TIME seconds (needs nightly and cargo-fuzz)"
 	@echo "make bench      the benchmarks quoted in the README (plan at 10k VMs, crash -> running, failover, migration, network during moves)"
-	@echo "make bench-fleet the fleet-scale figures (plan at 100k VMs, idle daemon with 50 VMs, crash during a long action, reboot of 40 VMs; ~20 min)"
+	@echo "make bench-fleet the fleet-scale figures (plan at 100k VMs, idle daemon with 50 VMs, crash during a long action, reboot of 40 VMs at per_host 8 and 40, power-off with 20 ha VMs, apply of 100 VMs; ~40 min)"
 
 deps:
 	@bash .ci/install-deps
@@ -72,9 +72,12 @@ bench:
 	$(CARGO) bench -p plasmavmc --bench plan10k
 
 # Not part of `bench`: the fleet-scale figures boot tens of TCG guests and take about
-# 20 minutes on two cores (BENCHMARKS.md, "Fleet scale").
+# 40 minutes on two cores (BENCHMARKS.md, "Fleet scale").
 bench-fleet:
 	$(CARGO) bench -p plasmavmc --bench plan100k
 	$(CARGO) bench -p plasmavmc-e2e --bench idle
 	$(CARGO) bench -p plasmavmc-e2e --bench longaction
 	$(CARGO) bench -p plasmavmc-e2e --bench reboot40
+	REBOOT_PER_HOST=40 $(CARGO) bench -p plasmavmc-e2e --bench reboot40
+	$(CARGO) bench -p plasmavmc-e2e --bench poweroff20
+	$(CARGO) bench -p plasmavmc-e2e --bench apply100

@@ -1,22 +1,27 @@
-//! What the fleet-scale benchmarks share (`tests/benches/{idle,longaction,reboot40}.rs`):
-//! a repository of many small VMs pinned round-robin to simulated hosts, waiting for all
-//! of them at once, the daemon's "started" lines per VM, and CPU and memory of a process
-//! read from `/proc/<pid>/stat` and `/proc/<pid>/status`.
+//! What the fleet-scale benchmarks share (`tests/benches/{idle,longaction,reboot40,
+//! apply100,poweroff20}.rs`): a repository of many small VMs pinned round-robin to
+//! simulated hosts, waiting for all of them at once, the daemon's "started" lines per
+//! VM, raw QEMU started from the command lines the engine used, and CPU and memory of a
+//! process read from `/proc/<pid>/stat` and `/proc/<pid>/status`.
 //!
 //! The VMs are the tiny test guest with [`FAILOVER_VM_MB`] (96 MiB): with 64 MiB the
 //! guest prints nothing at all under TCG (its kernel and initramfs do not fit), 80 MiB
 //! boots, 96 MiB is the harness's usual least.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::fs;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context, Result};
 
 use crate::daemon::{Daemon, LogLine};
 use crate::fault::FAILOVER_VM_MB;
-use crate::proc::is_alive;
+use crate::proc::{self, is_alive};
+use crate::qmp::RawQmp;
 use crate::repo::TestRepo;
 use crate::serial::ticks;
 use crate::spec::{HostSpec, VmSpec};
@@ -69,6 +74,90 @@ pub fn fleet_repo(hosts: usize, vms: &[(String, String)], settings: &str) -> Res
     }
     repo.commit(&format!("{} VMs on {hosts} hosts", vms.len()))?;
     Ok(repo)
+}
+
+/// [`small_vm`] without a pin: the engine places it.
+pub fn unpinned_vm() -> VmSpec {
+    VmSpec::new()
+        .no_disks()
+        .memory(FAILOVER_VM_MB)
+        .restart("always")
+}
+
+/// `[concurrency] per_host = N` from the environment variable `name` (empty when it is
+/// unset: the default bound), to append to a repository's settings.
+pub fn per_host_setting(name: &str) -> Result<String> {
+    match std::env::var(name) {
+        Ok(v) => {
+            let n: u32 = v
+                .parse()
+                .with_context(|| format!("{name}={v:?} is not a count"))?;
+            Ok(format!("[concurrency]\nper_host = {n}\n"))
+        }
+        Err(_) => Ok(String::new()),
+    }
+}
+
+/// The command line and working directory of each QEMU of `pids`: what raw QEMU is
+/// started from in [`raw_starts`].
+pub fn qemu_lines(pids: impl IntoIterator<Item = i32>) -> Result<Vec<(Vec<String>, PathBuf)>> {
+    pids.into_iter()
+        .map(|pid| {
+            Ok((
+                crate::cmdline(pid)?,
+                proc::cwd(pid).with_context(|| format!("cwd of QEMU {pid}"))?,
+            ))
+        })
+        .collect()
+}
+
+/// Starts every `(argv, cwd)` at once (the engine's QEMUs must be gone), each in its
+/// own session as the engine does; returns, sorted, the ms from the first spawn to each
+/// one answering QMP with its vCPUs running (each waited for up to `qmp_up`). The
+/// children are killed before returning.
+pub fn raw_starts(lines: &[(Vec<String>, PathBuf)], qmp_up: Duration) -> Result<Vec<f64>> {
+    let t0 = Instant::now();
+    let mut children: Vec<Child> = Vec::new();
+    let result = (|| -> Result<Vec<f64>> {
+        for (argv, cwd) in lines {
+            let _ = fs::remove_file(cwd.join("qmp.sock"));
+            let child = Command::new(&argv[0])
+                .args(&argv[1..])
+                .current_dir(cwd)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .process_group(0)
+                .spawn()
+                .with_context(|| format!("starting {}", argv.join(" ")))?;
+            children.push(child);
+        }
+        let mut up = Vec::new();
+        for (_, cwd) in lines {
+            let mut qmp = RawQmp::connect(&cwd.join("qmp.sock"), qmp_up)?;
+            let deadline = Instant::now() + qmp_up;
+            loop {
+                let status = qmp.execute("query-status", None)?;
+                if status["running"].as_bool() == Some(true) {
+                    break;
+                }
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "raw QEMU in {} not running: {status}",
+                    cwd.display()
+                );
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            up.push(t0.elapsed().as_secs_f64() * 1e3);
+        }
+        up.sort_by(f64::total_cmp);
+        Ok(up)
+    })();
+    for child in &mut children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    result
 }
 
 /// Waits until every `(vm, host)` of `vms` runs there: its status `running` on that
@@ -158,6 +247,27 @@ pub fn wait_started(
                 .then_some(seen)
         },
     )
+}
+
+/// With the environment variable `var` naming a folder: `log`, each line with its ms
+/// after `t0`, to a new `<folder>/<name>-<n>.log` (where the time goes, read from the
+/// daemon's own stamps). Nothing without it.
+pub fn timeline(var: &str, name: &str, log: &[LogLine], t0: SystemTime) -> Result<()> {
+    let Some(dir) = std::env::var_os(var) else {
+        return Ok(());
+    };
+    let dir = PathBuf::from(dir);
+    fs::create_dir_all(&dir)?;
+    let path = (0..10_000)
+        .map(|n| dir.join(format!("{name}-{n}.log")))
+        .find(|p| !p.exists())
+        .context("no free file name")?;
+    let mut text = String::new();
+    for line in log {
+        let ms = line.ms_after(t0).unwrap_or(f64::NAN);
+        let _ = writeln!(text, "{ms:>9.0} {}", line.raw);
+    }
+    fs::write(&path, text).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Clock ticks per second of `/proc/<pid>/stat` times (`getconf CLK_TCK`; 100 if that
