@@ -545,3 +545,6 @@ mod tests {
         assert_eq!(run(), run());
     }
 }
+
+#[cfg(test)]
+mod quick_tests;
