@@ -35,8 +35,8 @@ use crate::observe::{Capacity, Observed};
 pub struct Load {
     /// Every reachable host, ordered by name: a host's index here is its rank by name.
     hosts: Vec<(String, HostLoad)>,
-    /// VMs per anti-affinity group, per host index (hosts without any: absent).
-    groups: BTreeMap<String, BTreeMap<usize, u32>>,
+    /// VMs per anti-affinity group, per host index.
+    groups: BTreeMap<String, Members>,
     /// The hosts (indexes) where each forwarded host port (`udp`, port) is taken.
     port_hosts: BTreeMap<(bool, u16), BTreeSet<usize>>,
     /// Free room per host and the hosts each kind of VM may go to, for [`quick`].
@@ -52,6 +52,51 @@ struct HostLoad {
     /// Host ports forwarded to guests (`udp`, port) and the VM that has each: one user
     /// per port and host, or the second QEMU cannot start.
     ports: BTreeMap<(bool, u16), String>,
+}
+
+/// The VMs of one group per host (index): a map while few hosts have any, an array once
+/// many do (the quick pick reads it per host, and a map of 1,000 hosts is slow to walk).
+#[derive(Debug, Clone)]
+enum Members {
+    Few(BTreeMap<usize, u32>),
+    Many(Vec<u32>),
+}
+
+impl Members {
+    fn count(&self, i: usize) -> u32 {
+        match self {
+            Self::Few(map) => map.get(&i).copied().unwrap_or(0),
+            Self::Many(all) => all[i],
+        }
+    }
+
+    /// One more on host `i` of `hosts`.
+    fn add(&mut self, i: usize, hosts: usize) {
+        match self {
+            Self::Few(map) => {
+                *map.entry(i).or_default() += 1;
+                if map.len() > hosts / 16 {
+                    let mut all = vec![0; hosts];
+                    for (&h, &n) in &*map {
+                        all[h] = n;
+                    }
+                    *self = Self::Many(all);
+                }
+            }
+            Self::Many(all) => all[i] += 1,
+        }
+    }
+
+    /// One fewer on host `i` (if it had any).
+    fn remove(&mut self, i: usize) {
+        let n = match self {
+            Self::Few(map) => map.get_mut(&i),
+            Self::Many(all) => all.get_mut(i),
+        };
+        if let Some(n) = n {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// Where a VM goes and the reason, for the plan.
@@ -129,9 +174,7 @@ impl Load {
     fn group_count(&self, group: Option<&String>, i: usize) -> u32 {
         group
             .and_then(|g| self.groups.get(g))
-            .and_then(|hosts| hosts.get(&i))
-            .copied()
-            .unwrap_or(0)
+            .map_or(0, |members| members.count(i))
     }
 
     /// Picks a host for `vm` and books its resources there.
@@ -303,12 +346,13 @@ impl Load {
             }
         }
         if let Some(g) = &spec.group {
-            *self
-                .groups
-                .entry(g.clone())
-                .or_default()
-                .entry(i)
-                .or_default() += 1;
+            let hosts = self.hosts.len();
+            if !self.groups.contains_key(g) {
+                self.groups.insert(g.clone(), Members::Few(BTreeMap::new()));
+            }
+            if let Some(members) = self.groups.get_mut(g) {
+                members.add(i, hosts);
+            }
         }
         self.quick.changed(i, &self.hosts[i].1);
     }
@@ -332,13 +376,8 @@ impl Load {
             }
             keep
         });
-        if let Some(n) = spec
-            .group
-            .as_ref()
-            .and_then(|g| self.groups.get_mut(g))
-            .and_then(|hosts| hosts.get_mut(&i))
-        {
-            *n = n.saturating_sub(1);
+        if let Some(members) = spec.group.as_ref().and_then(|g| self.groups.get_mut(g)) {
+            members.remove(i);
         }
         self.quick.changed(i, &self.hosts[i].1);
     }

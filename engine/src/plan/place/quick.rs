@@ -15,7 +15,7 @@ use std::cmp::Reverse;
 
 use plasmavmc_specs::{Desired, HostState, VmEntry, VmSpec};
 
-use super::{HostLoad, Load, Placement};
+use super::{HostLoad, Load, Members, Placement};
 use crate::plan::fit;
 
 /// At most this many kinds of VM are remembered; a VM of yet another kind takes the walk.
@@ -39,7 +39,8 @@ pub(super) struct Quick {
     /// Per kind of VM, the hosts it may go to if there is room.
     kinds: Vec<(fit::Needs, Vec<bool>)>,
     /// Per host, during one pick: may it take the VM (its kind, its host ports), and
-    /// how many VMs of the VM's group it has. `same_group` is all zero between picks.
+    /// how many VMs of the VM's group it has (for a group few hosts have; all zero
+    /// between picks).
     open: Vec<bool>,
     same_group: Vec<u32>,
 }
@@ -90,12 +91,17 @@ impl Quick {
     }
 
     /// Of the `open` hosts with `memory_mb` and `vcpus` free, the best (fewest of the
-    /// group, most free memory, first index) as (index, VMs of the group, free memory),
-    /// and how many there are.
-    fn best(&self, memory_mb: u64, vcpus: u32) -> Option<((usize, u32, u64), usize)> {
+    /// group by `same_group`, most free memory, first index) as (index, VMs of the
+    /// group, free memory), and how many there are.
+    fn best(
+        &self,
+        same_group: &[u32],
+        memory_mb: u64,
+        vcpus: u32,
+    ) -> Option<((usize, u32, u64), usize)> {
         let mut best: Option<(u32, Reverse<u64>, usize)> = None;
         let mut fitting = 0usize;
-        let hosts = self.room.iter().zip(&self.open).zip(&self.same_group);
+        let hosts = self.room.iter().zip(&self.open).zip(same_group);
         for (i, ((room, &open), &same)) in hosts.enumerate() {
             if !open || room.memory_mb < memory_mb || room.vcpus < vcpus {
                 continue;
@@ -135,14 +141,22 @@ impl Load {
                 quick.open[i] = false;
             }
         }
-        let members = spec.group.as_ref().and_then(|g| self.groups.get(g));
-        for (&i, &n) in members.into_iter().flatten() {
-            quick.same_group[i] = n;
-        }
-        let best = quick.best(spec.memory_mb, spec.vcpus);
-        for &i in members.into_iter().flat_map(|m| m.keys()) {
-            quick.same_group[i] = 0;
-        }
+        let best = match spec.group.as_ref().and_then(|g| self.groups.get(g)) {
+            Some(Members::Many(all)) => quick.best(all, spec.memory_mb, spec.vcpus),
+            Some(Members::Few(few)) => {
+                let mut same_group = std::mem::take(&mut quick.same_group);
+                for (&i, &n) in few {
+                    same_group[i] = n;
+                }
+                let best = quick.best(&same_group, spec.memory_mb, spec.vcpus);
+                for &i in few.keys() {
+                    same_group[i] = 0;
+                }
+                quick.same_group = same_group;
+                best
+            }
+            None => quick.best(&quick.same_group, spec.memory_mb, spec.vcpus),
+        };
         let ((i, same_group, free_mem), fitting) = best?;
         Some(self.book(vm, i, (same_group, free_mem, fitting)))
     }

@@ -100,7 +100,8 @@ fn vm_case(hosts: usize) -> impl Strategy<Value = VmCase> {
 }
 
 fn fleet() -> impl Strategy<Value = (Vec<HostCase>, Vec<VmCase>, u8)> {
-    prop::collection::vec(host_case(), 1..9).prop_flat_map(|hosts| {
+    // Up to 40 hosts: a group on few of them (under 1 in 16) is kept as a map.
+    prop::collection::vec(host_case(), 1..40).prop_flat_map(|hosts| {
         let n = hosts.len();
         (
             Just(hosts),
