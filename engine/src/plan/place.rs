@@ -340,8 +340,8 @@ impl Load {
         load.used.memory_mb = load.used.memory_mb.saturating_add(spec.memory_mb);
         for fwd in spec.forwards() {
             let key = (fwd.udp, fwd.host_port);
-            if !load.ports.contains_key(&key) {
-                load.ports.insert(key, vm.to_owned());
+            if let std::collections::btree_map::Entry::Vacant(free) = load.ports.entry(key) {
+                free.insert(vm.to_owned());
                 self.port_hosts.entry(key).or_default().insert(i);
             }
         }

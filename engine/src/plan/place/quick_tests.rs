@@ -16,6 +16,7 @@ use crate::observe::{Capacity, HostQemu, Inventory, Observed};
 use crate::plan::copies_by_vm;
 use crate::test_utils::desired;
 
+#[allow(clippy::struct_excessive_bools)] // independent knobs of a random host
 #[derive(Debug, Clone)]
 struct HostCase {
     memory: u64,
@@ -29,6 +30,7 @@ struct HostCase {
     qemu: u8,
 }
 
+#[allow(clippy::struct_excessive_bools)] // independent knobs of a random VM
 #[derive(Debug, Clone)]
 struct VmCase {
     memory: u64,
