@@ -290,6 +290,12 @@ fn check_across(
     // Host ports forwarded to guests, per host: VMs that are sure to share a host (all
     // of them on the implicit one, pinned ones on their pin) may not share a port.
     let mut ports: BTreeMap<(&str, bool, u16), &str> = BTreeMap::new();
+    // Once, not per VM: 100,000 VMs on 1,000 hosts made that 10^8 looks at hosts
+    // (BENCHMARKS.md, "Planning 100,000 VMs").
+    let any_shared = desired
+        .hosts
+        .values()
+        .any(|h| h.spec.shared_storage.is_some());
     for (file, name, spec) in vms {
         let text = texts.get(file.path.as_str()).map_or("", String::as_str);
         if let Some(host) = &spec.host {
@@ -303,7 +309,7 @@ fn check_across(
                 ));
             }
         }
-        contradictions(desired, file, text, spec, diags);
+        contradictions(desired, any_shared, file, text, spec, diags);
         let host = if desired.implicit_local {
             Some(LOCAL_HOST)
         } else {
@@ -332,9 +338,11 @@ fn check_across(
     crate::net::check_networks(desired, vms, texts, diags);
 }
 
-/// Settings no host of this commit can ever satisfy.
+/// Settings no host of this commit can ever satisfy (`any_shared`: whether a host has
+/// shared storage).
 fn contradictions(
     desired: &Desired,
+    any_shared: bool,
     file: &SourceFile,
     text: &str,
     spec: &VmSpec,
@@ -356,10 +364,6 @@ fn contradictions(
             ));
         }
     }
-    let any_shared = desired
-        .hosts
-        .values()
-        .any(|h| h.spec.shared_storage.is_some());
     for (i, disk) in spec.disks.iter().enumerate() {
         if disk.storage != crate::vm::Storage::Shared {
             continue;

@@ -69,6 +69,45 @@ pub fn named_model(spec: &VmSpec) -> Option<&str> {
     spec.qemu.cpu.as_deref().filter(|m| *m != HOST_CPU)
 }
 
+/// Everything [`lack`] reads of a VM's spec: VMs with equal needs fit the same hosts.
+/// (Placement works out once per kind of VM which hosts those are: a field [`lack`] comes
+/// to read must be added here.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Needs {
+    machine: String,
+    shared: bool,
+    networks: Vec<String>,
+    model: Option<String>,
+    accel: Accel,
+}
+
+impl Needs {
+    pub fn of(spec: &VmSpec) -> Self {
+        Self {
+            machine: spec.qemu.machine.clone(),
+            shared: needs_shared(spec),
+            networks: networks(spec).into_iter().map(str::to_owned).collect(),
+            model: named_model(spec).map(str::to_owned),
+            accel: spec.qemu.accel,
+        }
+    }
+
+    /// Whether `spec` has these needs (what `Needs::of(spec) == *self` says, without
+    /// copying).
+    pub fn of_spec(&self, spec: &VmSpec) -> bool {
+        self.machine == spec.qemu.machine
+            && self.shared == needs_shared(spec)
+            && self.model.as_deref() == named_model(spec)
+            && self.accel == spec.qemu.accel
+            && self.networks.iter().map(String::as_str).eq(networks(spec))
+    }
+}
+
+/// Whether a disk of `spec` must be on shared storage.
+fn needs_shared(spec: &VmSpec) -> bool {
+    spec.disks.iter().any(|d| d.storage == Storage::Shared)
+}
+
 /// The first thing `spec` needs that `host` (with `facts`) lacks, or `None` when it fits.
 pub fn lack(desired: &Desired, host: &str, facts: &Facts, spec: &VmSpec) -> Option<Lack> {
     if let Some(lack) = qemu_lack(host, facts.qemu.as_ref(), spec) {

@@ -291,7 +291,7 @@ pub fn prune_actions(observed: &Observed) -> Vec<Action> {
 
 fn plan_new(desired: &Desired, load: &mut Load, want: &VmEntry, out: &mut Plan) {
     let vm = want.name.clone();
-    let placement = match load.place_where(desired, want, migrate::storage_fit(desired, want)) {
+    let placement = match load.place_new(desired, want) {
         Ok(p) => p,
         Err(missing) => {
             out.pend(&vm, format!("cannot be placed: {missing}"));

@@ -14,8 +14,16 @@
 //! Placement is sticky: it is only asked for VMs that have no instance anywhere. When
 //! VMs compete for the room left, the planner asks for the higher `priority` first
 //! (equal ones by name), so what does not fit is the least important.
+//!
+//! Two ways to the same answer: [`Load::place_where`] walks every host and checks each
+//! rule in the order above (it also says why each host was refused); new VMs go through
+//! [`quick`], which answers the same from arrays of free room and hosts that fit each
+//! kind of VM (100,000 VMs on 1,000 hosts: BENCHMARKS.md, "Planning 100,000 VMs"), and
+//! asks the walk whenever it cannot (a pin, no host fits: the walk explains why).
 
-use std::collections::BTreeMap;
+mod quick;
+
+use std::collections::{BTreeMap, BTreeSet};
 
 use plasmavmc_specs::{Desired, Forward, HostEntry, HostState, VmEntry, VmSpec};
 
@@ -25,20 +33,70 @@ use crate::observe::{Capacity, Observed};
 /// What each host has and has handed out, kept up to date while one plan places VMs.
 #[derive(Debug, Clone, Default)]
 pub struct Load {
-    hosts: BTreeMap<String, HostLoad>,
+    /// Every reachable host, ordered by name: a host's index here is its rank by name.
+    hosts: Vec<(String, HostLoad)>,
+    /// VMs per anti-affinity group, per host index.
+    groups: BTreeMap<String, Members>,
+    /// The hosts (indexes) where each forwarded host port (`udp`, port) is taken.
+    port_hosts: BTreeMap<(bool, u16), BTreeSet<usize>>,
+    /// Free room per host and the hosts each kind of VM may go to, for [`quick`].
+    quick: quick::Quick,
 }
 
 #[derive(Debug, Clone, Default)]
 struct HostLoad {
     capacity: Capacity,
     used: Capacity,
-    /// VMs per anti-affinity group.
-    groups: BTreeMap<String, u32>,
     /// Its bridges and CPU, for what VMs need besides room.
     facts: Facts,
     /// Host ports forwarded to guests (`udp`, port) and the VM that has each: one user
     /// per port and host, or the second QEMU cannot start.
     ports: BTreeMap<(bool, u16), String>,
+}
+
+/// The VMs of one group per host (index): a map while few hosts have any, an array once
+/// many do (the quick pick reads it per host, and a map of 1,000 hosts is slow to walk).
+#[derive(Debug, Clone)]
+enum Members {
+    Few(BTreeMap<usize, u32>),
+    Many(Vec<u32>),
+}
+
+impl Members {
+    fn count(&self, i: usize) -> u32 {
+        match self {
+            Self::Few(map) => map.get(&i).copied().unwrap_or(0),
+            Self::Many(all) => all[i],
+        }
+    }
+
+    /// One more on host `i` of `hosts`.
+    fn add(&mut self, i: usize, hosts: usize) {
+        match self {
+            Self::Few(map) => {
+                *map.entry(i).or_default() += 1;
+                if map.len() > hosts / 16 {
+                    let mut all = vec![0; hosts];
+                    for (&h, &n) in &*map {
+                        all[h] = n;
+                    }
+                    *self = Self::Many(all);
+                }
+            }
+            Self::Many(all) => all[i] += 1,
+        }
+    }
+
+    /// One fewer on host `i` (if it had any).
+    fn remove(&mut self, i: usize) {
+        let n = match self {
+            Self::Few(map) => map.get_mut(&i),
+            Self::Many(all) => all.get_mut(i),
+        };
+        if let Some(n) = n {
+            *n = n.saturating_sub(1);
+        }
+    }
 }
 
 /// Where a VM goes and the reason, for the plan.
@@ -53,7 +111,7 @@ impl Load {
     /// reports), use from the instances it has that should run (`copies`: those of
     /// `observed`, by VM, [`super::copies_by_vm`]).
     pub(crate) fn new(desired: &Desired, observed: &Observed, copies: &super::Copies<'_>) -> Self {
-        let mut hosts = BTreeMap::new();
+        let mut hosts = Vec::with_capacity(observed.hosts.len());
         for (name, inv) in &observed.hosts {
             let spec = desired.hosts.get(name).map(|h| &h.spec);
             let capacity = Capacity {
@@ -67,8 +125,13 @@ impl Load {
                 facts: Facts::of(inv),
                 ..HostLoad::default()
             };
-            hosts.insert(name.clone(), load);
+            hosts.push((name.clone(), load));
         }
+        let mut out = Self {
+            quick: quick::Quick::new(desired, &hosts),
+            hosts,
+            ..Self::default()
+        };
         // A placed VM of the specs reserves its share where it stays (one copy, as the
         // planner keeps it), even while stopped: it may be started any time. Copies being
         // deleted, and VMs leaving the specs, free theirs for this plan.
@@ -78,8 +141,8 @@ impl Load {
                 continue;
             }
             let (host, _) = super::recover::keeper(observed, vm, copies);
-            if let Some(load) = hosts.get_mut(host) {
-                load.add(vm, &want.spec);
+            if let Some(i) = out.index_of(host) {
+                out.add(i, vm, &want.spec);
             }
         }
         // A VM with actions in flight may end up on any host they touch (a move's target,
@@ -92,21 +155,53 @@ impl Load {
             let keeper =
                 (!copies.is_empty()).then(|| super::recover::keeper(observed, vm, copies).0);
             for host in touched.iter().filter(|h| Some(h.as_str()) != keeper) {
-                if let Some(load) = hosts.get_mut(host) {
-                    load.add(vm, &want.spec);
+                if let Some(i) = out.index_of(host) {
+                    out.add(i, vm, &want.spec);
                 }
             }
         }
-        Self { hosts }
+        out
+    }
+
+    /// The index of reachable host `host`.
+    fn index_of(&self, host: &str) -> Option<usize> {
+        self.hosts
+            .binary_search_by(|(name, _)| name.as_str().cmp(host))
+            .ok()
+    }
+
+    /// VMs of `group` on host `i`.
+    fn group_count(&self, group: Option<&String>, i: usize) -> u32 {
+        group
+            .and_then(|g| self.groups.get(g))
+            .map_or(0, |members| members.count(i))
     }
 
     /// Picks a host for `vm` and books its resources there.
     pub fn place(&mut self, desired: &Desired, vm: &VmEntry) -> Result<Placement, String> {
-        self.place_where(desired, vm, |_| Ok(()))
+        match self.place_quick(desired, vm) {
+            Some(placement) => Ok(placement),
+            None => self.place_where(desired, vm, |_| Ok(())),
+        }
+    }
+
+    /// [`Load::place`] for a new VM: the same host as
+    /// `place_where(desired, vm, storage_fit(desired, vm))` (a host without shared
+    /// storage lacks what a shared disk needs anyway), found without visiting every host.
+    pub(super) fn place_new(
+        &mut self,
+        desired: &Desired,
+        vm: &VmEntry,
+    ) -> Result<Placement, String> {
+        match self.place_quick(desired, vm) {
+            Some(placement) => Ok(placement),
+            None => self.place_where(desired, vm, super::migrate::storage_fit(desired, vm)),
+        }
     }
 
     /// [`Load::place`] among the hosts `allowed` accepts (its `Err` is the reason a host
-    /// is not a candidate, for the explanation).
+    /// is not a candidate, for the explanation). Walks every host: the reference the
+    /// quick pick ([`quick`]) is tested against.
     pub fn place_where(
         &mut self,
         desired: &Desired,
@@ -120,19 +215,18 @@ impl Load {
         // Asked of every host, so parsed once per VM, not per host.
         let forwards: Vec<Forward> = spec.forwards().collect();
         // The best fitting host so far (fewest of its group, most free memory, name)
-        // and how many fit: a scan, not a sort, since this runs for every VM on every
-        // host (100,000 VMs on 1,000 hosts: BENCHMARKS.md, "Fleet scale").
-        let mut best: Option<(u32, std::cmp::Reverse<u64>, &String)> = None;
+        // and how many fit: a scan, not a sort.
+        let mut best: Option<(u32, std::cmp::Reverse<u64>, usize)> = None;
         let mut fitting = 0usize;
         let candidates: Vec<(&String, &HostEntry)> = match &spec.host {
             Some(pin) => desired.hosts.get_key_value(pin).into_iter().collect(),
             None => desired.hosts.iter().collect(),
         };
-        // Both maps are ordered by name: walked together, not a lookup per host.
-        let mut loads = self.hosts.iter().peekable();
+        // Both are ordered by name: walked together, not a lookup per host.
+        let mut loads = self.hosts.iter().enumerate().peekable();
         for (name, entry) in candidates {
-            while loads.next_if(|(h, _)| *h < name).is_some() {}
-            let Some((_, load)) = loads.next_if(|(h, _)| *h == name) else {
+            while loads.next_if(|(_, (h, _))| h < name).is_some() {}
+            let Some((i, (_, load))) = loads.next_if(|(_, (h, _))| h == name) else {
                 refusals.push(format!("{name} unreachable"));
                 continue;
             };
@@ -152,35 +246,39 @@ impl Load {
                 refusals.push(format!("{name} {taken}"));
                 continue;
             }
-            let free_mem = load.capacity.memory_mb.saturating_sub(load.used.memory_mb);
+            let free_mem = load.free_memory();
             if free_mem < spec.memory_mb {
                 refusals.push(format!("{name} has {free_mem} MB free"));
                 continue;
             }
-            // The ratio is validated to 0.1..=64, so the product is positive and in range.
-            #[allow(clippy::cast_sign_loss)]
-            let vcpu_limit = (f64::from(load.capacity.vcpus) * ratio).floor() as u32;
-            let free_vcpus = vcpu_limit.saturating_sub(load.used.vcpus);
+            let free_vcpus = load.free_vcpus(ratio);
             if free_vcpus < spec.vcpus {
                 refusals.push(format!("{name} has {free_vcpus} vCPUs free"));
                 continue;
             }
-            let same_group = spec
-                .group
-                .as_ref()
-                .and_then(|g| load.groups.get(g))
-                .copied()
-                .unwrap_or(0);
+            let same_group = self.group_count(spec.group.as_ref(), i);
             fitting += 1;
-            let this = (same_group, std::cmp::Reverse(free_mem), name);
+            let this = (same_group, std::cmp::Reverse(free_mem), i);
             if best.as_ref().is_none_or(|b| this < *b) {
                 best = Some(this);
             }
         }
-        let Some((same_group, std::cmp::Reverse(free_mem), host)) = best else {
+        let Some((same_group, std::cmp::Reverse(free_mem), i)) = best else {
             return Err(explain(spec, &lacks, &refusals));
         };
-        let host = host.clone();
+        Ok(self.book(vm, i, (same_group, free_mem, fitting)))
+    }
+
+    /// Books `vm` on host `i`, chosen among `fitting` hosts with `same_group` VMs of its
+    /// group and `free_mem` MB free, and says why it went there.
+    fn book(
+        &mut self,
+        vm: &VmEntry,
+        i: usize,
+        (same_group, free_mem, fitting): (u32, u64, usize),
+    ) -> Placement {
+        let spec = &vm.spec;
+        let host = self.hosts[i].0.clone();
         let mut why = format!(
             "{free_mem} MB free, the most of {fitting} fitting host{}",
             if fitting == 1 { "" } else { "s" }
@@ -193,10 +291,8 @@ impl Load {
                 if same_group == 1 { "" } else { "s" }
             );
         }
-        if let Some(load) = self.hosts.get_mut(&host) {
-            load.add(&vm.name, spec);
-        }
-        Ok(Placement { host, why })
+        self.add(i, &vm.name, spec);
+        Placement { host, why }
     }
 }
 
@@ -236,33 +332,69 @@ fn explain(spec: &plasmavmc_specs::VmSpec, lacks: &[Lack], refusals: &[String]) 
 }
 
 impl Load {
+    /// Books `spec`'s share (VM `vm`) on host `i`: room, its group, its forwarded host
+    /// ports.
+    fn add(&mut self, i: usize, vm: &str, spec: &VmSpec) {
+        let load = &mut self.hosts[i].1;
+        load.used.vcpus = load.used.vcpus.saturating_add(spec.vcpus);
+        load.used.memory_mb = load.used.memory_mb.saturating_add(spec.memory_mb);
+        for fwd in spec.forwards() {
+            let key = (fwd.udp, fwd.host_port);
+            if let std::collections::btree_map::Entry::Vacant(free) = load.ports.entry(key) {
+                free.insert(vm.to_owned());
+                self.port_hosts.entry(key).or_default().insert(i);
+            }
+        }
+        if let Some(g) = &spec.group {
+            let hosts = self.hosts.len();
+            if !self.groups.contains_key(g) {
+                self.groups.insert(g.clone(), Members::Few(BTreeMap::new()));
+            }
+            if let Some(members) = self.groups.get_mut(g) {
+                members.add(i, hosts);
+            }
+        }
+        self.quick.changed(i, &self.hosts[i].1);
+    }
+
     /// Gives back what `vm` booked on `host`: it is moving away.
     pub fn release(&mut self, host: &str, vm: &VmEntry) {
-        if let Some(load) = self.hosts.get_mut(host) {
-            let spec = &vm.spec;
-            load.used.vcpus = load.used.vcpus.saturating_sub(spec.vcpus);
-            load.used.memory_mb = load.used.memory_mb.saturating_sub(spec.memory_mb);
-            if let Some(n) = spec.group.as_ref().and_then(|g| load.groups.get_mut(g)) {
-                *n = n.saturating_sub(1);
+        let Some(i) = self.index_of(host) else {
+            return;
+        };
+        let spec = &vm.spec;
+        let load = &mut self.hosts[i].1;
+        load.used.vcpus = load.used.vcpus.saturating_sub(spec.vcpus);
+        load.used.memory_mb = load.used.memory_mb.saturating_sub(spec.memory_mb);
+        let port_hosts = &mut self.port_hosts;
+        load.ports.retain(|key, user| {
+            let keep = *user != vm.name;
+            if !keep {
+                if let Some(hosts) = port_hosts.get_mut(key) {
+                    hosts.remove(&i);
+                }
             }
-            load.ports.retain(|_, user| *user != vm.name);
+            keep
+        });
+        if let Some(members) = spec.group.as_ref().and_then(|g| self.groups.get_mut(g)) {
+            members.remove(i);
         }
+        self.quick.changed(i, &self.hosts[i].1);
     }
 }
 
 impl HostLoad {
-    /// Books `spec`'s share (VM `vm`): room, its group, its forwarded host ports.
-    fn add(&mut self, vm: &str, spec: &VmSpec) {
-        self.used.vcpus = self.used.vcpus.saturating_add(spec.vcpus);
-        self.used.memory_mb = self.used.memory_mb.saturating_add(spec.memory_mb);
-        if let Some(g) = &spec.group {
-            *self.groups.entry(g.clone()).or_default() += 1;
-        }
-        for fwd in spec.forwards() {
-            self.ports
-                .entry((fwd.udp, fwd.host_port))
-                .or_insert_with(|| vm.to_owned());
-        }
+    /// Memory not handed out.
+    fn free_memory(&self) -> u64 {
+        self.capacity.memory_mb.saturating_sub(self.used.memory_mb)
+    }
+
+    /// vCPUs not handed out, up to `ratio` × its CPUs.
+    fn free_vcpus(&self, ratio: f64) -> u32 {
+        // The ratio is validated to 0.1..=64, so the product is positive and in range.
+        #[allow(clippy::cast_sign_loss)]
+        let vcpu_limit = (f64::from(self.capacity.vcpus) * ratio).floor() as u32;
+        vcpu_limit.saturating_sub(self.used.vcpus)
     }
 
     /// The first host port of `forwards` (a VM's) that another VM has here, said for the
@@ -452,3 +584,6 @@ mod tests {
         assert_eq!(run(), run());
     }
 }
+
+#[cfg(test)]
+mod quick_tests;
