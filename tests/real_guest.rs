@@ -86,8 +86,14 @@ fn exec_probes_through_the_real_guest_agent() -> Result<()> {
     let public = fs::read_to_string(key.with_extension("pub"))?;
     write_vm(&repo, &image, port, &public, WEDGED)?;
     repo.commit("web-1 with an exec liveness probe")?;
-    let daemon = repo.watch(&[])?;
-    let first = daemon.wait_running(VM)?;
+    let _daemon = repo.watch(&[])?;
+    // (Not `wait_running`: it waits for the tiny guest's ticks, which Debian never prints.)
+    let first = repo
+        .wait_vm(VM, "running", SSH_TIMEOUT, |v| {
+            v.phase == "running" && v.pid.is_some()
+        })?
+        .pid
+        .context("a running VM has a pid")?;
     let ssh = GuestSsh::new(port, USER, &key);
     wait_for("the guest's SSH banner", SSH_TIMEOUT, || {
         ssh_banner(ssh.port)

@@ -114,10 +114,22 @@ async fn ask(
     };
     qga.sync(timeout).await?;
     qga.execute("guest-ping", None, timeout).await?;
-    // A guest agent without these (an old one, a minimal one) still answers.
-    let os = qga.os(timeout).await.ok().flatten();
-    let addresses = qga.addresses(timeout).await.unwrap_or_default();
+    // A guest agent without these (an old one, a minimal one) still answers; one that
+    // stops answering half-way did not answer this round (taking that for "no
+    // addresses" would announce a change that never happened).
+    let os = unsupported_as_none(qga.os(timeout).await)?.flatten();
+    let addresses = unsupported_as_none(qga.addresses(timeout).await)?.unwrap_or_default();
     Ok((os, addresses))
+}
+
+/// An answer, `None` when the guest agent refused the command (it lacks it) or gave an
+/// answer of another form, or the error of one that did not answer.
+fn unsupported_as_none<T>(answer: Result<T, QgaError>) -> Result<Option<T>, QgaError> {
+    match answer {
+        Ok(value) => Ok(Some(value)),
+        Err(QgaError::Refused { .. } | QgaError::Decode { .. }) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// The record in `dir`, if there is one.
