@@ -109,14 +109,17 @@ impl Monitor {
     }
 
     /// Waits until no watcher holds `vm` — one whose QEMU ended records the exit
-    /// first — for at most [`EXIT_WAIT`] and a second; returns whether it let go. A
-    /// look that finds a VM's QEMU gone calls this before it reads the VM's record.
+    /// first — for at most [`EXIT_WAIT`] and a second. Returns whether a watcher held
+    /// it and let go: the VM's record may have changed since it was read. A look that
+    /// finds a VM's QEMU gone calls this before it trusts the VM's record.
     pub async fn settled_exit(&self, vm: &str) -> bool {
         let deadline = tokio::time::Instant::now() + EXIT_WAIT + Duration::from_secs(1);
+        let mut held = false;
         loop {
             if !self.attached.lock().await.contains_key(vm) {
-                return true;
+                return held;
             }
+            held = true;
             if tokio::time::Instant::now() >= deadline {
                 return false;
             }

@@ -58,7 +58,8 @@ impl LocalHost {
         let mut pid = Self::live_pid(dir, &inst);
         if pid.is_none() && inst.power == Power::Running && !inst.starting {
             // Its QEMU ended: its watcher may be recording why right now. Read the record
-            // once it has, or a plan restarts the VM without its exit counted.
+            // again once it has, or a plan restarts the VM without its exit counted (a
+            // VM long down has no watcher: nothing to wait for, nothing to read again).
             if self.monitor.settled_exit(&inst.vm.name).await {
                 if let Ok(now) = dir.read() {
                     inst = now;
