@@ -58,11 +58,27 @@ fn started(repo: &TestRepo, vm: &str, spec: &VmSpec) -> Result<()> {
 /// Waits until the guest says it stopped feeding; returns when the test saw it.
 fn stopped_feeding(repo: &TestRepo, vm: &str) -> Result<Instant> {
     repo.wait_serial(vm, "watchdog: feeding", BOOT_TIMEOUT)?;
+    printed(repo, vm, "watchdog: stopped feeding")
+}
+
+/// Waits until `vm`'s console has `line` (polled every 10 ms, a boot's bound); returns
+/// when the test saw it.
+fn printed(repo: &TestRepo, vm: &str, line: &str) -> Result<Instant> {
     poll_every(
         Duration::from_millis(10),
-        "the guest to stop feeding its watchdog",
+        format!("{vm}'s console to print {line:?}"),
         BOOT_TIMEOUT,
-        || serial_has_line(&repo.serial(vm), "watchdog: stopped feeding").then(Instant::now),
+        || serial_has_line(&repo.serial(vm), line).then(Instant::now),
+    )
+}
+
+/// Waits until QEMU `pid` has ended (polled every 5 ms); returns when the test saw it.
+fn ended(pid: i32) -> Result<Instant> {
+    poll_every(
+        Duration::from_millis(5),
+        format!("QEMU {pid} to end"),
+        ACT_TIMEOUT,
+        || (!is_alive(pid)).then(Instant::now),
     )
 }
 
@@ -79,12 +95,7 @@ fn watchdog_restart_replaces_the_qemu_even_under_restart_never() -> Result<()> {
         "QEMU runs without the watchdog device"
     );
     let stopped = stopped_feeding(&repo, "hung")?;
-    let ended = poll_every(
-        Duration::from_millis(5),
-        "the QEMU whose watchdog fired to end",
-        ACT_TIMEOUT,
-        || (!is_alive(first)).then(Instant::now),
-    )?;
+    let ended = ended(first)?;
     let view = repo.wait_vm("hung", "running again in a new QEMU", ACT_TIMEOUT, |v| {
         v.phase == "running" && v.pid.is_some_and(|p| p != first)
     })?;
@@ -200,12 +211,7 @@ fn the_guest_agent_is_pinged_across_a_daemon_restart_until_it_stops_answering() 
     let daemon = repo.watch(&[])?;
     ensure!(daemon.wait_running("qga")? == pid, "the VM was restarted");
     let since = text("since");
-    let stopped = poll_every(
-        Duration::from_millis(10),
-        "the test guest's agent to stop answering",
-        BOOT_TIMEOUT,
-        || serial_has_line(&repo.serial("qga"), "qga: stopped answering").then(Instant::now),
-    )?;
+    let stopped = printed(&repo, "qga", "qga: stopped answering")?;
     let view = repo.wait_vm("qga", "its guest agent silent", ACT_TIMEOUT, |v| {
         v.health_flag("guest_agent", "answering") == Some(false)
     })?;
@@ -252,12 +258,7 @@ fn tcp_readiness_flips_without_a_restart() -> Result<()> {
     repo.wait_vm("svc", "ready, with its event", BOOT_TIMEOUT, |v| {
         v.ready() == Some(true) && v.has_event("ready", "open")
     })?;
-    let closed = poll_every(
-        Duration::from_millis(10),
-        "the echo port to close",
-        BOOT_TIMEOUT,
-        || serial_has_line(&repo.serial("svc"), "net: echo closed").then(Instant::now),
-    )?;
+    let closed = printed(&repo, "svc", "net: echo closed")?;
     let view = repo.wait_vm("svc", "not ready, with its event", ACT_TIMEOUT, |v| {
         v.ready() == Some(false) && v.has_event("not-ready", "closed")
     })?;
@@ -287,18 +288,8 @@ fn a_failed_guest_agent_liveness_probe_replaces_the_qemu() -> Result<()> {
     started(&repo, "live", &spec)?;
     let daemon = repo.watch(&[])?;
     let first = daemon.wait_running("live")?;
-    let stopped = poll_every(
-        Duration::from_millis(10),
-        "the test guest's agent to stop answering",
-        BOOT_TIMEOUT,
-        || serial_has_line(&repo.serial("live"), "qga: stopped answering").then(Instant::now),
-    )?;
-    let ended = poll_every(
-        Duration::from_millis(5),
-        "the unhealthy QEMU to end",
-        ACT_TIMEOUT,
-        || (!is_alive(first)).then(Instant::now),
-    )?;
+    let stopped = printed(&repo, "live", "qga: stopped answering")?;
+    let ended = ended(first)?;
     let view = repo.wait_vm("live", "running again in a new QEMU", ACT_TIMEOUT, |v| {
         v.phase == "running" && v.pid.is_some_and(|p| p != first)
     })?;
@@ -356,12 +347,7 @@ fn probes_keep_working_across_a_daemon_restart() -> Result<()> {
     );
 
     // The readiness probe of the adopted VM sees the port close; nothing restarts.
-    let closed = poll_every(
-        Duration::from_millis(10),
-        "the echo port to close",
-        BOOT_TIMEOUT,
-        || serial_has_line(&repo.serial("probed"), "net: echo closed").then(Instant::now),
-    )?;
+    let closed = printed(&repo, "probed", "net: echo closed")?;
     let view = repo.wait_vm("probed", "not ready, with its event", ACT_TIMEOUT, |v| {
         v.ready() == Some(false) && v.has_event("not-ready", "closed")
     })?;
@@ -377,18 +363,8 @@ fn probes_keep_working_across_a_daemon_restart() -> Result<()> {
     );
 
     // Its liveness probe sees the guest agent fall silent, and the QEMU is replaced.
-    let silent = poll_every(
-        Duration::from_millis(10),
-        "the test guest's agent to stop answering",
-        BOOT_TIMEOUT,
-        || serial_has_line(&repo.serial("probed"), "qga: stopped answering").then(Instant::now),
-    )?;
-    let ended = poll_every(
-        Duration::from_millis(5),
-        "the unhealthy QEMU to end",
-        ACT_TIMEOUT,
-        || (!is_alive(pid)).then(Instant::now),
-    )?;
+    let silent = printed(&repo, "probed", "qga: stopped answering")?;
+    let ended = ended(pid)?;
     // Both events: `exited: unhealthy` says the exit was recorded (and counted by the
     // restart policy) before the new QEMU started. A look used to find the QEMU gone
     // before its watcher recorded why, and the restart came first.

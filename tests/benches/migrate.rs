@@ -121,22 +121,7 @@ fn postcopy(runs: usize) -> Result<()> {
     let guest = &GUESTS[2];
     let mut figures: [Vec<Figures>; 2] = [Vec::new(), Vec::new()];
     for i in 0..runs {
-        let repo = TestRepo::new()?;
-        for host in ["hv1", "hv2"] {
-            repo.write_host(host, &HostSpec::agent().memory(8192))?;
-        }
-        let spec = VmSpec::new()
-            .no_disks()
-            .memory(guest.memory_mb)
-            .cmdline(guest.cmdline);
-        repo.write_vm("web", &spec.clone().pin("hv1"))?;
-        repo.commit("web on hv1")?;
-        repo.run(&["apply", "--auto-approve"])?.expect_code(0)?;
-        wait_for(
-            format!("the guest to say {:?}", guest.ready),
-            READY_TIMEOUT,
-            || repo.serial_on("hv1", "web").contains(guest.ready),
-        )?;
+        let (repo, spec) = web_on_hv1(guest)?;
         for (k, (to, settings)) in [
             ("hv2", ""),
             ("hv1", "[migration]\npostcopy_after = \"2s\"\n"),
@@ -180,7 +165,9 @@ fn postcopy(runs: usize) -> Result<()> {
     Ok(())
 }
 
-fn run(guest: &Guest) -> Result<(Figures, Figures)> {
+/// Hosts hv1 and hv2 (agents), and `web` running `guest` pinned to hv1, applied, its
+/// guest ready; returns the repository and web's spec (without the pin).
+fn web_on_hv1(guest: &Guest) -> Result<(TestRepo, VmSpec)> {
     let repo = TestRepo::new()?;
     for host in ["hv1", "hv2"] {
         repo.write_host(host, &HostSpec::agent().memory(8192))?;
@@ -197,6 +184,11 @@ fn run(guest: &Guest) -> Result<(Figures, Figures)> {
         READY_TIMEOUT,
         || repo.serial_on("hv1", "web").contains(guest.ready),
     )?;
+    Ok((repo, spec))
+}
+
+fn run(guest: &Guest) -> Result<(Figures, Figures)> {
+    let (repo, spec) = web_on_hv1(guest)?;
 
     // The first migration of a freshly booted guest is slower (measured); both measured
     // migrations below are later ones.

@@ -834,11 +834,7 @@ mod tests {
         let (id, _) = fake.expect("query-migrate").await?;
         fake.reply(&id, json!({"status": "postcopy-paused"}))
             .await?;
-        let mut after = Vec::new();
-        while let Some(cmd) = fake.recv().await? {
-            after.push(cmd["execute"].as_str().unwrap_or_default().to_owned());
-        }
-        Ok(after)
+        fake.rest().await
     }
 
     #[tokio::test]
@@ -886,11 +882,7 @@ mod tests {
             let (id, _) = fake.expect("query-migrate").await?;
             fake.reply(&id, json!({"status": "postcopy-active"}))
                 .await?;
-            let mut after = Vec::new();
-            while let Some(cmd) = fake.recv().await? {
-                after.push(cmd["execute"].as_str().unwrap_or_default().to_owned());
-            }
-            TestResult::Ok(after)
+            fake.rest().await
         };
         let cancelled = async {
             cancel(&qmp, &[]).await;

@@ -10,9 +10,9 @@
 
 use std::time::SystemTime;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{Context as _, Result};
 
-use super::{find_after, first_tick, ms, watching, Sample, STEP};
+use super::{find_after, first_tick, ms, removed, the_pid, watching, Sample, STEP};
 use crate::drill::sandbox::{wait, Sandbox};
 
 /// The i6300esb driver's heartbeat (`i6300esb.heartbeat`): Linux gives each of the
@@ -154,11 +154,7 @@ fn staged(
         Ok((host, pid)) => body(sb, &host, pid),
         Err(e) => Err(e),
     };
-    sb.remove(&format!("vms/{vm}.toml"))?;
-    sb.commit(&format!("drill: {vm} removed"))?;
-    wait(&format!("{vm} removed"), STEP, || {
-        sb.qemus_of(vm).is_empty()
-    })?;
+    removed(sb, vm)?;
     sample
 }
 
@@ -167,10 +163,7 @@ fn running(sb: &Sandbox, vm: &str) -> Result<(String, i32)> {
     wait(&format!("{vm} running"), STEP, || {
         sb.running_on(vm).is_some() && sb.qemus_of(vm).len() == 1
     })?;
-    match sb.qemus_of(vm).as_slice() {
-        [one] => Ok(one.clone()),
-        other => bail!("{vm} should have one QEMU, has {other:?}"),
-    }
+    the_pid(sb, vm)
 }
 
 /// Waits until `vm`'s console on `host` has `line`; returns when the drill saw it.

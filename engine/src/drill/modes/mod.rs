@@ -264,6 +264,15 @@ pub fn app_on(sb: &mut Sandbox, host: Option<&str>) -> Result<String> {
     Ok(on)
 }
 
+/// Removes `vm`'s file in a commit of its own and waits until none of its QEMUs is left.
+fn removed(sb: &Sandbox, vm: &str) -> Result<()> {
+    sb.remove(&format!("vms/{vm}.toml"))?;
+    sb.commit(&format!("drill: {vm} removed"))?;
+    wait(&format!("{vm} removed"), STEP, || {
+        sb.qemus_of(vm).is_empty()
+    })
+}
+
 fn the_pid(sb: &Sandbox, vm: &str) -> Result<(String, i32)> {
     match sb.qemus_of(vm).as_slice() {
         [one] => Ok(one.clone()),

@@ -5,7 +5,8 @@ use std::time::SystemTime;
 use anyhow::Result;
 
 use super::{
-    app_on, boots, find_after, ms, the_pid, tick_after, watching, write_app, Sample, APP, STEP,
+    app_on, boots, find_after, ms, removed, the_pid, tick_after, watching, write_app, Sample, APP,
+    STEP,
 };
 use crate::drill::console::last_tick;
 use crate::drill::log::LogLine;
@@ -117,9 +118,7 @@ pub(super) fn cold_move(sb: &mut Sandbox) -> Result<Sample> {
     })?;
     let guest = SystemTime::now();
     let after = boots(sb, "hv2", "cold");
-    sb.remove("vms/cold.toml")?;
-    sb.commit("drill: cold removed")?;
-    wait("cold removed", STEP, || sb.qemus_of("cold").is_empty())?;
+    removed(sb, "cold")?;
     Ok(Sample {
         detection_ms: None,
         running_ms: Some(ms(t0, done.timestamp()?)),

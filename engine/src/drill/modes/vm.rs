@@ -7,8 +7,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use super::{
-    app_on, boots, boots_anywhere, find_after, first_tick, ms, progress, the_pid, tick_after,
-    watching, Sample, APP, STEP,
+    app_on, boots, boots_anywhere, find_after, first_tick, ms, progress, removed, the_pid,
+    tick_after, watching, Sample, APP, STEP,
 };
 use crate::drill::sandbox::{wait, Sandbox};
 
@@ -91,11 +91,7 @@ pub(super) fn self_ending(sb: &mut Sandbox, vm: &str, knob: &str) -> Result<Samp
         sb.qemus_of(vm).len() == 1
     })?;
     let sample = exit_and_restart(sb, vm, true);
-    sb.remove(&format!("vms/{vm}.toml"))?;
-    sb.commit(&format!("drill: {vm} removed"))?;
-    wait(&format!("{vm} removed"), STEP, || {
-        sb.qemus_of(vm).is_empty()
-    })?;
+    removed(sb, vm)?;
     sample
 }
 

@@ -64,6 +64,15 @@ impl FakeQemu {
         Ok(Some(serde_json::from_str(&line)?))
     }
 
+    /// The names of every command the client sends until it closes the connection.
+    pub(crate) async fn rest(&mut self) -> TestResult<Vec<String>> {
+        let mut names = Vec::new();
+        while let Some(cmd) = self.recv().await? {
+            names.push(cmd["execute"].as_str().unwrap_or_default().to_owned());
+        }
+        Ok(names)
+    }
+
     /// Reads a command, checks its name, and returns its `id` and `arguments`.
     pub(crate) async fn expect(&mut self, command: &str) -> TestResult<(Value, Option<Value>)> {
         let (name, id, arguments) = self.next_command().await?;
